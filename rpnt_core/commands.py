@@ -1,0 +1,217 @@
+"""Command-line front ends of rpnt_core: ``rpnt simulate | pretrain | finetune | evaluate``.
+
+Each ``*_main(argv) -> int`` parses its own arguments; errors in the user's input (a bad file, a
+channel-count mismatch, an impossible option) print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _threads(n: int) -> None:
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def _common(p: argparse.ArgumentParser, *, preset: bool = True, epochs: int | None = None) -> None:
+    if preset:
+        p.add_argument("--preset", choices=["small", "paper"], default="small",
+                       help="model size: 'small' (d_model 128, 2 layers; CPU deployment) or 'paper' "
+                            "(d_model 512, 4 layers, 16 heads). Default: small")
+    if epochs is not None:
+        p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
+    p.add_argument("--seed", type=int, default=0, help="random seed; runs are reproducible on CPU (default 0)")
+    p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
+def _load_many(paths: list[str]):
+    from .data import load_session
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.npz")) + sorted(p.glob("*.mat")) + sorted(p.glob("*.nwb"))
+            if not found:
+                raise ValueError(f"data: directory {p} holds no .npz/.mat/.nwb files")
+            files += found
+        else:
+            files.append(p)
+    return [load_session(f) for f in files]
+
+
+def _fail(cmd: str, exc: BaseException) -> int:
+    print(f"rpnt {cmd}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+USER_ERRORS = (ValueError, ConfigError, FileNotFoundError, KeyError)
+
+
+# ---------------------------------------------------------------------------------------- simulate
+def simulate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rpnt simulate", description=(
+        "Write synthetic sessions with ground truth as NPZ files (the interchange format) plus a "
+        "manifest.json: several subjects with different channel counts and identities, slow drift "
+        "across sessions, two task types, and multi-site recordings with site coordinates."))
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--subjects", type=int, default=4, help="number of subjects (default 4)")
+    p.add_argument("--sessions-per-subject", type=int, default=4, help="sessions per subject (default 4)")
+    p.add_argument("--bin-s", type=float, default=0.02, help="bin width in seconds (default 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    a = p.parse_args(argv)
+    from .data import SimulationSpec, write_simulated
+
+    try:
+        spec = SimulationSpec(n_subjects=a.subjects, sessions_per_subject=a.sessions_per_subject, bin_s=a.bin_s)
+        paths = write_simulated(a.out, spec, seed=a.seed)
+    except USER_ERRORS as exc:
+        return _fail("simulate", exc)
+    print(f"wrote {len(paths)} sessions to {a.out} (manifest.json lists them)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- pretrain
+def pretrain_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rpnt pretrain", description=(
+        "Self-supervised pretraining (no behaviour labels): random neuron and time masks with ratios "
+        "drawn from U(0,1) per batch; the causal encoder forecasts the hidden counts (Poisson NLL). "
+        "Keeps the checkpoint with the best validation loss (last 10%% of each recording), logs one "
+        "JSON line per epoch to OUT.log.jsonl, and can resume. Runs under torchrun for multi-GPU."),
+        epilog="example: rpnt simulate --out sim && rpnt pretrain --data sim --out pre.safetensors --epochs 5")
+    p.add_argument("--data", nargs="+", required=True, help="session files (.npz/.mat/.nwb) or directories of them")
+    p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
+    _common(p, epochs=10)
+    p.add_argument("--steps-per-epoch", type=int, default=50, help="optimizer steps per epoch (default 50)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (per process) (default 16)")
+    p.add_argument("--window-len", type=int, default=100, help="bins per training window (default 100)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--channels", choices=["resample", "readin"], default="resample",
+                   help="how sessions with different channel counts meet the model: 'resample' to a fixed "
+                        "width (the paper's recipe) or 'readin' (a per-session read-in). Default: resample")
+    p.add_argument("--n-max", type=int, default=0, help="resample width (default: largest channel count)")
+    p.add_argument("--spatial", action="store_true", help="train the multi-site spatial encoder + site contrast "
+                                                          "(multi-site recordings only)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.resume.safetensors if present")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    _threads(a.threads)
+    from .train.pretrain import PretrainOptions, pretrain
+
+    try:
+        sessions = _load_many(a.data)
+        opts = PretrainOptions(preset=a.preset, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
+                               batch_size=a.batch_size, window_len=a.window_len, lr=a.lr, channels=a.channels,
+                               n_max=a.n_max, spatial=a.spatial, seed=a.seed, device=a.device, resume=a.resume,
+                               progress=not a.quiet)
+        res = pretrain(sessions, options=opts, out=a.out)
+    except USER_ERRORS as exc:
+        return _fail("pretrain", exc)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- finetune
+def finetune_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rpnt finetune", description=(
+        "Supervised finetuning of the velocity decoder on one labelled session. The session is split in "
+        "time: test = last 20%%, validation = the 10%% before it, train = the first --train-fraction "
+        "(few-shot: a short prefix). Early-stops on validation R² and reports the test R² of the "
+        "best-validation weights."),
+        epilog="example: rpnt finetune --init pre.safetensors --data sim/sim00_s00.npz --train-fraction 0.2 "
+               "--out ft.safetensors")
+    p.add_argument("--data", required=True, help="one labelled session (.npz/.mat/.nwb)")
+    p.add_argument("--init", default=None, help="pretrained checkpoint (omit to train from scratch)")
+    p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
+    p.add_argument("--train-fraction", type=float, default=0.2, help="fraction of the session used for training "
+                                                                     "(from its start; default 0.2)")
+    p.add_argument("--mode", choices=["head", "last", "full"], default="full",
+                   help="what to train: velocity head only (encoder frozen), last layers, or full (default)")
+    p.add_argument("--last-layers", type=int, default=1, help="blocks trained in --mode last (default 1)")
+    p.add_argument("--channels", choices=["resample", "readin"], default="resample",
+                   help="when the session's channel count differs from the checkpoint's: resample to the "
+                        "checkpoint's width, or learn a fresh per-session read-in. Default: resample")
+    _common(p, epochs=30)
+    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
+    p.add_argument("--window-len", type=int, default=100, help="bins per training window (default 100)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--patience", type=int, default=8, help="epochs without validation gain before stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    a = p.parse_args(argv)
+    _threads(a.threads)
+    from .data import load_session
+    from .train.finetune import FinetuneOptions, finetune
+
+    try:
+        session = load_session(a.data)
+        opts = FinetuneOptions(mode=a.mode, last_layers=a.last_layers, epochs=a.epochs, batch_size=a.batch_size,
+                               window_len=a.window_len, lr=a.lr, patience=a.patience, train_fraction=a.train_fraction,
+                               channels=a.channels, preset=a.preset, seed=a.seed, device=a.device,
+                               progress=not a.quiet)
+        res = finetune(session, init=a.init, options=opts, out=a.out)
+    except USER_ERRORS as exc:
+        return _fail("finetune", exc)
+    res.pop("history", None)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def evaluate_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rpnt evaluate", description=(
+        "Stream a session causally through a checkpoint (what the online decoder would have said) and "
+        "print R² on the test split: pooled over the test bins, variance-weighted across output "
+        "dimensions. The splits are the checkpoint's own when it was finetuned on this session, otherwise "
+        "contiguous splits with --train-fraction. --baselines fits classic decoders on the same splits."),
+        epilog="example: rpnt evaluate --ckpt ft.safetensors --data sim/sim00_s00.npz --json")
+    p.add_argument("--ckpt", required=True, help="checkpoint (.safetensors)")
+    p.add_argument("--data", required=True, help="labelled session (.npz/.mat/.nwb)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="split to score (default test)")
+    p.add_argument("--train-fraction", type=float, default=0.2, help="used only when the checkpoint carries no "
+                                                                     "splits for this session (default 0.2)")
+    p.add_argument("--baselines", default="", help="comma list of baselines to run on the same splits: "
+                                                   "wiener,kalman,gru")
+    p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
+    a = p.parse_args(argv)
+    _threads(a.threads)
+    from .checkpoint import load_checkpoint
+    from .data import Splits, contiguous_splits, load_session
+    from .evaluate.harness import evaluate_baseline, evaluate_model
+
+    try:
+        model = load_checkpoint(a.ckpt)
+        session = load_session(a.data)
+        if session.n_channels != model.config.n_input_channels:
+            raise ValueError(f"data: the session has {session.n_channels} channels, the checkpoint expects "
+                             f"{model.config.n_input_channels}")
+        meta = model.checkpoint_meta
+        if meta.get("splits") and meta.get("data_fingerprint") == session.fingerprint():
+            splits, source = Splits.from_dict(meta["splits"]), "checkpoint"
+        else:
+            splits, source = contiguous_splits(session.n_bins, train_fraction=a.train_fraction), "default"
+        res = evaluate_model(model, session, splits, split=a.split)
+        res.update(checkpoint=str(a.ckpt), data=str(a.data), splits_source=source,
+                   model_version=meta.get("weights_sha", ""))
+        names = [n for n in a.baselines.split(",") if n]
+        if names:
+            res["baselines"] = {n: evaluate_baseline(n, session, splits, seed=a.seed) for n in names}
+    except USER_ERRORS as exc:
+        return _fail("evaluate", exc)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        print(f"R² ({a.split}, {res['splits'][a.split]}) = {res['r2']:.4f}   per dim: "
+              + ", ".join(f"{x:.4f}" for x in res["r2_per_dim"]))
+        for n, r in res.get("baselines", {}).items():
+            print(f"  {n:<8} R² = {r['r2']:.4f}")
+    return 0

@@ -1,0 +1,38 @@
+"""Data layer: the :class:`Session` record, file formats, simulator, splits, channel maps, windows."""
+
+from rpnt_core.data.channels import ChannelResampler
+from rpnt_core.data.formats import (
+    MAT_LAYOUTS,
+    MatLayout,
+    load_mat,
+    load_npz,
+    load_nwb,
+    load_session,
+    save_npz,
+    validate_session,
+)
+from rpnt_core.data.session import Session, fingerprint_sessions
+from rpnt_core.data.simulate import SimulationSpec, simulate_sessions, write_simulated
+from rpnt_core.data.splits import Splits, contiguous_splits
+from rpnt_core.data.windows import WindowSampler, make_windows
+
+__all__ = [
+    "MAT_LAYOUTS",
+    "ChannelResampler",
+    "MatLayout",
+    "Session",
+    "SimulationSpec",
+    "Splits",
+    "WindowSampler",
+    "contiguous_splits",
+    "fingerprint_sessions",
+    "load_mat",
+    "load_npz",
+    "load_nwb",
+    "load_session",
+    "make_windows",
+    "save_npz",
+    "simulate_sessions",
+    "validate_session",
+    "write_simulated",
+]

@@ -1,0 +1,625 @@
+"""Loading and saving sessions: the NPZ interchange format, MAT files and NWB files.
+
+Every loader returns a :class:`~rpnt_core.data.session.Session` that has passed
+:func:`validate_session`, so downstream code can trust shapes, dtypes and finiteness.
+
+NPZ interchange format
+----------------------
+One ``.npz`` file (written with :func:`numpy.savez_compressed`, read with
+``allow_pickle=False``) holds one session:
+
+==============  ==========================  =========  ==================================================
+key             shape                       dtype      meaning
+==============  ==========================  =========  ==================================================
+``counts``      (T, N) or (S, T, N)         integer    spike counts per bin (S sites for multi-site data)
+``bin_s``       () scalar                   float      bin width in seconds, > 0
+``velocity``    (T, D)                      float      behaviour target (omit only for unlabelled data)
+``position``    (T, D)                      float      optional
+``timestamps``  (T,)                        float64    optional; bin *start* times, strictly increasing
+``site_xy``     (S, 2)                      float      site coordinates; required when counts is 3-D
+``subject``     () unicode                  str        optional 0-d unicode array
+``session``     () unicode                  str        optional 0-d unicode array
+``task``        () unicode                  str        optional 0-d unicode array
+``date_days``   () scalar                   float      optional recording date in days (any origin)
+``extra_<k>``   any                         non-obj.   optional numeric/string arrays, loaded into
+                                                       ``Session.extra[k]`` (e.g. simulator ground truth)
+==============  ==========================  =========  ==================================================
+
+Any other key is rejected (a typo such as ``velocities`` would otherwise be silently dropped).
+After loading, ``counts`` is ``int32``, ``velocity``/``position``/``site_xy`` are ``float32`` and
+``timestamps`` is ``float64``.
+
+MAT files
+---------
+:func:`load_mat` is driven by :data:`MAT_LAYOUTS`, a table of :class:`MatLayout` records that say
+which keys hold what, whether arrays are stored channels-first, which rows/columns to take and where
+the bin width comes from.  The layout is detected from the variable names in the file when not
+given.  Supporting a new MAT file means adding a record, not a function.
+
+NWB files
+---------
+:func:`load_nwb` bins ``Units`` spike times and resamples a behaviour time series onto the bins.
+It needs the optional extra ``pip install 'rpnt[nwb]'``.
+
+Every validation failure raises :class:`ValueError` whose message starts with the offending field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rpnt_core.data.session import Session
+
+__all__ = [
+    "MAT_LAYOUTS",
+    "MatLayout",
+    "load_mat",
+    "load_npz",
+    "load_nwb",
+    "load_session",
+    "save_npz",
+    "validate_session",
+]
+
+_INT32_MAX = np.iinfo(np.int32).max
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+
+
+def _numeric(name: str, value: Any) -> np.ndarray:
+    """``value`` as a real numeric ndarray (bool and object/string arrays are rejected)."""
+    arr = np.asarray(value)
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"{name}: must be a real numeric array, got dtype {arr.dtype}")
+    return arr
+
+
+def _check_finite(name: str, arr: np.ndarray) -> None:
+    if np.issubdtype(arr.dtype, np.floating):
+        if np.isnan(arr).any():
+            raise ValueError(f"{name}: contains NaN")
+        if np.isinf(arr).any():
+            raise ValueError(f"{name}: contains inf")
+
+
+def _validate_counts(counts: Any) -> np.ndarray:
+    arr = _numeric("counts", counts)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"counts: expected 2-D (T, N) or 3-D (S, T, N), got shape {arr.shape}")
+    if 0 in arr.shape:
+        raise ValueError(f"counts: every axis must be non-empty, got shape {arr.shape}")
+    _check_finite("counts", arr)
+    if (arr < 0).any():
+        raise ValueError("counts: contains negative values")
+    if np.issubdtype(arr.dtype, np.floating) and (arr != np.round(arr)).any():
+        raise ValueError("counts: contains non-integer values (fractional part)")
+    if arr.max() > _INT32_MAX:
+        raise ValueError(f"counts: values exceed the int32 range (max {arr.max()})")
+    return arr.astype(np.int32, copy=False)  # (T, N) or (S, T, N)
+
+
+def _validate_series(name: str, value: Any, n_bins: int, dtype: type) -> np.ndarray:
+    arr = _numeric(name, value)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: expected 2-D (T, D), got shape {arr.shape}")
+    if arr.shape[0] != n_bins:
+        raise ValueError(f"{name}: length {arr.shape[0]} does not match counts length {n_bins}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name}: must have at least one column, got shape {arr.shape}")
+    _check_finite(name, arr)
+    return arr.astype(dtype, copy=False)
+
+
+def _validate_bin_s(value: Any) -> float:
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise ValueError(f"bin_s: must be a scalar, got shape {arr.shape}")
+    arr = _numeric("bin_s", arr)
+    b = float(arr.reshape(()))
+    if not np.isfinite(b):
+        raise ValueError(f"bin_s: must be finite, got {b}")
+    if b <= 0:
+        raise ValueError(f"bin_s: must be > 0, got {b}")
+    return b
+
+
+def validate_session(session: Session) -> Session:
+    """Check a session and return it with normalised dtypes.
+
+    Contract: raises ``ValueError`` (message prefixed with the field name) on wrong ndim/shapes,
+    NaN/inf in any numeric array, negative or fractional counts, length mismatches between
+    counts/velocity/position/timestamps, non-positive or non-finite ``bin_s``, missing or
+    misshapen ``site_xy`` for 3-D counts, non-increasing timestamps, non-string metadata.
+    On success returns a new ``Session`` (arrays not copied when already the right dtype) with
+    counts ``int32``, velocity/position/site_xy ``float32``, timestamps ``float64``.
+    """
+    if not isinstance(session, Session):
+        raise ValueError(f"session: expected a Session, got {type(session).__name__}")
+    counts = _validate_counts(session.counts)
+    n_bins = counts.shape[-2]
+    bin_s = _validate_bin_s(session.bin_s)
+
+    velocity = position = timestamps = site_xy = None
+    if session.velocity is not None:
+        velocity = _validate_series("velocity", session.velocity, n_bins, np.float32)
+    if session.position is not None:
+        position = _validate_series("position", session.position, n_bins, np.float32)
+    if session.timestamps is not None:
+        ts = _numeric("timestamps", session.timestamps)
+        if ts.ndim != 1:
+            raise ValueError(f"timestamps: expected 1-D (T,), got shape {ts.shape}")
+        if ts.shape[0] != n_bins:
+            raise ValueError(f"timestamps: length {ts.shape[0]} does not match counts length {n_bins}")
+        _check_finite("timestamps", ts)
+        timestamps = ts.astype(np.float64, copy=False)  # (T,)
+        if n_bins > 1 and not (np.diff(timestamps) > 0).all():
+            raise ValueError("timestamps: must be strictly increasing")
+
+    n_sites = counts.shape[0] if counts.ndim == 3 else 1
+    if session.site_xy is None:
+        if counts.ndim == 3:
+            raise ValueError(f"site_xy: required for 3-D (multi-site) counts, expected shape ({n_sites}, 2)")
+    else:
+        xy = _numeric("site_xy", session.site_xy)
+        if xy.shape != (n_sites, 2):
+            raise ValueError(f"site_xy: expected shape ({n_sites}, 2), got {xy.shape}")
+        _check_finite("site_xy", xy)
+        site_xy = xy.astype(np.float32, copy=False)  # (S, 2)
+
+    for name in ("subject", "session", "task", "source"):
+        if not isinstance(getattr(session, name), str):
+            raise ValueError(f"{name}: must be a str, got {type(getattr(session, name)).__name__}")
+    try:
+        if isinstance(session.date_days, (str, bytes)):
+            raise TypeError
+        date_days = float(session.date_days)
+    except (TypeError, ValueError):
+        raise ValueError(f"date_days: must be a number, got {session.date_days!r}") from None
+    if not np.isfinite(date_days):
+        raise ValueError(f"date_days: must be finite, got {date_days}")
+    if not isinstance(session.extra, dict):
+        raise ValueError(f"extra: must be a dict, got {type(session.extra).__name__}")
+
+    return replace(
+        session,
+        counts=counts,
+        bin_s=bin_s,
+        velocity=velocity,
+        position=position,
+        timestamps=timestamps,
+        site_xy=site_xy,
+        date_days=date_days,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# NPZ
+# --------------------------------------------------------------------------------------------
+
+_NPZ_ARRAYS = ("velocity", "position", "timestamps", "site_xy")  # besides counts
+_NPZ_STRINGS = ("subject", "session", "task")
+_NPZ_KEYS = frozenset(("counts", "bin_s", "date_days") + _NPZ_ARRAYS + _NPZ_STRINGS)
+_EXTRA_PREFIX = "extra_"
+
+
+def _compact_counts(counts: np.ndarray) -> np.ndarray:
+    """Smallest unsigned dtype holding the (validated, non-negative) counts, for storage."""
+    top = int(counts.max())
+    for dt in (np.uint8, np.uint16):
+        if top <= np.iinfo(dt).max:
+            return counts.astype(dt)
+    return counts.astype(np.int32)
+
+
+def save_npz(session: Session, path: str | Path, *, include_extra: bool = False) -> Path:
+    """Validate ``session`` and write it to ``path`` in the NPZ interchange format.
+
+    Counts are stored in the smallest unsigned integer dtype that holds them.  With
+    ``include_extra`` every ``Session.extra`` entry is stored as ``extra_<key>``; entries must
+    be numeric/bool/string arrays or scalars (``ValueError`` otherwise).  Returns the path.
+    """
+    s = validate_session(session)
+    path = Path(path)
+    out: dict[str, np.ndarray] = {"counts": _compact_counts(s.counts), "bin_s": np.asarray(s.bin_s, dtype=np.float64)}
+    for name in _NPZ_ARRAYS:
+        value = getattr(s, name)
+        if value is not None:
+            out[name] = value
+    for name in _NPZ_STRINGS:
+        out[name] = np.asarray(getattr(s, name), dtype=np.str_)  # 0-d unicode
+    out["date_days"] = np.asarray(s.date_days, dtype=np.float64)
+    if include_extra:
+        for key, value in s.extra.items():
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ValueError(f"extra[{key!r}]: keys must be identifier strings to be stored")
+            arr = np.asarray(value)
+            if arr.dtype.kind not in "biufcU":
+                raise ValueError(f"extra[{key!r}]: cannot store dtype {arr.dtype} without pickling")
+            out[_EXTRA_PREFIX + key] = arr
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:  # an open file keeps numpy from appending ".npz"
+        np.savez_compressed(fh, **out)
+    return path
+
+
+def _scalar_str(name: str, arr: np.ndarray) -> str:
+    if arr.dtype.kind != "U" or arr.ndim != 0:
+        raise ValueError(f"{name}: expected a 0-d unicode array, got dtype {arr.dtype} shape {arr.shape}")
+    return str(arr)
+
+
+def load_npz(path: str | Path) -> Session:
+    """Read one session from the NPZ interchange format (never unpickles) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no such file: {path}")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # object arrays need pickling: refuse
+        raise ValueError(f"path: {path} is not a pickle-free NPZ file ({exc})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"path: {path} holds a single array, not an NPZ archive of named fields")
+    with npz:
+        keys = set(npz.files)
+        unknown = sorted(k for k in keys - _NPZ_KEYS if not k.startswith(_EXTRA_PREFIX))
+        if unknown:
+            raise ValueError(f"npz: unknown keys {unknown}; known keys: {sorted(_NPZ_KEYS)} and extra_<name>")
+        for required in ("counts", "bin_s"):
+            if required not in keys:
+                raise ValueError(f"{required}: missing from {path.name}")
+        try:
+            data = {k: npz[k] for k in keys}
+        except ValueError as exc:
+            raise ValueError(f"path: {path} holds arrays that need pickling ({exc})") from None
+    meta: dict[str, Any] = {name: _scalar_str(name, data[name]) for name in _NPZ_STRINGS if name in data}
+    if "date_days" in data:
+        meta["date_days"] = _scalar_float("date_days", data["date_days"])
+    extra = {k[len(_EXTRA_PREFIX):]: v for k, v in data.items() if k.startswith(_EXTRA_PREFIX)}
+    session = Session(
+        counts=data["counts"],
+        bin_s=data["bin_s"],
+        velocity=data.get("velocity"),
+        position=data.get("position"),
+        timestamps=data.get("timestamps"),
+        site_xy=data.get("site_xy"),
+        source=str(path),
+        extra=extra,
+        **meta,
+    )
+    return validate_session(session)
+
+
+def _scalar_float(name: str, value: np.ndarray) -> float:
+    arr = np.asarray(value)
+    if arr.size != 1 or arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name}: must be a number, got dtype {arr.dtype} shape {arr.shape}")
+    return float(arr.reshape(()))
+
+
+# --------------------------------------------------------------------------------------------
+# MAT
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatLayout:
+    """Where the session lives inside one kind of MAT file.
+
+    - ``counts_key``/``velocity_key``/``position_key``/``timestamps_key``: variable names
+      (``None`` = absent).  Velocity and position may share one variable (different columns).
+    - ``channels_first``: 2-D arrays are stored (C, T) and are transposed to (T, C).
+    - ``velocity_dims``/``position_dims``: which rows (channels-first) or columns to keep,
+      after which the array is (T, D).  ``counts_dims=None`` keeps every channel.
+    - ``bin_s_key``: variable holding the bin width in seconds; else the constant ``bin_s``.
+    - ``subject``/``task``: metadata to attach (the file itself usually does not say).
+    """
+
+    name: str
+    counts_key: str
+    velocity_key: str | None = None
+    position_key: str | None = None
+    timestamps_key: str | None = None
+    channels_first: bool = False
+    counts_dims: tuple[int, ...] | None = None
+    velocity_dims: tuple[int, ...] | None = None
+    position_dims: tuple[int, ...] | None = None
+    bin_s_key: str | None = None
+    bin_s: float | None = None
+    subject: str = ""
+    task: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.bin_s_key is None) == (self.bin_s is None):
+            raise ValueError(f"bin_s: layout {self.name!r} needs exactly one of bin_s_key or bin_s")
+
+    @property
+    def required_keys(self) -> frozenset[str]:
+        keys = (self.counts_key, self.velocity_key, self.position_key, self.timestamps_key, self.bin_s_key)
+        return frozenset(k for k in keys if k is not None)
+
+
+MAT_LAYOUTS: dict[str, MatLayout] = {
+    # Stevenson et al. 2011 (CRCNS DREAM), M1 centre-out; see shared/data/stevenson2011_m1_centerout.
+    "StevensonV2": MatLayout(
+        name="StevensonV2",
+        counts_key="spikes",  # (196, T)
+        velocity_key="handVel",  # (3, T), rows 0..1 = x, y; row 2 all zeros
+        position_key="handPos",  # (3, T)
+        timestamps_key="time",  # (1, T) seconds
+        channels_first=True,
+        velocity_dims=(0, 1),
+        position_dims=(0, 1),
+        bin_s_key="timeBase",  # (1, 1) = 0.05
+        subject="stevenson2011",
+        task="center-out",
+    ),
+    # BME 517 course file, origin undocumented; see shared/data/contdata95_bme517.
+    "contdata95": MatLayout(
+        name="contdata95",
+        counts_key="Y",  # (T, 95)
+        velocity_key="X",  # (T, 4): x pos, y pos, x vel, y vel
+        position_key="X",
+        velocity_dims=(2, 3),
+        position_dims=(0, 1),
+        bin_s=0.05,
+        subject="bme517",
+    ),
+}
+
+
+def _describe_layouts() -> str:
+    return "; ".join(f"{name} (keys {sorted(lay.required_keys)})" for name, lay in MAT_LAYOUTS.items())
+
+
+def _detect_layout(keys: set[str], path: Path) -> MatLayout:
+    fits = [lay for lay in MAT_LAYOUTS.values() if lay.required_keys <= keys]
+    if not fits:
+        raise ValueError(
+            f"layout: no known MAT layout matches {path.name} (variables {sorted(keys)}); "
+            f"known layouts: {_describe_layouts()}; pass layout=MatLayout(...) for a new file"
+        )
+    fits.sort(key=lambda lay: len(lay.required_keys), reverse=True)
+    if len(fits) > 1 and len(fits[0].required_keys) == len(fits[1].required_keys):
+        raise ValueError(f"layout: {path.name} matches several layouts {[f.name for f in fits]}; pass layout=")
+    return fits[0]
+
+
+def _take(name: str, raw: np.ndarray, layout: MatLayout, dims: tuple[int, ...] | None) -> np.ndarray:
+    arr = np.asarray(raw)
+    if arr.ndim != 2:
+        raise ValueError(f"{name}: layout {layout.name!r} expects a 2-D array, got shape {arr.shape}")
+    if layout.channels_first:
+        arr = arr.T  # (C, T) -> (T, C)
+    if dims is not None:
+        bad = [d for d in dims if not -arr.shape[1] <= d < arr.shape[1]]
+        if bad:
+            raise ValueError(f"{name}: layout {layout.name!r} asks for dims {dims} but the array has {arr.shape[1]}")
+        arr = arr[:, list(dims)]
+    return arr  # (T, D)
+
+
+def load_mat(path: str | Path, *, layout: MatLayout | str | None = None) -> Session:
+    """Load a MAT (v5) file through a :class:`MatLayout` (detected from its variables if ``None``).
+
+    ``layout`` may be a record or the name of one in :data:`MAT_LAYOUTS`.  The session name is
+    the file stem.  Timestamps, when the layout has them, are taken as given by the file.
+    """
+    from scipy.io import loadmat, whosmat
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no such file: {path}")
+    try:
+        keys = {name for name, _, _ in whosmat(path)}
+    except NotImplementedError:
+        raise ValueError(f"path: {path.name} is a MAT v7.3 (HDF5) file; only MAT v5 is supported") from None
+    if isinstance(layout, str):
+        if layout not in MAT_LAYOUTS:
+            raise ValueError(f"layout: unknown layout {layout!r}; known layouts: {_describe_layouts()}")
+        layout = MAT_LAYOUTS[layout]
+    elif layout is None:
+        layout = _detect_layout(keys, path)
+    missing = sorted(layout.required_keys - keys)
+    if missing:
+        raise ValueError(f"layout: {path.name} lacks variables {missing} required by layout {layout.name!r}")
+
+    m = loadmat(path, variable_names=sorted(layout.required_keys))
+    counts = _take("counts", m[layout.counts_key], layout, layout.counts_dims)  # (T, N)
+    velocity = position = timestamps = None
+    if layout.velocity_key is not None:
+        velocity = _take("velocity", m[layout.velocity_key], layout, layout.velocity_dims)  # (T, D)
+    if layout.position_key is not None:
+        position = _take("position", m[layout.position_key], layout, layout.position_dims)  # (T, D)
+    if layout.timestamps_key is not None:
+        timestamps = np.asarray(m[layout.timestamps_key]).ravel()  # (T,)
+    if layout.bin_s_key is not None:
+        bin_s = _validate_bin_s(m[layout.bin_s_key])
+    else:
+        bin_s = float(layout.bin_s)  # type: ignore[arg-type]
+    session = Session(
+        counts=counts,
+        bin_s=bin_s,
+        velocity=velocity,
+        position=position,
+        timestamps=timestamps,
+        subject=layout.subject,
+        session=path.stem,
+        task=layout.task,
+        source=str(path),
+        extra={"mat_layout": layout.name},
+    )
+    return validate_session(session)
+
+
+# --------------------------------------------------------------------------------------------
+# NWB
+# --------------------------------------------------------------------------------------------
+
+
+def _series_times(ts: Any) -> np.ndarray:
+    if ts.timestamps is not None:
+        return np.asarray(ts.timestamps[:], dtype=np.float64)
+    n = len(ts.data)
+    return float(ts.starting_time or 0.0) + np.arange(n, dtype=np.float64) / float(ts.rate)
+
+
+def _behaviour_series(nwb: Any) -> dict[str, Any]:
+    """Every TimeSeries (incl. SpatialSeries) in processing/behavior and acquisition, by name.
+
+    Containers such as ``BehavioralTimeSeries`` or ``Position`` are opened one level deep.
+    """
+    from pynwb import TimeSeries
+
+    found: dict[str, Any] = {}
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, TimeSeries):
+            found.setdefault(obj.name, obj)
+            return
+        for attr in ("time_series", "spatial_series"):
+            children = getattr(obj, attr, None)
+            if isinstance(children, dict):
+                for child in children.values():
+                    if isinstance(child, TimeSeries):
+                        found.setdefault(child.name, child)
+
+    if "behavior" in nwb.processing:
+        for obj in nwb.processing["behavior"].data_interfaces.values():
+            visit(obj)
+    for obj in nwb.acquisition.values():
+        visit(obj)
+    return found
+
+
+def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = None) -> Session:
+    """Bin the ``Units`` spike times of an NWB file and attach a behaviour series as velocity.
+
+    Binning: bins are half-open ``[t0 + k*bin_s, t0 + (k+1)*bin_s)``.  With behaviour, ``t0`` is
+    its first sample time and the bins cover as many whole bins as fit before its last sample
+    (so every bin centre lies inside the behaviour time base); without behaviour, ``t0`` is the
+    first spike and the bins run until the last spike is included.  Spikes outside the bins are
+    dropped.  ``timestamps`` are the bin start times.
+
+    Behaviour: the series named ``velocity_series`` (searched in ``processing/behavior``, one
+    container level deep, then ``acquisition``); when ``None``, the unique series whose name
+    contains "vel" (case-insensitive), or no velocity if there is none.  It is resampled onto the
+    bin *centres* by linear interpolation per dimension -- a target label, not a model input, so
+    using the samples around a centre leaks nothing into the decoder.  NaN samples are not
+    repaired: they fail validation.
+
+    Metadata: ``subject`` from ``nwb.subject.subject_id``, ``session`` from ``session_id`` (else
+    the identifier); ``date_days`` is left at 0.0 and the start time is put in
+    ``extra["session_start_time"]`` (ISO 8601) for the caller to turn into a relative date.
+    """
+    try:
+        from pynwb import NWBHDF5IO
+    except ImportError as exc:
+        raise ImportError("load_nwb needs pynwb: pip install 'rpnt[nwb]'") from exc
+
+    bin_s = _validate_bin_s(bin_s)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no such file: {path}")
+    with NWBHDF5IO(str(path), mode="r") as io:
+        nwb = io.read()
+        units = nwb.units
+        if units is None or len(units) == 0:
+            raise ValueError(f"units: {path.name} has no Units table (or it is empty)")
+        spikes = [np.asarray(units.get_unit_spike_times(i), dtype=np.float64).ravel() for i in range(len(units))]
+
+        series = _behaviour_series(nwb)
+        chosen = None
+        if velocity_series is not None:
+            if velocity_series not in series:
+                raise ValueError(
+                    f"velocity_series: no series {velocity_series!r} in processing/behavior or acquisition; "
+                    f"found {sorted(series)}"
+                )
+            chosen = series[velocity_series]
+        else:
+            cands = sorted(n for n in series if "vel" in n.lower())
+            if len(cands) > 1:
+                raise ValueError(f"velocity_series: several candidates {cands}; pass velocity_series=")
+            if cands:
+                chosen = series[cands[0]]
+
+        beh_t = beh_x = None
+        if chosen is not None:
+            beh_t = _series_times(chosen)  # (M,)
+            beh_x = np.asarray(chosen.data[:], dtype=np.float64)  # (M,) or (M, D)
+            if beh_x.ndim == 1:
+                beh_x = beh_x[:, None]
+            if beh_x.ndim != 2 or beh_x.shape[0] != beh_t.shape[0]:
+                raise ValueError(f"velocity: series {chosen.name!r} has data {beh_x.shape} for {beh_t.shape[0]} times")
+            if beh_t.shape[0] < 2 or not (np.diff(beh_t) > 0).all():
+                raise ValueError(f"velocity: series {chosen.name!r} needs ≥ 2 strictly increasing timestamps")
+
+        subject = ""
+        if nwb.subject is not None and nwb.subject.subject_id is not None:
+            subject = str(nwb.subject.subject_id)
+        session_name = str(nwb.session_id or nwb.identifier)
+        start = nwb.session_start_time.isoformat() if nwb.session_start_time is not None else ""
+        description = str(nwb.session_description or "")
+
+    if beh_t is not None:
+        t0 = float(beh_t[0])
+        n_bins = int(np.floor((beh_t[-1] - t0) / bin_s + 1e-9))
+    else:
+        nonempty = [s for s in spikes if s.size]
+        if not nonempty:
+            raise ValueError("units: no spikes and no behaviour series, cannot define a time base")
+        t0 = float(min(s.min() for s in nonempty))
+        n_bins = int(np.floor((max(s.max() for s in nonempty) - t0) / bin_s)) + 1
+    if n_bins < 1:
+        raise ValueError(f"bin_s: {bin_s} s is longer than the recording")
+    edges = t0 + bin_s * np.arange(n_bins + 1, dtype=np.float64)  # (T+1,)
+    counts = np.zeros((n_bins, len(spikes)), dtype=np.int32)  # (T, N)
+    for j, st in enumerate(spikes):
+        idx = np.searchsorted(edges, st, side="right") - 1
+        idx = idx[(idx >= 0) & (idx < n_bins)]
+        counts[:, j] = np.bincount(idx, minlength=n_bins)
+
+    velocity = None
+    if beh_t is not None:
+        centres = edges[:-1] + 0.5 * bin_s  # (T,)
+        velocity = np.stack([np.interp(centres, beh_t, beh_x[:, d]) for d in range(beh_x.shape[1])], axis=1)
+
+    session = Session(
+        counts=counts,
+        bin_s=bin_s,
+        velocity=velocity,
+        timestamps=edges[:-1].copy(),
+        subject=subject,
+        session=session_name,
+        source=str(path),
+        extra={"session_start_time": start, "session_description": description},
+    )
+    return validate_session(session)
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------
+
+_LOADERS = {".npz": load_npz, ".mat": load_mat, ".nwb": load_nwb}
+
+
+def load_session(path: str | Path, **kw: Any) -> Session:
+    """Load a session by file suffix: ``.npz`` → :func:`load_npz`, ``.mat`` → :func:`load_mat`,
+    ``.nwb`` → :func:`load_nwb` (keyword arguments are passed through, e.g. ``bin_s=`` for NWB).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for an unknown suffix.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _LOADERS:
+        raise ValueError(f"path: unknown suffix {path.suffix!r} for {path.name}; expected one of {sorted(_LOADERS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no such file: {path}")
+    return _LOADERS[suffix](path, **kw)

@@ -1,0 +1,110 @@
+"""Contiguous train / validation / test splits of one session, in bins.
+
+Layout of a session of ``n_bins`` bins (``[start, stop)`` ranges)::
+
+    | train (first train_fraction) | (unused gap) | val | test (last test_fraction) |
+
+- ``test`` is always the last ``test_fraction`` of the session and ``val`` sits immediately
+  before it, so both stay the same whatever ``train_fraction`` is: a few-shot split is just a
+  shorter train prefix scored on the same test bins.
+- Sizes are ``floor(fraction * n_bins)`` (so they never sum past ``n_bins``); every split must
+  be non-empty.  Contiguous blocks keep evaluation honest for a causal decoder: no test bin's
+  history leaks into training except at the single val/test boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rpnt_core.data.session import Session
+
+__all__ = ["Splits", "contiguous_splits"]
+
+_NAMES = ("train", "val", "test")
+
+
+def _check_range(name: str, r: object) -> tuple[int, int]:
+    if not (isinstance(r, (tuple, list)) and len(r) == 2):
+        raise ValueError(f"{name}: expected a (start, stop) pair, got {r!r}")
+    start, stop = r
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (start, stop)):
+        raise ValueError(f"{name}: start and stop must be ints, got {r!r}")
+    if not 0 <= start < stop:
+        raise ValueError(f"{name}: expected 0 <= start < stop, got {r!r}")
+    return int(start), int(stop)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Splits:
+    """Three non-overlapping, non-empty ``(start, stop)`` bin ranges, in order train < val < test."""
+
+    train: tuple[int, int]
+    val: tuple[int, int]
+    test: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        ranges = [_check_range(n, getattr(self, n)) for n in _NAMES]
+        for n, r in zip(_NAMES, ranges):
+            object.__setattr__(self, n, r)
+        for (a, ra), (b, rb) in zip(zip(_NAMES, ranges), zip(_NAMES[1:], ranges[1:])):
+            if ra[1] > rb[0]:
+                raise ValueError(f"{b}: range {rb} overlaps or precedes {a} range {ra}")
+
+    @property
+    def n_bins(self) -> int:
+        """The end of the last split (the session length for :func:`contiguous_splits`)."""
+        return self.test[1]
+
+    def as_dict(self) -> dict[str, list[int]]:
+        """JSON-ready ``{"train": [start, stop], "val": [...], "test": [...]}``."""
+        return {n: list(getattr(self, n)) for n in _NAMES}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Splits":
+        missing = [n for n in _NAMES if n not in d]
+        if missing:
+            raise ValueError(f"{missing[0]}: missing from splits dict")
+        return cls(**{n: tuple(d[n]) for n in _NAMES})
+
+    def cut(self, session: "Session") -> dict[str, "Session"]:
+        """The session's train/val/test parts (views), checking the ranges fit in it."""
+        if self.test[1] > session.n_bins:
+            raise ValueError(f"test: range {self.test} exceeds the session's {session.n_bins} bins")
+        return {n: session.slice_bins(*getattr(self, n)) for n in _NAMES}
+
+
+def _bins(name: str, fraction: float, n_bins: int) -> int:
+    if isinstance(fraction, bool) or not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+        raise ValueError(f"{name}: must be in (0, 1), got {fraction!r}")
+    n = math.floor(fraction * n_bins + 1e-9)  # tolerate 0.3 * 10 = 2.9999999999999996
+    if n < 1:
+        raise ValueError(f"{name}: {fraction} of {n_bins} bins leaves the split empty")
+    return n
+
+
+def contiguous_splits(n_bins: int, *, train_fraction: float, val_fraction: float = 0.1,
+                      test_fraction: float = 0.2) -> Splits:
+    """Split ``n_bins`` bins into train prefix, then val, then test at the end (see module doc).
+
+    Raises ``ValueError`` naming the field when ``n_bins`` < 3, a fraction is outside (0, 1),
+    the fractions sum past 1, or any split would be empty.
+    """
+    if not isinstance(n_bins, (int, np.integer)) or isinstance(n_bins, bool) or n_bins < 3:
+        raise ValueError(f"n_bins: must be an int >= 3, got {n_bins!r}")
+    n_bins = int(n_bins)
+    n_train = _bins("train_fraction", train_fraction, n_bins)
+    n_val = _bins("val_fraction", val_fraction, n_bins)
+    n_test = _bins("test_fraction", test_fraction, n_bins)
+    total = train_fraction + val_fraction + test_fraction
+    if total > 1.0 + 1e-9:
+        raise ValueError(
+            f"train_fraction: train + val + test = {train_fraction} + {val_fraction} + {test_fraction} = {total:g} > 1"
+        )
+    test_start = n_bins - n_test
+    val_start = test_start - n_val
+    return Splits(train=(0, n_train), val=(val_start, test_start), test=(test_start, n_bins))

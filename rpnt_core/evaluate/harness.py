@@ -1,0 +1,72 @@
+"""One harness for RPNT and the baselines: same session, same splits, same R².
+
+Offline evaluation scores what the online decoder would have said: predictions come from
+streaming the session causally from its first bin (``RPNT.predict_stream``, proven equal to
+``step``; baselines' ``predict``, proven equal to their ``step``), and R² is computed on the test
+bins with :func:`rpnt_core.evaluate.metrics.r2_score` (pooled, variance-weighted across dims).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data.session import Session
+from ..data.splits import Splits
+from ..model.rpnt import RPNT
+from .metrics import r2_per_dim, r2_score
+
+
+def session_metadata(model: RPNT, session: Session) -> dict[str, torch.Tensor]:
+    return model.metadata_for(subject=session.subject, session=session.session, task=session.task,
+                              date_days=session.date_days)
+
+
+@torch.no_grad()
+def predict_session(model: RPNT, session: Session, *, stop: int | None = None) -> np.ndarray:
+    """Velocity (T', D) for bins [0, stop), streamed causally from bin 0."""
+    stop = session.n_bins if stop is None else stop
+    counts = torch.from_numpy(np.asarray(session.counts[:stop], dtype=np.float32))[None]  # (1, T', N)
+    dev = next(model.parameters()).device
+    out = model.predict_stream(counts.to(dev), {k: v.to(dev) for k, v in session_metadata(model, session).items()})
+    return out["velocity"][0].cpu().numpy()
+
+
+@torch.no_grad()
+def predict_range(model: RPNT, session: Session, start: int, stop: int) -> np.ndarray:
+    """Velocity for bins [start, stop) — identical to streaming from bin 0, computed from
+    ``receptive_field − 1`` bins of history only (no output depends on anything older)."""
+    lo = max(0, start - (model.receptive_field - 1))
+    counts = torch.from_numpy(np.asarray(session.counts[lo:stop], dtype=np.float32))[None]
+    dev = next(model.parameters()).device
+    out = model.predict_stream(counts.to(dev), {k: v.to(dev) for k, v in session_metadata(model, session).items()})
+    return out["velocity"][0, start - lo:].cpu().numpy()
+
+
+def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    return {"r2": float(r2_score(y_true, y_pred)), "r2_per_dim": [float(x) for x in r2_per_dim(y_true, y_pred)]}
+
+
+def evaluate_model(model: RPNT, session: Session, splits: Splits, *, split: str = "test") -> dict:
+    """R² of ``model`` on one split of ``session``, streaming the whole session from bin 0."""
+    if session.velocity is None:
+        raise ValueError("velocity: the session has no behaviour target to score against")
+    lo, hi = getattr(splits, split)
+    pred = predict_session(model, session, stop=hi)[lo:hi]
+    return {**score(session.velocity[lo:hi], pred), "split": split, "splits": splits.as_dict(),
+            "n_bins": session.n_bins}
+
+
+def evaluate_baseline(name: str, session: Session, splits: Splits, *, seed: int = 0, **hyper) -> dict:
+    """Fit baseline ``name`` on the train split (selecting on val) and score the test split."""
+    from .baselines import BASELINES
+
+    if name not in BASELINES:
+        raise ValueError(f"baseline: unknown {name!r}; choose from {sorted(BASELINES)}")
+    parts = splits.cut(session)
+    dec = BASELINES[name].fit(train_counts=parts["train"].counts, train_velocity=parts["train"].velocity,
+                              val_counts=parts["val"].counts, val_velocity=parts["val"].velocity,
+                              bin_s=session.bin_s, seed=seed, **hyper)
+    lo, hi = splits.test
+    pred = dec.predict(np.asarray(session.counts[:hi]))[lo:hi]  # streamed from bin 0, like RPNT
+    return {**score(session.velocity[lo:hi], pred), "split": "test", "splits": splits.as_dict()}

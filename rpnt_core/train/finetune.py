@@ -1,0 +1,211 @@
+"""Supervised finetuning of the velocity decoder: few-shot (FS-SFT) or full SFT.
+
+``finetune(session, init=CKPT | None, options=..., out=...)``:
+
+- Splits the session in time with :func:`contiguous_splits`: test = last ``test_fraction``,
+  validation just before it, train = the first ``train_fraction`` (a few-shot split is a short
+  prefix; the test bins do not depend on ``train_fraction``).
+- Builds the model: from scratch (``init=None``, preset sized to the session), or from a
+  checkpoint.  A pretrained model of a different width meets the session either through channel
+  resampling (``channels="resample"``: a fixed channel map stored in the config, all weights
+  kept) or a fresh per-session read-in (``channels="readin"``: read-in and Poisson read-out
+  re-initialised for the session's channel count, read-in always trained).
+- Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
+  norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
+  train split, AdamW with cosine decay.
+- Early-stops on validation R² (streamed, exact) and reports the **test R² of the
+  best-validation weights**, not the last epoch's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..checkpoint import read_header, load_checkpoint, save_checkpoint
+from ..config import RPNTConfig
+from ..data.channels import ChannelResampler
+from ..data.session import Session
+from ..data.splits import Splits, contiguous_splits
+from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata
+from ..model.rpnt import RPNT
+from .distributed import resolve_device
+from .objectives import velocity_mse
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneOptions:
+    mode: str = "full"
+    last_layers: int = 1
+    epochs: int = 30
+    steps_per_epoch: int = 0  # 0 = one pass of the train split in windows
+    batch_size: int = 16
+    window_len: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    patience: int = 8
+    train_fraction: float = 0.2
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    channels: str = "resample"
+    preset: str = "small"  # used when training from scratch
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    config_overrides: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("head", "last", "full"):
+            raise ValueError(f"mode: expected 'head', 'last' or 'full', got {self.mode!r}")
+        if self.channels not in ("resample", "readin"):
+            raise ValueError(f"channels: expected 'resample' or 'readin', got {self.channels!r}")
+        for name in ("epochs", "batch_size", "window_len", "patience", "last_layers"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+
+
+def _session_vocab(session: Session, attr: str) -> tuple[str, ...]:
+    v = getattr(session, attr)
+    return (v,) if v else ()
+
+
+def build_model(session: Session, init: str | Path | None, options: FinetuneOptions) -> tuple[RPNT, bool, dict]:
+    """The model to finetune, whether its read-in is fresh, and provenance for the metadata."""
+    n_in, d_out = session.n_channels, session.n_outputs
+    overrides = dict(options.config_overrides)
+    if init is None:
+        cfg = RPNTConfig.preset(options.preset, n_channels=n_in, n_outputs=d_out, bin_s=float(session.bin_s),
+                                subjects=_session_vocab(session, "subject"), sessions=_session_vocab(session, "session"),
+                                tasks=_session_vocab(session, "task"), **overrides)
+        return RPNT(cfg), True, {"init": None}
+    base_cfg, base_meta = read_header(init)
+    base = load_checkpoint(init)
+    if base_cfg.spatial_layers:
+        base_cfg = base_cfg.replace(spatial_layers=0)  # decode from the temporal encoder (single-site)
+    if not math.isclose(base_cfg.bin_s, session.bin_s, rel_tol=1e-6):
+        raise ValueError(f"bin_s: checkpoint was trained at {base_cfg.bin_s} s bins, the session has {session.bin_s} s")
+    provenance = {"init": str(init), "parent_weights_sha": base_meta.get("weights_sha", ""),
+                  "parent_kind": base_meta.get("kind", "")}
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith("spatial.")}
+    fresh_read_in = False
+    if base_cfg.n_input_channels == n_in:
+        cfg = base_cfg.replace(n_outputs=d_out, **overrides)
+    elif options.channels == "resample":
+        rs = ChannelResampler(n_channels=n_in, n_max=base_cfg.n_channels, seed=options.seed)
+        cfg = base_cfg.replace(n_outputs=d_out, input_channels=n_in, channel_map=tuple(int(i) for i in rs.index),
+                               **overrides)
+    else:
+        cfg = base_cfg.replace(n_channels=n_in, n_outputs=d_out, input_channels=0, channel_map=(), **overrides)
+        state = {k: v for k, v in state.items() if not k.startswith(("read_in.", "rate_out."))}
+        fresh_read_in = True
+    state = {k: v for k, v in state.items() if not k.startswith("velocity_")}
+    model = RPNT(cfg)
+    model.load_state_dict(state, strict=False)
+    return model, fresh_read_in, provenance
+
+
+def _set_train_modes(model: RPNT, mode: str, last_layers: int, fresh_read_in: bool) -> list[nn.Parameter]:
+    params = model.trainable_for(mode, last_layers=last_layers, read_in=fresh_read_in)
+    ids = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    model.eval()
+    if mode == "full":
+        model.train()
+    else:  # frozen parts stay in eval mode (no dropout); trained sub-modules train
+        for m in model.modules():
+            own = list(m.parameters(recurse=False))
+            if own and all(id(p) in ids for p in own):
+                m.train()
+    return params
+
+
+def finetune(session: Session, *, init: str | Path | None, options: FinetuneOptions, out: str | Path | None,
+             splits: Splits | None = None) -> dict:
+    """Finetune on one labelled session; returns metrics (test R² of the best-validation weights)."""
+    if session.velocity is None:
+        raise ValueError("velocity: finetuning needs a behaviour target")
+    if session.multisite:
+        raise ValueError("counts: finetuning decodes single-site recordings (T, N)")
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed)
+    dev = resolve_device(options.device)
+    splits = splits or contiguous_splits(session.n_bins, train_fraction=options.train_fraction,
+                                         val_fraction=options.val_fraction, test_fraction=options.test_fraction)
+    model, fresh_read_in, provenance = build_model(session, init, options)
+    lo, hi = splits.train
+    vel = np.asarray(session.velocity, dtype=np.float32)
+    mean, scale = vel[lo:hi].mean(0), vel[lo:hi].std(0) + 1e-6
+    model.set_velocity_normalisation(torch.from_numpy(mean), torch.from_numpy(scale))
+    model.to(dev)
+    params = _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
+    counts_t = torch.from_numpy(np.asarray(session.counts, dtype=np.float32))
+    vel_t = torch.from_numpy(vel)
+    window_len = min(options.window_len, hi - lo)
+    if window_len < 4:
+        raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
+    steps = options.steps_per_epoch or max(4, math.ceil((hi - lo) / (window_len * options.batch_size)) * 2)
+    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs * steps, eta_min=options.lr * 0.05)
+    meta = {k: v.to(dev) for k, v in session_metadata(model, session).items()}
+    m_t, s_t = torch.from_numpy(mean).to(dev), torch.from_numpy(scale).to(dev)
+    best = {"val_r2": -math.inf, "epoch": -1, "state": None}
+    history = []
+    t0 = time.time()
+    bad = 0
+    for epoch in range(options.epochs):
+        losses = []
+        for _ in tqdm(range(steps), desc=f"finetune {epoch + 1}/{options.epochs}", leave=False,
+                      disable=not options.progress):
+            starts = rng.integers(lo, hi - window_len + 1, size=options.batch_size)
+            idx = torch.as_tensor(starts)[:, None] + torch.arange(window_len)[None, :]
+            x, y = counts_t[idx].to(dev), vel_t[idx].to(dev)  # (B, L, N), (B, L, D)
+            bmeta = {k: v.expand(options.batch_size) for k, v in meta.items()}
+            loss = velocity_mse(model(x, bmeta)["velocity"], y, mean=m_t, scale=s_t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+        model.eval()
+        v_lo, v_hi = splits.val
+        val_r2 = score(vel[v_lo:v_hi], predict_range(model, session, v_lo, v_hi))["r2"]
+        _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
+        history.append({"epoch": epoch, "train_mse": float(np.mean(losses)), "val_r2": val_r2})
+        if options.progress:
+            print(f"epoch {epoch + 1}/{options.epochs}  train mse {np.mean(losses):.4f}  val R² {val_r2:.4f}"
+                  + ("  *best" if val_r2 > best["val_r2"] else ""), flush=True)
+        if val_r2 > best["val_r2"]:
+            best = {"val_r2": val_r2, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            bad = 0
+        else:
+            bad += 1
+            if bad >= options.patience:
+                break
+    model.load_state_dict(best["state"])
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    test = evaluate_model(model, session, splits)
+    metrics = {"val_r2": best["val_r2"], "best_epoch": best["epoch"], "epochs_run": len(history),
+               "test_r2": test["r2"], "test_r2_per_dim": test["r2_per_dim"], "train_seconds": round(time.time() - t0, 2)}
+    result = {**metrics, "splits": splits.as_dict(), "history": history, **provenance,
+              "mode": options.mode, "channels": options.channels if provenance["init"] else "native"}
+    if out is not None:
+        save_checkpoint(model.cpu(), out, meta={
+            "kind": "finetuned" if provenance["init"] else "scratch", "data_fingerprint": session.fingerprint(),
+            "metrics": metrics, "splits": splits.as_dict(), "source": session.source, **provenance,
+            "finetune_options": asdict(options) | {"config_overrides": dict(options.config_overrides)}})
+        Path(str(out) + ".history.json").write_text(json.dumps(history))
+        result["checkpoint"] = str(out)
+    return result

@@ -1,0 +1,228 @@
+"""Self-supervised pretraining: causal masked Poisson reconstruction (+ site contrast).
+
+``pretrain(sessions, options=..., out=...)`` trains an RPNT on unlabelled recordings, keeps the
+checkpoint with the best validation loss at ``out``, writes one JSON line per epoch to
+``out.with_suffix(".log.jsonl")`` and a resumable training state to
+``out.with_suffix(".resume.safetensors")`` after every epoch (``resume=True`` continues from it).
+
+Runs unchanged under ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on GPUs): every rank
+draws its own batches, gradients are averaged, rank 0 writes files.
+
+Validation: the last ``val_fraction`` of every recording, fixed windows and fixed masks (seeded),
+so validation losses are comparable between epochs and runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..checkpoint import save_checkpoint
+from ..config import RPNTConfig
+from ..data.session import Session, fingerprint_sessions
+from ..model.rpnt import RPNT
+from . import distributed as D
+from .objectives import apply_mask, masked_poisson_nll, sample_mask, site_contrastive_loss
+from .resume import load_training_state, save_training_state
+from .streams import Stream, metadata_batch, prepare_streams
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainOptions:
+    preset: str = "small"
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    batch_size: int = 16
+    window_len: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    channels: str = "resample"  # "resample" (fixed width n_max) or "readin" (per-session read-in)
+    n_max: int = 0  # resample width; 0 = the largest channel count in the data
+    val_fraction: float = 0.1
+    spatial: bool = False  # train the multi-site spatial encoder (multi-site recordings only)
+    contrastive_weight: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    progress: bool = True
+    config_overrides: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "steps_per_epoch", "batch_size", "window_len"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+        if self.channels not in ("resample", "readin"):
+            raise ValueError(f"channels: expected 'resample' or 'readin', got {self.channels!r}")
+        if not 0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction: must be in (0, 0.5), got {self.val_fraction}")
+
+
+class SessionAdapter(nn.Module):
+    """Per-session read-in / Poisson read-out for pretraining with native channel counts."""
+
+    def __init__(self, n_channels: int, d_model: int) -> None:
+        super().__init__()
+        self.read_in = nn.Linear(n_channels, d_model)
+        self.rate_out = nn.Linear(d_model, n_channels)
+
+
+class PretrainNet(nn.Module):
+    """The RPNT core plus, in "readin" mode, one adapter per stream (a DDP-wrappable unit)."""
+
+    def __init__(self, core: RPNT, adapters: dict[str, SessionAdapter] | None) -> None:
+        super().__init__()
+        self.core = core
+        self.adapters = nn.ModuleDict({_safe(k): v for k, v in (adapters or {}).items()})
+
+    def forward(self, counts, metadata, key: str, site_xy=None):
+        adapter = self.adapters[_safe(key)] if len(self.adapters) else None
+        return self.core(counts, metadata, site_xy=site_xy, adapter=adapter)
+
+
+def _safe(key: str) -> str:
+    return key.replace(".", "_").replace(":", "__")
+
+
+def build_config(sessions: list[Session], options: PretrainOptions) -> RPNTConfig:
+    n_max = options.n_max or max(s.n_channels for s in sessions)
+    outputs = [s.n_outputs for s in sessions if s.n_outputs]
+    names = lambda attr: tuple(sorted({getattr(s, attr) for s in sessions if getattr(s, attr)}))  # noqa: E731
+    overrides = dict(options.config_overrides)
+    if options.spatial:
+        overrides.setdefault("spatial_layers", 2)
+    return RPNTConfig.preset(options.preset, n_channels=n_max, n_outputs=outputs[0] if outputs else 2,
+                             bin_s=float(sessions[0].bin_s), subjects=names("subject"),
+                             sessions=names("session"), tasks=names("task"), **overrides)
+
+
+def _loss(net: nn.Module, core: RPNT, stream: Stream, counts: torch.Tensor, *, gen: torch.Generator,
+          device: torch.device, contrastive_weight: float) -> torch.Tensor:
+    mask = sample_mask(tuple(counts.shape), generator=gen, groups=stream.groups)
+    counts, mask = counts.to(device), mask.to(device)
+    meta = {k: v.to(device) for k, v in metadata_batch(core, stream.metadata, counts.shape[0]).items()}
+    out = net(apply_mask(counts, mask), meta, stream.key, site_xy=stream.site_xy)
+    loss = masked_poisson_nll(out["log_rates"], counts, mask)
+    if "site_latent" in out and contrastive_weight > 0 and counts.shape[0] > 1:
+        loss = loss + contrastive_weight * site_contrastive_loss(out["site_latent"])
+    return loss
+
+
+@torch.no_grad()
+def validation_loss(net: nn.Module, core: RPNT, streams: list[Stream], *, window_len: int, seed: int,
+                    device: torch.device, contrastive_weight: float) -> float:
+    was = net.training
+    net.eval()
+    gen = torch.Generator().manual_seed(seed + 12345)
+    losses = []
+    for st in streams:
+        starts = st.fixed_windows(length=window_len, split="val", max_windows=16)
+        for i in range(0, len(starts), 8):
+            counts, _ = st.window(starts[i:i + 8], window_len)
+            losses.append(float(_loss(net, core, st, counts, gen=gen, device=device,
+                                      contrastive_weight=contrastive_weight)))
+    net.train(was)
+    return float(np.mean(losses))
+
+
+def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Path,
+             config: RPNTConfig | None = None) -> dict:
+    """Pretrain on ``sessions``; returns a summary (best validation loss, epochs, paths)."""
+    out = Path(out)
+    dist = D.setup(options.device)
+    torch.manual_seed(options.seed)
+    rng = np.random.default_rng(options.seed + 1000 * dist.rank)
+    config = config or build_config(sessions, options)
+    window_len = min(options.window_len, max(8, min(s.n_bins for s in sessions) // 4))
+    streams = prepare_streams(sessions, val_fraction=options.val_fraction, channels=options.channels,
+                              n_max=config.n_channels, split_sites=not config.spatial_layers,
+                              seed=options.seed, min_bins=window_len)
+    if config.spatial_layers:
+        streams = [s for s in streams if s.counts.dim() == 3]
+        if not streams:
+            raise ValueError("data: --spatial needs multi-site recordings (counts (S, T, N) with site_xy)")
+    core = RPNT(config)
+    adapters = ({s.key: SessionAdapter(s.n_channels, config.d_model) for s in streams}
+                if options.channels == "readin" else None)
+    net = PretrainNet(core, adapters).to(dist.device)
+    train_net: nn.Module = net
+    if dist.enabled:
+        train_net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+            find_unused_parameters=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    total = options.epochs * options.steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < options.warmup_steps:
+            return (step + 1) / options.warmup_steps
+        p = (step - options.warmup_steps) / max(1, total - options.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    resume_path = out.with_suffix(".resume.safetensors")
+    log_path = out.with_suffix(".log.jsonl")
+    info = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1}
+    if options.resume and resume_path.exists():
+        info = load_training_state(resume_path, module=net, optimizer=opt, rng=rng)
+        sched.last_epoch = info["step"] - 1
+        sched.step()
+    gen = torch.Generator().manual_seed(options.seed * 7919 + dist.rank + info["step"])
+    weights = np.array([s.train[1] - s.train[0] for s in streams], dtype=np.float64)
+    weights /= weights.sum()
+    fingerprint = fingerprint_sessions(sessions)
+    t_start = time.time()
+    for epoch in range(info["epoch"], options.epochs):
+        train_net.train()
+        bar = tqdm(range(options.steps_per_epoch), desc=f"pretrain {epoch + 1}/{options.epochs}",
+                   disable=not (options.progress and dist.is_main), leave=False)
+        running = []
+        for _ in bar:
+            st = streams[int(rng.choice(len(streams), p=weights))]
+            counts, _ = st.sample(rng, batch_size=options.batch_size, length=window_len)
+            loss = _loss(train_net, core, st, counts, gen=gen, device=dist.device,
+                         contrastive_weight=options.contrastive_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), options.grad_clip)
+            opt.step()
+            sched.step()
+            info["step"] += 1
+            running.append(float(loss))
+            bar.set_postfix(loss=f"{running[-1]:.4f}")
+        val = validation_loss(net, core, streams, window_len=window_len, seed=options.seed, device=dist.device,
+                              contrastive_weight=options.contrastive_weight)
+        train_loss = D.mean_across(float(np.mean(running)), dist)
+        improved = val < info["best_val"]
+        if improved:
+            info["best_val"], info["best_epoch"] = val, epoch
+        info["epoch"] = epoch + 1
+        if dist.is_main:
+            if improved:
+                save_checkpoint(core, out, meta={
+                    "kind": "pretrained", "data_fingerprint": fingerprint, "channels": options.channels,
+                    "metrics": {"val_poisson_nll": val, "epoch": epoch},
+                    "pretrain_options": asdict(options) | {"config_overrides": dict(options.config_overrides)},
+                    "sessions": [s.source or s.session for s in sessions]})
+            with log_path.open("a") as f:
+                f.write(json.dumps({"epoch": epoch, "step": info["step"], "train_loss": train_loss,
+                                    "val_loss": val, "lr": sched.get_last_lr()[0], "best": improved,
+                                    "elapsed_s": round(time.time() - t_start, 2)}) + "\n")
+            save_training_state(resume_path, module=net, optimizer=opt, info=info, rng=rng)
+            if options.progress:
+                print(f"epoch {epoch + 1}/{options.epochs}  train {train_loss:.4f}  val {val:.4f}"
+                      + ("  *best" if improved else ""), flush=True)
+        D.barrier(dist)
+    D.teardown(dist)
+    return {"checkpoint": str(out), "best_val_loss": info["best_val"], "best_epoch": info["best_epoch"],
+            "epochs": info["epoch"], "log": str(log_path), "streams": len(streams),
+            "data_fingerprint": fingerprint}

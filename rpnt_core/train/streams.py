@@ -1,0 +1,100 @@
+"""Sessions prepared for training: float tensors, split ranges, source-channel groups, metadata.
+
+A :class:`Stream` is one recording (or one site of a multi-site recording, when the model has no
+spatial encoder) made ready for random-window batches.  Batches are always drawn from a single
+stream, so streams may differ in channel count (per-session read-in) as well as share one width
+(channel resampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.channels import ChannelResampler
+from ..data.session import Session
+from ..data.windows import WindowSampler
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stream:
+    key: str  # identifies the per-session read-in
+    counts: Tensor  # (T, N) or (S, T, N) float32
+    velocity: Tensor | None  # (T, D) float32
+    groups: Tensor  # (N,) long: source channel of each column (duplicates share a group)
+    metadata: dict = field(default_factory=dict)  # subject/session/task names, date_days
+    site_xy: Tensor | None = None  # (S, 2)
+    train: tuple[int, int] = (0, 0)
+    val: tuple[int, int] = (0, 0)
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.counts.shape[-1])
+
+    def window(self, starts: np.ndarray, length: int) -> tuple[Tensor, Tensor | None]:
+        """counts (B, [S,] L, N) and velocity (B, L, D) | None for window ``starts``."""
+        idx = torch.as_tensor(starts)[:, None] + torch.arange(length)[None, :]  # (B, L)
+        if self.counts.dim() == 3:
+            c = self.counts[:, idx].permute(1, 0, 2, 3)  # (B, S, L, N)
+        else:
+            c = self.counts[idx]  # (B, L, N)
+        v = None if self.velocity is None else self.velocity[idx]
+        return c, v
+
+    def sample(self, rng: np.random.Generator, *, batch_size: int, length: int, split: str = "train"
+               ) -> tuple[Tensor, Tensor | None]:
+        lo, hi = getattr(self, split)
+        starts = WindowSampler(start=lo, stop=hi, length=length).sample(rng, batch_size)
+        return self.window(starts, length)
+
+    def fixed_windows(self, *, length: int, split: str = "val", max_windows: int = 64) -> np.ndarray:
+        """Non-overlapping window starts covering the split (deterministic)."""
+        lo, hi = getattr(self, split)
+        starts = np.arange(lo, hi - length + 1, length)
+        return starts[:max_windows]
+
+
+def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: str, n_max: int,
+                    split_sites: bool, seed: int, min_bins: int) -> list[Stream]:
+    """Streams for pretraining: the last ``val_fraction`` of each recording is validation.
+
+    ``channels``: "resample" maps every stream to ``n_max`` columns with a per-session
+    :class:`ChannelResampler` (duplicates grouped for masking); "readin" keeps native widths.
+    ``split_sites``: multi-site recordings become one stream per site (temporal-only models).
+    """
+    if channels not in ("resample", "readin"):
+        raise ValueError(f"channels: expected 'resample' or 'readin', got {channels!r}")
+    streams: list[Stream] = []
+    for i, s in enumerate(sessions):
+        counts = np.asarray(s.counts, dtype=np.float32)
+        parts = [(counts[k], s.session or f"s{i}", k) for k in range(counts.shape[0])] if (
+            s.multisite and split_sites) else [(counts, s.session or f"s{i}", None)]
+        for c, name, site in parts:
+            t = c.shape[-2]
+            n_val = max(1, int(round(val_fraction * t)))
+            if t - n_val < min_bins or n_val < min_bins:
+                continue  # too short to hold a training and a validation window
+            key = f"{i}:{name}" + ("" if site is None else f":site{site}")
+            groups = np.arange(c.shape[-1])
+            if channels == "resample":
+                rs = ChannelResampler(n_channels=c.shape[-1], n_max=n_max, seed=seed + i)
+                c, groups = rs.apply(c), rs.index
+            streams.append(Stream(
+                key=key, counts=torch.from_numpy(np.ascontiguousarray(c)),
+                velocity=None if s.velocity is None else torch.from_numpy(np.asarray(s.velocity, np.float32)),
+                groups=torch.as_tensor(groups, dtype=torch.long),
+                metadata=dict(subject=s.subject, session=s.session, task=s.task, date_days=s.date_days),
+                site_xy=None if (s.site_xy is None or site is not None) else torch.as_tensor(s.site_xy, dtype=torch.float32),
+                train=(0, t - n_val), val=(t - n_val, t)))
+    if not streams:
+        raise ValueError(f"data: no recording has enough bins ({2 * min_bins}+) for training and validation windows")
+    return streams
+
+
+def metadata_batch(model, meta: dict, batch_size: int) -> dict[str, Tensor]:
+    """Vocabulary indices for a stream's metadata names, repeated over the batch."""
+    return model.metadata_for(batch_size=batch_size, subject=meta.get("subject"), session=meta.get("session"),
+                              task=meta.get("task"), date_days=float(meta.get("date_days", 0.0)))

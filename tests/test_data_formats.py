@@ -1,0 +1,308 @@
+"""NPZ interchange format, session validation, MAT layouts, NWB binning, suffix dispatch."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rpnt_core.data import (
+    MAT_LAYOUTS,
+    MatLayout,
+    Session,
+    load_mat,
+    load_npz,
+    load_nwb,
+    load_session,
+    save_npz,
+    validate_session,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+STEVENSON = SHARED_DATA / "stevenson2011_m1_centerout" / "StevensonV2.mat"
+CONTDATA = SHARED_DATA / "contdata95_bme517" / "contdata95.mat"
+
+
+def make_session(*, T: int = 50, N: int = 7, S: int | None = None, seed: int = 0) -> Session:
+    rng = np.random.default_rng(seed)
+    shape = (T, N) if S is None else (S, T, N)
+    return Session(
+        counts=rng.poisson(1.0, size=shape).astype(np.int64),  # (T, N) or (S, T, N)
+        bin_s=0.02,
+        velocity=rng.normal(size=(T, 2)),  # (T, 2)
+        position=rng.normal(size=(T, 2)),  # (T, 2)
+        timestamps=10.0 + 0.02 * np.arange(T),  # (T,)
+        site_xy=None if S is None else rng.normal(size=(S, 2)),  # (S, 2)
+        subject="monkey-J",
+        session="2024-01-02",
+        task="center-out",
+        date_days=3.5,
+    )
+
+
+# ------------------------------------------------------------------------------------ NPZ
+
+
+@pytest.mark.parametrize("S", [None, 3])
+def test_npz_round_trip(tmp_path: Path, S: int | None) -> None:
+    s = make_session(S=S)
+    path = save_npz(s, tmp_path / "a.npz")
+    assert path == tmp_path / "a.npz" and path.exists()
+    back = load_npz(path)
+    assert back.counts.dtype == np.int32
+    np.testing.assert_array_equal(back.counts, s.counts)
+    np.testing.assert_allclose(back.velocity, s.velocity, rtol=1e-6)
+    np.testing.assert_allclose(back.position, s.position, rtol=1e-6)
+    np.testing.assert_array_equal(back.timestamps, s.timestamps)
+    if S is not None:
+        np.testing.assert_allclose(back.site_xy, s.site_xy, rtol=1e-6)
+        assert back.multisite
+    else:
+        assert back.site_xy is None
+    assert (back.subject, back.session, back.task, back.date_days, back.bin_s) == (
+        "monkey-J", "2024-01-02", "center-out", 3.5, 0.02)
+    assert back.source == str(path)
+    assert back.fingerprint() == validate_session(s).fingerprint()
+    assert load_session(path).fingerprint() == back.fingerprint()
+
+
+def test_npz_minimal_and_extras(tmp_path: Path) -> None:
+    s = Session(counts=np.ones((4, 2), dtype=np.uint8), bin_s=0.05,
+                extra={"latents": np.arange(8.0).reshape(4, 2), "note": "hi", "k": 3})
+    back = load_npz(save_npz(s, tmp_path / "m.npz", include_extra=True))
+    assert back.velocity is None and back.timestamps is None and back.subject == ""
+    np.testing.assert_array_equal(back.extra["latents"], s.extra["latents"])
+    assert str(back.extra["note"]) == "hi" and int(back.extra["k"]) == 3
+    assert load_npz(save_npz(s, tmp_path / "n.npz")).extra == {}
+    with pytest.raises(ValueError, match=r"extra\['bad'\]"):
+        save_npz(replace(s, extra={"bad": {"a": 1}}), tmp_path / "x.npz", include_extra=True)
+
+
+def test_npz_strings_are_0d_unicode(tmp_path: Path) -> None:
+    path = save_npz(make_session(), tmp_path / "a.npz")
+    with np.load(path, allow_pickle=False) as z:
+        for k in ("subject", "session", "task"):
+            assert z[k].ndim == 0 and z[k].dtype.kind == "U"
+        assert z["counts"].dtype == np.uint8
+
+
+def test_npz_rejects_unknown_keys_and_pickles(tmp_path: Path) -> None:
+    np.savez(tmp_path / "typo.npz", counts=np.ones((3, 2), int), bin_s=0.02, velocities=np.ones((3, 2)))
+    with pytest.raises(ValueError, match="unknown keys.*velocities"):
+        load_npz(tmp_path / "typo.npz")
+    np.savez(tmp_path / "obj.npz", counts=np.array([object()], dtype=object), bin_s=0.02)
+    with pytest.raises(ValueError, match="pickl"):
+        load_npz(tmp_path / "obj.npz")
+    with open(tmp_path / "single.npz", "wb") as fh:
+        np.save(fh, np.ones((3, 2)))
+    with pytest.raises(ValueError, match="^path: .*single array"):
+        load_npz(tmp_path / "single.npz")
+    np.savez(tmp_path / "nobin.npz", counts=np.ones((3, 2), int))
+    with pytest.raises(ValueError, match="^bin_s: missing"):
+        load_npz(tmp_path / "nobin.npz")
+
+
+# ------------------------------------------------------------------------------------ validation
+
+T = 50
+BAD_FIELDS = [
+    # (field overrides, expected message start)
+    ({"counts": np.ones(T)}, r"counts: expected 2-D"),
+    ({"counts": np.ones((2, 2, T, 3))}, r"counts: expected 2-D"),
+    ({"counts": -np.ones((T, 3))}, r"counts: contains negative values"),
+    ({"counts": np.full((T, 3), 0.5)}, r"counts: contains non-integer"),
+    ({"counts": np.full((T, 3), np.nan)}, r"counts: contains NaN"),
+    ({"counts": np.full((T, 3), np.inf)}, r"counts: contains inf"),
+    ({"counts": np.zeros((T, 0))}, r"counts: every axis must be non-empty"),
+    ({"velocity": np.ones((T - 1, 2))}, r"velocity: length 49 does not match counts length 50"),
+    ({"velocity": np.ones(T)}, r"velocity: expected 2-D"),
+    ({"velocity": np.full((T, 2), np.nan)}, r"velocity: contains NaN"),
+    ({"velocity": np.full((T, 2), -np.inf)}, r"velocity: contains inf"),
+    ({"position": np.ones((T + 1, 2))}, r"position: length 51 does not match counts length 50"),
+    ({"position": np.full((T, 2), np.nan)}, r"position: contains NaN"),
+    ({"timestamps": np.arange(T - 1.0)}, r"timestamps: length 49 does not match"),
+    ({"timestamps": np.zeros(T)}, r"timestamps: must be strictly increasing"),
+    ({"timestamps": np.full(T, np.nan)}, r"timestamps: contains NaN"),
+    ({"bin_s": 0.0}, r"bin_s: must be > 0, got 0.0"),
+    ({"bin_s": -0.02}, r"bin_s: must be > 0"),
+    ({"bin_s": np.nan}, r"bin_s: must be finite"),
+    ({"bin_s": np.inf}, r"bin_s: must be finite"),
+    ({"site_xy": np.ones((3, 2))}, r"site_xy: expected shape \(1, 2\)"),
+    ({"counts": np.ones((2, T, 3), int), "site_xy": None}, r"site_xy: required for 3-D"),
+    ({"counts": np.ones((2, T, 3), int), "site_xy": np.ones((3, 2))}, r"site_xy: expected shape \(2, 2\)"),
+    ({"counts": np.ones((2, T, 3), int), "site_xy": np.full((2, 2), np.nan)}, r"site_xy: contains NaN"),
+    ({"date_days": np.nan}, r"date_days: must be finite"),
+    ({"date_days": "3"}, r"date_days: must be a number"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_FIELDS)
+def test_validate_session_names_the_field(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match="^" + message):
+        validate_session(replace(make_session(T=T), **overrides))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [b for b in BAD_FIELDS if "every axis" not in b[1]])
+def test_load_npz_names_the_field(tmp_path: Path, overrides: dict, message: str) -> None:
+    s = make_session(T=T)
+    fields = {"counts": s.counts, "bin_s": s.bin_s, "velocity": s.velocity, "position": s.position,
+              "timestamps": s.timestamps, "date_days": s.date_days}
+    fields.update(overrides)
+    np.savez(tmp_path / "bad.npz", **{k: v for k, v in fields.items() if v is not None})
+    with pytest.raises(ValueError, match="^" + message):
+        load_npz(tmp_path / "bad.npz")
+
+
+def test_validate_normalises_dtypes() -> None:
+    s = replace(make_session(), counts=np.ones((50, 7), dtype=np.float64))
+    v = validate_session(s)
+    assert v.counts.dtype == np.int32 and v.velocity.dtype == np.float32
+    assert v.timestamps.dtype == np.float64 and isinstance(v.bin_s, float)
+    with pytest.raises(ValueError, match="^counts: must be a real numeric array"):
+        validate_session(replace(s, counts=np.ones((50, 7), dtype=bool)))
+    with pytest.raises(ValueError, match="^subject: must be a str"):
+        validate_session(replace(s, subject=3))
+
+
+# ------------------------------------------------------------------------------------ dispatch
+
+
+def test_load_session_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"path: unknown suffix '\.csv'.*\.mat.*\.npz.*\.nwb"):
+        load_session(tmp_path / "x.csv")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_session(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError):
+        load_npz(tmp_path / "missing.npz")
+
+
+# ------------------------------------------------------------------------------------ MAT
+
+
+def test_mat_custom_layout_and_detection_error(tmp_path: Path) -> None:
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    spikes = rng.poisson(2.0, size=(5, 30)).astype(float)  # (C, T) channels-first
+    vel = rng.normal(size=(3, 30))
+    savemat(tmp_path / "odd.mat", {"S": spikes, "V": vel, "dt": np.array([[0.01]])})
+    with pytest.raises(ValueError, match=r"layout: no known MAT layout.*StevensonV2.*contdata95"):
+        load_mat(tmp_path / "odd.mat")
+    layout = MatLayout(name="odd", counts_key="S", velocity_key="V", channels_first=True,
+                       velocity_dims=(0, 2), bin_s_key="dt")
+    s = load_mat(tmp_path / "odd.mat", layout=layout)
+    assert s.counts.shape == (30, 5) and s.counts.dtype == np.int32 and s.bin_s == 0.01
+    np.testing.assert_array_equal(s.counts, spikes.T)
+    np.testing.assert_allclose(s.velocity, vel[[0, 2]].T, rtol=1e-6)
+    bad = MatLayout(name="odd", counts_key="S", velocity_key="V", channels_first=True, velocity_dims=(5,), bin_s=0.01)
+    with pytest.raises(ValueError, match="^velocity: layout 'odd' asks for dims"):
+        load_mat(tmp_path / "odd.mat", layout=bad)
+    with pytest.raises(ValueError, match="^layout: unknown layout 'nope'"):
+        load_mat(tmp_path / "odd.mat", layout="nope")
+    with pytest.raises(ValueError, match="^bin_s: layout"):
+        MatLayout(name="x", counts_key="S")
+
+
+@pytest.mark.realdata
+def test_stevenson_mat_loads() -> None:
+    if not STEVENSON.exists():
+        pytest.skip(f"{STEVENSON} not available")
+    s = load_session(STEVENSON)
+    assert s.extra["mat_layout"] == "StevensonV2"
+    assert s.counts.shape == (15536, 196) and s.counts.dtype == np.int32
+    assert s.velocity.shape == (15536, 2) and s.position.shape == (15536, 2)
+    assert s.timestamps.shape == (15536,) and s.timestamps[0] == pytest.approx(12.591)
+    assert s.bin_s == pytest.approx(0.05)
+    assert 0 <= s.counts.min() and s.counts.max() == 26
+    assert 0.04 < s.velocity[:, 0].std() < 0.07  # m/s, as documented
+    assert s.task == "center-out" and s.session == "StevensonV2"
+
+
+@pytest.mark.realdata
+def test_contdata95_mat_loads() -> None:
+    if not CONTDATA.exists():
+        pytest.skip(f"{CONTDATA} not available")
+    s = load_mat(CONTDATA)
+    assert s.extra["mat_layout"] == "contdata95"
+    assert s.counts.shape == (31413, 95) and s.counts.dtype == np.int32
+    assert s.velocity.shape == (31413, 2) and s.position.shape == (31413, 2)
+    assert s.timestamps is None and s.bin_s == 0.05
+    assert s.counts.max() == 21
+    assert s.position.min() < -100 and s.position.max() > 90  # X columns 0:2 are position
+
+
+def test_mat_layouts_cover_both_files() -> None:
+    assert {"StevensonV2", "contdata95"} <= set(MAT_LAYOUTS)
+
+
+# ------------------------------------------------------------------------------------ NWB
+
+
+def _write_nwb(path: Path, *, spike_times: list[list[float]], beh_t: np.ndarray | None,
+               beh: np.ndarray | None, in_acquisition: bool = False, name: str = "hand_velocity") -> None:
+    pynwb = pytest.importorskip("pynwb")
+    from pynwb.behavior import BehavioralTimeSeries
+    from pynwb.file import Subject
+
+    nwb = pynwb.NWBFile(session_description="synthetic", identifier="id-1", session_id="sess-7",
+                        session_start_time=datetime(2024, 3, 1, 12, tzinfo=timezone.utc),
+                        subject=Subject(subject_id="monkey-X"))
+    for st in spike_times:
+        nwb.add_unit(spike_times=np.asarray(st, dtype=float))
+    if beh is not None:
+        ts = pynwb.TimeSeries(name=name, data=beh, unit="m/s", timestamps=beh_t)
+        if in_acquisition:
+            nwb.add_acquisition(ts)
+        else:
+            module = nwb.create_processing_module(name="behavior", description="behaviour")
+            module.add(BehavioralTimeSeries(time_series=[ts], name="BehavioralTimeSeries"))
+    with pynwb.NWBHDF5IO(str(path), mode="w") as io:
+        io.write(nwb)
+
+
+def test_nwb_bins_spikes_exactly(tmp_path: Path) -> None:
+    beh_t = 0.5 + 0.01 * np.arange(101)  # 0.5 .. 1.5 s, 100 Hz
+    beh = np.stack([beh_t, -2.0 * beh_t], axis=1)  # (101, 2) linear in time: interpolation is exact
+    spikes = [
+        [0.505, 0.515, 0.531, 1.21, 1.499],  # bins 0, 0, 1, 35, 49
+        [0.1, 0.6001, 0.81, 0.815, 1.51],  # before start (dropped), 5, 15, 15, after end (dropped)
+        [],
+    ]
+    path = tmp_path / "rec.nwb"
+    _write_nwb(path, spike_times=spikes, beh_t=beh_t, beh=beh)
+    s = load_session(path, bin_s=0.02)
+    expected = np.zeros((50, 3), dtype=np.int32)
+    for unit, bins in ((0, [0, 0, 1, 35, 49]), (1, [5, 15, 15])):
+        for b in bins:
+            expected[b, unit] += 1
+    np.testing.assert_array_equal(s.counts, expected)
+    np.testing.assert_allclose(s.timestamps, 0.5 + 0.02 * np.arange(50), atol=1e-12)
+    centres = s.timestamps + 0.01
+    np.testing.assert_allclose(s.velocity, np.stack([centres, -2 * centres], 1), atol=1e-5)
+    assert (s.subject, s.session, s.bin_s) == ("monkey-X", "sess-7", 0.02)
+    assert s.extra["session_start_time"].startswith("2024-03-01T12:00")
+
+
+def test_nwb_acquisition_named_series_and_no_behaviour(tmp_path: Path) -> None:
+    beh_t = np.linspace(0.0, 1.0, 11)
+    path = tmp_path / "acq.nwb"
+    _write_nwb(path, spike_times=[[0.05, 0.5]], beh_t=beh_t, beh=np.ones(11), in_acquisition=True, name="cursor")
+    s = load_nwb(path, bin_s=0.1)  # no name contains "vel": no velocity, span = spikes
+    assert s.velocity is None and s.counts.shape == (5, 1) and s.counts.sum() == 2
+    s = load_nwb(path, bin_s=0.1, velocity_series="cursor")
+    assert s.counts.shape == (10, 1) and s.velocity.shape == (10, 1)
+    np.testing.assert_allclose(s.velocity, 1.0)
+    with pytest.raises(ValueError, match="^velocity_series: no series 'hand'.*cursor"):
+        load_nwb(path, bin_s=0.1, velocity_series="hand")
+    with pytest.raises(ValueError, match="^bin_s: must be > 0"):
+        load_nwb(path, bin_s=0.0)
+
+
+def test_nwb_missing_pynwb_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynwb", None)
+    with pytest.raises(ImportError, match=r"pip install 'rpnt\[nwb\]'"):
+        load_nwb(tmp_path / "x.nwb", bin_s=0.02)
