@@ -174,8 +174,11 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
     info = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1}
     if options.resume and resume_path.exists():
         info = load_training_state(resume_path, module=net, optimizer=opt, rng=rng)
-        sched.last_epoch = info["step"] - 1
-        sched.step()
+        sched.last_epoch = info["step"]
+        for group in opt.param_groups:  # the schedule's value at the resumed step
+            group["lr"] = group["initial_lr"] * lr_at(info["step"])
+        if dist.rank:  # rank 0 saved its own generator; the others derive theirs from the step
+            rng = np.random.default_rng(options.seed + 1000 * dist.rank + info["step"])
     gen = torch.Generator().manual_seed(options.seed * 7919 + dist.rank + info["step"])
     weights = np.array([s.train[1] - s.train[0] for s in streams], dtype=np.float64)
     weights /= weights.sum()
@@ -197,7 +200,7 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
             opt.step()
             sched.step()
             info["step"] += 1
-            running.append(float(loss))
+            running.append(loss.item())
             bar.set_postfix(loss=f"{running[-1]:.4f}")
         val = validation_loss(net, core, streams, window_len=window_len, seed=options.seed, device=dist.device,
                               contrastive_weight=options.contrastive_weight)

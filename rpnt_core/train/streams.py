@@ -85,7 +85,7 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
             streams.append(Stream(
                 key=key, counts=torch.from_numpy(np.ascontiguousarray(c)),
                 velocity=None if s.velocity is None else torch.from_numpy(np.asarray(s.velocity, np.float32)),
-                groups=torch.as_tensor(groups, dtype=torch.long),
+                groups=torch.as_tensor(np.array(groups), dtype=torch.long),
                 metadata=dict(subject=s.subject, session=s.session, task=s.task, date_days=s.date_days),
                 site_xy=None if (s.site_xy is None or site is not None) else torch.as_tensor(s.site_xy, dtype=torch.float32),
                 train=(0, t - n_val), val=(t - n_val, t)))

@@ -1,0 +1,145 @@
+"""Pretrain → finetune → evaluate through the CLI on tiny synthetic data; resume; seeds; DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rpnt_core import load_checkpoint, read_header
+from rpnt_core.cli import main as rpnt
+from rpnt_core.data import SimulationSpec, write_simulated
+
+FAST = ["--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "4", "--window-len", "40", "--quiet",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def simdir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sim")
+    write_simulated(out, SimulationSpec(n_subjects=3, sessions_per_subject=2, bins_per_session=(500, 700),
+                                        n_multisite_subjects=1), seed=0)
+    return out
+
+
+def labelled(simdir: Path) -> Path:
+    return sorted(simdir.glob("*.npz"))[0]
+
+
+def test_pretrain_finetune_evaluate_round_trip(simdir, tmp_path, capsys):
+    pre = tmp_path / "pre.safetensors"
+    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), *FAST]) == 0
+    cfg, meta = read_header(pre)
+    assert meta["kind"] == "pretrained" and meta["data_fingerprint"]
+    log = [json.loads(line) for line in pre.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert log and {"epoch", "train_loss", "val_loss"} <= set(log[0])
+
+    target = labelled(simdir)
+    ft = tmp_path / "ft.safetensors"
+    capsys.readouterr()
+    assert rpnt(["finetune", "--init", str(pre), "--data", str(target), "--train-fraction", "0.3", "--out", str(ft),
+                 "--epochs", "2", "--batch-size", "4", "--window-len", "40", "--quiet", "--device", "cpu"]) == 0
+    ft_summary = json.loads(capsys.readouterr().out)
+    model = load_checkpoint(ft)
+    assert model.checkpoint_meta["parent_weights_sha"] == meta["weights_sha"]
+
+    assert rpnt(["evaluate", "--ckpt", str(ft), "--data", str(target), "--json", "--baselines", "wiener"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["splits"]) == {"train", "val", "test"} and res["splits_source"] == "checkpoint"
+    assert res["splits"] == ft_summary["splits"]
+    assert res["r2"] == pytest.approx(ft_summary["test_r2"], abs=1e-6)  # evaluate = what finetune reported
+    assert len(res["r2_per_dim"]) == 2 and "wiener" in res["baselines"]
+    tr, va, te = (res["splits"][k] for k in ("train", "val", "test"))
+    assert tr[1] <= va[0] and va[1] <= te[0]
+
+
+@pytest.mark.parametrize("channels", ["resample", "readin"])
+def test_finetune_onto_a_session_with_a_different_channel_count(simdir, tmp_path, channels):
+    from rpnt_core.data import load_session
+    from rpnt_core.train.finetune import FinetuneOptions, finetune
+
+    pre = tmp_path / "pre.safetensors"
+    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), "--channels", channels, *FAST]) == 0
+    sessions = [load_session(p) for p in sorted(simdir.glob("*.npz"))]
+    pre_cfg, _ = read_header(pre)
+    target = next(s for s in sessions if not s.multisite and s.n_channels != pre_cfg.n_channels)
+    res = finetune(target, init=pre, options=FinetuneOptions(epochs=1, batch_size=4, window_len=40, channels=channels,
+                                                             progress=False, device="cpu", train_fraction=0.3),
+                   out=tmp_path / "ft.safetensors")
+    model = load_checkpoint(tmp_path / "ft.safetensors")
+    assert model.config.n_input_channels == target.n_channels
+    assert np.isfinite(res["test_r2"])
+    if channels == "resample":
+        assert len(model.config.channel_map) == pre_cfg.n_channels
+    else:
+        assert model.config.n_channels == target.n_channels and not model.config.channel_map
+
+
+def test_finetune_from_scratch_learns_and_reports_best_validation_epoch(simdir, tmp_path):
+    from rpnt_core.data import load_session
+    from rpnt_core.train.finetune import FinetuneOptions, finetune
+
+    s = load_session(labelled(simdir))
+    res = finetune(s, init=None, options=FinetuneOptions(epochs=6, steps_per_epoch=15, batch_size=8, window_len=50, progress=False,
+                                                         device="cpu", train_fraction=0.5, lr=3e-3,
+                                                         config_overrides=(("d_model", 32), ("n_heads", 2))),
+                   out=None)
+    best = max(res["history"], key=lambda h: h["val_r2"])
+    assert res["best_epoch"] == best["epoch"] and res["val_r2"] == best["val_r2"]
+    assert res["test_r2"] > 0.2  # it learned something real about velocity
+
+
+def test_same_seed_same_weights_and_resume_continues(simdir, tmp_path):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    args = ["--data", str(simdir), *FAST, "--seed", "7"]
+    assert rpnt(["pretrain", "--out", str(a), *args]) == 0
+    assert rpnt(["pretrain", "--out", str(b), *args]) == 0
+    assert read_header(a)[1]["weights_sha"] == read_header(b)[1]["weights_sha"]
+    # resume: a second epoch continues from the saved state instead of starting over
+    args2 = [x if x != "1" or i != 1 else "2" for i, x in enumerate(FAST)]
+    assert rpnt(["pretrain", "--out", str(a), "--data", str(simdir), *args2, "--seed", "7", "--resume"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in a.with_suffix(".log.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
+def test_spatial_pretraining_on_multisite_recordings(simdir, tmp_path):
+    out = tmp_path / "sp.safetensors"
+    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(out), "--spatial", *FAST]) == 0
+    model = load_checkpoint(out)
+    assert model.config.spatial_layers > 0
+
+
+def test_user_errors_exit_2_with_a_clear_message(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, counts=np.array([[1, -1], [0, 2]]), velocity=np.zeros((2, 2)), bin_s=0.02)
+    assert rpnt(["finetune", "--data", str(bad), "--out", str(tmp_path / "x.safetensors"), "--quiet"]) == 2
+    assert "negative" in capsys.readouterr().err
+    assert rpnt(["evaluate", "--ckpt", str(tmp_path / "none.safetensors"), "--data", str(bad)]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert rpnt(["nonsense"]) == 2
+
+
+@pytest.mark.parametrize("cmd", ["simulate", "pretrain", "finetune", "evaluate", "demo"])
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        rpnt([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: rpnt " + cmd in capsys.readouterr().out
+
+
+def test_distributed_pretraining_with_two_gloo_processes(simdir, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "rpnt_core.cli", "pretrain", "--data", str(simdir), "--out", str(out), *FAST, "--threads", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_header(out)[1]["kind"] == "pretrained"
+    lines = out.with_suffix(".log.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # only rank 0 writes
