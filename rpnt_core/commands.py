@@ -139,7 +139,8 @@ def finetune_main(argv: list[str]) -> int:
     p.add_argument("--channels", choices=["resample", "readin"], default="resample",
                    help="when the session's channel count differs from the checkpoint's: resample to the "
                         "checkpoint's width, or learn a fresh per-session read-in. Default: resample")
-    _common(p, epochs=30)
+    _common(p, epochs=40)
+    p.add_argument("--steps-per-epoch", type=int, default=20, help="optimizer steps per epoch (default 20)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
     p.add_argument("--window-len", type=int, default=100, help="bins per training window (default 100)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
@@ -152,7 +153,8 @@ def finetune_main(argv: list[str]) -> int:
 
     try:
         session = load_session(a.data)
-        opts = FinetuneOptions(mode=a.mode, last_layers=a.last_layers, epochs=a.epochs, batch_size=a.batch_size,
+        opts = FinetuneOptions(mode=a.mode, last_layers=a.last_layers, epochs=a.epochs,
+                               steps_per_epoch=a.steps_per_epoch, batch_size=a.batch_size,
                                window_len=a.window_len, lr=a.lr, patience=a.patience, train_fraction=a.train_fraction,
                                channels=a.channels, preset=a.preset, seed=a.seed, device=a.device,
                                progress=not a.quiet)

@@ -6,7 +6,8 @@ not three layers down.  ``RPNTConfig.preset(name, **overrides)`` gives the two p
 
 - ``paper``: d_model 512, 4 layers, 16 heads (the RPNT paper's LTRCH setting), W = 50 bins,
   context kernels of 9 query rows (180 ms at 20 ms bins, the paper's best) × 3 key taps.
-- ``small``: d_model 128, 2 layers, 4 heads, W = 50, kernels 5 × 3 — sized for CPU deployment.
+- ``small``: d_model 128, 2 layers, 4 heads, W = 50, kernels 5 × 3, dropout 0.3 — sized for CPU
+  deployment and few-shot data (dropout 0.3 measured better than 0.1 on a 20 % split).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(d_model=512, n_layers=4, n_heads=16, window=50, kernel_q=9, kernel_k=3, ff_mult=4,
                   kernel_hidden=128, dropout=0.1),
     "small": dict(d_model=128, n_layers=2, n_heads=4, window=50, kernel_q=5, kernel_k=3, ff_mult=2,
-                  kernel_hidden=64, dropout=0.1),
+                  kernel_hidden=64, dropout=0.3),
 }
 
 

@@ -46,8 +46,8 @@ from .objectives import velocity_mse
 class FinetuneOptions:
     mode: str = "full"
     last_layers: int = 1
-    epochs: int = 30
-    steps_per_epoch: int = 0  # 0 = one pass of the train split in windows
+    epochs: int = 40
+    steps_per_epoch: int = 20
     batch_size: int = 16
     window_len: int = 100
     lr: float = 1e-3
@@ -153,7 +153,7 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
     window_len = min(options.window_len, hi - lo)
     if window_len < 4:
         raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
-    steps = options.steps_per_epoch or max(4, math.ceil((hi - lo) / (window_len * options.batch_size)) * 2)
+    steps = options.steps_per_epoch
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs * steps, eta_min=options.lr * 0.05)
     meta = {k: v.to(dev) for k, v in session_metadata(model, session).items()}
@@ -176,7 +176,7 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
             nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         model.eval()
         v_lo, v_hi = splits.val
         val_r2 = score(vel[v_lo:v_hi], predict_range(model, session, v_lo, v_hi))["r2"]
