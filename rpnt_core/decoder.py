@@ -53,6 +53,18 @@ def check_counts(counts: np.ndarray, n_channels: int) -> np.ndarray:
     arr = np.asarray(counts)
     if arr.shape != (n_channels,):
         raise ValueError(f"counts: expected shape ({n_channels},), got {arr.shape}")
+    return _finite_non_negative(arr)
+
+
+def check_count_block(counts: np.ndarray, n_channels: int) -> np.ndarray:
+    """Validate a block of bins (T, N) exactly as :func:`check_counts` does one bin → float32 (T, N)."""
+    arr = np.asarray(counts)
+    if arr.ndim != 2 or arr.shape[1] != n_channels:
+        raise ValueError(f"counts: expected shape (T, {n_channels}), got {arr.shape}")
+    return _finite_non_negative(arr)
+
+
+def _finite_non_negative(arr: np.ndarray) -> np.ndarray:
     arr = arr.astype(np.float32, copy=False)
     if not np.all(np.isfinite(arr)):
         raise ValueError("counts: contains NaN or inf")

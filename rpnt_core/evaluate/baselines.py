@@ -32,26 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rpnt_core.decoder import DecoderInfo, check_counts
+from rpnt_core.decoder import DecoderInfo, check_count_block, check_counts
 from rpnt_core.evaluate.metrics import r2_score
 
 __all__ = ["WienerFilter", "KalmanFilter", "GRUDecoder", "BASELINES"]
 
 
 # --- shared helpers ------------------------------------------------------------------------------
-
-
-def _check_counts_2d(counts: np.ndarray, n_channels: int) -> np.ndarray:
-    """Validate a block of counts (T, N) like :func:`check_counts` does one bin → float32 (T, N)."""
-    arr = np.asarray(counts)
-    if arr.ndim != 2 or arr.shape[1] != n_channels:
-        raise ValueError(f"counts: expected shape (T, {n_channels}), got {arr.shape}")
-    arr = arr.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("counts: contains NaN or inf")
-    if np.any(arr < 0):
-        raise ValueError("counts: contains negative values")
-    return arr
 
 
 def _sqrt_features(counts_f32: np.ndarray) -> np.ndarray:
@@ -66,7 +53,7 @@ def _check_split(
     counts = np.asarray(counts)
     if counts.ndim != 2:
         raise ValueError(f"{name}_counts: expected (T, N), got shape {counts.shape}")
-    c = _check_counts_2d(counts, counts.shape[1] if n_channels is None else n_channels)
+    c = check_count_block(counts, counts.shape[1] if n_channels is None else n_channels)
     v = np.asarray(velocity, dtype=np.float64)
     if v.ndim != 2:
         raise ValueError(f"{name}_velocity: expected (T, D), got shape {v.shape}")
@@ -118,7 +105,7 @@ class _Baseline:
         return check_counts(counts, self._info.n_channels)  # (N,) float32
 
     def _check_block(self, counts: np.ndarray) -> np.ndarray:
-        return _check_counts_2d(counts, self._info.n_channels)  # (T, N) float32
+        return check_count_block(counts, self._info.n_channels)  # (T, N) float32
 
 
 # --- Wiener filter -------------------------------------------------------------------------------

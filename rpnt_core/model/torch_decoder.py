@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..decoder import DecoderInfo, check_counts
+from ..decoder import DecoderInfo, check_count_block, check_counts
 from .rpnt import RPNT
 
 
@@ -43,9 +43,5 @@ class TorchDecoder:
     def predict(self, counts: np.ndarray) -> np.ndarray:
         """Decode a whole recording (T, N) → (T, D) from an empty state: the same numbers as
         ``reset()`` then ``step`` per bin (via :meth:`RPNT.predict_stream`, proven equal)."""
-        counts = np.asarray(counts)
-        if counts.ndim != 2 or counts.shape[1] != self._info.n_channels:
-            raise ValueError(f"counts: expected (T, {self._info.n_channels}), got {counts.shape}")
-        x = torch.from_numpy(counts.astype(np.float32))[None]  # (1, T, N)
-        meta = self._metadata
-        return self.model.predict_stream(x, meta)["velocity"][0].numpy()
+        x = torch.from_numpy(check_count_block(counts, self._info.n_channels))[None]  # (1, T, N)
+        return self.model.predict_stream(x, self._metadata)["velocity"][0].numpy()
