@@ -60,18 +60,22 @@ _INDEX_CACHE: dict[tuple[int, int, int, str], Tensor] = {}
 
 
 def _conv_index(kq: int, kk: int, w: int, device: torch.device) -> Tensor:
+    """Constant gather index of :func:`conv_band`; cached for eager calls only (a tensor made while
+    tracing/exporting is a fake tensor and must not outlive the trace)."""
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
     key = (kq, kk, w, str(device))
-    idx = _INDEX_CACHE.get(key)
+    idx = None if tracing else _INDEX_CACHE.get(key)
     if idx is None:
         r = (kk - 1) // 2
         pad_l = kq - 1 + r
         wp = w + pad_l + r
-        i = torch.arange(kq).view(kq, 1, 1)
-        j = torch.arange(kk).view(1, kk, 1) - r
-        a = torch.arange(w).view(1, 1, w)
+        i = torch.arange(kq, device=device).view(kq, 1, 1)
+        j = torch.arange(kk, device=device).view(1, kk, 1) - r
+        a = torch.arange(w, device=device).view(1, 1, w)
         # padded[p] = row[p − pad_l]; we need row[a − i − j]  →  p = a − i − j + pad_l
-        idx = (i * wp + (a - i - j + pad_l)).reshape(-1).to(device)
-        _INDEX_CACHE[key] = idx
+        idx = (i * wp + (a - i - j + pad_l)).reshape(-1)
+        if not tracing:
+            _INDEX_CACHE[key] = idx
     return idx
 
 

@@ -126,14 +126,16 @@ class RPNT(nn.Module):
             raise ValueError(f"site_xy: expected (S, 2) or (B, S, 2) with S={s}, got {tuple(site_xy.shape)}")
         return xy
 
+    def units(self, counts: Tensor) -> Tensor:
+        """Input counts (..., N_in) as the model's Poisson targets (..., N): through the channel map."""
+        return counts if self.channel_index is None else counts.index_select(-1, self.channel_index)
+
     def _embed(self, counts: Tensor, adapter: nn.Module | None) -> Tensor:
         """(..., N_in) counts → (..., d) token embeddings (before metadata)."""
         x = counts.float()
         if adapter is not None:
             return adapter.read_in(torch.sqrt(x))
-        if self.channel_index is not None:
-            x = x.index_select(-1, self.channel_index)  # (..., N)
-        return self.read_in(torch.sqrt(x))
+        return self.read_in(torch.sqrt(self.units(x)))  # (..., d)
 
     def _heads(self, z: Tensor, adapter: nn.Module | None = None) -> dict[str, Tensor]:
         rate_out = self.rate_out if adapter is None else adapter.rate_out

@@ -39,7 +39,7 @@ from ..data.splits import Splits, contiguous_splits
 from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata
 from ..model.rpnt import RPNT
 from .distributed import resolve_device
-from .objectives import velocity_mse
+from .objectives import apply_mask, masked_poisson_nll, sample_mask, velocity_mse
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +51,8 @@ class FinetuneOptions:
     batch_size: int = 16
     window_len: int = 100
     lr: float = 1e-3
+    encoder_lr_scale: float = 1.0  # learning-rate multiplier for pretrained encoder weights (head: 1.0)
+    aux_poisson_weight: float = 0.0  # keep the masked Poisson objective as an auxiliary loss (0 = off)
     weight_decay: float = 0.01
     patience: int = 8
     train_fraction: float = 0.2
@@ -154,10 +156,17 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
     if window_len < 4:
         raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
     steps = options.steps_per_epoch
-    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs * steps, eta_min=options.lr * 0.05)
+    head_ids = {id(p) for p in model.velocity_head.parameters()}
+    if fresh_read_in or init is None:
+        head_ids |= {id(p) for p in model.read_in.parameters()}
+    groups = [{"params": [p for p in params if id(p) in head_ids], "lr": options.lr},
+              {"params": [p for p in params if id(p) not in head_ids],
+               "lr": options.lr * (options.encoder_lr_scale if init is not None else 1.0)}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=options.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs * steps, eta_min=0.0)
     meta = {k: v.to(dev) for k, v in session_metadata(model, session).items()}
     m_t, s_t = torch.from_numpy(mean).to(dev), torch.from_numpy(scale).to(dev)
+    gen = torch.Generator().manual_seed(options.seed + 99)
     best = {"val_r2": -math.inf, "epoch": -1, "state": None}
     history = []
     t0 = time.time()
@@ -171,6 +180,10 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
             x, y = counts_t[idx].to(dev), vel_t[idx].to(dev)  # (B, L, N), (B, L, D)
             bmeta = {k: v.expand(options.batch_size) for k, v in meta.items()}
             loss = velocity_mse(model(x, bmeta)["velocity"], y, mean=m_t, scale=s_t)
+            if options.aux_poisson_weight > 0:  # semi-supervised: also forecast masked counts
+                mask = sample_mask(tuple(x.shape), generator=gen).to(dev)
+                aux = model(apply_mask(x, mask), bmeta)["log_rates"]
+                loss = loss + options.aux_poisson_weight * masked_poisson_nll(aux, model.units(x), model.units(mask))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)

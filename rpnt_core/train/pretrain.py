@@ -135,8 +135,14 @@ def validation_loss(net: nn.Module, core: RPNT, streams: list[Stream], *, window
 
 
 def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Path,
-             config: RPNTConfig | None = None) -> dict:
-    """Pretrain on ``sessions``; returns a summary (best validation loss, epochs, paths)."""
+             config: RPNTConfig | None = None, weights: list[float] | None = None) -> dict:
+    """Pretrain on ``sessions``; returns a summary (best validation loss, epochs, paths).
+
+    ``weights``: relative sampling weight of each session's batches (default: proportional to its
+    training bins) — e.g. to give a new session's unlabelled calibration bins a fixed share.
+    """
+    if weights is not None and len(weights) != len(sessions):
+        raise ValueError(f"weights: {len(weights)} weights for {len(sessions)} sessions")
     out = Path(out)
     dist = D.setup(options.device)
     torch.manual_seed(options.seed)
@@ -180,8 +186,14 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
         if dist.rank:  # rank 0 saved its own generator; the others derive theirs from the step
             rng = np.random.default_rng(options.seed + 1000 * dist.rank + info["step"])
     gen = torch.Generator().manual_seed(options.seed * 7919 + dist.rank + info["step"])
-    weights = np.array([s.train[1] - s.train[0] for s in streams], dtype=np.float64)
-    weights /= weights.sum()
+    share = np.array([s.train[1] - s.train[0] for s in streams], dtype=np.float64)
+    if weights is not None:  # each session's weight is split over its streams by length
+        owner = np.array([int(s.key.split(":")[0]) for s in streams])
+        for i, w in enumerate(weights):
+            sel = owner == i
+            if sel.any():
+                share[sel] = float(w) * share[sel] / share[sel].sum()
+    share /= share.sum()
     fingerprint = fingerprint_sessions(sessions)
     t_start = time.time()
     for epoch in range(info["epoch"], options.epochs):
@@ -190,7 +202,7 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
                    disable=not (options.progress and dist.is_main), leave=False)
         running = []
         for _ in bar:
-            st = streams[int(rng.choice(len(streams), p=weights))]
+            st = streams[int(rng.choice(len(streams), p=share))]
             counts, _ = st.sample(rng, batch_size=options.batch_size, length=window_len)
             loss = _loss(train_net, core, st, counts, gen=gen, device=dist.device,
                          contrastive_weight=options.contrastive_weight)
