@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("rpnt_core.commands:evaluate_main", "stream a session causally and print R² (and baselines)"),
     "demo": ("rpnt_core.demo:main", "simulate → pretrain → few-shot finetune → evaluate, with a results table"),
     "export": ("exporters.cli:main", "checkpoint → ONNX step and window graphs, with a parity check"),
-    "serve": ("streaming.cli:serve_main", "run the real-time decoder daemon (ZeroMQ in, predictions out)"),
+    "serve": ("service.cli:serve_main", "run the decoder daemon (ZeroMQ in, predictions out) + its HTTP control plane"),
     "replay": ("streaming.cli:replay_main", "replay a recorded session through the daemon and report R² + latency"),
 }
 

@@ -73,20 +73,25 @@ def _cpus(text: str | None) -> tuple[int, ...] | None:
         raise argparse.ArgumentTypeError(f"--affinity: expected CPU ids like 1 or 0,2, got {text!r}") from None
 
 
-def _add_daemon_options(p: argparse.ArgumentParser) -> None:
+def add_daemon_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """The daemon's tuning flags.  ``defaults=False``: every flag defaults to None (not given), so
+    that a settings file can supply the value (``rpnt serve`` in :mod:`service.cli`)."""
+    def d(value):
+        return value if defaults else None
+
     g = p.add_argument_group("daemon options")
     g.add_argument("--stall-ms", type=float, default=None,
                    help="how long past its due time a bin waits before the wall-clock deadline closes it "
                         "(default: one bin width)")
-    g.add_argument("--max-jump-s", type=float, default=10.0,
+    g.add_argument("--max-jump-s", type=float, default=d(10.0),
                    help="reject messages reporting a time this far ahead of the open bin (default 10)")
-    g.add_argument("--history-s", type=float, default=300.0,
+    g.add_argument("--history-s", type=float, default=d(300.0),
                    help="seconds of (counts, kinematics) kept for calibration (default 300)")
-    g.add_argument("--warmup-bins", type=int, default=32, help="engine steps run before the first bin (default 32)")
+    g.add_argument("--warmup-bins", type=int, default=d(32), help="engine steps run before the first bin (default 32)")
     g.add_argument("--affinity", type=_cpus, default=None, metavar="CPU[,CPU]",
                    help="pin the decode thread to these CPUs")
     g.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after warm-up")
-    g.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
+    g.add_argument("--busy-poll-us", type=int, default=d(0), metavar="US",
                    help="spin this long after each message before blocking (keeps the core hot; costs a core; "
                         "default 0)")
     g.add_argument("--rt-priority", type=int, default=None, metavar="N",
@@ -130,11 +135,11 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
                    help="print a one-line summary every S seconds (0: never; default 10)")
     p.add_argument("--log-level", default="info", help="debug|info|warning|error (default info)")
-    _add_daemon_options(p)
+    add_daemon_options(p)
     return p
 
 
-def _stats_line(snap: dict) -> str:
+def stats_line(snap: dict) -> str:
     c = snap["counters"]
     lat = snap["latency_ms"].get("daemon", {})
     rej = sum(snap["rejected"].values())
@@ -185,7 +190,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     while not stop.is_set() and daemon.running:
         if stop.wait(interval if interval else 0.5) or not interval:
             continue
-        log.info(_stats_line(daemon.snapshot()))
+        log.info(stats_line(daemon.snapshot()))
     daemon.stop()
     daemon.join(10.0)
     snap = daemon.snapshot()
@@ -226,7 +231,7 @@ def build_replay_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default 30)")
     p.add_argument("--log-level", default="warning")
-    _add_daemon_options(p)
+    add_daemon_options(p)
     return p
 
 

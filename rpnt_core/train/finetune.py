@@ -25,6 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -132,8 +133,11 @@ def _set_train_modes(model: RPNT, mode: str, last_layers: int, fresh_read_in: bo
 
 
 def finetune(session: Session, *, init: str | Path | None, options: FinetuneOptions, out: str | Path | None,
-             splits: Splits | None = None) -> dict:
-    """Finetune on one labelled session; returns metrics (test R² of the best-validation weights)."""
+             splits: Splits | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Finetune on one labelled session; returns metrics (test R² of the best-validation weights).
+
+    ``on_epoch``: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2", "best"}``
+    (progress reporting, e.g. a calibration job's progress file)."""
     if session.velocity is None:
         raise ValueError("velocity: finetuning needs a behaviour target")
     if session.multisite:
@@ -195,6 +199,8 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
         val_r2 = score(vel[v_lo:v_hi], predict_range(model, session, v_lo, v_hi))["r2"]
         _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
         history.append({"epoch": epoch, "train_mse": float(np.mean(losses)), "val_r2": val_r2})
+        if on_epoch is not None:
+            on_epoch({**history[-1], "epochs": options.epochs, "best": val_r2 > best["val_r2"]})
         if options.progress:
             print(f"epoch {epoch + 1}/{options.epochs}  train mse {np.mean(losses):.4f}  val R² {val_r2:.4f}"
                   + ("  *best" if val_r2 > best["val_r2"] else ""), flush=True)

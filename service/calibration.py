@@ -1,0 +1,230 @@
+"""Calibration jobs: one at a time, each in its own lower-priority process.
+
+:class:`CalibrationManager` is the parent side (no torch here).  ``submit()`` takes a validated
+calibration session (already written as NPZ), starts ``python -m service.calibration_worker JOB``
+(which renices itself and bounds its threads before importing torch) and returns the job id at
+once.  A monitor thread waits for the worker, then:
+
+- publishes the candidate (checkpoint + parity-checked export) as a new registry version —
+  every candidate is kept, live or not, so one that missed the gate can still be activated by hand;
+- applies the gate: the candidate goes live only if its holdout R² ≥ the live model's on the same
+  holdout bins, or the request said ``force``;
+- asks ``activate(version, reason)`` (the control plane: load + warm the engine, swap it into the
+  daemon at a bin boundary, record it in the registry).
+
+Job states: ``running`` → ``succeeded`` (live) | ``rejected`` (kept, not live: the gate said no) |
+``failed`` (an error; nothing changed).  A second submit while one runs raises
+:class:`CalibrationBusy` (HTTP 409).  Each job's record is ``jobs/<id>/status.json`` (atomic
+writes) plus the worker's ``progress.jsonl``; a job found ``running`` when the service starts was
+cut off by a crash or restart and is marked ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from .registry import CHECKPOINT, ModelRegistry, read_json, write_json_atomic
+from .settings import CalibrationSettings
+
+JOB_ID = re.compile(r"^[0-9a-f]{12}$")
+FINAL_STATES = ("succeeded", "rejected", "failed")
+log = logging.getLogger("rpnt.calibration")
+
+
+class CalibrationBusy(RuntimeError):
+    """A calibration job is already running (one at a time, never interleaved)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"calibration job {job_id} is still running; one job runs at a time — "
+                         f"poll GET /calibrate/{job_id} and submit again when it has finished")
+        self.job_id = job_id
+
+
+class CalibrationManager:
+    """See the module docstring.
+
+    Args:
+        registry: where job directories and candidate versions go.
+        settings: :class:`~service.settings.CalibrationSettings` (niceness, threads, epochs, splits, …).
+        activate: ``activate(version, reason) -> dict`` — swaps a registry version in (the control plane).
+    """
+
+    def __init__(self, *, registry: ModelRegistry, settings: CalibrationSettings,
+                 activate: Callable[[str, str], dict]) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._activate = activate
+        self._lock = threading.Lock()
+        self._current: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._threads: list[threading.Thread] = []
+        self.totals = dict.fromkeys(FINAL_STATES, 0)
+        for d in registry.jobs_dir.iterdir():  # jobs a crash or restart cut off
+            st = read_json(d / "status.json")
+            if isinstance(st, dict) and st.get("state") not in FINAL_STATES:
+                self._save(d, st | {"state": "failed", "finished": time.time(),
+                                    "error": "interrupted: the service stopped while the job ran; nothing changed"})
+
+    # ------------------------------------------------------------------ queries
+    def busy(self) -> str | None:
+        """The running job's id, or None."""
+        return self._current
+
+    def get(self, job_id: str) -> dict | None:
+        if not JOB_ID.match(job_id):
+            return None
+        d = self.registry.jobs_dir / job_id
+        st = read_json(d / "status.json")
+        if not isinstance(st, dict):
+            return None
+        progress = _read_progress(d / "progress.jsonl")
+        epochs = [p for p in progress if "epoch" in p]
+        st["phase"] = progress[-1]["phase"] if progress else st.get("phase", "starting")
+        st["losses"] = [{"epoch": p["epoch"] + 1, "train_mse": p["train_mse"], "val_r2": p["val_r2"]} for p in epochs]
+        if epochs:
+            st["progress"] = {"epoch": epochs[-1]["epoch"] + 1, "epochs": epochs[-1]["epochs"],
+                              "best_val_r2": max(p["val_r2"] for p in epochs)}
+        return st
+
+    def jobs(self) -> list[dict]:
+        out = []
+        for d in sorted(self.registry.jobs_dir.iterdir(), key=lambda p: p.stat().st_mtime):
+            st = read_json(d / "status.json")
+            if isinstance(st, dict):
+                out.append({k: st.get(k) for k in ("id", "state", "created", "source", "version", "live")})
+        return out
+
+    # ------------------------------------------------------------------ submit
+    def submit(self, *, data: Path, source: str, force: bool, base_version: str, n_bins: int,
+               detail: dict | None = None) -> str:
+        """Start a job on the calibration session ``data`` (NPZ, validated by the caller; moved into
+        the job directory).  Returns the job id; raises :class:`CalibrationBusy`."""
+        ckpt = self.registry.checkpoint(base_version)
+        if ckpt is None:
+            raise ValueError(f"the live model (version {base_version}) has no checkpoint in the registry, and "
+                             "calibration finetunes from one; import the model from its .safetensors checkpoint")
+        with self._lock:
+            if self._current is not None:
+                raise CalibrationBusy(self._current)
+            job_id = uuid.uuid4().hex[:12]
+            d = self.registry.jobs_dir / job_id
+            d.mkdir()
+            shutil.move(str(data), d / "data.npz")
+            opts = self.settings.model_dump()
+            write_json_atomic(d / "job.json", {"data": "data.npz", "base_checkpoint": str(ckpt),
+                                               "base_version": base_version, "options": opts})
+            st = {"id": job_id, "state": "running", "created": time.time(), "source": source, "force": bool(force),
+                  "base_version": base_version, "n_bins": int(n_bins), "detail": detail or {}, "version": None,
+                  "live": False}
+            self._save(d, st)
+            env = dict(os.environ)
+            root = Path(__file__).resolve().parents[1]
+            env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+                env[var] = str(self.settings.threads)
+            with open(d / "worker.log", "ab") as out:
+                self._proc = subprocess.Popen([sys.executable, "-m", "service.calibration_worker", str(d)],
+                                              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(root),
+                                              stdin=subprocess.DEVNULL)
+            self._current = job_id
+            t = threading.Thread(target=self._monitor, args=(job_id, d, self._proc, st), name=f"calibration-{job_id}",
+                                 daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+        log.info("calibration job %s started (%s, %d bins, base version %s)", job_id, source, n_bins, base_version)
+        return job_id
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no job runs (tests, shutdown)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in list(self._threads):
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self._current is None
+
+    def shutdown(self) -> None:
+        """Kill a running worker (its job is marked failed by the monitor)."""
+        p = self._proc
+        if p is not None and p.poll() is None:
+            p.kill()
+        self.wait_idle(10.0)
+
+    # ------------------------------------------------------------------ the monitor thread
+    def _monitor(self, job_id: str, d: Path, proc: subprocess.Popen, st: dict) -> None:
+        try:
+            try:
+                rc = proc.wait(timeout=self.settings.timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                self._finish(d, st, "failed", error=f"timed out after {self.settings.timeout_s:g} s (killed)")
+                return
+            res = read_json(d / "result.json")
+            if rc != 0 or not isinstance(res, dict) or not res.get("ok"):
+                err = res.get("error") if isinstance(res, dict) else None
+                self._finish(d, st, "failed", error=err or f"worker exited with {rc} (see {d / 'worker.log'})")
+                return
+            self._publish(job_id, d, st, res)
+        except Exception as exc:  # noqa: BLE001 - a job failure must never take the service down
+            log.exception("calibration job %s", job_id)
+            self._finish(d, st, "failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._current = None
+                self._proc = None
+
+    def _publish(self, job_id: str, d: Path, st: dict, res: dict) -> None:
+        staged = self.registry.new_staging(f"cal-{job_id}")
+        shutil.move(str(d / "candidate" / "export"), staged / "export")
+        shutil.move(str(d / "candidate" / CHECKPOINT), staged / CHECKPOINT)
+        cand, live = float(res["candidate_holdout_r2"]), float(res["live_holdout_r2"])
+        passed = cand >= live
+        metrics = {k: res[k] for k in ("candidate_holdout_r2", "live_holdout_r2", "candidate_val_r2", "best_epoch",
+                                       "epochs_run", "splits", "n_bins")}
+        version = self.registry.add(staged, meta={"source": "calibration", "parent": st["base_version"],
+                                                  "job": job_id, "calibration_source": st["source"],
+                                                  "metrics": metrics, "gate_passed": passed})
+        result = {**metrics, "gate": {"passed": passed, "forced": bool(st["force"]) and not passed,
+                                      "rule": "candidate holdout R² ≥ live holdout R²"},
+                  "seconds": res.get("seconds")}
+        if passed or st["force"]:
+            swap = self._activate(version, f"calibration {job_id}" + (" (forced)" if not passed else ""))
+            self._finish(d, st, "succeeded", version=version, live=True, result=result, swap=swap)
+        else:
+            self._finish(d, st, "rejected", version=version, live=False, result=result,
+                         error=f"candidate holdout R² {cand:.4f} < live model's {live:.4f}: kept as version "
+                               f"{version}, not activated (force=true, or POST /models/{version}/activate)")
+
+    def _finish(self, d: Path, st: dict, state: str, **kw: Any) -> None:
+        st.update(state=state, finished=time.time(), **kw)
+        self._save(d, st)
+        self.totals[state] += 1
+        log.info("calibration job %s: %s%s", st["id"], state, f" — {kw['error']}" if kw.get("error") else "")
+
+    @staticmethod
+    def _save(d: Path, st: dict) -> None:
+        write_json_atomic(d / "status.json", st)
+
+
+def _read_progress(path: Path) -> list[dict]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            pass
+    return out

@@ -1,0 +1,220 @@
+"""``rpnt serve``: the real-time decoder daemon and its HTTP control plane, as one process.
+
+Start-up, in order (each step fails with a clear message and exit status 2 before anything binds):
+
+1. settings: defaults < ``--config`` TOML < ``RPNT_*`` environment < these flags
+   (:mod:`service.settings`);
+2. the model registry at ``registry.root``: an empty registry is seeded from ``--model``
+   (an export directory, or a checkpoint that is exported here in a child process); a registry
+   with an active version keeps it — that is what brings a restarted daemon back on its last good
+   model — unless ``--replace-active`` imports ``--model`` as a new version and activates it;
+3. the active version's engine is loaded and warmed up (if it no longer loads, the most recent
+   earlier active version that does is used, and that fallback is recorded);
+4. the decode loop starts in its own thread (``streaming.daemon.Daemon``), then uvicorn serves
+   the control plane (``service.app``) in another; calibration jobs run in child processes.
+
+A ``{"event": "ready", ...}`` JSON line on stderr gives the HTTP address (``--http-port 0``
+picks a free port), the endpoints, the model and where the API token came from.  SIGINT/SIGTERM
+stop everything; a ``{"event": "stopped", ...}`` line with the final counters follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\
+examples:
+  rpnt serve --model exports/m1                       # seeds ./rpnt-registry, HTTP on 127.0.0.1:8000
+  rpnt serve --config /etc/rpnt/rpnt.toml             # everything from the config file
+  rpnt serve --model ft.safetensors --registry /var/lib/rpnt --http-port 0 --affinity 1 --gc-freeze
+  RPNT_DAEMON__BIN_MS=50 rpnt serve --model exports/m1
+  rpnt serve --model exports/m1 --no-http             # the decode loop alone
+
+control plane (see deploy/OPERATIONS.md): GET /health /ready /status /metrics /models /calibrate/{id};
+POST /calibrate and POST /models/{version}/activate need 'Authorization: Bearer <token>'.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from streaming.cli import SERVE_DESCRIPTION, add_daemon_options
+    from streaming.launch import BACKENDS
+
+    p = argparse.ArgumentParser(prog="rpnt serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=SERVE_DESCRIPTION + "\n" + __doc__.split("\n\n", 1)[1].split("\n\nA ")[0],
+                                epilog=EPILOG)
+    p.add_argument("--config", metavar="FILE", help="TOML settings file (default: $RPNT_CONFIG; every setting: "
+                                                    "deploy/rpnt.example.toml)")
+    p.add_argument("--model", metavar="DIR_OR_CKPT", help="export directory or .safetensors checkpoint that seeds "
+                                                          "an empty registry [model.path]")
+    p.add_argument("--replace-active", action="store_true",
+                   help="import --model as a new version and make it active even if the registry has one")
+    p.add_argument("--registry", metavar="DIR", help="model registry directory [registry.root]")
+    p.add_argument("--backend", choices=BACKENDS, help="inference engine [model.backend]")
+    p.add_argument("--precision", choices=("fp32", "int8", "fp16"), help="step graph to run [model.precision]")
+    p.add_argument("--bin-ms", type=float, help="bin width in ms (default: the model's) [daemon.bin_ms]")
+    p.add_argument("--ingest", help="PULL endpoint for rig messages [daemon.ingest]")
+    p.add_argument("--publish", help="PUB endpoint for predictions [daemon.publish]")
+    p.add_argument("--http-host", help="HTTP bind address [http.host]")
+    p.add_argument("--http-port", type=int, help="HTTP port, 0 = any free one [http.port]")
+    p.add_argument("--no-http", action="store_true", help="do not serve the HTTP control plane [http.enabled]")
+    p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
+                   help="log a one-line summary every S seconds (0: never; default 10)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="[log_level]")
+    add_daemon_options(p, defaults=False)
+    return p
+
+
+def overrides_from_args(a: argparse.Namespace) -> dict:
+    """The flags that were given, as a nested settings dict (flags not given do not override)."""
+    table = {"model": {"path": a.model, "backend": a.backend, "precision": a.precision},
+             "registry": {"root": a.registry},
+             "daemon": {"bin_ms": a.bin_ms, "ingest": a.ingest, "publish": a.publish, "stall_ms": a.stall_ms,
+                        "max_jump_s": a.max_jump_s, "history_s": a.history_s, "warmup_bins": a.warmup_bins,
+                        "affinity": list(a.affinity) if a.affinity else None, "busy_poll_us": a.busy_poll_us,
+                        "rt_priority": a.rt_priority, "gc_freeze": a.gc_freeze or None,
+                        "allow_bin_mismatch": a.allow_bin_mismatch or None, "allow_remote": a.allow_remote or None},
+             "http": {"host": a.http_host, "port": a.http_port, "enabled": False if a.no_http else None}}
+    out: dict = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in table.items()}
+    out = {k: v for k, v in out.items() if v}
+    if a.log_level:
+        out["log_level"] = a.log_level
+    return out
+
+
+def daemon_options(settings):
+    from streaming.daemon import DaemonOptions
+
+    d = settings.daemon
+    return DaemonOptions(stall_timeout_s=None if d.stall_ms is None else d.stall_ms / 1e3, max_jump_s=d.max_jump_s,
+                         history_s=d.history_s, warmup_bins=d.warmup_bins,
+                         affinity=tuple(d.affinity) if d.affinity else None, gc_freeze=d.gc_freeze,
+                         rt_priority=d.rt_priority, allow_bin_mismatch=d.allow_bin_mismatch,
+                         busy_poll_us=d.busy_poll_us, allow_remote=d.allow_remote)
+
+
+def open_live_model(registry, settings, *, replace_active: bool, log: logging.Logger):
+    """Steps 2–3 of the module docstring: (version, engine)."""
+    from .control import load_version_engine
+    from .registry import RegistryError
+
+    path = settings.model.path
+    if path and (replace_active or not registry.versions()):
+        v = registry.import_model(path, source="seed" if not registry.versions() else "import")
+        registry.activate(v, reason=f"imported from {path}")
+        log.info("model %s imported as registry version %s", path, v)
+    elif path and registry.active():
+        log.info("registry %s has active version %s; --model %s not imported (use --replace-active)",
+                 registry.root, registry.active(), path)
+    candidates = registry.candidates_for_start()
+    if not candidates:
+        raise RegistryError(f"registry {registry.root} has no model yet: pass --model DIR_OR_CKPT (model.path)")
+    failures = []
+    for v in candidates:
+        try:
+            engine = load_version_engine(registry, v, settings)
+        except Exception as exc:  # noqa: BLE001 - try the previous good version
+            failures.append(f"version {v}: {exc}")
+            log.error("model version %s does not load: %s", v, exc)
+            continue
+        if v != candidates[0]:
+            registry.activate(v, reason=f"fallback at start: {'; '.join(failures)}")
+        return v, engine
+    raise RegistryError("no registry version loads: " + "; ".join(failures))
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from .settings import SettingsError, load_settings, resolve_token
+
+    try:
+        settings = load_settings(a.config, overrides=overrides_from_args(a))
+    except SettingsError as exc:
+        print(f"rpnt serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("rpnt.serve")
+
+    from streaming.cli import stats_line
+    from streaming.daemon import Daemon
+
+    from .control import ControlPlane
+    from .registry import ModelRegistry, RegistryError
+
+    t0 = time.perf_counter()
+    try:
+        registry = ModelRegistry(root=settings.registry.root)
+        version, engine = open_live_model(registry, settings, replace_active=a.replace_active, log=log)
+        bin_s = settings.daemon.bin_ms / 1e3 if settings.daemon.bin_ms else float(engine.info.bin_s)
+        daemon = Daemon(decoder=engine, bin_s=bin_s, ingest=settings.daemon.ingest, publish=settings.daemon.publish,
+                        options=daemon_options(settings))
+        token, token_source = resolve_token(settings) if settings.http.enabled else ("", "")
+    except (RegistryError, SettingsError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"rpnt serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    load_s = time.perf_counter() - t0
+    control = ControlPlane(daemon=daemon, registry=registry, settings=settings, live_version=version)
+
+    stop = threading.Event()
+
+    def _on_signal(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    try:
+        daemon.start()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"rpnt serve: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    server = server_thread = None
+    http_url = None
+    if settings.http.enabled:
+        import uvicorn
+
+        from .app import create_app
+
+        config = uvicorn.Config(create_app(control, token=token), host=settings.http.host, port=settings.http.port,
+                                log_level="warning", access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        server_thread = threading.Thread(target=server.run, name="rpnt-http", daemon=True)
+        server_thread.start()
+        while not server.started and server_thread.is_alive() and not stop.is_set():
+            time.sleep(0.01)
+        if not server.started:
+            print(f"rpnt serve: error: the HTTP server did not start on {settings.http.host}:{settings.http.port} "
+                  "(port in use?)", file=sys.stderr)
+            daemon.stop()
+            daemon.join(10.0)
+            return EXIT_FAILED
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        http_url = f"http://{host}:{port}"
+    st = daemon.status()
+    print(json.dumps({"event": "ready", "http": http_url, "token_source": token_source or None,
+                      "registry": str(registry.root), "registry_version": version,
+                      "model_loaded_s": round(load_s, 3), "torch_imported": "torch" in sys.modules,
+                      **{k: st[k] for k in ("model_version", "fingerprint", "decoder", "n_channels", "n_outputs",
+                                            "bin_s", "ingest", "publish")},
+                      "startup": st["startup"]}, default=str), file=sys.stderr, flush=True)
+    interval = a.stats_interval if a.stats_interval > 0 else None
+    while not stop.is_set() and daemon.running:
+        if stop.wait(interval if interval else 0.5) or not interval:
+            continue
+        log.info(stats_line(daemon.snapshot()))
+    if server is not None:
+        server.should_exit = True
+        server_thread.join(10.0)
+    control.calibration.shutdown()
+    daemon.stop()
+    daemon.join(10.0)
+    print(json.dumps({"event": "stopped", "snapshot": daemon.snapshot()}, default=str), file=sys.stderr, flush=True)
+    return EXIT_OK

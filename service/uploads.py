@@ -1,0 +1,100 @@
+"""Calibration data in: an uploaded file or the daemon's own recent history → one validated NPZ.
+
+Uploaded bytes are identified by their magic number, not their name: NPZ (a zip: ``PK\\x03\\x04``)
+or NWB (HDF5: ``\\x89HDF\\r\\n\\x1a\\n``).  They are parsed by the core loaders
+(:func:`rpnt_core.data.load_session`: NPZ with ``allow_pickle=False``, NWB through pynwb) —
+nothing is ever unpickled.  Then the session must fit the live model: single-site counts with
+the model's channel count, a velocity target of the model's width that varies in every
+dimension, the daemon's bin width, and at least ``min_bins`` bins.  Every failure is a
+:class:`CalibrationInputError` whose message says what is wrong (HTTP 422).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+NPZ_MAGIC = b"PK\x03\x04"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+class CalibrationInputError(ValueError):
+    """Calibration data that cannot be used; the message is for the person who sent it."""
+
+
+def sniff_suffix(head: bytes) -> str:
+    """``.npz`` or ``.nwb`` from a file's first bytes; :class:`CalibrationInputError` otherwise."""
+    if head.startswith(NPZ_MAGIC):
+        return ".npz"
+    if head.startswith(HDF5_MAGIC):
+        return ".nwb"
+    if not head:
+        raise CalibrationInputError("file: the upload is empty")
+    raise CalibrationInputError("file: not an NPZ (zip) or NWB (HDF5) file — see the NPZ interchange format in the "
+                                "README")
+
+
+def check_session(session, *, n_channels: int, n_outputs: int, bin_s: float, min_bins: int,
+                  holdout_fraction: float) -> None:
+    """Raise :class:`CalibrationInputError` unless ``session`` can calibrate the live model."""
+    if session.counts.ndim != 2:
+        raise CalibrationInputError(f"counts: expected single-site (T, N) counts, got shape {session.counts.shape}")
+    if session.n_channels != n_channels:
+        raise CalibrationInputError(f"counts: {session.n_channels} channels, the live model takes {n_channels}")
+    if session.velocity is None:
+        raise CalibrationInputError("velocity: calibration needs a behaviour target (the `velocity` array)")
+    if session.velocity.shape[1] != n_outputs:
+        raise CalibrationInputError(f"velocity: {session.velocity.shape[1]} dimensions, the live model decodes "
+                                    f"{n_outputs}")
+    if abs(float(session.bin_s) - bin_s) > 1e-9:
+        raise CalibrationInputError(f"bin_s: the data is binned at {session.bin_s * 1e3:g} ms, the daemon decodes "
+                                    f"{bin_s * 1e3:g} ms bins")
+    if session.n_bins < min_bins:
+        raise CalibrationInputError(f"counts: {session.n_bins} bins ({session.n_bins * bin_s:.1f} s) is too short; "
+                                    f"calibration needs at least {min_bins} bins ({min_bins * bin_s:.1f} s)")
+    hold = session.velocity[session.n_bins - int(session.n_bins * holdout_fraction):]
+    for name, part in (("the session", session.velocity), ("the holdout part (the end)", hold)):
+        flat = np.flatnonzero(np.std(part, axis=0) == 0)
+        if flat.size:
+            raise CalibrationInputError(f"velocity: dimension(s) {flat.tolist()} are constant over {name}; R² "
+                                        "is undefined")
+
+
+def load_upload(path: Path, *, bin_s: float):
+    """Parse an uploaded file (NPZ or NWB, by magic number) into a :class:`~rpnt_core.data.Session`
+    (an NWB file's spike times are binned at ``bin_s``, the daemon's bin width)."""
+    from rpnt_core.data import load_session
+
+    with open(path, "rb") as f:
+        suffix = sniff_suffix(f.read(8))
+    target = path.with_suffix(suffix)
+    path.rename(target)
+    try:
+        return load_session(target, **({"bin_s": bin_s} if suffix == ".nwb" else {}))
+    except ImportError as exc:
+        raise CalibrationInputError(f"file: NWB uploads need the [nwb] extra on the server ({exc})") from None
+    except (ValueError, KeyError, OSError, EOFError) as exc:
+        raise CalibrationInputError(f"file: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a corrupt file may break a parser in any way
+        raise CalibrationInputError(f"file: could not be read as {suffix[1:].upper()}: {type(exc).__name__}: "
+                                    f"{exc}") from None
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def recent_session(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float):
+    """The closed-loop case: the daemon's recent decoded bins with the rig's kinematics."""
+    from rpnt_core.data import Session
+
+    if counts.shape[0] == 0:
+        raise CalibrationInputError("source=recent: the daemon holds no decoded bins with kinematics — the rig must "
+                                    "stream KINEMATICS messages (docs/protocol.md) while the daemon decodes")
+    return Session(counts=counts, velocity=velocity, bin_s=bin_s, source="daemon history")
+
+
+def save_canonical(session, path: Path) -> Path:
+    """The session as plain NPZ (counts, velocity, bin_s and metadata): what the worker reads."""
+    from rpnt_core.data import save_npz
+
+    return save_npz(session, path)
