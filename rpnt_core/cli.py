@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("rpnt_core.commands:pretrain_main", "self-supervised pretraining on unlabelled recordings"),
     "finetune": ("rpnt_core.commands:finetune_main", "supervised (few-shot) finetuning of the velocity decoder"),
     "evaluate": ("rpnt_core.commands:evaluate_main", "stream a session causally and print R² (and baselines)"),
-    "demo": ("rpnt_core.demo:main", "simulate → pretrain → few-shot finetune → evaluate, with a results table"),
+    "demo": ("service.demo:main", "simulate → pretrain → finetune → export → serve → real-time replay + calibration"),
     "export": ("exporters.cli:main", "checkpoint → ONNX step and window graphs, with a parity check"),
     "serve": ("service.cli:serve_main", "run the decoder daemon (ZeroMQ in, predictions out) + its HTTP control plane"),
     "replay": ("streaming.cli:replay_main", "replay a recorded session through the daemon and report R² + latency"),

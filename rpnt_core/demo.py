@@ -1,12 +1,17 @@
-"""``rpnt demo``: the main job on a machine with no data of its own.
+"""The offline half of ``rpnt demo``: simulate → pretrain → few-shot finetune → baselines.
 
-simulate sessions → pretrain a small RPNT on all subjects but one → few-shot finetune on a session
-of the held-out subject (20 % train split), from scratch and from the pretrained checkpoint →
-classic baselines on exactly the same splits → print a results table and write ``results.json``.
+:func:`demo_data` picks the sessions (simulated, or a real recording with ``--data``) and
+:func:`run_demo` trains and scores on them: pretrain a small RPNT on all subjects but one →
+few-shot finetune on a session of the held-out subject (20 % train split), from scratch and from
+the pretrained checkpoint → classic baselines on exactly the same splits → ``results.json``.
 
 ``--data FILE`` runs the same on a real recording: the simulator is run at the file's bin width,
 and pretraining also sees the unlabelled counts of the file's *training* bins (never its
 validation or test bins).
+
+``rpnt demo`` itself (``service.demo``) continues from here with the live half: export, daemon,
+real-time replay and a calibration.  ``rpnt demo --offline`` (or ``python -m rpnt_core.demo``)
+stops after this part and needs only the core install.
 """
 
 from __future__ import annotations
@@ -16,21 +21,25 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 
-def run_demo(*, workdir: Path, data: str | None, seed: int, preset: str, pretrain_epochs: int, steps_per_epoch: int,
-             finetune_epochs: int, train_fraction: float, baselines: tuple[str, ...], device: str,
-             progress: bool) -> dict:
-    from .data import SimulationSpec, Splits, contiguous_splits, load_session, simulate_sessions
-    from .evaluate.harness import evaluate_baseline
-    from .train.finetune import FinetuneOptions, finetune
-    from .train.pretrain import PretrainOptions, pretrain
+@dataclass(frozen=True, kw_only=True)
+class DemoData:
+    """The target session, its splits, and the unlabelled pretraining pool."""
 
-    t0 = time.time()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
+    target: Any  # rpnt_core.data.Session
+    splits: Any  # rpnt_core.data.Splits
+    pool: list
+    source: str
+    n_simulated: int
+
+
+def demo_data(*, data: str | None, seed: int, train_fraction: float) -> DemoData:
+    from .data import SimulationSpec, contiguous_splits, load_session, simulate_sessions
+
     target = load_session(data) if data else None
     spec = SimulationSpec(n_subjects=4, sessions_per_subject=3, bins_per_session=(1500, 2500),
                           bin_s=float(target.bin_s) if target else 0.02)
@@ -43,15 +52,30 @@ def run_demo(*, workdir: Path, data: str | None, seed: int, preset: str, pretrai
     else:
         pool = list(sims)
         source = str(data)
-    splits: Splits = contiguous_splits(target.n_bins, train_fraction=train_fraction)
+    splits = contiguous_splits(target.n_bins, train_fraction=train_fraction)
     # unlabelled pretraining may use the target's training bins, never its validation/test bins
     pool.append(replace(target.slice_bins(*splits.train), velocity=None, position=None))
-    log(f"[demo] {len(sims)} simulated sessions; target: {source} ({target.n_bins} bins, "
+    return DemoData(target=target, splits=splits, pool=pool, source=source, n_simulated=len(sims))
+
+
+def run_demo(*, workdir: Path, data: DemoData, seed: int, preset: str, pretrain_epochs: int, steps_per_epoch: int,
+             finetune_epochs: int, baselines: tuple[str, ...], device: str, progress: bool) -> dict:
+    from .evaluate.harness import evaluate_baseline
+    from .train.finetune import FinetuneOptions, finetune
+    from .train.pretrain import PretrainOptions, pretrain
+
+    t0 = time.time()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
+    target, splits = data.target, data.splits
+    train_fraction = (splits.train[1] - splits.train[0]) / target.n_bins
+    log(f"[demo] {data.n_simulated} simulated sessions; target: {data.source} ({target.n_bins} bins, "
         f"{target.n_channels} channels, {target.bin_s * 1000:.0f} ms bins)")
     pre_path = workdir / "pretrained.safetensors"
-    log(f"[demo] pretraining ({pretrain_epochs} epochs × {steps_per_epoch} steps) on {len(pool)} recordings …")
-    pre = pretrain(pool, options=PretrainOptions(preset=preset, epochs=pretrain_epochs, steps_per_epoch=steps_per_epoch,
-                                                 seed=seed, device=device, progress=progress), out=pre_path)
+    log(f"[demo] pretraining ({pretrain_epochs} epochs × {steps_per_epoch} steps) on {len(data.pool)} recordings …")
+    pre = pretrain(data.pool, options=PretrainOptions(preset=preset, epochs=pretrain_epochs,
+                                                      steps_per_epoch=steps_per_epoch, seed=seed, device=device,
+                                                      progress=progress), out=pre_path)
     rows = []
     ft_opts = FinetuneOptions(epochs=finetune_epochs, train_fraction=train_fraction, preset=preset, seed=seed,
                               device=device, progress=False)
@@ -67,7 +91,7 @@ def run_demo(*, workdir: Path, data: str | None, seed: int, preset: str, pretrai
         r = evaluate_baseline(name, target, splits, seed=seed)
         rows.append({"decoder": f"baseline: {name}", "test_r2": r["r2"], "val_r2": None,
                      "test_r2_per_dim": r["r2_per_dim"], "seconds": round(time.time() - t, 2)})
-    result = {"target": source, "splits": splits.as_dict(), "train_fraction": train_fraction, "preset": preset,
+    result = {"target": data.source, "splits": splits.as_dict(), "train_fraction": train_fraction, "preset": preset,
               "pretrain": {k: pre[k] for k in ("best_val_loss", "best_epoch", "epochs")}, "rows": rows,
               "total_seconds": round(time.time() - t0, 1)}
     (workdir / "results.json").write_text(json.dumps(result, indent=2))
@@ -85,13 +109,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rpnt demo", description=(
-        "End to end on synthetic data (no files needed): simulate → pretrain a small RPNT → few-shot "
-        "finetune on a held-out subject → evaluate against classic baselines on the same splits, and "
-        "print the results table. --data FILE does the same on a real recording."))
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="a real labelled session to decode instead of a simulated one")
-    p.add_argument("--workdir", default=None, help="where checkpoints and results.json go (default: a temp dir)")
+    p.add_argument("--workdir", default=None, help="where checkpoints and results go (default: a temp dir)")
     p.add_argument("--preset", choices=["small", "paper"], default="small", help="model size (default small)")
     p.add_argument("--pretrain-epochs", type=int, default=6, help="pretraining epochs (default 6)")
     p.add_argument("--steps-per-epoch", type=int, default=40, help="pretraining steps per epoch (default 40)")
@@ -100,18 +120,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", default="wiener,kalman,gru", help="comma list (default wiener,kalman,gru)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
-    a = p.parse_args(argv)
+    p.add_argument("--quiet", action="store_true", help="print only the tables")
+
+
+def offline_part(a: argparse.Namespace) -> tuple[dict, DemoData, Path]:
+    """Run the offline half from parsed arguments; returns (result, data, workdir)."""
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="rpnt-demo-"))
+    data = demo_data(data=a.data, seed=a.seed, train_fraction=a.train_fraction)
+    result = run_demo(workdir=workdir, data=data, seed=a.seed, preset=a.preset, pretrain_epochs=a.pretrain_epochs,
+                      steps_per_epoch=a.steps_per_epoch, finetune_epochs=a.finetune_epochs,
+                      baselines=tuple(x for x in a.baselines.split(",") if x), device=a.device,
+                      progress=not a.quiet)
+    return result, data, workdir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rpnt_core.demo", description=(
+        "The offline half of rpnt demo (no files needed): simulate → pretrain a small RPNT → few-shot "
+        "finetune on a held-out subject → evaluate against classic baselines on the same splits, and "
+        "print the results table. --data FILE does the same on a real recording."))
+    add_demo_arguments(p)
+    a = p.parse_args(argv)
     try:
-        result = run_demo(workdir=workdir, data=a.data, seed=a.seed, preset=a.preset,
-                          pretrain_epochs=a.pretrain_epochs, steps_per_epoch=a.steps_per_epoch,
-                          finetune_epochs=a.finetune_epochs, train_fraction=a.train_fraction,
-                          baselines=tuple(x for x in a.baselines.split(",") if x), device=a.device,
-                          progress=not a.quiet)
+        result, _, workdir = offline_part(a)
     except (ValueError, FileNotFoundError) as exc:
         print(f"rpnt demo: error: {exc}", file=sys.stderr)
         return 2
     print(format_table(result))
     print(f"results: {workdir / 'results.json'}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

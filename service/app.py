@@ -38,7 +38,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from .calibration import CalibrationBusy
 from .control import ActivationError, ControlPlane
 from .registry import RegistryError
-from .uploads import CalibrationInputError, check_session, load_upload, recent_session, save_canonical
+from .uploads import (CalibrationInputError, check_session, load_upload, recent_session, save_canonical,
+                      with_live_metadata)
 
 log = logging.getLogger("rpnt.http")
 _bearer = HTTPBearer(auto_error=False, description="the API token (RPNT_API_TOKEN / auth.token_file)")
@@ -152,6 +153,7 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
                 counts, velocity = control.recent_calibration_data(secs)
                 session = recent_session(counts, velocity, bin_s=daemon.bin_s)
                 detail = {"seconds": secs}
+            session = with_live_metadata(session, control.live_metadata())
             check_session(session, n_channels=daemon.n_channels, n_outputs=daemon.n_kinematics,
                           bin_s=daemon.bin_s, min_bins=cal.min_bins, holdout_fraction=cal.holdout_fraction)
             data = save_canonical(session, staging / "data.npz")

@@ -71,6 +71,8 @@ class CalibrationManager:
         self._threads: list[threading.Thread] = []
         self.totals = dict.fromkeys(FINAL_STATES, 0)
         for d in registry.jobs_dir.iterdir():  # jobs a crash or restart cut off
+            if not d.is_dir():  # a stray file (an operator's note, a backup tool's) is no job
+                continue
             st = read_json(d / "status.json")
             if isinstance(st, dict) and st.get("state") not in FINAL_STATES:
                 self._save(d, st | {"state": "failed", "finished": time.time(),
@@ -99,11 +101,11 @@ class CalibrationManager:
 
     def jobs(self) -> list[dict]:
         out = []
-        for d in sorted(self.registry.jobs_dir.iterdir(), key=lambda p: p.stat().st_mtime):
-            st = read_json(d / "status.json")
+        for d in self.registry.jobs_dir.iterdir():
+            st = read_json(d / "status.json") if d.is_dir() else None
             if isinstance(st, dict):
                 out.append({k: st.get(k) for k in ("id", "state", "created", "source", "version", "live")})
-        return out
+        return sorted(out, key=lambda j: float(j.get("created") or 0.0))
 
     # ------------------------------------------------------------------ submit
     def submit(self, *, data: Path, source: str, force: bool, base_version: str, n_bins: int,
@@ -198,7 +200,12 @@ class CalibrationManager:
                                       "rule": "candidate holdout R² ≥ live holdout R²"},
                   "seconds": res.get("seconds")}
         if passed or st["force"]:
-            swap = self._activate(version, f"calibration {job_id}" + (" (forced)" if not passed else ""))
+            try:
+                swap = self._activate(version, f"calibration {job_id}" + (" (forced)" if not passed else ""))
+            except Exception as exc:  # noqa: BLE001 - the candidate stays in the registry, not live
+                self._finish(d, st, "failed", version=version, live=False, result=result,
+                             error=f"candidate kept as version {version} but it could not go live: {exc}")
+                return
             self._finish(d, st, "succeeded", version=version, live=True, result=result, swap=swap)
         else:
             self._finish(d, st, "rejected", version=version, live=False, result=result,

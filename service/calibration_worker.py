@@ -65,6 +65,8 @@ def run_job(job: Path) -> dict:
     from rpnt_core.evaluate.harness import evaluate_model
     from rpnt_core.train.finetune import FinetuneOptions, finetune
 
+    from .uploads import session_metadata
+
     session = load_session(job / spec["data"])
     n = session.n_bins
     a = int(n * opt["train_fraction"])
@@ -90,7 +92,8 @@ def run_job(job: Path) -> dict:
     Path(str(cand / "checkpoint.safetensors") + ".history.json").unlink(missing_ok=True)
 
     _progress(job, phase="exporting")
-    exp = export_checkpoint(cand / "checkpoint.safetensors", cand / "export", parity_data=job / spec["data"])
+    exp = export_checkpoint(cand / "checkpoint.safetensors", cand / "export", parity_data=job / spec["data"],
+                            metadata=session_metadata(session))
     return {"splits": splits.as_dict(), "n_bins": n, "live_holdout_r2": live_holdout["r2"],
             "live_holdout_r2_per_dim": live_holdout["r2_per_dim"], "candidate_holdout_r2": r["test_r2"],
             "candidate_holdout_r2_per_dim": r["test_r2_per_dim"], "candidate_val_r2": r["val_r2"],

@@ -190,14 +190,15 @@ def serve_main(argv: list[str] | None = None) -> int:
         server_thread.start()
         while not server.started and server_thread.is_alive() and not stop.is_set():
             time.sleep(0.01)
-        if not server.started:
+        if not server.started and not stop.is_set():
             print(f"rpnt serve: error: the HTTP server did not start on {settings.http.host}:{settings.http.port} "
                   "(port in use?)", file=sys.stderr)
             daemon.stop()
             daemon.join(10.0)
             return EXIT_FAILED
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        http_url = f"http://{host}:{port}"
+        if server.started:  # else SIGINT/SIGTERM came while it started: a normal stop (http null below)
+            host, port = server.servers[0].sockets[0].getsockname()[:2]
+            http_url = f"http://{host}:{port}"
     st = daemon.status()
     print(json.dumps({"event": "ready", "http": http_url, "token_source": token_source or None,
                       "registry": str(registry.root), "registry_version": version,

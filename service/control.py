@@ -60,6 +60,7 @@ class ControlPlane:
         self.calibration = CalibrationManager(registry=registry, settings=settings.calibration,
                                               activate=self.activate)
         self.started = time.time()
+        self._metadata_cache: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ reading
     @property
@@ -81,7 +82,9 @@ class ControlPlane:
         return {
             "model": {"registry_version": self._live_version, "model_version": st["model_version"],
                       "fingerprint": st["fingerprint"], "decoder": st["decoder"], "generation": st["generation"],
-                      "backend": self.settings.model.backend, "precision": self.settings.model.precision},
+                      "backend": self.settings.model.backend, "precision": self.settings.model.precision,
+                      # an activation lands at the next bin the loop closes; until then the old decoder decodes
+                      "swap_pending": st["pending_swaps"] > 0},
             "n_channels": st["n_channels"], "n_outputs": st["n_outputs"], "bin_s": st["bin_s"],
             "uptime_s": st["uptime_s"], "started_at": st["started_at"], "running": st["running"],
             "endpoints": {"ingest": st["ingest"], "publish": st["publish"]},
@@ -106,7 +109,8 @@ class ControlPlane:
             t0 = time.perf_counter()
             try:
                 engine = load_version_engine(self.registry, version, self.settings)
-            except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - ONNX Runtime's load errors (InvalidProtobuf, Fail, ...)
+                # derive from Exception only; any failure to load means "cannot go live" (409), not a 500
                 raise ActivationError(f"version {version} does not load: {exc}") from exc
             load_s = time.perf_counter() - t0
             try:
@@ -132,3 +136,12 @@ class ControlPlane:
 
     def export_dir(self) -> Path:
         return self.registry.export_dir(self._live_version)
+
+    def live_metadata(self) -> dict:
+        """The metadata (subject, session, task, date_days) the live export was made for."""
+        v = self._live_version
+        if v not in self._metadata_cache:
+            from exporters.runtime import read_contract
+
+            self._metadata_cache[v] = dict(read_contract(self.export_dir() / "rpnt_step.onnx").metadata)
+        return self._metadata_cache[v]

@@ -67,8 +67,7 @@ def render(*, snapshot: dict, status: dict, calibration_totals: dict, calibratio
     for name, (key, help_) in COUNTERS.items():
         family(name, "counter", help_, [(name, c.get(key, 0))])
     family("rpnt_rejected_messages_total", "counter", "ingest messages rejected, by reason",
-           [(f"rpnt_rejected_messages_total{_labels(reason=r)}", n) for r, n in sorted(snapshot["rejected"].items())]
-           or [("rpnt_rejected_messages_total" + _labels(reason="none"), 0)])
+           [(f"rpnt_rejected_messages_total{_labels(reason=r)}", n) for r, n in sorted(snapshot["rejected"].items())])
     family("rpnt_calibration_jobs_total", "counter", "calibration jobs finished since start, by outcome",
            [(f"rpnt_calibration_jobs_total{_labels(state=s)}", n) for s, n in sorted(calibration_totals.items())])
     family("rpnt_calibration_running", "gauge", "1 while a calibration job runs",

@@ -58,9 +58,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` when it is missing or unreadable (files this package writes
+    are replaced atomically, so an unreadable one was damaged from outside: treated as absent)."""
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return default
 
 

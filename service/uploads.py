@@ -93,6 +93,24 @@ def recent_session(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float):
     return Session(counts=counts, velocity=velocity, bin_s=bin_s, source="daemon history")
 
 
+METADATA_FIELDS = ("subject", "session", "task", "date_days")
+
+
+def session_metadata(session) -> dict:
+    """The metadata that conditions the model (what an export bakes into its metadata bias)."""
+    return {k: getattr(session, k) for k in METADATA_FIELDS if getattr(session, k) not in (None, "")}
+
+
+def with_live_metadata(session, live: dict):
+    """Calibration data that names no subject/session/task/date inherits the live decoder's, so the
+    live model is scored, and the candidate trained and exported, under the metadata the daemon
+    decodes with (an upload that names its own keeps them)."""
+    from dataclasses import replace
+
+    missing = {k: live[k] for k in METADATA_FIELDS if k in live and not getattr(session, k)}
+    return replace(session, **missing) if missing else session
+
+
 def save_canonical(session, path: Path) -> Path:
     """The session as plain NPZ (counts, velocity, bin_s and metadata): what the worker reads."""
     from rpnt_core.data import save_npz

@@ -360,6 +360,7 @@ class Daemon:
             "ingest": self.endpoints["ingest"],
             "publish": self.endpoints["publish"],
             "swaps": list(self._swaps),
+            "pending_swaps": len(self._swap_q),  # requested, to land at the next bin the loop closes
             "startup": self.startup,
         }
 
