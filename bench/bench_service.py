@@ -1,7 +1,7 @@
 """Control-plane benchmark (issue #5): decode-loop latency at real-time pace with and without a
 calibration job running, and the model swap — in one run, one command:
 
-    python bench/bench_service.py                 # ≈ 3 minutes
+    python bench/bench_service.py                 # ≈ 3.5 minutes
     python bench/bench_service.py --bins 4000     # shorter
 
 1. A random-weight ``small`` RPNT (channels of the recording, 2 outputs, 20 ms bins) is saved as a
@@ -14,8 +14,10 @@ calibration job running, and the model swap — in one run, one command:
    ``--rest-s − 5`` seconds, closed loop; ``force=true`` so that the swap happens whatever the R²)
    with the service's default calibration settings: FS-SFT in a separate process at niceness 10,
    one thread, then ONNX export + parity check, then the swap at a bin boundary.
-4. Bins are split by when their bin-closing packet was sent: **at rest** (before the POST),
-   **during calibration** (between the job's start and end), **after**.  For each: p50/p99/p99.9/max
+4. A monitoring client polls ``GET /status`` every 0.5 s throughout, so the HTTP load is the same
+   in every phase.  Bins are split by when their bin-closing packet was sent: **during
+   calibration** (between the job's start and end) and **at rest** (before the POST and after the
+   job, each also shown alone).  For each: p50/p99/p99.9/max
    of the daemon's own time per bin (``daemon``: message off the socket → prediction on the PUB
    socket) and of end to end (client send of the bin-closing packet → client receipt of the
    prediction, one clock).
@@ -58,7 +60,7 @@ def make_model(n_channels: int, bin_s: float, out: Path) -> Path:
 
     torch.manual_seed(0)
     model = RPNT(RPNTConfig.preset("small", n_channels=n_channels, n_outputs=2, bin_s=bin_s)).eval()
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "export").mkdir(parents=True, exist_ok=True)
     ckpt = out / "live.safetensors"
     save_checkpoint(model, ckpt, meta={"kind": "scratch", "data_fingerprint": "bench-random"})
     export_step_graph(model, out / "export" / "rpnt_step.onnx", checkpoint=str(ckpt.resolve()))
@@ -75,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DATA), help="recording whose counts are replayed (default StevensonV2.mat)")
-    p.add_argument("--bins", type=int, default=8000, help="bins replayed (default 8000 = 160 s at 20 ms)")
+    p.add_argument("--bins", type=int, default=9000, help="bins replayed (default 9000 = 180 s at 20 ms)")
     p.add_argument("--bin-ms", type=float, default=20.0)
-    p.add_argument("--rest-s", type=float, default=40.0, help="seconds at rest before POST /calibrate (default 40)")
+    p.add_argument("--rest-s", type=float, default=50.0, help="seconds at rest before POST /calibrate (default 50)")
     p.add_argument("--affinity", default=None, metavar="CPU", help="pin the daemon's decode thread (e.g. 1)")
+    p.add_argument("--calibration-affinity", default=None, metavar="CPU[,CPU]",
+                   help="CPUs the calibration process may use (e.g. 0; calibration.affinity)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "service.json"))
     a = p.parse_args(argv)
 
@@ -103,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         export = make_model(counts.shape[1], bin_s, tmp / "model")
         extra = ["--gc-freeze"] + (["--affinity", a.affinity] if a.affinity else [])
+        env = {"RPNT_CALIBRATION__AFFINITY": json.dumps([int(c) for c in a.calibration_affinity.split(",")])} \
+            if a.calibration_affinity else {}
         serve = ServeProcess(model=export, registry=tmp / "registry", run_dir=tmp, token=secrets.token_urlsafe(16),
-                             extra=extra)
+                             extra=extra, env=env)
         try:
             ready = serve.wait_ready()
             log(f"rpnt serve up ({ready['decoder']}, {ready['n_channels']} channels); replaying {a.bins} bins at "
@@ -122,13 +128,19 @@ def main(argv: list[str] | None = None) -> int:
 
             th = threading.Thread(target=replay)
             th.start()
-            th.join(a.rest_s)
-            t_post = time.time()
-            code, job = http_call(serve.url + "/calibrate", headers=serve.headers(),
-                                  form={"source": "recent", "seconds": str(a.rest_s - 5), "force": "true"})
-            log(f"POST /calibrate → {code} {job}")
-            st = {}
+            job: dict = {}
+            st: dict = {}
+            # a monitoring client polls /status (and the job) every 0.5 s for the whole run, so that the
+            # only difference between the phases is the calibration job itself
+            t_post = time.time() + a.rest_s
+            posted = False
             while th.is_alive() or (job.get("job_id") and st.get("state") not in ("succeeded", "rejected", "failed")):
+                http_call(serve.url + "/status")
+                if not posted and time.time() >= t_post:
+                    t_post, posted = time.time(), True
+                    code, job = http_call(serve.url + "/calibrate", headers=serve.headers(),
+                                          form={"source": "recent", "seconds": str(a.rest_s - 5), "force": "true"})
+                    log(f"POST /calibrate → {code} {job}")
                 if job.get("job_id"):
                     st = http_call(f"{serve.url}/calibrate/{job['job_id']}")[1]
                 time.sleep(0.5)
@@ -146,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     t_job0 = st.get("created", t_post)
     t_job1 = st.get("finished", float("inf"))
     warm = wall0 + 2.0  # the first 2 s: the stream starting
-    phases = {"at_rest": (wall_send >= warm) & (wall_send < t_post),
-              "during_calibration": (wall_send >= t_job0) & (wall_send <= t_job1),
-              "after": wall_send > t_job1}
+    before, after = (wall_send >= warm) & (wall_send < t_post), wall_send > t_job1
+    phases = {"at_rest": before | after, "during_calibration": (wall_send >= t_job0) & (wall_send <= t_job1),
+              "at_rest_before": before, "at_rest_after": after}
     ok = res.received & ((res.flags & int(PredFlag.STALLED)) == 0)
-    table = {ph: {m: phase_stats(stages[m], ok & mask) for m in ("daemon", "infer", "end_to_end")}
+    # stage_arrays holds the received, non-STALLED bins only (the ``ok`` ones), in bin order
+    table = {ph: {m: phase_stats(stages[m], mask[ok]) for m in ("daemon", "infer", "end_to_end")}
              for ph, mask in phases.items()}
     swapped = np.flatnonzero((res.flags & int(PredFlag.SWAPPED)) != 0)
     ratio = {m: table["during_calibration"][m]["p99_ms"] / table["at_rest"][m]["p99_ms"]
@@ -168,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "decode-loop latency with and without a calibration job, and the model swap "
                      "(bench/bench_service.py)",
         "data": str(a.data), "recorded_bin_ms": sess.bin_s * 1e3, "replayed_bin_ms": a.bin_ms, "bins": a.bins,
+        "pinning": {"decode_thread": a.affinity, "calibration": a.calibration_affinity},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg_at_end": os.getloadavg()},
         "bins_per_phase": {ph: int((ok & m).sum()) for ph, m in phases.items()},

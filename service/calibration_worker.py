@@ -7,7 +7,8 @@ Reads ``JOB_DIR/job.json`` (written by :class:`service.calibration.CalibrationMa
     {"data": "data.npz", "base_checkpoint": ".../checkpoint.safetensors", "base_version": "3",
      "options": {<CalibrationSettings fields>}}
 
-and does, at the niceness and thread count it is given (before torch is imported):
+and does, at the niceness, scheduling class (SCHED_IDLE) and thread count it is given (before
+torch is imported):
 
 1. splits the calibration session in time: train (first ``train_fraction``), validation (next
    ``val_fraction``, early stopping), holdout (last ``holdout_fraction``, the go-live gate: never
@@ -53,6 +54,13 @@ def run_job(job: Path) -> dict:
         os.environ[var] = str(threads)
     if int(opt.get("nice", 0)) > 0:
         os.nice(int(opt["nice"]))
+    if opt.get("affinity") and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(int(c) for c in opt["affinity"]))
+    if opt.get("sched_idle") and hasattr(os, "SCHED_IDLE"):
+        try:  # lowering one's own policy needs no privilege
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:
+            _progress(job, phase="starting", note=f"SCHED_IDLE not applied: {exc}")
 
     _progress(job, phase="loading")
     import torch

@@ -162,6 +162,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     load_s = time.perf_counter() - t0
     control = ControlPlane(daemon=daemon, registry=registry, settings=settings, live_version=version)
+    # the decode thread and the HTTP thread share one interpreter: a short switch interval bounds how
+    # long a request handler can keep the decode loop waiting for the GIL
+    sys.setswitchinterval(settings.daemon.switch_interval_ms / 1e3)
 
     stop = threading.Event()
 
@@ -203,6 +206,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     print(json.dumps({"event": "ready", "http": http_url, "token_source": token_source or None,
                       "registry": str(registry.root), "registry_version": version,
                       "model_loaded_s": round(load_s, 3), "torch_imported": "torch" in sys.modules,
+                      "switch_interval_ms": sys.getswitchinterval() * 1e3,
                       **{k: st[k] for k in ("model_version", "fingerprint", "decoder", "n_channels", "n_outputs",
                                             "bin_s", "ingest", "publish")},
                       "startup": st["startup"]}, default=str), file=sys.stderr, flush=True)

@@ -74,6 +74,10 @@ class DaemonSettings(_Section):
     rt_priority: int | None = Field(None, ge=1, le=99, description="SCHED_FIFO priority (needs privileges)")
     allow_bin_mismatch: bool = Field(False, description="decode at a bin width other than the model's")
     allow_remote: bool = Field(False, description="allow non-loopback TCP endpoints")
+    switch_interval_ms: float = Field(0.5, gt=0, le=100, description="Python's GIL switch interval in the daemon "
+                                                                     "process: the longest the HTTP thread holds the "
+                                                                     "interpreter while the decode thread waits "
+                                                                     "(Python's default: 5 ms)")
 
 
 class HttpSettings(_Section):
@@ -98,7 +102,12 @@ class CalibrationSettings(_Section):
     """Few-shot recalibration jobs (run in a separate, lower-priority process)."""
 
     nice: int = Field(10, ge=0, le=19, description="niceness added to the calibration process")
+    sched_idle: bool = Field(True, description="run the calibration process under SCHED_IDLE (Linux): it gets a "
+                                               "core only when nothing else wants it, so the decode loop preempts "
+                                               "it at once")
     threads: int = Field(1, ge=1, le=64, description="torch / BLAS threads of the calibration process")
+    affinity: list[int] | None = Field(None, description="CPU ids the calibration process may run on (e.g. the "
+                                                         "cores the decode thread is not pinned to)")
     mode: Literal["head", "last", "full"] = Field("full", description="which weights are finetuned")
     epochs: int = Field(12, ge=1, description="finetuning epochs (early stopping on validation R²)")
     steps_per_epoch: int = Field(15, ge=1, description="optimizer steps per epoch")
