@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--affinity", default=None, metavar="CPU", help="pin the daemon's decode thread (e.g. 1)")
     p.add_argument("--calibration-affinity", default=None, metavar="CPU[,CPU]",
                    help="CPUs the calibration process may use (e.g. 0; calibration.affinity)")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra settings for rpnt serve, e.g. RPNT_CALIBRATION__SCHED_IDLE=false (repeatable)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "service.json"))
     a = p.parse_args(argv)
 
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--gc-freeze"] + (["--affinity", a.affinity] if a.affinity else [])
         env = {"RPNT_CALIBRATION__AFFINITY": json.dumps([int(c) for c in a.calibration_affinity.split(",")])} \
             if a.calibration_affinity else {}
+        env.update(kv.split("=", 1) for kv in a.serve_env)
         serve = ServeProcess(model=export, registry=tmp / "registry", run_dir=tmp, token=secrets.token_urlsafe(16),
                              extra=extra, env=env)
         try:
@@ -182,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                      "(bench/bench_service.py)",
         "data": str(a.data), "recorded_bin_ms": sess.bin_s * 1e3, "replayed_bin_ms": a.bin_ms, "bins": a.bins,
         "pinning": {"decode_thread": a.affinity, "calibration": a.calibration_affinity},
+        "serve_env": a.serve_env,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "load_avg_at_end": os.getloadavg()},
         "bins_per_phase": {ph: int((ok & m).sum()) for ph, m in phases.items()},

@@ -199,12 +199,33 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
                              "daemon_mode": "rpnt serve (child process)", "backend": "onnx-cpu"})
     rep["calibration"] = job
     rep["swap_bins"] = [int(lo + k) for k in swapped]
+    rep["online_equals_offline"] = compare_offline(workdir / "export", counts, res)
     rep["models"] = models
     rep["serve_exit"] = rc
     rep["daemon_counters"] = status.get("counters")
     write_report(run_dir / "replay", rep, res, vel)
     out.update(report=rep, report_dir=str(run_dir / "replay"))
     return out
+
+
+def compare_offline(export: Path, counts, res) -> dict:
+    """The replayed predictions against the same export decoding the same counts offline
+    (:func:`rpnt_core.decoder.decode_stream`), over the bins before the first swap or STALLED bin
+    (a swap changes the model; a stalled bin closes with what had arrived, as a live rig would see)."""
+    import numpy as np
+
+    from exporters.runtime import load_engine
+    from rpnt_core.decoder import decode_stream
+    from streaming.protocol import PredFlag
+
+    offline = decode_stream(load_engine(export), np.asarray(counts))
+    stop_flags = int(PredFlag.SWAPPED) | int(PredFlag.STALLED)
+    hit = np.flatnonzero((res.flags & stop_flags) != 0)
+    n = int(hit[0]) if hit.size else int(res.n_bins)
+    m = res.received[:n]
+    err = float(np.abs(res.velocity[:n][m] - offline[:n][m]).max()) if m.any() else float("nan")
+    return {"bins_compared": int(m.sum()), "max_abs_diff": err, "equal": bool(m.any() and err <= 1e-4),
+            "stopped_at": None if not hit.size else {"bin": int(hit[0]), "flags": int(res.flags[hit[0]])}}
 
 
 def live_lines(live: dict) -> list[str]:
@@ -215,6 +236,11 @@ def live_lines(live: dict) -> list[str]:
     lines += summary_lines(rep)
     st = rep.get("score_test")
     swap_before_test = bool(rep["swap_bins"] and st and rep["swap_bins"][0] - rep["bin_range"][0] < st["bins"][1])
+    eq = rep["online_equals_offline"]
+    why = "" if eq["stopped_at"] is None else f" (up to bin {eq['stopped_at']['bin']}: a swap or STALLED bin)"
+    lines.append(f"online = offline: the daemon's predictions {'equal' if eq['equal'] else 'DIFFER FROM'} the same "
+                 f"export decoding the same counts offline on {eq['bins_compared']} bins{why}, max |Δ| "
+                 f"{eq['max_abs_diff']:.1e}")
     lines.append(f"offline `rpnt evaluate` of the served model on the test split: {live['offline_test_r2']:.4f}"
                  + (" (the stream above was decoded by the recalibrated model from the swap on)" if swap_before_test
                     else ""))
