@@ -21,9 +21,7 @@ stop everything; a ``{"event": "stopped", ...}`` line with the final counters fo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -143,7 +141,7 @@ def serve_main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("rpnt.serve")
 
-    from streaming.cli import stats_line
+    from streaming.cli import serve_until_stopped
     from streaming.daemon import Daemon
 
     from .control import ControlPlane
@@ -166,22 +164,11 @@ def serve_main(argv: list[str] | None = None) -> int:
     # long a request handler can keep the decode loop waiting for the GIL
     sys.setswitchinterval(settings.daemon.switch_interval_ms / 1e3)
 
-    stop = threading.Event()
+    http: dict = {}  # the uvicorn server and its thread, once started
 
-    def _on_signal(signum, frame):  # noqa: ARG001
-        stop.set()
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    try:
-        daemon.start()
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"rpnt serve: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-
-    server = server_thread = None
-    http_url = None
-    if settings.http.enabled:
+    def start_http(stop: threading.Event) -> dict:
+        if not settings.http.enabled:
+            return {"http": None}
         import uvicorn
 
         from .app import create_app
@@ -189,37 +176,27 @@ def serve_main(argv: list[str] | None = None) -> int:
         config = uvicorn.Config(create_app(control, token=token), host=settings.http.host, port=settings.http.port,
                                 log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)
-        server_thread = threading.Thread(target=server.run, name="rpnt-http", daemon=True)
-        server_thread.start()
-        while not server.started and server_thread.is_alive() and not stop.is_set():
+        thread = threading.Thread(target=server.run, name="rpnt-http", daemon=True)
+        thread.start()
+        http.update(server=server, thread=thread)
+        while not server.started and thread.is_alive() and not stop.is_set():
             time.sleep(0.01)
         if not server.started and not stop.is_set():
-            print(f"rpnt serve: error: the HTTP server did not start on {settings.http.host}:{settings.http.port} "
-                  "(port in use?)", file=sys.stderr)
-            daemon.stop()
-            daemon.join(10.0)
-            return EXIT_FAILED
-        if server.started:  # else SIGINT/SIGTERM came while it started: a normal stop (http null below)
-            host, port = server.servers[0].sockets[0].getsockname()[:2]
-            http_url = f"http://{host}:{port}"
-    st = daemon.status()
-    print(json.dumps({"event": "ready", "http": http_url, "token_source": token_source or None,
-                      "registry": str(registry.root), "registry_version": version,
-                      "model_loaded_s": round(load_s, 3), "torch_imported": "torch" in sys.modules,
-                      "switch_interval_ms": sys.getswitchinterval() * 1e3,
-                      **{k: st[k] for k in ("model_version", "fingerprint", "decoder", "n_channels", "n_outputs",
-                                            "bin_s", "ingest", "publish")},
-                      "startup": st["startup"]}, default=str), file=sys.stderr, flush=True)
-    interval = a.stats_interval if a.stats_interval > 0 else None
-    while not stop.is_set() and daemon.running:
-        if stop.wait(interval if interval else 0.5) or not interval:
-            continue
-        log.info(stats_line(daemon.snapshot()))
-    if server is not None:
-        server.should_exit = True
-        server_thread.join(10.0)
-    control.calibration.shutdown()
-    daemon.stop()
-    daemon.join(10.0)
-    print(json.dumps({"event": "stopped", "snapshot": daemon.snapshot()}, default=str), file=sys.stderr, flush=True)
-    return EXIT_OK
+            raise RuntimeError(f"the HTTP server did not start on {settings.http.host}:{settings.http.port} "
+                               "(port in use?)")
+        if not server.started:  # SIGINT/SIGTERM while it started: a normal stop
+            return {"http": None}
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        return {"http": f"http://{host}:{port}"}
+
+    def stop_http() -> None:
+        if http:
+            http["server"].should_exit = True
+            http["thread"].join(10.0)
+        control.calibration.shutdown()
+
+    return serve_until_stopped(daemon, ready_fields={"token_source": token_source or None,
+                                                     "registry": str(registry.root), "registry_version": version,
+                                                     "model_loaded_s": round(load_s, 3),
+                                                     "switch_interval_ms": sys.getswitchinterval() * 1e3},
+                               stats_interval=a.stats_interval, log=log, after_start=start_http, before_stop=stop_http)

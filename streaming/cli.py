@@ -168,11 +168,21 @@ def serve_main(argv: list[str] | None = None) -> int:
         print(f"rpnt serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    return serve_until_stopped(daemon, ready_fields={"model_loaded_s": round(load_s, 3)},
+                               stats_interval=a.stats_interval, log=log)
+
+
+def serve_until_stopped(daemon, *, ready_fields: dict, stats_interval: float, log: logging.Logger,
+                        after_start=None, before_stop=None) -> int:
+    """Start ``daemon``, print the ``{"event": "ready", ...}`` line, log a summary every
+    ``stats_interval`` s (0: never) until SIGINT/SIGTERM or the loop ends, then stop it and print
+    ``{"event": "stopped", "snapshot": ...}``.  ``after_start(stop_event) -> dict`` runs once the loop
+    is up (its dict joins the ready line; a ``RuntimeError`` aborts with exit 1); ``before_stop()``
+    runs before the daemon is stopped.  Both ``rpnt serve`` and ``python -m streaming.cli serve``."""
     stop = threading.Event()
 
     def _on_signal(signum, frame):  # noqa: ARG001
         stop.set()
-        daemon.stop()
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
@@ -181,20 +191,28 @@ def serve_main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError) as exc:
         print(f"rpnt serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    try:
+        extra = after_start(stop) if after_start is not None else {}
+    except RuntimeError as exc:
+        print(f"rpnt serve: error: {exc}", file=sys.stderr)
+        daemon.stop()
+        daemon.join(10.0)
+        return EXIT_FAILED
     st = daemon.status()
-    print(json.dumps({"event": "ready", "model_loaded_s": round(load_s, 3), "torch_imported": "torch" in sys.modules,
+    print(json.dumps({"event": "ready", **ready_fields, **(extra or {}), "torch_imported": "torch" in sys.modules,
                       **{k: st[k] for k in ("model_version", "fingerprint", "decoder", "n_channels", "n_outputs",
                                             "bin_s", "ingest", "publish")},
                       "startup": st["startup"]}, default=str), file=sys.stderr, flush=True)
-    interval = a.stats_interval if a.stats_interval > 0 else None
+    interval = stats_interval if stats_interval > 0 else None
     while not stop.is_set() and daemon.running:
         if stop.wait(interval if interval else 0.5) or not interval:
             continue
         log.info(stats_line(daemon.snapshot()))
+    if before_stop is not None:
+        before_stop()
     daemon.stop()
     daemon.join(10.0)
-    snap = daemon.snapshot()
-    print(json.dumps({"event": "stopped", "snapshot": snap}, default=str), file=sys.stderr, flush=True)
+    print(json.dumps({"event": "stopped", "snapshot": daemon.snapshot()}, default=str), file=sys.stderr, flush=True)
     return EXIT_OK
 
 
