@@ -14,8 +14,8 @@ calibration job running, and the model swap — in one run, one command:
    ``--rest-s − 5`` seconds, closed loop; ``force=true`` so that the swap happens whatever the R²)
    with the service's default calibration settings: FS-SFT in a separate process at niceness 10,
    one thread, then ONNX export + parity check, then the swap at a bin boundary.
-4. A monitoring client polls ``GET /status`` every 0.5 s throughout, so the HTTP load is the same
-   in every phase.  Bins are split by when their bin-closing packet was sent: **during
+4. A monitoring client polls ``GET /status`` and the calibration job (``GET /calibrate`` before it
+   exists) every 0.5 s throughout, so the HTTP load is the same in every phase.  Bins are split by when their bin-closing packet was sent: **during
    calibration** (between the job's start and end) and **at rest** (before the POST and after the
    job, each also shown alone).  For each: p50/p99/p99.9/max
    of the daemon's own time per bin (``daemon``: message off the socket → prediction on the PUB
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"POST /calibrate → {code} {job}")
                 if job.get("job_id"):
                     st = http_call(f"{serve.url}/calibrate/{job['job_id']}")[1]
+                else:  # the same two requests per round before the job exists
+                    http_call(serve.url + "/calibrate")
                 time.sleep(0.5)
                 if not th.is_alive() and time.time() - t_post > 900:
                     break
