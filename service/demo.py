@@ -145,7 +145,8 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
     log("[demo] starting rpnt serve (daemon + HTTP control plane) …")
     serve = ServeProcess(model=workdir / "export", registry=workdir / "registry", run_dir=run_dir,
                          token=secrets.token_urlsafe(24), env=DEMO_CALIBRATION_ENV)
-    out: dict = {"decoder": chosen["decoder"], "offline_test_r2": chosen["test_r2"], "export": str(workdir / "export"),
+    out: dict = {"decoder": chosen["decoder"], "offline_test_r2": chosen["test_r2"], "test_split": list(splits.test),
+                 "export": str(workdir / "export"),
                  "export_parity": {k: step_rep.get(k) for k in ("max_abs_error", "passed") if k in step_rep}}
     try:
         serve.wait_ready()
@@ -197,6 +198,8 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
     rep = build_report(res, recorded_velocity=vel, test_range=test_range,
                        meta={"data": data.source, "bin_range": [lo, T], "model": str(workdir / "export"),
                              "daemon_mode": "rpnt serve (child process)", "backend": "onnx-cpu"})
+    if "score_test" in rep:  # bins of the session, not of the replayed range
+        rep["score_test"]["bins"] = [lo + b for b in rep["score_test"]["bins"]]
     rep["calibration"] = job
     rep["swap_bins"] = [int(lo + k) for k in swapped]
     rep["online_equals_offline"] = compare_offline(workdir / "export", counts, res)
@@ -235,13 +238,14 @@ def live_lines(live: dict) -> list[str]:
     lines = [f"live: {live['decoder']} exported to ONNX and served by `rpnt serve`"]
     lines += summary_lines(rep)
     st = rep.get("score_test")
-    swap_before_test = bool(rep["swap_bins"] and st and rep["swap_bins"][0] - rep["bin_range"][0] < st["bins"][1])
+    swap_before_test = bool(rep["swap_bins"] and st and rep["swap_bins"][0] < st["bins"][1])
     eq = rep["online_equals_offline"]
     why = "" if eq["stopped_at"] is None else f" (up to bin {eq['stopped_at']['bin']}: a swap or STALLED bin)"
     lines.append(f"online = offline: the daemon's predictions {'equal' if eq['equal'] else 'DIFFER FROM'} the same "
                  f"export decoding the same counts offline on {eq['bins_compared']} bins{why}, max |Δ| "
                  f"{eq['max_abs_diff']:.1e}")
-    lines.append(f"offline `rpnt evaluate` of the served model on the test split: {live['offline_test_r2']:.4f}"
+    lines.append(f"offline `rpnt evaluate` of the served model on the whole test split {live['test_split']}: "
+                 f"{live['offline_test_r2']:.4f}"
                  + (" (the stream above was decoded by the recalibrated model from the swap on)" if swap_before_test
                     else ""))
     job = rep.get("calibration")
