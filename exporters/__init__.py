@@ -17,8 +17,7 @@ Names below are also available lazily as ``exporters.<name>``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rpnt_core.lazy import lazy_exports
 
 _LAZY = {
     "load_engine": "runtime",
@@ -42,15 +41,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'exporters' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{mod}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, {k: f".{v}" for k, v in _LAZY.items()}, globals())

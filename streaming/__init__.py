@@ -21,7 +21,7 @@ Names below resolve lazily, so ``import streaming`` costs nothing.
 
 from __future__ import annotations
 
-import importlib
+from rpnt_core.lazy import lazy_exports
 
 _EXPORTS = {
     "Daemon": "streaming.daemon",
@@ -36,14 +36,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'streaming' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
