@@ -86,7 +86,8 @@ class ModelRegistry:
     """See the module docstring.  ``root`` is created if missing."""
 
     def __init__(self, *, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+        # absolute: job and version paths are handed to child processes that run in another directory
+        self.root = Path(root).resolve()
         self.versions_dir = self.root / "versions"
         self.jobs_dir = self.root / "jobs"
         self.staging_dir = self.root / "staging"
