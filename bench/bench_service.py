@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    from bench_streaming import recorded_stream  # this directory: the same recording, the same way
     from rpnt_core.data.formats import load_session
     from service.demo import ServeProcess, http_call
     from streaming.protocol import PredFlag
@@ -98,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from streaming.report import stage_arrays
 
     sess = load_session(a.data)
-    counts, velocity = np.asarray(sess.counts), np.asarray(sess.velocity, dtype=np.float32)
-    if a.bins > counts.shape[0]:
-        reps = -(-a.bins // counts.shape[0])
-        counts, velocity = np.tile(counts, (reps, 1)), np.tile(velocity, (reps, 1))
+    counts, velocity = recorded_stream(sess, a.bins)
     counts, velocity = counts[:a.bins], velocity[:a.bins]
     bin_s = a.bin_ms / 1e3
     t_start = time.time()

@@ -54,6 +54,15 @@ DATA = REPO.parent / "shared" / "data" / "stevenson2011_m1_centerout" / "Stevens
 BARS = {"daemon_overhead_p99_ms": 0.2, "paper_end_to_end_p99_ms": 1.5, "bins_lost": 0}
 
 
+def recorded_stream(sess, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, velocity float32) of a recording, played again end to end until ≥ ``n_bins`` bins."""
+    counts, velocity = np.asarray(sess.counts), np.asarray(sess.velocity, dtype=np.float32)
+    if n_bins > counts.shape[0]:
+        reps = -(-n_bins // counts.shape[0])
+        counts, velocity = np.tile(counts, (reps, 1)), np.tile(velocity, (reps, 1))
+    return counts, velocity
+
+
 def export_preset(preset: str, n_channels: int, bin_s: float, out: Path) -> Path:
     import torch
 
@@ -171,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from rpnt_core.data.formats import load_session
 
     sess = load_session(a.data)
-    counts, velocity = np.asarray(sess.counts), np.asarray(sess.velocity)
-    if a.bins > counts.shape[0]:  # longer than the recording: play it again
-        reps = -(-a.bins // counts.shape[0])
-        counts, velocity = np.tile(counts, (reps, 1)), np.tile(velocity, (reps, 1))
+    counts, velocity = recorded_stream(sess, a.bins)
     log(f"{a.data}: {sess.n_bins} bins × {sess.n_channels} channels recorded at {sess.bin_s * 1e3:g} ms; "
         f"replayed at {a.bin_ms:g} ms")
     t_start = time.time()

@@ -199,10 +199,10 @@ def serve_until_stopped(daemon, *, ready_fields: dict, stats_interval: float, lo
         daemon.join(10.0)
         return EXIT_FAILED
     st = daemon.status()
-    print(json.dumps({"event": "ready", **ready_fields, **(extra or {}), "torch_imported": "torch" in sys.modules,
-                      **{k: st[k] for k in ("model_version", "fingerprint", "decoder", "n_channels", "n_outputs",
-                                            "bin_s", "ingest", "publish")},
-                      "startup": st["startup"]}, default=str), file=sys.stderr, flush=True)
+    emit_event({"event": "ready", **ready_fields, **(extra or {}), "torch_imported": "torch" in sys.modules,
+                **{k: st[k] for k in ("model_version", "fingerprint", "decoder", "n_channels", "n_outputs",
+                                      "bin_s", "ingest", "publish")},
+                "startup": st["startup"]})
     interval = stats_interval if stats_interval > 0 else None
     while not stop.is_set() and daemon.running:
         if stop.wait(interval if interval else 0.5) or not interval:
@@ -212,8 +212,15 @@ def serve_until_stopped(daemon, *, ready_fields: dict, stats_interval: float, lo
         before_stop()
     daemon.stop()
     daemon.join(10.0)
-    print(json.dumps({"event": "stopped", "snapshot": daemon.snapshot()}, default=str), file=sys.stderr, flush=True)
+    emit_event({"event": "stopped", "snapshot": daemon.snapshot()})
     return EXIT_OK
+
+
+def emit_event(obj: dict) -> None:
+    """One JSON line on stderr in a single write: the log writer thread shares stderr, and a
+    ``print`` (text, then newline: two writes) could have a log line land inside the event line."""
+    sys.stderr.write(json.dumps(obj, default=str) + "\n")
+    sys.stderr.flush()
 
 
 # ================================================================================ replay

@@ -34,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from conftest import REPO  # noqa: E402
 from rpnt_core.data import Session, save_npz  # noqa: E402
 from streaming.client import PredictionSubscriber, RigClient, wait_for_daemon  # noqa: E402
-from streaming.protocol import PredFlag, Pong, Prediction  # noqa: E402
-from test_streaming_support import barrier, short_ipc_dir, tiny_export  # noqa: E402
+from streaming.protocol import PredFlag, Prediction  # noqa: E402
+from test_streaming_support import barrier, short_ipc_dir, tiny_export, until_pong  # noqa: E402
 
 TOKEN = "svc-test-token-8c1f"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -536,16 +536,7 @@ def test_swap_lands_at_a_bin_boundary_while_streaming_then_rollback(server, http
         assert r.status_code == 200, r.text
         ans = r.json()
         assert ans["version"] == target and ans["previous"] == live and ans["model_version"] == new.info.version
-        preds = []
-        deadline = time.monotonic() + LIVE
-        while time.monotonic() < deadline:
-            m = sub.recv(0.2)
-            if isinstance(m, Prediction):
-                preds.append(m)
-            elif isinstance(m, Pong) and m.token == token:
-                break
-        else:
-            raise AssertionError("no PONG after the stream")
+        preds = until_pong(sub, token, timeout=LIVE)  # everything the sender thread sent, then its PING
     finally:
         pinger.close()
         sub.close()

@@ -117,10 +117,15 @@ def collect(sub: PredictionSubscriber, n: int, *, timeout: float = LIVE_TIMEOUT,
 def barrier(rig: RigClient, sub: PredictionSubscriber, *, timeout: float = LIVE_TIMEOUT) -> list[Prediction]:
     """PING and wait for the PONG: everything this rig sent before has been handled.  Returns the
     predictions that arrived meanwhile."""
-    from streaming.protocol import Pong
-
     token = int(time.monotonic_ns() & 0x7FFFFFFFFFFF)
     rig.ping(token)
+    return until_pong(sub, token, timeout=timeout)
+
+
+def until_pong(sub: PredictionSubscriber, token: int, *, timeout: float = LIVE_TIMEOUT) -> list[Prediction]:
+    """The predictions that arrive before the PONG answering ``token`` (raises TimeoutError without one)."""
+    from streaming.protocol import Pong
+
     got: list[Prediction] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
