@@ -3,6 +3,10 @@
 Layout of the safetensors header's ``__metadata__`` (all strings):
 - ``format``: ``rpnt-checkpoint/1``
 - ``config``: :meth:`RPNTConfig.to_json`
+- tensors named ``extra.*`` are not part of the model (not loaded by :func:`load_checkpoint`,
+  not in ``weights_sha``): training by-products a later step may reuse, e.g. the per-session
+  read-ins of a pretraining run (``extra.readin.<session>.{read_in,rate_out}.{weight,bias}``),
+  read with :func:`read_extra_tensors`.
 - ``meta``: JSON object — ``kind`` (pretrained/finetuned/scratch), ``rpnt_version``, ``created``
   (UTC ISO time), ``data_fingerprint`` (hash of the training sessions), ``weights_sha`` (hash of
   the tensors: the model's identity), ``metrics`` (e.g. best validation loss, test R²), and
@@ -30,6 +34,7 @@ from .config import RPNTConfig
 from .model.rpnt import RPNT
 
 FORMAT = "rpnt-checkpoint/1"
+EXTRA = "extra."
 
 
 class CheckpointError(ValueError):
@@ -61,8 +66,11 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     os.replace(tmp, path)
 
 
-def save_checkpoint(model: RPNT, path: str | Path, *, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``model`` to ``path`` atomically; returns the metadata that was stored."""
+def save_checkpoint(model: RPNT, path: str | Path, *, meta: dict[str, Any] | None = None,
+                    extra: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write ``model`` to ``path`` atomically; returns the metadata that was stored.
+
+    ``extra``: tensors stored next to the model under ``extra.<name>`` (see the module docstring)."""
     state = model.state_dict()
     full_meta = {
         "kind": "unknown",
@@ -73,7 +81,7 @@ def save_checkpoint(model: RPNT, path: str | Path, *, meta: dict[str, Any] | Non
         **(meta or {}),
         "weights_sha": weights_sha(state),
     }
-    atomic_save_tensors(state, Path(path), {
+    atomic_save_tensors({**state, **{EXTRA + k: v for k, v in (extra or {}).items()}}, Path(path), {
         "format": FORMAT, "config": model.config.to_json(), "meta": json.dumps(full_meta, sort_keys=True)})
     return full_meta
 
@@ -105,10 +113,18 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+            if not k.startswith(EXTRA):
+                tensors[k] = f.get_tensor(k)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint: {path} does not match its config "
                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
     model.checkpoint_meta = meta
     return model.to(device).eval()
+
+
+def read_extra_tensors(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The ``extra.*`` tensors of a checkpoint whose name starts with ``prefix`` (names without ``extra.``)."""
+    read_header(path)  # a clear error for a file that is not a checkpoint
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k[len(EXTRA):]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA + prefix)}

@@ -32,6 +32,23 @@ def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write left nothing behind
 
 
+def test_extra_tensors_travel_with_the_checkpoint_but_are_not_the_model(tmp_path):
+    from rpnt_core.checkpoint import read_extra_tensors
+
+    torch.manual_seed(0)
+    model = RPNT(tiny_config()).eval()
+    extra = {"readin.s1.read_in.weight": torch.randn(3, 5), "other.x": torch.ones(2)}
+    plain = save_checkpoint(model, tmp_path / "a.safetensors")
+    with_extra = save_checkpoint(model, tmp_path / "b.safetensors", extra=extra)
+    assert plain["weights_sha"] == with_extra["weights_sha"]  # the model's identity ignores extras
+    loaded = load_checkpoint(tmp_path / "b.safetensors")  # strict: extras are not unexpected weights
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    got = read_extra_tensors(tmp_path / "b.safetensors", "readin.")
+    assert list(got) == ["readin.s1.read_in.weight"] and torch.equal(got["readin.s1.read_in.weight"],
+                                                                       extra["readin.s1.read_in.weight"])
+    assert read_extra_tensors(tmp_path / "a.safetensors") == {}
+
+
 def test_weights_sha_identifies_the_weights(tmp_path):
     a = save_checkpoint(RPNT(tiny_config()), tmp_path / "a.safetensors")
     b = save_checkpoint(RPNT(tiny_config()), tmp_path / "b.safetensors")

@@ -81,6 +81,51 @@ def test_finetune_onto_a_session_with_a_different_channel_count(simdir, tmp_path
         assert model.config.n_channels == target.n_channels and not model.config.channel_map
 
 
+@pytest.mark.parametrize("channels", ["resample", "readin"])
+def test_a_session_seen_in_pretraining_keeps_its_channel_alignment(simdir, tmp_path, channels):
+    """Finetuning a session whose unlabelled bins were in pretraining reuses how it met the model
+    then: its channel map (resample) or its own pretrained read-in/read-out (readin); an unseen
+    session (renamed) gets a fresh read-in instead."""
+    from dataclasses import replace
+
+    from rpnt_core.checkpoint import read_extra_tensors
+    from rpnt_core.data import load_session
+    from rpnt_core.train.finetune import FinetuneOptions, build_model
+    from rpnt_core.train.pretrain import PretrainOptions, pretrain
+
+    sessions = [s for s in (load_session(p) for p in sorted(simdir.glob("*.npz"))) if not s.multisite]
+    widest = max(s.n_channels for s in sessions)
+    target = next(s for s in sessions if s.n_channels < widest)
+    pool = [s for s in sessions if s is not target] + [replace(target.slice_bins(0, 480), velocity=None, position=None)]
+    pre = tmp_path / "pre.safetensors"
+    pretrain(pool, options=PretrainOptions(epochs=1, steps_per_epoch=2, batch_size=4, window_len=40, channels=channels,
+                                           seed=3, device="cpu", progress=False), out=pre)
+    _, meta = read_header(pre)
+    seen = meta["session_channels"][target.session]
+    assert seen == {"mode": channels, "n_channels": target.n_channels, **({"seed": 3 + len(pool) - 1}
+                                                                          if channels == "resample" else {})}
+    opts = FinetuneOptions(channels=channels, seed=0, device="cpu", progress=False)
+    model, fresh, prov = build_model(target, pre, opts)
+    assert not fresh and prov["read_in"] == "pretrained, this session"
+    if channels == "resample":
+        from rpnt_core.data.channels import ChannelResampler
+
+        rs = ChannelResampler(n_channels=target.n_channels, n_max=widest, seed=seen["seed"])
+        assert model.config.channel_map == tuple(int(i) for i in rs.index)
+        assert rs.index.tolist() != ChannelResampler(n_channels=target.n_channels, n_max=widest, seed=0).index.tolist()
+    else:
+        stored = read_extra_tensors(pre, f"readin.{target.session}.")
+        assert set(stored) == {f"readin.{target.session}.{k}" for k in
+                               ("read_in.weight", "read_in.bias", "rate_out.weight", "rate_out.bias")}
+        assert torch.equal(model.read_in.weight, stored[f"readin.{target.session}.read_in.weight"])
+        assert torch.equal(model.rate_out.bias, stored[f"readin.{target.session}.rate_out.bias"])
+    stranger = replace(target, session=target.session + "-unseen")
+    _, fresh, prov = build_model(stranger, pre, opts)
+    assert prov["read_in"] == ("fresh" if channels == "readin" else "pretrained, shared")
+    assert fresh == (channels == "readin")
+    assert not any(k.startswith("extra") for k in load_checkpoint(pre).state_dict())  # extras are not the model
+
+
 def test_finetune_from_scratch_learns_and_reports_best_validation_epoch(simdir, tmp_path):
     from rpnt_core.data import load_session
     from rpnt_core.train.finetune import FinetuneOptions, finetune

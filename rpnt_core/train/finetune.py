@@ -8,8 +8,13 @@
 - Builds the model: from scratch (``init=None``, preset sized to the session), or from a
   checkpoint.  A pretrained model of a different width meets the session either through channel
   resampling (``channels="resample"``: a fixed channel map stored in the config, all weights
-  kept) or a fresh per-session read-in (``channels="readin"``: read-in and Poisson read-out
-  re-initialised for the session's channel count, read-in always trained).
+  kept) or a per-session read-in (``channels="readin"``: read-in and Poisson read-out sized to
+  the session's channel count).  A session the pretraining run already saw (its unlabelled bins,
+  matched by session name and channel count, see :func:`seen_in_pretraining`) meets the model
+  the way it did then: the same channel map, or its own pretrained read-in from the checkpoint.
+  Otherwise the map is drawn with ``seed`` and a read-in is fresh (and always trained).  A
+  checkpoint pretrained with per-session read-ins has no trained shared read-in, so it is always
+  met through a read-in.
 - Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
   norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
   train split, AdamW with cosine decay.
@@ -32,7 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import read_header, load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, read_extra_tensors, read_header, save_checkpoint
 from ..config import RPNTConfig
 from ..data.channels import ChannelResampler
 from ..data.session import Session
@@ -81,6 +86,16 @@ def _session_vocab(session: Session, attr: str) -> tuple[str, ...]:
     return (v,) if v else ()
 
 
+def seen_in_pretraining(session: Session, meta: dict) -> dict | None:
+    """How a pretraining run presented ``session`` (same name and channel count), if it did.
+
+    ``{"mode": "resample", "seed": S, ...}``: its channel map (reused, so its columns mean what
+    they meant in pretraining); ``{"mode": "readin", ...}``: its per-session read-in is stored in
+    the checkpoint (reused instead of a fresh one).  See ``pretrain.session_alignment``."""
+    info = (meta.get("session_channels") or {}).get(session.session) if session.session else None
+    return info if info and int(info.get("n_channels", -1)) == session.n_channels else None
+
+
 def build_model(session: Session, init: str | Path | None, options: FinetuneOptions) -> tuple[RPNT, bool, dict]:
     """The model to finetune, whether its read-in is fresh, and provenance for the metadata."""
     n_in, d_out = session.n_channels, session.n_outputs
@@ -99,17 +114,27 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
     provenance = {"init": str(init), "parent_weights_sha": base_meta.get("weights_sha", ""),
                   "parent_kind": base_meta.get("kind", "")}
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("spatial.")}
+    seen = seen_in_pretraining(session, base_meta)
+    readin_pretrained = base_meta.get("channels") == "readin"
     fresh_read_in = False
-    if base_cfg.n_input_channels == n_in:
+    if base_cfg.n_input_channels == n_in and not readin_pretrained:
         cfg = base_cfg.replace(n_outputs=d_out, **overrides)
-    elif options.channels == "resample":
-        rs = ChannelResampler(n_channels=n_in, n_max=base_cfg.n_channels, seed=options.seed)
+    elif options.channels == "resample" and not readin_pretrained:
+        seed = seen["seed"] if seen and seen["mode"] == "resample" else options.seed
+        rs = ChannelResampler(n_channels=n_in, n_max=base_cfg.n_channels, seed=seed)
         cfg = base_cfg.replace(n_outputs=d_out, input_channels=n_in, channel_map=tuple(int(i) for i in rs.index),
                                **overrides)
+        provenance["channel_seed"] = seed
     else:
         cfg = base_cfg.replace(n_channels=n_in, n_outputs=d_out, input_channels=0, channel_map=(), **overrides)
         state = {k: v for k, v in state.items() if not k.startswith(("read_in.", "rate_out."))}
-        fresh_read_in = True
+        if seen and seen["mode"] == "readin":  # the read-in this session got in pretraining
+            prefix = f"readin.{session.session}."
+            state.update({k.removeprefix(prefix): v for k, v in read_extra_tensors(init, prefix).items()})
+        else:
+            fresh_read_in = True
+    provenance["read_in"] = ("fresh" if fresh_read_in else "pretrained, this session" if seen
+                             else "pretrained, shared")
     state = {k: v for k, v in state.items() if not k.startswith("velocity_")}
     model = RPNT(cfg)
     model.load_state_dict(state, strict=False)

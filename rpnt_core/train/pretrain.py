@@ -105,6 +105,29 @@ def build_config(sessions: list[Session], options: PretrainOptions) -> RPNTConfi
                              sessions=names("session"), tasks=names("task"), **overrides)
 
 
+def session_alignment(streams: list[Stream], adapters: nn.ModuleDict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """How each named session met the model in pretraining, for finetuning to reuse.
+
+    Returns checkpoint metadata ``{"session_channels": {name: {"n_channels", "mode", "seed"?}}}``
+    and, for per-session read-ins, their weights as checkpoint extras
+    (``readin.<name>.read_in.weight`` ...).  Sessions without a name, sites of multi-site
+    recordings and names that occur more than once are left out (ambiguous)."""
+    names = [st.session for st in streams]
+    info: dict[str, dict] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for st in streams:
+        if not st.session or names.count(st.session) > 1:
+            continue
+        n = st.source_channels
+        if st.channel_seed is not None:
+            info[st.session] = {"mode": "resample", "n_channels": n, "seed": int(st.channel_seed)}
+        elif _safe(st.key) in adapters:
+            info[st.session] = {"mode": "readin", "n_channels": n}
+            for k, v in adapters[_safe(st.key)].state_dict().items():
+                extra[f"readin.{st.session}.{k}"] = v
+    return {"session_channels": info}, extra
+
+
 def _loss(net: nn.Module, core: RPNT, stream: Stream, counts: torch.Tensor, *, gen: torch.Generator,
           device: torch.device, contrastive_weight: float) -> torch.Tensor:
     mask = sample_mask(tuple(counts.shape), generator=gen, groups=stream.groups)
@@ -223,7 +246,8 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
         info["epoch"] = epoch + 1
         if dist.is_main:
             if improved:
-                save_checkpoint(core, out, meta={
+                alignment, extra = session_alignment(streams, net.adapters)
+                save_checkpoint(core, out, extra=extra, meta={**alignment,
                     "kind": "pretrained", "data_fingerprint": fingerprint, "channels": options.channels,
                     "metrics": {"val_poisson_nll": val, "epoch": epoch},
                     "pretrain_options": asdict(options) | {"config_overrides": dict(options.config_overrides)},

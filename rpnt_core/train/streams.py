@@ -29,6 +29,9 @@ class Stream:
     site_xy: Tensor | None = None  # (S, 2)
     train: tuple[int, int] = (0, 0)
     val: tuple[int, int] = (0, 0)
+    session: str = ""  # the recording's session name ("" when unnamed or one site of several)
+    channel_seed: int | None = None  # the ChannelResampler seed ("resample" streams)
+    source_channels: int = 0  # the recording's own channel count (before resampling)
 
     @property
     def n_channels(self) -> int:
@@ -79,8 +82,10 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
                 continue  # too short to hold a training and a validation window
             key = f"{i}:{name}" + ("" if site is None else f":site{site}")
             groups = np.arange(c.shape[-1])
+            channel_seed, source_channels = None, int(c.shape[-1])
             if channels == "resample":
-                rs = ChannelResampler(n_channels=c.shape[-1], n_max=n_max, seed=seed + i)
+                channel_seed = seed + i
+                rs = ChannelResampler(n_channels=c.shape[-1], n_max=n_max, seed=channel_seed)
                 c, groups = rs.apply(c), rs.index
             streams.append(Stream(
                 key=key, counts=torch.from_numpy(np.ascontiguousarray(c)),
@@ -88,7 +93,8 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
                 groups=torch.as_tensor(np.array(groups), dtype=torch.long),
                 metadata=dict(subject=s.subject, session=s.session, task=s.task, date_days=s.date_days),
                 site_xy=None if (s.site_xy is None or site is not None) else torch.as_tensor(s.site_xy, dtype=torch.float32),
-                train=(0, t - n_val), val=(t - n_val, t)))
+                train=(0, t - n_val), val=(t - n_val, t), session=(s.session or "") if site is None else "",
+                channel_seed=channel_seed, source_channels=source_channels))
     if not streams:
         raise ValueError(f"data: no recording has enough bins ({2 * min_bins}+) for training and validation windows")
     return streams
