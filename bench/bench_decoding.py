@@ -14,6 +14,13 @@ test = last 20 %), it reports test R² (pooled, variance-weighted, streamed caus
   (never its validation/test bins), then few-shot finetuned (FS-SFT) on the 20 % split, once with
   channel resampling to a fixed width and once with a per-session read-in.
 
+Why pretraining does or does not help is measured alongside (``probes`` in the JSON): the test
+R² of a causal linear read-out (:func:`rpnt_core.evaluate.probe.linear_probe_r2`, 5 lags) from
+sqrt(counts), from a randomly initialised encoder's latent and from each pretrained encoder's
+latent (the target met through its pretraining read-in/channel map); and each pretraining run's
+validation Poisson NLL next to that of a predictor that knows only every channel's mean rate
+(``pretrain_val_nll`` vs ``pretrain_val_nll_mean_rate``).
+
 It prints a table and writes JSON (``--out``) and Markdown (same path, ``.md``).  Real data is
 read from ../shared/data and skipped when absent.  Timing figures are wall-clock seconds on this
 machine.
@@ -70,17 +77,27 @@ def targets(seed: int, quick: bool):
     return out
 
 
+def probe(model, session, splits) -> float:
+    """Causal linear read-out R² of velocity from the model's latent (see the module docstring)."""
+    from rpnt_core.evaluate.harness import predict_session
+    from rpnt_core.evaluate.probe import linear_probe_r2
+
+    model.eval()
+    return linear_probe_r2(predict_session(model, session, output="latent"), session.velocity, splits)["test_r2"]
+
+
 def run(args) -> dict:
     from rpnt_core.data import contiguous_splits
     from rpnt_core.evaluate.harness import evaluate_baseline
-    from rpnt_core.train.finetune import FinetuneOptions, finetune
+    from rpnt_core.evaluate.probe import linear_probe_r2
+    from rpnt_core.train.finetune import FinetuneOptions, build_model, finetune
     from rpnt_core.train.pretrain import PretrainOptions, pretrain
 
     torch.set_num_threads(args.threads)
     rc = recipe(args.quick)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, probes = [], []
     for name, target, pool in targets(args.seed, args.quick):
         splits = contiguous_splits(target.n_bins, train_fraction=args.train_fraction)
         print(f"\n== {name}: {target.n_bins} bins × {target.n_channels} channels, {target.bin_s * 1e3:.0f} ms, "
@@ -98,6 +115,10 @@ def run(args) -> dict:
         ft = dict(epochs=rc["ft_epochs"], steps_per_epoch=rc["ft_steps"], patience=rc["patience"], lr=1e-3,
                   train_fraction=args.train_fraction, seed=args.seed, device="cpu", progress=False,
                   config_overrides=MODEL)
+        probes.append({"session": name, "features": "sqrt counts", "test_r2": linear_probe_r2(
+            np.sqrt(np.asarray(target.counts, np.float64)), target.velocity, splits)["test_r2"]})
+        probes.append({"session": name, "features": "random-init encoder latent", "test_r2": probe(
+            build_model(target, None, FinetuneOptions(**ft))[0], target, splits)})
         t = time.time()
         r = finetune(target, init=None, options=FinetuneOptions(**ft), out=None, splits=splits)
         record("RPNT from scratch", r["test_r2"], r["test_r2_per_dim"], time.time() - t, val_r2=r["val_r2"])
@@ -111,26 +132,40 @@ def run(args) -> dict:
                 epochs=rc["pre_epochs"], steps_per_epoch=rc["pre_steps"], channels=channels, seed=args.seed,
                 device="cpu", progress=False, config_overrides=MODEL), out=pre_path)
             t_pre = time.time() - t
+            probes.append({"session": name, "features": f"pretrained encoder latent ({channels})", "test_r2": probe(
+                build_model(target, pre_path, FinetuneOptions(**ft, channels=channels))[0], target, splits)})
             t = time.time()
             r = finetune(target, init=pre_path, options=FinetuneOptions(**ft, channels=channels), out=None,
                          splits=splits)
             record(f"RPNT pretrained + FS-SFT ({channels})", r["test_r2"], r["test_r2_per_dim"], time.time() - t,
-                   val_r2=r["val_r2"], pretrain_seconds=round(t_pre, 1), pretrain_val_nll=pre["best_val_loss"])
+                   val_r2=r["val_r2"], pretrain_seconds=round(t_pre, 1), pretrain_val_nll=pre["best_val_loss"],
+                   pretrain_val_nll_mean_rate=pre["val_loss_mean_rate"])
     return {"benchmark": "decoding", "train_fraction": args.train_fraction, "seed": args.seed, "recipe": rc,
-            "model_overrides": dict(MODEL), "quick": args.quick, "rows": rows,
+            "model_overrides": dict(MODEL), "quick": args.quick, "rows": rows, "probes": probes,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                         "threads": args.threads},
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def _table(rows: list[dict], label: str, cell) -> list[str]:
+    names = list(dict.fromkeys(r[label] for r in rows))
+    sessions = list(dict.fromkeys(r["session"] for r in rows))
+    by = {(r["session"], r[label]): r for r in rows}
+    lines = [f"| {label} | " + " | ".join(sessions) + " |", "|---|" + "---:|" * len(sessions)]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(cell(by[(s, n)]) if (s, n) in by else "" for s in sessions) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
-    decoders = list(dict.fromkeys(r["decoder"] for r in result["rows"]))
-    sessions = list(dict.fromkeys(r["session"] for r in result["rows"]))
-    cell = {(r["session"], r["decoder"]): r["test_r2"] for r in result["rows"]}
-    lines = ["| decoder | " + " | ".join(sessions) + " |", "|---|" + "---:|" * len(sessions)]
-    for d in decoders:
-        vals = [cell.get((s, d)) for s in sessions]
-        lines.append(f"| {d} | " + " | ".join("" if v is None else f"{v:.3f}" for v in vals) + " |")
+    lines = _table(result["rows"], "decoder", lambda r: f"{r['test_r2']:.3f}")
+    if result.get("probes"):
+        lines += ["", "Linear probe (causal ridge, 5 lags), test R²:", ""]
+        lines += _table(result["probes"], "features", lambda r: f"{r['test_r2']:.3f}")
+    pre = [r for r in result["rows"] if r.get("pretrain_val_nll_mean_rate") is not None]
+    if pre:
+        lines += ["", "Pretraining validation Poisson NLL: model / mean-rate-only predictor:", ""]
+        lines += _table(pre, "decoder", lambda r: f"{r['pretrain_val_nll']:.4f} / {r['pretrain_val_nll_mean_rate']:.4f}")
     return "\n".join(lines)
 
 

@@ -23,13 +23,14 @@ def session_metadata(model: RPNT, session: Session) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_session(model: RPNT, session: Session, *, stop: int | None = None) -> np.ndarray:
-    """Velocity (T', D) for bins [0, stop), streamed causally from bin 0."""
+def predict_session(model: RPNT, session: Session, *, stop: int | None = None, output: str = "velocity") -> np.ndarray:
+    """Velocity (T', D) — or another of the model's outputs, e.g. ``"latent"`` (T', d) — for bins
+    [0, stop), streamed causally from bin 0."""
     stop = session.n_bins if stop is None else stop
     counts = torch.from_numpy(np.asarray(session.counts[:stop], dtype=np.float32))[None]  # (1, T', N)
     dev = next(model.parameters()).device
     out = model.predict_stream(counts.to(dev), {k: v.to(dev) for k, v in session_metadata(model, session).items()})
-    return out["velocity"][0].cpu().numpy()
+    return out[output][0].cpu().numpy()
 
 
 @torch.no_grad()

@@ -89,6 +89,10 @@ class PretrainNet(nn.Module):
         return self.core(counts, metadata, site_xy=site_xy, adapter=adapter)
 
 
+def resume_path_for(out: Path) -> Path:
+    return Path(out).with_suffix(".resume.safetensors")
+
+
 def _safe(key: str) -> str:
     return key.replace(".", "_").replace(":", "__")
 
@@ -132,7 +136,8 @@ def _loss(net: nn.Module, core: RPNT, stream: Stream, counts: torch.Tensor, *, g
           device: torch.device, contrastive_weight: float) -> torch.Tensor:
     mask = sample_mask(tuple(counts.shape), generator=gen, groups=stream.groups)
     counts, mask = counts.to(device), mask.to(device)
-    meta = {k: v.to(device) for k, v in metadata_batch(core, stream.metadata, counts.shape[0]).items()}
+    meta = {} if core is None else {
+        k: v.to(device) for k, v in metadata_batch(core, stream.metadata, counts.shape[0]).items()}
     out = net(apply_mask(counts, mask), meta, stream.key, site_xy=stream.site_xy)
     loss = masked_poisson_nll(out["log_rates"], counts, mask)
     if "site_latent" in out and contrastive_weight > 0 and counts.shape[0] > 1:
@@ -155,6 +160,49 @@ def validation_loss(net: nn.Module, core: RPNT, streams: list[Stream], *, window
                                       contrastive_weight=contrastive_weight)))
     net.train(was)
     return float(np.mean(losses))
+
+
+def _log_mean_counts(st: Stream) -> torch.Tensor:
+    """(N,) log of each column's mean count per bin over the stream's training bins."""
+    lo, hi = st.train
+    c = st.counts[..., lo:hi, :]
+    return torch.log(c.reshape(-1, c.shape[-1]).mean(0) + 1e-3)
+
+
+@torch.no_grad()
+def init_rate_biases(core: RPNT, streams: list[Stream], adapters: dict[str, SessionAdapter] | None) -> None:
+    """Start every Poisson read-out at its channels' mean rates (log mean count per bin): per
+    session for per-session read-outs, the average over sessions for the shared one.  The mean
+    rates are most of what the masked loss can explain (see :func:`mean_rate_val_loss`); starting
+    there leaves the training steps for the dynamics."""
+    logs = {st.key: _log_mean_counts(st) for st in streams}
+    if adapters:
+        for key, ad in adapters.items():
+            ad.rate_out.bias.copy_(logs[key])
+    else:
+        core.rate_out.bias.copy_(torch.stack([v for v in logs.values() if v.numel() == core.config.n_channels]).mean(0))
+
+
+class _MeanRateNet(nn.Module):
+    """Predicts every masked entry by its channel's mean count over the stream's training bins."""
+
+    def __init__(self, streams: list[Stream]) -> None:
+        super().__init__()
+        self.log_mean = {}
+        for st in streams:
+            lo, hi = st.train
+            self.log_mean[st.key] = torch.log(st.counts[..., lo:hi, :].mean(dim=-2, keepdim=True) + 1e-6)
+
+    def forward(self, counts, metadata, key: str, site_xy=None):
+        return {"log_rates": self.log_mean[key].expand_as(counts).to(counts.device)}
+
+
+def mean_rate_val_loss(streams: list[Stream], *, window_len: int, seed: int) -> float:
+    """:func:`validation_loss` (same windows, same masks) of a predictor that knows only each
+    channel's mean rate: the level a pretrained model must get below to have learned anything
+    about the population's dynamics rather than its firing rates."""
+    return validation_loss(_MeanRateNet(streams), None, streams, window_len=window_len, seed=seed,
+                           device=torch.device("cpu"), contrastive_weight=0.0)
 
 
 def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Path,
@@ -182,6 +230,7 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
     core = RPNT(config)
     adapters = ({s.key: SessionAdapter(s.n_channels, config.d_model) for s in streams}
                 if options.channels == "readin" else None)
+    init_rate_biases(core, streams, adapters)  # (a resumed run loads its own weights over this)
     net = PretrainNet(core, adapters).to(dist.device)
     train_net: nn.Module = net
     if dist.enabled:
@@ -198,7 +247,7 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    resume_path = out.with_suffix(".resume.safetensors")
+    resume_path = resume_path_for(out)
     log_path = out.with_suffix(".log.jsonl")
     info = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1}
     if options.resume and resume_path.exists():
@@ -262,6 +311,7 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
                       + ("  *best" if improved else ""), flush=True)
         D.barrier(dist)
     D.teardown(dist)
-    return {"checkpoint": str(out), "best_val_loss": info["best_val"], "best_epoch": info["best_epoch"],
+    floor = mean_rate_val_loss(streams, window_len=window_len, seed=options.seed) if not config.spatial_layers else None
+    return {"checkpoint": str(out), "best_val_loss": info["best_val"], "val_loss_mean_rate": floor, "best_epoch": info["best_epoch"],
             "epochs": info["epoch"], "log": str(log_path), "streams": len(streams),
             "data_fingerprint": fingerprint}

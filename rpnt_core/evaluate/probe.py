@@ -1,0 +1,56 @@
+"""Linear probes: how much velocity a representation carries, read out by causal ridge regression.
+
+``linear_probe_r2(features, velocity, splits)`` fits ŷ_t = b + Σ_{l<L} f_{t-l}·W_l (lags L,
+zeros before bin 0, as the Wiener filter) on the train split, picks the ridge penalty
+(``rel_alphas`` × tr(XᵀX)/p) by validation R², and returns the test R² (pooled,
+variance-weighted, :func:`r2_score`).  Run on an encoder's ``latent`` (T, d) it asks whether
+pretraining made velocity linearly readable; run on sqrt(counts) it is the reference the latent
+should beat (the Wiener filter's features).  The features must themselves be causal (an encoder
+streamed from bin 0 is).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..data.splits import Splits
+from .metrics import r2_score
+
+__all__ = ["linear_probe_r2"]
+
+
+def _lagged(f: np.ndarray, n_lags: int) -> np.ndarray:
+    """(T, d) → (T, L·d): row t holds f_t, f_{t-1}, ..., zeros before bin 0."""
+    out = np.zeros((f.shape[0], n_lags * f.shape[1]))
+    for lag in range(n_lags):
+        out[lag:, lag * f.shape[1]:(lag + 1) * f.shape[1]] = f[: f.shape[0] - lag]
+    return out
+
+
+def linear_probe_r2(features: np.ndarray, velocity: np.ndarray, splits: Splits, *, n_lags: int = 5,
+                    rel_alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> dict:
+    """Test R² of a causal ridge read-out of ``velocity`` (T, D) from ``features`` (T, d)."""
+    f = np.asarray(features, dtype=np.float64)
+    v = np.asarray(velocity, dtype=np.float64)
+    if f.ndim != 2 or v.ndim != 2 or f.shape[0] != v.shape[0]:
+        raise ValueError(f"features (T, d) and velocity (T, D) expected, got {f.shape} and {v.shape}")
+    if not np.isfinite(f).all():
+        raise ValueError("features: contain NaN or inf")
+    x = _lagged(f, n_lags)  # (T, L·d)
+    (lo, hi), (vlo, vhi), (tlo, thi) = splits.train, splits.val, splits.test
+    mu_x, mu_y = x[lo:hi].mean(0), v[lo:hi].mean(0)
+    xc = x[lo:hi] - mu_x
+    g = xc.T @ xc
+    xty = xc.T @ (v[lo:hi] - mu_y)
+    scale = max(float(np.trace(g)) / g.shape[0], np.finfo(np.float64).tiny)
+    best = None
+    for r in rel_alphas:
+        w = np.linalg.solve(g + r * scale * np.eye(g.shape[0]), xty)  # (L·d, D)
+        val = r2_score(v[vlo:vhi], (x[vlo:vhi] - mu_x) @ w + mu_y)
+        if best is None or val > best[0]:
+            best = (val, r, w)
+    val, r, w = best
+    return {"test_r2": r2_score(v[tlo:thi], (x[tlo:thi] - mu_x) @ w + mu_y), "val_r2": val, "rel_alpha": r,
+            "n_lags": n_lags}
