@@ -87,17 +87,6 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
     return out
 
 
-def daemon_options(settings):
-    from streaming.daemon import DaemonOptions
-
-    d = settings.daemon
-    return DaemonOptions(stall_timeout_s=None if d.stall_ms is None else d.stall_ms / 1e3, max_jump_s=d.max_jump_s,
-                         history_s=d.history_s, warmup_bins=d.warmup_bins,
-                         affinity=tuple(d.affinity) if d.affinity else None, gc_freeze=d.gc_freeze,
-                         rt_priority=d.rt_priority, allow_bin_mismatch=d.allow_bin_mismatch,
-                         busy_poll_us=d.busy_poll_us, allow_remote=d.allow_remote)
-
-
 def open_live_model(registry, settings, *, replace_active: bool, log: logging.Logger):
     """Steps 2–3 of the module docstring: (version, engine)."""
     from .control import load_version_engine
@@ -142,7 +131,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("rpnt.serve")
 
     from streaming.cli import serve_until_stopped
-    from streaming.daemon import Daemon
+    from streaming.daemon import Daemon, DaemonOptions
 
     from .control import ControlPlane
     from .registry import ModelRegistry, RegistryError
@@ -153,7 +142,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         version, engine = open_live_model(registry, settings, replace_active=a.replace_active, log=log)
         bin_s = settings.daemon.bin_ms / 1e3 if settings.daemon.bin_ms else float(engine.info.bin_s)
         daemon = Daemon(decoder=engine, bin_s=bin_s, ingest=settings.daemon.ingest, publish=settings.daemon.publish,
-                        options=daemon_options(settings))
+                        options=DaemonOptions.from_fields(settings.daemon))
         token, token_source = resolve_token(settings) if settings.http.enabled else ("", "")
     except (RegistryError, SettingsError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"rpnt serve: error: {exc}", file=sys.stderr)

@@ -101,16 +101,6 @@ def add_daemon_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> 
     g.add_argument("--allow-remote", action="store_true", help="allow binding non-loopback TCP endpoints")
 
 
-def _options(a: argparse.Namespace):
-    from .daemon import DaemonOptions
-
-    return DaemonOptions(stall_timeout_s=None if a.stall_ms is None else a.stall_ms / 1e3, max_jump_s=a.max_jump_s,
-                         history_s=a.history_s, warmup_bins=a.warmup_bins, affinity=a.affinity, gc_freeze=a.gc_freeze,
-                         rt_priority=a.rt_priority, allow_bin_mismatch=a.allow_bin_mismatch,
-                         busy_poll_us=a.busy_poll_us,
-                         allow_remote=a.allow_remote)
-
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -152,7 +142,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     a = build_serve_parser().parse_args(argv)
     _setup_logging(a.log_level)
     log = logging.getLogger("rpnt.serve")
-    from .daemon import Daemon
+    from .daemon import Daemon, DaemonOptions
     from .launch import load_decoder
 
     t0 = time.perf_counter()
@@ -163,7 +153,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     load_s = time.perf_counter() - t0
     try:
-        daemon = Daemon(decoder=decoder, bin_s=a.bin_ms / 1e3, ingest=a.ingest, publish=a.publish, options=_options(a))
+        daemon = Daemon(decoder=decoder, bin_s=a.bin_ms / 1e3, ingest=a.ingest, publish=a.publish,
+                        options=DaemonOptions.from_fields(a))
     except ValueError as exc:
         print(f"rpnt serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -300,11 +291,12 @@ def replay_main(argv: list[str] | None = None) -> int:
 
             ingest, publish, tmpdir = ipc_endpoints()
             if a.daemon == "thread":
-                from .daemon import Daemon
+                from .daemon import Daemon, DaemonOptions
 
                 try:
                     decoder = load_decoder(a.model, backend=a.backend, precision=a.precision)
-                    daemon = Daemon(decoder=decoder, bin_s=bin_s, ingest=ingest, publish=publish, options=_options(a))
+                    daemon = Daemon(decoder=decoder, bin_s=bin_s, ingest=ingest, publish=publish,
+                                    options=DaemonOptions.from_fields(a))
                 except (FileNotFoundError, ValueError) as exc:
                     print(f"rpnt replay: error: {exc}", file=sys.stderr)
                     return EXIT_USAGE

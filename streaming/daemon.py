@@ -145,6 +145,18 @@ class DaemonOptions:
     max_batch: int = 64
     busy_poll_us: int = 0
 
+    @classmethod
+    def from_fields(cls, src) -> "DaemonOptions":
+        """The options an operator sets, read by attribute from ``src``: the ``rpnt serve`` flags
+        (an argparse namespace) or the ``[daemon]`` settings section — both name them
+        ``stall_ms``, ``max_jump_s``, ``history_s``, ``warmup_bins``, ``affinity``, ``gc_freeze``,
+        ``rt_priority``, ``allow_bin_mismatch``, ``busy_poll_us``, ``allow_remote``."""
+        return cls(stall_timeout_s=None if src.stall_ms is None else src.stall_ms / 1e3, max_jump_s=src.max_jump_s,
+                   history_s=src.history_s, warmup_bins=src.warmup_bins,
+                   affinity=tuple(src.affinity) if src.affinity else None,
+                   gc_freeze=src.gc_freeze, rt_priority=src.rt_priority, allow_bin_mismatch=src.allow_bin_mismatch,
+                   busy_poll_us=src.busy_poll_us, allow_remote=src.allow_remote)
+
 
 class SwapTicket:
     """A pending :meth:`Daemon.swap_decoder`: :meth:`wait` returns the bin index it took effect at."""
