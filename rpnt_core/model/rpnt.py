@@ -52,6 +52,7 @@ class RPNT(nn.Module):
             raise TypeError(f"config: expected RPNTConfig, got {type(config).__name__}")
         self.config = c = config
         self.read_in = nn.Linear(c.n_channels, c.d_model)
+        self.mask_in = nn.Linear(c.n_channels, c.d_model, bias=False) if c.mask_token else None
         self.meta_embed = nn.ModuleDict({
             f: nn.Embedding(len(getattr(c, f + "s")) + 1, c.d_model) for f in META_FIELDS})
         for emb in self.meta_embed.values():
@@ -130,12 +131,20 @@ class RPNT(nn.Module):
         """Input counts (..., N_in) as the model's Poisson targets (..., N): through the channel map."""
         return counts if self.channel_index is None else counts.index_select(-1, self.channel_index)
 
-    def _embed(self, counts: Tensor, adapter: nn.Module | None) -> Tensor:
-        """(..., N_in) counts → (..., d) token embeddings (before metadata)."""
+    def _embed(self, counts: Tensor, adapter: nn.Module | None, mask: Tensor | None = None) -> Tensor:
+        """(..., N_in) counts [+ mask, same shape, True = hidden] → (..., d) token embeddings
+        (before metadata)."""
         x = counts.float()
         if adapter is not None:
-            return adapter.read_in(torch.sqrt(x))
-        return self.read_in(torch.sqrt(self.units(x)))  # (..., d)
+            h = adapter.read_in(torch.sqrt(x))
+            mask_in = getattr(adapter, "mask_in", None)
+        else:
+            h = self.read_in(torch.sqrt(self.units(x)))  # (..., d)
+            mask_in = self.mask_in
+            mask = None if mask is None else self.units(mask)
+        if mask is not None and mask_in is not None:
+            h = h + mask_in(mask.to(h.dtype))  # (..., d)
+        return h
 
     def _heads(self, z: Tensor, adapter: nn.Module | None = None) -> dict[str, Tensor]:
         rate_out = self.rate_out if adapter is None else adapter.rate_out
@@ -144,11 +153,13 @@ class RPNT(nn.Module):
 
     def forward(self, counts: Tensor, metadata: Mapping[str, Tensor] | None = None, *,
                 site_xy: Tensor | None = None, start_position: int = 0,
-                adapter: nn.Module | None = None) -> dict[str, Tensor]:
+                adapter: nn.Module | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
         """counts (B, T, N) [or (B, S, T, N)] → outputs for every bin; bin 0 starts the stream.
 
         ``adapter`` (pretraining with per-session read-ins): a module with ``read_in``
         (Linear(N_s → d)) and ``rate_out`` (Linear(d → N_s)) used instead of the model's own.
+        ``mask`` (masked pretraining): bool, the shape of ``counts``, True where the input was
+        hidden (see ``RPNTConfig.mask_token``); None at inference.
         """
         self._check_counts(counts, step=False, n=None if adapter is None else adapter.read_in.in_features)
         multisite = self.config.spatial_layers > 0
@@ -158,7 +169,8 @@ class RPNT(nn.Module):
             s = x.shape[1]
             xy = self._site_xy(site_xy, b, s)
             x = x.flatten(0, 1)  # (B·S, T, N)
-        h = self._embed(x, adapter)  # (B', T, d)
+            mask = None if mask is None else mask.flatten(0, 1)
+        h = self._embed(x, adapter, mask)  # (B', T, d)
         bias = self.metadata_bias(metadata, b)  # (B, d)
         if multisite:
             bias = bias.repeat_interleave(s, dim=0)

@@ -127,7 +127,7 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
         provenance["channel_seed"] = seed
     else:
         cfg = base_cfg.replace(n_channels=n_in, n_outputs=d_out, input_channels=0, channel_map=(), **overrides)
-        state = {k: v for k, v in state.items() if not k.startswith(("read_in.", "rate_out."))}
+        state = {k: v for k, v in state.items() if not k.startswith(("read_in.", "rate_out.", "mask_in."))}
         if seen and seen["mode"] == "readin":  # the read-in this session got in pretraining
             prefix = f"readin.{session.session}."
             state.update({k.removeprefix(prefix): v for k, v in read_extra_tensors(init, prefix).items()})
@@ -211,7 +211,7 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
             loss = velocity_mse(model(x, bmeta)["velocity"], y, mean=m_t, scale=s_t)
             if options.aux_poisson_weight > 0:  # semi-supervised: also forecast masked counts
                 mask = sample_mask(tuple(x.shape), generator=gen).to(dev)
-                aux = model(apply_mask(x, mask), bmeta)["log_rates"]
+                aux = model(apply_mask(x, mask), bmeta, mask=mask)["log_rates"]
                 loss = loss + options.aux_poisson_weight * masked_poisson_nll(aux, model.units(x), model.units(mask))
             opt.zero_grad(set_to_none=True)
             loss.backward()
