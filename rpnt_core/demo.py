@@ -92,7 +92,8 @@ def run_demo(*, workdir: Path, data: DemoData, seed: int, preset: str, pretrain_
         rows.append({"decoder": f"baseline: {name}", "test_r2": r["r2"], "val_r2": None,
                      "test_r2_per_dim": r["r2_per_dim"], "seconds": round(time.time() - t, 2)})
     result = {"target": data.source, "splits": splits.as_dict(), "train_fraction": train_fraction, "preset": preset,
-              "pretrain": {k: pre[k] for k in ("best_val_loss", "best_epoch", "epochs")}, "rows": rows,
+              "pretrain": {k: pre[k] for k in ("best_val_loss", "val_loss_mean_rate", "best_epoch", "epochs")},
+              "rows": rows,
               "total_seconds": round(time.time() - t0, 1)}
     (workdir / "results.json").write_text(json.dumps(result, indent=2))
     return result
@@ -105,6 +106,10 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         val = "" if r["val_r2"] is None else f"{r['val_r2']:.4f}"
         lines.append(f"{r['decoder']:<28} {r['test_r2']:>8.4f} {val:>8} {r['seconds']:>8.1f}")
+    pre = result.get("pretrain") or {}
+    if pre.get("val_loss_mean_rate") is not None:
+        lines.append(f"pretraining validation Poisson NLL {pre['best_val_loss']:.4f} "
+                     f"(a mean-rate-only predictor: {pre['val_loss_mean_rate']:.4f})")
     lines.append(f"total {result['total_seconds']:.0f} s")
     return "\n".join(lines)
 
