@@ -2,10 +2,13 @@
 
 One command, one run:
 
-    python bench/bench_decoding.py --out bench/results/decoding.json
+    python bench/bench_decoding.py --jobs 2       # ≈ 37 min on 2 cores (≈ 70 min with --jobs 1)
 
-For each target session, on the same contiguous splits (train = first 20 %, validation = 70–80 %,
-test = last 20 %), it reports test R² (pooled, variance-weighted, streamed causally from bin 0) for
+Targets: each real session in ../shared/data, and a synthetic held-out subject twice — its
+longest simulated session (57 s at 20 ms) and the same subject recorded for 10 minutes — each
+with a pretraining pool of other subjects (plus, below, the target's own unlabelled training
+bins).  For each target session, on the same contiguous splits (train = first 20 %,
+validation = 70–80 %, test = last 20 %), it reports test R² (pooled, variance-weighted, streamed causally from bin 0) for
 
 - the classic baselines: causal Wiener filter (ridge, 10 lags), Kalman filter, causal GRU;
 - RPNT trained from scratch on the 20 % split;
