@@ -91,10 +91,6 @@ class PretrainNet(nn.Module):
         return self.core(counts, metadata, site_xy=site_xy, adapter=adapter, mask=mask)
 
 
-def resume_path_for(out: Path) -> Path:
-    return Path(out).with_suffix(".resume.safetensors")
-
-
 def _safe(key: str) -> str:
     return key.replace(".", "_").replace(":", "__")
 
@@ -164,11 +160,10 @@ def validation_loss(net: nn.Module, core: RPNT, streams: list[Stream], *, window
     return float(np.mean(losses))
 
 
-def _log_mean_counts(st: Stream) -> torch.Tensor:
-    """(N,) log of each column's mean count per bin over the stream's training bins."""
+def _train_mean_counts(st: Stream) -> torch.Tensor:
+    """([S,] 1, N) each column's mean count per bin over the stream's training bins."""
     lo, hi = st.train
-    c = st.counts[..., lo:hi, :]
-    return torch.log(c.reshape(-1, c.shape[-1]).mean(0) + 1e-3)
+    return st.counts[..., lo:hi, :].mean(dim=-2, keepdim=True)
 
 
 @torch.no_grad()
@@ -177,12 +172,13 @@ def init_rate_biases(core: RPNT, streams: list[Stream], adapters: dict[str, Sess
     session for per-session read-outs, the average over sessions for the shared one.  The mean
     rates are most of what the masked loss can explain (see :func:`mean_rate_val_loss`); starting
     there leaves the training steps for the dynamics."""
-    logs = {st.key: _log_mean_counts(st) for st in streams}
+    # (N,) per stream, sites pooled; + 1e-3 keeps a silent channel's bias finite
+    logs = {st.key: torch.log(_train_mean_counts(st).flatten(0, -2).mean(0) + 1e-3) for st in streams}
     if adapters:
         for key, ad in adapters.items():
             ad.rate_out.bias.copy_(logs[key])
     else:
-        core.rate_out.bias.copy_(torch.stack([v for v in logs.values() if v.numel() == core.config.n_channels]).mean(0))
+        core.rate_out.bias.copy_(torch.stack(list(logs.values())).mean(0))
 
 
 class _MeanRateNet(nn.Module):
@@ -190,10 +186,7 @@ class _MeanRateNet(nn.Module):
 
     def __init__(self, streams: list[Stream]) -> None:
         super().__init__()
-        self.log_mean = {}
-        for st in streams:
-            lo, hi = st.train
-            self.log_mean[st.key] = torch.log(st.counts[..., lo:hi, :].mean(dim=-2, keepdim=True) + 1e-6)
+        self.log_mean = {st.key: torch.log(_train_mean_counts(st) + 1e-6) for st in streams}
 
     def forward(self, counts, metadata, key: str, site_xy=None, mask=None):
         return {"log_rates": self.log_mean[key].expand_as(counts).to(counts.device)}
@@ -249,7 +242,7 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    resume_path = resume_path_for(out)
+    resume_path = out.with_suffix(".resume.safetensors")
     log_path = out.with_suffix(".log.jsonl")
     info = {"epoch": 0, "step": 0, "best_val": float("inf"), "best_epoch": -1}
     if options.resume and resume_path.exists():
