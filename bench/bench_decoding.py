@@ -2,7 +2,7 @@
 
 One command, one run:
 
-    python bench/bench_decoding.py --jobs 2       # ≈ 37 min on 2 cores (≈ 70 min with --jobs 1)
+    python bench/bench_decoding.py --jobs 2 --seeds 0,1   # ≈ 75 min on 2 cores (≈ 37 min per seed)
 
 Targets: each real session in ../shared/data, and a synthetic held-out subject twice — its
 longest simulated session (57 s at 20 ms) and the same subject recorded for 10 minutes — each
@@ -23,6 +23,11 @@ sqrt(counts), from a randomly initialised encoder's latent and from each pretrai
 latent (the target met through its pretraining read-in/channel map); and each pretraining run's
 validation Poisson NLL next to that of a predictor that knows only every channel's mean rate
 (``pretrain_val_nll`` vs ``pretrain_val_nll_mean_rate``).
+
+Every cell runs once per training seed (``--seeds``): model initialisation, batches, masks and the
+GRU differ between seeds, the data do not (the synthetic sessions come from ``--data-seed``).  The
+tables give the mean over seeds and each seed's value, so a gap can be read against the
+seed-to-seed spread; JSON rows carry their ``seed``.
 
 It prints a table and writes JSON (``--out``) and Markdown (same path, ``.md``).  Real data is
 read from ../shared/data and skipped when absent.  Timing figures are wall-clock seconds on this
@@ -95,8 +100,8 @@ def probe(model, session, splits) -> float:
     return linear_probe_r2(predict_session(model, session, output="latent"), session.velocity, splits)["test_r2"]
 
 
-def run_target(args, index: int) -> tuple[list[dict], list[dict]]:
-    """Every decoder on target ``index`` of :func:`targets` (rebuilt here: deterministic)."""
+def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Every decoder on target ``index`` of :func:`targets` (rebuilt here: deterministic), training seed ``seed``."""
     from rpnt_core.data import contiguous_splits
     from rpnt_core.evaluate.harness import evaluate_baseline
     from rpnt_core.evaluate.probe import linear_probe_r2
@@ -108,26 +113,26 @@ def run_target(args, index: int) -> tuple[list[dict], list[dict]]:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     rows, probes = [], []
-    name, target, pool = targets(args.seed, args.quick)[index]
+    name, target, pool = targets(args.data_seed, args.quick)[index]
     splits = contiguous_splits(target.n_bins, train_fraction=args.train_fraction)
-    print(f"\n== {name}: {target.n_bins} bins × {target.n_channels} channels, {target.bin_s * 1e3:.0f} ms, "
+    print(f"\n== {name} (seed {seed}): {target.n_bins} bins × {target.n_channels} channels, {target.bin_s * 1e3:.0f} ms, "
           f"splits {splits.as_dict()}", flush=True)
 
     def record(decoder: str, r2: float, per_dim, seconds: float, **extra):
-        rows.append({"session": name, "decoder": decoder, "test_r2": r2, "r2_per_dim": per_dim,
+        rows.append({"session": name, "decoder": decoder, "seed": seed, "test_r2": r2, "r2_per_dim": per_dim,
                      "seconds": round(seconds, 1), **extra})
-        print(f"  {name}: {decoder:<34} R² {r2:.4f}  ({seconds:.0f} s)", flush=True)
+        print(f"  {name} (seed {seed}): {decoder:<34} R² {r2:.4f}  ({seconds:.0f} s)", flush=True)
 
     for b in args.baselines:
         t = time.time()
-        r = evaluate_baseline(b, target, splits, seed=args.seed)
+        r = evaluate_baseline(b, target, splits, seed=seed)
         record(f"baseline: {b}", r["r2"], r["r2_per_dim"], time.time() - t)
     ft = dict(epochs=rc["ft_epochs"], steps_per_epoch=rc["ft_steps"], patience=rc["patience"], lr=1e-3,
-              aux_poisson_weight=rc["aux_poisson_weight"], train_fraction=args.train_fraction, seed=args.seed,
+              aux_poisson_weight=rc["aux_poisson_weight"], train_fraction=args.train_fraction, seed=seed,
               device="cpu", progress=False, config_overrides=MODEL)
-    probes.append({"session": name, "features": "sqrt counts", "test_r2": linear_probe_r2(
+    probes.append({"session": name, "features": "sqrt counts", "seed": seed, "test_r2": linear_probe_r2(
         np.sqrt(np.asarray(target.counts, np.float64)), target.velocity, splits)["test_r2"]})
-    probes.append({"session": name, "features": "random-init encoder latent", "test_r2": probe(
+    probes.append({"session": name, "features": "random-init encoder latent", "seed": seed, "test_r2": probe(
         build_model(target, None, FinetuneOptions(**ft))[0], target, splits)})
     t = time.time()
     r = finetune(target, init=None, options=FinetuneOptions(**ft), out=None, splits=splits)
@@ -135,14 +140,15 @@ def run_target(args, index: int) -> tuple[list[dict], list[dict]]:
     unlabelled = replace(target.slice_bins(*splits.train), velocity=None, position=None)
     for channels in args.channels:
         t = time.time()
-        pre_path = work / f"{name}-{channels}-pre.safetensors"
+        pre_path = work / f"{name}-{channels}-seed{seed}-pre.safetensors"
         for stale in (pre_path, pre_path.with_suffix(".log.jsonl"), pre_path.with_suffix(".resume.safetensors")):
             stale.unlink(missing_ok=True)
         pre = pretrain(pool + [unlabelled], options=PretrainOptions(
-            epochs=rc["pre_epochs"], steps_per_epoch=rc["pre_steps"], channels=channels, seed=args.seed,
+            epochs=rc["pre_epochs"], steps_per_epoch=rc["pre_steps"], channels=channels, seed=seed,
             device="cpu", progress=False, config_overrides=MODEL), out=pre_path)
         t_pre = time.time() - t
-        probes.append({"session": name, "features": f"pretrained encoder latent ({channels})", "test_r2": probe(
+        probes.append({"session": name, "features": f"pretrained encoder latent ({channels})", "seed": seed,
+                       "test_r2": probe(
             build_model(target, pre_path, FinetuneOptions(**ft, channels=channels))[0], target, splits)})
         t = time.time()
         r = finetune(target, init=pre_path, options=FinetuneOptions(**ft, channels=channels), out=None,
@@ -154,18 +160,19 @@ def run_target(args, index: int) -> tuple[list[dict], list[dict]]:
 
 
 def run(args) -> dict:
-    """All targets, ``args.jobs`` at a time (each in its own process with ``args.threads`` threads)."""
-    n = len(targets(args.seed, args.quick))
+    """All (seed, target) pairs, ``args.jobs`` at a time (each in its own process with ``args.threads`` threads)."""
+    units = [(args, i, seed) for seed in args.seeds for i in range(len(targets(args.data_seed, args.quick)))]
     if args.jobs > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(args.jobs) as workers:
-            parts = workers.starmap(run_target, [(args, i) for i in range(n)])
+            parts = workers.starmap(run_target, units, chunksize=1)
     else:
-        parts = [run_target(args, i) for i in range(n)]
+        parts = [run_target(*u) for u in units]
     rows = [r for part, _ in parts for r in part]
     probes = [p for _, part in parts for p in part]
-    return {"benchmark": "decoding", "train_fraction": args.train_fraction, "seed": args.seed,
+    return {"benchmark": "decoding", "train_fraction": args.train_fraction, "seeds": args.seeds,
+            "data_seed": args.data_seed,
             "recipe": recipe(args.quick), "model_overrides": dict(MODEL), "quick": args.quick, "rows": rows,
             "probes": probes, "jobs": args.jobs,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -174,24 +181,38 @@ def run(args) -> dict:
 
 
 def _table(rows: list[dict], label: str, cell) -> list[str]:
+    """Markdown table, one row per ``label`` value, one column per session; ``cell`` gets the
+    seed-ordered list of that cell's rows."""
     names = list(dict.fromkeys(r[label] for r in rows))
     sessions = list(dict.fromkeys(r["session"] for r in rows))
-    by = {(r["session"], r[label]): r for r in rows}
+    by: dict = {}
+    for r in sorted(rows, key=lambda r: r.get("seed", 0)):
+        by.setdefault((r["session"], r[label]), []).append(r)
     lines = [f"| {label} | " + " | ".join(sessions) + " |", "|---|" + "---:|" * len(sessions)]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(cell(by[(s, n)]) if (s, n) in by else "" for s in sessions) + " |")
     return lines
 
 
+def mean_and_seeds(values: list[float], fmt: str = ".3f") -> str:
+    """``0.799 (0.796 / 0.802)``: the mean over seeds, then each seed's value; one value alone."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(float(np.mean(values)), fmt)} ({' / '.join(format(v, fmt) for v in values)})"
+
+
 def markdown(result: dict) -> str:
-    lines = _table(result["rows"], "decoder", lambda r: f"{r['test_r2']:.3f}")
+    seeds = result.get("seeds", [result.get("seed", 0)])
+    lines = [f"Test R², mean over training seeds {', '.join(map(str, seeds))} (each seed in brackets):", ""]
+    lines += _table(result["rows"], "decoder", lambda rs: mean_and_seeds([r["test_r2"] for r in rs]))
     if result.get("probes"):
         lines += ["", "Linear probe (causal ridge, 5 lags), test R²:", ""]
-        lines += _table(result["probes"], "features", lambda r: f"{r['test_r2']:.3f}")
+        lines += _table(result["probes"], "features", lambda rs: mean_and_seeds([r["test_r2"] for r in rs]))
     pre = [r for r in result["rows"] if r.get("pretrain_val_nll_mean_rate") is not None]
     if pre:
-        lines += ["", "Pretraining validation Poisson NLL: model / mean-rate-only predictor:", ""]
-        lines += _table(pre, "decoder", lambda r: f"{r['pretrain_val_nll']:.4f} / {r['pretrain_val_nll_mean_rate']:.4f}")
+        lines += ["", "Pretraining validation Poisson NLL: model / mean-rate-only predictor, per seed:", ""]
+        lines += _table(pre, "decoder", lambda rs: " · ".join(
+            f"{r['pretrain_val_nll']:.4f} / {r['pretrain_val_nll_mean_rate']:.4f}" for r in rs))
     return "\n".join(lines)
 
 
@@ -202,7 +223,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-fraction", type=float, default=0.2)
     p.add_argument("--baselines", default="wiener,kalman,gru")
     p.add_argument("--channels", default="resample,readin")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="training seeds, comma-separated; every cell runs once per seed")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic sessions (the same for every training seed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     p.add_argument("--jobs", type=int, default=1, help="targets run in parallel, one process each "
                    "(results do not depend on it; the seconds columns do)")
@@ -210,6 +232,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.baselines = [x for x in a.baselines.split(",") if x]
     a.channels = [x for x in a.channels.split(",") if x]
+    a.seeds = [int(x) for x in a.seeds.split(",") if x]
     result = run(a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
