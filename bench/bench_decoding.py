@@ -20,9 +20,12 @@ validation = 70–80 %, test = last 20 %), it reports test R² (pooled, variance
 Why pretraining does or does not help is measured alongside (``probes`` in the JSON): the test
 R² of a causal linear read-out (:func:`rpnt_core.evaluate.probe.linear_probe_r2`, 5 lags) from
 sqrt(counts), from a randomly initialised encoder's latent and from each pretrained encoder's
-latent (the target met through its pretraining read-in/channel map); and each pretraining run's
+latent (the target met through its pretraining read-in/channel map); each pretraining run's
 validation Poisson NLL next to that of a predictor that knows only every channel's mean rate
-(``pretrain_val_nll`` vs ``pretrain_val_nll_mean_rate``).
+(``pretrain_val_nll`` vs ``pretrain_val_nll_mean_rate``); and how well the pretrained model
+forecasts the target's hidden test bins from their visible past, as an NLL gain over the
+target's mean rates (``target_forecast_gain``, :func:`rpnt_core.evaluate.forecast.forecast_gain`:
+0 = it has learned nothing about the target's dynamics).
 
 Every cell runs once per training seed (``--seeds``): model initialisation, batches, masks and the
 GRU differ between seeds, the data do not (the synthetic sessions come from ``--data-seed``).  The
@@ -103,6 +106,7 @@ def probe(model, session, splits) -> float:
 def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Every decoder on target ``index`` of :func:`targets` (rebuilt here: deterministic), training seed ``seed``."""
     from rpnt_core.data import contiguous_splits
+    from rpnt_core.evaluate.forecast import forecast_gain
     from rpnt_core.evaluate.harness import evaluate_baseline
     from rpnt_core.evaluate.probe import linear_probe_r2
     from rpnt_core.train.finetune import FinetuneOptions, build_model, finetune
@@ -147,15 +151,16 @@ def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
             epochs=rc["pre_epochs"], steps_per_epoch=rc["pre_steps"], channels=channels, seed=seed,
             device="cpu", progress=False, config_overrides=MODEL), out=pre_path)
         t_pre = time.time() - t
+        met = build_model(target, pre_path, FinetuneOptions(**ft, channels=channels))[0]  # as finetuning meets it
         probes.append({"session": name, "features": f"pretrained encoder latent ({channels})", "seed": seed,
-                       "test_r2": probe(
-            build_model(target, pre_path, FinetuneOptions(**ft, channels=channels))[0], target, splits)})
+                       "test_r2": probe(met, target, splits)})
+        gain = forecast_gain(met, target, splits)["gain"]
         t = time.time()
         r = finetune(target, init=pre_path, options=FinetuneOptions(**ft, channels=channels), out=None,
                      splits=splits)
         record(f"RPNT pretrained + FS-SFT ({channels})", r["test_r2"], r["test_r2_per_dim"], time.time() - t,
                val_r2=r["val_r2"], pretrain_seconds=round(t_pre, 1), pretrain_val_nll=pre["best_val_loss"],
-               pretrain_val_nll_mean_rate=pre["val_loss_mean_rate"])
+               pretrain_val_nll_mean_rate=pre["val_loss_mean_rate"], target_forecast_gain=gain)
     return rows, probes
 
 
@@ -213,6 +218,11 @@ def markdown(result: dict) -> str:
         lines += ["", "Pretraining validation Poisson NLL: model / mean-rate-only predictor, per seed:", ""]
         lines += _table(pre, "decoder", lambda rs: " · ".join(
             f"{r['pretrain_val_nll']:.4f} / {r['pretrain_val_nll_mean_rate']:.4f}" for r in rs))
+    gains = [r for r in pre if r.get("target_forecast_gain") is not None]
+    if gains:
+        lines += ["", "Pretrained model's forecast of hidden test bins on the target, NLL gain over its mean "
+                  "rates (%; `rpnt_core.evaluate.forecast`):", ""]
+        lines += _table(gains, "decoder", lambda rs: mean_and_seeds([100 * r["target_forecast_gain"] for r in rs], ".2f"))
     return "\n".join(lines)
 
 

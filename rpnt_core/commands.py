@@ -97,6 +97,9 @@ def pretrain_main(argv: list[str]) -> int:
     p.add_argument("--channels", choices=["resample", "readin"], default="resample",
                    help="how sessions with different channel counts meet the model: 'resample' to a fixed "
                         "width (the paper's recipe) or 'readin' (a per-session read-in). Default: resample")
+    p.add_argument("--adapter-lr-scale", type=float, default=10.0,
+                   help="with --channels readin: learning-rate multiplier for the per-session read-ins/read-outs "
+                        "(default 10; at 1 a pool of many short sessions stays at the mean-rate loss)")
     p.add_argument("--n-max", type=int, default=0, help="resample width (default: largest channel count)")
     p.add_argument("--spatial", action="store_true", help="train the multi-site spatial encoder + site contrast "
                                                           "(multi-site recordings only)")
@@ -110,7 +113,7 @@ def pretrain_main(argv: list[str]) -> int:
         sessions = _load_many(a.data)
         opts = PretrainOptions(preset=a.preset, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
                                batch_size=a.batch_size, window_len=a.window_len, lr=a.lr, channels=a.channels,
-                               n_max=a.n_max, spatial=a.spatial, seed=a.seed, device=a.device, resume=a.resume,
+                               adapter_lr_scale=a.adapter_lr_scale, n_max=a.n_max, spatial=a.spatial, seed=a.seed, device=a.device, resume=a.resume,
                                progress=not a.quiet)
         res = pretrain(sessions, options=opts, out=a.out)
     except USER_ERRORS as exc:

@@ -59,6 +59,22 @@ def test_pretrain_finetune_evaluate_round_trip(simdir, tmp_path, capsys):
     assert tr[1] <= va[0] and va[1] <= te[0]
 
 
+def test_per_session_read_ins_learn_at_their_own_rate(simdir, tmp_path):
+    """--adapter-lr-scale: the read-ins/read-outs are their own optimizer group at scale × the core's rate."""
+    from safetensors import safe_open
+
+    pre = tmp_path / "pre.safetensors"
+    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), "--channels", "readin",
+                 "--adapter-lr-scale", "4", *FAST]) == 0
+    with safe_open(str(pre.with_suffix(".resume.safetensors")), "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    assert len(groups) == 2
+    core, adapters = groups
+    assert adapters["lr"] == pytest.approx(4 * core["lr"]) and core["lr"] > 0
+    n_named = len(read_header(pre)[1]["session_channels"])  # single-site sessions (each site has one too)
+    assert len(adapters["params"]) % 4 == 0 and len(adapters["params"]) >= 4 * n_named  # 2 Linear: w + b
+
+
 @pytest.mark.parametrize("channels", ["resample", "readin"])
 def test_finetune_onto_a_session_with_a_different_channel_count(simdir, tmp_path, channels):
     from rpnt_core.data import load_session
