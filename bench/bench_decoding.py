@@ -136,6 +136,7 @@ def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
               device="cpu", progress=False, config_overrides=MODEL)
     probes.append({"session": name, "features": "sqrt counts", "seed": seed, "test_r2": linear_probe_r2(
         np.sqrt(np.asarray(target.counts, np.float64)), target.velocity, splits)["test_r2"]})
+    torch.manual_seed(seed)  # the random init must not depend on what this worker process ran before
     probes.append({"session": name, "features": "random-init encoder latent", "seed": seed, "test_r2": probe(
         build_model(target, None, FinetuneOptions(**ft))[0], target, splits)})
     t = time.time()
@@ -166,7 +167,11 @@ def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
 
 def run(args) -> dict:
     """All (seed, target) pairs, ``args.jobs`` at a time (each in its own process with ``args.threads`` threads)."""
-    units = [(args, i, seed) for seed in args.seeds for i in range(len(targets(args.data_seed, args.quick)))]
+    names = [name for name, _, _ in targets(args.data_seed, args.quick)]
+    unknown = set(args.only) - set(names)
+    if unknown:
+        raise SystemExit(f"--only: unknown targets {sorted(unknown)}; choose from {names}")
+    units = [(args, i, seed) for seed in args.seeds for i, name in enumerate(names) if not args.only or name in args.only]
     if args.jobs > 1:
         import multiprocessing as mp
 
@@ -238,11 +243,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     p.add_argument("--jobs", type=int, default=1, help="targets run in parallel, one process each "
                    "(results do not depend on it; the seconds columns do)")
+    p.add_argument("--only", default="", help="comma-separated target names (default: every target)")
     p.add_argument("--quick", action="store_true", help="tiny budgets, for checking the script runs")
     a = p.parse_args(argv)
     a.baselines = [x for x in a.baselines.split(",") if x]
     a.channels = [x for x in a.channels.split(",") if x]
     a.seeds = [int(x) for x in a.seeds.split(",") if x]
+    a.only = [x for x in a.only.split(",") if x]
     result = run(a)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

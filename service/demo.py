@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import secrets
@@ -169,7 +170,11 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
         th.start()
         job = None
         if calibrate_after_s:
-            th.join(calibrate_after_s)
+            # calibrate once the daemon has *decoded* calibrate_after_s of bins (not after that much
+            # wall time: a slow start on a busy machine would leave too few recent bins, a 422)
+            need = int(math.ceil(calibrate_after_s / target.bin_s))
+            while th.is_alive() and (http_call(serve.url + "/status")[1].get("counters") or {}).get("bins", 0) < need:
+                th.join(0.2)
             if th.is_alive():
                 code, job = http_call(serve.url + "/calibrate", headers=serve.headers(),
                                       form={"source": "recent", "seconds": str(calibrate_after_s)})

@@ -59,6 +59,33 @@ def test_pretrain_finetune_evaluate_round_trip(simdir, tmp_path, capsys):
     assert tr[1] <= va[0] and va[1] <= te[0]
 
 
+def test_a_recording_too_short_for_validation_still_trains(tmp_path):
+    """A new session's few unlabelled bins (shorter than a validation window) join pretraining as
+    training data, and finetuning meets that session through its pretrained read-in."""
+    from rpnt_core.data.session import Session
+    from rpnt_core.train.finetune import seen_in_pretraining
+    from rpnt_core.train.pretrain import PretrainOptions, pretrain
+    from rpnt_core.train.streams import prepare_streams
+
+    rng = np.random.default_rng(0)
+    long = Session(counts=rng.poisson(0.5, (800, 7)), bin_s=0.02, session="long")
+    short = Session(counts=rng.poisson(0.5, (150, 5)), bin_s=0.02, session="short")  # val part 15 < window 37
+    streams = prepare_streams([long, short], val_fraction=0.1, channels="readin", n_max=7, split_sites=True,
+                              seed=0, min_bins=37)
+    assert [st.session for st in streams] == ["long", "short"]
+    assert streams[1].train == (0, 150) and streams[1].val == (150, 150)
+    with pytest.raises(ValueError, match="'short' has 150 bins"):
+        prepare_streams([long, short], val_fraction=0.1, channels="readin", n_max=7, split_sites=True, seed=0,
+                        min_bins=151)
+    with pytest.raises(ValueError, match="validation"):
+        prepare_streams([short], val_fraction=0.1, channels="readin", n_max=7, split_sites=True, seed=0, min_bins=37)
+    pre = tmp_path / "pre.safetensors"
+    res = pretrain([long, short], options=PretrainOptions(epochs=1, steps_per_epoch=3, batch_size=4, window_len=30,
+                                                          channels="readin", device="cpu", progress=False), out=pre)
+    assert np.isfinite(res["best_val_loss"]) and res["streams"] == 2
+    assert seen_in_pretraining(short, read_header(pre)[1]) == {"mode": "readin", "n_channels": 5}
+
+
 def test_per_session_read_ins_learn_at_their_own_rate(simdir, tmp_path):
     """--adapter-lr-scale: the read-ins/read-outs are their own optimizer group at scale × the core's rate."""
     from safetensors import safe_open

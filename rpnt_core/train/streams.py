@@ -67,6 +67,11 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
     ``channels``: "resample" maps every stream to ``n_max`` columns with a per-session
     :class:`ChannelResampler` (duplicates grouped for masking); "readin" keeps native widths.
     ``split_sites``: multi-site recordings become one stream per site (temporal-only models).
+
+    A recording whose validation part would be shorter than ``min_bins`` (one window) trains on
+    all its bins and has no validation windows (e.g. a new session's few unlabelled calibration
+    bins); one shorter than ``min_bins`` altogether cannot hold a training window: an error
+    names it — nothing is dropped silently.  At least one stream must have validation windows.
     """
     if channels not in ("resample", "readin"):
         raise ValueError(f"channels: expected 'resample' or 'readin', got {channels!r}")
@@ -77,9 +82,12 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
             s.multisite and split_sites) else [(counts, s.session or f"s{i}", None)]
         for c, name, site in parts:
             t = c.shape[-2]
+            if t < min_bins:
+                raise ValueError(f"data: recording {name!r} has {t} bins, fewer than one training window "
+                                 f"({min_bins}); leave it out or shorten the window")
             n_val = max(1, int(round(val_fraction * t)))
             if t - n_val < min_bins or n_val < min_bins:
-                continue  # too short to hold a training and a validation window
+                n_val = 0  # too short for a validation window too: all of it trains
             key = f"{i}:{name}" + ("" if site is None else f":site{site}")
             groups = np.arange(c.shape[-1])
             channel_seed, source_channels = None, int(c.shape[-1])
@@ -95,7 +103,7 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
                 site_xy=None if (s.site_xy is None or site is not None) else torch.as_tensor(s.site_xy, dtype=torch.float32),
                 train=(0, t - n_val), val=(t - n_val, t), session=(s.session or "") if site is None else "",
                 channel_seed=channel_seed, source_channels=source_channels))
-    if not streams:
+    if not any(st.val[1] - st.val[0] >= min_bins for st in streams):
         raise ValueError(f"data: no recording has enough bins ({2 * min_bins}+) for training and validation windows")
     return streams
 
