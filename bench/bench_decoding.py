@@ -2,7 +2,7 @@
 
 One command, one run:
 
-    python bench/bench_decoding.py --jobs 2 --seeds 0,1   # ≈ 75 min on 2 cores (≈ 37 min per seed)
+    python bench/bench_decoding.py --jobs 2 --seeds 0,1,2   # ≈ 37 min per seed on 2 cores
 
 Targets: each real session in ../shared/data, and a synthetic held-out subject twice — its
 longest simulated session (57 s at 20 ms) and the same subject recorded for 10 minutes — each
