@@ -113,8 +113,8 @@ def pretrain_main(argv: list[str]) -> int:
         sessions = _load_many(a.data)
         opts = PretrainOptions(preset=a.preset, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
                                batch_size=a.batch_size, window_len=a.window_len, lr=a.lr, channels=a.channels,
-                               adapter_lr_scale=a.adapter_lr_scale, n_max=a.n_max, spatial=a.spatial, seed=a.seed, device=a.device, resume=a.resume,
-                               progress=not a.quiet)
+                               adapter_lr_scale=a.adapter_lr_scale, n_max=a.n_max, spatial=a.spatial, seed=a.seed,
+                               device=a.device, resume=a.resume, progress=not a.quiet)
         res = pretrain(sessions, options=opts, out=a.out)
     except USER_ERRORS as exc:
         return _fail("pretrain", exc)

@@ -12,13 +12,14 @@ Validation: the last ``val_fraction`` of every recording, fixed windows and fixe
 so validation losses are comparable between epochs and runs.
 
 Per-session read-ins (``channels="readin"``) learn at ``adapter_lr_scale`` × ``lr`` (default 10×).
-Each one only sees its own session's batches — a 1/16 share in a pool of 16 streams — and at the
+Each one only sees its own stream's batches (a share proportional to its length), and at the
 core's rate a pool of many short sessions never left the mean-rate solution: on the synthetic
 benchmark pool (9 sessions of 35–60 s, three of them 3-site, plus a 10-minute target's first 2 min)
-the model's forecast of hidden bins on the target was no better than its channels' mean rates
-(gain −0.02 % after 600 steps, still at the floor after 1 800), while the same model pretrained on
-the target session alone beat a causal Poisson GLM.  At 10× the pool reaches 1.8 % (GLM 2.1 %,
-true rates 2.8 %).  Measured 2026-12-02; see the README's decoding section.
+the model's forecast of hidden bins on the target (:func:`rpnt_core.evaluate.forecast.forecast_gain`)
+was no better than its channels' mean rates (gain −0.02 % after 600 steps; the pool's validation
+loss was still at the mean-rate floor after 1 300), while the same model pretrained on the target
+session alone beat a causal Poisson GLM.  At 10× the pooled model's gain on that target is 1.96 %
+(GLM 2.07 %, true rates 2.78 %).  Measured 2026-12-02; see the README's decoding section.
 """
 
 from __future__ import annotations
