@@ -100,6 +100,10 @@ def pretrain_main(argv: list[str]) -> int:
     p.add_argument("--adapter-lr-scale", type=float, default=10.0,
                    help="with --channels readin: learning-rate multiplier for the per-session read-ins/read-outs "
                         "(default 10; at 1 a pool of many short sessions stays at the mean-rate loss)")
+    p.add_argument("--target-share", type=float, default=0.0,
+                   help="fraction of the batches drawn from the LAST --data session (e.g. a new session's "
+                        "unlabelled bins, 0.25 in the benchmark recipe); the others share the rest by length. "
+                        "Default 0: every session by its length")
     p.add_argument("--n-max", type=int, default=0, help="resample width (default: largest channel count)")
     p.add_argument("--spatial", action="store_true", help="train the multi-site spatial encoder + site contrast "
                                                           "(multi-site recordings only)")
@@ -113,7 +117,8 @@ def pretrain_main(argv: list[str]) -> int:
         sessions = _load_many(a.data)
         opts = PretrainOptions(preset=a.preset, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
                                batch_size=a.batch_size, window_len=a.window_len, lr=a.lr, channels=a.channels,
-                               adapter_lr_scale=a.adapter_lr_scale, n_max=a.n_max, spatial=a.spatial, seed=a.seed,
+                               adapter_lr_scale=a.adapter_lr_scale,
+                               target_share=a.target_share, n_max=a.n_max, spatial=a.spatial, seed=a.seed,
                                device=a.device, resume=a.resume, progress=not a.quiet)
         res = pretrain(sessions, options=opts, out=a.out)
     except USER_ERRORS as exc:

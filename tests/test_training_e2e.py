@@ -102,6 +102,51 @@ def test_per_session_read_ins_learn_at_their_own_rate(simdir, tmp_path):
     assert len(adapters["params"]) % 4 == 0 and len(adapters["params"]) >= 4 * n_named  # 2 Linear: w + b
 
 
+def test_batch_shares_closed_form():
+    """By length; per-session weights split over a session's streams by length; target_share for the last."""
+    from types import SimpleNamespace as NS
+
+    from rpnt_core.train.pretrain import PretrainOptions, batch_shares
+
+    # session 0: one stream of 300 bins; session 1: two site streams of 100 + 300; session 2 (target): 100
+    streams = [NS(key="0", train=(0, 300)), NS(key="1:0", train=(0, 100)), NS(key="1:1", train=(0, 300)),
+               NS(key="2", train=(50, 150))]
+    np.testing.assert_allclose(batch_shares(streams, n_sessions=3), [0.375, 0.125, 0.375, 0.125])
+    np.testing.assert_allclose(batch_shares(streams, n_sessions=3, target_share=0.4),
+                               [0.6 * 3 / 7, 0.6 * 1 / 7, 0.6 * 3 / 7, 0.4])
+    np.testing.assert_allclose(batch_shares(streams, n_sessions=3, weights=[1, 2, 1]),
+                               [0.25, 0.5 * 0.25, 0.5 * 0.75, 0.25])
+    np.testing.assert_allclose(batch_shares(streams[:1], n_sessions=1, target_share=0.4), [1.0])  # alone: all
+    with pytest.raises(ValueError, match="target_share"):
+        PretrainOptions(target_share=1.0)
+
+
+def test_target_share_reaches_the_sampler(simdir, tmp_path):
+    """--target-share: the last session's read-in is stepped on that share of the batches.
+
+    AdamW skips a parameter without a gradient, so its step count is the number of batches drawn
+    from its stream; the last adapter parameter belongs to the last session's (last) stream.
+    """
+    from safetensors import safe_open
+
+    from rpnt_core.data import load_session
+
+    files = sorted(str(p) for p in simdir.glob("*.npz"))
+    single = next(f for f in files if not load_session(f).multisite)  # one stream (a multi-site one has S)
+    files = [f for f in files if f != single] + [single]
+    steps = {}
+    for share in ("0", "0.9"):
+        pre = tmp_path / f"pre-{share}.safetensors"
+        assert rpnt(["pretrain", "--data", *files, "--out", str(pre), "--channels", "readin",
+                     "--target-share", share, *FAST, "--steps-per-epoch", "20"]) == 0
+        with safe_open(str(pre.with_suffix(".resume.safetensors")), "pt") as f:
+            last = json.loads(f.metadata()["param_groups"])[1]["params"][-1]
+            steps[share] = int(f.get_tensor(f"opt.{last}.step")) if f"opt.{last}.step" in f.keys() else 0
+    assert steps["0.9"] >= 12 and steps["0.9"] > 2 * steps["0"], steps
+    assert rpnt(["pretrain", "--data", *files, "--out", str(tmp_path / "x.safetensors"), "--target-share", "1",
+                 *FAST]) != 0
+
+
 @pytest.mark.parametrize("channels", ["resample", "readin"])
 def test_finetune_onto_a_session_with_a_different_channel_count(simdir, tmp_path, channels):
     from rpnt_core.data import load_session
