@@ -119,6 +119,8 @@ def test_batch_shares_closed_form():
     np.testing.assert_allclose(batch_shares(streams[:1], n_sessions=1, target_share=0.4), [1.0])  # alone: all
     with pytest.raises(ValueError, match="target_share"):
         PretrainOptions(target_share=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        batch_shares(streams, n_sessions=3, weights=[1, 2, 1], target_share=0.4)
 
 
 def test_target_share_reaches_the_sampler(simdir, tmp_path):

@@ -229,8 +229,11 @@ def batch_shares(streams: list[Stream], *, n_sessions: int, weights: list[float]
     each session's relative share instead, split over its streams by length.  ``target_share`` > 0
     gives the last session that fraction of the batches and the others the rest, by length (a new
     session's few minutes of unlabelled bins would otherwise be a few percent of a large pool's
-    batches, too few for its own read-in to learn — see the README's decoding section).
+    batches, too few for its own read-in to learn — see the README's decoding section).  Giving
+    both is an error (one would silently override the other).
     """
+    if weights is not None and target_share > 0:
+        raise ValueError("weights and target_share: give one or the other, not both")
     length = np.array([s.train[1] - s.train[0] for s in streams], dtype=np.float64)
     owner = np.array([int(s.key.split(":")[0]) for s in streams])
     if weights is None:
