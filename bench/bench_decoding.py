@@ -2,7 +2,10 @@
 
 One command, one run:
 
-    python bench/bench_decoding.py --jobs 2 --seeds 0,1,2   # ≈ 37 min per seed on 2 cores
+    python bench/bench_decoding.py --jobs 2 --seeds 0,1,2   # ≈ 33 min per seed on 2 cores
+
+(``--reuse earlier.json`` takes the (seed, target) cells an earlier run of the same recipe
+already measured instead of rerunning them: the benchmark is deterministic on CPU.)
 
 Targets: each real session in ../shared/data, and a synthetic held-out subject twice — its
 longest simulated session (57 s at 20 ms) and the same subject recorded for 10 minutes — each
@@ -61,13 +64,11 @@ REAL = {"stevenson": DATA / "stevenson2011_m1_centerout" / "StevensonV2.mat",
 
 def recipe(quick: bool) -> dict:
     """The RPNT recipe used for every target (the same for scratch and pretrained)."""
-    if quick:
-        return dict(pre_epochs=2, pre_steps=10, ft_epochs=3, ft_steps=5, patience=3, aux_poisson_weight=0.0,
-                    target_share=0.25)
+    budget = (dict(pre_epochs=2, pre_steps=10, ft_epochs=3, ft_steps=5, patience=3) if quick else
+              dict(pre_epochs=12, pre_steps=50, ft_epochs=40, ft_steps=20, patience=8))
     # target_share: the target's unlabelled training bins get a quarter of the pretraining batches
     # (by length they were ≈ 6 % of Stevenson's pool, too few for its read-in to learn anything).
-    return dict(pre_epochs=12, pre_steps=50, ft_epochs=40, ft_steps=20, patience=8, aux_poisson_weight=0.0,
-                target_share=0.25)
+    return dict(**budget, aux_poisson_weight=0.0, target_share=0.25)
 
 
 MODEL: tuple = ()  # the small preset as it is
@@ -169,24 +170,59 @@ def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
     return rows, probes
 
 
+SAME_RUN_KEYS = ("recipe", "train_fraction", "data_seed", "model_overrides", "quick")
+
+
+def reusable(args, paths: list[str]) -> dict[tuple[int, str], tuple[str, list[dict], list[dict]]]:
+    """(seed, target) cells of earlier result files, each cell whole from one file: rows, probes.
+
+    A file counts only if it was made with this run's recipe, split, data seed, model and
+    budget (else SystemExit naming the difference).  The benchmark is deterministic on CPU —
+    baselines, scratch and pretrained rows reproduce bit for bit between runs — so a reused cell
+    is what rerunning it would give; its wall-clock ``seconds`` are the earlier run's."""
+    here = {"recipe": recipe(args.quick), "train_fraction": args.train_fraction, "data_seed": args.data_seed,
+            "model_overrides": dict(MODEL), "quick": args.quick}
+    cells: dict[tuple[int, str], tuple[str, list[dict], list[dict]]] = {}
+    for path in paths:
+        old = json.loads(Path(path).read_text())
+        diff = [k for k in SAME_RUN_KEYS if old.get(k) != here[k]]
+        if diff:
+            raise SystemExit(f"--reuse {path}: made with a different {', '.join(diff)}; rerun those cells instead")
+        for key in dict.fromkeys((r["seed"], r["session"]) for r in old["rows"]):
+            cells.setdefault(key, (path, [r for r in old["rows"] if (r["seed"], r["session"]) == key],
+                                   [p for p in old.get("probes", []) if (p["seed"], p["session"]) == key]))
+    return cells
+
+
 def run(args) -> dict:
-    """All (seed, target) pairs, ``args.jobs`` at a time (each in its own process with ``args.threads`` threads)."""
+    """All (seed, target) pairs, ``args.jobs`` at a time (each in its own process with ``args.threads``
+    threads); cells found in ``args.reuse`` files are taken from them."""
     names = [name for name, _, _ in targets(args.data_seed, args.quick)]
     unknown = set(args.only) - set(names)
     if unknown:
         raise SystemExit(f"--only: unknown targets {sorted(unknown)}; choose from {names}")
-    units = [(args, i, seed) for seed in args.seeds for i, name in enumerate(names) if not args.only or name in args.only]
-    if args.jobs > 1:
+    cells = reusable(args, args.reuse)
+    wanted = [(seed, i, name) for seed in args.seeds for i, name in enumerate(names) if not args.only or name in args.only]
+    units = [(args, i, seed) for seed, i, name in wanted if (seed, name) not in cells]
+    if args.jobs > 1 and len(units) > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(args.jobs) as workers:
-            parts = workers.starmap(run_target, units, chunksize=1)
+            fresh = iter(workers.starmap(run_target, units, chunksize=1))
     else:
-        parts = [run_target(*u) for u in units]
+        fresh = iter([run_target(*u) for u in units])
+    parts, reused = [], []
+    for seed, _, name in wanted:  # seed-major order, as if every cell had run here
+        if (seed, name) in cells:
+            path, rows, probes = cells[(seed, name)]
+            parts.append((rows, probes))
+            reused.append({"seed": seed, "session": name, "from": path})
+        else:
+            parts.append(next(fresh))
     rows = [r for part, _ in parts for r in part]
     probes = [p for _, part in parts for p in part]
     return {"benchmark": "decoding", "train_fraction": args.train_fraction, "seeds": args.seeds,
-            "data_seed": args.data_seed,
+            "data_seed": args.data_seed, "reused": reused,
             "recipe": recipe(args.quick), "model_overrides": dict(MODEL), "quick": args.quick, "rows": rows,
             "probes": probes, "jobs": args.jobs,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -249,6 +285,9 @@ def main(argv=None) -> int:
                    "(results do not depend on it; the seconds columns do)")
     p.add_argument("--only", default="", help="comma-separated target names (default: every target)")
     p.add_argument("--quick", action="store_true", help="tiny budgets, for checking the script runs")
+    p.add_argument("--reuse", nargs="*", default=[], metavar="JSON",
+                   help="earlier result files of this benchmark (same recipe, split, data seed, model): "
+                        "(seed, target) cells found there are taken from them, not rerun")
     a = p.parse_args(argv)
     a.baselines = [x for x in a.baselines.split(",") if x]
     a.channels = [x for x in a.channels.split(",") if x]

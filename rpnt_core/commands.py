@@ -152,6 +152,11 @@ def finetune_main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
     p.add_argument("--window-len", type=int, default=100, help="bins per training window (default 100)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                   help="learning-rate multiplier for the pretrained encoder's weights (default 1)")
+    p.add_argument("--head-init", choices=["random", "ridge"], default="random",
+                   help="velocity head's start: random (default) or ridge = the linear probe of the model's "
+                        "latent (closed form, penalty by validation R²; LP-FT)")
     p.add_argument("--patience", type=int, default=8, help="epochs without validation gain before stopping")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     a = p.parse_args(argv)
@@ -163,7 +168,8 @@ def finetune_main(argv: list[str]) -> int:
         session = load_session(a.data)
         opts = FinetuneOptions(mode=a.mode, last_layers=a.last_layers, epochs=a.epochs,
                                steps_per_epoch=a.steps_per_epoch, batch_size=a.batch_size,
-                               window_len=a.window_len, lr=a.lr, patience=a.patience, train_fraction=a.train_fraction,
+                               window_len=a.window_len, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale,
+                               head_init=a.head_init, patience=a.patience, train_fraction=a.train_fraction,
                                channels=a.channels, preset=a.preset, seed=a.seed, device=a.device,
                                progress=not a.quiet)
         res = finetune(session, init=a.init, options=opts, out=a.out)

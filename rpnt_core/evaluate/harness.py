@@ -34,14 +34,15 @@ def predict_session(model: RPNT, session: Session, *, stop: int | None = None, o
 
 
 @torch.no_grad()
-def predict_range(model: RPNT, session: Session, start: int, stop: int) -> np.ndarray:
-    """Velocity for bins [start, stop) — identical to streaming from bin 0, computed from
-    ``receptive_field − 1`` bins of history only (no output depends on anything older)."""
+def predict_range(model: RPNT, session: Session, start: int, stop: int, *, output: str = "velocity") -> np.ndarray:
+    """Velocity (or another output, e.g. ``"latent"``) for bins [start, stop) — identical to
+    streaming from bin 0, computed from ``receptive_field − 1`` bins of history only (no output
+    depends on anything older)."""
     lo = max(0, start - (model.receptive_field - 1))
     counts = torch.from_numpy(np.asarray(session.counts[lo:stop], dtype=np.float32))[None]
     dev = next(model.parameters()).device
     out = model.predict_stream(counts.to(dev), {k: v.to(dev) for k, v in session_metadata(model, session).items()})
-    return out["velocity"][0, start - lo:].cpu().numpy()
+    return out[output][0, start - lo:].cpu().numpy()
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 from ..data.splits import Splits
 from .metrics import r2_score
 
-__all__ = ["linear_probe_r2"]
+__all__ = ["linear_probe_r2", "ridge_by_validation"]
 
 
 def _lagged(f: np.ndarray, n_lags: int) -> np.ndarray:
@@ -27,6 +27,28 @@ def _lagged(f: np.ndarray, n_lags: int) -> np.ndarray:
     for lag in range(n_lags):
         out[lag:, lag * f.shape[1]:(lag + 1) * f.shape[1]] = f[: f.shape[0] - lag]
     return out
+
+
+def ridge_by_validation(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+                        rel_alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> dict:
+    """Ridge regression y ≈ x·W + b (intercept unpenalised: both centred on the train rows), the
+    penalty alpha = r · tr(XᵀX)/p with r from ``rel_alphas`` chosen by validation R².
+
+    Returns ``{"weights": W (p, D), "bias": b (D,), "val_r2", "rel_alpha"}``."""
+    x, y = np.asarray(x_train, np.float64), np.asarray(y_train, np.float64)  # (T, p), (T, D)
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    xc = x - mu_x
+    g = xc.T @ xc
+    xty = xc.T @ (y - mu_y)
+    scale = max(float(np.trace(g)) / g.shape[0], np.finfo(np.float64).tiny)
+    best = None
+    for r in rel_alphas:
+        w = np.linalg.solve(g + r * scale * np.eye(g.shape[0]), xty)  # (p, D)
+        b = mu_y - mu_x @ w
+        val = r2_score(y_val, np.asarray(x_val, np.float64) @ w + b)
+        if best is None or val > best["val_r2"]:
+            best = {"weights": w, "bias": b, "val_r2": val, "rel_alpha": r}
+    return best
 
 
 def linear_probe_r2(features: np.ndarray, velocity: np.ndarray, splits: Splits, *, n_lags: int = 5,
@@ -40,17 +62,6 @@ def linear_probe_r2(features: np.ndarray, velocity: np.ndarray, splits: Splits, 
         raise ValueError("features: contain NaN or inf")
     x = _lagged(f, n_lags)  # (T, L·d)
     (lo, hi), (vlo, vhi), (tlo, thi) = splits.train, splits.val, splits.test
-    mu_x, mu_y = x[lo:hi].mean(0), v[lo:hi].mean(0)
-    xc = x[lo:hi] - mu_x
-    g = xc.T @ xc
-    xty = xc.T @ (v[lo:hi] - mu_y)
-    scale = max(float(np.trace(g)) / g.shape[0], np.finfo(np.float64).tiny)
-    best = None
-    for r in rel_alphas:
-        w = np.linalg.solve(g + r * scale * np.eye(g.shape[0]), xty)  # (L·d, D)
-        val = r2_score(v[vlo:vhi], (x[vlo:vhi] - mu_x) @ w + mu_y)
-        if best is None or val > best[0]:
-            best = (val, r, w)
-    val, r, w = best
-    return {"test_r2": r2_score(v[tlo:thi], (x[tlo:thi] - mu_x) @ w + mu_y), "val_r2": val, "rel_alpha": r,
-            "n_lags": n_lags}
+    fit = ridge_by_validation(x[lo:hi], v[lo:hi], x[vlo:vhi], v[vlo:vhi], rel_alphas=rel_alphas)
+    return {"test_r2": r2_score(v[tlo:thi], x[tlo:thi] @ fit["weights"] + fit["bias"]), "val_r2": fit["val_r2"],
+            "rel_alpha": fit["rel_alpha"], "n_lags": n_lags}

@@ -15,6 +15,11 @@
   Otherwise the map is drawn with ``seed`` and a read-in is fresh (and always trained).  A
   checkpoint pretrained with per-session read-ins has no trained shared read-in, so it is always
   met through a read-in.
+- Starts the velocity head at random (``head_init="random"``, the default) or (``"ridge"``) as
+  the ridge regression of the z-scored train velocity on the model's latent, penalty by
+  validation R² — the linear probe that finetuning then moves from (LP-FT, Kumar et al. 2022),
+  also the first candidate for the best-validation weights.  Not the default: on the decoding
+  benchmark it did not help (README, "Tried and did not help").
 - Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
   norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
   train split, AdamW with cosine decay.
@@ -60,6 +65,7 @@ class FinetuneOptions:
     encoder_lr_scale: float = 1.0  # learning-rate multiplier for pretrained encoder weights (head: 1.0)
     aux_poisson_weight: float = 0.0  # keep the masked Poisson objective as an auxiliary loss (0 = off)
     weight_decay: float = 0.01
+    head_init: str = "random"  # "ridge": the velocity head starts as the linear probe of the latent (LP-FT)
     patience: int = 8
     train_fraction: float = 0.2
     val_fraction: float = 0.1
@@ -74,11 +80,15 @@ class FinetuneOptions:
     def __post_init__(self) -> None:
         if self.mode not in ("head", "last", "full"):
             raise ValueError(f"mode: expected 'head', 'last' or 'full', got {self.mode!r}")
+        if self.head_init not in ("random", "ridge"):
+            raise ValueError(f"head_init: expected 'ridge' or 'random', got {self.head_init!r}")
         if self.channels not in ("resample", "readin"):
             raise ValueError(f"channels: expected 'resample' or 'readin', got {self.channels!r}")
         for name in ("epochs", "batch_size", "window_len", "patience", "last_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.encoder_lr_scale >= 0:
+            raise ValueError(f"lr must be > 0 and encoder_lr_scale ≥ 0, got {self.lr} and {self.encoder_lr_scale}")
 
 
 def _session_vocab(session: Session, attr: str) -> tuple[str, ...]:
@@ -157,6 +167,31 @@ def _set_train_modes(model: RPNT, mode: str, last_layers: int, fresh_read_in: bo
     return params
 
 
+HEAD_RIDGE_REL_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # × tr(ZᵀZ)/d (1.0 won on the 57-s session)
+
+
+@torch.no_grad()
+def ridge_head_init(model: RPNT, session: Session, splits: Splits) -> dict:
+    """Set the velocity head to the ridge regression of the z-scored train-split velocity on the
+    model's (eval-mode) latent, the penalty chosen by validation R² — the linear probe that
+    finetuning then starts from (LP-FT).  Needs the velocity normalisation set.  Returns the fit's
+    ``val_r2`` (velocity units) and ``rel_alpha``."""
+    from ..evaluate.probe import ridge_by_validation
+
+    model.eval()
+    (lo, hi), (vlo, vhi) = splits.train, splits.val
+    vel = np.asarray(session.velocity, dtype=np.float64)
+    mean, scale = model.velocity_mean.cpu().double().numpy(), model.velocity_scale.cpu().double().numpy()
+    z_train = predict_range(model, session, lo, hi, output="latent")  # (T_train, d)
+    z_val = predict_range(model, session, vlo, vhi, output="latent")  # (T_val, d)
+    fit = ridge_by_validation(z_train, (vel[lo:hi] - mean) / scale, z_val, (vel[vlo:vhi] - mean) / scale,
+                              rel_alphas=HEAD_RIDGE_REL_ALPHAS)
+    dev = model.velocity_head.weight.device
+    model.velocity_head.weight.copy_(torch.as_tensor(fit["weights"].T, dtype=torch.float32, device=dev))
+    model.velocity_head.bias.copy_(torch.as_tensor(fit["bias"], dtype=torch.float32, device=dev))
+    return {"val_r2": score(vel[vlo:vhi], predict_range(model, session, vlo, vhi))["r2"], "rel_alpha": fit["rel_alpha"]}
+
+
 def finetune(session: Session, *, init: str | Path | None, options: FinetuneOptions, out: str | Path | None,
              splits: Splits | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Finetune on one labelled session; returns metrics (test R² of the best-validation weights).
@@ -197,6 +232,11 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
     m_t, s_t = torch.from_numpy(mean).to(dev), torch.from_numpy(scale).to(dev)
     gen = torch.Generator().manual_seed(options.seed + 99)
     best = {"val_r2": -math.inf, "epoch": -1, "state": None}
+    if options.head_init == "ridge":  # LP-FT: the linear probe of the latent is the first candidate
+        lp = ridge_head_init(model, session, splits)
+        best = {"val_r2": lp["val_r2"], "epoch": -1, "state": copy.deepcopy(model.state_dict())}
+        provenance["head_init"] = {"ridge_val_r2": lp["val_r2"], "rel_alpha": lp["rel_alpha"]}
+        _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
     history = []
     t0 = time.time()
     bad = 0
