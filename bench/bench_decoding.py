@@ -5,7 +5,7 @@ One command, one run:
     python bench/bench_decoding.py --jobs 2 --seeds 0,1,2   # ≈ 33 min per seed on 2 cores
 
 (``--reuse earlier.json`` takes the (seed, target) cells an earlier run of the same recipe
-already measured instead of rerunning them: the benchmark is deterministic on CPU.)
+already measured instead of rerunning them; see :func:`reusable` for how exactly they reproduce.)
 
 Targets: each real session in ../shared/data, and a synthetic held-out subject twice — its
 longest simulated session (57 s at 20 ms) and the same subject recorded for 10 minutes — each
@@ -177,9 +177,10 @@ def reusable(args, paths: list[str]) -> dict[tuple[int, str], tuple[str, list[di
     """(seed, target) cells of earlier result files, each cell whole from one file: rows, probes.
 
     A file counts only if it was made with this run's recipe, split, data seed, model and
-    budget (else SystemExit naming the difference).  The benchmark is deterministic on CPU —
-    baselines, scratch and pretrained rows reproduce bit for bit between runs — so a reused cell
-    is what rerunning it would give; its wall-clock ``seconds`` are the earlier run's."""
+    budget (else SystemExit naming the difference).  A cell's numbers depend only on those and
+    the seed — on one machine and install a rerun is identical; on another, float round-off
+    amplified by training moved a rerun cell by ≤ 3e-4 R² (README), far below the seed-to-seed
+    spread.  Its wall-clock ``seconds`` are the earlier run's."""
     here = {"recipe": recipe(args.quick), "train_fraction": args.train_fraction, "data_seed": args.data_seed,
             "model_overrides": dict(MODEL), "quick": args.quick}
     cells: dict[tuple[int, str], tuple[str, list[dict], list[dict]]] = {}
