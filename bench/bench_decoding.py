@@ -170,7 +170,10 @@ def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
     return rows, probes
 
 
-SAME_RUN_KEYS = ("recipe", "train_fraction", "data_seed", "model_overrides", "quick")
+def run_identity(args) -> dict:
+    """What a cell's numbers depend on besides its seed; cells of runs that agree on it can be reused."""
+    return {"recipe": recipe(args.quick), "train_fraction": args.train_fraction, "data_seed": args.data_seed,
+            "model_overrides": dict(MODEL), "quick": args.quick}
 
 
 def reusable(args, paths: list[str]) -> dict[tuple[int, str], tuple[str, list[dict], list[dict]]]:
@@ -181,12 +184,11 @@ def reusable(args, paths: list[str]) -> dict[tuple[int, str], tuple[str, list[di
     the seed — on one machine and install a rerun is identical; on another, float round-off
     amplified by training moved a rerun cell by ≤ 3e-4 R² (README), far below the seed-to-seed
     spread.  Its wall-clock ``seconds`` are the earlier run's."""
-    here = {"recipe": recipe(args.quick), "train_fraction": args.train_fraction, "data_seed": args.data_seed,
-            "model_overrides": dict(MODEL), "quick": args.quick}
+    here = run_identity(args)
     cells: dict[tuple[int, str], tuple[str, list[dict], list[dict]]] = {}
     for path in paths:
         old = json.loads(Path(path).read_text())
-        diff = [k for k in SAME_RUN_KEYS if old.get(k) != here[k]]
+        diff = [k for k in here if old.get(k) != here[k]]
         if diff:
             raise SystemExit(f"--reuse {path}: made with a different {', '.join(diff)}; rerun those cells instead")
         for key in dict.fromkeys((r["seed"], r["session"]) for r in old["rows"]):
@@ -222,9 +224,7 @@ def run(args) -> dict:
             parts.append(next(fresh))
     rows = [r for part, _ in parts for r in part]
     probes = [p for _, part in parts for p in part]
-    return {"benchmark": "decoding", "train_fraction": args.train_fraction, "seeds": args.seeds,
-            "data_seed": args.data_seed, "reused": reused,
-            "recipe": recipe(args.quick), "model_overrides": dict(MODEL), "quick": args.quick, "rows": rows,
+    return {"benchmark": "decoding", **run_identity(args), "seeds": args.seeds, "reused": reused, "rows": rows,
             "probes": probes, "jobs": args.jobs,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                         "threads": args.threads},

@@ -48,6 +48,7 @@ from ..data.channels import ChannelResampler
 from ..data.session import Session
 from ..data.splits import Splits, contiguous_splits
 from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata
+from ..evaluate.probe import ridge_by_validation
 from ..model.rpnt import RPNT
 from .distributed import resolve_device
 from .objectives import apply_mask, masked_poisson_nll, sample_mask, velocity_mse
@@ -167,6 +168,12 @@ def _set_train_modes(model: RPNT, mode: str, last_layers: int, fresh_read_in: bo
     return params
 
 
+def validation_r2(model: RPNT, session: Session, splits: Splits) -> float:
+    """R² of ``model`` (in eval mode) on the validation split, as the stream gives it."""
+    lo, hi = splits.val
+    return score(np.asarray(session.velocity[lo:hi], dtype=np.float32), predict_range(model, session, lo, hi))["r2"]
+
+
 HEAD_RIDGE_REL_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # × tr(ZᵀZ)/d (1.0 won on the 57-s session)
 
 
@@ -176,8 +183,6 @@ def ridge_head_init(model: RPNT, session: Session, splits: Splits) -> dict:
     model's (eval-mode) latent, the penalty chosen by validation R² — the linear probe that
     finetuning then starts from (LP-FT).  Needs the velocity normalisation set.  Returns the fit's
     ``val_r2`` (velocity units) and ``rel_alpha``."""
-    from ..evaluate.probe import ridge_by_validation
-
     model.eval()
     (lo, hi), (vlo, vhi) = splits.train, splits.val
     vel = np.asarray(session.velocity, dtype=np.float64)
@@ -189,7 +194,7 @@ def ridge_head_init(model: RPNT, session: Session, splits: Splits) -> dict:
     dev = model.velocity_head.weight.device
     model.velocity_head.weight.copy_(torch.as_tensor(fit["weights"].T, dtype=torch.float32, device=dev))
     model.velocity_head.bias.copy_(torch.as_tensor(fit["bias"], dtype=torch.float32, device=dev))
-    return {"val_r2": score(vel[vlo:vhi], predict_range(model, session, vlo, vhi))["r2"], "rel_alpha": fit["rel_alpha"]}
+    return {"val_r2": validation_r2(model, session, splits), "rel_alpha": fit["rel_alpha"]}
 
 
 def finetune(session: Session, *, init: str | Path | None, options: FinetuneOptions, out: str | Path | None,
@@ -260,8 +265,7 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
             sched.step()
             losses.append(loss.item())
         model.eval()
-        v_lo, v_hi = splits.val
-        val_r2 = score(vel[v_lo:v_hi], predict_range(model, session, v_lo, v_hi))["r2"]
+        val_r2 = validation_r2(model, session, splits)
         _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
         history.append({"epoch": epoch, "train_mse": float(np.mean(losses)), "val_r2": val_r2})
         if on_epoch is not None:
