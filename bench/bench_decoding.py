@@ -187,7 +187,10 @@ def reusable(args, paths: list[str]) -> dict[tuple[int, str], tuple[str, list[di
     here = run_identity(args)
     cells: dict[tuple[int, str], tuple[str, list[dict], list[dict]]] = {}
     for path in paths:
-        old = json.loads(Path(path).read_text())
+        try:
+            old = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"--reuse {path}: cannot read it as a result file ({exc})") from None
         diff = [k for k in here if old.get(k) != here[k]]
         if diff:
             raise SystemExit(f"--reuse {path}: made with a different {', '.join(diff)}; rerun those cells instead")

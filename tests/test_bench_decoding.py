@@ -41,3 +41,10 @@ def test_reuse_takes_whole_cells_from_a_run_of_the_same_recipe(tmp_path):
 def test_reuse_refuses_a_run_made_differently(tmp_path, change):
     with pytest.raises(SystemExit, match="different"):
         bench_decoding.reusable(_args(), [str(_result(tmp_path / "r.json", **change))])
+
+
+def test_reuse_of_a_missing_or_broken_file_says_which(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    for name in ("missing.json", "broken.json"):
+        with pytest.raises(SystemExit, match=f"--reuse .*{name}: cannot read"):
+            bench_decoding.reusable(_args(), [str(tmp_path / name)])
