@@ -8,8 +8,9 @@
     counts, velocity = daemon.recent_training_data(60.0)
     daemon.stop(); daemon.join()
 
-The hot path is a straight line in the loop thread: ``recv`` → :func:`~streaming.protocol.parse_ingest`
-→ per-source checks → :class:`~streaming.binner.Binner` → ``decoder.step`` → ``PUB.send``.
+The hot path is a straight line in the loop thread: ``recv`` → :func:`~streaming.protocol.read_header`
+→ sequence accounting → :func:`~streaming.protocol.parse_body` → per-source checks →
+:class:`~streaming.binner.Binner` → ``decoder.step`` → ``PUB.send``.
 Everything else hangs off it:
 
 - Logging goes through :class:`~streaming.logsink.LogSink` (a queue and a writer thread), rate
@@ -65,7 +66,8 @@ from .protocol import (
     ProtocolError,
     encode_pong,
     encode_prediction,
-    parse_ingest,
+    parse_body,
+    read_header,
 )
 from .sources import DUPLICATE, SourceTable
 
@@ -541,26 +543,33 @@ class Daemon:
 
     # ------------------------------------------------------------------ ingest
     def _handle(self, frames: list, t_recv: int) -> None:
+        """One ingest message: read its header, account its seq, then parse and apply the rest.
+
+        Every message with a readable header (:func:`~streaming.protocol.read_header`) consumes its
+        seq before anything else is judged, so a rejected message is counted as received, never as
+        missing, and a rejected ``seq == 0`` still restarts the source's numbering."""
         self._t_recv = t_recv
         self._c["messages"] += 1
         try:
-            msg = parse_ingest(frames, self._limits)
+            head = read_header(frames)
         except ProtocolError as exc:
             self._reject(exc.reason, exc.detail, None)
             return
         except Exception as exc:  # noqa: BLE001 - never let a message kill the loop
-            self._reject("internal", f"parse: {exc!r}", None, tb=True)
+            self._reject("internal", f"header: {exc!r}", None, tb=True)
             return
-        gap = self._sources.observe(msg.source, msg.seq)
+        source, seq = head[3], head[5]
+        gap = self._sources.observe(source, seq)
         if gap:
             if gap == DUPLICATE:
-                self._reject("duplicate", f"seq {msg.seq}", msg.source)
+                self._reject("duplicate", f"seq {seq}", source)
                 return
             self._c["gaps"] += gap
             self._binner.raise_flags(_GAP)
-            self._log.limited("gap", logging.WARNING, f"source {msg.source}: {gap} message(s) lost before seq {msg.seq}")
-        t = msg.type
+            self._log.limited("gap", logging.WARNING, f"source {source}: {gap} message(s) lost before seq {seq}")
         try:
+            msg = parse_body(head, frames, self._limits)
+            t = msg.type
             if t is _SPIKES:
                 self._on_spikes(msg, t_recv)
             elif t is _TICK:
@@ -568,9 +577,11 @@ class Daemon:
             else:
                 self._handlers[t](msg, t_recv)
         except ProtocolError as exc:
-            self._reject(exc.reason, exc.detail, msg.source)
+            self._sources.note_reject(source)
+            self._reject(exc.reason, exc.detail, source)
         except Exception as exc:  # noqa: BLE001
-            self._reject("internal", f"{msg.type.name}: {exc!r}", msg.source, tb=True)
+            self._sources.note_reject(source)
+            self._reject("internal", f"message type {head[2]}: {exc!r}", source, tb=True)
 
     def _reject(self, reason: str, detail: str, source: int | None, tb: bool = False) -> None:
         self._c["rejected"] += 1

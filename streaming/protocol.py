@@ -26,6 +26,9 @@ Parsing is total: :func:`parse_ingest` either returns an :class:`IngestMessage` 
 have been checked against the header (sizes, limits, stateless value rules: ordered and
 in-range times, finite kinematics) or raises :class:`ProtocolError` carrying one reason from
 :data:`REJECT_REASONS`.  Any input, including random bytes, ends in one of those two outcomes.
+It runs in two steps so that the daemon can account sequence numbers in between:
+:func:`read_header` (is frame 0 a readable header, i.e. are ``source_id`` and ``seq`` known?)
+and :func:`parse_body` (is the rest protocol v1?).
 """
 
 from __future__ import annotations
@@ -269,15 +272,22 @@ def _frame(frames: Sequence[Any], i: int) -> memoryview:
     return f if isinstance(f, memoryview) else memoryview(f)
 
 
-def parse_header(frame: bytes | memoryview) -> tuple:
-    """Frame 0 → the header tuple (magic … aux); checks size, magic and version only."""
+def read_header(frames: Sequence[bytes | memoryview]) -> tuple:
+    """Frame 0 of a message → the header tuple (magic … aux), checking only what makes it readable:
+    a frame 0 of :data:`INGEST_HEADER` size that starts with :data:`MAGIC`.
+
+    A message that passes carries a trustworthy ``source_id`` and ``seq`` (their offsets are the
+    same in every protocol version), so the daemon accounts its sequence number before
+    :func:`parse_body` judges the rest.  Raises :class:`ProtocolError` (``frames``,
+    ``header_size``, ``magic``) otherwise."""
+    if not frames:
+        raise ProtocolError("frames", "empty message")
+    frame = frames[0]
     if len(frame) != INGEST_HEADER.size:
         raise ProtocolError("header_size", f"{len(frame)} bytes, expected {INGEST_HEADER.size}")
     h = INGEST_HEADER.unpack(frame)
     if h[0] != MAGIC:
-        raise ProtocolError("magic", repr(bytes(h[0])))
-    if h[1] != PROTOCOL_VERSION:
-        raise ProtocolError("version", f"protocol version {h[1]}, this daemon speaks {PROTOCOL_VERSION}")
+        raise ProtocolError("magic", "frame 0 does not start with RPNT")
     return h
 
 
@@ -292,10 +302,18 @@ _FREE_RUN = int(IngestFlag.FREE_RUN)
 
 
 def parse_ingest(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> IngestMessage:
-    """Frames of one ingest message → :class:`IngestMessage`, or :class:`ProtocolError`."""
-    if not frames:
-        raise ProtocolError("frames", "empty message")
-    _, _, mtype, source, flags, seq, time, rate, n, m, aux = parse_header(frames[0])
+    """Frames of one ingest message → :class:`IngestMessage`, or :class:`ProtocolError`
+    (:func:`read_header` then :func:`parse_body`)."""
+    return parse_body(read_header(frames), frames, limits)
+
+
+def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> IngestMessage:
+    """A readable header (from :func:`read_header`) and the message's frames → :class:`IngestMessage`,
+    or :class:`ProtocolError` for anything else that is not protocol v1 (version, type, flags,
+    frame count, array sizes, limits, stateless value rules)."""
+    _, version, mtype, source, flags, seq, time, rate, n, m, aux = header
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"protocol version {version}, this daemon speaks {PROTOCOL_VERSION}")
     t = _INGEST_BY_INT.get(mtype)
     if t is None:
         if mtype in (MsgType.PREDICTION, MsgType.PONG):

@@ -5,11 +5,14 @@ counter that goes up by one per message.  Per source we keep a running balance
 
     sent = received + missing         (exact, by construction)
 
-where ``received`` counts messages that arrived in sequence order and ``missing`` adds
-``seq − last − 1`` whenever a message skips ahead — over ZeroMQ/TCP nothing is reordered or
-duplicated within one connection, so a skip is a loss, never a late arrival.  A sequence number at
-or below the last one is a ``duplicate`` (rejected), except ``seq == 0``, which is read as the
-source restarting its numbering (``restarts``; its time watermark is forgotten too).
+where ``received`` counts every message whose header the daemon could read — accepted or rejected
+for any reason other than ``duplicate`` (a reject is never a loss; ``rejected`` counts those) —
+and ``missing`` adds ``seq − last − 1`` whenever a message skips ahead: over ZeroMQ/TCP nothing is
+reordered or duplicated within one connection, so a skip is a loss, never a late arrival.  A
+sequence number at or below the last one is a ``duplicate`` (rejected, the counter does not move),
+except ``seq == 0``, which is read as the source restarting its numbering (``restarts``; its time
+watermark is forgotten too).  The first message of a source the table does not hold (new, or
+evicted earlier) starts its balance at that ``seq``; no loss is inferred before it.
 
 The table is bounded (``max_sources``, least-recently-seen evicted, counted in ``evicted``) so a
 flood of bogus source ids cannot grow memory.  Owned by the daemon's loop thread; ``summary`` is
@@ -31,6 +34,7 @@ class SourceState:
     missing: int = 0
     duplicates: int = 0
     restarts: int = 0
+    rejected: int = 0  # received messages the daemon rejected (any reason but duplicate)
     time_ns: int = -1  # highest acquisition time this source has reported (−1: none yet)
 
 
@@ -82,6 +86,12 @@ class SourceTable:
         self.duplicates += 1
         return DUPLICATE
 
+    def note_reject(self, source: int) -> None:
+        """Count a received message of ``source`` (already observed) as rejected."""
+        st = self._s.get(source)
+        if st is not None:
+            st.rejected += 1
+
     def time_of(self, source: int) -> int:
         st = self._s.get(source)
         return -1 if st is None else st.time_ns
@@ -103,8 +113,11 @@ class SourceTable:
             "received": self.received, "missing": self.missing, "sent": self.received + self.missing,
             "duplicates": self.duplicates, "restarts": self.restarts, "evicted": self.evicted,
             "tracked": len(items),
-            "per_source": {str(k): {"first_seq": v.first_seq, "last_seq": v.last_seq, "received": v.received,
-                                    "missing": v.missing, "sent": v.received + v.missing,
-                                    "duplicates": v.duplicates, "restarts": v.restarts}
-                           for k, v in items},
+            "per_source": {str(k): _row(v) for k, v in items},
         }
+
+
+def _row(st: SourceState) -> dict:
+    return {"first_seq": st.first_seq, "last_seq": st.last_seq, "received": st.received, "missing": st.missing,
+            "sent": st.received + st.missing, "duplicates": st.duplicates, "restarts": st.restarts,
+            "rejected": st.rejected}

@@ -14,7 +14,7 @@ import zmq
 
 from streaming.client import PredictionSubscriber, RigClient
 from streaming.daemon import Daemon, DaemonOptions, check_endpoint
-from streaming.protocol import PredFlag, encode_spikes
+from streaming.protocol import INGEST_HEADER, MAGIC, MsgType, PredFlag, encode_spikes
 from streaming.replay import events_from_counts
 from test_streaming_support import (
     BIN_NS,
@@ -404,3 +404,97 @@ def test_control_plane_readers_in_other_threads_do_not_disturb_the_stream():
     assert [p.bin for p in preds] == list(range(400))
     np.testing.assert_array_equal(np.stack([p.velocity for p in preds]), offline(FIRDecoder(), counts))
     assert len(seen) > 0 and all(a >= 0 and b >= 0 for a, b in seen)
+
+
+# ---------------------------------------------------------------------------- sequence accounting of rejects
+def _raw(rig, msg_type, *frames, version=1, flags=0, time=0, n=0, m=0, aux=0, seq=None):
+    """A hand-built message of ``rig``'s source with its next seq (or ``seq``)."""
+    if seq is None:
+        seq = rig.seq
+        rig.seq += 1
+    return [INGEST_HEADER.pack(MAGIC, version, msg_type, rig.source_id, flags, seq, time, 0, n, m, aux), *frames]
+
+
+
+def test_a_rejected_message_consumes_its_seq_and_is_not_counted_as_lost():
+    """good COUNTS, TICK at time −5 (time_range), good COUNTS: REJECTED, not GAP; nothing missing."""
+    ones = np.ones((1, 8), np.uint16)
+    with live_daemon(FIRDecoder(), source_id=5) as (d, rig, sub):
+        rig.send_reset(start=0, free_run=True)
+        rig.send_counts(0, ones)
+        rig.send_frames(_raw(rig, MsgType.TICK, time=-5))
+        rig.send_counts(1, ones)
+        preds = collect(sub, 2)
+        barrier(rig, sub)
+        snap, n_sent = d.snapshot(), rig.seq
+        rig.seq += 1  # a message really lost: the rejected message that follows still reveals it
+        rig.send_frames(_raw(rig, MsgType.TICK, time=-5))
+        rig.send_counts(2, ones)
+        preds += collect(sub, 1)
+        barrier(rig, sub)
+        after = d.snapshot()
+    assert [p.bin for p in preds] == [0, 1, 2]
+    assert preds[1].flags == PredFlag.REJECTED  # not GAP: nothing was lost
+    seq = snap["sequence"]["per_source"]["5"]
+    assert seq["missing"] == 0 and seq["received"] == seq["sent"] == n_sent and seq["rejected"] == 1
+    assert snap["counters"]["gaps"] == 0 and snap["rejected"] == {"time_range": 1}
+    assert preds[2].flags == PredFlag.GAP | PredFlag.REJECTED
+    seq = after["sequence"]["per_source"]["5"]
+    assert seq["missing"] == 1 and seq["sent"] == rig.seq and seq["rejected"] == 2
+
+
+def test_every_reject_after_a_readable_header_consumes_its_seq():
+    ch, tm = np.array([1, 2], "<u2").tobytes(), np.array([5, 6], "<i8").tobytes()
+    bad = {  # reason → a message whose header is readable (48 bytes, RPNT) but that is rejected
+        "time_range": lambda r: _raw(r, MsgType.TICK, time=-5),
+        "time_order": lambda r: _raw(r, MsgType.SPIKES, ch, np.array([6, 5], "<i8").tobytes(), time=-1, n=2),
+        "payload_size": lambda r: _raw(r, MsgType.SPIKES, ch, tm, time=-1, n=3),
+        "frames": lambda r: _raw(r, MsgType.TICK, b"", time=5),
+        "flags": lambda r: _raw(r, MsgType.TICK, flags=1, time=5),
+        "msg_type": lambda r: _raw(r, 99),
+        "non_finite": lambda r: _raw(r, MsgType.KINEMATICS, np.array([1, np.nan], "<f4").tobytes(), n=1, m=2),
+        "oversized": lambda r: _raw(r, MsgType.SPIKES, b"", b"", time=-1, n=10**6),
+        "version": lambda r: _raw(r, MsgType.TICK, version=2, time=5),
+        "channel_count": lambda r: _raw(r, MsgType.COUNTS, np.ones(7, "<u2").tobytes(), time=10**6, n=1, m=7),
+    }
+    ones = np.ones((1, 8), np.uint16)
+    with live_daemon(FIRDecoder(), source_id=6) as (d, rig, sub):
+        rig.send_reset(start=0, free_run=True)
+        for k, make_bad in enumerate(bad.values()):
+            rig.send_counts(k, ones)
+            rig.send_frames(make_bad(rig))
+        rig.send_counts(len(bad), ones)
+        rig.send_frames([b"RPNT"])  # no readable header: no seq to account (the rig numbered nothing)
+        rig.send_frames([INGEST_HEADER.pack(b"XXXX", 1, MsgType.TICK, 6, 0, 10**9, 0, 0, 0, 0, 0)])  # nor here
+        rig.send_counts(len(bad) + 1, ones)
+        preds = collect(sub, len(bad) + 1)
+        barrier(rig, sub)
+        snap = d.snapshot()
+    assert [p.bin for p in preds] == list(range(len(bad) + 1))
+    assert all(p.flags & PredFlag.REJECTED for p in preds[1:]) and not any(p.flags & PredFlag.GAP for p in preds)
+    assert snap["rejected"] == {**dict.fromkeys(bad, 1), "header_size": 1, "magic": 1}
+    seq = snap["sequence"]["per_source"]["6"]
+    assert seq["missing"] == 0 and seq["duplicates"] == 0 and seq["rejected"] == len(bad)
+    assert seq["received"] == seq["sent"] == rig.seq  # every message the rig numbered, the ping included
+
+
+def test_a_rejected_seq_0_still_restarts_the_sources_numbering():
+    ones = np.ones((1, 8), np.uint16)
+    with live_daemon(FIRDecoder(), source_id=8) as (d, rig, sub):
+        rig.send_reset(start=0, free_run=True)
+        for k in range(5):
+            rig.send_counts(k, ones)
+        preds = barrier(rig, sub)  # seqs 0..6 handled
+        restarted = RigClient(endpoint=d.endpoints["ingest"], source_id=8)  # numbers from 0 again
+        restarted.send_frames(_raw(restarted, MsgType.TICK, time=-1))  # seq 0, rejected (time_range)
+        for k in range(5, 10):
+            restarted.send_counts(k, ones)  # seqs 1..5: not duplicates of the old numbering
+        preds += collect(sub, 5)
+        barrier(restarted, sub)
+        snap = d.snapshot()
+        restarted.close()
+    assert [p.bin for p in preds] == list(range(10)) and [p.n_spikes for p in preds] == [8] * 10
+    assert snap["rejected"] == {"time_range": 1}
+    seq = snap["sequence"]["per_source"]["8"]
+    assert seq["restarts"] == 1 and seq["duplicates"] == 0 and seq["missing"] == 0 and seq["last_seq"] == 6
+

@@ -16,14 +16,18 @@ from streaming.protocol import (
     INGEST_HEADER,
     MAGIC,
     Pong,
+    PredFlag,
+    Prediction,
+    ProtocolError,
     encode_counts,
     encode_kinematics,
     encode_ping,
     encode_reset,
     encode_spikes,
     encode_tick,
+    parse_ingest,
 )
-from test_streaming_support import BIN_NS, FIRDecoder, collect, live_daemon, offline, send_stream
+from test_streaming_support import BIN_NS, FIRDecoder, collect, live_daemon, offline, send_stream, until_pong
 
 N = 8
 CLEAN = 3_000_000_000  # the clean stream's source id: outside the fuzzer's (else its seqs could clash)
@@ -176,3 +180,57 @@ def test_property_any_batch_of_frames_leaves_the_daemon_decoding_exactly(fuzz_ta
     assert len(preds) == 12 and d.running
     np.testing.assert_array_equal(np.stack([p.velocity for p in preds]), offline(FIRDecoder(), counts))
     assert "internal" not in d.snapshot()["rejected"]
+
+
+def _honest(frames: list[bytes], *, source: int, seq: int) -> list[bytes] | None:
+    """``frames`` numbered as message ``seq`` of ``source``, or None if frame 0 is no readable header
+    (not 48 bytes starting with RPNT: such a message has no seq for the daemon to account)."""
+    if not frames or len(frames[0]) != INGEST_HEADER.size or frames[0][:4] != MAGIC:
+        return None
+    h = bytearray(frames[0])
+    struct.pack_into("<I", h, 8, source)
+    struct.pack_into("<Q", h, 16, seq)
+    return [bytes(h), *frames[1:]]
+
+
+def test_hostile_messages_from_an_honestly_numbered_source_are_rejected_never_lost():
+    """One source numbers every message it sends, valid or not: whatever the daemon rejects, it
+    counts as received — the balance shows nothing missing and no prediction carries GAP."""
+    rng = np.random.default_rng(7)
+    src = 3_500_000_000
+    expected: dict[str, int] = {}  # the reasons the parser alone gives, counted here
+    sent = []
+    while len(sent) < 3000:
+        frames = _honest(_mutate(_valid(rng), rng) if rng.random() < 0.6 else _valid(rng), source=src, seq=len(sent))
+        if frames is None:
+            continue
+        try:
+            parse_ingest(frames)
+        except ProtocolError as exc:
+            expected[exc.reason] = expected.get(exc.reason, 0) + 1
+        sent.append(frames)
+    with live_daemon(FIRDecoder(), max_jump_s=0.2, source_id=CLEAN) as (d, rig, sub):
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(d.endpoints["ingest"])
+        preds = []
+        for frames in sent:
+            push.send_multipart(frames)
+            while (m := sub.recv(0)) is not None:
+                preds.append(m)
+        token = next(_TOKENS)
+        push.send_multipart(encode_ping(source=src, seq=len(sent), token=token))  # the last of this source
+        preds += until_pong(sub, token)
+        snap = d.snapshot()
+        push.close(0)
+    seq = snap["sequence"]["per_source"][str(src)]
+    assert seq["received"] == seq["sent"] == len(sent) + 1
+    assert seq["missing"] == 0 and seq["duplicates"] == 0 and snap["counters"]["gaps"] == 0
+    assert not any(isinstance(p, Prediction) and p.flags & PredFlag.GAP for p in preds)
+    assert any(isinstance(p, Prediction) and p.flags & PredFlag.REJECTED for p in preds)
+    # every parser-level reason the daemon gave is the parser's own, exactly; others (time_regression,
+    # time_jump, …) come on top from the daemon's stream checks, and time_range from both
+    assert len(expected) >= 9, expected
+    for reason, n in expected.items():
+        assert snap["rejected"][reason] == n if reason != "time_range" else snap["rejected"][reason] >= n, reason
+    assert seq["rejected"] == sum(snap["rejected"].values())
