@@ -114,6 +114,7 @@ REJECT_REASONS = (
     "version",  # unknown protocol version
     "msg_type",  # unknown or output-only message type on the ingest socket
     "flags",  # reserved flag bits set
+    "reserved",  # a header field the type does not use (n, m or aux) is not 0
     "payload_size",  # an array frame's byte length does not match the header's n / m
     "oversized",  # n or n*m over the daemon's limits
     "time_range",  # a negative or out-of-range time / bin index
@@ -296,9 +297,20 @@ _INGEST_BY_INT = {int(t): t for t in INGEST_TYPES}
 _FLAGS_OK = {int(t): v for t, v in INGEST_FLAGS_ALLOWED.items()}
 _N_FRAMES = {int(MsgType.SPIKES): 3, int(MsgType.TICK): 1, int(MsgType.COUNTS): 2, int(MsgType.KINEMATICS): 2,
              int(MsgType.RESET): 1, int(MsgType.PING): 1}
+#: per type: whether the header fields (n, m, aux) must be 0 (§4.1 of docs/protocol.md: unused → 0)
+_MUST_BE_ZERO = {int(MsgType.SPIKES): (False, True, True), int(MsgType.TICK): (True, True, True),
+                 int(MsgType.COUNTS): (False, False, False), int(MsgType.KINEMATICS): (False, False, True),
+                 int(MsgType.RESET): (True, True, True), int(MsgType.PING): (True, True, True)}
 _TIME_IS_CLOCK = int(IngestFlag.TIME_IS_CLOCK)
 _T_SPIKES, _T_TICK, _T_COUNTS, _T_KIN, _T_RESET = 1, 2, 3, 4, 5
 _FREE_RUN = int(IngestFlag.FREE_RUN)
+
+
+def _reserved_detail(t: MsgType, n: int, m: int, aux: int) -> str:
+    """The reject detail: the header fields that must be 0 on this type but are not, with their values."""
+    zn, zm, za = _MUST_BE_ZERO[int(t)]
+    bad = [f"{name}={v}" for name, v, zero in (("n", n, zn), ("m", m, zm), ("aux", aux, za)) if zero and v]
+    return f"{', '.join(bad)} on {t.name}: must be 0"
 
 
 def parse_ingest(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> IngestMessage:
@@ -310,7 +322,7 @@ def parse_ingest(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_
 def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> IngestMessage:
     """A readable header (from :func:`read_header`) and the message's frames → :class:`IngestMessage`,
     or :class:`ProtocolError` for anything else that is not protocol v1 (version, type, flags,
-    frame count, array sizes, limits, stateless value rules)."""
+    reserved fields, frame count, array sizes, limits, stateless value rules)."""
     _, version, mtype, source, flags, seq, time, rate, n, m, aux = header
     if version != PROTOCOL_VERSION:
         raise ProtocolError("version", f"protocol version {version}, this daemon speaks {PROTOCOL_VERSION}")
@@ -321,6 +333,9 @@ def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limi
         raise ProtocolError("msg_type", f"unknown message type {mtype}")
     if flags & ~_FLAGS_OK[mtype]:
         raise ProtocolError("flags", f"reserved flag bits {flags:#x} set on {t.name}")
+    zn, zm, za = _MUST_BE_ZERO[mtype]
+    if (zn and n) or (zm and m) or (za and aux):
+        raise ProtocolError("reserved", _reserved_detail(t, n, m, aux))
     want_frames = _N_FRAMES[mtype]
     if len(frames) != want_frames:
         raise ProtocolError("frames", f"{t.name} has {want_frames} frame(s), got {len(frames)}")

@@ -152,6 +152,10 @@ BAD = {
                    [_hdr(MsgType.COUNTS, n=1, m=1, time=-2), b"\0\0"]],
     "time_order": [[_hdr(MsgType.SPIKES, n=2, time=-1), ch2, np.array([6, 5], "<i8").tobytes()],
                    [_hdr(MsgType.SPIKES, n=2, time=5), ch2, tm2]],
+    "reserved": [[_hdr(MsgType.TICK, time=5, n=1)], [_hdr(MsgType.TICK, time=5, aux=20_000_000)],
+                 [_hdr(MsgType.SPIKES, n=2, m=1, time=-1), ch2, tm2], [_hdr(MsgType.SPIKES, aux=1, time=-1), b"", b""],
+                 [_hdr(MsgType.KINEMATICS, n=1, m=1, aux=1), b"\0\0\0\0"], [_hdr(MsgType.RESET, m=3)],
+                 [_hdr(MsgType.PING, n=1)]],
     "non_finite": [[_hdr(MsgType.KINEMATICS, n=1, m=2), np.array([1.0, np.nan], "<f4").tobytes()],
                    [_hdr(MsgType.KINEMATICS, n=1, m=1), np.array([np.inf], "<f4").tobytes()]],
 }

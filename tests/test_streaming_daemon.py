@@ -455,6 +455,7 @@ def test_every_reject_after_a_readable_header_consumes_its_seq():
         "non_finite": lambda r: _raw(r, MsgType.KINEMATICS, np.array([1, np.nan], "<f4").tobytes(), n=1, m=2),
         "oversized": lambda r: _raw(r, MsgType.SPIKES, b"", b"", time=-1, n=10**6),
         "version": lambda r: _raw(r, MsgType.TICK, version=2, time=5),
+        "reserved": lambda r: _raw(r, MsgType.TICK, time=5, aux=1),
         "channel_count": lambda r: _raw(r, MsgType.COUNTS, np.ones(7, "<u2").tobytes(), time=10**6, n=1, m=7),
     }
     ones = np.ones((1, 8), np.uint16)
