@@ -19,9 +19,10 @@ When a bin closes
 
 Late events
 -----------
-Events (or COUNTS bins) for a bin that has already been emitted are counted in ``late_events`` /
-``late_packets`` and dropped — never merged into a later bin — and the next emitted bin carries
-the ``LATE`` flag.
+Events (or COUNTS rows) for a bin that has already been emitted are dropped — never merged into a
+later bin — and the next emitted bin carries the ``LATE`` flag; the rest of the message applies.
+``late_events`` counts the dropped spikes (a late COUNTS row adds its total), ``late_packets`` the
+messages that had anything late (once per message, however many bins it touched).
 
 Streams start
 -------------
@@ -83,13 +84,14 @@ class Binner:
 
     def reset(self, *, start_ns: int | None = None, free_run: bool = False, wall_ns: int = 0) -> None:
         """End the current stream (its open bin is discarded, not emitted).  With ``start_ns`` the next
-        stream starts now at bin ``start_ns // Δ``; otherwise at the next time-carrying message."""
+        stream starts now at bin ``start_ns // Δ``; otherwise at the next time-carrying message.
+        Flags raised since the last emitted bin (LATE, GAP, REJECTED) go on the next stream's first bin."""
         if self.k_open is not None:
             self.bins_discarded += 1
         self.k_open = None
         self._acc[:] = 0
         self._n_open = 0
-        self._flags = 0
+        self._flags &= ~_FIRST  # LATE / GAP / REJECTED still describe what happened since the last bin
         self._next_free_run = bool(free_run)
         if start_ns is not None:
             self._start(start_ns // self.bin_ns, start_ns, wall_ns)
@@ -124,6 +126,8 @@ class Binner:
         if n:
             bin_ns = self.bin_ns
             b0, b1 = int(times_ns[0]) // bin_ns, int(times_ns[-1]) // bin_ns
+            if b0 < self.k_open:
+                self.late_packets += 1  # events are sorted: only a packet whose first event is late has late ones
             if b0 == b1:
                 self._segment(b0, channels)
             else:
@@ -140,7 +144,6 @@ class Binner:
     def _segment(self, b: int, channels: np.ndarray) -> None:
         if b < self.k_open:
             self.late_events += channels.shape[0]
-            self.late_packets += 1
             self._flags |= _LATE
             return
         while self.k_open < b:

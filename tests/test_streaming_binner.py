@@ -80,11 +80,26 @@ def test_late_events_are_counted_and_flagged_never_merged():
     binner.reset(start_ns=0, wall_ns=0)
     binner.add_events(np.array([0, 1], np.uint16), np.array([10, 20], np.int64), 2 * D, 0)  # closes bins 0, 1
     binner.add_events(np.array([2, 3, 3], np.uint16), np.array([30, D + 5, 2 * D + 1], np.int64), None, 0)
-    assert binner.late_events == 2 and binner.late_packets == 2  # one for bin 0, one for bin 1
+    assert binner.late_events == 2 and binner.late_packets == 1  # two late bins, one message
     binner.advance(3 * D, 0)
     assert sink.bins == [0, 1, 2]
     np.testing.assert_array_equal(sink.counts[2], [0, 0, 0, 1])  # only the on-time event
     assert sink.flags[2] & PredFlag.LATE
+
+
+def test_late_packets_count_messages_for_events_and_counts_alike():
+    binner, sink = make(2)
+    binner.reset(start_ns=0, wall_ns=0)
+    binner.advance(3 * D, 0)  # bins 0..2 decoded
+    binner.add_events(np.array([0], np.uint16), np.array([3 * D], np.int64), None, 0)  # on time: not late
+    assert binner.late_packets == 0
+    binner.add_counts(0, np.array([[1, 2], [0, 0], [4, 0], [5, 5]], np.uint16), 0)  # rows 0..2 late, row 3 on time
+    assert binner.late_packets == 1 and binner.late_events == 7  # one message; the late rows' spikes
+    binner.add_counts(1, np.zeros((1, 2), np.uint16), 0)  # an all-zero late row is still a late message
+    assert binner.late_packets == 2 and binner.late_events == 7
+    binner.advance(4 * D, 0)
+    np.testing.assert_array_equal(sink.counts[3], [6, 5])  # the on-time row merged with the event
+    assert sink.flags[3] & PredFlag.LATE
 
 
 def test_stream_starts_at_the_first_time_without_reset():
@@ -129,6 +144,16 @@ def test_upstream_counts_merge_with_events_and_close_their_bins():
     binner.add_counts(2, np.array([[5, 5, 5], [1, 1, 1]], np.uint16), 0)  # bin 2 is late, bin 3 on time
     assert binner.late_events == 15
     np.testing.assert_array_equal(sink.counts[3], [1, 1, 1])
+
+
+def test_a_reset_keeps_the_pending_flags_for_the_next_streams_first_bin():
+    binner, sink = make()
+    binner.reset(start_ns=0, wall_ns=0)
+    binner.raise_flags(PredFlag.REJECTED | PredFlag.GAP)  # e.g. a rejected message, a lost one
+    binner.reset(start_ns=10 * D, wall_ns=0)  # bin 0 discarded, never emitted
+    binner.advance(12 * D, 0)
+    assert sink.bins == [10, 11]
+    assert sink.flags == [PredFlag.FIRST | PredFlag.REJECTED | PredFlag.GAP, 0]
 
 
 def test_jump_guard():
