@@ -98,14 +98,20 @@ def check_endpoint(endpoint: str, *, allow_remote: bool = False) -> str:
     return endpoint
 
 
+def max_jump_bins(*, max_jump_s: float, bin_ns: int) -> int:
+    """The most bins one message may close: ⌈max_jump_s / Δ⌉, at least 1 (exact, in integer ns)."""
+    return max(1, -(-round(max_jump_s * 1e9) // bin_ns))
+
+
 @dataclass(frozen=True, kw_only=True)
 class DaemonOptions:
     """Everything about the daemon that is not the decoder, the bin width or the endpoints.
 
     stall_timeout_s: how long past its due time the open bin waits for a reported time before the
         wall-clock deadline closes it (flag STALLED).  None = one bin width.
-    max_jump_s: a message reporting a time more than this ahead of the open bin is rejected
-        (``time_jump``); a rig whose clock really jumps sends RESET.
+    max_jump_s: no one message closes more than J = ⌈max_jump_s / Δ⌉ bins: a message whose latest
+        time falls more than J bins past the open bin (past its own first bin, when it starts a
+        stream) is rejected (``time_jump``); a rig whose clock really jumps sends RESET.
     limits: per-message size limits (``oversized``); max_message_bytes: ZMQ_MAXMSGSIZE, the socket's
         hard cap per frame (a peer sending more is disconnected by ZeroMQ itself).
     max_sources: sources tracked for sequence accounting (least recently seen evicted).
@@ -249,7 +255,7 @@ class Daemon:
         self._nan_bytes = np.full(self.n_outputs, np.nan, dtype=np.float32).tobytes()
         self._generation = 1
         self._binner = Binner(n_channels=self.n_channels, bin_ns=self.bin_ns, emit=self._on_bin,
-                              max_jump_bins=max(1, int(math.ceil(opt.max_jump_s / bin_s))))
+                              max_jump_bins=max_jump_bins(max_jump_s=opt.max_jump_s, bin_ns=self.bin_ns))
         self._sources = SourceTable(max_sources=opt.max_sources)
         self._history = HistoryRing(capacity=max(1, int(math.ceil(opt.history_s / bin_s))), n_channels=self.n_channels,
                                     n_kinematics=self.n_kinematics, max_pending=opt.max_pending_kinematics)
@@ -629,10 +635,11 @@ class Daemon:
         self._sources.report_time(msg.source, clock)
         self._binner.advance(clock, t_recv)
 
-    def _first_bin(self, msg: IngestMessage) -> int:
+    def _first_bin(self, msg: IngestMessage, n_rows: int) -> int:
+        """The bin of a COUNTS/KINEMATICS block's first row; ``time_range`` if its last row ends past 2⁶² ns."""
         first = msg.first // self.bin_ns if msg.time_is_clock else msg.first
-        if (first + msg.counts.shape[0] if msg.counts is not None else first + 1) * self.bin_ns > MAX_TIME_NS:
-            raise ProtocolError("time_range", f"bin {first} is beyond the clock range")
+        if (first + n_rows) * self.bin_ns > MAX_TIME_NS:
+            raise ProtocolError("time_range", f"bins {first}…{first + n_rows - 1} reach beyond the clock range")
         return first
 
     def _on_counts(self, msg: IngestMessage, t_recv: int) -> None:
@@ -642,7 +649,7 @@ class Daemon:
             raise ProtocolError("channel_count", f"{counts.shape[1]} channels, the model takes {self.n_channels}")
         if msg.aux and msg.aux != self.bin_ns:
             raise ProtocolError("bin_width", f"binned at {msg.aux} ns, the daemon bins at {self.bin_ns} ns")
-        first = self._first_bin(msg)
+        first = self._first_bin(msg, counts.shape[0])
         lo, hi = first * self.bin_ns, (first + counts.shape[0]) * self.bin_ns
         self._check_time(msg.source, lo, hi)
         self._sources.report_time(msg.source, hi)
@@ -653,7 +660,7 @@ class Daemon:
         vals = msg.values
         if vals.shape[1] != self.n_kinematics:
             raise ProtocolError("dims", f"{vals.shape[1]} kinematics dims, the daemon expects {self.n_kinematics}")
-        first = self._first_bin(msg)
+        first = self._first_bin(msg, vals.shape[0])
         b = self._binner
         if b.started and first + vals.shape[0] - 1 - b.k_open > min(b.max_jump_bins, self.options.max_pending_kinematics):
             raise ProtocolError("time_jump", f"kinematics for bin {first + vals.shape[0] - 1}, far ahead of the open "

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from streaming.client import PredictionSubscriber, RigClient
-from streaming.daemon import Daemon, DaemonOptions, check_endpoint
+from streaming.daemon import Daemon, DaemonOptions, check_endpoint, max_jump_bins
 from streaming.protocol import INGEST_HEADER, MAGIC, MsgType, PredFlag, encode_spikes
 from streaming.replay import events_from_counts
 from test_streaming_support import (
@@ -499,3 +499,34 @@ def test_a_rejected_seq_0_still_restarts_the_sources_numbering():
     seq = snap["sequence"]["per_source"]["8"]
     assert seq["restarts"] == 1 and seq["duplicates"] == 0 and seq["missing"] == 0 and seq["last_seq"] == 6
 
+
+def test_one_message_closes_at_most_the_jump_cap_of_bins():
+    """max_jump_s = 0.14 s at Δ = 20 ms: J = 7 bins exactly (0.14 / 0.02 is 7.000000000000001 in
+    floating point), for an open stream and for a message that starts one."""
+    assert max_jump_bins(max_jump_s=0.14, bin_ns=BIN_NS) == 7 and max_jump_bins(max_jump_s=0.09, bin_ns=BIN_NS) == 5
+    with live_daemon(FIRDecoder(), max_jump_s=0.14) as (d, rig, sub):
+        rig.send_reset(start=0, free_run=True)
+        rig.send_tick(8 * BIN_NS - 1)  # the latest time is in bin 7: 7 past the open bin 0, closes 0..6
+        got = barrier(rig, sub)
+        rig.send_tick(15 * BIN_NS)  # bin 15 is 8 past the open bin 7: rejected
+        rig.send_tick(14 * BIN_NS)  # 7 past: closes bins 7..13
+        got += barrier(rig, sub)
+        rig.send_reset()  # the next stream starts at the next reported time
+        rig.send_spikes([0, 1], [100 * BIN_NS, 108 * BIN_NS])  # spans 8 bins from its first: rejected
+        rig.send_spikes([0, 1], [100 * BIN_NS, 106 * BIN_NS], clock=107 * BIN_NS)  # 7: closes 100..106
+        got += barrier(rig, sub)
+        snap = d.snapshot()
+    assert [p.bin for p in got] == list(range(14)) + list(range(100, 107))
+    assert snap["rejected"] == {"time_jump": 2}
+    assert got[7].flags == PredFlag.REJECTED and got[14].flags == PredFlag.FIRST | PredFlag.REJECTED
+
+
+def test_kinematics_rows_must_end_within_the_clock_range():
+    last = (1 << 62) // BIN_NS - 1  # the last bin that ends by 2^62 ns
+    two = np.zeros((2, 2), np.float32)
+    with live_daemon(FIRDecoder()) as (d, rig, sub):
+        rig.send_kinematics(last - 1, two)  # rows last-1, last: fine (no stream yet: held for the next)
+        rig.send_kinematics(last, two)  # its second row would be bin last+1
+        barrier(rig, sub)
+        snap = d.snapshot()
+    assert snap["rejected"] == {"time_range": 1} and snap["counters"]["kinematics_msgs"] == 2
