@@ -681,6 +681,8 @@ class Daemon:
         st = self.status()
         st.pop("startup", None)
         st["open_bin"] = self._binner.k_open
+        st["rejected"] = {k: v for k, v in self._rejects.items() if v}
+        st["sequence"] = self._sources.source_summary(msg.source)
         try:
             self._pub.send_multipart(encode_pong(token=msg.token, source=msg.source, seq=msg.seq, status=st),
                                      zmq.NOBLOCK)

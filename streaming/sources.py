@@ -116,6 +116,11 @@ class SourceTable:
             "per_source": {str(k): _row(v) for k, v in items},
         }
 
+    def source_summary(self, source: int) -> dict | None:
+        """The balance of one source (the ``per_source`` entry of :meth:`summary`), None if not tracked."""
+        st = self._s.get(source)
+        return None if st is None else _row(st)
+
 
 def _row(st: SourceState) -> dict:
     return {"first_seq": st.first_seq, "last_seq": st.last_seq, "received": st.received, "missing": st.missing,

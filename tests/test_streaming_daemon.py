@@ -14,10 +14,11 @@ import zmq
 
 from streaming.client import PredictionSubscriber, RigClient
 from streaming.daemon import Daemon, DaemonOptions, check_endpoint, max_jump_bins
-from streaming.protocol import INGEST_HEADER, MAGIC, MsgType, PredFlag, encode_spikes
+from streaming.protocol import INGEST_HEADER, MAGIC, MsgType, Pong, PredFlag, encode_spikes
 from streaming.replay import events_from_counts
 from test_streaming_support import (
     BIN_NS,
+    LIVE_TIMEOUT,
     FIRDecoder,
     barrier,
     collect,
@@ -415,6 +416,16 @@ def _raw(rig, msg_type, *frames, version=1, flags=0, time=0, n=0, m=0, aux=0, se
     return [INGEST_HEADER.pack(MAGIC, version, msg_type, rig.source_id, flags, seq, time, 0, n, m, aux), *frames]
 
 
+def _pong_status(rig, sub, token):
+    """PING; the status of the PONG that answers it (everything sent before has been handled)."""
+    rig.ping(token)
+    while True:
+        m = sub.recv(LIVE_TIMEOUT)
+        assert m is not None, "no PONG"
+        if isinstance(m, Pong) and m.token == token:
+            return m.status
+
+
 
 def test_a_rejected_message_consumes_its_seq_and_is_not_counted_as_lost():
     """good COUNTS, TICK at time −5 (time_range), good COUNTS: REJECTED, not GAP; nothing missing."""
@@ -469,7 +480,7 @@ def test_every_reject_after_a_readable_header_consumes_its_seq():
         rig.send_frames([INGEST_HEADER.pack(b"XXXX", 1, MsgType.TICK, 6, 0, 10**9, 0, 0, 0, 0, 0)])  # nor here
         rig.send_counts(len(bad) + 1, ones)
         preds = collect(sub, len(bad) + 1)
-        barrier(rig, sub)
+        status = _pong_status(rig, sub, 77)
         snap = d.snapshot()
     assert [p.bin for p in preds] == list(range(len(bad) + 1))
     assert all(p.flags & PredFlag.REJECTED for p in preds[1:]) and not any(p.flags & PredFlag.GAP for p in preds)
@@ -477,6 +488,8 @@ def test_every_reject_after_a_readable_header_consumes_its_seq():
     seq = snap["sequence"]["per_source"]["6"]
     assert seq["missing"] == 0 and seq["duplicates"] == 0 and seq["rejected"] == len(bad)
     assert seq["received"] == seq["sent"] == rig.seq  # every message the rig numbered, the ping included
+    # the PONG tells the pinging source the same (its balance as of the PING, which it counts)
+    assert status["rejected"] == snap["rejected"] and status["sequence"] == seq
 
 
 def test_a_rejected_seq_0_still_restarts_the_sources_numbering():
