@@ -3,12 +3,16 @@
 Rendered on request from :meth:`streaming.daemon.Daemon.snapshot` (a copy; the decode loop is
 never touched).  Latency histograms are ``rpnt_stage_latency_seconds{stage=...}`` with the
 buckets below (cumulative, ``le`` in seconds); the stages are those of
-:data:`streaming.latency.STAGE_DOC`.  Names are listed in ``deploy/OPERATIONS.md``.
+:data:`streaming.latency.STAGE_DOC`.  ``rpnt_rejected_messages_total{reason=...}`` has one sample
+per reason of :data:`streaming.protocol.REJECT_REASONS`, zeros included, so that a rate over the
+first reject of a kind is seen.  Names are listed in ``deploy/OPERATIONS.md``.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
+
+from streaming.protocol import REJECT_REASONS
 
 BUCKETS_MS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0,
               250.0, 1000.0)
@@ -18,10 +22,13 @@ COUNTERS = {
     "rpnt_bins_total": ("bins", "bins decoded and published"),
     "rpnt_bins_stalled_total": ("bins_stalled", "bins closed by the wall-clock deadline (a source stalled)"),
     "rpnt_late_events_total": ("late_events", "spike events that arrived for a bin already decoded (dropped)"),
-    "rpnt_late_packets_total": ("late_packets", "messages that carried late events"),
+    "rpnt_late_packets_total": ("late_packets", "SPIKES/COUNTS messages with events or rows for a bin already "
+                                                "decoded (once per message)"),
     "rpnt_sequence_gaps_total": ("gaps", "messages lost, from per-source sequence numbers"),
     "rpnt_decode_errors_total": ("decode_errors", "bins whose decoder step raised (published as NaN, flag ERROR)"),
-    "rpnt_publish_dropped_total": ("publish_dropped", "predictions dropped at the PUB high-water mark"),
+    "rpnt_publish_dropped_total": ("publish_dropped", "predictions the PUB socket refused to queue (a subscriber "
+                                                      "that falls behind its high-water mark loses messages "
+                                                      "inside ZeroMQ, unseen here)"),
     "rpnt_model_swaps_total": ("swaps", "decoder swaps applied at a bin boundary"),
     "rpnt_events_total": ("events", "spike events received"),
     "rpnt_messages_total": ("messages", "ingest messages received"),
@@ -66,8 +73,9 @@ def render(*, snapshot: dict, status: dict, calibration_totals: dict, calibratio
     c = snapshot["counters"]
     for name, (key, help_) in COUNTERS.items():
         family(name, "counter", help_, [(name, c.get(key, 0))])
-    family("rpnt_rejected_messages_total", "counter", "ingest messages rejected, by reason",
-           [(f"rpnt_rejected_messages_total{_labels(reason=r)}", n) for r, n in sorted(snapshot["rejected"].items())])
+    rejected = snapshot["rejected"]  # non-zero reasons only; every reason is exported, from 0
+    family("rpnt_rejected_messages_total", "counter", "ingest messages rejected, by reason (docs/protocol.md §6)",
+           [(f"rpnt_rejected_messages_total{_labels(reason=r)}", rejected.get(r, 0)) for r in REJECT_REASONS])
     family("rpnt_calibration_jobs_total", "counter", "calibration jobs finished since start, by outcome",
            [(f"rpnt_calibration_jobs_total{_labels(state=s)}", n) for s, n in sorted(calibration_totals.items())])
     family("rpnt_calibration_running", "gauge", "1 while a calibration job runs",
