@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-affinity", default=None, metavar="CPU[,CPU]",
                    help="CPUs the calibration process may use (e.g. 0; calibration.affinity)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra settings for rpnt serve, e.g. RPNT_CALIBRATION__SCHED_IDLE=false (repeatable)")
+                   help="extra settings for rpnt serve, e.g. RPNT_CALIBRATION__NICE=0 (repeatable)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "service.json"))
     a = p.parse_args(argv)
 

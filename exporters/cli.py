@@ -71,11 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max abs error allowed for the float32 graphs (default 1e-4)")
     p.add_argument("--r2-gate", metavar="X", type=float, default=0.005,
                    help="max R² drop vs fp32 for --int8/--fp16 models to be written (default 0.005)")
-    meta = p.add_argument_group("metadata (baked into the export as the initial metadata bias)")
+    meta = p.add_argument_group(
+        "metadata (baked into the export as the metadata bias; default: the metadata of the session the "
+        "checkpoint was finetuned on, so the served model conditions exactly as `rpnt evaluate` scored it)")
     meta.add_argument("--subject", default=None, help="subject name from the model's vocabulary")
     meta.add_argument("--session", default=None, help="session name from the model's vocabulary")
     meta.add_argument("--task", default=None, help="task name from the model's vocabulary")
     meta.add_argument("--date-days", type=float, default=None, help="recording date in days")
+    meta.add_argument("--force", action="store_true",
+                      help="allow changing some of the checkpoint's finetuning metadata but not all of it")
     p.add_argument("--seed", type=int, default=0, help="seed of the random parity stream")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
     return p
@@ -103,17 +107,18 @@ def main(argv: list[str] | None = None) -> int:
 
     log("loading torch and the exporter ...")
     try:
-        from rpnt_core.checkpoint import CheckpointError
+        from rpnt_core.checkpoint import CheckpointError, read_header
 
         from .graph_checks import GraphCheckError
-        from .onnx_export import ExportError, export_checkpoint
+        from .onnx_export import ExportError, export_checkpoint, resolve_metadata
         from .parity import ParityError
     except ImportError as exc:
         print(f"rpnt export: error: {exc} (install the extra: pip install 'rpnt[export]')", file=sys.stderr)
         return EXIT_USAGE
 
-    metadata = {"subject": args.subject, "session": args.session, "task": args.task, "date_days": args.date_days}
+    given = {"subject": args.subject, "session": args.session, "task": args.task, "date_days": args.date_days}
     try:
+        metadata = resolve_metadata(read_header(ckpt)[1].get("metadata"), given, force=args.force)
         result = export_checkpoint(
             ckpt, args.out, parity_data=args.parity_data, int8=args.int8, fp16=args.fp16,
             window_bins=args.window_bins, parity_bins=args.parity_bins, tolerance=args.tolerance,

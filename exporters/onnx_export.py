@@ -579,14 +579,48 @@ def _window_report(name: str, engine: Any, streams: list[Stream], refs: list[dic
                      if c.window_bins >= c.receptive_field else "first T bins of each stream"))}
 
 
+def require_trained_head(meta: Mapping[str, Any], checkpoint: str | Path) -> None:
+    """Raise :class:`ExportError` for a pretraining checkpoint: its behaviour head never saw a label."""
+    if meta.get("kind") == "pretrained":
+        raise ExportError(f"checkpoint: {Path(checkpoint).name} is a pretraining checkpoint (self-supervised, no "
+                          "labels): its decoding head is untrained and would decode noise. Finetune it first: "
+                          f"rpnt finetune --init {checkpoint} --data SESSION --out ft.safetensors")
+
+
+def resolve_metadata(stored: Mapping[str, Any] | None, given: Mapping[str, Any], *, force: bool) -> dict:
+    """The metadata an export bakes in: the checkpoint's finetuning metadata (``stored``), with the
+    fields named in ``given`` replacing theirs.
+
+    A change that names only some of the stored fields is refused without ``force``: the model
+    would be served under metadata it was never evaluated with (a subject from the command line,
+    the session, task and date left at "unknown").  Naming every stored field, or none, is fine."""
+    stored = dict(stored or {})
+    given = {k: v for k, v in given.items() if v is not None}
+    out = stored | given
+    changed = sorted(k for k in given if stored.get(k) != given[k])
+    left = sorted(k for k in stored if k not in given)
+    if changed and left and not force:
+        was = ", ".join(f"{k}={stored[k]!r}" for k in sorted(stored))
+        raise ExportError(f"metadata: --{changed[0].replace('_', '-')} changes the metadata the model was finetuned "
+                          f"and evaluated with ({was}) but leaves {', '.join(left)} as stored; give all of "
+                          f"{', '.join(sorted(stored))}, or --force to export under the mix")
+    return out
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, parity_data: str | Path | None = None,
-                      **kwargs: Any) -> ExportResult:
+                      metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> ExportResult:
     """Load ``checkpoint`` (``.safetensors``) and :func:`export_model` it.
 
-    ``parity_data``: a session file (``rpnt_core.data.load_session``: .npz/.mat/.nwb) whose counts
-    (and velocity, when it matches the model's outputs) form the real parity stream."""
+    ``metadata``: what to bake in; ``None`` takes the checkpoint's finetuning metadata, so the
+    served model conditions exactly as ``rpnt evaluate`` scored it.  A pretraining checkpoint is
+    refused (:func:`require_trained_head`).  ``parity_data``: a session file
+    (``rpnt_core.data.load_session``: .npz/.mat/.nwb) whose counts (and velocity, when it matches
+    the model's outputs) form the real parity stream; its bin width must be the model's."""
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)
+    require_trained_head(model.checkpoint_meta, checkpoint)
+    if metadata is None:
+        metadata = model.checkpoint_meta.get("metadata") or {}
     counts = target = None
     source = ""
     if parity_data is not None:
@@ -601,4 +635,4 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, parity_dat
                               f"{model.config.n_input_channels} (config.n_input_channels)")
         counts, target, source = sess.counts, sess.velocity, str(parity_data)
     return export_model(model, out_dir, parity_counts=counts, parity_target=target, parity_source=source,
-                        checkpoint=str(checkpoint.resolve()), **kwargs)
+                        checkpoint=str(checkpoint.resolve()), metadata=metadata, **kwargs)

@@ -11,7 +11,10 @@ route                                  auth   answer
 ``POST /calibrate``                    yes    202 + job id; multipart form: ``file`` (NPZ/NWB) or
                                               ``source=recent`` (+ ``seconds``), ``force``
 ``GET /calibrate``                            the jobs, oldest first
-``GET /calibrate/{job_id}``                   state, phase, per-epoch losses, holdout R², swap
+``GET /calibrate/{job_id}``                   state, phase, per-epoch losses, holdout R², swap,
+                                              CPU share (phase ``waiting for CPU`` while starved)
+``DELETE /calibrate/{job_id}``         yes    cancel the running job (it ends ``failed``); 409 if
+                                              it is not running
 ``GET /models``                               every registry version, which one is active
 ``POST /models/{version}/activate``    yes    swap that version in at a bin boundary (rollback)
 =====================================  =====  ====================================================
@@ -180,6 +183,17 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         if st is None:
             raise HTTPException(404, f"no calibration job {job_id!r}")
         return st
+
+    @app.delete("/calibrate/{job_id}", tags=["calibration"], dependencies=[Depends(require_token)],
+                responses={401: {}, 403: {}, 404: {}, 409: {}})
+    def cancel_calibration_job(job_id: str) -> dict:
+        st = control.calibration.get(job_id)
+        if st is None:
+            raise HTTPException(404, f"no calibration job {job_id!r}")
+        if not control.calibration.cancel(job_id, f"DELETE /calibrate/{job_id}"):
+            raise HTTPException(409, f"calibration job {job_id} is not running (state: {st['state']})")
+        control.calibration.wait_idle(30.0)
+        return control.calibration.get(job_id)
 
     # -------------------------------------------------------------- models
     @app.get("/models", tags=["models"])

@@ -3,7 +3,11 @@
 :class:`CalibrationManager` is the parent side (no torch here).  ``submit()`` takes a validated
 calibration session (already written as NPZ), starts ``python -m service.calibration_worker JOB``
 (which renices itself and bounds its threads before importing torch) and returns the job id at
-once.  A monitor thread waits for the worker, then:
+once.  The worker's priority is bounded, not idle: niceness ``calibration.nice`` gives it a
+smaller share of a busy host's cores than the decode loop, never none, so a job on a host that is
+also training models runs slower but always finishes.  A monitor thread watches the worker — its
+CPU share over the last ``starved_window_s`` (``GET /calibrate/{id}`` says ``waiting for CPU``
+while it is below ``starved_share`` of one core), the job timeout, a cancel request — then:
 
 - publishes the candidate (checkpoint + parity-checked export) as a new registry version —
   every candidate is kept, live or not, so one that missed the gate can still be activated by hand;
@@ -13,7 +17,7 @@ once.  A monitor thread waits for the worker, then:
   daemon at a bin boundary, record it in the registry).
 
 Job states: ``running`` → ``succeeded`` (live) | ``rejected`` (kept, not live: the gate said no) |
-``failed`` (an error; nothing changed).  A second submit while one runs raises
+``failed`` (an error, the timeout or a cancel; nothing changed).  A second submit while one runs raises
 :class:`CalibrationBusy` (HTTP 409).  Each job's record is ``jobs/<id>/status.json`` (atomic
 writes) plus the worker's ``progress.jsonl``; a job found ``running`` when the service starts was
 cut off by a crash or restart and is marked ``failed``.
@@ -34,11 +38,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from .cpu_share import CpuShare, process_cpu_seconds
 from .registry import CHECKPOINT, ModelRegistry, read_json, write_json_atomic
 from .settings import CalibrationSettings
 
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 FINAL_STATES = ("succeeded", "rejected", "failed")
+POLL_S = 0.5  # how often the monitor samples the worker's CPU time
 log = logging.getLogger("rpnt.calibration")
 
 
@@ -68,6 +74,8 @@ class CalibrationManager:
         self._lock = threading.Lock()
         self._current: str | None = None
         self._proc: subprocess.Popen | None = None
+        self._cpu: dict = {}  # the running job's CPU share, written by its monitor
+        self._cancelled: str | None = None  # why the running job was cancelled
         self._threads: list[threading.Thread] = []
         self.totals = dict.fromkeys(FINAL_STATES, 0)
         for d in registry.jobs_dir.iterdir():  # jobs a crash or restart cut off
@@ -97,6 +105,11 @@ class CalibrationManager:
         if epochs:
             st["progress"] = {"epoch": epochs[-1]["epoch"] + 1, "epochs": epochs[-1]["epochs"],
                               "best_val_r2": max(p["val_r2"] for p in epochs)}
+        cpu = dict(self._cpu) if self._current == job_id else st.get("cpu")
+        if cpu:
+            st["cpu"] = cpu
+            if st["state"] == "running" and cpu.get("waiting_for_cpu"):
+                st["worker_phase"], st["phase"] = st["phase"], "waiting for CPU"
         return st
 
     def jobs(self) -> list[dict]:
@@ -140,6 +153,7 @@ class CalibrationManager:
                                               stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(root),
                                               stdin=subprocess.DEVNULL)
             self._current = job_id
+            self._cpu, self._cancelled = {}, None
             t = threading.Thread(target=self._monitor, args=(job_id, d, self._proc, st), name=f"calibration-{job_id}",
                                  daemon=True)
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
@@ -154,6 +168,16 @@ class CalibrationManager:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self._current is None
 
+    def cancel(self, job_id: str, reason: str) -> bool:
+        """Kill the running job ``job_id`` (it ends ``failed`` with ``reason``); False if it is not running."""
+        with self._lock:
+            if self._current != job_id or self._proc is None:
+                return False
+            self._cancelled = reason
+            if self._proc.poll() is None:
+                self._proc.kill()
+        return True
+
     def shutdown(self) -> None:
         """Kill a running worker (its job is marked failed by the monitor)."""
         p = self._proc
@@ -164,12 +188,12 @@ class CalibrationManager:
     # ------------------------------------------------------------------ the monitor thread
     def _monitor(self, job_id: str, d: Path, proc: subprocess.Popen, st: dict) -> None:
         try:
-            try:
-                rc = proc.wait(timeout=self.settings.timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                self._finish(d, st, "failed", error=f"timed out after {self.settings.timeout_s:g} s (killed)")
+            rc = self._watch(proc)
+            if self._cancelled is not None:
+                self._finish(d, st, "failed", error=f"cancelled: {self._cancelled}")
+                return
+            if rc is None:
+                self._finish(d, st, "failed", error=self._timeout_reason())
                 return
             res = read_json(d / "result.json")
             if rc != 0 or not isinstance(res, dict) or not res.get("ok"):
@@ -184,6 +208,40 @@ class CalibrationManager:
             with self._lock:
                 self._current = None
                 self._proc = None
+
+    def _watch(self, proc: subprocess.Popen) -> int | None:
+        """Wait for the worker, keeping ``self._cpu`` current; its exit code, or None after a timeout (killed)."""
+        s = self.settings
+        window = CpuShare(window_s=s.starved_window_s)
+        t0 = time.monotonic()
+        cpu_s = 0.0
+        while True:
+            try:
+                return proc.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            cpu_s = process_cpu_seconds(proc.pid) or cpu_s
+            window.add(now, cpu_s)
+            share = window.share()
+            self._cpu = {"cpu_seconds": round(cpu_s, 2), "wall_seconds": round(now - t0, 1),
+                         "recent_share": None if share is None else round(share, 3),
+                         "waiting_for_cpu": share is not None and share < s.starved_share}
+            if now - t0 > s.timeout_s:
+                proc.kill()
+                proc.wait()
+                return None
+
+    def _timeout_reason(self) -> str:
+        s, cpu = self.settings, self._cpu
+        why = f"timed out after {s.timeout_s:g} s (calibration.timeout_s; killed)"
+        if cpu.get("wall_seconds"):
+            share = cpu["cpu_seconds"] / cpu["wall_seconds"]
+            why += f": the worker got {100 * share:.0f} % of one core on average"
+            if share < s.starved_share:
+                why += (f" — the host's cores were busy with other work (the worker runs at niceness "
+                        f"+{s.nice}, calibration.nice)")
+        return why
 
     def _publish(self, job_id: str, d: Path, st: dict, res: dict) -> None:
         staged = self.registry.new_staging(f"cal-{job_id}")
@@ -214,6 +272,8 @@ class CalibrationManager:
 
     def _finish(self, d: Path, st: dict, state: str, **kw: Any) -> None:
         st.update(state=state, finished=time.time(), **kw)
+        if self._cpu:
+            st["cpu"] = dict(self._cpu)
         self._save(d, st)
         self.totals[state] += 1
         log.info("calibration job %s: %s%s", st["id"], state, f" — {kw['error']}" if kw.get("error") else "")

@@ -7,8 +7,7 @@ Reads ``JOB_DIR/job.json`` (written by :class:`service.calibration.CalibrationMa
     {"data": "data.npz", "base_checkpoint": ".../checkpoint.safetensors", "base_version": "3",
      "options": {<CalibrationSettings fields>}}
 
-and does, at the niceness, scheduling class (SCHED_IDLE) and thread count it is given (before
-torch is imported):
+and does, at the niceness and thread count it is given (before torch is imported):
 
 1. splits the calibration session in time: train (first ``train_fraction``), validation (next
    ``val_fraction``, early stopping), holdout (last ``holdout_fraction``, the go-live gate: never
@@ -56,12 +55,8 @@ def run_job(job: Path) -> dict:
         os.nice(int(opt["nice"]))
     if opt.get("affinity") and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(int(c) for c in opt["affinity"]))
-    if opt.get("sched_idle") and hasattr(os, "SCHED_IDLE"):
-        try:  # lowering one's own policy needs no privilege
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError as exc:
-            _progress(job, phase="starting", note=f"SCHED_IDLE not applied: {exc}")
-
+    policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
+    _progress(job, phase="starting", nice=os.nice(0), policy=policy, pid=os.getpid())
     _progress(job, phase="loading")
     import torch
 
@@ -72,8 +67,6 @@ def run_job(job: Path) -> dict:
     from rpnt_core.data import Splits, load_session
     from rpnt_core.evaluate.harness import evaluate_model
     from rpnt_core.train.finetune import FinetuneOptions, finetune
-
-    from .uploads import session_metadata
 
     session = load_session(job / spec["data"])
     n = session.n_bins
@@ -100,8 +93,7 @@ def run_job(job: Path) -> dict:
     Path(str(cand / "checkpoint.safetensors") + ".history.json").unlink(missing_ok=True)
 
     _progress(job, phase="exporting")
-    exp = export_checkpoint(cand / "checkpoint.safetensors", cand / "export", parity_data=job / spec["data"],
-                            metadata=session_metadata(session))
+    exp = export_checkpoint(cand / "checkpoint.safetensors", cand / "export", parity_data=job / spec["data"])
     return {"splits": splits.as_dict(), "n_bins": n, "live_holdout_r2": live_holdout["r2"],
             "live_holdout_r2_per_dim": live_holdout["r2_per_dim"], "candidate_holdout_r2": r["test_r2"],
             "candidate_holdout_r2_per_dim": r["test_r2_per_dim"], "candidate_val_r2": r["val_r2"],

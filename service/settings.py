@@ -101,10 +101,9 @@ class AuthSettings(_Section):
 class CalibrationSettings(_Section):
     """Few-shot recalibration jobs (run in a separate, lower-priority process)."""
 
-    nice: int = Field(10, ge=0, le=19, description="niceness added to the calibration process")
-    sched_idle: bool = Field(True, description="run the calibration process under SCHED_IDLE (Linux): it gets a "
-                                               "core only when nothing else wants it, so the decode loop preempts "
-                                               "it at once")
+    nice: int = Field(10, ge=0, le=19, description="niceness added to the calibration process: on a busy host "
+                                                   "it gets a smaller share of the cores than the decode loop, "
+                                                   "never none")
     threads: int = Field(1, ge=1, le=64, description="torch / BLAS threads of the calibration process")
     affinity: list[int] | None = Field(None, description="CPU ids the calibration process may run on (e.g. the "
                                                          "cores the decode thread is not pinned to)")
@@ -121,6 +120,9 @@ class CalibrationSettings(_Section):
     default_seconds: float = Field(120.0, gt=0, description="closed-loop calibration: seconds of recent "
                                                             "decoded data when the request names none")
     timeout_s: float = Field(1800.0, gt=0, description="a job running longer is killed and marked failed")
+    starved_share: float = Field(0.25, gt=0, le=1, description="GET /calibrate/{id} says 'waiting for CPU' while "
+                                                               "the worker got less than this share of one core")
+    starved_window_s: float = Field(10.0, gt=0, description="over the last this many seconds")
     seed: int = Field(0, description="random seed of the finetuning")
 
     @model_validator(mode="after")

@@ -90,3 +90,12 @@ def fingerprint_sessions(sessions: list[Session]) -> str:
     for s in sessions:
         h.update(s.fingerprint().encode())
     return h.hexdigest()[:16]
+
+
+METADATA_FIELDS = ("subject", "session", "task", "date_days")
+
+
+def conditioning_metadata(session: Session) -> dict:
+    """The metadata that conditions the model on ``session`` (every field; an empty name means
+    "unknown" to the model): what finetuning stores in its checkpoint and an export bakes in."""
+    return {k: getattr(session, k) for k in METADATA_FIELDS}

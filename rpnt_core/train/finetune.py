@@ -45,7 +45,7 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint, read_extra_tensors, read_header, save_checkpoint
 from ..config import RPNTConfig
 from ..data.channels import ChannelResampler
-from ..data.session import Session
+from ..data.session import Session, conditioning_metadata
 from ..data.splits import Splits, contiguous_splits
 from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata
 from ..evaluate.probe import ridge_by_validation
@@ -293,6 +293,7 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
         save_checkpoint(model.cpu(), out, meta={
             "kind": "finetuned" if provenance["init"] else "scratch", "data_fingerprint": session.fingerprint(),
             "metrics": metrics, "splits": splits.as_dict(), "source": session.source, **provenance,
+            "metadata": conditioning_metadata(session),
             "finetune_options": asdict(options) | {"config_overrides": dict(options.config_overrides)}})
         Path(str(out) + ".history.json").write_text(json.dumps(history))
         result["checkpoint"] = str(out)
