@@ -395,3 +395,41 @@ def test_nwb_missing_pynwb_says_how_to_install(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "pynwb", None)
     with pytest.raises(ImportError, match=r"pip install 'rpnt\[nwb\]'"):
         load_nwb(tmp_path / "x.nwb", bin_s=0.02)
+
+
+def test_nwb_is_checked_before_any_dataset_is_read(tmp_path: Path) -> None:
+    pytest.importorskip("pynwb")
+    import h5py
+
+    mb512 = 512 << 20
+    bomb = crafted.hdf5_bomb(tmp_path / "bomb.nwb")  # a 16 GB dataset in a few KB
+    assert bomb.stat().st_size < 100_000
+    linked = tmp_path / "linked.nwb"
+    with h5py.File(linked, "w") as f:
+        f["units"] = h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "/")
+    outside = tmp_path / "outside.nwb"
+    with h5py.File(outside, "w") as f:  # raw data in another file of the reader's machine
+        f.create_dataset("units/spike_times", shape=(10,), dtype="f8", external=[(str(tmp_path / "raw.bin"), 0, 80)])
+    for path, message in ((bomb, "acquisition/bomb/data: declares 16 GB uncompressed, over the 512 MB limit"),
+                          (linked, "units: links to another file, which is not accepted"),
+                          (outside, "units/spike_times: stored outside the file, which is not accepted")):
+        with pytest.raises(ValueError) as e:
+            load_nwb(path, bin_s=0.02, max_bytes=mb512)
+        assert str(e.value) == message, path.name
+
+
+def test_nwb_binning_is_held_to_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "span.nwb"
+    _write_nwb(path, spike_times=[[0.0, 1e7]], beh_t=None, beh=None)  # two spikes 116 days apart
+    with pytest.raises(ValueError) as e:
+        load_nwb(path, bin_s=0.02, max_bytes=512 << 20)
+    assert str(e.value) == "units: 500000001 bins of 20 ms × 1 units come to 9.3 GB, over the 512 MB limit"
+
+
+def test_a_well_formed_nwb_file_passes_the_checks(tmp_path: Path) -> None:
+    beh_t = 0.01 * np.arange(101)
+    path = tmp_path / "ok.nwb"
+    _write_nwb(path, spike_times=[[0.1, 0.5], [0.7]], beh_t=beh_t, beh=np.stack([beh_t, beh_t ** 2], 1))
+    limited, free = load_nwb(path, bin_s=0.02, max_bytes=1 << 20), load_nwb(path, bin_s=0.02)
+    np.testing.assert_array_equal(limited.counts, free.counts)
+    np.testing.assert_array_equal(limited.velocity, free.velocity)

@@ -625,7 +625,40 @@ def _behaviour_series(nwb: Any) -> dict[str, Any]:
     return found
 
 
-def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = None) -> Session:
+def _check_hdf5(path: Path, max_bytes: int | None) -> None:
+    """Refuse an HDF5 file before any dataset is read: a link to another file, a dataset stored in
+    external files or mapped from other files (reading them would read the reader's own files),
+    or, with ``max_bytes``, a dataset (shape × dtype) or all of them together declaring more."""
+    import h5py
+
+    links: list[str] = []
+    datasets: list[tuple[str, Any]] = []
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise ValueError("file: not a readable HDF5 (NWB) file") from None
+    with f:  # the visitors only collect: an exception raised inside one breaks h5py's lock
+        f.visititems_links(lambda name, info: links.append(name) if isinstance(info, h5py.ExternalLink) else None)
+        f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        if links:
+            raise ValueError(f"{_hdf5_field(links[0])}: links to another file, which is not accepted")
+        total = 0
+        for name, ds in datasets:
+            if ds.is_virtual or ds.external:
+                raise ValueError(f"{_hdf5_field(name)}: stored outside the file, which is not accepted")
+            n = _npy_bytes(ds.shape or (), ds.dtype)
+            _over_limit(_hdf5_field(name), n, max_bytes)
+            total += n
+    _over_limit("file", total, max_bytes, "its datasets declare {} uncompressed")
+
+
+def _hdf5_field(name: str) -> str:
+    """An HDF5 object's path inside the file, made safe to print on one line."""
+    return "".join(c if c.isprintable() else "?" for c in name)[:120]
+
+
+def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = None,
+             max_bytes: int | None = None) -> Session:
     """Bin the ``Units`` spike times of an NWB file and attach a behaviour series as velocity.
 
     Binning: bins are half-open ``[t0 + k*bin_s, t0 + (k+1)*bin_s)``.  With behaviour, ``t0`` is
@@ -644,6 +677,11 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
     Metadata: ``subject`` from ``nwb.subject.subject_id``, ``session`` from ``session_id`` (else
     the identifier); ``date_days`` is left at 0.0 and the start time is put in
     ``extra["session_start_time"]`` (ISO 8601) for the caller to turn into a relative date.
+
+    ``max_bytes`` (for files from elsewhere, e.g. uploads): before pynwb opens the file, links to
+    other files and datasets stored outside it are refused, and every dataset's declared size
+    (shape × dtype), alone and summed, must fit; so must the binned arrays before they are made.
+    ``None``: no checks.
     """
     try:
         from pynwb import NWBHDF5IO
@@ -654,11 +692,13 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file: {path}")
+    if max_bytes is not None:
+        _check_hdf5(path, max_bytes)
     with NWBHDF5IO(str(path), mode="r") as io:
         nwb = io.read()
         units = nwb.units
         if units is None or len(units) == 0:
-            raise ValueError(f"units: {path.name} has no Units table (or it is empty)")
+            raise ValueError("units: the file has no Units table (or it is empty)")
         spikes = [np.asarray(units.get_unit_spike_times(i), dtype=np.float64).ravel() for i in range(len(units))]
 
         series = _behaviour_series(nwb)
@@ -673,7 +713,7 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
         else:
             cands = sorted(n for n in series if "vel" in n.lower())
             if len(cands) > 1:
-                raise ValueError(f"velocity_series: several candidates {cands}; pass velocity_series=")
+                raise ValueError(f"velocity_series: several candidates ({', '.join(cands)}); pass velocity_series=")
             if cands:
                 chosen = series[cands[0]]
 
@@ -706,6 +746,9 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
         n_bins = int(np.floor((max(s.max() for s in nonempty) - t0) / bin_s)) + 1
     if n_bins < 1:
         raise ValueError(f"bin_s: {bin_s} s is longer than the recording")
+    per_bin = 4 * len(spikes) + 16 + (8 * beh_x.shape[1] if beh_x is not None else 0)  # counts, edges, velocity
+    _over_limit("units", n_bins * per_bin, max_bytes,
+                f"{n_bins} bins of {bin_s * 1e3:g} ms × {len(spikes)} units come to {{}}")
     edges = t0 + bin_s * np.arange(n_bins + 1, dtype=np.float64)  # (T+1,)
     counts = np.zeros((n_bins, len(spikes)), dtype=np.int32)  # (T, N)
     for j, st in enumerate(spikes):
