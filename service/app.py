@@ -41,8 +41,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from .calibration import CalibrationBusy
 from .control import ActivationError, ControlPlane
 from .registry import RegistryError
-from .uploads import (CalibrationInputError, check_session, load_upload, recent_session, save_canonical,
-                      with_live_metadata)
+from .upload_parse import ParseLimits, parse_upload
+from .uploads import CalibrationInputError, check_session, recent_session, save_canonical, with_live_metadata
 
 log = logging.getLogger("rpnt.http")
 _bearer = HTTPBearer(auto_error=False, description="the API token (RPNT_API_TOKEN / auth.token_file)")
@@ -84,6 +84,7 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
     """The FastAPI application for ``control``; mutating routes need ``Authorization: Bearer <token>``."""
     settings = control.settings
     max_bytes = int(settings.http.max_upload_mb * (1 << 20))
+    parse_limits = ParseLimits.from_settings(settings)
     app = FastAPI(title="rpnt control plane", version="1", description=__doc__.split("\n\n")[0],
                   openapi_tags=[{"name": "health"}, {"name": "calibration"}, {"name": "models"}])
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
@@ -137,6 +138,9 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         cal = settings.calibration
         reg = control.registry
         staging = reg.new_staging("upload")
+        checks = {"n_channels": daemon.n_channels, "n_outputs": daemon.n_kinematics, "bin_s": daemon.bin_s,
+                  "min_bins": cal.min_bins, "holdout_fraction": cal.holdout_fraction}
+        data = staging / "data.npz"
         try:
             if src == "upload":
                 if file is None:
@@ -147,21 +151,22 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
                 size = raw.stat().st_size
                 if size > max_bytes:
                     raise HTTPException(413, f"the file exceeds {max_bytes} bytes (http.max_upload_mb)")
-                session = load_upload(raw, bin_s=daemon.bin_s)
+                # parsed and checked in a child process: this one (the decode thread's) never loads it
+                n_bins = parse_upload(raw, out=data, bin_s=daemon.bin_s, checks=checks,
+                                      live_metadata=control.live_metadata(), limits=parse_limits)["n_bins"]
                 detail = {"filename": file.filename, "bytes": size}
             else:
                 if file is not None:
                     raise CalibrationInputError("file: source=recent takes no file")
                 secs = float(seconds or cal.default_seconds)
                 counts, velocity = control.recent_calibration_data(secs)
-                session = recent_session(counts, velocity, bin_s=daemon.bin_s)
-                detail = {"seconds": secs}
-            session = with_live_metadata(session, control.live_metadata())
-            check_session(session, n_channels=daemon.n_channels, n_outputs=daemon.n_kinematics,
-                          bin_s=daemon.bin_s, min_bins=cal.min_bins, holdout_fraction=cal.holdout_fraction)
-            data = save_canonical(session, staging / "data.npz")
+                session = with_live_metadata(recent_session(counts, velocity, bin_s=daemon.bin_s),
+                                             control.live_metadata())
+                check_session(session, **checks)
+                save_canonical(session, data)
+                n_bins, detail = session.n_bins, {"seconds": secs}
             job_id = control.calibration.submit(data=data, source=src, force=force, base_version=control.live_version,
-                                                n_bins=session.n_bins, detail=detail)
+                                                n_bins=n_bins, detail=detail)
         except CalibrationInputError as exc:
             raise HTTPException(422, str(exc)) from None
         except CalibrationBusy as exc:
@@ -170,7 +175,7 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
             raise HTTPException(409, str(exc)) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return {"job_id": job_id, "status_url": f"/calibrate/{job_id}", "source": src, "n_bins": session.n_bins,
+        return {"job_id": job_id, "status_url": f"/calibrate/{job_id}", "source": src, "n_bins": n_bins,
                 "base_version": control.live_version}
 
     @app.get("/calibrate", tags=["calibration"])

@@ -88,6 +88,12 @@ class HttpSettings(_Section):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port, printed at start)")
     allow_remote: bool = Field(False, description="allow a non-loopback bind address")
     max_upload_mb: float = Field(64.0, gt=0, description="largest calibration upload accepted")
+    max_decompressed_mb: float = Field(512.0, gt=0, description=(
+        "most a calibration upload may hold uncompressed, checked on its declared sizes before anything is "
+        "inflated (an hour of 20 ms bins on 256 channels as int64 counts is 352 MB); the upload is parsed in a "
+        "child process limited to 1 GB + 3 × this much memory"))
+    upload_parse_timeout_s: float = Field(120.0, gt=0, description="an upload's parse (a child process) running "
+                                                                   "longer is killed and the upload refused")
 
 
 class AuthSettings(_Section):

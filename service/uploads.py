@@ -1,22 +1,27 @@
 """Calibration data in: an uploaded file or the daemon's own recent history → one validated NPZ.
 
-Uploaded bytes are identified by their magic number, not their name: NPZ (a zip: ``PK\\x03\\x04``)
-or NWB (HDF5: ``\\x89HDF\\r\\n\\x1a\\n``).  They are parsed by the core loaders
-(:func:`rpnt_core.data.load_session`: NPZ with ``allow_pickle=False``, NWB through pynwb) —
-nothing is ever unpickled.  Then the session must fit the live model: single-site counts with
-the model's channel count, a velocity target of the model's width that varies in every
-dimension, the daemon's bin width, and at least ``min_bins`` bins.  Every failure is a
-:class:`CalibrationInputError` whose message says what is wrong (HTTP 422).
+Uploaded bytes are identified by their magic number, not their name: NWB (HDF5:
+``\\x89HDF\\r\\n\\x1a\\n``), else NPZ (the NPZ loader says so when it is not a zip).  They are
+parsed by the core loaders (:func:`rpnt_core.data.load_npz`, :func:`rpnt_core.data.load_nwb`) with
+a limit on what they may inflate — in a child process (:mod:`service.upload_parse`), never in the
+daemon's — and nothing is ever unpickled.  Then the session must fit the live model: single-site
+counts with the model's channel count, a velocity target of the model's width that varies in
+every dimension, the daemon's bin width, and at least ``min_bins`` bins.  Every failure is a
+:class:`CalibrationInputError` whose one-line message names the field and what is wrong (HTTP
+422), and never a server path or a parser's internals.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
-NPZ_MAGIC = b"PK\x03\x04"
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# A loader's own message starts with the field it is about (an array, or a dataset's path in an
+# HDF5 file); a parser library's may instead name server paths or carry Python reprs.
+_FIELD_MESSAGE = re.compile(r"[A-Za-z_][\w/]*: [^\n]+")
 
 
 class CalibrationInputError(ValueError):
@@ -24,15 +29,11 @@ class CalibrationInputError(ValueError):
 
 
 def sniff_suffix(head: bytes) -> str:
-    """``.npz`` or ``.nwb`` from a file's first bytes; :class:`CalibrationInputError` otherwise."""
-    if head.startswith(NPZ_MAGIC):
-        return ".npz"
-    if head.startswith(HDF5_MAGIC):
-        return ".nwb"
+    """``.nwb`` for HDF5's first bytes, else ``.npz`` (whose loader refuses a non-zip with its own
+    message); :class:`CalibrationInputError` for an empty file."""
     if not head:
         raise CalibrationInputError("file: the upload is empty")
-    raise CalibrationInputError("file: not an NPZ (zip) or NWB (HDF5) file — see the NPZ interchange format in the "
-                                "README")
+    return ".nwb" if head.startswith(HDF5_MAGIC) else ".npz"
 
 
 def check_session(session, *, n_channels: int, n_outputs: int, bin_s: float, min_bins: int,
@@ -61,26 +62,42 @@ def check_session(session, *, n_channels: int, n_outputs: int, bin_s: float, min
                                         "is undefined")
 
 
-def load_upload(path: Path, *, bin_s: float):
-    """Parse an uploaded file (NPZ or NWB, by magic number) into a :class:`~rpnt_core.data.Session`
-    (an NWB file's spike times are binned at ``bin_s``, the daemon's bin width)."""
+def load_upload(path: Path, *, bin_s: float, max_bytes: int):
+    """Parse an uploaded file (NPZ or NWB, by magic number) into a :class:`~rpnt_core.data.Session`,
+    inflating at most ``max_bytes`` (an NWB file's spike times are binned at ``bin_s``, the
+    daemon's bin width).  Meant for the parse child (:mod:`service.upload_parse`); ``path`` is
+    renamed to its format's suffix and removed."""
     from rpnt_core.data import load_session
 
     with open(path, "rb") as f:
-        suffix = sniff_suffix(f.read(8))
+        suffix = sniff_suffix(f.read(len(HDF5_MAGIC)))
     target = path.with_suffix(suffix)
     path.rename(target)
     try:
-        return load_session(target, **({"bin_s": bin_s} if suffix == ".nwb" else {}))
-    except ImportError as exc:
-        raise CalibrationInputError(f"file: NWB uploads need the [nwb] extra on the server ({exc})") from None
-    except (ValueError, KeyError, OSError, EOFError) as exc:
-        raise CalibrationInputError(f"file: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a corrupt file may break a parser in any way
-        raise CalibrationInputError(f"file: could not be read as {suffix[1:].upper()}: {type(exc).__name__}: "
-                                    f"{exc}") from None
+        return load_session(target, max_bytes=max_bytes, **({"bin_s": bin_s} if suffix == ".nwb" else {}))
+    except ImportError:
+        raise CalibrationInputError("file: NWB uploads need the [nwb] extra on the server") from None
+    except ValueError as exc:
+        raise CalibrationInputError(_field_message(exc, suffix, target.parent)) from None
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - a corrupt file may break a parser in any way
+        raise CalibrationInputError(_unreadable(suffix)) from None
     finally:
         target.unlink(missing_ok=True)
+
+
+def _field_message(exc: ValueError, suffix: str, where: Path) -> str:
+    """The loader's one-line ``field: what is wrong``; anything else (a parser library's words,
+    which may hold server paths or reprs) becomes :func:`_unreadable`."""
+    text = str(exc)
+    if _FIELD_MESSAGE.fullmatch(text) and str(where) not in text:
+        return text
+    return _unreadable(suffix)
+
+
+def _unreadable(suffix: str) -> str:
+    return f"file: could not be read as {suffix[1:].upper()} (a damaged file, or not {suffix[1:].upper()})"
 
 
 def recent_session(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float):

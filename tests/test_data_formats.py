@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import sys
+import tracemalloc
+import zipfile
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +24,9 @@ from rpnt_core.data import (
     save_npz,
     validate_session,
 )
+from rpnt_core.data.formats import NOT_NPZ
+
+import crafted
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STEVENSON = SHARED_DATA / "stevenson2011_m1_centerout" / "StevensonV2.mat"
@@ -97,13 +103,96 @@ def test_npz_rejects_unknown_keys_and_pickles(tmp_path: Path) -> None:
     np.savez(tmp_path / "obj.npz", counts=np.array([object()], dtype=object), bin_s=0.02)
     with pytest.raises(ValueError, match="pickl"):
         load_npz(tmp_path / "obj.npz")
-    with open(tmp_path / "single.npz", "wb") as fh:
+    with open(tmp_path / "single.npz", "wb") as fh:  # a lone .npy is no archive of named fields
         np.save(fh, np.ones((3, 2)))
-    with pytest.raises(ValueError, match="^path: .*single array"):
+    with pytest.raises(ValueError, match=f"^{re.escape(NOT_NPZ)}$"):
         load_npz(tmp_path / "single.npz")
     np.savez(tmp_path / "nobin.npz", counts=np.ones((3, 2), int))
     with pytest.raises(ValueError, match="^bin_s: missing"):
         load_npz(tmp_path / "nobin.npz")
+
+
+def test_a_file_that_is_not_a_zip_gets_one_message_not_numpys(tmp_path: Path) -> None:
+    # numpy.load would try to unpickle it and say "Cannot load file containing pickled data"
+    for name, data in (("text.npz", b"counts,bin_s\n1,0.02\n"), ("pickle.npz", b"\x80\x04K\x01."),
+                       ("hdf5.npz", b"\x89HDF\r\n\x1a\n" + bytes(100))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            load_npz(tmp_path / name)
+        assert str(e.value) == NOT_NPZ
+        assert "pickl" not in str(e.value) and str(tmp_path) not in str(e.value)
+
+
+def test_an_object_array_is_named_without_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "obj.npz"
+    np.savez(path, counts=np.ones((3, 2), int), bin_s=0.02, velocity=np.array([[object()] * 2] * 3, dtype=object))
+    with pytest.raises(ValueError) as e:
+        load_npz(path)
+    assert str(e.value) == "velocity: object arrays are not accepted (reading them would mean unpickling)"
+
+
+LIMIT = 1 << 20  # 1 MB
+
+
+def _inflated_peak(path: Path, max_bytes: int | None) -> tuple[int, str]:
+    """(peak bytes allocated while loading ``path``, the error it raised): numpy's array buffers and
+    the zip reader's inflated chunks are both traced by tracemalloc."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as e:
+            load_npz(path, max_bytes=max_bytes)
+        return tracemalloc.get_traced_memory()[1], str(e.value)
+    finally:
+        tracemalloc.stop()
+
+
+def test_zip_bombs_are_refused_before_inflating_more_than_the_limit(tmp_path: Path) -> None:
+    honest = crafted.npz_zip_bomb(tmp_path / "honest.npz", 64)  # 64 MB of zeros in about 70 KB
+    assert honest.stat().st_size < 100_000
+    lying_header = crafted.npz_lying_header(tmp_path / "header.npz", (600_000_000,))  # says 2.2 GB, holds 16 B
+    lying_zip = crafted.npz_lying_zip_size(tmp_path / "zip.npz", 64)  # says 4 KB, inflates to 64 MB
+    cases = [(honest, "counts: declares 64 MB uncompressed, over the 1 MB limit"),
+             (lying_header, "counts: declares 2.2 GB uncompressed, over the 1 MB limit"),
+             (lying_zip, "counts: damaged data in the archive")]
+    for path, message in cases:
+        peak, error = _inflated_peak(path, LIMIT)
+        assert error == message, path.name
+        assert peak < LIMIT, (path.name, peak)
+    # the measurement sees inflation: without a limit the honest bomb is inflated (then refused as 1-D)
+    peak, error = _inflated_peak(honest, None)
+    assert peak >= 64 << 20 and error.startswith("counts: expected 2-D")
+
+
+def test_all_members_together_are_held_to_the_limit(tmp_path: Path) -> None:
+    path = crafted.write_zip(tmp_path / "sum.npz", [
+        crafted.deflated("counts.npy", crafted.npy(np.zeros((1000, 400), np.uint8))),  # 400 KB
+        crafted.deflated("position.npy", crafted.npy(np.zeros((1000, 100), np.float32))),  # 400 KB
+        crafted.deflated("velocity.npy", crafted.npy(np.zeros((1000, 100), np.float32))),  # 400 KB
+        *crafted.session_members()[:1]])
+    peak, error = _inflated_peak(path, LIMIT)
+    assert error == "file: its arrays declare 1.1 MB uncompressed, over the 1 MB limit" and peak < LIMIT
+
+
+def test_npz_members_numpy_never_writes_are_refused(tmp_path: Path) -> None:
+    counts = crafted.npy(np.ones((3, 2), np.int32))
+    bz = tmp_path / "bz.npz"  # bzip2 inflates a whole read at once, whatever was asked for
+    with zipfile.ZipFile(bz, "w", compression=zipfile.ZIP_BZIP2) as z:
+        z.writestr("counts.npy", counts)
+    stray = crafted.write_zip(tmp_path / "stray.npz", [crafted.deflated("counts.npy", counts),
+                                                       crafted.deflated("notes.txt", b"hello")])
+    twice = crafted.write_zip(tmp_path / "twice.npz", [crafted.deflated("counts.npy", counts)] * 2)
+    cut = tmp_path / "cut.npz"
+    np.savez(cut, counts=np.ones((300, 2)), bin_s=0.02)
+    cut.write_bytes(cut.read_bytes()[:2000])
+    short = crafted.write_zip(tmp_path / "short.npz", [crafted.deflated("counts.npy", counts[:-8])])
+    for path, message in ((bz, "counts: compressed with an unsupported method (NPZ arrays are stored or deflated)"),
+                          (stray, "file: the archive holds a member that is not a <field>.npy array"),
+                          (twice, "counts: stored twice in the archive"),
+                          (cut, "file: a damaged or truncated NPZ file (its zip directory cannot be read)"),
+                          (short, "counts: damaged: the archive holds fewer bytes than its .npy header declares")):
+        with pytest.raises(ValueError) as e:
+            load_npz(path, max_bytes=LIMIT)
+        assert str(e.value) == message, path.name
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -306,3 +395,41 @@ def test_nwb_missing_pynwb_says_how_to_install(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "pynwb", None)
     with pytest.raises(ImportError, match=r"pip install 'rpnt\[nwb\]'"):
         load_nwb(tmp_path / "x.nwb", bin_s=0.02)
+
+
+def test_nwb_is_checked_before_any_dataset_is_read(tmp_path: Path) -> None:
+    pytest.importorskip("pynwb")
+    import h5py
+
+    mb512 = 512 << 20
+    bomb = crafted.hdf5_bomb(tmp_path / "bomb.nwb")  # a 16 GB dataset in a few KB
+    assert bomb.stat().st_size < 100_000
+    linked = tmp_path / "linked.nwb"
+    with h5py.File(linked, "w") as f:
+        f["units"] = h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "/")
+    outside = tmp_path / "outside.nwb"
+    with h5py.File(outside, "w") as f:  # raw data in another file of the reader's machine
+        f.create_dataset("units/spike_times", shape=(10,), dtype="f8", external=[(str(tmp_path / "raw.bin"), 0, 80)])
+    for path, message in ((bomb, "acquisition/bomb/data: declares 16 GB uncompressed, over the 512 MB limit"),
+                          (linked, "units: links to another file, which is not accepted"),
+                          (outside, "units/spike_times: stored outside the file, which is not accepted")):
+        with pytest.raises(ValueError) as e:
+            load_nwb(path, bin_s=0.02, max_bytes=mb512)
+        assert str(e.value) == message, path.name
+
+
+def test_nwb_binning_is_held_to_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "span.nwb"
+    _write_nwb(path, spike_times=[[0.0, 1e7]], beh_t=None, beh=None)  # two spikes 116 days apart
+    with pytest.raises(ValueError) as e:
+        load_nwb(path, bin_s=0.02, max_bytes=512 << 20)
+    assert str(e.value) == "units: 500000001 bins of 20 ms × 1 units come to 9.3 GB, over the 512 MB limit"
+
+
+def test_a_well_formed_nwb_file_passes_the_checks(tmp_path: Path) -> None:
+    beh_t = 0.01 * np.arange(101)
+    path = tmp_path / "ok.nwb"
+    _write_nwb(path, spike_times=[[0.1, 0.5], [0.7]], beh_t=beh_t, beh=np.stack([beh_t, beh_t ** 2], 1))
+    limited, free = load_nwb(path, bin_s=0.02, max_bytes=1 << 20), load_nwb(path, bin_s=0.02)
+    np.testing.assert_array_equal(limited.counts, free.counts)
+    np.testing.assert_array_equal(limited.velocity, free.velocity)

@@ -31,6 +31,7 @@ for _mod in ("fastapi", "uvicorn", "zmq", "onnxruntime", "httpx", "prometheus_cl
 import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+import crafted  # noqa: E402
 from conftest import REPO  # noqa: E402
 from rpnt_core.data import Session, save_npz  # noqa: E402
 from streaming.client import PredictionSubscriber, RigClient, wait_for_daemon  # noqa: E402
@@ -41,7 +42,7 @@ TOKEN = "svc-test-token-8c1f"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIVE = 120.0  # liveness guard for waits (start-up, PONGs); never a timing assertion
 JOB_WAIT = 300.0  # a calibration job (torch import + 3 short epochs + ONNX export with parity)
-MAX_UPLOAD_MB = 0.05  # 52 428 bytes: the 400-bin session (~4 KB) fits, 100 KB does not
+MAX_UPLOAD_MB = 4.0  # the 400-bin session (~4 KB) and the 2.3 MB zip bomb fit; 4 MB of random bytes does not
 # The test's workers run at the decode loop's priority (niceness 0): a test must never wait on a
 # low-priority process getting CPU on a busy host.  The niceness itself is tested in
 # test_calibration_jobs.py, where the worker's progress records it.
@@ -353,10 +354,11 @@ def _bad_inputs(tmp: Path, tiny: dict) -> tuple[dict, Path]:
     nan_vel[17, 1] = np.nan
     np.savez(tmp / "nan.npz", counts=counts, velocity=nan_vel, bin_s=np.float64(0.02))
     marker = tmp / "UNPICKLED"
-    np.savez(tmp / "pickle.npz", counts=counts, velocity=vel, bin_s=np.float64(0.02),
-             extra_payload=np.array([Unpickled(marker)], dtype=object))
+    np.savez(tmp / "pickle.npz", counts=counts, velocity=np.array([[Unpickled(marker)] * 2] * 400, dtype=object),
+             bin_s=np.float64(0.02))
     const = vel.copy()
     const[:, 1] = 0.25
+    np.savez(tmp / "typo.npz", counts=counts, velocities=vel, bin_s=np.float64(0.02))
     multisite = Session(counts=np.stack([counts, counts]), bin_s=0.02, velocity=vel,
                         site_xy=np.zeros((2, 2), np.float32))
 
@@ -372,7 +374,10 @@ def _bad_inputs(tmp: Path, tiny: dict) -> tuple[dict, Path]:
         "empty_file": (f(b""), {}, ["empty"]),
         "truncated_npz": (f(good[: len(good) // 2]), {}, ["file:", "NPZ"]),
         "garbage_after_hdf5_magic": (f(b"\x89HDF\r\n\x1a\n" + rng.bytes(500), "x.nwb"), {}, ["file:"]),
-        "pickle_object_array": (f(tmp / "pickle.npz"), {}, ["pickl"]),
+        "pickle_object_array": (f(tmp / "pickle.npz"), {}, ["velocity: object arrays are not accepted"]),
+        "unknown_key": (f(tmp / "typo.npz"), {}, ["npz: unknown keys velocities;"]),
+        "hdf5_bomb": (f(crafted.hdf5_bomb(tmp / "bomb.nwb"), "bomb.nwb"), {},
+                      ["acquisition/bomb/data: declares 16 GB uncompressed, over the 512 MB limit"]),
         "velocity_width_3": (f(session_npz(tmp / "d3.npz", D=3)), {}, ["velocity", "3 dimensions", "2"]),
         "constant_velocity_dim": (f(save_npz(Session(counts=counts, bin_s=0.02, velocity=const), tmp / "k.npz")),
                                   {}, ["velocity", "[1]", "constant"]),
@@ -386,9 +391,17 @@ def _bad_inputs(tmp: Path, tiny: dict) -> tuple[dict, Path]:
 
 
 BAD = ["five_channels", "too_short", "nan_velocity", "random_bytes", "empty_file", "truncated_npz",
-       "garbage_after_hdf5_magic", "pickle_object_array", "velocity_width_3", "constant_velocity_dim",
-       "bin_width_50ms", "no_velocity", "multisite_counts", "recent_without_kinematics", "recent_with_a_file",
-       "upload_without_a_file"]
+       "garbage_after_hdf5_magic", "pickle_object_array", "unknown_key", "hdf5_bomb", "velocity_width_3",
+       "constant_velocity_dim", "bin_width_50ms", "no_velocity", "multisite_counts", "recent_without_kinematics",
+       "recent_with_a_file", "upload_without_a_file"]
+
+
+def unclean(detail: str, srv: Server) -> list[str]:
+    """What an error line must not carry: a server path (registry, staging, the upload's name
+    there), a Python exception or repr, more than one line."""
+    marks = [str(srv.registry), str(srv.registry.parent), "staging", "upload.", "Error", "Traceback", "0x", "\n",
+             "PosixPath", "object at"]
+    return [m for m in marks if m in detail]
 
 
 def test_bad_calibration_inputs_are_422_and_change_nothing(server, http, tiny, tmp_path):
@@ -404,6 +417,8 @@ def test_bad_calibration_inputs_are_422_and_change_nothing(server, http, tiny, t
         detail = r.json().get("detail") if r.headers.get("content-type", "").startswith("application/json") else None
         if r.status_code != 422 or not isinstance(detail, str) or not all(w in detail for w in words):
             failures.append(f"{name}: {r.status_code} {r.text[:300]} (want 422 naming {words})")
+        elif unclean(detail, srv):
+            failures.append(f"{name}: {detail!r} carries {unclean(detail, srv)}")
     assert not failures, "\n".join(failures)
     assert not marker.exists(), "the pickled object array was unpickled"
     assert models(http) == before_models
@@ -414,7 +429,7 @@ def test_bad_calibration_inputs_are_422_and_change_nothing(server, http, tiny, t
 
 def test_oversized_chunked_and_unknown(server, http, tiny):
     before = models(http)
-    big = np.random.default_rng(1).bytes(100_000)
+    big = np.random.default_rng(1).bytes(int(MAX_UPLOAD_MB * (1 << 20)))
     r = http.post("/calibrate", headers=AUTH, files={"file": ("big.npz", b"PK\x03\x04" + big)})
     assert r.status_code == 413 and "limit" in r.json()["detail"], r.text
 
@@ -435,6 +450,30 @@ def test_oversized_chunked_and_unknown(server, http, tiny):
         r = http.post(f"/models/{version}/activate", headers=AUTH)
         assert r.status_code == 404 and "no model version" in r.json()["detail"], (version, r.text)
     assert models(http) == before and status(http)["model"]["registry_version"] == "1"
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads peak memory from /proc")
+def test_a_zip_bomb_is_refused_without_inflating_it_in_the_server(server, http, tmp_path):
+    srv = server["server"]
+    bomb = crafted.npz_zip_bomb(tmp_path / "bomb.npz", 2253)  # counts: 2.2 GB of zeros in 2.3 MB
+    lying = crafted.npz_lying_zip_size(tmp_path / "lying.npz", 2253)  # says 4 KB, inflates to 2.2 GB
+    before_models, before_model, before_peak = models(http), status(http)["model"], peak_rss(srv.proc.pid)
+    for path, message in ((bomb, "counts: declares 2.2 GB uncompressed, over the 512 MB limit"),
+                          (lying, "counts: damaged data in the archive")):
+        r = http.post("/calibrate", headers=AUTH, files={"file": ("session.npz", path.read_bytes())})
+        assert r.status_code == 422 and r.json() == {"detail": message}, r.text
+    # the serve process (the decode thread's) never held the inflated data: its peak barely moved
+    assert peak_rss(srv.proc.pid) - before_peak < 256 << 20
+    assert models(http) == before_models and status(http)["model"] == before_model
+    assert list((srv.registry / "staging").iterdir()) == []
 
 
 # ============================================================================ 4. calibration from an upload

@@ -263,6 +263,21 @@ def test_user_errors_exit_2_with_a_clear_message(tmp_path, capsys):
     assert rpnt(["nonsense"]) == 2
 
 
+def test_a_file_that_is_not_npz_gets_one_line_not_numpys(tmp_path, capsys):
+    from conftest import tiny_config
+    from rpnt_core import RPNT, save_checkpoint
+    from rpnt_core.data.formats import NOT_NPZ
+
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(RPNT(tiny_config()).eval(), ckpt)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"\x80\x04K\x01.")  # a pickle: numpy.load would say "Cannot load file containing pickled data"
+    for argv in (["evaluate", "--ckpt", str(ckpt), "--data", str(bad)],
+                 ["finetune", "--data", str(bad), "--out", str(tmp_path / "x.safetensors"), "--quiet"]):
+        assert rpnt(argv) == 2
+        assert capsys.readouterr().err == f"rpnt {argv[0]}: error: {NOT_NPZ}\n"  # the line an upload gets
+
+
 @pytest.mark.parametrize("cmd", ["simulate", "pretrain", "finetune", "evaluate", "demo"])
 def test_every_subcommand_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:

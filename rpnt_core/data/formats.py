@@ -5,8 +5,8 @@ Every loader returns a :class:`~rpnt_core.data.session.Session` that has passed
 
 NPZ interchange format
 ----------------------
-One ``.npz`` file (written with :func:`numpy.savez_compressed`, read with
-``allow_pickle=False``) holds one session:
+One ``.npz`` file (written with :func:`numpy.savez_compressed`; read by :func:`load_npz` member
+by member, never unpickling, optionally within a limit on what it may inflate) holds one session:
 
 ==============  ==========================  =========  ==================================================
 key             shape                       dtype      meaning
@@ -46,6 +46,9 @@ Every validation failure raises :class:`ValueError` whose message starts with th
 
 from __future__ import annotations
 
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -254,29 +257,154 @@ def _scalar_str(name: str, arr: np.ndarray) -> str:
     return str(arr)
 
 
-def load_npz(path: str | Path) -> Session:
-    """Read one session from the NPZ interchange format (never unpickles) and validate it."""
+NPZ_MAGIC = b"PK\x03\x04"  # a zip archive's first bytes
+NOT_NPZ = "file: not an NPZ file (a zip archive of .npy arrays) — see the NPZ interchange format in the README"
+_NPY_SUFFIX = ".npy"
+_NPZ_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what numpy.savez / savez_compressed write
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError,
+               struct.error)
+
+
+def describe_bytes(n: int) -> str:
+    """``n`` bytes for a person: ``"512 MB"``, ``"2.2 GB"`` (binary units: 1 MB = 2**20 bytes)."""
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} bytes"
+
+
+def _over_limit(field: str, n: int, max_bytes: int | None, what: str = "declares {} uncompressed") -> None:
+    """``ValueError`` naming ``field`` when ``n`` bytes exceed ``max_bytes`` (``None``: no limit);
+    ``what`` says what the bytes are, ``{}`` standing for their amount."""
+    if max_bytes is not None and n > max_bytes:
+        raise ValueError(f"{field}: {what.format(describe_bytes(n))}, over the {describe_bytes(max_bytes)} limit")
+
+
+def _open_npz(path: Path) -> zipfile.ZipFile:
+    """The archive at ``path``; ``ValueError`` (:data:`NOT_NPZ`) unless it is a readable zip."""
+    with open(path, "rb") as fh:
+        if fh.read(len(NPZ_MAGIC)) != NPZ_MAGIC:
+            raise ValueError(NOT_NPZ)
+    try:
+        return zipfile.ZipFile(path)
+    except _ZIP_ERRORS:
+        raise ValueError("file: a damaged or truncated NPZ file (its zip directory cannot be read)") from None
+
+
+def _npz_members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """Field name → zip member, refusing what the interchange format never holds: a member that is
+    not ``<field>.npy``, an unknown field, one stored twice, encryption, or compression other than
+    stored/deflated (what ``numpy.savez``/``savez_compressed`` write; a bzip2 or LZMA member would
+    inflate without bound on a single read)."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in zf.infolist():
+        key = info.filename.removesuffix(_NPY_SUFFIX)
+        if key == info.filename or not key.isidentifier() or len(key) > 64:
+            raise ValueError("file: the archive holds a member that is not a <field>.npy array")
+        if key in members:
+            raise ValueError(f"{key}: stored twice in the archive")
+        members[key] = info
+    unknown = sorted(k for k in members if k not in _NPZ_KEYS and not k.startswith(_EXTRA_PREFIX))
+    if unknown:
+        raise ValueError(f"npz: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(_NPZ_KEYS))} and "
+                         "extra_<name>")
+    for key, info in members.items():
+        if info.flag_bits & 0x1:
+            raise ValueError(f"{key}: encrypted; NPZ arrays are stored in the clear")
+        if info.compress_type not in _NPZ_METHODS:
+            raise ValueError(f"{key}: compressed with an unsupported method (NPZ arrays are stored or deflated)")
+    return members
+
+
+def _npy_header(zf: zipfile.ZipFile, key: str, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of one member, read from its first bytes only."""
+    fmt = np.lib.format
+    try:
+        with zf.open(info) as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"{key}: .npy format version {version[0]}.{version[1]} is not supported")
+            return tuple(int(d) for d in shape), dtype, fh.tell()
+    except ValueError as exc:
+        if str(exc).startswith(f"{key}: "):
+            raise
+        raise ValueError(f"{key}: not a valid .npy array") from None
+    except _ZIP_ERRORS:
+        raise ValueError(f"{key}: damaged data in the archive") from None
+
+
+def _npy_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check_headers(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], max_bytes: int | None) -> None:
+    """Every member's declarations against ``max_bytes``, before any array is read.
+
+    A member is refused when its zip entry (``ZipInfo.file_size``) or its ``.npy`` header (shape ×
+    dtype) declares more than the limit, when all of them together do, when it holds Python objects
+    (they need unpickling), or when the two declarations disagree (the entry is too short for the
+    array it says it holds)."""
+    for key, info in members.items():
+        _over_limit(key, info.file_size, max_bytes)
+    _over_limit("file", sum(i.file_size for i in members.values()), max_bytes, "its arrays declare {} uncompressed")
+    sizes: dict[str, int] = {}
+    for key, info in members.items():
+        shape, dtype, header = _npy_header(zf, key, info)
+        if dtype.hasobject:
+            raise ValueError(f"{key}: object arrays are not accepted (reading them would mean unpickling)")
+        sizes[key] = _npy_bytes(shape, dtype)
+        _over_limit(key, sizes[key], max_bytes)
+        if header + sizes[key] > info.file_size:
+            raise ValueError(f"{key}: damaged: the archive holds fewer bytes than its .npy header declares")
+    _over_limit("file", sum(sizes.values()), max_bytes, "its arrays declare {} uncompressed")
+
+
+def _read_member(zf: zipfile.ZipFile, key: str, info: zipfile.ZipInfo) -> np.ndarray:
+    """One array, inflating no more than its (already checked) header declares."""
+    try:
+        with zf.open(info) as fh:
+            return np.lib.format.read_array(fh, allow_pickle=False)
+    except _ZIP_ERRORS:
+        raise ValueError(f"{key}: damaged data in the archive") from None
+
+
+def _read_npz(path: Path, *, max_bytes: int | None) -> dict[str, np.ndarray]:
+    """The arrays of an interchange-format NPZ file by field, read without ``numpy.load``."""
+    with _open_npz(path) as zf:
+        members = _npz_members(zf)
+        _check_headers(zf, members, max_bytes)
+        return {key: _read_member(zf, key, info) for key, info in members.items()}
+
+
+def load_npz(path: str | Path, *, max_bytes: int | None = None) -> Session:
+    """Read one session from the NPZ interchange format and validate it; never unpickles.
+
+    This is the one NPZ reader (the CLI and the service's uploads both come here).  Every failure
+    is a ``ValueError`` whose message starts with the field (an array's name, or ``file``) and
+    never contains the path: :data:`NOT_NPZ` for a file that is not a zip archive; a damaged
+    archive or member; a member that is not ``<field>.npy``, an unknown field, one stored twice,
+    encrypted or compressed other than stored/deflated; an object array; a missing ``counts`` or
+    ``bin_s``; then :func:`validate_session`'s checks.
+
+    ``max_bytes``: every declared size (each zip entry's and each ``.npy`` header's, alone and
+    summed) is checked against it before any array is read, and each member then inflates only
+    the bytes its header declares (plus the zip reader's 4 KB read-ahead), so no more than
+    ``max_bytes`` is ever inflated, whatever the archive claims.  ``None``: no limit.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file: {path}")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except ValueError as exc:  # object arrays need pickling: refuse
-        raise ValueError(f"path: {path} is not a pickle-free NPZ file ({exc})") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"path: {path} holds a single array, not an NPZ archive of named fields")
-    with npz:
-        keys = set(npz.files)
-        unknown = sorted(k for k in keys - _NPZ_KEYS if not k.startswith(_EXTRA_PREFIX))
-        if unknown:
-            raise ValueError(f"npz: unknown keys {unknown}; known keys: {sorted(_NPZ_KEYS)} and extra_<name>")
-        for required in ("counts", "bin_s"):
-            if required not in keys:
-                raise ValueError(f"{required}: missing from {path.name}")
-        try:
-            data = {k: npz[k] for k in keys}
-        except ValueError as exc:
-            raise ValueError(f"path: {path} holds arrays that need pickling ({exc})") from None
+    data = _read_npz(path, max_bytes=max_bytes)
+    for required in ("counts", "bin_s"):
+        if required not in data:
+            raise ValueError(f"{required}: missing from the file")
     meta: dict[str, Any] = {name: _scalar_str(name, data[name]) for name in _NPZ_STRINGS if name in data}
     if "date_days" in data:
         meta["date_days"] = _scalar_float("date_days", data["date_days"])
@@ -497,7 +625,40 @@ def _behaviour_series(nwb: Any) -> dict[str, Any]:
     return found
 
 
-def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = None) -> Session:
+def _check_hdf5(path: Path, max_bytes: int | None) -> None:
+    """Refuse an HDF5 file before any dataset is read: a link to another file, a dataset stored in
+    external files or mapped from other files (reading them would read the reader's own files),
+    or, with ``max_bytes``, a dataset (shape × dtype) or all of them together declaring more."""
+    import h5py
+
+    links: list[str] = []
+    datasets: list[tuple[str, Any]] = []
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise ValueError("file: not a readable HDF5 (NWB) file") from None
+    with f:  # the visitors only collect: an exception raised inside one breaks h5py's lock
+        f.visititems_links(lambda name, info: links.append(name) if isinstance(info, h5py.ExternalLink) else None)
+        f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        if links:
+            raise ValueError(f"{_hdf5_field(links[0])}: links to another file, which is not accepted")
+        total = 0
+        for name, ds in datasets:
+            if ds.is_virtual or ds.external:
+                raise ValueError(f"{_hdf5_field(name)}: stored outside the file, which is not accepted")
+            n = _npy_bytes(ds.shape or (), ds.dtype)
+            _over_limit(_hdf5_field(name), n, max_bytes)
+            total += n
+    _over_limit("file", total, max_bytes, "its datasets declare {} uncompressed")
+
+
+def _hdf5_field(name: str) -> str:
+    """An HDF5 object's path inside the file, made safe to print on one line."""
+    return "".join(c if c.isprintable() else "?" for c in name)[:120]
+
+
+def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = None,
+             max_bytes: int | None = None) -> Session:
     """Bin the ``Units`` spike times of an NWB file and attach a behaviour series as velocity.
 
     Binning: bins are half-open ``[t0 + k*bin_s, t0 + (k+1)*bin_s)``.  With behaviour, ``t0`` is
@@ -516,6 +677,11 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
     Metadata: ``subject`` from ``nwb.subject.subject_id``, ``session`` from ``session_id`` (else
     the identifier); ``date_days`` is left at 0.0 and the start time is put in
     ``extra["session_start_time"]`` (ISO 8601) for the caller to turn into a relative date.
+
+    ``max_bytes`` (for files from elsewhere, e.g. uploads): before pynwb opens the file, links to
+    other files and datasets stored outside it are refused, and every dataset's declared size
+    (shape × dtype), alone and summed, must fit; so must the binned arrays before they are made.
+    ``None``: no checks.
     """
     try:
         from pynwb import NWBHDF5IO
@@ -526,11 +692,13 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file: {path}")
+    if max_bytes is not None:
+        _check_hdf5(path, max_bytes)
     with NWBHDF5IO(str(path), mode="r") as io:
         nwb = io.read()
         units = nwb.units
         if units is None or len(units) == 0:
-            raise ValueError(f"units: {path.name} has no Units table (or it is empty)")
+            raise ValueError("units: the file has no Units table (or it is empty)")
         spikes = [np.asarray(units.get_unit_spike_times(i), dtype=np.float64).ravel() for i in range(len(units))]
 
         series = _behaviour_series(nwb)
@@ -545,7 +713,7 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
         else:
             cands = sorted(n for n in series if "vel" in n.lower())
             if len(cands) > 1:
-                raise ValueError(f"velocity_series: several candidates {cands}; pass velocity_series=")
+                raise ValueError(f"velocity_series: several candidates ({', '.join(cands)}); pass velocity_series=")
             if cands:
                 chosen = series[cands[0]]
 
@@ -578,6 +746,9 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
         n_bins = int(np.floor((max(s.max() for s in nonempty) - t0) / bin_s)) + 1
     if n_bins < 1:
         raise ValueError(f"bin_s: {bin_s} s is longer than the recording")
+    per_bin = 4 * len(spikes) + 16 + (8 * beh_x.shape[1] if beh_x is not None else 0)  # counts, edges, velocity
+    _over_limit("units", n_bins * per_bin, max_bytes,
+                f"{n_bins} bins of {bin_s * 1e3:g} ms × {len(spikes)} units come to {{}}")
     edges = t0 + bin_s * np.arange(n_bins + 1, dtype=np.float64)  # (T+1,)
     counts = np.zeros((n_bins, len(spikes)), dtype=np.int32)  # (T, N)
     for j, st in enumerate(spikes):
