@@ -99,7 +99,9 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        # the exception's text can hold server paths: it goes to the log, not to the client
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
+                            status_code=500)
 
     # -------------------------------------------------------------- health
     @app.get("/health", tags=["health"])
