@@ -134,10 +134,12 @@ def validate_session(session: Session) -> Session:
 
     Contract: raises ``ValueError`` (message prefixed with the field name) on wrong ndim/shapes,
     NaN/inf in any numeric array, negative or fractional counts, length mismatches between
-    counts/velocity/position/timestamps, non-positive or non-finite ``bin_s``, missing or
-    misshapen ``site_xy`` for 3-D counts, non-increasing timestamps, non-string metadata.
+    counts/velocity/position/behaviour series/timestamps, non-positive or non-finite ``bin_s``,
+    missing or misshapen ``site_xy`` for 3-D counts, non-increasing timestamps, non-string
+    metadata, a ``target`` that is not a non-empty string.  (A target the session lacks is not an
+    error here — unlabelled data is valid; :meth:`Session.with_target` refuses it.)
     On success returns a new ``Session`` (arrays not copied when already the right dtype) with
-    counts ``int32``, velocity/position/site_xy ``float32``, timestamps ``float64``.
+    counts ``int32``, velocity/position/behaviour/site_xy ``float32``, timestamps ``float64``.
     """
     if not isinstance(session, Session):
         raise ValueError(f"session: expected a Session, got {type(session).__name__}")
@@ -150,6 +152,9 @@ def validate_session(session: Session) -> Session:
         velocity = _validate_series("velocity", session.velocity, n_bins, np.float32)
     if session.position is not None:
         position = _validate_series("position", session.position, n_bins, np.float32)
+    behaviour = _validate_behaviour(session.behaviour, n_bins)
+    if not isinstance(session.target, str) or not session.target:
+        raise ValueError(f"target: must be a non-empty str, got {session.target!r}")
     if session.timestamps is not None:
         ts = _numeric("timestamps", session.timestamps)
         if ts.ndim != 1:
@@ -192,10 +197,23 @@ def validate_session(session: Session) -> Session:
         bin_s=bin_s,
         velocity=velocity,
         position=position,
+        behaviour=behaviour,
         timestamps=timestamps,
         site_xy=site_xy,
         date_days=date_days,
     )
+
+
+def _validate_behaviour(behaviour: Any, n_bins: int) -> dict[str, np.ndarray]:
+    """Named behaviour series beyond velocity/position: identifier names, each (T, D) float32."""
+    if not isinstance(behaviour, dict):
+        raise ValueError(f"behaviour: must be a dict of named (T, D) arrays, got {type(behaviour).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for name, value in behaviour.items():
+        if not isinstance(name, str) or not name.isidentifier() or name in ("velocity", "position"):
+            raise ValueError(f"behaviour: names must be identifiers other than velocity/position, got {name!r}")
+        out[name] = _validate_series(name, value, n_bins, np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
