@@ -1,18 +1,25 @@
 """Behaviour targets beyond velocity, and the bin-width check wherever data meets a model.
 
 A session carries every behaviour series it has (``Session.targets``) and a chosen one
-(``Session.target``).
+(``Session.target``); finetuning records the choice in the model's config, and evaluation, export
+and the engines read it from there.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from rpnt_core.data import Session
+from conftest import tiny_config
+from rpnt_core import RPNT, save_checkpoint
+from rpnt_core.data import Session, save_npz
 from rpnt_core.data.session import check_bin_width
+from rpnt_core.evaluate.harness import target_labels
 
 T, N = 1200, 7
 
@@ -49,12 +56,69 @@ def test_behaviour_series_are_validated():
     assert validate_session(session(behaviour={"force": np.ones((T, 2))})).behaviour["force"].dtype == np.float32
 
 
+def test_model_labels_need_the_models_target_and_width():
+    model = RPNT(tiny_config(n_channels=N, n_outputs=3, target="emg"))
+    with pytest.raises(ValueError, match=r"^target: day1 has no 'emg' \(it has velocity, position\)$"):
+        target_labels(model, session())
+    with pytest.raises(ValueError, match=r"^target: day1's emg has 2 dimensions, the model decodes 3$"):
+        target_labels(model, session(behaviour={"emg": np.ones((T, 2))}))  # e.g. 14 muscles on a 16-muscle model
+    assert target_labels(model, session(behaviour={"emg": np.ones((T, 3))})).shape == (T, 3)
+
+
 # ------------------------------------------------------------------------------------ bin width
 
 MISMATCH = "bin_s: data bin width 50 ms does not match the model's 20 ms"
+
+
+@pytest.fixture()
+def model_20ms(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "m20.safetensors"
+    save_checkpoint(RPNT(tiny_config(n_channels=N, bin_s=0.02)).eval(), path, meta={"kind": "scratch"})
+    return path
 
 
 def test_check_bin_width():
     check_bin_width(data_bin_s=0.05, model_bin_s=0.05 * (1 + 1e-9))
     with pytest.raises(ValueError, match=f"^{MISMATCH}$"):
         check_bin_width(data_bin_s=0.05, model_bin_s=0.02)
+
+
+def test_export_refuses_parity_data_at_another_bin_width(model_20ms, tmp_path, capsys):
+    from exporters import cli
+
+    data = save_npz(session(bin_s=0.05), tmp_path / "d.npz")
+    out = tmp_path / "export"
+    assert cli.main([str(model_20ms), "--out", str(out), "--parity-data", str(data), "-q"]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == f"rpnt export: error: {MISMATCH}\n" and not out.exists()
+
+
+# ------------------------------------------------------------------------------------ export contract
+
+
+def test_contract_carries_the_target(tmp_path):
+    from exporters.contract import STEP_FILE, ModelContract
+    from exporters.onnx_export import export_checkpoint
+    from exporters.runtime import load_engine, read_contract
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "pos.safetensors"
+    save_checkpoint(RPNT(tiny_config(n_channels=N, target="position", bin_s=0.05)).eval(), ckpt)
+    data = save_npz(replace(session(), velocity=None), tmp_path / "d.npz")  # position only
+    export_checkpoint(ckpt, tmp_path / "export", parity_data=data, parity_bins=30, window_bins=24)
+    c = read_contract(tmp_path / "export" / STEP_FILE)
+    assert c.target == "position" and "outputs 2 (position)" in c.describe()
+    assert load_engine(tmp_path / "export").info.extra["target"] == "position"  # what /status reports
+    parity = json.loads((tmp_path / "export" / "rpnt_step.parity.json").read_text())
+    assert parity["streams"][1]["r2_target_torch"] is not None  # scored against the session's position
+    props = c.to_props()
+    assert props["rpnt.target"] == "position" and ModelContract.from_props(props).target == "position"
+    del props["rpnt.target"]  # an export from before the key existed decodes velocity
+    assert ModelContract.from_props(props).target == "velocity"
+
+
+def test_torch_engine_reports_the_target(tmp_path):
+    from exporters.torch_engine import TorchEngine
+
+    model = RPNT(tiny_config(n_channels=N, target="force")).eval()
+    assert TorchEngine(model, warmup_bins=0).info.extra["target"] == "force"
