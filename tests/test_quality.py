@@ -1,14 +1,17 @@
 """Session quality control: each flag on a synthetic session built to trip it, a clean session that
-trips none."""
+trips none, and the commands that use it (rpnt inspect, rpnt pretrain, rpnt finetune)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rpnt_core.data import Session
+from rpnt_core.cli import main as rpnt
+from rpnt_core.data import Session, save_npz
 from rpnt_core.data.quality import assess_session, format_table, split_flagged
 
 BIN_S = 0.05
@@ -125,3 +128,76 @@ def test_split_flagged_and_table():
     assert table[1].split()[0] == "clean0" and table[1].endswith("ok")
     assert table[2].split()[0] == "bad" and table[2].endswith("FLAGGED")
     assert table[3] == "bad: 19 of 20 channels (95 %) are silent (< 0.5 Hz)"
+
+
+# ------------------------------------------------------------------------------------ commands
+
+FAST = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--window-len", "40", "--quiet",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quality")
+    s = clean(3)
+    rng = np.random.default_rng(4)
+    counts = s.counts.copy()
+    late = int(0.8 * T)
+    counts[:late, :8] = 0
+    counts[late:, :8] = rng.poisson(30 * BIN_S, size=(T - late, 8))
+    return {"good": save_npz(clean(0), root / "good.npz"), "also": save_npz(clean(1), root / "also.npz"),
+            "late": save_npz(with_counts(replace(s, position=rng.normal(size=(T, 2))), counts, "late"),
+                             root / "late.npz")}
+
+
+def test_inspect_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        rpnt(["inspect", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: rpnt inspect") and "--json" in out and "--target NAME" in out
+
+
+def test_inspect_prints_a_table_and_json(files, capsys):
+    assert rpnt(["inspect", str(files["good"]), str(files["late"])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[0] == "clean0" and out[1].endswith("ok")
+    assert out[2].split()[0] == "late" and out[2].endswith("FLAGGED")
+    assert out[3] == "late: 8 of 20 channels (40 %) change rate more than 4× within the session (8 turn on or off)"
+    assert rpnt(["inspect", str(files["good"]), str(files["late"]), "--json", "--target", "position"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["flagged"] == ["late"] and [r["session"] for r in rep["sessions"]] == ["clean0", "late"]
+    assert rep["sessions"][1]["shifted"] == list(range(8)) and rep["sessions"][1]["target"] == "position"
+    assert rep["sessions"][0]["target"] is None  # clean0 has no position: its counts are still assessed
+    assert rpnt(["inspect", str(files["good"]), "--target", "force"]) == 2
+    assert capsys.readouterr().err == "rpnt inspect: error: target: no session has 'force' (they have velocity)\n"
+
+
+def test_pretrain_skips_flagged_sessions_unless_allowed(files, tmp_path, capsys):
+    from rpnt_core import read_header
+
+    out = tmp_path / "pre.safetensors"
+    data = [str(files["good"]), str(files["late"]), str(files["also"])]
+    assert rpnt(["pretrain", "--data", *data, "--out", str(out), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert "rpnt pretrain: skipping late: 8 of 20 channels (40 %) change rate more than 4× within the session " \
+           "(8 turn on or off) (--allow-flagged keeps it)" in err.splitlines()
+    assert read_header(out)[1]["sessions"] == [str(files["good"]), str(files["also"])]
+    assert rpnt(["pretrain", "--data", *data, "--out", str(out), "--allow-flagged", *FAST]) == 0
+    assert "skipping" not in capsys.readouterr().err
+    assert read_header(out)[1]["sessions"] == data
+    assert rpnt(["pretrain", "--data", str(files["late"]), "--out", str(tmp_path / "none.safetensors"), *FAST]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "rpnt pretrain: error: data: every session is flagged unfit to train on (reasons above); "
+        "--allow-flagged keeps them")
+
+
+def test_finetune_refuses_a_flagged_session(files, tmp_path, capsys):
+    out = tmp_path / "ft.safetensors"
+    assert rpnt(["finetune", "--data", str(files["late"]), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err == ("rpnt finetune: error: data: late is flagged unfit to train on: 8 of 20 channels (40 %) change "
+                   "rate more than 4× within the session (8 turn on or off) (--allow-flagged uses it anyway)\n")
+    assert not out.exists()
+    assert rpnt(["finetune", "--data", str(files["late"]), "--out", str(out), "--allow-flagged", *FAST]) == 0
+    assert out.is_file()

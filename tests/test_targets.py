@@ -16,12 +16,15 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from rpnt_core import RPNT, save_checkpoint
+from rpnt_core import RPNT, load_checkpoint, save_checkpoint
+from rpnt_core.cli import main as rpnt
 from rpnt_core.data import Session, save_npz
 from rpnt_core.data.session import check_bin_width
 from rpnt_core.evaluate.harness import target_labels
 
 T, N = 1200, 7
+FAST = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--window-len", "40", "--quiet",
+        "--device", "cpu"]
 
 
 def session(*, bin_s: float = 0.05, seed: int = 0, **kw) -> Session:
@@ -65,6 +68,33 @@ def test_model_labels_need_the_models_target_and_width():
     assert target_labels(model, session(behaviour={"emg": np.ones((T, 3))})).shape == (T, 3)
 
 
+def test_finetune_position_then_evaluate_uses_the_checkpoints_target(tmp_path, capsys):
+    data = save_npz(session(), tmp_path / "day1.npz")
+    ft = tmp_path / "ft.safetensors"
+    assert rpnt(["finetune", "--data", str(data), "--target", "position", "--out", str(ft), "--train-fraction",
+                 "0.5", *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["target"] == "position"
+    cfg = load_checkpoint(ft).config
+    assert (cfg.target, cfg.n_outputs) == ("position", 2)
+    assert rpnt(["evaluate", "--ckpt", str(ft), "--data", str(data), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["target"] == "position" and res["splits_source"] == "checkpoint"  # the fingerprint matched
+    assert res["r2"] == pytest.approx(summary["test_r2"], abs=1e-6)
+    assert rpnt(["evaluate", "--ckpt", str(ft), "--data", str(data), "--target", "velocity"]) == 2
+    assert capsys.readouterr().err == "rpnt evaluate: error: target: the checkpoint decodes 'position', not 'velocity'\n"
+    no_position = save_npz(replace(session(), position=None), tmp_path / "day2.npz")
+    assert rpnt(["evaluate", "--ckpt", str(ft), "--data", str(no_position)]) == 2
+    assert capsys.readouterr().err == "rpnt evaluate: error: target: day1 has no 'position' (it has velocity)\n"
+
+
+def test_finetune_on_a_missing_target_is_one_line(tmp_path, capsys):
+    data = save_npz(session(), tmp_path / "day1.npz")
+    assert rpnt(["finetune", "--data", str(data), "--target", "force", "--out", str(tmp_path / "x.safetensors"),
+                 *FAST]) == 2
+    assert capsys.readouterr().err == "rpnt finetune: error: target: day1 has no 'force' (it has velocity, position)\n"
+
+
 # ------------------------------------------------------------------------------------ bin width
 
 MISMATCH = "bin_s: data bin width 50 ms does not match the model's 20 ms"
@@ -82,6 +112,19 @@ def test_check_bin_width():
     check_bin_width(data_bin_s=0.05, model_bin_s=0.05 * (1 + 1e-9))
     with pytest.raises(ValueError, match=f"^{MISMATCH}$"):
         check_bin_width(data_bin_s=0.05, model_bin_s=0.02)
+
+
+def test_evaluate_refuses_data_at_another_bin_width(model_20ms, tmp_path, capsys):
+    data = save_npz(session(bin_s=0.05), tmp_path / "d.npz")
+    assert rpnt(["evaluate", "--ckpt", str(model_20ms), "--data", str(data)]) == 2
+    assert capsys.readouterr().err == f"rpnt evaluate: error: {MISMATCH}\n"
+
+
+def test_finetune_from_a_checkpoint_refuses_data_at_another_bin_width(model_20ms, tmp_path, capsys):
+    data = save_npz(session(bin_s=0.05), tmp_path / "d.npz")
+    out = tmp_path / "ft.safetensors"
+    assert rpnt(["finetune", "--init", str(model_20ms), "--data", str(data), "--out", str(out), *FAST]) == 2
+    assert capsys.readouterr().err == f"rpnt finetune: error: {MISMATCH}\n" and not out.exists()
 
 
 def test_export_refuses_parity_data_at_another_bin_width(model_20ms, tmp_path, capsys):
