@@ -201,3 +201,13 @@ def test_finetune_refuses_a_flagged_session(files, tmp_path, capsys):
     assert not out.exists()
     assert rpnt(["finetune", "--data", str(files["late"]), "--out", str(out), "--allow-flagged", *FAST]) == 0
     assert out.is_file()
+
+
+def test_an_unknown_mat_file_is_one_line_and_exit_2(tmp_path, capsys):
+    from scipy.io import savemat
+
+    savemat(tmp_path / "odd.mat", {"rates": np.ones((3, 4))})
+    assert rpnt(["inspect", str(tmp_path / "odd.mat")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rpnt inspect: error: layout: no known MAT layout matches odd.mat, which holds rates 3×4 "
+                          "double; known layouts: ") and err.count("\n") == 1 and "Traceback" not in err
