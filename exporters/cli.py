@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bins in the window graph (default: the model's receptive field + 127)")
     p.add_argument("--parity-data", metavar="FILE", default=None,
                    help="a session (.npz/.mat/.nwb) whose counts (its last --parity-bins bins) are also "
-                        "used for the parity check; its channel count must match the model")
+                        "used for the parity check; its channel count and bin width must match the model")
     p.add_argument("--parity-bins", metavar="N", type=int, default=300,
                    help="bins per parity stream (default 300)")
     p.add_argument("--tolerance", metavar="X", type=float, default=1e-4,

@@ -13,6 +13,10 @@ Keys (all values are strings; JSON where noted)
 ``rpnt.n_channels``         channels per bin that callers feed (``config.n_input_channels``)
 ``rpnt.n_model_channels``   channels after the model's channel map (width of ``log_rates``)
 ``rpnt.n_outputs``          D, width of ``velocity``
+``rpnt.target``             the behaviour series the ``velocity`` output holds (``velocity``,
+                            ``position``, ``force``, ``emg``, ...: the model's
+                            ``config.target``).  Optional when reading: files exported before
+                            the key existed decode velocity.
 ``rpnt.bin_s``              bin width in seconds the model was trained at
 ``rpnt.window``             W, attention window in bins (size of the ring buffers)
 ``rpnt.window_bins``        T of a window graph (0 for a step graph)
@@ -41,7 +45,8 @@ Keys (all values are strings; JSON where noted)
 ``rpnt.created``            UTC ISO time of the export
 ==========================  ================================================================
 
-Reading is strict: a missing or malformed key raises :class:`ContractError` naming it.
+Reading is strict: a missing or malformed key raises :class:`ContractError` naming it (except
+``rpnt.target``, see above).
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ META_BIAS = "meta_bias"
 
 UNITS = {
     COUNTS: "spike counts per bin (non-negative), channels in the order the model was trained on",
-    VELOCITY: "units of the training target (the model's velocity_mean/velocity_scale are applied)",
+    VELOCITY: "the decoded behaviour target named by rpnt.target, in its training units (the model's "
+              "velocity_mean/velocity_scale are applied)",
     LOG_RATES: "natural log of the expected spike count per bin, per model channel",
     META_BIAS: "metadata bias added to every token (model units)",
 }
@@ -157,6 +163,7 @@ class ModelContract:
     config_json: str = "{}"
     checkpoint: str = ""
     created: str = ""
+    target: str = "velocity"
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_props(self) -> dict[str, str]:
@@ -168,6 +175,7 @@ class ModelContract:
             "n_channels": str(int(self.n_channels)),
             "n_model_channels": str(int(self.n_model_channels)),
             "n_outputs": str(int(self.n_outputs)),
+            "target": self.target,
             "bin_s": repr(float(self.bin_s)),
             "window": str(int(self.window)),
             "window_bins": str(int(self.window_bins)),
@@ -242,6 +250,7 @@ class ModelContract:
             config_json=get("config"),
             checkpoint=get("checkpoint"),
             created=get("created"),
+            target=props.get(PREFIX + "target", "velocity"),
         )
 
     # ------------------------------------------------------------------ helpers
@@ -273,7 +282,8 @@ class ModelContract:
         """A few human-readable lines (used by the CLI and reports)."""
         lines = [
             f"graph {self.graph} ({self.precision}), opset {self.opset}",
-            f"channels in {self.n_channels} (model {self.n_model_channels}), outputs {self.n_outputs}, "
+            f"channels in {self.n_channels} (model {self.n_model_channels}), outputs {self.n_outputs} "
+            f"({self.target}), "
             f"bin {self.bin_s * 1000:g} ms, W {self.window}, receptive field {self.receptive_field} bins"
             + (f", window T {self.window_bins}" if self.window_bins else ""),
             f"weights {self.weights_sha or '?'}, data {self.data_fingerprint or '?'}, "

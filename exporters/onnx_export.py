@@ -188,7 +188,7 @@ def _base_contract(model: RPNT, *, meta_bias: np.ndarray, metadata: Mapping[str,
     meta = getattr(model, "checkpoint_meta", None) or {}
     return dict(
         precision="fp32", n_channels=c.n_input_channels, n_model_channels=c.n_channels, n_outputs=c.n_outputs,
-        bin_s=float(c.bin_s), window=c.window, receptive_field=model.receptive_field, meta_bias=meta_bias,
+        target=c.target, bin_s=float(c.bin_s), window=c.window, receptive_field=model.receptive_field, meta_bias=meta_bias,
         opset=graph_checks.EXPORT_OPSET, metadata=dict(metadata), weights_sha=str(meta.get("weights_sha", "")),
         data_fingerprint=str(meta.get("data_fingerprint", "")), rpnt_version=str(meta.get("rpnt_version", "")),
         exporter_version=package_version(), torch_version=torch.__version__, config_json=c.to_json(),
@@ -614,8 +614,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, parity_dat
     ``metadata``: what to bake in; ``None`` takes the checkpoint's finetuning metadata, so the
     served model conditions exactly as ``rpnt evaluate`` scored it.  A pretraining checkpoint is
     refused (:func:`require_trained_head`).  ``parity_data``: a session file
-    (``rpnt_core.data.load_session``: .npz/.mat/.nwb) whose counts (and velocity, when it matches
-    the model's outputs) form the real parity stream; its bin width must be the model's."""
+    (``rpnt_core.data.load_session``: .npz/.mat/.nwb) whose counts (and its series of the model's
+    target, when it has one of the model's width) form the real parity stream.  Its bin width must
+    be the model's (``rpnt_core.data.session.check_bin_width``)."""
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)
     require_trained_head(model.checkpoint_meta, checkpoint)
@@ -625,6 +626,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, parity_dat
     source = ""
     if parity_data is not None:
         from rpnt_core.data import load_session
+        from rpnt_core.data.session import check_bin_width
 
         sess = load_session(parity_data)
         if sess.counts.ndim != 2:
@@ -633,6 +635,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, parity_dat
         if sess.n_channels != model.config.n_input_channels:
             raise ExportError(f"parity data: {parity_data} has {sess.n_channels} channels but the model takes "
                               f"{model.config.n_input_channels} (config.n_input_channels)")
-        counts, target, source = sess.counts, sess.velocity, str(parity_data)
+        check_bin_width(data_bin_s=sess.bin_s, model_bin_s=model.config.bin_s)
+        counts, target, source = sess.counts, sess.targets.get(model.config.target), str(parity_data)
     return export_model(model, out_dir, parity_counts=counts, parity_target=target, parity_source=source,
                         checkpoint=str(checkpoint.resolve()), metadata=metadata, **kwargs)

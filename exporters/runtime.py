@@ -187,7 +187,7 @@ def _info(contract: ModelContract, name: str, backend: str) -> Any:
     return DecoderInfo(
         n_channels=contract.n_channels, n_outputs=contract.n_outputs, bin_s=contract.bin_s, name=name,
         version=contract.weights_sha, fingerprint=contract.data_fingerprint,
-        extra={"backend": backend, "precision": contract.precision, "graph": contract.graph,
+        extra={"backend": backend, "precision": contract.precision, "graph": contract.graph, "target": contract.target,
                "window": contract.window, "receptive_field": contract.receptive_field,
                "rpnt_version": contract.rpnt_version, "exporter_version": contract.exporter_version})
 

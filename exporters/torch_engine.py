@@ -39,7 +39,7 @@ class TorchEngine(TorchDecoder):
         c = model.config
         self._info = dataclasses.replace(
             self._info, n_channels=c.n_input_channels,
-            extra={"backend": "torch", "precision": "fp32", "graph": "step", "window": c.window,
+            extra={"backend": "torch", "precision": "fp32", "graph": "step", "target": c.target, "window": c.window,
                    "receptive_field": model.receptive_field})
         if warmup_bins > 0:
             zero = np.zeros(c.n_input_channels, dtype=np.float32)

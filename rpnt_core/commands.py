@@ -1,4 +1,4 @@
-"""Command-line front ends of rpnt_core: ``rpnt simulate | pretrain | finetune | evaluate``.
+"""Command-line front ends of rpnt_core: ``rpnt simulate | inspect | pretrain | finetune | evaluate``.
 
 Each ``*_main(argv) -> int`` parses its own arguments; errors in the user's input (a bad file, a
 channel-count mismatch, an impossible option) print one clear line and exit with status 2.
@@ -31,6 +31,41 @@ def _common(p: argparse.ArgumentParser, *, preset: bool = True, epochs: int | No
     p.add_argument("--seed", type=int, default=0, help="random seed; runs are reproducible on CPU (default 0)")
     p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: cuda if available)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+
+
+def _target_arg(p: argparse.ArgumentParser, *, default: str | None, what: str) -> None:
+    """``--target NAME``, the behaviour series a command reads (``None``: the checkpoint's)."""
+    shown = default or "the checkpoint's target"
+    p.add_argument("--target", metavar="NAME", default=default,
+                   help=f"behaviour series {what} (velocity, position, force or emg, as the data has them; "
+                        f"default: {shown})")
+
+
+def _allow_flagged_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-flagged", action="store_true",
+                   help="use sessions that quality control flags as unfit to train on (see rpnt inspect)")
+
+
+def _refuse_flagged(session, *, labels: bool) -> None:
+    """Raise ``ValueError`` naming the reasons when quality control flags ``session``."""
+    from .data.quality import assess_session
+
+    q = assess_session(session, labels=labels)
+    if q.flagged:
+        raise ValueError(f"data: {q.session} is flagged unfit to train on: {'; '.join(q.flags)} "
+                         "(--allow-flagged uses it anyway)")
+
+
+def _drop_flagged(cmd: str, sessions: list) -> list:
+    """The sessions quality control passes; one stderr line per skipped session, with the reason."""
+    from .data.quality import split_flagged
+
+    kept, flagged = split_flagged(sessions)
+    for q in flagged:
+        print(f"rpnt {cmd}: skipping {q.session}: {'; '.join(q.flags)} (--allow-flagged keeps it)", file=sys.stderr)
+    if not kept:
+        raise ValueError("data: every session is flagged unfit to train on (reasons above); --allow-flagged keeps them")
+    return kept
 
 
 def _load_many(paths: list[str]):
@@ -108,6 +143,7 @@ def pretrain_main(argv: list[str]) -> int:
     p.add_argument("--spatial", action="store_true", help="train the multi-site spatial encoder + site contrast "
                                                           "(multi-site recordings only)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.resume.safetensors if present")
+    _allow_flagged_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     _threads(a.threads)
@@ -115,6 +151,8 @@ def pretrain_main(argv: list[str]) -> int:
 
     try:
         sessions = _load_many(a.data)
+        if not a.allow_flagged:
+            sessions = _drop_flagged("pretrain", sessions)
         opts = PretrainOptions(preset=a.preset, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
                                batch_size=a.batch_size, window_len=a.window_len, lr=a.lr, channels=a.channels,
                                adapter_lr_scale=a.adapter_lr_scale,
@@ -130,13 +168,16 @@ def pretrain_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------- finetune
 def finetune_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rpnt finetune", description=(
-        "Supervised finetuning of the velocity decoder on one labelled session. The session is split in "
+        "Supervised finetuning of the decoder of one behaviour target (--target) on one labelled session. "
+        "Sessions that quality control flags are refused (rpnt inspect says why). The session is split in "
         "time: test = last 20%%, validation = the 10%% before it, train = the first --train-fraction "
         "(few-shot: a short prefix). Early-stops on validation R² and reports the test R² of the "
         "best-validation weights."),
         epilog="example: rpnt finetune --init pre.safetensors --data sim/sim00_s00.npz --train-fraction 0.2 "
                "--out ft.safetensors")
     p.add_argument("--data", required=True, help="one labelled session (.npz/.mat/.nwb)")
+    _target_arg(p, default="velocity", what="to decode")
+    _allow_flagged_arg(p)
     p.add_argument("--init", default=None, help="pretrained checkpoint (omit to train from scratch)")
     p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
     p.add_argument("--train-fraction", type=float, default=0.2, help="fraction of the session used for training "
@@ -165,7 +206,9 @@ def finetune_main(argv: list[str]) -> int:
     from .train.finetune import FinetuneOptions, finetune
 
     try:
-        session = load_session(a.data)
+        session = load_session(a.data).with_target(a.target)
+        if not a.allow_flagged:
+            _refuse_flagged(session, labels=True)
         opts = FinetuneOptions(mode=a.mode, last_layers=a.last_layers, epochs=a.epochs,
                                steps_per_epoch=a.steps_per_epoch, batch_size=a.batch_size,
                                window_len=a.window_len, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale,
@@ -186,10 +229,12 @@ def evaluate_main(argv: list[str]) -> int:
         "Stream a session causally through a checkpoint (what the online decoder would have said) and "
         "print R² on the test split: pooled over the test bins, variance-weighted across output "
         "dimensions. The splits are the checkpoint's own when it was finetuned on this session, otherwise "
-        "contiguous splits with --train-fraction. --baselines fits classic decoders on the same splits."),
+        "contiguous splits with --train-fraction. --baselines fits classic decoders on the same splits. The "
+        "target is the checkpoint's; the data's bin width must be the model's."),
         epilog="example: rpnt evaluate --ckpt ft.safetensors --data sim/sim00_s00.npz --json")
     p.add_argument("--ckpt", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--data", required=True, help="labelled session (.npz/.mat/.nwb)")
+    _target_arg(p, default=None, what="to score, which must be the one the checkpoint decodes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="split to score (default test)")
     p.add_argument("--train-fraction", type=float, default=0.2, help="used only when the checkpoint carries no "
@@ -202,11 +247,16 @@ def evaluate_main(argv: list[str]) -> int:
     _threads(a.threads)
     from .checkpoint import load_checkpoint
     from .data import Splits, contiguous_splits, load_session
+    from .data.session import check_bin_width
     from .evaluate.harness import evaluate_baseline, evaluate_model
 
     try:
         model = load_checkpoint(a.ckpt)
-        session = load_session(a.data)
+        target = model.config.target
+        if a.target is not None and a.target != target:
+            raise ValueError(f"target: the checkpoint decodes {target!r}, not {a.target!r}")
+        session = load_session(a.data).with_target(target)
+        check_bin_width(data_bin_s=session.bin_s, model_bin_s=model.config.bin_s)
         if session.n_channels != model.config.n_input_channels:
             raise ValueError(f"data: the session has {session.n_channels} channels, the checkpoint expects "
                              f"{model.config.n_input_channels}")
@@ -226,8 +276,37 @@ def evaluate_main(argv: list[str]) -> int:
     if a.json:
         print(json.dumps(res))
     else:
-        print(f"R² ({a.split}, {res['splits'][a.split]}) = {res['r2']:.4f}   per dim: "
+        print(f"R² {target} ({a.split}, {res['splits'][a.split]}) = {res['r2']:.4f}   per dim: "
               + ", ".join(f"{x:.4f}" for x in res["r2_per_dim"]))
         for n, r in res.get("baselines", {}).items():
             print(f"  {n:<8} R² = {r['r2']:.4f}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- inspect
+def inspect_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rpnt inspect", description=(
+        "Load sessions and report quality-control facts per session: bins, channels, duration, channel "
+        "rates, silent and saturated channels, channels whose rate shifts within the session, and the "
+        "target's idle share and outlier bins. FLAGGED sessions are unfit to train on (the reasons follow "
+        "the table); rpnt pretrain skips them and rpnt finetune refuses them unless --allow-flagged. The "
+        "rules are in rpnt_core/data/quality.py."),
+        epilog="example: rpnt inspect data/limblab_spike_wf_2012 --target position")
+    p.add_argument("data", nargs="+", metavar="DATA", help="session files (.npz/.mat/.nwb) or directories of them")
+    _target_arg(p, default="velocity", what="whose labels to check")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    a = p.parse_args(argv)
+    from .data.quality import assess_session, format_json, format_table
+
+    try:
+        sessions = _load_many(a.data)
+        if not any(a.target in s.targets for s in sessions):
+            have = sorted({name for s in sessions for name in s.targets})
+            raise ValueError(f"target: no session has {a.target!r} (they have {', '.join(have) or 'no behaviour'})")
+        # a session without the target (force before it was recorded) gets the neural facts only
+        reports = [assess_session(s.with_target(a.target)) if a.target in s.targets else
+                   assess_session(s, labels=False) for s in sessions]
+    except USER_ERRORS as exc:
+        return _fail("inspect", exc)
+    print(format_json(reports) if a.json else format_table(reports))
     return 0

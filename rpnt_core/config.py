@@ -38,7 +38,11 @@ class RPNTConfig:
     Fields
     ------
     n_channels: N, spike-count channels consumed per bin (per site for multi-site models).
-    n_outputs: D, behaviour dimensions decoded by the velocity head.
+    n_outputs: D, behaviour dimensions decoded by the output head.
+    target: the name of the behaviour series the head decodes (``velocity``, ``position``,
+        ``force``, ``emg``, ...: a session's :attr:`~rpnt_core.data.session.Session.targets` key).
+        The head and its output keep the name ``velocity`` in code and graphs; this field says
+        what they hold, and travels with the checkpoint and the export contract.
     d_model, n_layers, n_heads: temporal encoder width / depth / heads (d_model % n_heads == 0
         and the head dimension must be even for rotary embedding).
     window: W, bins of history (including the current one) each query attends to and pools
@@ -71,6 +75,7 @@ class RPNTConfig:
 
     n_channels: int
     n_outputs: int = 2
+    target: str = "velocity"
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
@@ -105,6 +110,8 @@ class RPNTConfig:
             positive_int(name)
         if not isinstance(self.spatial_layers, int) or self.spatial_layers < 0:
             raise ConfigError(f"spatial_layers: must be an integer ≥ 0, got {self.spatial_layers!r}")
+        if not isinstance(self.target, str) or not self.target.isidentifier():
+            raise ConfigError(f"target: must be a behaviour series name such as 'velocity', got {self.target!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:

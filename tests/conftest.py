@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 STEVENSON = SHARED_DATA / "stevenson2011_m1_centerout" / "StevensonV2.mat"
 CONTDATA = SHARED_DATA / "contdata95_bme517" / "contdata95.mat"
+SPIKE_WF = SHARED_DATA / "limblab_spike_wf_2012"  # 20 days of monkey Spike, binnedData MAT files
 
 
 @pytest.fixture(autouse=True, scope="session")

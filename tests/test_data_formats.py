@@ -433,3 +433,148 @@ def test_a_well_formed_nwb_file_passes_the_checks(tmp_path: Path) -> None:
     limited, free = load_nwb(path, bin_s=0.02, max_bytes=1 << 20), load_nwb(path, bin_s=0.02)
     np.testing.assert_array_equal(limited.counts, free.counts)
     np.testing.assert_array_equal(limited.velocity, free.velocity)
+
+
+# ------------------------------------------------------------------------------------ Miller lab binnedData
+
+SPIKE_NEV = "Z:\\Spike_10I3\\CerebusData\\08-17-12\\Spike_08-17-12_WF_001.nev"
+
+
+def write_binned(path: Path, *, T: int = 400, N: int = 6, bin_s: float = 0.05, force: bool = True,
+                 meta: bool | dict = True, seed: int = 0, **overrides) -> dict:
+    """A binnedData MAT file as the Miller lab writes it (rates in Hz, float32 time frame)."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(1.0, size=(T, N))
+    vel = rng.normal(size=(T, 2))
+    data = {
+        "timeframe": (np.arange(T) * bin_s).astype(np.float32)[:, None],  # (T, 1)
+        "spikeratedata": (counts / bin_s).astype(np.float32),  # Hz
+        "spikeguide": np.array([f"ee{i + 1:02d}u0" for i in range(N)]),
+        "cursorposbin": rng.normal(size=(T, 2)).astype(np.float32),
+        "velocbin": np.concatenate([vel, np.linalg.norm(vel, axis=1, keepdims=True)], axis=1).astype(np.float32),
+        "forcedatabin": rng.normal(size=(T, 2)).astype(np.float32) if force else np.zeros((0, 0)),
+        "emgdatabin": rng.random((T, 3)).astype(np.float32),
+        "trialtable": rng.random((5, 10)),
+    }
+    if meta:
+        data["meta"] = meta if isinstance(meta, dict) else {"datetime": "8/17/2012 15:8:46.503", "filename": SPIKE_NEV}
+    data.update(overrides)
+    savemat(path, {"binnedData": data})
+    return {"counts": counts, **data}
+
+
+def test_binned_data_loads_counts_targets_and_metadata(tmp_path: Path) -> None:
+    raw = write_binned(tmp_path / "renamed.mat")
+    s = load_session(tmp_path / "renamed.mat")
+    assert s.extra["mat_layout"] == "binnedData"
+    assert s.counts.dtype == np.int32 and s.counts.shape == (400, 6)
+    np.testing.assert_array_equal(s.counts, raw["counts"])  # Hz × 50 ms, exact
+    assert s.bin_s == 0.05  # from the float32 time frame, exactly
+    np.testing.assert_allclose(s.velocity, raw["velocbin"][:, :2])  # the 3rd column (speed) is dropped
+    np.testing.assert_allclose(s.position, raw["cursorposbin"])
+    assert set(s.targets) == {"velocity", "position", "force", "emg"} and s.targets["emg"].shape == (400, 3)
+    assert s.target == "velocity" and s.n_outputs == 2
+    # names from the file's meta (the original recording), not the MAT file's name
+    assert (s.session, s.subject, s.task) == ("Spike_08-17-12_WF_001", "Spike", "WF")
+    assert s.extra["session_start_time"] == "2012-08-17T15:08:46.503000"
+    assert s.date_days == pytest.approx((datetime(2012, 8, 17, 15, 8, 46, 503000) - datetime(1970, 1, 1))
+                                        .total_seconds() / 86400)
+    assert list(s.extra["channel_names"]) == [f"ee{i + 1:02d}u0" for i in range(6)]
+    assert s.extra["trials"].shape == (5, 10)
+    assert s.timestamps.shape == (400,) and s.timestamps[1] == pytest.approx(0.05)
+
+
+def test_binned_data_without_force_or_meta(tmp_path: Path) -> None:
+    write_binned(tmp_path / "Nick_CO_001-01-binned.mat", force=False, meta=False)
+    s = load_mat(tmp_path / "Nick_CO_001-01-binned.mat")
+    assert set(s.targets) == {"velocity", "position", "emg"}  # empty forcedatabin = not recorded
+    assert (s.session, s.subject, s.task, s.date_days) == ("Nick_CO_001-01-binned", "", "", 0.0)
+    with pytest.raises(ValueError, match=r"^target: Nick_CO_001-01-binned has no 'force' \(it has velocity, "
+                                         r"position, emg\)$"):
+        s.with_target("force")
+
+
+def test_binned_data_task_from_the_file_name_when_the_recording_name_lacks_it(tmp_path: Path) -> None:
+    write_binned(tmp_path / "Spike_07-21-12_WF_001.mat",
+                 meta={"datetime": "7/21/2012 17:7:46.714", "filename": "C:\\data\\Spike_07-21-12_001.nev"})
+    s = load_mat(tmp_path / "Spike_07-21-12_WF_001.mat")
+    assert (s.session, s.subject, s.task) == ("Spike_07-21-12_001", "Spike", "WF")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"spikeratedata": np.full((400, 6), 13.0, np.float32)},
+     r"^spikeratedata: rate × bin width \(50 ms\) is not a whole spike count \(off by up to 0\.35\): "
+     r"these are smoothed rates"),
+    ({"timeframe": np.r_[np.arange(200) * 0.05, 10.05 + np.arange(200) * 0.05].astype(np.float32)[:, None]},
+     r"^timeframe: bins are not uniform \(steps from 50 ms to 100 ms\)"),
+    ({"meta": {"datetime": "yesterday", "filename": "x.nev"}},
+     r"^meta\.datetime: 'yesterday' is not a date in the format"),
+])
+def test_binned_data_refuses_what_it_cannot_trust(tmp_path: Path, overrides: dict, message: str) -> None:
+    write_binned(tmp_path / "b.mat", **overrides)
+    with pytest.raises(ValueError, match=message):
+        load_mat(tmp_path / "b.mat")
+
+
+def test_binned_data_missing_fields_name_what_was_found(tmp_path: Path) -> None:
+    from scipy.io import savemat
+
+    savemat(tmp_path / "half.mat", {"binnedData": {"spikeratedata": np.ones((4, 2)), "timeframe": np.arange(4.0)}})
+    with pytest.raises(ValueError, match=r"^layout: the struct binnedData in half\.mat lacks fields "
+                                         r"\['cursorposbin', 'velocbin'\] that layout 'binnedData' needs "
+                                         r"\(it has \['spikeratedata', 'timeframe'\]\)$"):
+        load_mat(tmp_path / "half.mat")
+
+
+def test_s1_layout(tmp_path: Path) -> None:
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(1)
+    spikes = rng.poisson(0.5, size=(300, 5)).astype(np.uint8)
+    savemat(tmp_path / "s1_data.mat", {"spikes": spikes, "pos": rng.normal(size=(300, 2)),
+                                        "vel": rng.normal(size=(300, 2))})
+    s = load_session(tmp_path / "s1_data.mat")
+    assert s.extra["mat_layout"] == "miller_area2_s1" and s.bin_s == 0.05
+    np.testing.assert_array_equal(s.counts, spikes)
+    assert set(s.targets) == {"velocity", "position"}
+
+
+def test_unreadable_or_unknown_mat_files_get_one_line(tmp_path: Path) -> None:
+    (tmp_path / "junk.mat").write_bytes(b"not a MAT file at all " * 20)
+    with pytest.raises(ValueError, match=r"^path: junk\.mat is not a readable MAT v5 file \(") as e:
+        load_session(tmp_path / "junk.mat")
+    assert "\n" not in str(e.value)
+    from scipy.io import savemat
+
+    savemat(tmp_path / "odd.mat", {"rates": np.ones((3, 4)), "info": {"who": "me"}})
+    with pytest.raises(ValueError, match=r"^layout: no known MAT layout matches odd\.mat, which holds "
+                                         r"info 1×1 struct, rates 3×4 double; known layouts: StevensonV2 ") as e:
+        load_session(tmp_path / "odd.mat")
+    assert "\n" not in str(e.value) and str(tmp_path) not in str(e.value)
+
+
+@pytest.mark.realdata
+def test_s1_and_nick_mat_load() -> None:
+    s1 = SHARED_DATA / "miller_area2_s1" / "s1_data.mat"
+    nick = SHARED_DATA / "limblab_nick_co" / "Nick_CO_001-01-binned.mat"
+    if not (s1.exists() and nick.exists()):
+        pytest.skip("miller_area2_s1 / limblab_nick_co not available")
+    s = load_session(s1)
+    assert s.counts.shape == (35129, 52) and s.bin_s == 0.05 and s.counts.max() == 15
+    n = load_session(nick)
+    assert n.counts.shape == (11880, 97) and n.bin_s == 0.05 and set(n.targets) == {"velocity", "position"}
+    assert n.extra["channel_names"][0] == "ee01u1"  # sorted units
+
+
+def test_binned_data_that_is_not_one_struct(tmp_path: Path) -> None:
+    from scipy.io import savemat
+
+    savemat(tmp_path / "arr.mat", {"binnedData": np.ones((3, 2))})
+    with pytest.raises(ValueError, match=r"^layout: binnedData 3×2 double in arr\.mat is not the single struct "
+                                         r"that layout 'binnedData' reads$"):
+        load_mat(tmp_path / "arr.mat")
+    savemat(tmp_path / "many.mat", {f"v{i:02d}": np.ones(2) for i in range(15)})
+    with pytest.raises(ValueError, match=r"which holds v00 1×2 double, .*, v11 1×2 double and 3 more; known"):
+        load_mat(tmp_path / "many.mat")

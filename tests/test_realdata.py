@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import CONTDATA, STEVENSON
+from conftest import CONTDATA, SPIKE_WF, STEVENSON
 
 pytestmark = pytest.mark.realdata
 
@@ -34,3 +34,35 @@ def test_real_session_finetune_and_stream_evaluate(path, channels, tmp_path):
     assert res["test_r2"] > 0.3, res  # real motor cortex → velocity, decoded causally
     wiener = evaluate_baseline("wiener", session, splits)
     assert wiener["r2"] > 0.3 and np.isfinite(wiener["r2"])
+
+
+def test_twenty_spike_days_load_and_only_the_broken_one_is_flagged():
+    """limblab_spike_wf_2012 as its README describes it: 20 days of the same 96 electrodes at 50 ms,
+    whole counts from the Hz rates, position and velocity every day, force from 08-17 on (16 EMG
+    channels before, 14 from then), and 07-20 (channels switching on late) the one flagged day."""
+    files = sorted(SPIKE_WF.glob("Spike_*.mat"))
+    if len(files) != 20:
+        pytest.skip(f"{SPIKE_WF} not present")
+    from scipy.io import loadmat
+
+    from rpnt_core.data import load_session
+    from rpnt_core.data.quality import assess_session
+
+    sessions = [load_session(f) for f in files]
+    raw = loadmat(files[0], squeeze_me=True, struct_as_record=False)["binnedData"].spikeratedata
+    np.testing.assert_array_equal(sessions[0].counts, np.rint(raw.astype(np.float64) * 0.05))
+    guide = sessions[0].extra["channel_names"]
+    force_from = load_session(SPIKE_WF / "Spike_08-17-12_WF_001.mat").date_days
+    for s in sessions:
+        assert s.counts.dtype == np.int32 and s.counts.shape[1] == 96 and s.bin_s == 0.05
+        assert list(s.extra["channel_names"]) == list(guide)  # the same electrodes every day
+        assert s.subject == "Spike" and s.task == "WF"
+        has_force = s.date_days >= force_from
+        assert set(s.targets) == {"velocity", "position", "emg"} | ({"force"} if has_force else set())
+        assert s.targets["emg"].shape[1] == (14 if has_force else 16)
+    assert [s.n_bins for s in sessions].count(24000) == 18
+    assert sorted(s.date_days for s in sessions) == [s.date_days for s in sessions]  # file order = date order
+    flagged = [s.session for s in sessions if assess_session(s).flagged]
+    assert flagged == ["Spike_07-20-12_WF_001"]
+    unlabelled = [s.session for s in sessions if assess_session(s, labels=False).flagged]
+    assert unlabelled == ["Spike_07-20-12_WF_001"]  # flagged on its counts alone (pretraining's view)

@@ -4,6 +4,7 @@ from rpnt_core.data.channels import ChannelResampler
 from rpnt_core.data.formats import (
     MAT_LAYOUTS,
     MatLayout,
+    MatSeries,
     load_mat,
     load_npz,
     load_nwb,
@@ -20,6 +21,7 @@ __all__ = [
     "MAT_LAYOUTS",
     "ChannelResampler",
     "MatLayout",
+    "MatSeries",
     "Session",
     "SimulationSpec",
     "Splits",

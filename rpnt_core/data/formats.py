@@ -32,9 +32,13 @@ After loading, ``counts`` is ``int32``, ``velocity``/``position``/``site_xy`` ar
 MAT files
 ---------
 :func:`load_mat` is driven by :data:`MAT_LAYOUTS`, a table of :class:`MatLayout` records that say
-which keys hold what, whether arrays are stored channels-first, which rows/columns to take and where
-the bin width comes from.  The layout is detected from the variable names in the file when not
-given.  Supporting a new MAT file means adding a record, not a function.
+which keys hold what (top-level variables or the fields of one struct), whether arrays are stored
+channels-first, which rows/columns to take, whether counts are stored as rates in Hz, where the
+bin width comes from (a variable, a constant, or the checked-uniform step of the time stamps),
+which further behaviour series exist (force, EMG: :class:`MatSeries`) and where the session name,
+recording date, channel names and trial table are.  The layout is detected from the variable
+names in the file when not given; a file no layout matches is refused with one line saying what it
+holds.  Supporting a new MAT file means adding a record, not a function.
 
 NWB files
 ---------
@@ -46,11 +50,13 @@ Every validation failure raises :class:`ValueError` whose message starts with th
 
 from __future__ import annotations
 
+import re
 import struct
 import zipfile
 import zlib
 from dataclasses import dataclass, replace
-from pathlib import Path
+from datetime import datetime
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -60,6 +66,7 @@ from rpnt_core.data.session import Session
 __all__ = [
     "MAT_LAYOUTS",
     "MatLayout",
+    "MatSeries",
     "load_mat",
     "load_npz",
     "load_nwb",
@@ -137,10 +144,12 @@ def validate_session(session: Session) -> Session:
 
     Contract: raises ``ValueError`` (message prefixed with the field name) on wrong ndim/shapes,
     NaN/inf in any numeric array, negative or fractional counts, length mismatches between
-    counts/velocity/position/timestamps, non-positive or non-finite ``bin_s``, missing or
-    misshapen ``site_xy`` for 3-D counts, non-increasing timestamps, non-string metadata.
+    counts/velocity/position/behaviour series/timestamps, non-positive or non-finite ``bin_s``,
+    missing or misshapen ``site_xy`` for 3-D counts, non-increasing timestamps, non-string
+    metadata, a ``target`` that is not a non-empty string.  (A target the session lacks is not an
+    error here — unlabelled data is valid; :meth:`Session.with_target` refuses it.)
     On success returns a new ``Session`` (arrays not copied when already the right dtype) with
-    counts ``int32``, velocity/position/site_xy ``float32``, timestamps ``float64``.
+    counts ``int32``, velocity/position/behaviour/site_xy ``float32``, timestamps ``float64``.
     """
     if not isinstance(session, Session):
         raise ValueError(f"session: expected a Session, got {type(session).__name__}")
@@ -153,6 +162,9 @@ def validate_session(session: Session) -> Session:
         velocity = _validate_series("velocity", session.velocity, n_bins, np.float32)
     if session.position is not None:
         position = _validate_series("position", session.position, n_bins, np.float32)
+    behaviour = _validate_behaviour(session.behaviour, n_bins)
+    if not isinstance(session.target, str) or not session.target:
+        raise ValueError(f"target: must be a non-empty str, got {session.target!r}")
     if session.timestamps is not None:
         ts = _numeric("timestamps", session.timestamps)
         if ts.ndim != 1:
@@ -195,10 +207,23 @@ def validate_session(session: Session) -> Session:
         bin_s=bin_s,
         velocity=velocity,
         position=position,
+        behaviour=behaviour,
         timestamps=timestamps,
         site_xy=site_xy,
         date_days=date_days,
     )
+
+
+def _validate_behaviour(behaviour: Any, n_bins: int) -> dict[str, np.ndarray]:
+    """Named behaviour series beyond velocity/position: identifier names, each (T, D) float32."""
+    if not isinstance(behaviour, dict):
+        raise ValueError(f"behaviour: must be a dict of named (T, D) arrays, got {type(behaviour).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for name, value in behaviour.items():
+        if not isinstance(name, str) or not name.isidentifier() or name in ("velocity", "position"):
+            raise ValueError(f"behaviour: names must be identifiers other than velocity/position, got {name!r}")
+        out[name] = _validate_series(name, value, n_bins, np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,16 +461,49 @@ def _scalar_float(name: str, value: np.ndarray) -> float:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MatSeries:
+    """A named behaviour series beyond velocity/position (→ ``Session.behaviour[name]``).
+
+    ``key``: the variable; ``dims``: its columns to keep (``None`` = all).  A variable that is
+    absent or empty in a file (e.g. wrist force on a day it was not recorded) leaves the series
+    out of that session."""
+
+    name: str
+    key: str
+    dims: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class MatLayout:
     """Where the session lives inside one kind of MAT file.
 
+    Arrays:
+
+    - ``struct_key``: the variables named below are fields of this struct variable (e.g. the
+      Miller lab's ``binnedData``); else they are top-level variables.
     - ``counts_key``/``velocity_key``/``position_key``/``timestamps_key``: variable names
       (``None`` = absent).  Velocity and position may share one variable (different columns).
+    - ``behaviour``: further named series (:class:`MatSeries`), e.g. force and EMG.
     - ``channels_first``: 2-D arrays are stored (C, T) and are transposed to (T, C).
-    - ``velocity_dims``/``position_dims``: which rows (channels-first) or columns to keep,
-      after which the array is (T, D).  ``counts_dims=None`` keeps every channel.
-    - ``bin_s_key``: variable holding the bin width in seconds; else the constant ``bin_s``.
-    - ``subject``/``task``: metadata to attach (the file itself usually does not say).
+    - ``counts_dims``/``velocity_dims``/``position_dims``: which rows (channels-first) or
+      columns to keep, after which the array is (T, D).  ``None`` keeps every column.
+    - ``counts_in_hz``: the counts variable holds rates in Hz; rate × bin width must be a whole
+      spike count in every bin (checked, so smoothed rates are refused rather than rounded).
+
+    Bin width, exactly one of: ``bin_s_key`` (a variable holding seconds), ``bin_s`` (a
+    constant), ``bin_s_from_timestamps`` (the step of ``timestamps_key``, checked uniform).
+
+    Metadata (each optional in a file; absent → the default):
+
+    - ``subject``/``task``: constants to attach.
+    - ``session_key``: dotted path (``meta.filename``) of the recording's original file name;
+      the session name is its stem.  Default: the MAT file's stem.
+    - ``datetime_key`` + ``datetime_format``: the recording start (a ``strptime`` format) →
+      ``date_days`` (days since 1970-01-01 on the recording's own clock) and
+      ``extra["session_start_time"]`` (ISO 8601).
+    - ``name_pattern``: a regular expression that must match the whole session name (or else the
+      file stem); its named groups ``subject``/``task`` override the constants.
+    - ``channel_names_key``/``trials_key``: → ``extra["channel_names"]`` / ``extra["trials"]``.
     """
 
     name: str
@@ -453,24 +511,61 @@ class MatLayout:
     velocity_key: str | None = None
     position_key: str | None = None
     timestamps_key: str | None = None
+    behaviour: tuple[MatSeries, ...] = ()
+    struct_key: str | None = None
     channels_first: bool = False
     counts_dims: tuple[int, ...] | None = None
     velocity_dims: tuple[int, ...] | None = None
     position_dims: tuple[int, ...] | None = None
+    counts_in_hz: bool = False
     bin_s_key: str | None = None
     bin_s: float | None = None
+    bin_s_from_timestamps: bool = False
     subject: str = ""
     task: str = ""
+    session_key: str | None = None
+    datetime_key: str | None = None
+    datetime_format: str = ""
+    name_pattern: str | None = None
+    channel_names_key: str | None = None
+    trials_key: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.bin_s_key is None) == (self.bin_s is None):
-            raise ValueError(f"bin_s: layout {self.name!r} needs exactly one of bin_s_key or bin_s")
+        sources = (self.bin_s_key is not None) + (self.bin_s is not None) + bool(self.bin_s_from_timestamps)
+        if sources != 1:
+            raise ValueError(f"bin_s: layout {self.name!r} needs exactly one of bin_s_key, bin_s or "
+                             "bin_s_from_timestamps")
+        if self.bin_s_from_timestamps and self.timestamps_key is None:
+            raise ValueError(f"bin_s: layout {self.name!r} takes the bin width from time stamps but has no "
+                             "timestamps_key")
+        if (self.datetime_key is None) != (not self.datetime_format):
+            raise ValueError(f"datetime_format: layout {self.name!r} needs it exactly when datetime_key is set")
 
     @property
-    def required_keys(self) -> frozenset[str]:
+    def array_keys(self) -> frozenset[str]:
+        """Variables every file of this layout holds (fields of ``struct_key`` when set)."""
         keys = (self.counts_key, self.velocity_key, self.position_key, self.timestamps_key, self.bin_s_key)
         return frozenset(k for k in keys if k is not None)
 
+    @property
+    def all_keys(self) -> frozenset[str]:
+        """Every variable the layout may read (the first part of a dotted path), required or not."""
+        optional = [s.key for s in self.behaviour] + [
+            self.channel_names_key, self.trials_key, self.session_key, self.datetime_key]
+        return self.array_keys | {k.split(".")[0] for k in optional if k}
+
+    @property
+    def required_keys(self) -> frozenset[str]:
+        """Top-level variables that identify a file of this layout."""
+        return frozenset((self.struct_key,)) if self.struct_key else self.array_keys
+
+    def describe(self) -> str:
+        fields = ", ".join(sorted(self.array_keys))
+        return f"{self.name} (struct {self.struct_key}: {fields})" if self.struct_key else f"{self.name} ({fields})"
+
+
+# The Miller Limb Lab's file names: <monkey>_<MM-DD-YY>[_<task code>]_<NNN>, e.g. Spike_07-18-12_WF_001.
+MILLER_SESSION_NAME = r"(?P<subject>[A-Za-z]+)_\d{2}-\d{2}-\d{2}(?:_(?P<task>[A-Za-z]+))?_\d+"
 
 MAT_LAYOUTS: dict[str, MatLayout] = {
     # Stevenson et al. 2011 (CRCNS DREAM), M1 centre-out; see shared/data/stevenson2011_m1_centerout.
@@ -498,24 +593,147 @@ MAT_LAYOUTS: dict[str, MatLayout] = {
         bin_s=0.05,
         subject="bme517",
     ),
+    # Miller lab area 2 ("S1", Kording lab copy); see shared/data/miller_area2_s1.  No time base:
+    # 50 ms bins as the papers state.
+    "miller_area2_s1": MatLayout(
+        name="miller_area2_s1",
+        counts_key="spikes",  # (T, 52) counts
+        velocity_key="vel",  # (T, 2)
+        position_key="pos",  # (T, 2)
+        bin_s=0.05,
+        subject="miller_area2",
+        task="random-target",
+    ),
+    # The Miller Limb Lab's binnedData struct (shared/data/limblab_spike_wf_2012, limblab_nick_co).
+    "binnedData": MatLayout(
+        name="binnedData",
+        struct_key="binnedData",
+        counts_key="spikeratedata",  # (T, N) Hz per bin
+        counts_in_hz=True,
+        velocity_key="velocbin",  # (T, 3): x, y velocity and speed
+        velocity_dims=(0, 1),
+        position_key="cursorposbin",  # (T, 2)
+        behaviour=(MatSeries(name="force", key="forcedatabin"),  # (T, 2), or empty when not recorded
+                   MatSeries(name="emg", key="emgdatabin")),  # (T, muscles), or empty
+        timestamps_key="timeframe",  # (T, 1) seconds
+        bin_s_from_timestamps=True,
+        session_key="meta.filename",  # the original .nev path
+        datetime_key="meta.datetime",  # e.g. "7/18/2012 14:0:46.750"
+        datetime_format="%m/%d/%Y %H:%M:%S.%f",
+        name_pattern=MILLER_SESSION_NAME,
+        channel_names_key="spikeguide",  # eeNNuK: electrode NN, unit K
+        trials_key="trialtable",
+    ),
 }
 
 
 def _describe_layouts() -> str:
-    return "; ".join(f"{name} (keys {sorted(lay.required_keys)})" for name, lay in MAT_LAYOUTS.items())
+    return "; ".join(lay.describe() for lay in MAT_LAYOUTS.values())
 
 
-def _detect_layout(keys: set[str], path: Path) -> MatLayout:
+def _describe_variable(name: str, shape: tuple[int, ...], cls: str) -> str:
+    return f"{name} {'×'.join(map(str, shape))} {cls}"
+
+
+def _describe_variables(found: dict[str, tuple[tuple[int, ...], str]], most: int = 12) -> str:
+    """``"S 5×30 double, V 3×30 double"``: the first ``most`` variables by name, then a count."""
+    names = sorted(found)
+    shown = ", ".join(_describe_variable(n, *found[n]) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _mat_variables(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (shape, MATLAB class)} of the top-level variables, without reading the data."""
+    from scipy.io import whosmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        return {name: (tuple(shape), cls) for name, shape, cls in whosmat(path)}
+    except NotImplementedError:
+        raise ValueError(f"path: {path.name} is a MAT v7.3 (HDF5) file; only MAT v5 is supported") from None
+    except (ValueError, OSError, MatReadError) as exc:
+        raise ValueError(f"path: {path.name} is not a readable MAT v5 file ({exc})") from None
+
+
+def _detect_layout(found: dict[str, tuple[tuple[int, ...], str]], path: Path) -> MatLayout:
+    keys = set(found)
     fits = [lay for lay in MAT_LAYOUTS.values() if lay.required_keys <= keys]
     if not fits:
         raise ValueError(
-            f"layout: no known MAT layout matches {path.name} (variables {sorted(keys)}); "
-            f"known layouts: {_describe_layouts()}; pass layout=MatLayout(...) for a new file"
-        )
+            f"layout: no known MAT layout matches {path.name}, which holds {_describe_variables(found) or 'nothing'}; "
+            f"known layouts: {_describe_layouts()}")
     fits.sort(key=lambda lay: len(lay.required_keys), reverse=True)
     if len(fits) > 1 and len(fits[0].required_keys) == len(fits[1].required_keys):
         raise ValueError(f"layout: {path.name} matches several layouts {[f.name for f in fits]}; pass layout=")
     return fits[0]
+
+
+def _resolve_layout(layout: MatLayout | str | None, found: dict, path: Path) -> MatLayout:
+    if isinstance(layout, str):
+        if layout not in MAT_LAYOUTS:
+            raise ValueError(f"layout: unknown layout {layout!r}; known layouts: {_describe_layouts()}")
+        return MAT_LAYOUTS[layout]
+    return _detect_layout(found, path) if layout is None else layout
+
+
+def _unwrap(value: Any) -> Any:
+    """A MATLAB scalar struct or cell as the object inside (loadmat wraps them in 1×1 arrays)."""
+    while isinstance(value, np.ndarray) and value.dtype == object and value.size == 1:
+        value = value.reshape(-1)[0]
+    return value
+
+
+def _read_root(path: Path, layout: MatLayout, found: dict) -> dict[str, Any]:
+    """The layout's variables by name: top-level variables, or the fields of ``struct_key``."""
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError, mat_struct
+
+    wanted = [layout.struct_key] if layout.struct_key else sorted(layout.all_keys & set(found))
+    try:
+        m = loadmat(path, variable_names=wanted, struct_as_record=False)
+    except (ValueError, OSError, MatReadError) as exc:
+        raise ValueError(f"path: {path.name} is not a readable MAT v5 file ({exc})") from None
+    if layout.struct_key is None:
+        return {k: v for k, v in m.items() if not k.startswith("__")}
+    root = _unwrap(m[layout.struct_key])
+    if not isinstance(root, mat_struct):
+        raise ValueError(f"layout: {_describe_variable(layout.struct_key, *found[layout.struct_key])} in "
+                         f"{path.name} is not the single struct that layout {layout.name!r} reads")
+    return {f: getattr(root, f) for f in root._fieldnames}
+
+
+def _check_keys(root: dict[str, Any], layout: MatLayout, path: Path) -> None:
+    missing = sorted(layout.array_keys - set(root))
+    if not missing:
+        return
+    if layout.struct_key:
+        raise ValueError(f"layout: the struct {layout.struct_key} in {path.name} lacks fields {missing} that layout "
+                         f"{layout.name!r} needs (it has {sorted(root)})")
+    raise ValueError(f"layout: {path.name} lacks variables {missing} required by layout {layout.name!r}")
+
+
+def _lookup(root: dict[str, Any], dotted: str | None) -> Any:
+    """``root["meta"].datetime`` for ``"meta.datetime"``; ``None`` where any part is absent."""
+    from scipy.io.matlab import mat_struct
+
+    if dotted is None:
+        return None
+    head, *rest = dotted.split(".")
+    value = root.get(head)
+    for part in rest:
+        value = _unwrap(value)
+        value = getattr(value, part, None) if isinstance(value, mat_struct) else None
+    return value
+
+
+def _text(value: Any) -> str | None:
+    """A MATLAB char array as ``str`` (``None`` for anything else, e.g. an empty field)."""
+    value = _unwrap(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U" and value.size == 1:
+        return str(value.reshape(-1)[0])
+    return None
 
 
 def _take(name: str, raw: np.ndarray, layout: MatLayout, dims: tuple[int, ...] | None) -> np.ndarray:
@@ -532,55 +750,156 @@ def _take(name: str, raw: np.ndarray, layout: MatLayout, dims: tuple[int, ...] |
     return arr  # (T, D)
 
 
+def _behaviour(root: dict[str, Any], layout: MatLayout) -> dict[str, np.ndarray]:
+    """The layout's further series that this file holds (absent or empty ones left out)."""
+    out: dict[str, np.ndarray] = {}
+    for series in layout.behaviour:
+        raw = root.get(series.key)
+        if raw is not None and np.asarray(raw).size:
+            out[series.name] = _take(series.name, raw, layout, series.dims)
+    return out
+
+
+def _uniform_step(name: str, raw: Any) -> float:
+    """The bin width of uniformly spaced time stamps, to the precision their dtype holds.
+
+    Every step must equal the mean step within two units in the last place of the largest stamp
+    (float32 stamps of a 20-minute recording are good to ±0.1 ms): a gap or a change of bin width
+    is refused.  The mean step is rounded to the decimals that precision supports (float32 stamps
+    0 … 1199.95 s over 24 000 bins give exactly 0.05)."""
+    t = np.asarray(_numeric(name, raw)).ravel()
+    if t.size < 2:
+        raise ValueError(f"{name}: {t.size} time stamp(s) cannot give a bin width")
+    _check_finite(name, t)
+    stored = t.dtype if np.issubdtype(t.dtype, np.floating) else np.dtype(np.float64)
+    ulp = float(np.spacing(np.abs(t).max().astype(stored)))
+    t64 = t.astype(np.float64)
+    steps = np.diff(t64)
+    step = (t64[-1] - t64[0]) / (t.size - 1)
+    if not step > 0 or np.abs(steps - step).max() > 2 * ulp:
+        raise ValueError(f"{name}: bins are not uniform (steps from {steps.min() * 1e3:.4g} ms to "
+                         f"{steps.max() * 1e3:.4g} ms): a gap in the recording or a change of bin width")
+    return round(step, min(15, int(np.floor(-np.log10(ulp / (t.size - 1))))))
+
+
+def _bin_width(root: dict[str, Any], layout: MatLayout) -> float:
+    if layout.bin_s_key is not None:
+        return _validate_bin_s(root[layout.bin_s_key])
+    if layout.bin_s is not None:
+        return _validate_bin_s(layout.bin_s)
+    return _uniform_step(layout.timestamps_key, root[layout.timestamps_key])  # type: ignore[index]
+
+
+def _counts_from_rates(name: str, rates: np.ndarray, bin_s: float) -> np.ndarray:
+    """Spike counts from rates in Hz: rate × bin width, which must be whole in every bin."""
+    counts = _numeric(name, rates).astype(np.float64) * bin_s
+    _check_finite(name, counts)
+    whole = np.rint(counts)
+    frac = float(np.abs(counts - whole).max()) if counts.size else 0.0
+    if frac > 1e-3:  # float32 rates of whole counts are exact to ~1e-6
+        raise ValueError(f"{name}: rate × bin width ({bin_s * 1e3:g} ms) is not a whole spike count (off by up "
+                         f"to {frac:.3g}): these are smoothed rates, not binned counts")
+    return whole
+
+
+def _counts(root: dict[str, Any], layout: MatLayout, bin_s: float) -> np.ndarray:
+    counts = _take(layout.counts_key, root[layout.counts_key], layout, layout.counts_dims)  # (T, N)
+    return _counts_from_rates(layout.counts_key, counts, bin_s) if layout.counts_in_hz else counts
+
+
+def _session_name(root: dict[str, Any], layout: MatLayout, path: Path) -> str:
+    original = _text(_lookup(root, layout.session_key))
+    return PureWindowsPath(original).stem if original else path.stem  # a Windows path parses either way
+
+
+def _recording_start(root: dict[str, Any], layout: MatLayout) -> datetime | None:
+    text = _text(_lookup(root, layout.datetime_key))
+    if text is None:
+        return None
+    try:
+        return datetime.strptime(text.strip(), layout.datetime_format)
+    except ValueError:
+        raise ValueError(f"{layout.datetime_key}: {text!r} is not a date in the format "
+                         f"{layout.datetime_format!r}") from None
+
+
+def _named_groups(layout: MatLayout, names: tuple[str, ...]) -> dict[str, str]:
+    """``subject``/``task``: the layout's constants, overridden by ``name_pattern``'s groups from
+    the first of ``names`` (session name, then file stem) that supplies each."""
+    out = {"subject": layout.subject, "task": layout.task}
+    found: dict[str, str] = {}
+    for name in names if layout.name_pattern else ():
+        match = re.fullmatch(layout.name_pattern, name)
+        for key, value in (match.groupdict() if match else {}).items():
+            if key in out and value:
+                found.setdefault(key, value)
+    return {**out, **found}
+
+
+def _mat_metadata(root: dict[str, Any], layout: MatLayout, path: Path) -> dict[str, Any]:
+    """``session``/``subject``/``task``/``date_days`` keyword arguments, plus the start time."""
+    name = _session_name(root, layout, path)
+    meta: dict[str, Any] = {"session": name, **_named_groups(layout, (name, path.stem))}
+    start = _recording_start(root, layout)
+    if start is not None:
+        meta["date_days"] = (start - datetime(1970, 1, 1)).total_seconds() / 86400.0
+        meta["extra"] = {"session_start_time": start.isoformat()}
+    return meta
+
+
+def _mat_extras(root: dict[str, Any], layout: MatLayout, n_channels: int) -> dict[str, Any]:
+    """Channel names and the trial table, where the layout names them and the file has them."""
+    extra: dict[str, Any] = {"mat_layout": layout.name}
+    names = _lookup(root, layout.channel_names_key)
+    if names is not None and np.asarray(names).dtype.kind == "U":
+        names = np.asarray(names).ravel()
+        if layout.counts_dims is not None:
+            names = names[list(layout.counts_dims)]
+        if names.shape != (n_channels,):
+            raise ValueError(f"{layout.channel_names_key}: {names.size} names for {n_channels} channels")
+        extra["channel_names"] = names.astype(np.str_)
+    trials = _lookup(root, layout.trials_key)
+    if trials is not None and np.asarray(trials).size:
+        extra["trials"] = np.asarray(_numeric(layout.trials_key, trials), dtype=np.float64)
+    return extra
+
+
 def load_mat(path: str | Path, *, layout: MatLayout | str | None = None) -> Session:
     """Load a MAT (v5) file through a :class:`MatLayout` (detected from its variables if ``None``).
 
     ``layout`` may be a record or the name of one in :data:`MAT_LAYOUTS`.  The session name is
-    the file stem.  Timestamps, when the layout has them, are taken as given by the file.
+    the layout's ``session_key`` stem where the file has one, else the file stem.  Timestamps,
+    when the layout has them, are taken as given by the file.  Errors are ``ValueError`` naming
+    the variable (or ``layout:``/``path:``), e.g. for a file no layout matches: what it holds.
     """
-    from scipy.io import loadmat, whosmat
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file: {path}")
-    try:
-        keys = {name for name, _, _ in whosmat(path)}
-    except NotImplementedError:
-        raise ValueError(f"path: {path.name} is a MAT v7.3 (HDF5) file; only MAT v5 is supported") from None
-    if isinstance(layout, str):
-        if layout not in MAT_LAYOUTS:
-            raise ValueError(f"layout: unknown layout {layout!r}; known layouts: {_describe_layouts()}")
-        layout = MAT_LAYOUTS[layout]
-    elif layout is None:
-        layout = _detect_layout(keys, path)
-    missing = sorted(layout.required_keys - keys)
+    found = _mat_variables(path)
+    layout = _resolve_layout(layout, found, path)
+    missing = sorted(layout.required_keys - set(found))
     if missing:
         raise ValueError(f"layout: {path.name} lacks variables {missing} required by layout {layout.name!r}")
+    root = _read_root(path, layout, found)
+    _check_keys(root, layout, path)
+    bin_s = _bin_width(root, layout)
+    counts = _counts(root, layout, bin_s)  # (T, N)
+    meta = _mat_metadata(root, layout, path)
+    extra = {**meta.pop("extra", {}), **_mat_extras(root, layout, counts.shape[1])}
 
-    m = loadmat(path, variable_names=sorted(layout.required_keys))
-    counts = _take("counts", m[layout.counts_key], layout, layout.counts_dims)  # (T, N)
-    velocity = position = timestamps = None
-    if layout.velocity_key is not None:
-        velocity = _take("velocity", m[layout.velocity_key], layout, layout.velocity_dims)  # (T, D)
-    if layout.position_key is not None:
-        position = _take("position", m[layout.position_key], layout, layout.position_dims)  # (T, D)
-    if layout.timestamps_key is not None:
-        timestamps = np.asarray(m[layout.timestamps_key]).ravel()  # (T,)
-    if layout.bin_s_key is not None:
-        bin_s = _validate_bin_s(m[layout.bin_s_key])
-    else:
-        bin_s = float(layout.bin_s)  # type: ignore[arg-type]
+    def series(name: str, key: str | None, dims: tuple[int, ...] | None) -> np.ndarray | None:
+        return None if key is None else _take(name, root[key], layout, dims)  # (T, D)
+
     session = Session(
         counts=counts,
         bin_s=bin_s,
-        velocity=velocity,
-        position=position,
-        timestamps=timestamps,
-        subject=layout.subject,
-        session=path.stem,
-        task=layout.task,
+        velocity=series("velocity", layout.velocity_key, layout.velocity_dims),
+        position=series("position", layout.position_key, layout.position_dims),
+        behaviour=_behaviour(root, layout),
+        timestamps=None if layout.timestamps_key is None else np.asarray(root[layout.timestamps_key]).ravel(),
         source=str(path),
-        extra={"mat_layout": layout.name},
+        extra=extra,
+        **meta,
     )
     return validate_session(session)
 

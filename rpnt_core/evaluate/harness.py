@@ -17,6 +17,18 @@ from ..model.rpnt import RPNT
 from .metrics import r2_per_dim, r2_score
 
 
+def target_labels(model: RPNT, session: Session) -> np.ndarray:
+    """(T, D) the session's series of the behaviour the model decodes (``config.target``).
+
+    Raises ``ValueError`` starting with ``target:`` when the session lacks that series or its
+    width differs from the model's outputs (e.g. 14 EMG channels on a day the model had 16)."""
+    labels = session.with_target(model.config.target).labels
+    if labels.shape[1] != model.config.n_outputs:
+        raise ValueError(f"target: {session.name}'s {model.config.target} has {labels.shape[1]} dimensions, the "
+                         f"model decodes {model.config.n_outputs}")
+    return labels
+
+
 def session_metadata(model: RPNT, session: Session) -> dict[str, torch.Tensor]:
     return model.metadata_for(subject=session.subject, session=session.session, task=session.task,
                               date_days=session.date_days)
@@ -24,8 +36,9 @@ def session_metadata(model: RPNT, session: Session) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def predict_session(model: RPNT, session: Session, *, stop: int | None = None, output: str = "velocity") -> np.ndarray:
-    """Velocity (T', D) — or another of the model's outputs, e.g. ``"latent"`` (T', d) — for bins
-    [0, stop), streamed causally from bin 0."""
+    """The decoded target (T', D) — output ``"velocity"``, whatever ``config.target`` names — or
+    another of the model's outputs, e.g. ``"latent"`` (T', d), for bins [0, stop), streamed
+    causally from bin 0."""
     stop = session.n_bins if stop is None else stop
     counts = torch.from_numpy(np.asarray(session.counts[:stop], dtype=np.float32))[None]  # (1, T', N)
     dev = next(model.parameters()).device
@@ -35,7 +48,7 @@ def predict_session(model: RPNT, session: Session, *, stop: int | None = None, o
 
 @torch.no_grad()
 def predict_range(model: RPNT, session: Session, start: int, stop: int, *, output: str = "velocity") -> np.ndarray:
-    """Velocity (or another output, e.g. ``"latent"``) for bins [start, stop) — identical to
+    """The decoded target (or another output, e.g. ``"latent"``) for bins [start, stop) — identical to
     streaming from bin 0, computed from ``receptive_field − 1`` bins of history only (no output
     depends on anything older)."""
     lo = max(0, start - (model.receptive_field - 1))
@@ -50,25 +63,28 @@ def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
 
 
 def evaluate_model(model: RPNT, session: Session, splits: Splits, *, split: str = "test") -> dict:
-    """R² of ``model`` on one split of ``session``, streaming the whole session from bin 0."""
-    if session.velocity is None:
-        raise ValueError("velocity: the session has no behaviour target to score against")
+    """R² of ``model`` on one split of ``session``, streaming the whole session from bin 0, against
+    the session's series of the model's target (:func:`target_labels`)."""
+    labels = target_labels(model, session)
     lo, hi = getattr(splits, split)
     pred = predict_session(model, session, stop=hi)[lo:hi]
-    return {**score(session.velocity[lo:hi], pred), "split": split, "splits": splits.as_dict(),
-            "n_bins": session.n_bins}
+    return {**score(labels[lo:hi], pred), "split": split, "splits": splits.as_dict(),
+            "n_bins": session.n_bins, "target": model.config.target}
 
 
 def evaluate_baseline(name: str, session: Session, splits: Splits, *, seed: int = 0, **hyper) -> dict:
-    """Fit baseline ``name`` on the train split (selecting on val) and score the test split."""
+    """Fit baseline ``name`` to the session's chosen target on the train split (selecting on val)
+    and score the test split."""
     from .baselines import BASELINES
 
     if name not in BASELINES:
         raise ValueError(f"baseline: unknown {name!r}; choose from {sorted(BASELINES)}")
+    session = session.with_target(None)  # a clear error when the session lacks its target
     parts = splits.cut(session)
-    dec = BASELINES[name].fit(train_counts=parts["train"].counts, train_velocity=parts["train"].velocity,
-                              val_counts=parts["val"].counts, val_velocity=parts["val"].velocity,
+    dec = BASELINES[name].fit(train_counts=parts["train"].counts, train_velocity=parts["train"].labels,
+                              val_counts=parts["val"].counts, val_velocity=parts["val"].labels,
                               bin_s=session.bin_s, seed=seed, **hyper)
     lo, hi = splits.test
     pred = dec.predict(np.asarray(session.counts[:hi]))[lo:hi]  # streamed from bin 0, like RPNT
-    return {**score(session.velocity[lo:hi], pred), "split": "test", "splits": splits.as_dict()}
+    return {**score(session.labels[lo:hi], pred), "split": "test", "splits": splits.as_dict(),
+            "target": session.target}

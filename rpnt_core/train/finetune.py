@@ -1,7 +1,11 @@
-"""Supervised finetuning of the velocity decoder: few-shot (FS-SFT) or full SFT.
+"""Supervised finetuning of the decoder: few-shot (FS-SFT) or full SFT.
 
 ``finetune(session, init=CKPT | None, options=..., out=...)``:
 
+- Decodes the session's chosen target (``session.target``: velocity, position, force, EMG, ...;
+  see :meth:`Session.with_target`).  The model's config records it (``config.target``, with its
+  dimension as ``n_outputs``), so evaluation, export and the daemon know what the head holds; the
+  head and its output keep the name ``velocity`` in code.
 - Splits the session in time with :func:`contiguous_splits`: test = last ``test_fraction``,
   validation just before it, train = the first ``train_fraction`` (a few-shot split is a short
   prefix; the test bins do not depend on ``train_fraction``).
@@ -14,9 +18,10 @@
   the way it did then: the same channel map, or its own pretrained read-in from the checkpoint.
   Otherwise the map is drawn with ``seed`` and a read-in is fresh (and always trained).  A
   checkpoint pretrained with per-session read-ins has no trained shared read-in, so it is always
-  met through a read-in.
+  met through a read-in.  A checkpoint trained at another bin width is refused
+  (:func:`~rpnt_core.data.session.check_bin_width`).
 - Starts the velocity head at random (``head_init="random"``, the default) or (``"ridge"``) as
-  the ridge regression of the z-scored train velocity on the model's latent, penalty by
+  the ridge regression of the z-scored train target on the model's latent, penalty by
   validation R² — the linear probe that finetuning then moves from (LP-FT, Kumar et al. 2022),
   also the first candidate for the best-validation weights.  Not the default: on the decoding
   benchmark it did not help (README, "Tried and did not help").
@@ -45,9 +50,9 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint, read_extra_tensors, read_header, save_checkpoint
 from ..config import RPNTConfig
 from ..data.channels import ChannelResampler
-from ..data.session import Session, conditioning_metadata
+from ..data.session import Session, check_bin_width, conditioning_metadata
 from ..data.splits import Splits, contiguous_splits
-from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata
+from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata, target_labels
 from ..evaluate.probe import ridge_by_validation
 from ..model.rpnt import RPNT
 from .distributed import resolve_device
@@ -110,7 +115,7 @@ def seen_in_pretraining(session: Session, meta: dict) -> dict | None:
 def build_model(session: Session, init: str | Path | None, options: FinetuneOptions) -> tuple[RPNT, bool, dict]:
     """The model to finetune, whether its read-in is fresh, and provenance for the metadata."""
     n_in, d_out = session.n_channels, session.n_outputs
-    overrides = dict(options.config_overrides)
+    overrides = {"target": session.target, **dict(options.config_overrides)}
     if init is None:
         cfg = RPNTConfig.preset(options.preset, n_channels=n_in, n_outputs=d_out, bin_s=float(session.bin_s),
                                 subjects=_session_vocab(session, "subject"), sessions=_session_vocab(session, "session"),
@@ -120,8 +125,7 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
     base = load_checkpoint(init)
     if base_cfg.spatial_layers:
         base_cfg = base_cfg.replace(spatial_layers=0)  # decode from the temporal encoder (single-site)
-    if not math.isclose(base_cfg.bin_s, session.bin_s, rel_tol=1e-6):
-        raise ValueError(f"bin_s: checkpoint was trained at {base_cfg.bin_s} s bins, the session has {session.bin_s} s")
+    check_bin_width(data_bin_s=session.bin_s, model_bin_s=base_cfg.bin_s)
     provenance = {"init": str(init), "parent_weights_sha": base_meta.get("weights_sha", ""),
                   "parent_kind": base_meta.get("kind", "")}
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("spatial.")}
@@ -171,7 +175,8 @@ def _set_train_modes(model: RPNT, mode: str, last_layers: int, fresh_read_in: bo
 def validation_r2(model: RPNT, session: Session, splits: Splits) -> float:
     """R² of ``model`` (in eval mode) on the validation split, as the stream gives it."""
     lo, hi = splits.val
-    return score(np.asarray(session.velocity[lo:hi], dtype=np.float32), predict_range(model, session, lo, hi))["r2"]
+    labels = target_labels(model, session)
+    return score(np.asarray(labels[lo:hi], dtype=np.float32), predict_range(model, session, lo, hi))["r2"]
 
 
 HEAD_RIDGE_REL_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # × tr(ZᵀZ)/d (1.0 won on the 57-s session)
@@ -179,13 +184,13 @@ HEAD_RIDGE_REL_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # × tr(ZᵀZ)/d (
 
 @torch.no_grad()
 def ridge_head_init(model: RPNT, session: Session, splits: Splits) -> dict:
-    """Set the velocity head to the ridge regression of the z-scored train-split velocity on the
+    """Set the velocity head to the ridge regression of the z-scored train-split target on the
     model's (eval-mode) latent, the penalty chosen by validation R² — the linear probe that
-    finetuning then starts from (LP-FT).  Needs the velocity normalisation set.  Returns the fit's
-    ``val_r2`` (velocity units) and ``rel_alpha``."""
+    finetuning then starts from (LP-FT).  Needs the target normalisation set.  Returns the fit's
+    ``val_r2`` (target units) and ``rel_alpha``."""
     model.eval()
     (lo, hi), (vlo, vhi) = splits.train, splits.val
-    vel = np.asarray(session.velocity, dtype=np.float64)
+    vel = np.asarray(target_labels(model, session), dtype=np.float64)
     mean, scale = model.velocity_mean.cpu().double().numpy(), model.velocity_scale.cpu().double().numpy()
     z_train = predict_range(model, session, lo, hi, output="latent")  # (T_train, d)
     z_val = predict_range(model, session, vlo, vhi, output="latent")  # (T_val, d)
@@ -203,8 +208,7 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
 
     ``on_epoch``: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2", "best"}``
     (progress reporting, e.g. a calibration job's progress file)."""
-    if session.velocity is None:
-        raise ValueError("velocity: finetuning needs a behaviour target")
+    session = session.with_target(None)  # "target: ... has no 'force'" when the session lacks its target
     if session.multisite:
         raise ValueError("counts: finetuning decodes single-site recordings (T, N)")
     torch.manual_seed(options.seed)
@@ -214,7 +218,7 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
                                          val_fraction=options.val_fraction, test_fraction=options.test_fraction)
     model, fresh_read_in, provenance = build_model(session, init, options)
     lo, hi = splits.train
-    vel = np.asarray(session.velocity, dtype=np.float32)
+    vel = np.asarray(session.labels, dtype=np.float32)
     mean, scale = vel[lo:hi].mean(0), vel[lo:hi].std(0) + 1e-6
     model.set_velocity_normalisation(torch.from_numpy(mean), torch.from_numpy(scale))
     model.to(dev)
@@ -287,7 +291,7 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
     test = evaluate_model(model, session, splits)
     metrics = {"val_r2": best["val_r2"], "best_epoch": best["epoch"], "epochs_run": len(history),
                "test_r2": test["r2"], "test_r2_per_dim": test["r2_per_dim"], "train_seconds": round(time.time() - t0, 2)}
-    result = {**metrics, "splits": splits.as_dict(), "history": history, **provenance,
+    result = {"target": session.target, **metrics, "splits": splits.as_dict(), "history": history, **provenance,
               "mode": options.mode, "channels": options.channels if provenance["init"] else "native"}
     if out is not None:
         save_checkpoint(model.cpu(), out, meta={

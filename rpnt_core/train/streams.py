@@ -23,7 +23,7 @@ from ..data.windows import WindowSampler
 class Stream:
     key: str  # identifies the per-session read-in
     counts: Tensor  # (T, N) or (S, T, N) float32
-    velocity: Tensor | None  # (T, D) float32
+    labels: Tensor | None  # (T, D) float32, the session's chosen target
     groups: Tensor  # (N,) long: source channel of each column (duplicates share a group)
     metadata: dict = field(default_factory=dict)  # subject/session/task names, date_days
     site_xy: Tensor | None = None  # (S, 2)
@@ -38,13 +38,13 @@ class Stream:
         return int(self.counts.shape[-1])
 
     def window(self, starts: np.ndarray, length: int) -> tuple[Tensor, Tensor | None]:
-        """counts (B, [S,] L, N) and velocity (B, L, D) | None for window ``starts``."""
+        """counts (B, [S,] L, N) and labels (B, L, D) | None for window ``starts``."""
         idx = torch.as_tensor(starts)[:, None] + torch.arange(length)[None, :]  # (B, L)
         if self.counts.dim() == 3:
             c = self.counts[:, idx].permute(1, 0, 2, 3)  # (B, S, L, N)
         else:
             c = self.counts[idx]  # (B, L, N)
-        v = None if self.velocity is None else self.velocity[idx]
+        v = None if self.labels is None else self.labels[idx]
         return c, v
 
     def sample(self, rng: np.random.Generator, *, batch_size: int, length: int, split: str = "train"
@@ -97,7 +97,7 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
                 c, groups = rs.apply(c), rs.index
             streams.append(Stream(
                 key=key, counts=torch.from_numpy(np.ascontiguousarray(c)),
-                velocity=None if s.velocity is None else torch.from_numpy(np.asarray(s.velocity, np.float32)),
+                labels=None if s.labels is None else torch.from_numpy(np.asarray(s.labels, np.float32)),
                 groups=torch.as_tensor(np.array(groups), dtype=torch.long),
                 metadata=dict(subject=s.subject, session=s.session, task=s.task, date_days=s.date_days),
                 site_xy=None if (s.site_xy is None or site is not None) else torch.as_tensor(s.site_xy, dtype=torch.float32),
