@@ -140,7 +140,8 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         cal = settings.calibration
         reg = control.registry
         staging = reg.new_staging("upload")
-        checks = {"n_channels": daemon.n_channels, "n_outputs": daemon.n_kinematics, "bin_s": daemon.bin_s,
+        checks = {"target": control.live_target(), "n_channels": daemon.n_channels,
+                  "n_outputs": daemon.n_kinematics, "bin_s": daemon.bin_s,
                   "min_bins": cal.min_bins, "holdout_fraction": cal.holdout_fraction}
         data = staging / "data.npz"
         try:
@@ -161,10 +162,10 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
                 if file is not None:
                     raise CalibrationInputError("file: source=recent takes no file")
                 secs = float(seconds or cal.default_seconds)
-                counts, velocity = control.recent_calibration_data(secs)
-                session = with_live_metadata(recent_session(counts, velocity, bin_s=daemon.bin_s),
-                                             control.live_metadata())
-                check_session(session, **checks)
+                counts, kinematics = control.recent_calibration_data(secs)
+                session = with_live_metadata(recent_session(counts, kinematics, bin_s=daemon.bin_s,
+                                                            target=checks["target"]), control.live_metadata())
+                session = check_session(session, **checks)
                 save_canonical(session, data)
                 n_bins, detail = session.n_bins, {"seconds": secs}
             job_id = control.calibration.submit(data=data, source=src, force=force, base_version=control.live_version,

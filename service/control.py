@@ -60,7 +60,7 @@ class ControlPlane:
         self.calibration = CalibrationManager(registry=registry, settings=settings.calibration,
                                               activate=self.activate)
         self.started = time.time()
-        self._metadata_cache: dict[str, dict] = {}
+        self._contracts: dict = {}
 
     # ------------------------------------------------------------------ reading
     @property
@@ -84,7 +84,7 @@ class ControlPlane:
                       "fingerprint": st["fingerprint"], "decoder": st["decoder"], "generation": st["generation"],
                       "backend": self.settings.model.backend, "precision": self.settings.model.precision,
                       # an activation lands at the next bin the loop closes; until then the old decoder decodes
-                      "swap_pending": st["pending_swaps"] > 0},
+                      "swap_pending": st["pending_swaps"] > 0, "target": self.live_target()},
             "n_channels": st["n_channels"], "n_outputs": st["n_outputs"], "bin_s": st["bin_s"],
             "uptime_s": st["uptime_s"], "started_at": st["started_at"], "running": st["running"],
             "endpoints": {"ingest": st["ingest"], "publish": st["publish"]},
@@ -137,11 +137,19 @@ class ControlPlane:
     def export_dir(self) -> Path:
         return self.registry.export_dir(self._live_version)
 
-    def live_metadata(self) -> dict:
-        """The metadata (subject, session, task, date_days) the live export was made for."""
+    def live_contract(self):
+        """The live export's contract (metadata, target, …), read once per version."""
         v = self._live_version
-        if v not in self._metadata_cache:
+        if v not in self._contracts:
             from exporters.runtime import read_contract
 
-            self._metadata_cache[v] = dict(read_contract(self.export_dir() / "rpnt_step.onnx").metadata)
-        return self._metadata_cache[v]
+            self._contracts[v] = read_contract(self.export_dir() / "rpnt_step.onnx")
+        return self._contracts[v]
+
+    def live_metadata(self) -> dict:
+        """The metadata (subject, session, task, date_days) the live export was made for."""
+        return dict(self.live_contract().metadata)
+
+    def live_target(self) -> str:
+        """The behaviour series the live model decodes (``velocity``, ``position``, …)."""
+        return self.live_contract().target

@@ -147,10 +147,10 @@ def _parse(spec: dict, work: Path) -> dict:
     session = load_upload(work / spec["upload"], bin_s=float(spec["bin_s"]),
                           max_bytes=int(spec["limits"]["max_bytes"]))
     session = with_live_metadata(session, spec["live_metadata"])
-    check_session(session, **spec["checks"])
+    session = check_session(session, **spec["checks"])
     save_canonical(session, Path(spec["out"]))
-    return {"n_bins": session.n_bins, "n_channels": session.n_channels,
-            "n_outputs": int(session.velocity.shape[1])}
+    return {"n_bins": session.n_bins, "n_channels": session.n_channels, "target": session.target,
+            "n_outputs": int(session.labels.shape[1])}
 
 
 def main(argv: list[str]) -> int:

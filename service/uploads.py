@@ -5,8 +5,8 @@ Uploaded bytes are identified by their magic number, not their name: NWB (HDF5:
 parsed by the core loaders (:func:`rpnt_core.data.load_npz`, :func:`rpnt_core.data.load_nwb`) with
 a limit on what they may inflate — in a child process (:mod:`service.upload_parse`), never in the
 daemon's — and nothing is ever unpickled.  Then the session must fit the live model: single-site
-counts with the model's channel count, a velocity target of the model's width that varies in
-every dimension, the daemon's bin width, and at least ``min_bins`` bins.  Every failure is a
+counts with the model's channel count, the live model's target series (velocity, position, …)
+at its width, varying in every dimension, the daemon's bin width, and at least ``min_bins`` bins.  Every failure is a
 :class:`CalibrationInputError` whose one-line message names the field and what is wrong (HTTP
 422), and never a server path or a parser's internals.
 """
@@ -36,30 +36,34 @@ def sniff_suffix(head: bytes) -> str:
     return ".nwb" if head.startswith(HDF5_MAGIC) else ".npz"
 
 
-def check_session(session, *, n_channels: int, n_outputs: int, bin_s: float, min_bins: int,
-                  holdout_fraction: float) -> None:
-    """Raise :class:`CalibrationInputError` unless ``session`` can calibrate the live model."""
+def check_session(session, *, target: str, n_channels: int, n_outputs: int, bin_s: float, min_bins: int,
+                  holdout_fraction: float):
+    """``session`` decoding ``target`` (the live model's), or :class:`CalibrationInputError` unless
+    it can calibrate the live model."""
     if session.counts.ndim != 2:
         raise CalibrationInputError(f"counts: expected single-site (T, N) counts, got shape {session.counts.shape}")
     if session.n_channels != n_channels:
         raise CalibrationInputError(f"counts: {session.n_channels} channels, the live model takes {n_channels}")
-    if session.velocity is None:
-        raise CalibrationInputError("velocity: calibration needs a behaviour target (the `velocity` array)")
-    if session.velocity.shape[1] != n_outputs:
-        raise CalibrationInputError(f"velocity: {session.velocity.shape[1]} dimensions, the live model decodes "
-                                    f"{n_outputs}")
+    if target not in session.targets:
+        raise CalibrationInputError(f"{target}: calibration needs the live model's target series (`{target}`; "
+                                    "the NPZ key `velocity`, `position` or `behaviour_<name>`)")
+    session = session.with_target(target)
+    labels = session.labels
+    if labels.shape[1] != n_outputs:
+        raise CalibrationInputError(f"{target}: {labels.shape[1]} dimensions, the live model decodes {n_outputs}")
     if abs(float(session.bin_s) - bin_s) > 1e-9:
         raise CalibrationInputError(f"bin_s: the data is binned at {session.bin_s * 1e3:g} ms, the daemon decodes "
                                     f"{bin_s * 1e3:g} ms bins")
     if session.n_bins < min_bins:
         raise CalibrationInputError(f"counts: {session.n_bins} bins ({session.n_bins * bin_s:.1f} s) is too short; "
                                     f"calibration needs at least {min_bins} bins ({min_bins * bin_s:.1f} s)")
-    hold = session.velocity[session.n_bins - int(session.n_bins * holdout_fraction):]
-    for name, part in (("the session", session.velocity), ("the holdout part (the end)", hold)):
+    hold = labels[session.n_bins - int(session.n_bins * holdout_fraction):]
+    for name, part in (("the session", labels), ("the holdout part (the end)", hold)):
         flat = np.flatnonzero(np.std(part, axis=0) == 0)
         if flat.size:
-            raise CalibrationInputError(f"velocity: dimension(s) {flat.tolist()} are constant over {name}; R² "
+            raise CalibrationInputError(f"{target}: dimension(s) {flat.tolist()} are constant over {name}; R² "
                                         "is undefined")
+    return session
 
 
 def load_upload(path: Path, *, bin_s: float, max_bytes: int):
@@ -100,14 +104,17 @@ def _unreadable(suffix: str) -> str:
     return f"file: could not be read as {suffix[1:].upper()} (a damaged file, or not {suffix[1:].upper()})"
 
 
-def recent_session(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float):
-    """The closed-loop case: the daemon's recent decoded bins with the rig's kinematics."""
+def recent_session(counts: np.ndarray, kinematics: np.ndarray, *, bin_s: float, target: str):
+    """The closed-loop case: the daemon's recent decoded bins with the rig's kinematics, which are
+    the live model's ``target`` series."""
     from rpnt_core.data import Session
 
     if counts.shape[0] == 0:
         raise CalibrationInputError("source=recent: the daemon holds no decoded bins with kinematics — the rig must "
                                     "stream KINEMATICS messages (docs/protocol.md) while the daemon decodes")
-    return Session(counts=counts, velocity=velocity, bin_s=bin_s, source="daemon history")
+    series = ({target: kinematics} if target in ("velocity", "position") else
+              {"behaviour": {target: kinematics}})
+    return Session(counts=counts, bin_s=bin_s, target=target, source="daemon history", **series)
 
 
 METADATA_FIELDS = ("subject", "session", "task", "date_days")

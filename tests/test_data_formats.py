@@ -578,3 +578,19 @@ def test_binned_data_that_is_not_one_struct(tmp_path: Path) -> None:
     savemat(tmp_path / "many.mat", {f"v{i:02d}": np.ones(2) for i in range(15)})
     with pytest.raises(ValueError, match=r"which holds v00 1×2 double, .*, v11 1×2 double and 3 more; known"):
         load_mat(tmp_path / "many.mat")
+
+
+def test_npz_round_trips_every_behaviour_series_and_the_target(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    T = 50
+    s = Session(counts=rng.poisson(1.0, size=(T, 4)).astype(np.int32), bin_s=0.05,
+                velocity=rng.normal(size=(T, 2)).astype(np.float32),
+                position=rng.normal(size=(T, 2)).astype(np.float32),
+                behaviour={"force": rng.normal(size=(T, 2)).astype(np.float32),
+                           "emg": rng.random((T, 3)).astype(np.float32)}, target="force")
+    back = load_session(save_npz(s, tmp_path / "s.npz"))
+    assert back.target == "force" and set(back.targets) == {"velocity", "position", "force", "emg"}
+    for name, series in s.targets.items():
+        np.testing.assert_array_equal(back.targets[name], series)
+    np.testing.assert_array_equal(back.labels, s.behaviour["force"])
+    assert back.fingerprint() == s.fingerprint()

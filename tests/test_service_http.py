@@ -382,7 +382,7 @@ def _bad_inputs(tmp: Path, tiny: dict) -> tuple[dict, Path]:
         "constant_velocity_dim": (f(save_npz(Session(counts=counts, bin_s=0.02, velocity=const), tmp / "k.npz")),
                                   {}, ["velocity", "[1]", "constant"]),
         "bin_width_50ms": (f(session_npz(tmp / "b50.npz", bin_s=0.05)), {}, ["bin_s", "50 ms", "20 ms"]),
-        "no_velocity": (f(session_npz(tmp / "nov.npz", velocity=False)), {}, ["velocity", "behaviour target"]),
+        "no_velocity": (f(session_npz(tmp / "nov.npz", velocity=False)), {}, ["velocity", "live model's target"]),
         "multisite_counts": (f(save_npz(multisite, tmp / "ms.npz")), {}, ["counts", "single-site"]),
         "recent_without_kinematics": ({}, {"source": "recent"}, ["source=recent", "KINEMATICS"]),
         "recent_with_a_file": (f(good), {"source": "recent"}, ["source=recent takes no file"]),

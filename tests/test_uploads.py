@@ -20,7 +20,7 @@ from service.upload_parse import BASE_ADDRESS_SPACE, ParseLimits, parse_upload
 from service.uploads import CalibrationInputError
 
 MB = 1 << 20
-CHECKS = {"n_channels": 8, "n_outputs": 2, "bin_s": 0.02, "min_bins": 200, "holdout_fraction": 0.2}
+CHECKS = {"target": "velocity", "n_channels": 8, "n_outputs": 2, "bin_s": 0.02, "min_bins": 200, "holdout_fraction": 0.2}
 LIMITS = ParseLimits(max_bytes=512 * MB, memory_bytes=BASE_ADDRESS_SPACE + 3 * 512 * MB, timeout_s=300.0)
 CHILD_FILES = ("parse.json", "parse-result.json", "parse.log")
 
@@ -60,7 +60,7 @@ def test_a_good_upload_becomes_the_canonical_npz(tmp_path):
     out = raw.parent / "data.npz"
     summary = parse_upload(raw, out=out, bin_s=0.02, checks=CHECKS, live_metadata={"subject": "m7", "task": "co"},
                            limits=LIMITS)
-    assert summary == {"n_bins": 400, "n_channels": 8, "n_outputs": 2}
+    assert summary == {"n_bins": 400, "n_channels": 8, "target": "velocity", "n_outputs": 2}
     back = load_npz(out)
     np.testing.assert_array_equal(back.counts, session.counts)
     np.testing.assert_allclose(back.velocity, session.velocity, rtol=1e-6)
@@ -126,4 +126,26 @@ def test_the_child_never_imports_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
     assert json.loads((raw.parent / "parse-result.json").read_text()) == \
-        {"summary": {"n_bins": 400, "n_channels": 8, "n_outputs": 2}}
+        {"summary": {"n_bins": 400, "n_channels": 8, "target": "velocity", "n_outputs": 2}}
+
+
+def test_calibration_data_is_read_as_the_live_models_target():
+    """A position decoder is recalibrated on position (never silently on velocity), from an upload
+    or from the rig's KINEMATICS; an upload without that series is one line naming it."""
+    import numpy as np
+
+    from rpnt_core.data import Session
+    from service.uploads import CalibrationInputError, check_session, recent_session
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.0, size=(400, 8))
+    vel, pos = rng.normal(size=(400, 2)).astype(np.float32), rng.normal(size=(400, 2)).astype(np.float32)
+    checks = CHECKS | {"target": "position"}
+    s = check_session(Session(counts=counts, bin_s=0.02, velocity=vel, position=pos), **checks)
+    assert s.target == "position" and np.array_equal(s.labels, pos)
+    with pytest.raises(CalibrationInputError) as exc:
+        check_session(Session(counts=counts, bin_s=0.02, velocity=vel), **checks)
+    assert str(exc.value).startswith("position: calibration needs the live model's target series")
+    for target in ("position", "force"):
+        r = recent_session(counts, pos, bin_s=0.02, target=target)
+        assert r.target == target and np.array_equal(check_session(r, **CHECKS | {"target": target}).labels, pos)

@@ -21,6 +21,9 @@ key             shape                       dtype      meaning
 ``session``     () unicode                  str        optional 0-d unicode array
 ``task``        () unicode                  str        optional 0-d unicode array
 ``date_days``   () scalar                   float      optional recording date in days (any origin)
+``target``      () unicode                  str        optional: which series is decoded (default velocity)
+``behaviour_<k>`` (T, D_k)                  float      optional further behaviour series, e.g.
+                                                       ``behaviour_force`` → ``Session.behaviour["force"]``
 ``extra_<k>``   any                         non-obj.   optional numeric/string arrays, loaded into
                                                        ``Session.extra[k]`` (e.g. simulator ground truth)
 ==============  ==========================  =========  ==================================================
@@ -231,9 +234,10 @@ def _validate_behaviour(behaviour: Any, n_bins: int) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 _NPZ_ARRAYS = ("velocity", "position", "timestamps", "site_xy")  # besides counts
-_NPZ_STRINGS = ("subject", "session", "task")
+_NPZ_STRINGS = ("subject", "session", "task", "target")
 _NPZ_KEYS = frozenset(("counts", "bin_s", "date_days") + _NPZ_ARRAYS + _NPZ_STRINGS)
 _EXTRA_PREFIX = "extra_"
+_BEHAVIOUR_PREFIX = "behaviour_"  # further named behaviour series, e.g. behaviour_force
 
 
 def _compact_counts(counts: np.ndarray) -> np.ndarray:
@@ -262,6 +266,8 @@ def save_npz(session: Session, path: str | Path, *, include_extra: bool = False)
     for name in _NPZ_STRINGS:
         out[name] = np.asarray(getattr(s, name), dtype=np.str_)  # 0-d unicode
     out["date_days"] = np.asarray(s.date_days, dtype=np.float64)
+    for name, series in s.behaviour.items():
+        out[_BEHAVIOUR_PREFIX + name] = series
     if include_extra:
         for key, value in s.extra.items():
             if not isinstance(key, str) or not key.isidentifier():
@@ -329,10 +335,11 @@ def _npz_members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
         if key in members:
             raise ValueError(f"{key}: stored twice in the archive")
         members[key] = info
-    unknown = sorted(k for k in members if k not in _NPZ_KEYS and not k.startswith(_EXTRA_PREFIX))
+    unknown = sorted(k for k in members
+                     if k not in _NPZ_KEYS and not k.startswith((_EXTRA_PREFIX, _BEHAVIOUR_PREFIX)))
     if unknown:
-        raise ValueError(f"npz: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(_NPZ_KEYS))} and "
-                         "extra_<name>")
+        raise ValueError(f"npz: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(_NPZ_KEYS))}, "
+                         "behaviour_<name> and extra_<name>")
     for key, info in members.items():
         if info.flag_bits & 0x1:
             raise ValueError(f"{key}: encrypted; NPZ arrays are stored in the clear")
@@ -434,11 +441,13 @@ def load_npz(path: str | Path, *, max_bytes: int | None = None) -> Session:
     if "date_days" in data:
         meta["date_days"] = _scalar_float("date_days", data["date_days"])
     extra = {k[len(_EXTRA_PREFIX):]: v for k, v in data.items() if k.startswith(_EXTRA_PREFIX)}
+    behaviour = {k[len(_BEHAVIOUR_PREFIX):]: v for k, v in data.items() if k.startswith(_BEHAVIOUR_PREFIX)}
     session = Session(
         counts=data["counts"],
         bin_s=data["bin_s"],
         velocity=data.get("velocity"),
         position=data.get("position"),
+        behaviour=behaviour,
         timestamps=data.get("timestamps"),
         site_xy=data.get("site_xy"),
         source=str(path),
