@@ -63,7 +63,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from rpnt_core.checkpoint import load_checkpoint, package_version
+from rpnt_core.checkpoint import CheckpointError, load_checkpoint, package_version, require_trained_head
 from rpnt_core.model.rpnt import RPNT
 
 from . import graph_checks, graph_opt
@@ -579,14 +579,6 @@ def _window_report(name: str, engine: Any, streams: list[Stream], refs: list[dic
                      if c.window_bins >= c.receptive_field else "first T bins of each stream"))}
 
 
-def require_trained_head(meta: Mapping[str, Any], checkpoint: str | Path) -> None:
-    """Raise :class:`ExportError` for a pretraining checkpoint: its behaviour head never saw a label."""
-    if meta.get("kind") == "pretrained":
-        raise ExportError(f"checkpoint: {Path(checkpoint).name} is a pretraining checkpoint (self-supervised, no "
-                          "labels): its decoding head is untrained and would decode noise. Finetune it first: "
-                          f"rpnt finetune --init {checkpoint} --data SESSION --out ft.safetensors")
-
-
 def resolve_metadata(stored: Mapping[str, Any] | None, given: Mapping[str, Any], *, force: bool) -> dict:
     """The metadata an export bakes in: the checkpoint's finetuning metadata (``stored``), with the
     fields named in ``given`` replacing theirs.
@@ -613,13 +605,16 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, parity_dat
 
     ``metadata``: what to bake in; ``None`` takes the checkpoint's finetuning metadata, so the
     served model conditions exactly as ``rpnt evaluate`` scored it.  A pretraining checkpoint is
-    refused (:func:`require_trained_head`).  ``parity_data``: a session file
+    refused (:func:`rpnt_core.checkpoint.require_trained_head`).  ``parity_data``: a session file
     (``rpnt_core.data.load_session``: .npz/.mat/.nwb) whose counts (and its series of the model's
     target, when it has one of the model's width) form the real parity stream.  Its bin width must
     be the model's (``rpnt_core.data.session.check_bin_width``)."""
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)
-    require_trained_head(model.checkpoint_meta, checkpoint)
+    try:
+        require_trained_head(model.checkpoint_meta, checkpoint)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     if metadata is None:
         metadata = model.checkpoint_meta.get("metadata") or {}
     counts = target = None

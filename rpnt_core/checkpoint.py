@@ -38,7 +38,16 @@ EXTRA = "extra."
 
 
 class CheckpointError(ValueError):
-    """A file that is not a readable rpnt checkpoint."""
+    """A file that is not a readable rpnt checkpoint, or one that cannot serve as asked."""
+
+
+def require_trained_head(meta: dict[str, Any], checkpoint: str | Path) -> None:
+    """Raise :class:`CheckpointError` for a pretraining checkpoint: its decoding head never saw a
+    label, so it would decode noise (exporting, serving or scoring it as a decoder is refused)."""
+    if meta.get("kind") == "pretrained":
+        raise CheckpointError(f"checkpoint: {Path(checkpoint).name} is a pretraining checkpoint (self-supervised, "
+                              "no labels): its decoding head is untrained and would decode noise. Finetune it "
+                              f"first: rpnt finetune --init {checkpoint} --data SESSION --out ft.safetensors")
 
 
 def package_version() -> str:

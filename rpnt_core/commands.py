@@ -245,13 +245,14 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     a = p.parse_args(argv)
     _threads(a.threads)
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, require_trained_head
     from .data import Splits, contiguous_splits, load_session
     from .data.session import check_bin_width
     from .evaluate.harness import evaluate_baseline, evaluate_model
 
     try:
         model = load_checkpoint(a.ckpt)
+        require_trained_head(model.checkpoint_meta, a.ckpt)
         target = model.config.target
         if a.target is not None and a.target != target:
             raise ValueError(f"target: the checkpoint decodes {target!r}, not {a.target!r}")

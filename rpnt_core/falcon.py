@@ -100,10 +100,11 @@ class FalconDecoder(BCIDecoder):
                         metadata: Mapping[str, Any] | None = None) -> FalconDecoder:
         """The torch model of a checkpoint, conditioned on ``metadata`` (fields ``subject``,
         ``session``, ``task``, ``date_days``; ``None``: the checkpoint's finetuning metadata)."""
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, require_trained_head
         from .model.torch_decoder import TorchDecoder
 
         model = load_checkpoint(path)
+        require_trained_head(model.checkpoint_meta, path)
         names = (model.checkpoint_meta.get("metadata") or {}) if metadata is None else dict(metadata)
         unknown = sorted(set(names) - set(METADATA_FIELDS))
         if unknown:

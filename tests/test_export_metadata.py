@@ -106,6 +106,11 @@ def test_a_pretraining_checkpoint_is_refused_by_export_and_by_serve(finetuned, t
     assert "pretraining checkpoint" in err and "rpnt finetune --init" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o" / "rpnt_step.onnx").exists()
 
+    from rpnt_core.commands import evaluate_main  # nor scored as a decoder
+
+    assert evaluate_main(["--ckpt", str(pre), "--data", str(finetuned["npz"])]) == 2
+    assert "pretraining checkpoint" in capsys.readouterr().err
+
     from service.registry import ModelRegistry, RegistryError  # `rpnt serve --model pre.safetensors` seeds so
 
     reg = ModelRegistry(root=tmp_path / "registry")
