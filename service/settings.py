@@ -231,11 +231,10 @@ def load_settings(path: str | os.PathLike | None = None, *, env: Mapping[str, st
         raise SettingsError(_format(exc)) from None
 
 
-def resolve_token(settings: Settings, *, env: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """(token, where it came from): ``$RPNT_API_TOKEN`` > ``auth.token`` > ``auth.token_file`` > a
-    generated one written to ``<registry.root>/api-token`` (mode 0600, reused on restart)."""
-    import secrets
-
+def configured_token(settings: Settings, *, env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """(token, where it came from) when one is configured — ``$RPNT_API_TOKEN`` > ``auth.token`` >
+    ``auth.token_file`` — else None.  Writes nothing; raises :class:`SettingsError` for a token
+    file that cannot be read or is empty."""
     env = os.environ if env is None else env
     if env.get(TOKEN_ENV, "").strip():
         return env[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
@@ -246,10 +245,21 @@ def resolve_token(settings: Settings, *, env: Mapping[str, str] | None = None) -
         try:
             tok = p.read_text().strip()
         except OSError as exc:
-            raise SettingsError(f"auth.token_file: cannot read {p}: {exc}") from None
+            raise SettingsError(f"auth.token_file: cannot read {p}: {exc.strerror or exc}") from None
         if not tok:
             raise SettingsError(f"auth.token_file: {p} is empty")
         return tok, str(p)
+    return None
+
+
+def resolve_token(settings: Settings, *, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(token, where it came from): :func:`configured_token`, else a generated one written to
+    ``<registry.root>/api-token`` (mode 0600, reused on restart)."""
+    import secrets
+
+    found = configured_token(settings, env=env)
+    if found is not None:
+        return found
     p = Path(settings.registry.root) / "api-token"
     try:
         tok = p.read_text().strip()

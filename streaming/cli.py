@@ -143,8 +143,14 @@ def serve_main(argv: list[str] | None = None) -> int:
     _setup_logging(a.log_level)
     log = logging.getLogger("rpnt.serve")
     from .daemon import Daemon, DaemonOptions
-    from .launch import load_decoder
+    from .launch import EndpointError, held_endpoints, load_decoder
 
+    try:
+        with held_endpoints({"--ingest": a.ingest, "--publish": a.publish}, allow_remote=a.allow_remote):
+            pass
+    except EndpointError as exc:
+        print(f"rpnt serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     t0 = time.perf_counter()
     try:
         decoder = load_decoder(a.model, backend=a.backend, precision=a.precision)
