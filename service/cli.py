@@ -16,9 +16,11 @@ Start-up, in order (each step fails with a clear message and exit status 2 befor
 4. the decode loop starts in its own thread (``streaming.daemon.Daemon``), then uvicorn serves
    the control plane (``service.app``) in another; calibration jobs run in child processes.
 
-A ``{"event": "ready", ...}`` JSON line on stderr gives the HTTP address (``--http-port 0``
-picks a free port), the endpoints, the model and where the API token came from.  SIGINT/SIGTERM
-stop everything; a ``{"event": "stopped", ...}`` line with the final counters follows.
+Once serving, a three-line summary on stderr gives the HTTP address (``--http-port 0`` picks a
+free port), the ZeroMQ endpoints and where the API token is; with ``--log-format json``
+(``log_format``) a ``{"event": "ready", ...}`` JSON line says that and more (model, start-up
+habits).  SIGINT/SIGTERM stop everything; the final counters follow (a ``{"event": "stopped",
+...}`` line in JSON).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -77,9 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP control plane [http.enabled]")
     p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
                    help="log a one-line summary every S seconds (0: never; default 10)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="[log_level]")
+    p.add_argument("--log-level", choices=_choices("log_level"), help="[log_level]")
+    p.add_argument("--log-format", choices=_choices("log_format"),
+                   help="start/stop messages: a summary for people, or JSON event lines [log_format]")
     add_daemon_options(p, defaults=False)
     return p
+
+
+def _choices(field: str) -> tuple[str, ...]:
+    """The values a top-level ``Literal`` setting accepts (so the flag and the setting agree)."""
+    from .settings import Settings
+
+    return get_args(Settings.model_fields[field].annotation)
 
 
 def overrides_from_args(a: argparse.Namespace) -> dict:
@@ -94,8 +105,7 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
              "http": {"host": a.http_host, "port": a.http_port, "enabled": False if a.no_http else None}}
     out: dict = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in table.items()}
     out = {k: v for k, v in out.items() if v}
-    if a.log_level:
-        out["log_level"] = a.log_level
+    out.update({k: v for k, v in (("log_level", a.log_level), ("log_format", a.log_format)) if v})
     return out
 
 
@@ -266,4 +276,5 @@ def serve_main(argv: list[str] | None = None) -> int:
                                                      "registry": str(registry.root), "registry_version": version,
                                                      "model_loaded_s": round(load_s, 3),
                                                      "switch_interval_ms": sys.getswitchinterval() * 1e3},
-                               stats_interval=a.stats_interval, log=log, after_start=start_http, before_stop=stop_http)
+                               stats_interval=a.stats_interval, log=log, log_format=settings.log_format,
+                               after_start=start_http, before_stop=stop_http)

@@ -141,6 +141,9 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="start and stop messages on stderr: 'text' (a "
+                                                                    "short summary for people) or 'json' (one JSON "
+                                                                    "event line each, for supervisors and scripts)")
 
     @model_validator(mode="after")
     def _loopback(self) -> "Settings":
@@ -151,6 +154,7 @@ class Settings(_Section):
 
 SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in Settings.model_fields.items()
                                        if isinstance(f.annotation, type) and issubclass(f.annotation, _Section)}
+TOP_LEVEL: tuple[str, ...] = tuple(name for name in Settings.model_fields if name not in SECTIONS)
 
 
 def _env_value(text: str) -> Any:
@@ -173,14 +177,15 @@ def _is_text(section: str, field: str) -> bool:
 
 
 def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """``RPNT_SECTION__FIELD=value`` → ``{"section": {"field": value}}`` (``RPNT_LOG_LEVEL`` → top level)."""
+    """``RPNT_SECTION__FIELD=value`` → ``{"section": {"field": value}}``; ``RPNT_FIELD`` for a top-level
+    setting (``RPNT_LOG_LEVEL``, ``RPNT_LOG_FORMAT``)."""
     out: dict[str, Any] = {}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key in (TOKEN_ENV, CONFIG_ENV):
             continue
         parts = key[len(ENV_PREFIX):].lower().split("__")
-        if len(parts) == 1 and parts[0] == "log_level":
-            out["log_level"] = value
+        if len(parts) == 1 and parts[0] in TOP_LEVEL:
+            out[parts[0]] = value
         elif len(parts) == 2 and parts[0] in SECTIONS:
             out.setdefault(parts[0], {})[parts[1]] = value if _is_text(*parts) else _env_value(value)
         elif len(parts) == 2:

@@ -51,11 +51,12 @@ def ipc_endpoints(directory: str | os.PathLike | None = None) -> tuple[str, str,
 def spawn_daemon(*, model: str | os.PathLike, bin_ms: float, ingest: str, publish: str, backend: str = "onnx-cpu",
                  precision: str = "fp32", extra: list[str] | None = None, log_path: str | os.PathLike | None = None,
                  env: dict | None = None) -> subprocess.Popen:
-    """``rpnt serve`` in a child process (its own interpreter and GIL).  Wait for it with
+    """``rpnt serve`` in a child process (its own interpreter and GIL; JSON event lines in
+    ``log_path``).  Wait for it with
     :func:`streaming.client.wait_for_daemon`; stop it with ``proc.send_signal(SIGINT)``."""
     cmd = [sys.executable, "-m", "streaming.cli", "serve", "--model", str(model), "--backend", backend,
            "--precision", precision, "--bin-ms", repr(float(bin_ms)), "--ingest", ingest, "--publish", publish,
-           "--stats-interval", "0", *(extra or [])]
+           "--stats-interval", "0", "--log-format", "json", *(extra or [])]
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
     root = Path(__file__).resolve().parents[1]
     e = dict(os.environ if env is None else env)
