@@ -345,12 +345,18 @@ def replay_main(argv: list[str] | None = None) -> int:
     if a.connect and (not a.ingest or not a.publish):
         print("rpnt replay: error: --connect needs --ingest and --publish", file=sys.stderr)
         return EXIT_USAGE
+    if not a.timeout > 0:
+        print(f"rpnt replay: error: --timeout: must be > 0 seconds, got {a.timeout:g}", file=sys.stderr)
+        return EXIT_USAGE
 
     daemon = proc = None
     tmpdir = None
     try:
         if a.connect:
             ingest, publish = a.ingest, a.publish
+            print(f"rpnt replay: waiting up to {a.timeout:g} s (--timeout) for the daemon to answer a PING: sending "
+                  f"to {ingest}, listening on {publish} (is `rpnt serve` running there?)", file=sys.stderr,
+                  flush=True)
         else:
             from .launch import ipc_endpoints, load_decoder, spawn_daemon
 
