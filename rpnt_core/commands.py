@@ -84,7 +84,7 @@ def pretrain_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rpnt pretrain", description=(
         "Self-supervised pretraining (no behaviour labels): random neuron and time masks with ratios "
         "drawn from U(0,1) per batch; the causal encoder forecasts the hidden counts (Poisson NLL). "
-        "Keeps the checkpoint with the best validation loss (last 10%% of each recording), logs one "
+        "Keeps the checkpoint with the best validation loss (last 10% of each recording), logs one "
         "JSON line per epoch to OUT.log.jsonl, and can resume. Runs under torchrun for multi-GPU."),
         epilog="example: rpnt simulate --out sim && rpnt pretrain --data sim --out pre.safetensors --epochs 5")
     p.add_argument("--data", nargs="+", required=True, help="session files (.npz/.mat/.nwb) or directories of them")
@@ -131,7 +131,7 @@ def pretrain_main(argv: list[str]) -> int:
 def finetune_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rpnt finetune", description=(
         "Supervised finetuning of the velocity decoder on one labelled session. The session is split in "
-        "time: test = last 20%%, validation = the 10%% before it, train = the first --train-fraction "
+        "time: test = last 20%, validation = the 10% before it, train = the first --train-fraction "
         "(few-shot: a short prefix). Early-stops on validation R² and reports the test R² of the "
         "best-validation weights."),
         epilog="example: rpnt finetune --init pre.safetensors --data sim/sim00_s00.npz --train-fraction 0.2 "
