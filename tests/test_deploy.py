@@ -1,6 +1,7 @@
 """Deployment files stay in step with the code: the example config with the settings schema, the
-systemd unit and the Dockerfile with what they promise, and the settings' edge cases (token
-precedence, loopback guard, calibration fractions).  Real files only, no Docker needed."""
+systemd unit and the Dockerfile with what they promise, the README's first commands with CI, and
+the settings' edge cases (token precedence, loopback guard, calibration fractions).  Real files
+only, no Docker needed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import configparser
 import re
 import shlex
 import stat
+import subprocess
 import tomllib
 
 import pytest
@@ -266,6 +268,27 @@ def test_dockerfile_runtime_contract():
     assert (s.http.host, s.http.allow_remote, s.daemon.allow_remote) == ("0.0.0.0", True, True)
     assert (s.daemon.ingest, s.daemon.publish) == ("tcp://0.0.0.0:5555", "tcp://0.0.0.0:5556")
     assert s.registry.root == "/var/lib/rpnt"
+
+
+# ------------------------------------------------------------------ README and CI
+def _readme_first_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    return [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_readme_first_commands_use_their_own_fresh_venvs_and_ci_runs_the_test_command():
+    demo, test = _readme_first_commands()
+    venvs = [re.match(r"python3 -m venv (\S+) && \. (\S+)/bin/activate && ", c) for c in (demo, test)]
+    assert all(venvs) and all(m.group(1) == m.group(2) for m in venvs), (demo, test)
+    (demo_venv, _), (test_venv, _) = (m.groups() for m in venvs)
+    assert demo_venv != test_venv, "the test command needs an environment of its own"
+    for venv in (demo_venv, test_venv):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{venv}/"], cwd=REPO)
+        if ignored.returncode == 128:
+            pytest.skip("not a git checkout")
+        assert ignored.returncode == 0, f".gitignore does not ignore {venv}/"
+    ci = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert test[venvs[1].end():] == ci[-1], "the README's test command and .ci/run are out of step"
 
 
 def test_dockerignore_excludes_local_state():
