@@ -199,6 +199,7 @@ def test_systemd_unit():
         lo, _, hi = part.partition("-")
         cpus |= set(range(int(lo), int(hi or lo) + 1))
     assert cpus and 0 not in cpus, "keep core 0 for the OS and IRQs"
+    assert cpus <= {0, 1}, "the default must exist on a 2-core host (cores 0-1)"
     assert int(svc["Nice"]) < 0
     for key, value in {"StateDirectory": "rpnt", "ProtectSystem": "strict", "ReadWritePaths": "/var/lib/rpnt",
                        "NoNewPrivileges": "true", "PrivateTmp": "true", "TimeoutStopSec": "20",
