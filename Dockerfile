@@ -11,11 +11,32 @@
 #       --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04 .
 #
 # Build arguments:
-#   BASE_IMAGE  python:3.11-slim (CPU). Any Debian/Ubuntu image works: if it has no $PYTHON
-#               (the CUDA images have none), $PYTHON and its venv module are installed with apt
-#               (on Ubuntu 22.04 that is python3.11 from universe).
-#   PYTHON      interpreter to build the virtualenv with (>= 3.11), default python3.11.
-#   RPNT_EXTRA  which pyproject extra to install: serve (ONNX Runtime CPU) or gpu (onnxruntime-gpu).
+#   BASE_IMAGE       python:3.11-slim (CPU). Any Debian/Ubuntu image works: if it has no $PYTHON
+#                    (the CUDA images have none), $PYTHON and its venv module are installed with
+#                    apt (on Ubuntu 22.04 that is python3.11 from universe). A mirror or a local
+#                    registry: --build-arg BASE_IMAGE=registry.lab.example/python:3.11-slim
+#   PYTHON           interpreter to build the virtualenv with (>= 3.11), default python3.11.
+#   RPNT_EXTRA       which pyproject extra to install: serve (ONNX Runtime CPU) or gpu (onnxruntime-gpu).
+#   TORCH_INDEX_URL  where the pinned CPU torch comes from: the PyTorch CPU index by default, or a
+#                    mirror of it (a proxy cache, a local index on an air-gapped network).
+#   TORCH_WHEEL      instead: the file name of a torch wheel you put in deploy/wheels/ (e.g.
+#                    torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl); nothing is downloaded
+#                    for torch itself. The directory is read through a build mount (RUN --mount:
+#                    BuildKit, podman, buildah), not copied into a layer.
+#   PIP_INDEX_URL    the index for everything else (default PyPI): a local mirror on an
+#                    air-gapped network (pip reads it from the environment).
+# Proxies: docker passes HTTP_PROXY / HTTPS_PROXY / NO_PROXY build args through to pip and apt
+# without declaring them (docker build --build-arg HTTPS_PROXY=http://proxy:3128 .).
+#
+# Offline build, e.g.:
+#   cp torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl deploy/wheels/
+#   docker build --build-arg TORCH_WHEEL=torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl \
+#       --build-arg PIP_INDEX_URL=http://pypi.lab.local/simple \
+#       --build-arg BASE_IMAGE=registry.lab.local/python:3.11-slim .
+#
+# podman / buildah: build with --format docker (podman build --format docker -t rpnt .). Their
+# default OCI image format has no HEALTHCHECK: it is dropped with a warning, and the container
+# never reports healthy.
 #
 # See deploy/OPERATIONS.md for running it.
 ARG BASE_IMAGE=python:3.11-slim
@@ -23,6 +44,9 @@ FROM ${BASE_IMAGE}
 
 ARG PYTHON=python3.11
 ARG RPNT_EXTRA=serve
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_WHEEL=
+ARG PIP_INDEX_URL=https://pypi.org/simple
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -43,11 +67,18 @@ RUN set -eux; \
     /opt/rpnt/bin/python -m pip install --upgrade pip
 
 # torch is a core dependency (the calibration worker finetunes with it; the decode path runs on
-# ONNX Runtime). Install the pinned CPU wheel FIRST, from the CPU index: otherwise pip resolves
-# `torch==2.13.0` from PyPI, which pulls several GB of CUDA wheels. `pip install .` below then
-# finds torch==2.13.0 (+cpu) already satisfied and leaves it alone. Own layer: cached across
-# source changes.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# ONNX Runtime). Install the pinned CPU wheel FIRST, from the CPU index (or TORCH_WHEEL): otherwise
+# pip resolves `torch==2.13.0` from PyPI, which pulls several GB of CUDA wheels. `pip install .`
+# below then finds torch==2.13.0 (+cpu) already satisfied and leaves it alone. Own layer: cached
+# across source changes. torch's own dependencies come from the same index (the PyTorch index
+# carries them), or, with TORCH_WHEEL, from PIP_INDEX_URL.
+RUN --mount=type=bind,source=deploy/wheels,target=/mnt/wheels \
+    set -eux; \
+    if [ -n "${TORCH_WHEEL}" ]; then \
+        pip install "/mnt/wheels/${TORCH_WHEEL}"; \
+    else \
+        pip install torch==2.13.0 --index-url "${TORCH_INDEX_URL}"; \
+    fi
 
 # The package itself, with the serving extra.
 WORKDIR /srv/rpnt
@@ -63,13 +94,15 @@ RUN pip install ".[${RPNT_EXTRA}]" \
 # Configuration: every setting with its default (generated from service/settings.py).
 COPY deploy/rpnt.example.toml /etc/rpnt/rpnt.toml
 
-# Non-root user; the model registry (every version, active.json, api-token) is a volume.
+# Non-root user with a writable HOME (ONNX Runtime and other libraries write small files there;
+# without one ONNX Runtime warns at every start); the model registry (every version, active.json,
+# api-token) is a volume.
 RUN set -eux; \
     (groupadd --system rpnt || true); \
-    useradd --system --gid rpnt --home-dir /srv/rpnt --no-create-home --shell /usr/sbin/nologin rpnt; \
+    useradd --system --gid rpnt --home-dir /home/rpnt --create-home --shell /usr/sbin/nologin rpnt; \
     mkdir -p /var/lib/rpnt; \
     chown rpnt:rpnt /var/lib/rpnt; \
-    chmod 0750 /var/lib/rpnt
+    chmod 0750 /var/lib/rpnt /home/rpnt
 
 # Inside a container the defaults (loopback only) are unreachable from outside, so:
 #   - the HTTP control plane binds 0.0.0.0, which the settings only accept with
@@ -87,7 +120,8 @@ ENV RPNT_HTTP__HOST=0.0.0.0 \
     RPNT_DAEMON__PUBLISH=tcp://0.0.0.0:5556 \
     RPNT_DAEMON__ALLOW_REMOTE=true \
     RPNT_REGISTRY__ROOT=/var/lib/rpnt \
-    OMP_NUM_THREADS=1
+    OMP_NUM_THREADS=1 \
+    HOME=/home/rpnt
 
 USER rpnt
 VOLUME ["/var/lib/rpnt"]

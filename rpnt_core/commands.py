@@ -89,6 +89,7 @@ def _fail(cmd: str, exc: BaseException) -> int:
 
 
 USER_ERRORS = (ValueError, ConfigError, FileNotFoundError, KeyError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 
 
 # ---------------------------------------------------------------------------------------- simulate
@@ -119,7 +120,7 @@ def pretrain_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rpnt pretrain", description=(
         "Self-supervised pretraining (no behaviour labels): random neuron and time masks with ratios "
         "drawn from U(0,1) per batch; the causal encoder forecasts the hidden counts (Poisson NLL). "
-        "Keeps the checkpoint with the best validation loss (last 10%% of each recording), logs one "
+        "Keeps the checkpoint with the best validation loss (last 10% of each recording), logs one "
         "JSON line per epoch to OUT.log.jsonl, and can resume. Runs under torchrun for multi-GPU."),
         epilog="example: rpnt simulate --out sim && rpnt pretrain --data sim --out pre.safetensors --epochs 5")
     p.add_argument("--data", nargs="+", required=True, help="session files (.npz/.mat/.nwb) or directories of them")
@@ -146,6 +147,19 @@ def pretrain_main(argv: list[str]) -> int:
     _allow_flagged_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
+    out = Path(a.out)
+    files = (out, _resume_state_path(out))
+    before = [_stamp(f) for f in files]
+    try:
+        return _run_pretrain(a)
+    except KeyboardInterrupt:
+        fresh = [now is not None and (a.resume or now != then) for now, then in zip(map(_stamp, files), before)]
+        print(("\n" if not a.quiet else "") + _pretrain_interrupted(out, best_saved=fresh[0], resumable=fresh[1]),
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run_pretrain(a: argparse.Namespace) -> int:
     _threads(a.threads)
     from .train.pretrain import PretrainOptions, pretrain
 
@@ -165,12 +179,49 @@ def pretrain_main(argv: list[str]) -> int:
     return 0
 
 
+def _resume_state_path(out: Path) -> Path:
+    """Where :func:`rpnt_core.train.pretrain.pretrain` keeps its resumable training state."""
+    return out.with_suffix(".resume.safetensors")
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of ``path``, None if missing: a file rewritten (atomically replaced) since has another."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _pretrain_interrupted(out: Path, *, best_saved: bool, resumable: bool) -> str:
+    """What a Ctrl-C leaves behind.  ``best_saved``: ``out`` holds this run's best checkpoint so far
+    (or the resumed run's); ``resumable``: its training state is there to ``--resume`` from."""
+    if not best_saved:
+        return "rpnt pretrain: interrupted before the first epoch ended; nothing was saved (run the command again)"
+    lines = [f"rpnt pretrain: interrupted; the best checkpoint so far is {out}{_best_epoch(out)}"]
+    if resumable:
+        lines.append(f"to continue after the last finished epoch, run the same command with --resume "
+                     f"(training state: {_resume_state_path(out)})")
+    return "\n".join(lines)
+
+
+def _best_epoch(out: Path) -> str:
+    """`` (epoch E, validation loss L)`` from the checkpoint's metadata; empty if it does not say."""
+    from .checkpoint import read_header
+
+    try:
+        m = read_header(out)[1].get("metrics", {})
+        return f" (epoch {int(m['epoch']) + 1}, validation loss {float(m['val_poisson_nll']):.4f})"
+    except Exception:  # noqa: BLE001 - a detail of the message, never a reason to fail it
+        return ""
+
+
 # ---------------------------------------------------------------------------------------- finetune
 def finetune_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rpnt finetune", description=(
         "Supervised finetuning of the decoder of one behaviour target (--target) on one labelled session. "
         "Sessions that quality control flags are refused (rpnt inspect says why). The session is split in "
-        "time: test = last 20%%, validation = the 10%% before it, train = the first --train-fraction "
+        "time: test = last 20%, validation = the 10% before it, train = the first --train-fraction "
         "(few-shot: a short prefix). Early-stops on validation R² and reports the test R² of the "
         "best-validation weights."),
         epilog="example: rpnt finetune --init pre.safetensors --data sim/sim00_s00.npz --train-fraction 0.2 "

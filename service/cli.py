@@ -3,7 +3,10 @@
 Start-up, in order (each step fails with a clear message and exit status 2 before anything binds):
 
 1. settings: defaults < ``--config`` TOML < ``RPNT_*`` environment < these flags
-   (:mod:`service.settings`);
+   (:mod:`service.settings`); then, before anything is written, the checks that need no model:
+   the API token file (when one is configured), ``model.path`` exists (when it is to be
+   imported), the ZeroMQ endpoints are allowed (loopback unless ``daemon.allow_remote``) and
+   free, and the HTTP port is free (each bound and released again);
 2. the model registry at ``registry.root``: an empty registry is seeded from ``--model``
    (an export directory, or a checkpoint that is exported here in a child process); a registry
    with an active version keeps it — that is what brings a restarted daemon back on its last good
@@ -13,18 +16,29 @@ Start-up, in order (each step fails with a clear message and exit status 2 befor
 4. the decode loop starts in its own thread (``streaming.daemon.Daemon``), then uvicorn serves
    the control plane (``service.app``) in another; calibration jobs run in child processes.
 
-A ``{"event": "ready", ...}`` JSON line on stderr gives the HTTP address (``--http-port 0``
-picks a free port), the endpoints, the model and where the API token came from.  SIGINT/SIGTERM
-stop everything; a ``{"event": "stopped", ...}`` line with the final counters follows.
+Once serving, a three-line summary on stderr gives the HTTP address (``--http-port 0`` picks a
+free port), the ZeroMQ endpoints and where the API token is; with ``--log-format json``
+(``log_format``) a ``{"event": "ready", ...}`` JSON line says that and more (model, start-up
+habits).  SIGINT/SIGTERM stop everything; the final counters follow (a ``{"event": "stopped",
+...}`` line in JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, get_args
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -65,9 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP control plane [http.enabled]")
     p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
                    help="log a one-line summary every S seconds (0: never; default 10)")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="[log_level]")
+    p.add_argument("--log-level", choices=_choices("log_level"), help="[log_level]")
+    p.add_argument("--log-format", choices=_choices("log_format"),
+                   help="start/stop messages: a summary for people, or JSON event lines [log_format]")
     add_daemon_options(p, defaults=False)
     return p
+
+
+def _choices(field: str) -> tuple[str, ...]:
+    """The values a top-level ``Literal`` setting accepts (so the flag and the setting agree)."""
+    from .settings import Settings
+
+    return get_args(Settings.model_fields[field].annotation)
 
 
 def overrides_from_args(a: argparse.Namespace) -> dict:
@@ -82,9 +105,71 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
              "http": {"host": a.http_host, "port": a.http_port, "enabled": False if a.no_http else None}}
     out: dict = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in table.items()}
     out = {k: v for k, v in out.items() if v}
-    if a.log_level:
-        out["log_level"] = a.log_level
+    out.update({k: v for k, v in (("log_level", a.log_level), ("log_format", a.log_format)) if v})
     return out
+
+
+@contextmanager
+def held_http_port(host: str, port: int) -> Iterator[None]:
+    """Check that the control plane could listen on ``host:port`` now (as uvicorn will: every
+    address ``host`` resolves to, ``SO_REUSEADDR``) and hold the port for the body of the ``with``.
+    Port 0 (any free port) always passes.  Raises :class:`~streaming.launch.EndpointError`."""
+    from streaming.launch import EndpointError
+
+    if port == 0:
+        yield
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise EndpointError(f"http.host: cannot resolve {host}: {exc.strerror}") from None
+    held: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            held.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+                sock.listen(1)
+            except OSError as exc:
+                raise EndpointError(_http_bind_error(host, port, exc)) from None
+        yield
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _http_bind_error(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"http.port: {host}:{port} is already in use; choose another port (--http-port, http.port; "
+                "0 = any free port)")
+    return f"http.port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+
+
+def check_startup(settings: "Settings", *, replace_active: bool) -> None:
+    """Step 1's checks that need no model and write nothing (see the module docstring); ``model.path``
+    must exist only when it will be imported (an empty registry, or ``replace_active``).  Raises
+    :class:`~service.settings.SettingsError` or :class:`~streaming.launch.EndpointError` naming the
+    setting."""
+    from streaming.launch import held_endpoints
+
+    from .registry import holds_versions
+    from .settings import SettingsError, configured_token
+
+    if settings.http.enabled:
+        configured_token(settings)
+    path = settings.model.path
+    if path and not Path(path).exists() and (replace_active or not holds_versions(settings.registry.root)):
+        raise SettingsError(f"model.path: no such file or directory: {path}")
+    d = settings.daemon
+    with held_endpoints({"daemon.ingest": d.ingest, "daemon.publish": d.publish}, allow_remote=d.allow_remote,
+                        remote_option="daemon.allow_remote = true (--allow-remote)"):
+        if settings.http.enabled:
+            with held_http_port(settings.http.host, settings.http.port):
+                pass
 
 
 def open_live_model(registry, settings, *, replace_active: bool, log: logging.Logger):
@@ -119,11 +204,14 @@ def open_live_model(registry, settings, *, replace_active: bool, log: logging.Lo
 
 def serve_main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    from streaming.launch import EndpointError
+
     from .settings import SettingsError, load_settings, resolve_token
 
     try:
         settings = load_settings(a.config, overrides=overrides_from_args(a))
-    except SettingsError as exc:
+        check_startup(settings, replace_active=a.replace_active)
+    except (SettingsError, EndpointError) as exc:
         print(f"rpnt serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=getattr(logging, settings.log_level.upper()), stream=sys.stderr,
@@ -188,4 +276,5 @@ def serve_main(argv: list[str] | None = None) -> int:
                                                      "registry": str(registry.root), "registry_version": version,
                                                      "model_loaded_s": round(load_s, 3),
                                                      "switch_interval_ms": sys.getswitchinterval() * 1e3},
-                               stats_interval=a.stats_interval, log=log, after_start=start_http, before_stop=stop_http)
+                               stats_interval=a.stats_interval, log=log, log_format=settings.log_format,
+                               after_start=start_http, before_stop=stop_http)

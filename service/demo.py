@@ -46,7 +46,7 @@ class ServeProcess:
         self.ingest, self.publish = f"ipc://{run_dir / 'ingest'}", f"ipc://{run_dir / 'publish'}"
         cmd = [sys.executable, "-m", "rpnt_core.cli", "serve", "--model", str(model), "--registry", str(registry),
                "--http-port", "0", "--ingest", self.ingest, "--publish", self.publish, "--stats-interval", "0",
-               "--log-level", "warning", *(extra or [])]
+               "--log-level", "warning", "--log-format", "json", *(extra or [])]
         e = {**os.environ, "RPNT_API_TOKEN": token, "OMP_NUM_THREADS": "1", **(env or {})}
         self.log_path = run_dir / "serve.log"
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -82,6 +82,13 @@ def export_checkpoint_subprocess(checkpoint: Path, out_dir: Path, *, parity_data
         raise RegistryError(f"export of {checkpoint} failed (exit {r.returncode}): " + " | ".join(tail))
 
 
+def holds_versions(root: str | os.PathLike) -> bool:
+    """Whether a registry at ``root`` holds any version.  Only reads: creates nothing (for the
+    start-up checks that run before the registry is opened)."""
+    d = Path(root) / "versions"
+    return d.is_dir() and any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
+
+
 class ModelRegistry:
     """See the module docstring.  ``root`` is created if missing."""
 

@@ -149,6 +149,9 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="start and stop messages on stderr: 'text' (a "
+                                                                    "short summary for people) or 'json' (one JSON "
+                                                                    "event line each, for supervisors and scripts)")
 
     @model_validator(mode="after")
     def _loopback(self) -> "Settings":
@@ -159,6 +162,7 @@ class Settings(_Section):
 
 SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in Settings.model_fields.items()
                                        if isinstance(f.annotation, type) and issubclass(f.annotation, _Section)}
+TOP_LEVEL: tuple[str, ...] = tuple(name for name in Settings.model_fields if name not in SECTIONS)
 
 
 def _env_value(text: str) -> Any:
@@ -181,14 +185,15 @@ def _is_text(section: str, field: str) -> bool:
 
 
 def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    """``RPNT_SECTION__FIELD=value`` → ``{"section": {"field": value}}`` (``RPNT_LOG_LEVEL`` → top level)."""
+    """``RPNT_SECTION__FIELD=value`` → ``{"section": {"field": value}}``; ``RPNT_FIELD`` for a top-level
+    setting (``RPNT_LOG_LEVEL``, ``RPNT_LOG_FORMAT``)."""
     out: dict[str, Any] = {}
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key in (TOKEN_ENV, CONFIG_ENV):
             continue
         parts = key[len(ENV_PREFIX):].lower().split("__")
-        if len(parts) == 1 and parts[0] == "log_level":
-            out["log_level"] = value
+        if len(parts) == 1 and parts[0] in TOP_LEVEL:
+            out[parts[0]] = value
         elif len(parts) == 2 and parts[0] in SECTIONS:
             out.setdefault(parts[0], {})[parts[1]] = value if _is_text(*parts) else _env_value(value)
         elif len(parts) == 2:
@@ -239,11 +244,10 @@ def load_settings(path: str | os.PathLike | None = None, *, env: Mapping[str, st
         raise SettingsError(_format(exc)) from None
 
 
-def resolve_token(settings: Settings, *, env: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """(token, where it came from): ``$RPNT_API_TOKEN`` > ``auth.token`` > ``auth.token_file`` > a
-    generated one written to ``<registry.root>/api-token`` (mode 0600, reused on restart)."""
-    import secrets
-
+def configured_token(settings: Settings, *, env: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """(token, where it came from) when one is configured — ``$RPNT_API_TOKEN`` > ``auth.token`` >
+    ``auth.token_file`` — else None.  Writes nothing; raises :class:`SettingsError` for a token
+    file that cannot be read or is empty."""
     env = os.environ if env is None else env
     if env.get(TOKEN_ENV, "").strip():
         return env[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
@@ -254,10 +258,21 @@ def resolve_token(settings: Settings, *, env: Mapping[str, str] | None = None) -
         try:
             tok = p.read_text().strip()
         except OSError as exc:
-            raise SettingsError(f"auth.token_file: cannot read {p}: {exc}") from None
+            raise SettingsError(f"auth.token_file: cannot read {p}: {exc.strerror or exc}") from None
         if not tok:
             raise SettingsError(f"auth.token_file: {p} is empty")
         return tok, str(p)
+    return None
+
+
+def resolve_token(settings: Settings, *, env: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(token, where it came from): :func:`configured_token`, else a generated one written to
+    ``<registry.root>/api-token`` (mode 0600, reused on restart)."""
+    import secrets
+
+    found = configured_token(settings, env=env)
+    if found is not None:
+        return found
     p = Path(settings.registry.root) / "api-token"
     try:
         tok = p.read_text().strip()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LOG_FORMATS = ("text", "json")  # = service.settings.Settings.log_format (a test keeps them equal)
 
 SERVE_DESCRIPTION = """\
 Run the real-time decoder daemon: spike events (or binned counts) in over ZeroMQ, one velocity
@@ -27,7 +28,7 @@ time ≥ t+Δ (an event, a SPIKES clock, a TICK); if the sources stall, a wall-c
 (--stall-ms past the bin's due time) closes it with what arrived, flagged STALLED.
 
 With an ONNX back-end the daemon does not import torch.  Both endpoints bind to loopback unless
---allow-remote is given.  Stop with Ctrl-C / SIGTERM; the final counters are printed as JSON.
+--allow-remote is given.  Stop with Ctrl-C / SIGTERM; the final counters follow.
 """
 
 SERVE_EPILOG = """\
@@ -125,6 +126,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
                    help="print a one-line summary every S seconds (0: never; default 10)")
     p.add_argument("--log-level", default="info", help="debug|info|warning|error (default info)")
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                   help="start/stop messages: a summary for people (default) or JSON event lines")
     add_daemon_options(p)
     return p
 
@@ -143,8 +146,14 @@ def serve_main(argv: list[str] | None = None) -> int:
     _setup_logging(a.log_level)
     log = logging.getLogger("rpnt.serve")
     from .daemon import Daemon, DaemonOptions
-    from .launch import load_decoder
+    from .launch import EndpointError, held_endpoints, load_decoder
 
+    try:
+        with held_endpoints({"--ingest": a.ingest, "--publish": a.publish}, allow_remote=a.allow_remote):
+            pass
+    except EndpointError as exc:
+        print(f"rpnt serve: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     t0 = time.perf_counter()
     try:
         decoder = load_decoder(a.model, backend=a.backend, precision=a.precision)
@@ -160,16 +169,21 @@ def serve_main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     return serve_until_stopped(daemon, ready_fields={"model_loaded_s": round(load_s, 3)},
-                               stats_interval=a.stats_interval, log=log)
+                               stats_interval=a.stats_interval, log=log, log_format=a.log_format)
 
 
 def serve_until_stopped(daemon, *, ready_fields: dict, stats_interval: float, log: logging.Logger,
-                        after_start=None, before_stop=None) -> int:
-    """Start ``daemon``, print the ``{"event": "ready", ...}`` line, log a summary every
-    ``stats_interval`` s (0: never) until SIGINT/SIGTERM or the loop ends, then stop it and print
-    ``{"event": "stopped", "snapshot": ...}``.  ``after_start(stop_event) -> dict`` runs once the loop
-    is up (its dict joins the ready line; a ``RuntimeError`` aborts with exit 1); ``before_stop()``
-    runs before the daemon is stopped.  Both ``rpnt serve`` and ``python -m streaming.cli serve``."""
+                        log_format: str = "text", after_start=None, before_stop=None) -> int:
+    """Start ``daemon``, announce it (``log_format`` "text": :func:`ready_summary`; "json": the
+    ``{"event": "ready", ...}`` line), log a summary every ``stats_interval`` s (0: never) until
+    SIGINT/SIGTERM or the loop ends, then stop it and announce that (the final counters; in JSON
+    ``{"event": "stopped", "snapshot": ...}``).  ``after_start(stop_event) -> dict`` runs once the
+    loop is up (its dict joins the ready event; a ``RuntimeError`` aborts with exit 1);
+    ``before_stop()`` runs before the daemon is stopped.  Both ``rpnt serve`` and
+    ``python -m streaming.cli serve``."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {log_format}")
+    _quiet_daemon_ready_dump()
     stop = threading.Event()
 
     def _on_signal(signum, frame):  # noqa: ARG001
@@ -190,10 +204,14 @@ def serve_until_stopped(daemon, *, ready_fields: dict, stats_interval: float, lo
         daemon.join(10.0)
         return EXIT_FAILED
     st = daemon.status()
-    emit_event({"event": "ready", **ready_fields, **(extra or {}), "torch_imported": "torch" in sys.modules,
-                **{k: st[k] for k in ("model_version", "fingerprint", "decoder", "n_channels", "n_outputs",
-                                      "bin_s", "ingest", "publish")},
-                "startup": st["startup"]})
+    ready = {"event": "ready", **ready_fields, **(extra or {}), "torch_imported": "torch" in sys.modules,
+             **{k: st[k] for k in ("model_version", "fingerprint", "decoder", "n_channels", "n_outputs",
+                                   "bin_s", "ingest", "publish")},
+             "startup": st["startup"]}
+    if log_format == "json":
+        emit_event(ready)
+    else:
+        emit_lines(ready_summary(ready))
     interval = stats_interval if stats_interval > 0 else None
     while not stop.is_set() and daemon.running:
         if stop.wait(interval if interval else 0.5) or not interval:
@@ -203,14 +221,61 @@ def serve_until_stopped(daemon, *, ready_fields: dict, stats_interval: float, lo
         before_stop()
     daemon.stop()
     daemon.join(10.0)
-    emit_event({"event": "stopped", "snapshot": daemon.snapshot()})
+    snap = daemon.snapshot()
+    if log_format == "json":
+        emit_event({"event": "stopped", "snapshot": snap})
+    else:
+        emit_lines(["rpnt serve: stopped; " + stats_line(snap)])
     return EXIT_OK
+
+
+def ready_summary(ready: dict) -> list[str]:
+    """The start-up summary for people, from a ready event: the model, the HTTP address with where
+    the API token is (when HTTP is served), the ZeroMQ endpoints; then one note per real-time habit
+    that was asked for but not applied."""
+    model = f"model {ready['model_version']}"
+    if ready.get("registry_version"):
+        model += f" (registry version {ready['registry_version']})"
+    lines = [f"rpnt serve: ready: {model}, {ready['n_channels']} channels in, {ready['n_outputs']} outputs out, "
+             f"{ready['bin_s'] * 1e3:g} ms bins"]
+    if "http" in ready:
+        lines.append(f"  HTTP    {ready['http']}   API token: {_token_where(ready.get('token_source'))}"
+                     if ready["http"] else "  HTTP    off (the decode loop alone)")
+    lines.append(f"  ZeroMQ  in {ready['ingest']} (from the rig)   out {ready['publish']} (predictions)")
+    for name, habit in (ready.get("startup") or {}).items():
+        if isinstance(habit, dict) and habit.get("requested") and not habit.get("applied"):
+            lines.append(f"  note: {name.replace('_', ' ')} was requested but not applied: {habit.get('detail')}")
+    return lines
+
+
+def _token_where(source: str | None) -> str:
+    if not source:
+        return "none"
+    return f"from {source}" if source.startswith("$") or source == "auth.token" else source
+
+
+def _quiet_daemon_ready_dump() -> None:
+    """Leave out the daemon's own start-up log line (its habits as a dict): the ready summary or
+    event says the same, readably."""
+    logger = logging.getLogger("rpnt.streaming")
+    if not any(isinstance(f, _DropReadyDump) for f in logger.filters):
+        logger.addFilter(_DropReadyDump())
+
+
+class _DropReadyDump(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("rpnt daemon ready:")
 
 
 def emit_event(obj: dict) -> None:
     """One JSON line on stderr in a single write: the log writer thread shares stderr, and a
     ``print`` (text, then newline: two writes) could have a log line land inside the event line."""
-    sys.stderr.write(json.dumps(obj, default=str) + "\n")
+    emit_lines([json.dumps(obj, default=str)])
+
+
+def emit_lines(lines: list[str]) -> None:
+    """Lines on stderr in a single write (see :func:`emit_event`)."""
+    sys.stderr.write("".join(line + "\n" for line in lines))
     sys.stderr.flush()
 
 
@@ -280,12 +345,18 @@ def replay_main(argv: list[str] | None = None) -> int:
     if a.connect and (not a.ingest or not a.publish):
         print("rpnt replay: error: --connect needs --ingest and --publish", file=sys.stderr)
         return EXIT_USAGE
+    if not a.timeout > 0:
+        print(f"rpnt replay: error: --timeout: must be > 0 seconds, got {a.timeout:g}", file=sys.stderr)
+        return EXIT_USAGE
 
     daemon = proc = None
     tmpdir = None
     try:
         if a.connect:
             ingest, publish = a.ingest, a.publish
+            print(f"rpnt replay: waiting up to {a.timeout:g} s (--timeout) for the daemon to answer a PING: sending "
+                  f"to {ingest}, listening on {publish} (is `rpnt serve` running there?)", file=sys.stderr,
+                  flush=True)
         else:
             from .launch import ipc_endpoints, load_decoder, spawn_daemon
 

@@ -92,6 +92,13 @@ def bin_events(channels: np.ndarray, times: np.ndarray, *, bin_ns: int, n_channe
 
 
 # ---------------------------------------------------------------------------- the replay
+def _ms(ns, *, unit: bool = True) -> str:
+    """A bin width in ns as people write it: ``20 ms`` (``?`` when the daemon did not say)."""
+    if not isinstance(ns, (int, float)):
+        return "?"
+    return f"{ns / 1e6:g}" + (" ms" if unit else "")
+
+
 @dataclass
 class ReplayResult:
     """What came back, per bin of the replayed range (T bins; NaN / −1 where nothing arrived)."""
@@ -139,8 +146,9 @@ def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str, ve
     try:
         status = wait_for_daemon(rig, sub, timeout=handshake_timeout_s)
         if int(status.get("bin_ns", -1)) != int(bin_ns):
-            raise ReplayError(f"the daemon bins at {status.get('bin_ns')} ns, this replay at {bin_ns} ns "
-                              "(start it with the same --bin-ms)")
+            raise ReplayError(f"the daemon bins at {_ms(status.get('bin_ns'))}, this replay at {_ms(bin_ns)} "
+                              f"(replay with --bin-ms {_ms(status.get('bin_ns'), unit=False)}, or start the daemon "
+                              f"with --bin-ms {_ms(bin_ns, unit=False)})")
         if int(status.get("n_channels", -1)) != N:
             raise ReplayError(f"the daemon's model takes {status.get('n_channels')} channels, the recording has {N}")
         kin_ok = send_kinematics and velocity is not None and int(status.get("n_kinematics", -1)) == velocity.shape[1]

@@ -1,14 +1,21 @@
 """Deployment files stay in step with the code: the example config with the settings schema, the
-systemd unit and the Dockerfile with what they promise, and the settings' edge cases (token
-precedence, loopback guard, calibration fractions).  Real files only, no Docker needed."""
+systemd unit and the Dockerfile with what they promise, the README's first commands with CI, and
+the settings' edge cases (token precedence, loopback guard, calibration fractions).  Real files
+only; the one test that builds the image runs where a container builder exists and is skipped
+where none does."""
 
 from __future__ import annotations
 
 import configparser
+import functools
+import json
 import re
 import shlex
+import shutil
 import stat
+import subprocess
 import tomllib
+import uuid
 
 import pytest
 
@@ -29,6 +36,8 @@ DEPLOY = REPO / "deploy"
 EXAMPLE = DEPLOY / "rpnt.example.toml"
 UNIT = DEPLOY / "rpnt.service"
 DOCKERFILE = REPO / "Dockerfile"
+LIVE = 120.0  # liveness guard for a container command; never a timing assertion
+BUILD_TIMEOUT = 3600.0  # an image build downloads torch and the serving stack
 REGEN = "python -c \"from service.settings import example_toml; print(example_toml(), end='')\" > deploy/rpnt.example.toml"
 
 
@@ -190,6 +199,7 @@ def test_systemd_unit():
         lo, _, hi = part.partition("-")
         cpus |= set(range(int(lo), int(hi or lo) + 1))
     assert cpus and 0 not in cpus, "keep core 0 for the OS and IRQs"
+    assert cpus <= {0, 1}, "the default must exist on a 2-core host (cores 0-1)"
     assert int(svc["Nice"]) < 0
     for key, value in {"StateDirectory": "rpnt", "ProtectSystem": "strict", "ReadWritePaths": "/var/lib/rpnt",
                        "NoNewPrivileges": "true", "PrivateTmp": "true", "TimeoutStopSec": "20",
@@ -216,6 +226,11 @@ def _docker_instructions() -> list[tuple[str, str]]:
     return out
 
 
+def _docker_args() -> dict[str, str]:
+    """ARG name → default ("" when declared without one)."""
+    return dict((r.split("=", 1) + [""])[:2] for w, r in _docker_instructions() if w == "ARG")
+
+
 def _extras() -> dict[str, set[str]]:
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     return {k: {re.match(r"[A-Za-z0-9._-]+", r).group(0).lower().replace("_", "-") for r in v}
@@ -228,9 +243,10 @@ def test_dockerfile_installs_cpu_torch_before_the_extra():
     torch_i = next(i for i, r in enumerate(runs) if "torch==2.13.0" in r)
     extra_i = next(i for i, r in enumerate(runs) if '".[${RPNT_EXTRA}]"' in r or ".[${RPNT_EXTRA}]" in r)
     assert torch_i < extra_i, "torch must be installed before the package, or pip pulls CUDA torch"
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_i]
-    args = dict((r.split("=", 1) + [""])[:2] for w, r in ins if w == "ARG")
+    assert '--index-url "${TORCH_INDEX_URL}"' in runs[torch_i]
+    args = _docker_args()
     assert args["RPNT_EXTRA"] == "serve" and args["BASE_IMAGE"] == "python:3.11-slim"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     extras = _extras()
     for extra in ("serve", "gpu"):
         assert extra in extras, f"the Dockerfile may select [{extra}], missing from pyproject.toml"
@@ -266,6 +282,142 @@ def test_dockerfile_runtime_contract():
     assert (s.http.host, s.http.allow_remote, s.daemon.allow_remote) == ("0.0.0.0", True, True)
     assert (s.daemon.ingest, s.daemon.publish) == ("tcp://0.0.0.0:5555", "tcp://0.0.0.0:5556")
     assert s.registry.root == "/var/lib/rpnt"
+
+
+def test_dockerfile_builds_offline_or_behind_a_proxy_and_runs_as_a_user_with_a_home():
+    """Build args choose the base image and where torch comes from (an index, or a wheel file in
+    deploy/wheels/, read through a build mount); the service runs as a non-root user whose HOME
+    exists and is its own; podman/buildah users are told to build with --format docker."""
+    ins = _docker_instructions()
+    args = _docker_args()
+    for name in ("BASE_IMAGE", "TORCH_INDEX_URL", "TORCH_WHEEL", "PIP_INDEX_URL"):
+        assert name in args, f"ARG {name} missing"
+    assert args["TORCH_WHEEL"] == ""  # default: from the index
+    assert ins[[w for w, _ in ins].index("FROM")][1] == "${BASE_IMAGE}"
+    runs = [r for w, r in ins if w == "RUN"]
+    torch_run = next(r for r in runs if "torch==2.13.0" in r)
+    mount = re.search(r"--mount=type=bind,source=(\S+?),target=(\S+)", torch_run)
+    assert mount, "the wheel directory is mounted, not copied into a layer"
+    wheels, target = mount.groups()
+    assert (REPO / wheels).is_dir(), wheels
+    ignored = {ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()}
+    assert wheels not in ignored and wheels.split("/")[0] not in ignored
+    assert f'"{target}/${{TORCH_WHEEL}}"' in torch_run and '[ -n "${TORCH_WHEEL}" ]' in torch_run
+
+    user = [r for w, r in ins if w == "USER"][-1]
+    assert user not in ("root", "0")
+    env = {}
+    for rest in (r for w, r in ins if w == "ENV"):
+        env.update(tok.split("=", 1) for tok in shlex.split(rest))
+    home = env.get("HOME")
+    assert home and home not in ("/", "/root"), "a writable HOME for the service user"
+    useradd = next(r for r in runs if "useradd" in r)
+    assert f"--home-dir {home} --create-home" in useradd and re.search(rf"useradd .*\b{user}\b", useradd)
+    assert "--format docker" in DOCKERFILE.read_text(), "podman/buildah drop HEALTHCHECK without --format docker"
+
+
+# ------------------------------------------------------------------ README and CI
+def _readme_first_commands() -> list[str]:
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    return [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def test_readme_first_commands_use_their_own_fresh_venvs_and_ci_runs_the_test_command():
+    demo, test = _readme_first_commands()
+    venvs = [re.match(r"python3 -m venv (\S+) && \. (\S+)/bin/activate && ", c) for c in (demo, test)]
+    assert all(venvs) and all(m.group(1) == m.group(2) for m in venvs), (demo, test)
+    (demo_venv, _), (test_venv, _) = (m.groups() for m in venvs)
+    assert demo_venv != test_venv, "the test command needs an environment of its own"
+    for venv in (demo_venv, test_venv):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{venv}/"], cwd=REPO)
+        if ignored.returncode == 128:
+            pytest.skip("not a git checkout")
+        assert ignored.returncode == 0, f".gitignore does not ignore {venv}/"
+    ci = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert test[venvs[1].end():] == ci[-1], "the README's test command and .ci/run are out of step"
+
+
+# ------------------------------------------------------------------ building the image (where a builder exists)
+@functools.cache
+def _builder() -> str | None:
+    """The first container builder that works here (``info`` answers: a docker client needs its daemon)."""
+    for tool in ("docker", "podman", "buildah"):
+        if shutil.which(tool):
+            try:
+                if subprocess.run([tool, "info"], capture_output=True, timeout=60).returncode == 0:
+                    return tool
+            except subprocess.TimeoutExpired:
+                pass
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_builder() is None, reason="no working container builder here (docker with its daemon, "
+                                               "podman or buildah)")
+def test_image_builds_and_its_healthcheck_passes(tmp_path_factory):
+    """Build the image, start it on a tiny model and run the image's own HEALTHCHECK command in it
+    until it passes (liveness-bounded, never a timing assertion)."""
+    from test_streaming_support import tiny_export
+
+    builder = _builder()
+    model = tiny_export(tmp_path_factory)["export"]
+    tag = f"rpnt-test:{uuid.uuid4().hex[:12]}"
+    fmt = [] if builder == "docker" else ["--format", "docker"]
+    build = [builder, "bud" if builder == "buildah" else "build", *fmt, "-t", tag, str(REPO)]
+    r = subprocess.run(build, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    try:
+        check = _image_healthcheck(builder, tag)
+        assert check[0] == "CMD" and "/health" in " ".join(check), check
+        _run_until_healthy(builder, tag, model, check[1:])
+    finally:
+        subprocess.run([builder, "rmi", "-f", tag], capture_output=True, timeout=LIVE)
+
+
+def _image_healthcheck(builder: str, tag: str) -> list[str]:
+    """The HEALTHCHECK test of the built image, e.g. ["CMD", "python", "-c", "..."].  The builders
+    keep it in different places of their inspect output (docker: Config.Healthcheck, podman:
+    Healthcheck, buildah: Docker.config.Healthcheck), so it is looked up by key."""
+    cmd = [builder, "inspect", "--type", "image", tag] if builder == "buildah" else [builder, "image", "inspect", tag]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=LIVE)
+    assert r.returncode == 0, r.stderr
+    found = _find_healthcheck(json.loads(r.stdout))
+    assert found, "the image has no HEALTHCHECK (built without --format docker?)"
+    return found
+
+
+def _find_healthcheck(node) -> list[str] | None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key.lower() == "healthcheck" and isinstance(value, dict) and value.get("Test"):
+                return list(value["Test"])
+            if (hit := _find_healthcheck(value)) is not None:
+                return hit
+    elif isinstance(node, list):
+        for value in node:
+            if (hit := _find_healthcheck(value)) is not None:
+                return hit
+    return None
+
+
+def _run_until_healthy(builder: str, tag: str, model, check: list[str]) -> None:
+    serve = ["rpnt", "serve", "--config", "/etc/rpnt/rpnt.toml", "--model", "/model"]
+    probe = shlex.join(check)
+    script = (f"{shlex.join(serve)} & for i in $(seq {int(LIVE)}); do {probe} && exit 0; sleep 1; done; "
+              "echo 'health check never passed' >&2; exit 1")
+    mount = f"{model}:/model:ro,z"  # z: relabelled where SELinux is on
+    if builder == "buildah":
+        name = f"rpnt-test-{uuid.uuid4().hex[:8]}"
+        subprocess.run([builder, "from", "--name", name, tag], check=True, capture_output=True, timeout=LIVE)
+        try:
+            r = subprocess.run([builder, "run", "--volume", mount, name, "--", "sh", "-c", script],
+                               capture_output=True, text=True, timeout=2 * LIVE)
+        finally:
+            subprocess.run([builder, "rm", name], capture_output=True, timeout=LIVE)
+    else:
+        r = subprocess.run([builder, "run", "--rm", "-v", mount, "--entrypoint", "sh", tag, "-c", script],
+                           capture_output=True, text=True, timeout=2 * LIVE)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_dockerignore_excludes_local_state():

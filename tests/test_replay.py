@@ -102,7 +102,9 @@ def test_replay_connects_to_a_running_daemon_and_checks_it_matches(tiny, capsys)
         rep2 = json.loads(capsys.readouterr().out)
         assert rep2["bins_lost"] == 0 and rep2["pace"] == "realtime"
         assert replay_main(["--data", str(tiny["npz"]), "--connect", *ep, "--bin-ms", "50"]) == 1
-        assert "bins at 20000000 ns" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "the daemon bins at 20 ms, this replay at 50 ms" in err and " ns" not in err, err
+        assert "--bin-ms 20" in err  # what to do about it
         assert d.status()["epoch"] == 2
     finally:
         d.stop()
@@ -134,6 +136,25 @@ def test_replay_with_a_child_process_daemon(tiny, tmp_path, capsys):
     assert "25 predictions, 0 lost" in text and "end_to_end" in text
     rep = json.loads((out / "report.json").read_text())
     assert rep["daemon_mode"] == "process" and rep["daemon"]["n_channels"] == 8
+
+
+def test_replay_connect_says_what_it_waits_for_and_gives_up_at_the_timeout(tiny, capsys):
+    """No daemon at the endpoints: before waiting, one line names both endpoints and the bound;
+    at the bound, exit 1 with the reason (no silent 30-s wait)."""
+    from streaming.cli import replay_main
+
+    tmp = short_ipc_dir()
+    ingest, publish = f"ipc://{tmp}/nobody-in", f"ipc://{tmp}/nobody-out"
+    assert replay_main(["--data", str(tiny["npz"]), "--connect", "--ingest", ingest, "--publish", publish,
+                        "--timeout", "0.5"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    waiting = [ln for ln in err if ln.startswith("rpnt replay: waiting")]
+    assert len(waiting) == 1 and ingest in waiting[0] and publish in waiting[0] and "0.5 s" in waiting[0], err
+    assert err.index(waiting[0]) < len(err) - 1
+    assert err[-1].startswith("rpnt replay: FAILED: no PONG from the daemon within 0.5 s"), err
+    assert replay_main(["--data", str(tiny["npz"]), "--connect", "--ingest", ingest, "--publish", publish,
+                        "--timeout", "0"]) == 2
+    assert capsys.readouterr().err == "rpnt replay: error: --timeout: must be > 0 seconds, got 0\n"
 
 
 def test_replay_usage_errors(tiny, capsys):

@@ -64,7 +64,7 @@ class Server:
         e["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
         cmd = [sys.executable, "-m", "rpnt_core.cli", "serve", "--registry", str(self.registry), "--http-port", "0",
                "--ingest", f"ipc://{self.ipc}/in", "--publish", f"ipc://{self.ipc}/out", "--stats-interval", "0",
-               "--log-level", "warning"]
+               "--log-level", "warning", "--log-format", "json"]
         if model is not None:
             cmd += ["--model", str(model)]
         self.lines: list[str] = []

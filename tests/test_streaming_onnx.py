@@ -104,7 +104,8 @@ def test_rpnt_serve_process(tiny):
     ingest, publish = f"ipc://{tmp}/in", f"ipc://{tmp}/out"
     proc = subprocess.Popen([sys.executable, "-m", "rpnt_core.cli", "serve", "--model", str(tiny["export"]),
                              "--registry", f"{tmp}/registry", "--no-http",
-                             "--ingest", ingest, "--publish", publish, "--stats-interval", "0", "--gc-freeze"],
+                             "--ingest", ingest, "--publish", publish, "--stats-interval", "0", "--gc-freeze",
+                             "--log-format", "json"],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(), cwd=REPO)
     try:
         rig = RigClient(endpoint=ingest, source_id=5)
