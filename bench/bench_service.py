@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def replay() -> None:
                 try:
-                    box["res"] = run_replay(counts=counts, velocity=velocity, bin_ns=round(bin_s * 1e9),
+                    box["res"] = run_replay(counts=counts, labels={"velocity": velocity}, bin_ns=round(bin_s * 1e9),
                                             ingest=serve.ingest, publish=serve.publish, realtime=True,
                                             drain_timeout_s=10.0)
                 except BaseException as exc:  # noqa: BLE001

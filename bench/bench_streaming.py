@@ -121,7 +121,7 @@ def run_preset(preset: str, counts: np.ndarray, velocity: np.ndarray, *, bin_ms:
         sub.close()
         log(f"[{preset}] daemon up ({status['decoder']}); replaying {bins} bins at {bin_ms:g} ms real-time pace "
             f"(≈ {bins * bin_ms / 1e3:.0f} s) ...")
-        res = run_replay(counts=counts[:bins], velocity=velocity[:bins], bin_ns=round(bin_ms * 1e6), ingest=ingest,
+        res = run_replay(counts=counts[:bins], labels={"velocity": velocity[:bins]}, bin_ns=round(bin_ms * 1e6), ingest=ingest,
                          publish=publish, realtime=True, drain_timeout_s=10.0)
     finally:
         proc.send_signal(signal.SIGINT)

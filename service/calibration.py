@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -37,6 +36,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+from rpnt_core.child_env import ROOT, child_env
 
 from .cpu_share import CpuShare, process_cpu_seconds
 from .registry import CHECKPOINT, ModelRegistry, read_json, write_json_atomic
@@ -143,14 +144,11 @@ class CalibrationManager:
                   "base_version": base_version, "n_bins": int(n_bins), "detail": detail or {}, "version": None,
                   "live": False}
             self._save(d, st)
-            env = dict(os.environ)
-            root = Path(__file__).resolve().parents[1]
-            env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-                env[var] = str(self.settings.threads)
+            env = child_env(**dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"),
+                                            str(self.settings.threads)))
             with open(d / "worker.log", "ab") as out:
                 self._proc = subprocess.Popen([sys.executable, "-m", "service.calibration_worker", str(d)],
-                                              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(root),
+                                              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
                                               stdin=subprocess.DEVNULL)
             self._current = job_id
             self._cpu, self._cancelled = {}, None

@@ -162,7 +162,7 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
         def replay() -> None:
             try:
                 box["res"] = run_replay(counts=counts, bin_ns=round(target.bin_s * 1e9), ingest=serve.ingest,
-                                        publish=serve.publish, velocity=vel, realtime=True, send_kinematics=True)
+                                        publish=serve.publish, labels={"velocity": vel}, realtime=True, send_kinematics=True)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 box["error"] = exc
 

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rpnt_core.child_env import ROOT, child_env
+
 STEP_FILE = "rpnt_step.onnx"  # = exporters.contract.STEP_FILE (not imported: keeps onnx off this path)
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -73,10 +75,8 @@ def export_checkpoint_subprocess(checkpoint: Path, out_dir: Path, *, parity_data
     cmd = [sys.executable, "-m", "exporters.cli", str(checkpoint), "--out", str(out_dir)]
     if parity_data is not None:
         cmd += ["--parity-data", str(parity_data)]
-    root = Path(__file__).resolve().parents[1]
-    e = dict(os.environ if env is None else env)
-    e["PYTHONPATH"] = os.pathsep.join([str(root)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=e, cwd=str(root))
+    e = child_env(env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=e, cwd=str(ROOT))
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-5:]
         raise RegistryError(f"export of {checkpoint} failed (exit {r.returncode}): " + " | ".join(tail))

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rpnt_core.child_env import ROOT, child_env
 from rpnt_core.data.formats import describe_bytes
 
 from .uploads import CalibrationInputError
@@ -99,12 +100,9 @@ def parse_upload(upload: Path, *, out: Path, bin_s: float, checks: dict, live_me
 
 def _run_child(work: Path, timeout_s: float) -> int:
     """Run the child on ``work``; its exit status (``subprocess.run`` kills it on timeout)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
+    env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
     with open(work / LOG, "wb") as logf:
-        return subprocess.run([sys.executable, "-m", "service.upload_parse", str(work / SPEC)], cwd=str(root),
+        return subprocess.run([sys.executable, "-m", "service.upload_parse", str(work / SPEC)], cwd=str(ROOT),
                               env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                               timeout=timeout_s).returncode
 

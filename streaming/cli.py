@@ -41,7 +41,7 @@ examples:
 
 REPLAY_DESCRIPTION = """\
 Replay a recorded session (.npz/.mat/.nwb) through the daemon as spike events and report what
-came back: R² against the recorded velocity, latency per stage and end to end (client send of
+came back: R² against the recorded series of the model's target (velocity, position, …), latency per stage and end to end (client send of
 the bin-closing packet → client receipt of the prediction), bins lost, and plots.
 
 Each bin's counts become events at evenly spaced midpoints inside the bin (deterministic; see
@@ -306,7 +306,7 @@ def build_replay_parser() -> argparse.ArgumentParser:
                         "width re-times the same counts (the daemon must bin at the same width)")
     p.add_argument("--start", type=int, default=0, help="first bin to replay (default 0)")
     p.add_argument("--stop", type=int, default=None, help="bin to stop before (default: the end)")
-    p.add_argument("--no-kinematics", action="store_true", help="do not stream the recorded velocity as KINEMATICS")
+    p.add_argument("--no-kinematics", action="store_true", help="do not stream the recorded target series (the daemon's: velocity, position, …) as KINEMATICS")
     p.add_argument("--report", metavar="DIR", default=None,
                    help="write report.json, velocity.png, latency.png, predictions.npz here")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -339,7 +339,7 @@ def replay_main(argv: list[str] | None = None) -> int:
         print(f"rpnt replay: error: empty bin range [{a.start}, {stop})", file=sys.stderr)
         return EXIT_USAGE
     counts = np.asarray(session.counts[a.start:stop])
-    velocity = None if session.velocity is None else np.asarray(session.velocity[a.start:stop])
+    labels = {name: np.asarray(series[a.start:stop]) for name, series in session.targets.items()}
     bin_s = session.bin_s if a.bin_ms is None else a.bin_ms / 1e3
     bin_ns = round(bin_s * 1e9)
     if a.connect and (not a.ingest or not a.publish):
@@ -389,7 +389,7 @@ def replay_main(argv: list[str] | None = None) -> int:
                                     backend=a.backend, precision=a.precision, extra=extra,
                                     log_path=Path(tmpdir) / "daemon.log")
         try:
-            res = run_replay(counts=counts, bin_ns=bin_ns, ingest=ingest, publish=publish, velocity=velocity,
+            res = run_replay(counts=counts, bin_ns=bin_ns, ingest=ingest, publish=publish, labels=labels,
                              realtime=a.realtime, send_kinematics=not a.no_kinematics,
                              handshake_timeout_s=a.timeout)
         except (ReplayError, TimeoutError) as exc:
@@ -406,9 +406,10 @@ def replay_main(argv: list[str] | None = None) -> int:
             test_range = contiguous_splits(session.n_bins, train_fraction=0.2).test
         meta = {"data": str(a.data), "bin_range": [a.start, stop], "model": a.model,
                 "daemon_mode": "connect" if a.connect else a.daemon, "backend": None if a.connect else a.backend}
-        rep = build_report(res, recorded_velocity=velocity, meta=meta, daemon_snapshot=snap, test_range=test_range)
+        rep = build_report(res, recorded_velocity=res.recorded, meta=meta | {"target": res.target},
+                           daemon_snapshot=snap, test_range=test_range)
         if a.report:
-            write_report(a.report, rep, res, velocity)
+            write_report(a.report, rep, res, res.recorded)
         if a.json:
             print(json.dumps(rep, default=str))
         else:

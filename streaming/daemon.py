@@ -369,6 +369,7 @@ class Daemon:
             "generation": self._generation,
             "n_channels": self.n_channels,
             "n_outputs": int(info.n_outputs),
+            "target": str((info.extra or {}).get("target", "velocity")),  # what the outputs are
             "n_kinematics": self.n_kinematics,
             "bin_s": self.bin_s,
             "bin_ns": self.bin_ns,
@@ -648,7 +649,7 @@ class Daemon:
         if counts.shape[1] != self.n_channels:
             raise ProtocolError("channel_count", f"{counts.shape[1]} channels, the model takes {self.n_channels}")
         if msg.aux and msg.aux != self.bin_ns:
-            raise ProtocolError("bin_width", f"binned at {msg.aux} ns, the daemon bins at {self.bin_ns} ns")
+            raise ProtocolError("bin_width", f"binned at {msg.aux / 1e6:g} ms, the daemon bins at {self.bin_ns / 1e6:g} ms")
         first = self._first_bin(msg, counts.shape[0])
         lo, hi = first * self.bin_ns, (first + counts.shape[0]) * self.bin_ns
         self._check_time(msg.source, lo, hi)

@@ -18,6 +18,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from rpnt_core.child_env import ROOT, child_env
+
 ONNX_BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt")
 BACKENDS = ONNX_BACKENDS + ("torch",)
 
@@ -58,11 +60,9 @@ def spawn_daemon(*, model: str | os.PathLike, bin_ms: float, ingest: str, publis
            "--precision", precision, "--bin-ms", repr(float(bin_ms)), "--ingest", ingest, "--publish", publish,
            "--stats-interval", "0", "--log-format", "json", *(extra or [])]
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
-    root = Path(__file__).resolve().parents[1]
-    e = dict(os.environ if env is None else env)
-    e["PYTHONPATH"] = os.pathsep.join([str(root)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
+    e = child_env(env)
     try:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=e, cwd=str(root))
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=e, cwd=str(ROOT))
     finally:
         if out is not subprocess.DEVNULL:
             out.close()

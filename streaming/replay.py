@@ -33,6 +33,7 @@ daemon's stage stamps use the same clock, comparable when it runs on the same ho
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,6 +120,8 @@ class ReplayResult:
     events_sent: int = 0
     extra_predictions: int = 0  # predictions of other streams / bins that were ignored
     notes: list[str] = field(default_factory=list)
+    target: str = "velocity"  # what the daemon's model decodes (its status)
+    recorded: np.ndarray | None = None  # (T, D) the recording's series of that target, if it has one
 
     @property
     def n_bins(self) -> int:
@@ -129,16 +132,20 @@ class ReplayResult:
         return int((~self.received).sum())
 
 
-def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str, velocity: np.ndarray | None = None,
-               realtime: bool = True, send_kinematics: bool = True, source_id: int = 0x52504C59,
-               window: int = 16, drain_timeout_s: float = 5.0, handshake_timeout_s: float = 30.0,
-               context: zmq.Context | None = None, progress: bool = False) -> ReplayResult:
+def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str,
+               labels: Mapping[str, np.ndarray] | None = None, realtime: bool = True, send_kinematics: bool = True,
+               source_id: int = 0x52504C59, window: int = 16, drain_timeout_s: float = 5.0,
+               handshake_timeout_s: float = 30.0, context: zmq.Context | None = None,
+               progress: bool = False) -> ReplayResult:
     """Replay ``counts`` (T, N) as events to the daemon at ``ingest``; collect its predictions from
-    ``publish``.  ``velocity`` (T, D) is sent as KINEMATICS when ``send_kinematics``."""
+    ``publish``.  ``labels``: the recording's behaviour series by name (T, D_k) each; the one the
+    daemon's model decodes (its status's ``target``) is ``res.recorded`` and is sent as KINEMATICS
+    when ``send_kinematics``."""
     counts = np.asarray(counts)
     T, N = counts.shape
-    if velocity is not None and velocity.shape[0] != T:
-        raise ValueError(f"velocity: {velocity.shape[0]} bins, counts have {T}")
+    for name, series in (labels or {}).items():
+        if series.shape[0] != T:
+            raise ValueError(f"{name}: {series.shape[0]} bins, counts have {T}")
     chans, times = events_from_counts(counts, bin_ns)
     ctx = context or zmq.Context.instance()
     rig = RigClient(endpoint=ingest, source_id=source_id, context=ctx)
@@ -151,6 +158,8 @@ def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str, ve
                               f"with --bin-ms {_ms(bin_ns, unit=False)})")
         if int(status.get("n_channels", -1)) != N:
             raise ReplayError(f"the daemon's model takes {status.get('n_channels')} channels, the recording has {N}")
+        target = str(status.get("target", "velocity"))
+        velocity = (labels or {}).get(target)
         kin_ok = send_kinematics and velocity is not None and int(status.get("n_kinematics", -1)) == velocity.shape[1]
         epoch = int(status.get("epoch", 0)) + 1  # the RESET below starts the next stream
         D = int(status.get("n_outputs", velocity.shape[1] if velocity is not None else 1))
@@ -159,7 +168,10 @@ def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str, ve
             velocity=np.full((T, D), np.nan, dtype=np.float32), received=np.zeros(T, bool),
             flags=np.zeros(T, np.int64), n_spikes=np.full(T, -1, np.int64), t_send=np.zeros(T, np.int64),
             t_client_recv=np.zeros(T, np.int64), t_daemon=np.zeros((T, 4), np.int64), model_versions=[],
-            generations=[], status=status, wall_s=0.0)
+            generations=[], status=status, wall_s=0.0, target=target, recorded=velocity)
+        if labels and velocity is None:
+            res.notes.append(f"the daemon decodes {target}, which the recording does not have "
+                             f"(it has {', '.join(labels)}): nothing to score against")
         if send_kinematics and velocity is not None and not kin_ok:
             res.notes.append(f"kinematics not sent: the daemon expects {status.get('n_kinematics')} dims")
         sock = sub.socket

@@ -42,7 +42,7 @@ def test_replayed_predictions_equal_offline_evaluate_and_counts_are_rebuilt_exac
 
     d = _daemon(load_engine(tiny["export"]), history_s=60.0)
     try:
-        res = run_replay(counts=tiny["counts"], velocity=tiny["velocity"], bin_ns=BIN_NS,
+        res = run_replay(counts=tiny["counts"], labels={"velocity": tiny["velocity"]}, bin_ns=BIN_NS,
                          ingest=d.endpoints["ingest"], publish=d.endpoints["publish"], realtime=False)
         counts_back, vel_back = d.recent_training_data(60.0)
     finally:
@@ -116,7 +116,7 @@ def test_realtime_replay_equals_offline(tiny):
     try:
         counts = tiny["counts"][:30]
         res = run_replay(counts=counts, bin_ns=BIN_NS, ingest=d.endpoints["ingest"], publish=d.endpoints["publish"],
-                         realtime=True, velocity=tiny["velocity"][:30])
+                         realtime=True, labels={"velocity": tiny["velocity"][:30]})
     finally:
         d.stop()
         d.join(30)
@@ -165,3 +165,31 @@ def test_replay_usage_errors(tiny, capsys):
     assert replay_main(["--data", str(tiny["npz"]), "--model", str(tiny["export"]), "--start", "500"]) == 2
     err = capsys.readouterr().err
     assert "needs --ingest" in err and "empty bin range" in err
+
+
+def test_replay_scores_and_streams_the_series_the_daemons_model_decodes(tiny):
+    """A position decoder is scored against position and fed position as KINEMATICS (never velocity);
+    a recording without the model's target says so instead of scoring something else."""
+    from dataclasses import replace
+
+    from test_streaming_support import FIRDecoder
+
+    dec = FIRDecoder(n_channels=tiny["counts"].shape[1])
+    dec._info = replace(dec.info, extra={**dec.info.extra, "target": "position"})
+    T = 60
+    counts, vel = tiny["counts"][:T], tiny["velocity"][:T]
+    pos = np.cumsum(vel, axis=0).astype(np.float32)
+    d = _daemon(dec, history_s=60.0)
+    try:
+        res = run_replay(counts=counts, labels={"velocity": vel, "position": pos}, bin_ns=BIN_NS,
+                         ingest=d.endpoints["ingest"], publish=d.endpoints["publish"], realtime=False)
+        _, kin_back = d.recent_training_data(60.0)
+        missing = run_replay(counts=counts, labels={"velocity": vel}, bin_ns=BIN_NS,
+                             ingest=d.endpoints["ingest"], publish=d.endpoints["publish"], realtime=False)
+    finally:
+        d.stop()
+        d.join(30)
+    assert res.status["target"] == "position" and res.target == "position"
+    np.testing.assert_array_equal(res.recorded, pos)
+    np.testing.assert_array_equal(kin_back[-T:], pos)
+    assert missing.recorded is None and any("does not have" in n for n in missing.notes), missing.notes
