@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import shutil
 import socket
 import sys
 import threading
@@ -225,14 +226,18 @@ def serve_main(argv: list[str] | None = None) -> int:
     from .registry import ModelRegistry, RegistryError
 
     t0 = time.perf_counter()
+    root = Path(settings.registry.root)
+    fresh = not root.exists()  # a registry this start creates is removed again if the start fails
     try:
-        registry = ModelRegistry(root=settings.registry.root)
+        registry = ModelRegistry(root=root)
         version, engine = open_live_model(registry, settings, replace_active=a.replace_active, log=log)
         bin_s = settings.daemon.bin_ms / 1e3 if settings.daemon.bin_ms else float(engine.info.bin_s)
         daemon = Daemon(decoder=engine, bin_s=bin_s, ingest=settings.daemon.ingest, publish=settings.daemon.publish,
                         options=DaemonOptions.from_fields(settings.daemon))
         token, token_source = resolve_token(settings) if settings.http.enabled else ("", "")
     except (RegistryError, SettingsError, FileNotFoundError, ValueError, OSError) as exc:
+        if fresh:
+            shutil.rmtree(root, ignore_errors=True)
         print(f"rpnt serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     load_s = time.perf_counter() - t0

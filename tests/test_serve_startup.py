@@ -79,6 +79,19 @@ def test_busy_http_port_exits_2_naming_the_port_and_leaves_no_registry(tmp_path,
     assert not reg.exists()
 
 
+def test_a_model_that_does_not_fit_the_stream_exits_2_and_leaves_no_registry(tmp_path, tiny, ipc):
+    """Errors found only once the model is loaded (here: a 20 ms model asked to decode 50 ms bins)
+    happen after the registry was created and seeded: a registry this start created is removed."""
+    reg = tmp_path / "registry"
+    r = subprocess.run(_serve_cmd("--model", str(tiny["export"]), "--registry", str(reg), "--bin-ms", "50",
+                                  "--http-port", "0", *ipc), cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=LIVE)
+    last = r.stderr.splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert last.startswith("rpnt serve: error: bin width") and "50 ms" in last and "20 ms" in last, r.stderr
+    assert not reg.exists()
+
+
 def test_busy_zeromq_port_exits_2_naming_the_endpoint(tmp_path, tiny, busy_port):
     reg = tmp_path / "registry"
     ingest = f"tcp://127.0.0.1:{busy_port}"
