@@ -80,7 +80,15 @@ def _load_many(paths: list[str]):
             files += found
         else:
             files.append(p)
-    return [load_session(f) for f in files]
+    return [_load_named(f, load_session) for f in files]
+
+
+def _load_named(path: Path, load):
+    """``load(path)``, its errors prefixed by the file's name (one of many: say which)."""
+    try:
+        return load(path)
+    except ValueError as exc:
+        raise ValueError(f"{path.name}: {exc}") from None
 
 
 def _fail(cmd: str, exc: BaseException) -> int:

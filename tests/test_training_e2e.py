@@ -296,3 +296,17 @@ def test_distributed_pretraining_with_two_gloo_processes(simdir, tmp_path):
     assert read_header(out)[1]["kind"] == "pretrained"
     lines = out.with_suffix(".log.jsonl").read_text().splitlines()
     assert len(lines) == 1  # only rank 0 writes
+
+
+def test_pretrain_names_the_file_of_many_that_does_not_load(tmp_path, capsys):
+    from rpnt_core.commands import pretrain_main
+    from rpnt_core.data import Session, save_npz
+
+    good = tmp_path / "a.npz"
+    rng = np.random.default_rng(0)
+    save_npz(Session(counts=rng.poisson(1.0, size=(300, 4)).astype(np.int32), bin_s=0.02), good)
+    bad = tmp_path / "b.npz"
+    bad.write_bytes(b"not a zip at all")
+    assert pretrain_main(["--data", str(good), str(bad), "--out", str(tmp_path / "p.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rpnt pretrain: error: b.npz: file: not an NPZ file"), err
