@@ -119,6 +119,21 @@ def http_call(url: str, *, headers: dict | None = None, form: dict | None = None
     return code, (text if raw else json.loads(text))
 
 
+def wait_for_job(serve: "ServeProcess", job_id: str, *, log) -> dict:
+    """Poll ``GET /calibrate/{job_id}`` until the job ends.  No deadline of its own: the service
+    fails a job past ``calibration.timeout_s``; a starved job is reported once as waiting for CPU."""
+    said = False
+    while True:
+        st = http_call(f"{serve.url}/calibrate/{job_id}")[1]
+        if st.get("state") in ("succeeded", "rejected", "failed"):
+            return st
+        if st.get("phase") == "waiting for CPU" and not said:
+            log(f"[demo] calibration job {job_id} is waiting for CPU (other work keeps the cores busy; it runs at "
+                "lower priority than decoding and will finish, slower)")
+            said = True
+        time.sleep(0.5)
+
+
 def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_after_s: float | None,
               progress: bool) -> dict:
     import numpy as np
@@ -185,13 +200,7 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
             raise RuntimeError(f"replay failed: {box['error']}")
         res = box["res"]
         if job and job.get("job_id"):
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                st = http_call(f"{serve.url}/calibrate/{job['job_id']}")[1]
-                if st.get("state") in ("succeeded", "rejected", "failed"):
-                    break
-                time.sleep(0.5)
-            job = st
+            job = wait_for_job(serve, job["job_id"], log=log)
         status = http_call(serve.url + "/status")[1]
         (run_dir / "metrics.txt").write_text(http_call(serve.url + "/metrics", raw=True)[1])
         models = http_call(serve.url + "/models")[1]

@@ -17,6 +17,8 @@ def test_demo_runs_end_to_end_and_online_equals_offline(tmp_path, monkeypatch, c
     # a generous stall deadline: a busy test machine must not close bins early (that would be a
     # correct, flagged, real-time outcome, but not the one this test checks)
     monkeypatch.setenv("RPNT_DAEMON__STALL_MS", "2000")
+    # the job's worker at the decode loop's priority: a test never waits on a low-priority process
+    monkeypatch.setenv("RPNT_CALIBRATION__NICE", "0")
     work = tmp_path / "demo"
     rc = rpnt(["demo", "--workdir", str(work), "--quiet", "--pretrain-epochs", "1", "--steps-per-epoch", "4",
                "--finetune-epochs", "2", "--baselines", "wiener", "--replay-s", "8", "--calibrate-after-s", "4.5"])
