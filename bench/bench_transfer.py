@@ -22,10 +22,12 @@ the pretraining pool, every later clean day is a test day.  On a test day of T b
 
 Decoders, all on the same bins: causal Wiener filter (ridge, 10 lags), Kalman, GRU; RPNT from
 scratch; RPNT pretrained on the pool with each adaptation recipe (:data:`RECIPES`, pretraining
-variants in :data:`PRETRAINING`); and two zero-label rows: the pool's last day's decoder unchanged
-(the pretrained model fully finetuned on that day's labels) and the same decoder re-aligned to
-the new day by its unlabelled bins (:func:`rpnt_core.train.realign.realign_input`: new input
-statistics and a read-in refit by the masked Poisson loss; core and head kept).  Pretraining sees
+variants in :data:`PRETRAINING`); and three zero-label rows: the pool's last day's decoder
+unchanged (the pretrained model fully finetuned on that day's labels), the same decoder re-aligned
+to the new day by its unlabelled bins (:func:`rpnt_core.train.realign.realign_input`: new input
+statistics and a read-in refit by the masked Poisson loss; core and head kept), and the decoder
+that supervised pretraining learned from all the pool's labels, given the new day's input
+statistics only.  Pretraining sees
 the pool only (no test-day bins).
 
 Scenario ``nick``: the same protocol from the Spike pool plus Nick's center-out recording 1 to
@@ -62,7 +64,8 @@ BUDGETS_S = (15.0, 30.0, 60.0, 120.0, 300.0)
 TEST_FRACTION = 0.2
 VAL_SHARE = 0.2  # of the labelled seconds
 BASELINES = ("wiener", "kalman", "gru")
-ZERO_LABEL = ("last day's decoder, unchanged", "last day's decoder, re-aligned (no labels)")
+ZERO_LABEL = ("last day's decoder, unchanged", "last day's decoder, re-aligned (no labels)",
+              "pool decoder (earlier days' labels), day's input statistics")
 
 # Pretraining variants: objective (masked / supervised / both), channel handling, input normalisation.
 PRETRAINING: dict[str, dict] = {
@@ -269,9 +272,10 @@ def _last_day_decoder(args, sc: Scenario, seed: int):
 
 def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]:
     """Every wanted decoder at every label budget on one test day, one training seed."""
-    from rpnt_core.train.finetune import fit_decoder
-    from rpnt_core.train.realign import RealignOptions, realign_input
+    from rpnt_core.checkpoint import load_checkpoint
     from rpnt_core.evaluate.harness import session_metadata
+    from rpnt_core.train.finetune import fit_decoder, set_input_statistics
+    from rpnt_core.train.realign import RealignOptions, realign_input
 
     torch.set_num_threads(1)
     sc = scenarios(args)[scenario_index]
@@ -298,6 +302,11 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
                                                         batch_size=budget(args.quick)["batch"],
                                                         window_len=budget(args.quick)["window"], seed=seed))
             record(ZERO_LABEL[1], 0.0, _score_model(model, day, splits), t, **info)
+        if ZERO_LABEL[2] in args.only:
+            t = time.time()
+            model = load_checkpoint(_pretrain_path(args, sc.name, ZERO_LABEL_PRETRAIN, seed, full_pool))
+            set_input_statistics(model, day.counts[:splits.test[0]])
+            record(ZERO_LABEL[2], 0.0, _score_model(model, day, splits), t)
     for seconds in args.budgets:
         try:
             splits = label_split(day.n_bins, bin_s=day.bin_s, seconds=seconds)
@@ -384,6 +393,38 @@ def run(args) -> dict:
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def identity(result: dict) -> dict:
+    """What a row's number depends on besides its seed, decoder and day: runs that agree can be merged."""
+    return {k: result[k] for k in ("quick", "budget", "protocol")} | {
+        "scenarios": [{k: sc[k] for k in ("name", "target", "pool")} for sc in result["scenarios"]]}
+
+
+def merge(result: dict, paths: list[str]) -> dict:
+    """``result`` plus the rows (and pretraining runs) of earlier result files made with the same budget,
+    protocol and pools, for (scenario, day, decoder, seed) cells this run did not measure; each merged
+    row keeps a ``from`` naming its file.  SystemExit names a file that differs."""
+    here = identity(result)
+    seen = {(r["scenario"], r["day"], r["decoder"], r["seed"]) for r in result["rows"]}
+    rows, pre = list(result["rows"]), list(result["pretraining"])
+    for path in paths:
+        try:
+            old = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"--merge {path}: cannot read it as a result file ({exc})") from None
+        other = identity(old)
+        if any(other[k] != here[k] for k in ("quick", "budget", "protocol")) or any(
+                sc not in other["scenarios"] for sc in here["scenarios"] if sc["name"] in
+                {r["scenario"] for r in old["rows"]}):
+            raise SystemExit(f"--merge {path}: made with a different budget, protocol or pool; rerun instead")
+        new = [r | {"from": Path(path).name} for r in old["rows"]
+               if (r["scenario"], r["day"], r["decoder"], r["seed"]) not in seen]
+        rows += new
+        pre += [p for p in old["pretraining"] if p not in pre]
+        seen |= {(r["scenario"], r["day"], r["decoder"], r["seed"]) for r in new}
+    seeds = sorted({r["seed"] for r in rows})
+    return {**result, "rows": rows, "pretraining": pre, "seeds": seeds, "merged": paths}
+
+
 def summarise(rows: list[dict]) -> dict:
     """{(scenario, decoder): {label_seconds: (mean, sd, n_seeds)}}: per seed the mean over test days,
     then mean and sd over seeds."""
@@ -411,12 +452,12 @@ def markdown(result: dict) -> str:
                   f"{', '.join(sc['tests'])}", ""]
         if sc["dropped"]:
             lines += [f"Dropped by quality control: {'; '.join(f'{n} ({w})' for n, w in sc['dropped'])}", ""]
-        lines += ["| decoder | " + " | ".join("0 s" if s == 0 else f"{s:g} s" for s in secs) + " |",
-                  "|---|" + "---:|" * len(secs)]
+        lines += ["| decoder | seeds | " + " | ".join("0 s" if s == 0 else f"{s:g} s" for s in secs) + " |",
+                  "|---|---:|" + "---:|" * len(secs)]
         for (scn, dec), cells in summary.items():
             if scn != sc["name"]:
                 continue
-            lines.append(f"| {dec} | " + " | ".join(
+            lines.append(f"| {dec} | {max(c[2] for c in cells.values())} | " + " | ".join(
                 (f"{cells[s][0]:.3f} ± {cells[s][1]:.3f}" if cells[s][2] > 1 else f"{cells[s][0]:.3f}")
                 if s in cells else "" for s in secs) + " |")
         lines.append("")
@@ -488,6 +529,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--days", default="", help="test days by session name, comma-separated (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="processes (1 torch thread each)")
     p.add_argument("--quick", action="store_true", help="synthetic days and tiny budgets, for the test")
+    p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
+                   help="earlier result files of the same budget and protocol: their cells that this run does "
+                        "not measure are added to its tables (e.g. seed 0 of a ranking run)")
     a = p.parse_args(argv)
     a.seeds = [int(x) for x in a.seeds.split(",") if x]
     a.budgets = [float(x) for x in a.budgets.split(",") if x]
@@ -502,7 +546,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    result = run(args)
+    result = merge(run(args), args.merge)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

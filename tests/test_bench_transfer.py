@@ -97,6 +97,33 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def _result(**changes) -> dict:
+    rows = [{"scenario": "spike", "day": d, "decoder": "x", "seed": seed, "label_seconds": 15.0, "test_r2": 0.1 * seed}
+            for d in ("a", "b") for seed in (0, 1)]
+    return {"quick": False, "budget": bench_transfer.budget(False), "protocol": {"test_fraction": 0.2},
+            "scenarios": [{"name": "spike", "target": "position", "pool": ["p1", "p2"]}], "rows": rows,
+            "pretraining": [], "seeds": [0, 1], **changes}
+
+
+def test_merge_adds_only_cells_this_run_did_not_measure(tmp_path):
+    (tmp_path / "old.json").write_text(json.dumps(_result()))
+    now = _result(rows=[r for r in _result()["rows"] if r["seed"] == 1], seeds=[1])
+    now["rows"] = [r | {"seed": 2} for r in now["rows"]] + [{**now["rows"][0], "test_r2": 0.9}]
+    merged = bench_transfer.merge(now, [str(tmp_path / "old.json")])
+    cells = {(r["day"], r["seed"]): r for r in merged["rows"]}
+    assert merged["seeds"] == [0, 1, 2] and len(merged["rows"]) == 6
+    assert cells[("a", 1)]["test_r2"] == 0.9 and "from" not in cells[("a", 1)]  # this run's cell wins
+    assert cells[("b", 1)]["from"] == "old.json" and cells[("a", 0)]["from"] == "old.json"
+
+
+@pytest.mark.parametrize("change", [{"budget": {**bench_transfer.budget(False), "ft_epochs": 99}},
+                                    {"scenarios": [{"name": "spike", "target": "position", "pool": ["p2"]}]}])
+def test_merge_refuses_a_run_made_differently(tmp_path, change):
+    (tmp_path / "old.json").write_text(json.dumps(_result(**change)))
+    with pytest.raises(SystemExit, match="--merge .*old.json: made with a different"):
+        bench_transfer.merge(_result(), [str(tmp_path / "old.json")])
+
+
 def test_unknown_decoder_names_are_refused():
     with pytest.raises(SystemExit, match="--only: unknown"):
         bench_transfer.parse(["--only", "wiener;nonsense"])
