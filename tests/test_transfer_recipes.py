@@ -157,3 +157,28 @@ def test_realign_refuses_counts_of_another_width(supervised_ckpt):
     model = load_checkpoint(supervised_ckpt[0])
     with pytest.raises(ValueError, match=r"^counts: expected \(T, 20\)"):
         realign_input(model, np.zeros((50, 19)), options=RealignOptions())
+
+
+def test_cli_supervised_pretraining_with_input_norm_then_read_in_finetuning(days, tmp_path, capsys):
+    import json
+
+    from rpnt_core.cli import main as rpnt
+    from rpnt_core.data import save_npz
+
+    files = [str(save_npz(d, tmp_path / f"day{i}.npz")) for i, d in enumerate(days)]
+    pre = tmp_path / "pre.safetensors"
+    fast = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--window-len", "40", "--quiet",
+            "--device", "cpu"]
+    assert rpnt(["pretrain", "--data", *files[:3], "--out", str(pre), "--objective", "supervised", "--target",
+                 "position", "--input-norm", *fast]) == 0
+    cfg, meta = read_header(pre)
+    assert meta["supervised"] and cfg.input_norm and cfg.target == "position"
+    capsys.readouterr()
+    assert rpnt(["finetune", "--init", str(pre), "--data", files[3], "--target", "position", "--mode", "readin",
+                 "--out", str(tmp_path / "ft.safetensors"), *fast]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["head"] == "pretrained" and res["mode"] == "readin"
+    assert rpnt(["pretrain", "--data", *files[:2], "--out", str(pre), "--objective", "supervised", "--target",
+                 "force", *fast]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "target:" in err[0] and "Traceback" not in err[0]

@@ -25,9 +25,17 @@
   validation R² — the linear probe that finetuning then moves from (LP-FT, Kumar et al. 2022),
   also the first candidate for the best-validation weights.  Not the default: on the decoding
   benchmark it did not help (README, "Tried and did not help").
-- Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
-  norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
-  train split, AdamW with cosine decay.
+- Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "readin" (head and
+  read-in, core frozen), "last" (head + final norm + last ``last_layers`` blocks) or "full", MSE
+  on z-scored targets, random windows of the train split, AdamW with cosine decay.
+- A checkpoint of supervised pretraining (metadata ``supervised``) of the same target and width
+  keeps its head and the target normalisation it was trained with, and the pretrained decoder as
+  it is is the first candidate for the best-validation weights; otherwise the head is fresh and
+  the target is z-scored by the train split.
+- An ``input_norm`` model takes its input statistics from the session's bins before the test
+  split (counts only; :func:`set_input_statistics`).
+- :func:`fit_decoder` is the training alone (model + summary, no test score, no file), for
+  callers that keep their own test bins out of reach (``bench/bench_transfer.py``).
 - Early-stops on validation R² (streamed, exact) and reports the **test R² of the
   best-validation weights**, not the last epoch's.
 """
@@ -56,11 +64,9 @@ from ..data.splits import Splits, contiguous_splits
 from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata, target_labels
 from ..evaluate.probe import ridge_by_validation
 from ..model.rpnt import RPNT
+from .choices import FINETUNE_MODES
 from .distributed import resolve_device
 from .objectives import apply_mask, masked_poisson_nll, sample_mask, velocity_mse
-
-
-FINETUNE_MODES = ("head", "readin", "last", "full")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,16 @@ checkpoint with the best validation loss at ``out``, writes one JSON line per ep
 Runs unchanged under ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on GPUs): every rank
 draws its own batches, gradients are averaged, rank 0 writes files.
 
+Objective (``objective``): "masked" (default) is self-supervised only.  "supervised" trains the
+core and the behaviour head on the pool's own labels (every labelled recording's chosen target,
+z-scored by the pool's pooled mean and spread, which the head keeps: the checkpoint is then a
+decoder of the pool, metadata ``"supervised": true``, and finetuning starts from its head);
+"both" adds the two losses (``supervised_weight`` on the supervised one).  Validation and the
+kept checkpoint follow the same objective.
+
+Input normalisation (``config_overrides`` ``input_norm=True``, see ``RPNTConfig.input_norm``):
+every recording is standardised by its own sqrt-count statistics over its training bins.
+
 Validation: the last ``val_fraction`` of every recording, fixed windows and fixed masks (seeded),
 so validation losses are comparable between epochs and runs.
 
@@ -45,12 +55,10 @@ from ..config import RPNTConfig
 from ..data.session import Session, fingerprint_sessions
 from ..model.rpnt import RPNT
 from . import distributed as D
+from .choices import OBJECTIVES
 from .objectives import apply_mask, masked_poisson_nll, sample_mask, site_contrastive_loss, velocity_mse
 from .resume import load_training_state, save_training_state
 from .streams import Stream, metadata_batch, prepare_streams
-
-
-OBJECTIVES = ("masked", "supervised", "both")
 
 
 @dataclass(frozen=True, kw_only=True)
