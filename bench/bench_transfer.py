@@ -405,7 +405,7 @@ def merge(result: dict, paths: list[str]) -> dict:
     row keeps a ``from`` naming its file.  SystemExit names a file that differs."""
     here = identity(result)
     seen = {(r["scenario"], r["day"], r["decoder"], r["seed"]) for r in result["rows"]}
-    rows, pre = list(result["rows"]), list(result["pretraining"])
+    rows, pre, stages = list(result["rows"]), list(result["pretraining"]), {}
     for path in paths:
         try:
             old = json.loads(Path(path).read_text())
@@ -420,9 +420,12 @@ def merge(result: dict, paths: list[str]) -> dict:
                if (r["scenario"], r["day"], r["decoder"], r["seed"]) not in seen]
         rows += new
         pre += [p for p in old["pretraining"] if p not in pre]
+        stages[Path(path).name] = old.get("stages")
         seen |= {(r["scenario"], r["day"], r["decoder"], r["seed"]) for r in new}
+        names = {sc["name"] for sc in result["scenarios"]}
+        result = {**result, "scenarios": result["scenarios"] + [sc for sc in old["scenarios"] if sc["name"] not in names]}
     seeds = sorted({r["seed"] for r in rows})
-    return {**result, "rows": rows, "pretraining": pre, "seeds": seeds, "merged": paths}
+    return {**result, "rows": rows, "pretraining": pre, "seeds": seeds, "merged_stages": stages}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -444,7 +447,8 @@ def markdown(result: dict) -> str:
              f"Budget (reduced for 2 shared CPU cores): pretraining {b['pre_epochs']}×{b['pre_steps']} steps, batch "
              f"{b['batch']}×{b['window']} bins, preset {b['preset']}; finetuning ≤ {b['ft_epochs']} epochs × "
              f"≤ {b['ft_steps_max']} steps (1 step per {b['ft_bins_per_step']} labelled train bins), patience "
-             f"{b['patience']}; re-alignment {b['realign_steps']} steps.  Wall time: {result['stages']}.", ""]
+             f"{b['patience']}; re-alignment {b['realign_steps']} steps.  Wall time (s): {result['stages']}"
+             + "".join(f"; merged {k}: {v}" for k, v in (result.get("merged_stages") or {}).items()) + ".", ""]
     summary = summarise(result["rows"])
     for sc in result["scenarios"]:
         secs = sorted({r["label_seconds"] for r in result["rows"] if r["scenario"] == sc["name"]})
