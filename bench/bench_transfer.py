@@ -343,16 +343,26 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
 # ------------------------------------------------------------------------------------------ report
 
 
-def _pool(args, fn, units: list[tuple]) -> list:
+def _pool(args, fn, units: list[tuple]):
+    """``fn(*unit)`` for every unit, ``args.jobs`` processes at a time; yields results as they finish."""
     if args.jobs > 1 and len(units) > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(args.jobs) as workers:
-            return workers.starmap(fn, units, chunksize=1)
-    return [fn(*u) for u in units]
+            yield from workers.imap_unordered(_star, [(fn, u) for u in units], chunksize=1)
+        return
+    for u in units:
+        yield fn(*u)
 
 
-def run(args) -> dict:
+def _star(job: tuple):
+    fn, unit = job
+    return fn(*unit)
+
+
+def run(args, on_rows=None) -> dict:
+    """Pretraining runs, then every (scenario, seed, test day) unit; ``on_rows(result so far)`` is called
+    after each unit (the caller writes partial results, so a run cut short keeps what it measured)."""
     t_all = time.time()
     t = time.time()
     scs = scenarios(args)
@@ -372,25 +382,34 @@ def run(args) -> dict:
                                           if any(RECIPES[r]["pretrain"] == v for r in RECIPES if r in args.only) else set())
                 pre_units += [(args, i, v, seed, k) for k in sorted(sizes)]
     t = time.time()
-    pretraining = _pool(args, pretrain_unit, pre_units)
+    pretraining = list(_pool(args, pretrain_unit, pre_units))
     stages["pretraining_seconds"] = round(time.time() - t, 1)
     t = time.time()
     day_units = [(args, i, j, seed) for i, sc in enumerate(scs) for seed in args.seeds for j in range(len(sc.tests))]
-    rows = [r for part in _pool(args, day_unit, day_units) for r in part]
-    stages["calibration_and_test_seconds"] = round(time.time() - t, 1)
+
+    def result(rows: list[dict], done: int) -> dict:
+        return {"benchmark": "transfer", "quick": args.quick, "seeds": args.seeds, "budgets_s": args.budgets,
+                "budget": budget(args.quick), "pool_sizes": args.pool_sizes,
+                "protocol": {"test_fraction": TEST_FRACTION, "val_share_of_labels": VAL_SHARE,
+                             "unlabelled_bins": "every bin before the test part: input statistics and label-free "
+                                                "re-alignment (counts only)",
+                             "pretraining": "the pool only (no test-day bins)"},
+                "scenarios": [{"name": sc.name, "target": sc.target, "pool": [d.name for d in sc.pool],
+                               "tests": [d.name for d in sc.tests], "dropped": sc.dropped} for sc in scs],
+                "pretraining": pretraining, "rows": rows, "units_done": f"{done} of {len(day_units)}",
+                "stages": stages, "jobs": args.jobs,
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                            "threads_per_job": 1},
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    rows: list[dict] = []
+    for done, part in enumerate(_pool(args, day_unit, day_units), start=1):
+        rows += part
+        stages["calibration_and_test_seconds"] = round(time.time() - t, 1)
+        if on_rows is not None and done < len(day_units):
+            on_rows(result(rows, done))
     stages["total_seconds"] = round(time.time() - t_all, 1)
-    return {"benchmark": "transfer", "quick": args.quick, "seeds": args.seeds, "budgets_s": args.budgets,
-            "budget": budget(args.quick), "pool_sizes": args.pool_sizes,
-            "protocol": {"test_fraction": TEST_FRACTION, "val_share_of_labels": VAL_SHARE,
-                         "unlabelled_bins": "every bin before the test part: input statistics and label-free "
-                                            "re-alignment (counts only)",
-                         "pretraining": "the pool only (no test-day bins)"},
-            "scenarios": [{"name": sc.name, "target": sc.target, "pool": [d.name for d in sc.pool],
-                           "tests": [d.name for d in sc.tests], "dropped": sc.dropped} for sc in scs],
-            "pretraining": pretraining, "rows": rows, "stages": stages, "jobs": args.jobs,
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                        "threads_per_job": 1},
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return result(sorted(rows, key=lambda r: (r["scenario"], r["seed"], r["day"])), len(day_units))
 
 
 def identity(result: dict) -> dict:
@@ -443,7 +462,8 @@ def summarise(rows: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     b = result["budget"]
-    lines = [f"Cross-day transfer, test R² (mean over test days; mean ± sd over seeds {result['seeds']}).",
+    lines = [f"Cross-day transfer, test R² (mean over test days; mean ± sd over seeds {result['seeds']}; "
+             f"units measured: {result['units_done']}).",
              f"Budget (reduced for 2 shared CPU cores): pretraining {b['pre_epochs']}×{b['pre_steps']} steps, batch "
              f"{b['batch']}×{b['window']} bins, preset {b['preset']}; finetuning ≤ {b['ft_epochs']} epochs × "
              f"≤ {b['ft_steps_max']} steps (1 step per {b['ft_bins_per_step']} labelled train bins), patience "
@@ -550,15 +570,20 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    result = merge(run(args), args.merge)
     out = Path(args.out)
+    result = merge(run(args, on_rows=lambda partial: write(merge(partial, args.merge), out)), args.merge)
+    print("\n" + write(result, out))
+    return 0
+
+
+def write(result: dict, out: Path) -> str:
+    """JSON, Markdown and PNG of ``result`` next to ``out``; returns the Markdown."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     md = markdown(result)
     out.with_suffix(".md").write_text(md + "\n")
     plot(result, out.with_suffix(".png"))
-    print("\n" + md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":
