@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .train.choices import FINETUNE_MODES, OBJECTIVES
 
 
 def _threads(n: int) -> None:
@@ -39,6 +40,18 @@ def _target_arg(p: argparse.ArgumentParser, *, default: str | None, what: str) -
     p.add_argument("--target", metavar="NAME", default=default,
                    help=f"behaviour series {what} (velocity, position, force or emg, as the data has them; "
                         f"default: {shown})")
+
+
+def _input_norm_arg(p: argparse.ArgumentParser, *, scratch: bool = False) -> None:
+    p.add_argument("--input-norm", action="store_true",
+                   help="standardise each channel's sqrt counts by the recording's own statistics (firing rates "
+                        "drift across days; RPNTConfig.input_norm)" + (" — for a model trained from scratch; a "
+                        "checkpoint keeps its own setting" if scratch else ""))
+
+
+def _overrides(a: argparse.Namespace) -> tuple[tuple[str, object], ...]:
+    """Model config overrides chosen on the command line."""
+    return (("input_norm", True),) if a.input_norm else ()
 
 
 def _allow_flagged_arg(p: argparse.ArgumentParser) -> None:
@@ -148,6 +161,12 @@ def pretrain_main(argv: list[str]) -> int:
                    help="fraction of the batches drawn from the LAST --data session (e.g. a new session's "
                         "unlabelled bins, 0.25 in the benchmark recipe); the others share the rest by length. "
                         "Default 0: every session by its length")
+    p.add_argument("--objective", choices=list(OBJECTIVES), default="masked",
+                   help="'masked' (default): self-supervised, no labels; 'supervised': the sessions' labels of "
+                        "--target train the core and the head together (a decoder of the pool that finetuning "
+                        "starts from; the cross-day benchmark's winner, README)")
+    _target_arg(p, default="velocity", what="that --objective supervised learns")
+    _input_norm_arg(p)
     p.add_argument("--n-max", type=int, default=0, help="resample width (default: largest channel count)")
     p.add_argument("--spatial", action="store_true", help="train the multi-site spatial encoder + site contrast "
                                                           "(multi-site recordings only)")
@@ -173,12 +192,15 @@ def _run_pretrain(a: argparse.Namespace) -> int:
 
     try:
         sessions = _load_many(a.data)
+        if a.objective != "masked":
+            sessions = [s.with_target(a.target) for s in sessions]
         if not a.allow_flagged:
             sessions = _drop_flagged("pretrain", sessions)
         opts = PretrainOptions(preset=a.preset, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
                                batch_size=a.batch_size, window_len=a.window_len, lr=a.lr, channels=a.channels,
                                adapter_lr_scale=a.adapter_lr_scale,
                                target_share=a.target_share, n_max=a.n_max, spatial=a.spatial, seed=a.seed,
+                               objective=a.objective, config_overrides=_overrides(a),
                                device=a.device, resume=a.resume, progress=not a.quiet)
         res = pretrain(sessions, options=opts, out=a.out)
     except USER_ERRORS as exc:
@@ -241,8 +263,9 @@ def finetune_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
     p.add_argument("--train-fraction", type=float, default=0.2, help="fraction of the session used for training "
                                                                      "(from its start; default 0.2)")
-    p.add_argument("--mode", choices=["head", "last", "full"], default="full",
-                   help="what to train: velocity head only (encoder frozen), last layers, or full (default)")
+    p.add_argument("--mode", choices=list(FINETUNE_MODES), default="full",
+                   help="what to train: the head only (encoder frozen), 'readin' (head and read-in, core "
+                        "frozen), the last layers, or full (default)")
     p.add_argument("--last-layers", type=int, default=1, help="blocks trained in --mode last (default 1)")
     p.add_argument("--channels", choices=["resample", "readin"], default="resample",
                    help="when the session's channel count differs from the checkpoint's: resample to the "
@@ -258,6 +281,7 @@ def finetune_main(argv: list[str]) -> int:
                    help="velocity head's start: random (default) or ridge = the linear probe of the model's "
                         "latent (closed form, penalty by validation R²; LP-FT)")
     p.add_argument("--patience", type=int, default=8, help="epochs without validation gain before stopping")
+    _input_norm_arg(p, scratch=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     a = p.parse_args(argv)
     _threads(a.threads)
@@ -273,7 +297,7 @@ def finetune_main(argv: list[str]) -> int:
                                window_len=a.window_len, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale,
                                head_init=a.head_init, patience=a.patience, train_fraction=a.train_fraction,
                                channels=a.channels, preset=a.preset, seed=a.seed, device=a.device,
-                               progress=not a.quiet)
+                               config_overrides=_overrides(a) if a.init is None else (), progress=not a.quiet)
         res = finetune(session, init=a.init, options=opts, out=a.out)
     except USER_ERRORS as exc:
         return _fail("finetune", exc)

@@ -65,6 +65,12 @@ class RPNTConfig:
         and every export are exactly the model without it.  Off in the presets: at this
         project's CPU budget it did not lower the pretraining loss (synthetic held-out subject,
         its own unlabelled bins only: validation NLL 0.5640 with vs 0.5636 without after 5 epochs).
+    input_norm: standardise each input channel's sqrt(count) by the recording's own statistics
+        before the read-in: ``(sqrt(x) − input_mean) / input_scale``, two (n_channels,) buffers of
+        the model (see :func:`rpnt_core.data.normalise.sqrt_count_stats`), set from the unlabelled
+        bins of the day being decoded.  Firing rates of one array drift several-fold across days;
+        with it a read-in learned on one day meets another day's counts on the same scale.  The
+        buffers travel with the checkpoint and every export (they are part of ``step``).
     spatial_layers, spatial_heads, site_rope_base: multi-site spatial encoder (0 layers = none).
     input_channels, channel_map: fixed channel resampling inside the model.  When ``channel_map``
         is set, the model consumes counts with ``input_channels`` channels and gathers
@@ -93,6 +99,7 @@ class RPNTConfig:
     tasks: tuple[str, ...] = ()
     use_date: bool = True
     mask_token: bool = False
+    input_norm: bool = False
     spatial_layers: int = 0
     spatial_heads: int = 4
     site_rope_base: float = 100.0

@@ -66,6 +66,9 @@ class RPNT(nn.Module):
         self.velocity_head = nn.Linear(c.d_model, c.n_outputs)
         self.register_buffer("velocity_mean", torch.zeros(c.n_outputs))
         self.register_buffer("velocity_scale", torch.ones(c.n_outputs))
+        if c.input_norm:  # identity until set_input_normalisation (see RPNTConfig.input_norm)
+            self.register_buffer("input_mean", torch.zeros(c.n_channels))
+            self.register_buffer("input_scale", torch.ones(c.n_channels))
         if c.channel_map:
             self.register_buffer("channel_index", torch.tensor(c.channel_map, dtype=torch.long), persistent=False)
         else:
@@ -131,20 +134,30 @@ class RPNT(nn.Module):
         """Input counts (..., N_in) as the model's Poisson targets (..., N): through the channel map."""
         return counts if self.channel_index is None else counts.index_select(-1, self.channel_index)
 
-    def _embed(self, counts: Tensor, adapter: nn.Module | None, mask: Tensor | None = None) -> Tensor:
+    def _embed(self, counts: Tensor, adapter: nn.Module | None, mask: Tensor | None = None,
+               norm: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(..., N_in) counts [+ mask, same shape, True = hidden] → (..., d) token embeddings
-        (before metadata)."""
+        (before metadata).  With ``config.input_norm`` the sqrt counts are standardised by
+        ``norm`` = (mean, scale) over the read-in's channels when given (pretraining: each
+        recording's own statistics), else by the model's ``input_mean``/``input_scale``."""
         x = counts.float()
         if adapter is not None:
-            h = adapter.read_in(torch.sqrt(x))
+            h = adapter.read_in(self._standardise(torch.sqrt(x), norm))
             mask_in = getattr(adapter, "mask_in", None)
         else:
-            h = self.read_in(torch.sqrt(self.units(x)))  # (..., d)
+            h = self.read_in(self._standardise(torch.sqrt(self.units(x)), norm))  # (..., d)
             mask_in = self.mask_in
             mask = None if mask is None else self.units(mask)
         if mask is not None and mask_in is not None:
             h = h + mask_in(mask.to(h.dtype))  # (..., d)
         return h
+
+    def _standardise(self, s: Tensor, norm: tuple[Tensor, Tensor] | None) -> Tensor:
+        """(..., N) sqrt counts, standardised per channel when ``config.input_norm`` (else as is)."""
+        if not self.config.input_norm:
+            return s
+        mean, scale = norm if norm is not None else (self.input_mean, self.input_scale)
+        return (s - mean.to(s.device)) / scale.to(s.device)
 
     def _heads(self, z: Tensor, adapter: nn.Module | None = None) -> dict[str, Tensor]:
         rate_out = self.rate_out if adapter is None else adapter.rate_out
@@ -153,13 +166,15 @@ class RPNT(nn.Module):
 
     def forward(self, counts: Tensor, metadata: Mapping[str, Tensor] | None = None, *,
                 site_xy: Tensor | None = None, start_position: int = 0,
-                adapter: nn.Module | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
+                adapter: nn.Module | None = None, mask: Tensor | None = None,
+                norm: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """counts (B, T, N) [or (B, S, T, N)] → outputs for every bin; bin 0 starts the stream.
 
         ``adapter`` (pretraining with per-session read-ins): a module with ``read_in``
         (Linear(N_s → d)) and ``rate_out`` (Linear(d → N_s)) used instead of the model's own.
         ``mask`` (masked pretraining): bool, the shape of ``counts``, True where the input was
-        hidden (see ``RPNTConfig.mask_token``); None at inference.
+        hidden (see ``RPNTConfig.mask_token``); None at inference.  ``norm``: (mean, scale) of
+        this recording's sqrt counts for ``config.input_norm`` models (see :meth:`_embed`).
         """
         self._check_counts(counts, step=False, n=None if adapter is None else adapter.read_in.in_features)
         multisite = self.config.spatial_layers > 0
@@ -170,7 +185,7 @@ class RPNT(nn.Module):
             xy = self._site_xy(site_xy, b, s)
             x = x.flatten(0, 1)  # (B·S, T, N)
             mask = None if mask is None else mask.flatten(0, 1)
-        h = self._embed(x, adapter, mask)  # (B', T, d)
+        h = self._embed(x, adapter, mask, norm)  # (B', T, d)
         bias = self.metadata_bias(metadata, b)  # (B, d)
         if multisite:
             bias = bias.repeat_interleave(s, dim=0)
@@ -286,20 +301,29 @@ class RPNT(nn.Module):
             self.velocity_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
             self.velocity_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
 
+    def set_input_normalisation(self, mean: Tensor, scale: Tensor) -> None:
+        """Per-channel statistics of sqrt counts (``config.input_norm`` models only)."""
+        if not self.config.input_norm:
+            raise ValueError("input_norm: this model was built without input normalisation")
+        with torch.no_grad():
+            self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+            self.input_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+
     def trainable_for(self, mode: str, *, last_layers: int = 1, read_in: bool = False) -> list[nn.Parameter]:
-        """Parameters trained in finetuning ``mode``: "head" (velocity head only), "last" (head,
-        final norm and the last ``last_layers`` blocks), "full" (everything).  ``read_in`` adds
-        the read-in (a fresh per-session read-in is always trained)."""
+        """Parameters trained in finetuning ``mode``: "head" (velocity head only), "readin" (head and
+        read-in, the core frozen: the day's units re-identified onto the pretrained latent), "last"
+        (head, final norm and the last ``last_layers`` blocks), "full" (everything).  ``read_in``
+        adds the read-in (a fresh per-session read-in is always trained)."""
         if mode == "full":
             return list(self.parameters())
         params = list(self.velocity_head.parameters())
-        if read_in:
+        if read_in or mode == "readin":
             params += list(self.read_in.parameters())
-        if mode == "head":
+        if mode in ("head", "readin"):
             return params
         if mode == "last":
             params += list(self.norm.parameters())
             for blk in list(self.blocks)[-last_layers:]:
                 params += list(blk.parameters())
             return params
-        raise ValueError(f"mode: expected 'head', 'last' or 'full', got {mode!r}")
+        raise ValueError(f"mode: expected 'head', 'readin', 'last' or 'full', got {mode!r}")

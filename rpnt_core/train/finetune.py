@@ -25,9 +25,17 @@
   validation R² — the linear probe that finetuning then moves from (LP-FT, Kumar et al. 2022),
   also the first candidate for the best-validation weights.  Not the default: on the decoding
   benchmark it did not help (README, "Tried and did not help").
-- Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
-  norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
-  train split, AdamW with cosine decay.
+- Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "readin" (head and
+  read-in, core frozen), "last" (head + final norm + last ``last_layers`` blocks) or "full", MSE
+  on z-scored targets, random windows of the train split, AdamW with cosine decay.
+- A checkpoint of supervised pretraining (metadata ``supervised``) of the same target and width
+  keeps its head and the target normalisation it was trained with, and the pretrained decoder as
+  it is is the first candidate for the best-validation weights; otherwise the head is fresh and
+  the target is z-scored by the train split.
+- An ``input_norm`` model takes its input statistics from the session's bins before the test
+  split (counts only; :func:`set_input_statistics`).
+- :func:`fit_decoder` is the training alone (model + summary, no test score, no file), for
+  callers that keep their own test bins out of reach (``bench/bench_transfer.py``).
 - Early-stops on validation R² (streamed, exact) and reports the **test R² of the
   best-validation weights**, not the last epoch's.
 """
@@ -50,11 +58,13 @@ from tqdm import tqdm
 from ..checkpoint import load_checkpoint, read_extra_tensors, read_header, save_checkpoint
 from ..config import RPNTConfig
 from ..data.channels import ChannelResampler
+from ..data.normalise import sqrt_count_stats
 from ..data.session import Session, check_bin_width, conditioning_metadata
 from ..data.splits import Splits, contiguous_splits
 from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata, target_labels
 from ..evaluate.probe import ridge_by_validation
 from ..model.rpnt import RPNT
+from .choices import FINETUNE_MODES
 from .distributed import resolve_device
 from .objectives import apply_mask, masked_poisson_nll, sample_mask, velocity_mse
 
@@ -84,8 +94,8 @@ class FinetuneOptions:
     config_overrides: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.mode not in ("head", "last", "full"):
-            raise ValueError(f"mode: expected 'head', 'last' or 'full', got {self.mode!r}")
+        if self.mode not in FINETUNE_MODES:
+            raise ValueError(f"mode: expected one of {', '.join(FINETUNE_MODES)}, got {self.mode!r}")
         if self.head_init not in ("random", "ridge"):
             raise ValueError(f"head_init: expected 'ridge' or 'random', got {self.head_init!r}")
         if self.channels not in ("resample", "readin"):
@@ -120,7 +130,7 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
         cfg = RPNTConfig.preset(options.preset, n_channels=n_in, n_outputs=d_out, bin_s=float(session.bin_s),
                                 subjects=_session_vocab(session, "subject"), sessions=_session_vocab(session, "session"),
                                 tasks=_session_vocab(session, "task"), **overrides)
-        return RPNT(cfg), True, {"init": None}
+        return RPNT(cfg), True, {"init": None, "head": "fresh"}
     base_cfg, base_meta = read_header(init)
     base = load_checkpoint(init)
     if base_cfg.spatial_layers:
@@ -150,7 +160,12 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
             fresh_read_in = True
     provenance["read_in"] = ("fresh" if fresh_read_in else "pretrained, this session" if seen
                              else "pretrained, shared")
-    state = {k: v for k, v in state.items() if not k.startswith("velocity_")}
+    keep_head = bool(base_meta.get("supervised")) and base_cfg.target == session.target and base_cfg.n_outputs == d_out
+    provenance["head"] = "pretrained" if keep_head else "fresh"
+    if not keep_head:
+        state = {k: v for k, v in state.items() if not k.startswith("velocity_")}
+    if base_cfg.input_norm:  # the new recording's statistics are set by fit_decoder, not the pool's
+        state = {k: v for k, v in state.items() if not k.startswith("input_")}
     model = RPNT(cfg)
     model.load_state_dict(state, strict=False)
     return model, fresh_read_in, provenance
@@ -202,25 +217,43 @@ def ridge_head_init(model: RPNT, session: Session, splits: Splits) -> dict:
     return {"val_r2": validation_r2(model, session, splits), "rel_alpha": fit["rel_alpha"]}
 
 
-def finetune(session: Session, *, init: str | Path | None, options: FinetuneOptions, out: str | Path | None,
-             splits: Splits | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Finetune on one labelled session; returns metrics (test R² of the best-validation weights).
+def model_columns(model: RPNT, counts: np.ndarray) -> np.ndarray:
+    """(T, N_in) counts as the model's read-in sees them: (T, n_channels), through its channel map."""
+    idx = model.config.channel_map
+    return np.asarray(counts)[:, list(idx)] if idx else np.asarray(counts)
 
-    ``on_epoch``: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2", "best"}``
-    (progress reporting, e.g. a calibration job's progress file)."""
+
+def set_input_statistics(model: RPNT, counts: np.ndarray) -> None:
+    """Set an ``input_norm`` model's statistics from unlabelled ``counts`` (T, N_in) of the recording
+    it will decode (no-op for other models)."""
+    if model.config.input_norm:
+        mean, scale = sqrt_count_stats(model_columns(model, counts))
+        model.set_input_normalisation(torch.from_numpy(mean), torch.from_numpy(scale))
+
+
+def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneOptions, splits: Splits,
+                on_epoch: Callable[[dict], None] | None = None) -> tuple[RPNT, dict]:
+    """Train a decoder on ``splits.train`` and keep the weights of the best ``splits.val`` R².
+
+    Labels are read from the train and validation ranges only.  Counts are read from the train
+    windows, the validation range (with its history), and — for an ``input_norm`` model — every
+    bin before ``splits.test`` for the input statistics (counts only, no labels).  Returns the
+    model (eval mode) and ``{"val_r2", "best_epoch", "epochs_run", "history", "train_seconds",
+    **provenance}``."""
     session = session.with_target(None)  # "target: ... has no 'force'" when the session lacks its target
     if session.multisite:
         raise ValueError("counts: finetuning decodes single-site recordings (T, N)")
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     dev = resolve_device(options.device)
-    splits = splits or contiguous_splits(session.n_bins, train_fraction=options.train_fraction,
-                                         val_fraction=options.val_fraction, test_fraction=options.test_fraction)
     model, fresh_read_in, provenance = build_model(session, init, options)
     lo, hi = splits.train
+    set_input_statistics(model, session.counts[:splits.test[0]])
     vel = np.asarray(session.labels, dtype=np.float32)
-    mean, scale = vel[lo:hi].mean(0), vel[lo:hi].std(0) + 1e-6
-    model.set_velocity_normalisation(torch.from_numpy(mean), torch.from_numpy(scale))
+    if provenance["head"] == "fresh":  # a pretrained head keeps the normalisation it was trained with
+        mean, scale = vel[lo:hi].mean(0), vel[lo:hi].std(0) + 1e-6
+        model.set_velocity_normalisation(torch.from_numpy(mean), torch.from_numpy(scale))
+    mean, scale = model.velocity_mean.numpy().copy(), model.velocity_scale.numpy().copy()
     model.to(dev)
     params = _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
     counts_t = torch.from_numpy(np.asarray(session.counts, dtype=np.float32))
@@ -230,7 +263,7 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
         raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
     steps = options.steps_per_epoch
     head_ids = {id(p) for p in model.velocity_head.parameters()}
-    if fresh_read_in or init is None:
+    if fresh_read_in or init is None or options.mode == "readin":
         head_ids |= {id(p) for p in model.read_in.parameters()}
     groups = [{"params": [p for p in params if id(p) in head_ids], "lr": options.lr},
               {"params": [p for p in params if id(p) not in head_ids],
@@ -241,9 +274,14 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
     m_t, s_t = torch.from_numpy(mean).to(dev), torch.from_numpy(scale).to(dev)
     gen = torch.Generator().manual_seed(options.seed + 99)
     best = {"val_r2": -math.inf, "epoch": -1, "state": None}
+    if provenance["head"] == "pretrained":  # the pretrained decoder as it is is the first candidate
+        model.eval()
+        best = {"val_r2": validation_r2(model, session, splits), "epoch": -1, "state": copy.deepcopy(model.state_dict())}
+        _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
     if options.head_init == "ridge":  # LP-FT: the linear probe of the latent is the first candidate
         lp = ridge_head_init(model, session, splits)
-        best = {"val_r2": lp["val_r2"], "epoch": -1, "state": copy.deepcopy(model.state_dict())}
+        if lp["val_r2"] > best["val_r2"]:
+            best = {"val_r2": lp["val_r2"], "epoch": -1, "state": copy.deepcopy(model.state_dict())}
         provenance["head_init"] = {"ridge_val_r2": lp["val_r2"], "rel_alpha": lp["rel_alpha"]}
         _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
     history = []
@@ -288,9 +326,25 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
+    return model, {"val_r2": best["val_r2"], "best_epoch": best["epoch"], "epochs_run": len(history),
+                   "history": history, "train_seconds": round(time.time() - t0, 2), **provenance}
+
+
+def finetune(session: Session, *, init: str | Path | None, options: FinetuneOptions, out: str | Path | None,
+             splits: Splits | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Finetune on one labelled session; returns metrics (test R² of the best-validation weights).
+
+    ``on_epoch``: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2", "best"}``
+    (progress reporting, e.g. a calibration job's progress file)."""
+    session = session.with_target(None)
+    splits = splits or contiguous_splits(session.n_bins, train_fraction=options.train_fraction,
+                                         val_fraction=options.val_fraction, test_fraction=options.test_fraction)
+    model, fit = fit_decoder(session, init=init, options=options, splits=splits, on_epoch=on_epoch)
+    history = fit.pop("history")
+    provenance = {k: v for k, v in fit.items() if k not in ("val_r2", "best_epoch", "epochs_run", "train_seconds")}
     test = evaluate_model(model, session, splits)
-    metrics = {"val_r2": best["val_r2"], "best_epoch": best["epoch"], "epochs_run": len(history),
-               "test_r2": test["r2"], "test_r2_per_dim": test["r2_per_dim"], "train_seconds": round(time.time() - t0, 2)}
+    metrics = {"val_r2": fit["val_r2"], "best_epoch": fit["best_epoch"], "epochs_run": fit["epochs_run"],
+               "test_r2": test["r2"], "test_r2_per_dim": test["r2_per_dim"], "train_seconds": fit["train_seconds"]}
     result = {"target": session.target, **metrics, "splits": splits.as_dict(), "history": history, **provenance,
               "mode": options.mode, "channels": options.channels if provenance["init"] else "native"}
     if out is not None:

@@ -8,6 +8,16 @@ checkpoint with the best validation loss at ``out``, writes one JSON line per ep
 Runs unchanged under ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on GPUs): every rank
 draws its own batches, gradients are averaged, rank 0 writes files.
 
+Objective (``objective``): "masked" (default) is self-supervised only.  "supervised" trains the
+core and the behaviour head on the pool's own labels (every labelled recording's chosen target,
+z-scored by the pool's pooled mean and spread, which the head keeps: the checkpoint is then a
+decoder of the pool, metadata ``"supervised": true``, and finetuning starts from its head);
+"both" adds the two losses (``supervised_weight`` on the supervised one).  Validation and the
+kept checkpoint follow the same objective.
+
+Input normalisation (``config_overrides`` ``input_norm=True``, see ``RPNTConfig.input_norm``):
+every recording is standardised by its own sqrt-count statistics over its training bins.
+
 Validation: the last ``val_fraction`` of every recording, fixed windows and fixed masks (seeded),
 so validation losses are comparable between epochs and runs.
 
@@ -45,7 +55,8 @@ from ..config import RPNTConfig
 from ..data.session import Session, fingerprint_sessions
 from ..model.rpnt import RPNT
 from . import distributed as D
-from .objectives import apply_mask, masked_poisson_nll, sample_mask, site_contrastive_loss
+from .choices import OBJECTIVES
+from .objectives import apply_mask, masked_poisson_nll, sample_mask, site_contrastive_loss, velocity_mse
 from .resume import load_training_state, save_training_state
 from .streams import Stream, metadata_batch, prepare_streams
 
@@ -68,6 +79,8 @@ class PretrainOptions:
     contrastive_weight: float = 0.1
     adapter_lr_scale: float = 10.0  # learning-rate multiplier for the per-session read-ins/read-outs ("readin")
     target_share: float = 0.0  # share of the batches drawn from the LAST session (0 = by length, like the rest)
+    objective: str = "masked"  # "masked" (self-supervised), "supervised" (labels of the pool) or "both"
+    supervised_weight: float = 1.0  # weight of the supervised loss under objective="both"
     seed: int = 0
     device: str = "auto"
     resume: bool = False
@@ -86,6 +99,18 @@ class PretrainOptions:
             raise ValueError(f"adapter_lr_scale: must be > 0, got {self.adapter_lr_scale}")
         if not 0 <= self.target_share < 1:
             raise ValueError(f"target_share: must be in [0, 1), got {self.target_share}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not self.supervised_weight > 0:
+            raise ValueError(f"supervised_weight: must be > 0, got {self.supervised_weight}")
+
+    @property
+    def masked(self) -> bool:
+        return self.objective in ("masked", "both")
+
+    @property
+    def supervised(self) -> bool:
+        return self.objective in ("supervised", "both")
 
 
 class SessionAdapter(nn.Module):
@@ -107,9 +132,9 @@ class PretrainNet(nn.Module):
         self.core = core
         self.adapters = nn.ModuleDict({_safe(k): v for k, v in (adapters or {}).items()})
 
-    def forward(self, counts, metadata, key: str, site_xy=None, mask=None):
+    def forward(self, counts, metadata, key: str, site_xy=None, mask=None, norm=None):
         adapter = self.adapters[_safe(key)] if len(self.adapters) else None
-        return self.core(counts, metadata, site_xy=site_xy, adapter=adapter, mask=mask)
+        return self.core(counts, metadata, site_xy=site_xy, adapter=adapter, mask=mask, norm=norm)
 
 
 def _safe(key: str) -> str:
@@ -123,9 +148,33 @@ def build_config(sessions: list[Session], options: PretrainOptions) -> RPNTConfi
     overrides = dict(options.config_overrides)
     if options.spatial:
         overrides.setdefault("spatial_layers", 2)
+    if options.supervised:
+        overrides.setdefault("target", _pool_target(sessions))
     return RPNTConfig.preset(options.preset, n_channels=n_max, n_outputs=outputs[0] if outputs else 2,
                              bin_s=float(sessions[0].bin_s), subjects=names("subject"),
                              sessions=names("session"), tasks=names("task"), **overrides)
+
+
+def _pool_target(sessions: list[Session]) -> str:
+    """The one target every labelled session decodes (supervised pretraining needs one)."""
+    labelled = [s for s in sessions if s.labels is not None]
+    if not labelled:
+        raise ValueError("objective: supervised pretraining needs sessions with labels of their target")
+    names = {s.target for s in labelled}
+    widths = {s.n_outputs for s in labelled}
+    if len(names) > 1 or len(widths) > 1:
+        raise ValueError(f"target: supervised pretraining needs one target of one width, got "
+                         f"{sorted(names)} with {sorted(widths)} dimensions")
+    return names.pop()
+
+
+@torch.no_grad()
+def init_target_normalisation(core: RPNT, streams: list[Stream]) -> None:
+    """Set the head's normalisation to the pooled mean and standard deviation of the target over the
+    labelled streams' training bins (one scale for the pool: the units are the same every day)."""
+    ys = [st.labels[st.train[0]:st.train[1]] for st in streams if st.labels is not None]
+    y = torch.cat(ys).double()
+    core.set_velocity_normalisation(y.mean(0).float(), (y.std(0) + 1e-6).float())
 
 
 def session_alignment(streams: list[Stream], adapters: nn.ModuleDict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -152,31 +201,45 @@ def session_alignment(streams: list[Stream], adapters: nn.ModuleDict) -> tuple[d
 
 
 def _loss(net: nn.Module, core: RPNT, stream: Stream, counts: torch.Tensor, *, gen: torch.Generator,
-          device: torch.device, contrastive_weight: float) -> torch.Tensor:
-    mask = sample_mask(tuple(counts.shape), generator=gen, groups=stream.groups)
-    counts, mask = counts.to(device), mask.to(device)
+          device: torch.device, contrastive_weight: float, labels: torch.Tensor | None = None,
+          objective: str = "masked", supervised_weight: float = 1.0) -> torch.Tensor:
+    """The pretraining loss of one batch: masked Poisson NLL (+ site contrast) and/or, on a labelled
+    stream (``labels`` (B, L, D)), the target's MSE in the pool's z-scored units (``objective``)."""
     meta = {} if core is None else {
         k: v.to(device) for k, v in metadata_batch(core, stream.metadata, counts.shape[0]).items()}
-    out = net(apply_mask(counts, mask), meta, stream.key, site_xy=stream.site_xy, mask=mask)
-    loss = masked_poisson_nll(out["log_rates"], counts, mask)
-    if "site_latent" in out and contrastive_weight > 0 and counts.shape[0] > 1:
-        loss = loss + contrastive_weight * site_contrastive_loss(out["site_latent"])
+    counts = counts.to(device)
+    loss = torch.zeros((), device=device)
+    if objective in ("masked", "both"):
+        mask = sample_mask(tuple(counts.shape), generator=gen, groups=stream.groups).to(device)
+        out = net(apply_mask(counts, mask), meta, stream.key, site_xy=stream.site_xy, mask=mask, norm=stream.norm)
+        loss = loss + masked_poisson_nll(out["log_rates"], counts, mask)
+        if "site_latent" in out and contrastive_weight > 0 and counts.shape[0] > 1:
+            loss = loss + contrastive_weight * site_contrastive_loss(out["site_latent"])
+    if objective in ("supervised", "both") and labels is not None:
+        pred = net(counts, meta, stream.key, site_xy=stream.site_xy, norm=stream.norm)["velocity"]
+        w = supervised_weight if objective == "both" else 1.0
+        loss = loss + w * velocity_mse(pred, labels.to(device), mean=core.velocity_mean, scale=core.velocity_scale)
     return loss
 
 
 @torch.no_grad()
 def validation_loss(net: nn.Module, core: RPNT, streams: list[Stream], *, window_len: int, seed: int,
-                    device: torch.device, contrastive_weight: float) -> float:
+                    device: torch.device, contrastive_weight: float, objective: str = "masked",
+                    supervised_weight: float = 1.0) -> float:
+    """The pretraining loss (``objective``, see :func:`_loss`) on fixed validation windows and masks."""
     was = net.training
     net.eval()
     gen = torch.Generator().manual_seed(seed + 12345)
     losses = []
     for st in streams:
+        if objective == "supervised" and st.labels is None:
+            continue
         starts = st.fixed_windows(length=window_len, split="val", max_windows=16)
         for i in range(0, len(starts), 8):
-            counts, _ = st.window(starts[i:i + 8], window_len)
-            losses.append(float(_loss(net, core, st, counts, gen=gen, device=device,
-                                      contrastive_weight=contrastive_weight)))
+            counts, labels = st.window(starts[i:i + 8], window_len)
+            losses.append(float(_loss(net, core, st, counts, gen=gen, device=device, labels=labels,
+                                      contrastive_weight=contrastive_weight, objective=objective,
+                                      supervised_weight=supervised_weight)))
     net.train(was)
     return float(np.mean(losses))
 
@@ -209,7 +272,7 @@ class _MeanRateNet(nn.Module):
         super().__init__()
         self.log_mean = {st.key: torch.log(_train_mean_counts(st) + 1e-6) for st in streams}
 
-    def forward(self, counts, metadata, key: str, site_xy=None, mask=None):
+    def forward(self, counts, metadata, key: str, site_xy=None, mask=None, norm=None):
         return {"log_rates": self.log_mean[key].expand_as(counts).to(counts.device)}
 
 
@@ -267,7 +330,7 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
     window_len = min(options.window_len, max(8, min(s.n_bins for s in sessions) // 4))
     streams = prepare_streams(sessions, val_fraction=options.val_fraction, channels=options.channels,
                               n_max=config.n_channels, split_sites=not config.spatial_layers,
-                              seed=options.seed, min_bins=window_len)
+                              seed=options.seed, min_bins=window_len, input_norm=config.input_norm)
     if config.spatial_layers:
         streams = [s for s in streams if s.counts.dim() == 3]
         if not streams:
@@ -276,6 +339,8 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
     adapters = ({s.key: SessionAdapter(s.n_channels, config.d_model, mask_token=config.mask_token) for s in streams}
                 if options.channels == "readin" else None)
     init_rate_biases(core, streams, adapters)  # (a resumed run loads its own weights over this)
+    if options.supervised:
+        init_target_normalisation(core, streams)
     net = PretrainNet(core, adapters).to(dist.device)
     train_net: nn.Module = net
     if dist.enabled:
@@ -307,6 +372,9 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
             rng = np.random.default_rng(options.seed + 1000 * dist.rank + info["step"])
     gen = torch.Generator().manual_seed(options.seed * 7919 + dist.rank + info["step"])
     share = batch_shares(streams, n_sessions=len(sessions), weights=weights, target_share=options.target_share)
+    if options.objective == "supervised":  # batches only from recordings with labels
+        share = share * np.array([st.labels is not None for st in streams])
+        share = share / share.sum()
     fingerprint = fingerprint_sessions(sessions)
     t_start = time.time()
     for epoch in range(info["epoch"], options.epochs):
@@ -316,9 +384,10 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
         running = []
         for _ in bar:
             st = streams[int(rng.choice(len(streams), p=share))]
-            counts, _ = st.sample(rng, batch_size=options.batch_size, length=window_len)
-            loss = _loss(train_net, core, st, counts, gen=gen, device=dist.device,
-                         contrastive_weight=options.contrastive_weight)
+            counts, labels = st.sample(rng, batch_size=options.batch_size, length=window_len)
+            loss = _loss(train_net, core, st, counts, gen=gen, device=dist.device, labels=labels,
+                         contrastive_weight=options.contrastive_weight, objective=options.objective,
+                         supervised_weight=options.supervised_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), options.grad_clip)
@@ -328,7 +397,8 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
             running.append(loss.item())
             bar.set_postfix(loss=f"{running[-1]:.4f}")
         val = validation_loss(net, core, streams, window_len=window_len, seed=options.seed, device=dist.device,
-                              contrastive_weight=options.contrastive_weight)
+                              contrastive_weight=options.contrastive_weight, objective=options.objective,
+                              supervised_weight=options.supervised_weight)
         train_loss = D.mean_across(float(np.mean(running)), dist)
         improved = val < info["best_val"]
         if improved:
@@ -339,6 +409,7 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
                 alignment, extra = session_alignment(streams, net.adapters)
                 save_checkpoint(core, out, extra=extra, meta={**alignment,
                     "kind": "pretrained", "data_fingerprint": fingerprint, "channels": options.channels,
+                    "supervised": options.supervised,
                     "metrics": {"val_poisson_nll": val, "epoch": epoch},
                     "pretrain_options": asdict(options) | {"config_overrides": dict(options.config_overrides)},
                     "sessions": [s.source or s.session for s in sessions]})
@@ -352,7 +423,8 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
                       + ("  *best" if improved else ""), flush=True)
         D.barrier(dist)
     D.teardown(dist)
-    floor = mean_rate_val_loss(streams, window_len=window_len, seed=options.seed) if not config.spatial_layers else None
+    floor = (mean_rate_val_loss(streams, window_len=window_len, seed=options.seed)
+             if options.objective == "masked" and not config.spatial_layers else None)
     return {"checkpoint": str(out), "best_val_loss": info["best_val"], "val_loss_mean_rate": floor, "best_epoch": info["best_epoch"],
             "epochs": info["epoch"], "log": str(log_path), "streams": len(streams),
             "data_fingerprint": fingerprint}

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..data.channels import ChannelResampler
+from ..data.normalise import sqrt_count_stats
 from ..data.session import Session
 from ..data.windows import WindowSampler
 
@@ -32,6 +33,7 @@ class Stream:
     session: str = ""  # the recording's session name ("" when unnamed or one site of several)
     channel_seed: int | None = None  # the ChannelResampler seed ("resample" streams)
     source_channels: int = 0  # the recording's own channel count (before resampling)
+    norm: tuple[Tensor, Tensor] | None = None  # (N,) mean, scale of sqrt counts over the train bins (input_norm)
 
     @property
     def n_channels(self) -> int:
@@ -61,12 +63,14 @@ class Stream:
 
 
 def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: str, n_max: int,
-                    split_sites: bool, seed: int, min_bins: int) -> list[Stream]:
+                    split_sites: bool, seed: int, min_bins: int, input_norm: bool = False) -> list[Stream]:
     """Streams for pretraining: the last ``val_fraction`` of each recording is validation.
 
     ``channels``: "resample" maps every stream to ``n_max`` columns with a per-session
     :class:`ChannelResampler` (duplicates grouped for masking); "readin" keeps native widths.
     ``split_sites``: multi-site recordings become one stream per site (temporal-only models).
+    ``input_norm``: each stream carries ``norm``, its columns' sqrt-count statistics over its own
+    training bins (sites pooled), for ``RPNTConfig.input_norm`` models.
 
     A recording whose validation part would be shorter than ``min_bins`` (one window) trains on
     all its bins and has no validation windows (e.g. a new session's few unlabelled calibration
@@ -95,6 +99,10 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
                 channel_seed = seed + i
                 rs = ChannelResampler(n_channels=c.shape[-1], n_max=n_max, seed=channel_seed)
                 c, groups = rs.apply(c), rs.index
+            norm = None
+            if input_norm:
+                flat = c[..., :t - n_val, :].reshape(-1, c.shape[-1])  # train bins, sites pooled
+                norm = tuple(torch.from_numpy(a) for a in sqrt_count_stats(flat))
             streams.append(Stream(
                 key=key, counts=torch.from_numpy(np.ascontiguousarray(c)),
                 labels=None if s.labels is None else torch.from_numpy(np.asarray(s.labels, np.float32)),
@@ -102,7 +110,7 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
                 metadata=dict(subject=s.subject, session=s.session, task=s.task, date_days=s.date_days),
                 site_xy=None if (s.site_xy is None or site is not None) else torch.as_tensor(s.site_xy, dtype=torch.float32),
                 train=(0, t - n_val), val=(t - n_val, t), session=(s.session or "") if site is None else "",
-                channel_seed=channel_seed, source_channels=source_channels))
+                channel_seed=channel_seed, source_channels=source_channels, norm=norm))
     if not any(st.val[1] - st.val[0] >= min_bins for st in streams):
         raise ValueError(f"data: no recording has enough bins ({2 * min_bins}+) for training and validation windows")
     return streams
