@@ -97,10 +97,12 @@ def _load_many(paths: list[str]):
 
 
 def _load_named(path: Path, load):
-    """``load(path)``, its errors prefixed by the file's name (one of many: say which)."""
+    """``load(path)``, its errors naming the file (one of many: say which) where they do not already."""
     try:
         return load(path)
     except ValueError as exc:
+        if path.name in str(exc):
+            raise
         raise ValueError(f"{path.name}: {exc}") from None
 
 
