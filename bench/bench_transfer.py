@@ -80,11 +80,9 @@ RECIPES: dict[str, dict] = {
     "pretrained (today's defaults), full FT": dict(pretrain="ssl", mode="full", encoder_lr_scale=1.0),
     "ssl+norm, full FT": dict(pretrain="ssl+norm", mode="full", encoder_lr_scale=1.0),
     "ssl+norm, full FT core lr ×0.1": dict(pretrain="ssl+norm", mode="full", encoder_lr_scale=0.1),
-    "ssl+norm, read-in only": dict(pretrain="ssl+norm", mode="readin", encoder_lr_scale=1.0),
     "ssl+norm per-day read-ins, full FT core lr ×0.1": dict(pretrain="ssl+norm, per-day read-ins", mode="full",
                                                             encoder_lr_scale=0.1),
     "supervised+norm, full FT core lr ×0.1": dict(pretrain="supervised+norm", mode="full", encoder_lr_scale=0.1),
-    "supervised+norm, read-in only": dict(pretrain="supervised+norm", mode="readin", encoder_lr_scale=1.0),
     "ssl+supervised+norm, full FT core lr ×0.1": dict(pretrain="ssl+supervised+norm", mode="full",
                                                       encoder_lr_scale=0.1),
 }
@@ -329,14 +327,13 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
         for name, rc in RECIPES.items():
             if name not in args.only:
                 continue
-            for n_days in args.pool_sizes:
+            for n_days in [full_pool] + [k for k in args.pool_sizes if k < full_pool]:
                 t = time.time()
-                init = _pretrain_path(args, sc.name, rc["pretrain"], seed, min(n_days, full_pool))
+                init = _pretrain_path(args, sc.name, rc["pretrain"], seed, n_days)
                 model, fit = fit_decoder(view, init=init, splits=splits, options=_ft_options(
                     args, n_train=n_train, seed=seed, mode=rc["mode"], encoder_lr_scale=rc["encoder_lr_scale"]))
-                label = name if n_days >= full_pool else f"{name} [{n_days} pretraining days]"
-                record(label, seconds, _score_model(model, day, splits), t, val_r2=fit["val_r2"],
-                       pool_days=min(n_days, full_pool))
+                label = name if n_days == full_pool else f"{name} [{n_days} pretraining days]"
+                record(label, seconds, _score_model(model, day, splits), t, val_r2=fit["val_r2"], pool_days=n_days)
     return rows
 
 
@@ -378,7 +375,7 @@ def run(args, on_rows=None) -> dict:
     for i, sc in enumerate(scs):
         for seed in args.seeds:
             for v in sorted(variants):
-                sizes = {len(sc.pool)} | ({min(k, len(sc.pool)) for k in args.pool_sizes}
+                sizes = {len(sc.pool)} | ({k for k in args.pool_sizes if k < len(sc.pool)}
                                           if any(RECIPES[r]["pretrain"] == v for r in RECIPES if r in args.only) else set())
                 pre_units += [(args, i, v, seed, k) for k in sorted(sizes)]
     t = time.time()
@@ -564,7 +561,7 @@ def parse(argv=None) -> argparse.Namespace:
     a.scenarios = [x for x in a.scenarios.split(",") if x]
     if a.quick:
         a.pool_days = min(a.pool_days, 4)
-    a.pool_sizes = sorted({a.pool_days} | {int(x) for x in a.pool_sizes.split(",") if x})
+    a.pool_sizes = sorted({int(x) for x in a.pool_sizes.split(",") if x})  # besides the whole pool
     return a
 
 

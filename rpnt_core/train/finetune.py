@@ -25,9 +25,9 @@
   validation R² — the linear probe that finetuning then moves from (LP-FT, Kumar et al. 2022),
   also the first candidate for the best-validation weights.  Not the default: on the decoding
   benchmark it did not help (README, "Tried and did not help").
-- Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "readin" (head and
-  read-in, core frozen), "last" (head + final norm + last ``last_layers`` blocks) or "full", MSE
-  on z-scored targets, random windows of the train split, AdamW with cosine decay.
+- Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
+  norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
+  train split, AdamW with cosine decay.
 - A checkpoint of supervised pretraining (metadata ``supervised``) of the same target and width
   keeps its head and the target normalisation it was trained with, and the pretrained decoder as
   it is is the first candidate for the best-validation weights; otherwise the head is fresh and
@@ -263,7 +263,7 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
         raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
     steps = options.steps_per_epoch
     head_ids = {id(p) for p in model.velocity_head.parameters()}
-    if fresh_read_in or init is None or options.mode == "readin":
+    if fresh_read_in or init is None:
         head_ids |= {id(p) for p in model.read_in.parameters()}
     groups = [{"params": [p for p in params if id(p) in head_ids], "lr": options.lr},
               {"params": [p for p in params if id(p) not in head_ids],
