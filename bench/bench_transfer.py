@@ -415,10 +415,11 @@ def identity(result: dict) -> dict:
         "scenarios": [{k: sc[k] for k in ("name", "target", "pool")} for sc in result["scenarios"]]}
 
 
-def merge(result: dict, paths: list[str]) -> dict:
+def merge(result: dict, paths: list[str], decoders: list[str] | None = None) -> dict:
     """``result`` plus the rows (and pretraining runs) of earlier result files made with the same budget,
-    protocol and pools, for (scenario, day, decoder, seed) cells this run did not measure; each merged
-    row keeps a ``from`` naming its file.  SystemExit names a file that differs."""
+    protocol and pools, for (scenario, day, decoder, seed) cells this run did not measure — of the
+    ``decoders`` named (a recipe's pool-size variants included), all when ``None``; each merged row
+    keeps a ``from`` naming its file.  SystemExit names a file that differs."""
     here = identity(result)
     seen = {(r["scenario"], r["day"], r["decoder"], r["seed"]) for r in result["rows"]}
     rows, pre, stages = list(result["rows"]), list(result["pretraining"]), {}
@@ -433,7 +434,9 @@ def merge(result: dict, paths: list[str]) -> dict:
                 {r["scenario"] for r in old["rows"]}):
             raise SystemExit(f"--merge {path}: made with a different budget, protocol or pool; rerun instead")
         new = [r | {"from": Path(path).name} for r in old["rows"]
-               if (r["scenario"], r["day"], r["decoder"], r["seed"]) not in seen]
+               if (r["scenario"], r["day"], r["decoder"], r["seed"]) not in seen
+               and (decoders is None or r["decoder"].split(" [")[0] in decoders
+                    or r["decoder"].removeprefix("baseline: ") in decoders)]
         rows += new
         pre += [p for p in old["pretraining"] if p not in pre]
         stages[Path(path).name] = old.get("stages")
@@ -568,7 +571,8 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
-    result = merge(run(args, on_rows=lambda partial: write(merge(partial, args.merge), out)), args.merge)
+    result = merge(run(args, on_rows=lambda partial: write(merge(partial, args.merge, args.only), out)), args.merge,
+                   args.only)
     print("\n" + write(result, out))
     return 0
 
