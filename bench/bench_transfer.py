@@ -287,7 +287,10 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
         print(f"  {sc.name} {day.name} seed {seed} {seconds_of_labels:>5g} s  {decoder:<52} R² {r2:.4f}", flush=True)
 
     full_pool = len(sc.pool)
-    if any(d in args.only for d in ZERO_LABEL):
+    if any(d in args.only for d in ZERO_LABEL) and sc.pool[-1].n_channels != day.n_channels:
+        print(f"  {sc.name} {day.name}: no zero-label rows (its {day.n_channels} channels are not the pool's last "
+              f"day's {sc.pool[-1].n_channels}: another unit set, a decoder of it cannot be applied as is)", flush=True)
+    elif any(d in args.only for d in ZERO_LABEL):
         splits = label_split(day.n_bins, bin_s=day.bin_s, seconds=min(args.budgets))  # the test part only
         t = time.time()
         model = _last_day_decoder(args, sc, seed)
