@@ -114,6 +114,12 @@ def test_supervised_pretraining_trains_the_head_on_the_pool_and_finetuning_keeps
     torch.testing.assert_close(model.velocity_head.weight, core.velocity_head.weight)
 
 
+def test_a_supervised_head_is_not_kept_for_another_unit_set(days, supervised_ckpt):
+    other = replace(days[3], counts=days[3].counts[:, :17])  # 17 units: met through a channel map
+    model, _, prov = build_model(other, supervised_ckpt[0], FinetuneOptions(device="cpu"))
+    assert prov["head"] == "fresh" and model.config.channel_map
+
+
 def test_masked_pretraining_leaves_the_head_fresh(days, tmp_path):
     out = tmp_path / "ssl.safetensors"
     pretrain(days[:2], out=out, options=PretrainOptions(epochs=1, steps_per_epoch=2, batch_size=2, window_len=32,

@@ -28,8 +28,11 @@
 - Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
   norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
   train split, AdamW with cosine decay.
-- A checkpoint of supervised pretraining (metadata ``supervised``) of the same target and width
-  keeps its head and the target normalisation it was trained with, and the pretrained decoder as
+- A checkpoint of supervised pretraining (metadata ``supervised``) of the same target, output
+  width and input width (the same array) keeps its head and the target normalisation it was
+  trained with (on another unit set — Nick 2 met through a channel map of a Spike-pool model — a
+  kept head and the pool's target scale cost far more than a fresh head could: the transfer
+  benchmark's Nick rows), and the pretrained decoder as
   it is is the first candidate for the best-validation weights; otherwise the head is fresh and
   the target is z-scored by the train split.
 - An ``input_norm`` model takes its input statistics from the session's bins before the test
@@ -160,7 +163,8 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
             fresh_read_in = True
     provenance["read_in"] = ("fresh" if fresh_read_in else "pretrained, this session" if seen
                              else "pretrained, shared")
-    keep_head = bool(base_meta.get("supervised")) and base_cfg.target == session.target and base_cfg.n_outputs == d_out
+    keep_head = (bool(base_meta.get("supervised")) and base_cfg.target == session.target
+                 and base_cfg.n_outputs == d_out and base_cfg.n_input_channels == n_in)
     provenance["head"] = "pretrained" if keep_head else "fresh"
     if not keep_head:
         state = {k: v for k, v in state.items() if not k.startswith("velocity_")}
