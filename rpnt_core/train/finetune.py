@@ -30,9 +30,9 @@
   train split, AdamW with cosine decay.
 - A checkpoint of supervised pretraining (metadata ``supervised``) of the same target, output
   width and input width (the same array) keeps its head and the target normalisation it was
-  trained with (on another unit set — Nick 2 met through a channel map of a Spike-pool model — a
-  kept head and the pool's target scale cost far more than a fresh head could: the transfer
-  benchmark's Nick rows), and the pretrained decoder as
+  trained with (a head is tied to the units it read: on another unit set — Nick 2 met through a
+  channel map of a Spike-pool model — the kept head and the pool's target scale decoded far below
+  every other decoder, the transfer benchmark's Nick rows), and the pretrained decoder as
   it is is the first candidate for the best-validation weights; otherwise the head is fresh and
   the target is z-scored by the train split.
 - An ``input_norm`` model takes its input statistics from the session's bins before the test
