@@ -80,11 +80,9 @@ RECIPES: dict[str, dict] = {
     "pretrained (today's defaults), full FT": dict(pretrain="ssl", mode="full", encoder_lr_scale=1.0),
     "ssl+norm, full FT": dict(pretrain="ssl+norm", mode="full", encoder_lr_scale=1.0),
     "ssl+norm, full FT core lr ×0.1": dict(pretrain="ssl+norm", mode="full", encoder_lr_scale=0.1),
-    "ssl+norm, read-in only": dict(pretrain="ssl+norm", mode="readin", encoder_lr_scale=1.0),
     "ssl+norm per-day read-ins, full FT core lr ×0.1": dict(pretrain="ssl+norm, per-day read-ins", mode="full",
                                                             encoder_lr_scale=0.1),
     "supervised+norm, full FT core lr ×0.1": dict(pretrain="supervised+norm", mode="full", encoder_lr_scale=0.1),
-    "supervised+norm, read-in only": dict(pretrain="supervised+norm", mode="readin", encoder_lr_scale=1.0),
     "ssl+supervised+norm, full FT core lr ×0.1": dict(pretrain="ssl+supervised+norm", mode="full",
                                                       encoder_lr_scale=0.1),
 }
@@ -289,7 +287,10 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
         print(f"  {sc.name} {day.name} seed {seed} {seconds_of_labels:>5g} s  {decoder:<52} R² {r2:.4f}", flush=True)
 
     full_pool = len(sc.pool)
-    if any(d in args.only for d in ZERO_LABEL):
+    if any(d in args.only for d in ZERO_LABEL) and sc.pool[-1].n_channels != day.n_channels:
+        print(f"  {sc.name} {day.name}: no zero-label rows (its {day.n_channels} channels are not the pool's last "
+              f"day's {sc.pool[-1].n_channels}: another unit set, a decoder of it cannot be applied as is)", flush=True)
+    elif any(d in args.only for d in ZERO_LABEL):
         splits = label_split(day.n_bins, bin_s=day.bin_s, seconds=min(args.budgets))  # the test part only
         t = time.time()
         model = _last_day_decoder(args, sc, seed)
@@ -329,14 +330,13 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
         for name, rc in RECIPES.items():
             if name not in args.only:
                 continue
-            for n_days in args.pool_sizes:
+            for n_days in [full_pool] + [k for k in args.pool_sizes if k < full_pool]:
                 t = time.time()
-                init = _pretrain_path(args, sc.name, rc["pretrain"], seed, min(n_days, full_pool))
+                init = _pretrain_path(args, sc.name, rc["pretrain"], seed, n_days)
                 model, fit = fit_decoder(view, init=init, splits=splits, options=_ft_options(
                     args, n_train=n_train, seed=seed, mode=rc["mode"], encoder_lr_scale=rc["encoder_lr_scale"]))
-                label = name if n_days >= full_pool else f"{name} [{n_days} pretraining days]"
-                record(label, seconds, _score_model(model, day, splits), t, val_r2=fit["val_r2"],
-                       pool_days=min(n_days, full_pool))
+                label = name if n_days == full_pool else f"{name} [{n_days} pretraining days]"
+                record(label, seconds, _score_model(model, day, splits), t, val_r2=fit["val_r2"], pool_days=n_days)
     return rows
 
 
@@ -378,7 +378,7 @@ def run(args, on_rows=None) -> dict:
     for i, sc in enumerate(scs):
         for seed in args.seeds:
             for v in sorted(variants):
-                sizes = {len(sc.pool)} | ({min(k, len(sc.pool)) for k in args.pool_sizes}
+                sizes = {len(sc.pool)} | ({k for k in args.pool_sizes if k < len(sc.pool)}
                                           if any(RECIPES[r]["pretrain"] == v for r in RECIPES if r in args.only) else set())
                 pre_units += [(args, i, v, seed, k) for k in sorted(sizes)]
     t = time.time()
@@ -418,10 +418,11 @@ def identity(result: dict) -> dict:
         "scenarios": [{k: sc[k] for k in ("name", "target", "pool")} for sc in result["scenarios"]]}
 
 
-def merge(result: dict, paths: list[str]) -> dict:
+def merge(result: dict, paths: list[str], decoders: list[str] | None = None) -> dict:
     """``result`` plus the rows (and pretraining runs) of earlier result files made with the same budget,
-    protocol and pools, for (scenario, day, decoder, seed) cells this run did not measure; each merged
-    row keeps a ``from`` naming its file.  SystemExit names a file that differs."""
+    protocol and pools, for (scenario, day, decoder, seed) cells this run did not measure — of the
+    ``decoders`` named (a recipe's pool-size variants included), all when ``None``; each merged row
+    keeps a ``from`` naming its file.  SystemExit names a file that differs."""
     here = identity(result)
     seen = {(r["scenario"], r["day"], r["decoder"], r["seed"]) for r in result["rows"]}
     rows, pre, stages = list(result["rows"]), list(result["pretraining"]), {}
@@ -436,7 +437,9 @@ def merge(result: dict, paths: list[str]) -> dict:
                 {r["scenario"] for r in old["rows"]}):
             raise SystemExit(f"--merge {path}: made with a different budget, protocol or pool; rerun instead")
         new = [r | {"from": Path(path).name} for r in old["rows"]
-               if (r["scenario"], r["day"], r["decoder"], r["seed"]) not in seen]
+               if (r["scenario"], r["day"], r["decoder"], r["seed"]) not in seen
+               and (decoders is None or r["decoder"].split(" [")[0] in decoders
+                    or r["decoder"].removeprefix("baseline: ") in decoders)]
         rows += new
         pre += [p for p in old["pretraining"] if p not in pre]
         stages[Path(path).name] = old.get("stages")
@@ -564,14 +567,15 @@ def parse(argv=None) -> argparse.Namespace:
     a.scenarios = [x for x in a.scenarios.split(",") if x]
     if a.quick:
         a.pool_days = min(a.pool_days, 4)
-    a.pool_sizes = sorted({a.pool_days} | {int(x) for x in a.pool_sizes.split(",") if x})
+    a.pool_sizes = sorted({int(x) for x in a.pool_sizes.split(",") if x})  # besides the whole pool
     return a
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
-    result = merge(run(args, on_rows=lambda partial: write(merge(partial, args.merge), out)), args.merge)
+    result = merge(run(args, on_rows=lambda partial: write(merge(partial, args.merge, args.only), out)), args.merge,
+                   args.only)
     print("\n" + write(result, out))
     return 0
 

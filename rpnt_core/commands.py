@@ -266,8 +266,7 @@ def finetune_main(argv: list[str]) -> int:
     p.add_argument("--train-fraction", type=float, default=0.2, help="fraction of the session used for training "
                                                                      "(from its start; default 0.2)")
     p.add_argument("--mode", choices=list(FINETUNE_MODES), default="full",
-                   help="what to train: the head only (encoder frozen), 'readin' (head and read-in, core "
-                        "frozen), the last layers, or full (default)")
+                   help="what to train: velocity head only (encoder frozen), last layers, or full (default)")
     p.add_argument("--last-layers", type=int, default=1, help="blocks trained in --mode last (default 1)")
     p.add_argument("--channels", choices=["resample", "readin"], default="resample",
                    help="when the session's channel count differs from the checkpoint's: resample to the "

@@ -114,6 +114,7 @@ def test_merge_adds_only_cells_this_run_did_not_measure(tmp_path):
     assert merged["seeds"] == [0, 1, 2] and len(merged["rows"]) == 6
     assert cells[("a", 1)]["test_r2"] == 0.9 and "from" not in cells[("a", 1)]  # this run's cell wins
     assert cells[("b", 1)]["from"] == "old.json" and cells[("a", 0)]["from"] == "old.json"
+    assert len(bench_transfer.merge(now, [str(tmp_path / "old.json")], ["y"])["rows"]) == 3  # only decoders named
 
 
 @pytest.mark.parametrize("change", [{"budget": {**bench_transfer.budget(False), "ft_epochs": 99}},

@@ -310,20 +310,19 @@ class RPNT(nn.Module):
             self.input_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
 
     def trainable_for(self, mode: str, *, last_layers: int = 1, read_in: bool = False) -> list[nn.Parameter]:
-        """Parameters trained in finetuning ``mode``: "head" (velocity head only), "readin" (head and
-        read-in, the core frozen: the day's units re-identified onto the pretrained latent), "last"
-        (head, final norm and the last ``last_layers`` blocks), "full" (everything).  ``read_in``
-        adds the read-in (a fresh per-session read-in is always trained)."""
+        """Parameters trained in finetuning ``mode``: "head" (velocity head only), "last" (head,
+        final norm and the last ``last_layers`` blocks), "full" (everything).  ``read_in`` adds
+        the read-in (a fresh per-session read-in is always trained)."""
         if mode == "full":
             return list(self.parameters())
         params = list(self.velocity_head.parameters())
-        if read_in or mode == "readin":
+        if read_in:
             params += list(self.read_in.parameters())
-        if mode in ("head", "readin"):
+        if mode == "head":
             return params
         if mode == "last":
             params += list(self.norm.parameters())
             for blk in list(self.blocks)[-last_layers:]:
                 params += list(blk.parameters())
             return params
-        raise ValueError(f"mode: expected 'head', 'readin', 'last' or 'full', got {mode!r}")
+        raise ValueError(f"mode: expected 'head', 'last' or 'full', got {mode!r}")

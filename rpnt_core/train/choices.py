@@ -1,4 +1,4 @@
 """Values of the trainers' enumerated options, importable without torch (the CLI's ``choices``)."""
 
 OBJECTIVES = ("masked", "supervised", "both")  # PretrainOptions.objective
-FINETUNE_MODES = ("head", "readin", "last", "full")  # FinetuneOptions.mode
+FINETUNE_MODES = ("head", "last", "full")  # FinetuneOptions.mode

@@ -25,11 +25,14 @@
   validation R² — the linear probe that finetuning then moves from (LP-FT, Kumar et al. 2022),
   also the first candidate for the best-validation weights.  Not the default: on the decoding
   benchmark it did not help (README, "Tried and did not help").
-- Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "readin" (head and
-  read-in, core frozen), "last" (head + final norm + last ``last_layers`` blocks) or "full", MSE
-  on z-scored targets, random windows of the train split, AdamW with cosine decay.
-- A checkpoint of supervised pretraining (metadata ``supervised``) of the same target and width
-  keeps its head and the target normalisation it was trained with, and the pretrained decoder as
+- Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
+  norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
+  train split, AdamW with cosine decay.
+- A checkpoint of supervised pretraining (metadata ``supervised``) of the same target, output
+  width and input width (the same array) keeps its head and the target normalisation it was
+  trained with (a head is tied to the units it read: on another unit set — Nick 2 met through a
+  channel map of a Spike-pool model — the kept head and the pool's target scale decoded far below
+  every other decoder, the transfer benchmark's Nick rows), and the pretrained decoder as
   it is is the first candidate for the best-validation weights; otherwise the head is fresh and
   the target is z-scored by the train split.
 - An ``input_norm`` model takes its input statistics from the session's bins before the test
@@ -160,7 +163,8 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
             fresh_read_in = True
     provenance["read_in"] = ("fresh" if fresh_read_in else "pretrained, this session" if seen
                              else "pretrained, shared")
-    keep_head = bool(base_meta.get("supervised")) and base_cfg.target == session.target and base_cfg.n_outputs == d_out
+    keep_head = (bool(base_meta.get("supervised")) and base_cfg.target == session.target
+                 and base_cfg.n_outputs == d_out and base_cfg.n_input_channels == n_in)
     provenance["head"] = "pretrained" if keep_head else "fresh"
     if not keep_head:
         state = {k: v for k, v in state.items() if not k.startswith("velocity_")}
@@ -263,7 +267,7 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
         raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
     steps = options.steps_per_epoch
     head_ids = {id(p) for p in model.velocity_head.parameters()}
-    if fresh_read_in or init is None or options.mode == "readin":
+    if fresh_read_in or init is None:
         head_ids |= {id(p) for p in model.read_in.parameters()}
     groups = [{"params": [p for p in params if id(p) in head_ids], "lr": options.lr},
               {"params": [p for p in params if id(p) not in head_ids],
