@@ -67,13 +67,12 @@ BASELINES = ("wiener", "kalman", "gru")
 ZERO_LABEL = ("last day's decoder, unchanged", "last day's decoder, re-aligned (no labels)",
               "pool decoder (earlier days' labels), day's input statistics")
 
-# Pretraining variants: objective (masked / supervised / both), channel handling, input normalisation.
+# Pretraining variants: objective (masked / supervised), channel handling, input normalisation.
 PRETRAINING: dict[str, dict] = {
     "ssl": dict(objective="masked", channels="resample", input_norm=False),  # today's defaults
     "ssl+norm": dict(objective="masked", channels="resample", input_norm=True),
     "ssl+norm, per-day read-ins": dict(objective="masked", channels="readin", input_norm=True),
     "supervised+norm": dict(objective="supervised", channels="resample", input_norm=True),
-    "ssl+supervised+norm": dict(objective="both", channels="resample", input_norm=True),
 }
 # Adaptation recipes: a pretraining variant and how the new day's labels are spent.
 RECIPES: dict[str, dict] = {
@@ -83,8 +82,6 @@ RECIPES: dict[str, dict] = {
     "ssl+norm per-day read-ins, full FT core lr ×0.1": dict(pretrain="ssl+norm, per-day read-ins", mode="full",
                                                             encoder_lr_scale=0.1),
     "supervised+norm, full FT core lr ×0.1": dict(pretrain="supervised+norm", mode="full", encoder_lr_scale=0.1),
-    "ssl+supervised+norm, full FT core lr ×0.1": dict(pretrain="ssl+supervised+norm", mode="full",
-                                                      encoder_lr_scale=0.1),
 }
 SCRATCH = {"RPNT from scratch": False, "RPNT from scratch +norm": True}
 ZERO_LABEL_PRETRAIN = "supervised+norm"  # the last day's decoder starts from this pretraining
