@@ -67,13 +67,12 @@ BASELINES = ("wiener", "kalman", "gru")
 ZERO_LABEL = ("last day's decoder, unchanged", "last day's decoder, re-aligned (no labels)",
               "pool decoder (earlier days' labels), day's input statistics")
 
-# Pretraining variants: objective (masked / supervised / both), channel handling, input normalisation.
+# Pretraining variants: objective (masked / supervised), channel handling, input normalisation.
 PRETRAINING: dict[str, dict] = {
     "ssl": dict(objective="masked", channels="resample", input_norm=False),  # today's defaults
     "ssl+norm": dict(objective="masked", channels="resample", input_norm=True),
     "ssl+norm, per-day read-ins": dict(objective="masked", channels="readin", input_norm=True),
     "supervised+norm": dict(objective="supervised", channels="resample", input_norm=True),
-    "ssl+supervised+norm": dict(objective="both", channels="resample", input_norm=True),
 }
 # Adaptation recipes: a pretraining variant and how the new day's labels are spent.
 RECIPES: dict[str, dict] = {
@@ -83,8 +82,6 @@ RECIPES: dict[str, dict] = {
     "ssl+norm per-day read-ins, full FT core lr ×0.1": dict(pretrain="ssl+norm, per-day read-ins", mode="full",
                                                             encoder_lr_scale=0.1),
     "supervised+norm, full FT core lr ×0.1": dict(pretrain="supervised+norm", mode="full", encoder_lr_scale=0.1),
-    "ssl+supervised+norm, full FT core lr ×0.1": dict(pretrain="ssl+supervised+norm", mode="full",
-                                                      encoder_lr_scale=0.1),
 }
 SCRATCH = {"RPNT from scratch": False, "RPNT from scratch +norm": True}
 ZERO_LABEL_PRETRAIN = "supervised+norm"  # the last day's decoder starts from this pretraining
@@ -466,7 +463,7 @@ def summarise(rows: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     b = result["budget"]
     lines = [f"Cross-day transfer, test R² (mean over test days; mean ± sd over seeds {result['seeds']}; "
-             f"units measured: {result['units_done']}).",
+             f"units measured: {result.get('units_done', 'all')}).",
              f"Budget (reduced for 2 shared CPU cores): pretraining {b['pre_epochs']}×{b['pre_steps']} steps, batch "
              f"{b['batch']}×{b['window']} bins, preset {b['preset']}; finetuning ≤ {b['ft_epochs']} epochs × "
              f"≤ {b['ft_steps_max']} steps (1 step per {b['ft_bins_per_step']} labelled train bins), patience "
@@ -508,13 +505,15 @@ def plot(result: dict, path: Path) -> None:
     summary = summarise(result["rows"])
     scs = [sc["name"] for sc in result["scenarios"]]
     fig, axes = plt.subplots(1, len(scs), figsize=(7 * len(scs), 5), squeeze=False)
+    styles = iter([("black", ":"), ("grey", "--"), ("tab:olive", "-."), ("tab:cyan", ":")] * len(scs))
     for ax, sc in zip(axes[0], scs):
         for (scn, dec), cells in summary.items():
             secs = [s for s in cells if s > 0]
             if scn != sc:
                 continue
-            if not secs:  # zero-label rows: a horizontal line
-                ax.axhline(cells[0.0][0], linestyle=":", label=f"{dec} (0 labels)")
+            if not secs:  # zero-label rows: a horizontal line each
+                color, style = next(styles)
+                ax.axhline(cells[0.0][0], color=color, linestyle=style, label=f"{dec} (0 labels)")
                 continue
             m = np.array([cells[s][0] for s in secs])
             sd = np.array([cells[s][1] for s in secs])
@@ -556,6 +555,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--days", default="", help="test days by session name, comma-separated (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="processes (1 torch thread each)")
     p.add_argument("--quick", action="store_true", help="synthetic days and tiny budgets, for the test")
+    p.add_argument("--replot", action="store_true", help="rewrite --out's Markdown and PNG from its JSON (no runs)")
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="earlier result files of the same budget and protocol: their cells that this run does "
                         "not measure are added to its tables (e.g. seed 0 of a ranking run)")
@@ -574,6 +574,9 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
+    if args.replot:
+        print(write(json.loads(out.read_text()), out))
+        return 0
     result = merge(run(args, on_rows=lambda partial: write(merge(partial, args.merge, args.only), out)), args.merge,
                    args.only)
     print("\n" + write(result, out))

@@ -1,4 +1,4 @@
 """Values of the trainers' enumerated options, importable without torch (the CLI's ``choices``)."""
 
-OBJECTIVES = ("masked", "supervised", "both")  # PretrainOptions.objective
+OBJECTIVES = ("masked", "supervised")  # PretrainOptions.objective
 FINETUNE_MODES = ("head", "last", "full")  # FinetuneOptions.mode
