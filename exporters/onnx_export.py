@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from rpnt_core.checkpoint import CheckpointError, load_checkpoint, package_version, require_trained_head
+from rpnt_core.data.session import METADATA_FIELDS
 from rpnt_core.model.rpnt import RPNT
 
 from . import graph_checks, graph_opt
@@ -302,7 +303,7 @@ def _sha256(path: Path) -> str:
 def _metadata_tensors(model: RPNT, metadata: Mapping[str, Any]) -> dict[str, Tensor] | None:
     if not metadata:
         return None
-    unknown = set(metadata) - {"subject", "session", "task", "date_days"}
+    unknown = set(metadata) - set(METADATA_FIELDS)
     if unknown:
         raise ExportError(f"metadata: unknown fields {sorted(unknown)}")
     return model.metadata_for(batch_size=1, **{k: v for k, v in metadata.items() if v is not None})

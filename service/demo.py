@@ -140,7 +140,7 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
 
     from exporters.onnx_export import export_model
     from rpnt_core import load_checkpoint
-    from service.uploads import session_metadata
+    from rpnt_core.data.session import conditioning_metadata
     from streaming.protocol import PredFlag
     from streaming.replay import run_replay
     from streaming.report import build_report, write_report
@@ -153,7 +153,7 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
     ckpt = Path(chosen["checkpoint"]).resolve()
     exp = export_model(load_checkpoint(ckpt), workdir / "export", parity_counts=target.counts,
                        parity_target=target.velocity, parity_source=data.source, checkpoint=str(ckpt),
-                       metadata=session_metadata(target))
+                       metadata=conditioning_metadata(target))
     step_rep = exp.reports.get("step", {})
 
     run_dir = workdir / "live"

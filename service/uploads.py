@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rpnt_core.data.session import METADATA_FIELDS
+
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 # A loader's own message starts with the field it is about (an array, or a dataset's path in an
 # HDF5 file); a parser library's may instead name server paths or carry Python reprs.
@@ -115,14 +117,6 @@ def recent_session(counts: np.ndarray, kinematics: np.ndarray, *, bin_s: float, 
     series = ({target: kinematics} if target in ("velocity", "position") else
               {"behaviour": {target: kinematics}})
     return Session(counts=counts, bin_s=bin_s, target=target, source="daemon history", **series)
-
-
-METADATA_FIELDS = ("subject", "session", "task", "date_days")
-
-
-def session_metadata(session) -> dict:
-    """The metadata that conditions the model (what an export bakes into its metadata bias)."""
-    return {k: getattr(session, k) for k in METADATA_FIELDS if getattr(session, k) not in (None, "")}
 
 
 def with_live_metadata(session, live: dict):
