@@ -62,6 +62,7 @@ examples:
   rpnt replay --data session.npz --model exports/m1 --report out/replay
   rpnt replay --data StevensonV2.mat --model exports/m1 --realtime --daemon process --report out/rt
   rpnt replay --data session.npz --connect --ingest tcp://127.0.0.1:5555 --publish tcp://127.0.0.1:5556
+  rpnt replay --data session.npz --model exports/m1 --nwb decoded.nwb
 """
 
 
@@ -309,6 +310,10 @@ def build_replay_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-kinematics", action="store_true", help="do not stream the recorded target series (the daemon's: velocity, position, …) as KINEMATICS")
     p.add_argument("--report", metavar="DIR", default=None,
                    help="write report.json, velocity.png, latency.png, predictions.npz here")
+    p.add_argument("--nwb", metavar="OUT.nwb", default=None,
+                   help="also write the decoded session as NWB: the binned counts, the recorded behaviour, the "
+                        "decoded target, flags, per-stage latencies and model version (docs/nwb.md); "
+                        "rpnt evaluate and rpnt replay read it back")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default 30)")
     p.add_argument("--log-level", default="warning")
@@ -348,6 +353,11 @@ def replay_main(argv: list[str] | None = None) -> int:
     if not a.timeout > 0:
         print(f"rpnt replay: error: --timeout: must be > 0 seconds, got {a.timeout:g}", file=sys.stderr)
         return EXIT_USAGE
+    if a.nwb is not None:
+        problem = nwb_output_problem(a.nwb)
+        if problem:
+            print(f"rpnt replay: error: --nwb: {problem}", file=sys.stderr)
+            return EXIT_USAGE
 
     daemon = proc = None
     tmpdir = None
@@ -410,12 +420,25 @@ def replay_main(argv: list[str] | None = None) -> int:
                            daemon_snapshot=snap, test_range=test_range)
         if a.report:
             write_report(a.report, rep, res, res.recorded)
+        if a.nwb is not None:
+            from .nwb_out import from_replay, write_nwb
+
+            t0 = float(session.timestamps[a.start]) if session.timestamps is not None else a.start * bin_s
+            try:
+                write_nwb(a.nwb, from_replay(res, counts=counts, labels=labels, starting_time=t0,
+                                             description=f"rpnt replay of {Path(a.data).name}, bins {a.start}–{stop}",
+                                             session_id=session.session, subject=session.subject))
+            except OSError as exc:
+                print(f"rpnt replay: FAILED: --nwb: cannot write {a.nwb}: {exc.strerror or exc}", file=sys.stderr)
+                return EXIT_FAILED
         if a.json:
             print(json.dumps(rep, default=str))
         else:
             print("\n".join(summary_lines(rep)))
             if a.report:
                 print(f"report: {Path(a.report) / 'report.json'} (+ velocity.png, latency.png, predictions.npz)")
+            if a.nwb is not None:
+                print(f"NWB: {a.nwb}")
         return EXIT_OK
     finally:
         if daemon is not None:
@@ -431,6 +454,21 @@ def replay_main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def nwb_output_problem(path: str) -> str | None:
+    """Why an NWB output file could not be written at ``path`` (checked before a run, so that a
+    session is not decoded for nothing), or None: pynwb missing, no such folder, not ``.nwb``."""
+    import importlib.util
+
+    p = Path(path)
+    if p.suffix.lower() != ".nwb":
+        return f"expected a file name ending in .nwb, got {p.name or path}"
+    if not p.parent.is_dir():
+        return f"no such directory: {p.parent}"
+    if importlib.util.find_spec("pynwb") is None:
+        return "NWB output needs pynwb: pip install 'rpnt[nwb]'"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

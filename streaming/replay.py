@@ -122,6 +122,9 @@ class ReplayResult:
     notes: list[str] = field(default_factory=list)
     target: str = "velocity"  # what the daemon's model decodes (its status)
     recorded: np.ndarray | None = None  # (T, D) the recording's series of that target, if it has one
+    generation: np.ndarray | None = None  # (T,) int64 decoder generation of each bin's prediction (−1: none)
+    epoch: int = 0  # the daemon's stream (epoch) the replay ran as
+    versions_by_generation: dict[int, str] = field(default_factory=dict)
 
     @property
     def n_bins(self) -> int:
@@ -168,7 +171,8 @@ def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str,
             velocity=np.full((T, D), np.nan, dtype=np.float32), received=np.zeros(T, bool),
             flags=np.zeros(T, np.int64), n_spikes=np.full(T, -1, np.int64), t_send=np.zeros(T, np.int64),
             t_client_recv=np.zeros(T, np.int64), t_daemon=np.zeros((T, 4), np.int64), model_versions=[],
-            generations=[], status=status, wall_s=0.0, target=target, recorded=velocity)
+            generations=[], status=status, wall_s=0.0, target=target, recorded=velocity,
+            generation=np.full(T, -1, np.int64), epoch=epoch)
         if labels and velocity is None:
             res.notes.append(f"the daemon decodes {target}, which the recording does not have "
                              f"(it has {', '.join(labels)}): nothing to score against")
@@ -197,6 +201,8 @@ def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str,
             res.flags[k] = m.flags
             res.n_spikes[k] = m.n_spikes
             res.t_daemon[k] = (m.t_recv_ns, m.t_close_ns, m.t_infer_ns, m.t_publish_ns)
+            res.generation[k] = m.generation
+            res.versions_by_generation.setdefault(m.generation, m.model_version)
             versions.setdefault(m.model_version)
             gens.setdefault(m.generation)
             n_recv += 1

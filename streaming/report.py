@@ -30,12 +30,27 @@ from .replay import ReplayResult
 STAGE_ORDER = ("ingest", "parse", "infer", "publish", "deliver", "daemon", "daemon_overhead", "end_to_end")
 
 
-def stage_arrays(res: ReplayResult) -> dict[str, np.ndarray]:
-    """Per-bin stage durations in ns over the received bins that were closed by their packet (each
-    (T',) int64).  STALLED bins are left out: the deadline, not the replay's packet, closed them (their
+def timed_bins(res: ReplayResult) -> np.ndarray:
+    """(T,) bool: the bins whose stage durations mean something -- received, and closed by their
+    packet.  STALLED bins are left out: the deadline, not the replay's packet, closed them (their
     packet came later, or never), so "send → receipt" means nothing for them; they are counted in the
     report's flags instead."""
-    r = res.received & ((res.flags & int(PredFlag.STALLED)) == 0)
+    return res.received & ((res.flags & int(PredFlag.STALLED)) == 0)
+
+
+def stage_arrays(res: ReplayResult, *, per_bin: bool = False) -> dict[str, np.ndarray]:
+    """Per-bin stage durations in ns over the :func:`timed_bins` (each (T',) int64); ``per_bin``:
+    over every bin instead (each (T,) int64, −1 where the bin is not timed)."""
+    if per_bin:
+        timed = timed_bins(res)
+        full = stage_arrays(res)
+        out = {}
+        for k, v in full.items():
+            col = np.full(res.n_bins, -1, np.int64)
+            col[timed] = v
+            out[k] = col
+        return out
+    r = timed_bins(res)
     send, recv = res.t_send[r], res.t_client_recv[r]
     d_recv, d_close, d_infer, d_pub = (res.t_daemon[r, i] for i in range(4))
     return {

@@ -46,7 +46,11 @@ holds.  Supporting a new MAT file means adding a record, not a function.
 NWB files
 ---------
 :func:`load_nwb` bins ``Units`` spike times and resamples a behaviour time series onto the bins.
-It needs the optional extra ``pip install 'rpnt[nwb]'``.
+A file that already holds binned counts -- a TimeSeries ``binned_counts`` in
+``processing/ecephys`` with a sampling rate (what ``rpnt replay --nwb`` and ``rpnt serve``'s
+session recording write, :data:`NWB_COUNTS`) -- is read as it is instead: the counts exactly, the
+bin width from the rate, and the behaviour series on the same time base exactly
+(docs/nwb.md).  It needs the optional extra ``pip install 'rpnt[nwb]'``.
 
 Every validation failure raises :class:`ValueError` whose message starts with the offending field.
 """
@@ -70,6 +74,8 @@ __all__ = [
     "MAT_LAYOUTS",
     "MatLayout",
     "MatSeries",
+    "NWB_BEHAVIOUR",
+    "NWB_COUNTS",
     "load_mat",
     "load_npz",
     "load_nwb",
@@ -79,6 +85,12 @@ __all__ = [
 ]
 
 _INT32_MAX = np.iinfo(np.int32).max
+
+#: where an NWB file keeps binned spike counts: (processing module, TimeSeries name); the series is
+#: (T, N) integer counts with ``rate`` = 1 / bin width.  Behaviour series per bin live in
+#: processing/behavior (:data:`NWB_BEHAVIOUR`), each named as the session names it (velocity, …).
+NWB_COUNTS = ("ecephys", "binned_counts")
+NWB_BEHAVIOUR = "behavior"
 
 # --------------------------------------------------------------------------------------------
 # validation
@@ -985,9 +997,13 @@ def _hdf5_field(name: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in name)[:120]
 
 
-def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = None,
+def load_nwb(path: str | Path, *, bin_s: float | None = None, velocity_series: str | None = None,
              max_bytes: int | None = None) -> Session:
-    """Bin the ``Units`` spike times of an NWB file and attach a behaviour series as velocity.
+    """Bin the ``Units`` spike times of an NWB file and attach a behaviour series as velocity -- or,
+    for a file that holds binned counts (:data:`NWB_COUNTS`), read those (:func:`_read_binned`).
+
+    ``bin_s``: the bin width for spike times (required for them); for binned counts it may be
+    left out, and when given must equal the file's.
 
     Binning: bins are half-open ``[t0 + k*bin_s, t0 + (k+1)*bin_s)``.  With behaviour, ``t0`` is
     its first sample time and the bins cover as many whole bins as fit before its last sample
@@ -1016,7 +1032,7 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
     except ImportError as exc:
         raise ImportError("load_nwb needs pynwb: pip install 'rpnt[nwb]'") from exc
 
-    bin_s = _validate_bin_s(bin_s)
+    bin_s = None if bin_s is None else _validate_bin_s(bin_s)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file: {path}")
@@ -1024,6 +1040,13 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
         _check_hdf5(path, max_bytes)
     with NWBHDF5IO(str(path), mode="r") as io:
         nwb = io.read()
+        meta = _nwb_metadata(nwb, path)
+        binned = _binned_counts_series(nwb)
+        if binned is not None:
+            return validate_session(Session(**_read_binned(nwb, binned, bin_s=bin_s, velocity_series=velocity_series),
+                                            **meta))
+        if bin_s is None:
+            raise ValueError("bin_s: the file holds spike times (Units), which need a bin width to be binned at")
         units = nwb.units
         if units is None or len(units) == 0:
             raise ValueError("units: the file has no Units table (or it is empty)")
@@ -1056,12 +1079,6 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
             if beh_t.shape[0] < 2 or not (np.diff(beh_t) > 0).all():
                 raise ValueError(f"velocity: series {chosen.name!r} needs ≥ 2 strictly increasing timestamps")
 
-        subject = ""
-        if nwb.subject is not None and nwb.subject.subject_id is not None:
-            subject = str(nwb.subject.subject_id)
-        session_name = str(nwb.session_id or nwb.identifier)
-        start = nwb.session_start_time.isoformat() if nwb.session_start_time is not None else ""
-        description = str(nwb.session_description or "")
 
     if beh_t is not None:
         t0 = float(beh_t[0])
@@ -1089,17 +1106,58 @@ def load_nwb(path: str | Path, *, bin_s: float, velocity_series: str | None = No
         centres = edges[:-1] + 0.5 * bin_s  # (T,)
         velocity = np.stack([np.interp(centres, beh_t, beh_x[:, d]) for d in range(beh_x.shape[1])], axis=1)
 
-    session = Session(
-        counts=counts,
-        bin_s=bin_s,
-        velocity=velocity,
-        timestamps=edges[:-1].copy(),
-        subject=subject,
-        session=session_name,
-        source=str(path),
-        extra={"session_start_time": start, "session_description": description},
-    )
+    session = Session(counts=counts, bin_s=bin_s, velocity=velocity, timestamps=edges[:-1].copy(), **meta)
     return validate_session(session)
+
+
+def _nwb_metadata(nwb: Any, path: Path) -> dict[str, Any]:
+    """Session metadata of an open NWB file (see :func:`load_nwb`)."""
+    subject = ""
+    if nwb.subject is not None and nwb.subject.subject_id is not None:
+        subject = str(nwb.subject.subject_id)
+    start = nwb.session_start_time.isoformat() if nwb.session_start_time is not None else ""
+    return {"subject": subject, "session": str(nwb.session_id or nwb.identifier), "source": str(path),
+            "extra": {"session_start_time": start, "session_description": str(nwb.session_description or "")}}
+
+
+def _binned_counts_series(nwb: Any) -> Any | None:
+    """The file's binned counts TimeSeries (:data:`NWB_COUNTS`), or None."""
+    module, name = NWB_COUNTS
+    if module not in nwb.processing or name not in nwb.processing[module].data_interfaces:
+        return None
+    return nwb.processing[module].data_interfaces[name]
+
+
+def _read_binned(nwb: Any, counts_ts: Any, *, bin_s: float | None, velocity_series: str | None) -> dict[str, Any]:
+    """Counts, bin width, bin start times and behaviour of a file holding binned counts.
+
+    The counts are read exactly; the bin width is ``1 / rate`` in whole nanoseconds (the daemon's
+    bin clock).  Every TimeSeries in processing/behavior on the counts' time base (same rate and
+    starting time, one row per bin) is read exactly, under its own name (``velocity``,
+    ``position``, else a named behaviour series); ``velocity_series`` names one to read as
+    velocity instead.  Series on another time base are not read."""
+    if counts_ts.rate is None:
+        raise ValueError(f"{'/'.join(NWB_COUNTS)}: needs a sampling rate (1 / bin width), not timestamps")
+    file_bin_s = round(1e9 / float(counts_ts.rate)) / 1e9
+    if bin_s is not None and abs(bin_s - file_bin_s) > 1e-9:
+        raise ValueError(f"bin_s: the file holds counts binned at {file_bin_s * 1e3:g} ms, not {bin_s * 1e3:g} ms")
+    counts = np.asarray(counts_ts.data[:])  # (T, N)
+    t0 = float(counts_ts.starting_time or 0.0)
+    n_bins = counts.shape[0] if counts.ndim else 0
+    series: dict[str, np.ndarray] = {}
+    if NWB_BEHAVIOUR in nwb.processing:
+        for name, ts in nwb.processing[NWB_BEHAVIOUR].data_interfaces.items():
+            if (getattr(ts, "rate", None) is not None and abs(float(ts.rate) - float(counts_ts.rate)) < 1e-9
+                    and float(ts.starting_time or 0.0) == t0 and len(ts.data) == n_bins):
+                x = np.asarray(ts.data[:])
+                series[name] = x[:, None] if x.ndim == 1 else x
+    if velocity_series is not None:
+        if velocity_series not in series:
+            raise ValueError(f"velocity_series: no series {velocity_series!r} on the binned counts' time base in "
+                             f"processing/{NWB_BEHAVIOUR}; found {sorted(series)}")
+        series["velocity"] = series.pop(velocity_series)
+    return {"counts": counts, "bin_s": file_bin_s, "timestamps": t0 + file_bin_s * np.arange(n_bins, dtype=np.float64),
+            "velocity": series.pop("velocity", None), "position": series.pop("position", None), "behaviour": series}
 
 
 # --------------------------------------------------------------------------------------------

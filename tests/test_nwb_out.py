@@ -1,0 +1,150 @@
+"""NWB out: ``rpnt replay --nwb`` and ``rpnt serve``'s session recording write the decoded session
+as NWB (binned counts, recorded behaviour, decoded target, flags, per-stage latencies, model
+version); the file passes pynwb's validator and the NWB Inspector, and reads back exactly through
+``rpnt_core.data.load_nwb`` and ``rpnt evaluate``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pynwb = pytest.importorskip("pynwb")
+nwbinspector = pytest.importorskip("nwbinspector")
+
+from test_streaming_support import BIN_NS, FIRDecoder, short_ipc_dir, tiny_export  # noqa: E402
+
+REPLAY_STAGES = ("ingest", "parse", "infer", "publish", "deliver", "daemon", "daemon_overhead", "end_to_end")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def replayed(tiny, tmp_path_factory):
+    """`rpnt replay --nwb --report` of the tiny session: (nwb path, report dir, report JSON)."""
+    from streaming.cli import replay_main
+
+    out = tmp_path_factory.mktemp("nwb-replay")
+    nwb, report = out / "decoded.nwb", out / "report"
+    assert replay_main(["--data", str(tiny["npz"]), "--model", str(tiny["export"]), "--nwb", str(nwb),
+                        "--report", str(report), "--json", "--log-level", "error"]) == 0
+    return nwb, report, json.loads((report / "report.json").read_text())
+
+
+#: what the NWB Inspector still asks for: metadata only the lab knows (who, where, which animal)
+LAB_METADATA_CHECKS = {"check_experimenter_exists", "check_institution", "check_subject_exists"}
+
+
+def assert_valid_nwb(path: Path) -> None:
+    """pynwb's schema validator, and every NWB Inspector check (down to best-practice suggestions)
+    but the lab's own metadata."""
+    errors = pynwb.validate(path=str(path))
+    assert errors == [], errors
+    messages = [m for m in nwbinspector.inspect_nwbfile(nwbfile_path=str(path)) if m is not None]
+    other = [f"{m.check_function_name}: {m.message}" for m in messages
+             if m.check_function_name not in LAB_METADATA_CHECKS]
+    assert other == []
+
+
+def _read(path: Path) -> dict:
+    """Everything rpnt wrote, read with pynwb itself (not through rpnt's loader)."""
+    with pynwb.NWBHDF5IO(str(path), mode="r") as io:
+        f = io.read()
+        misc = f.processing["misc"]
+        bins = misc["decoder_bins"]
+        decoded = {n: (np.asarray(o.data[:]), o.comments) for n, o in misc.data_interfaces.items()
+                   if isinstance(o, pynwb.TimeSeries)}
+        return {"counts": np.asarray(f.processing["ecephys"]["binned_counts"].data[:]),
+                "rate": f.processing["ecephys"]["binned_counts"].rate,
+                "behavior": {n: np.asarray(o.data[:]) for n, o in f.processing["behavior"].data_interfaces.items()}
+                if "behavior" in f.processing else {},
+                "decoded": decoded,
+                "bins": {c: np.asarray(bins[c].data[:]) for c in bins.colnames},
+                "notes": f.notes,
+                "module_description": misc.description}
+
+
+def test_replay_nwb_validates_and_holds_what_the_replay_decoded(tiny, replayed):
+    nwb, report, rep = replayed
+    assert_valid_nwb(nwb)
+    arrays = np.load(report / "predictions.npz")
+    got = _read(nwb)
+    assert got["rate"] == pytest.approx(1e9 / BIN_NS)
+    np.testing.assert_array_equal(got["counts"], tiny["counts"])
+    # the decoded target under its own name, with its dims; equal to the replay's own output, bit for bit
+    (name, (decoded, comments)), = got["decoded"].items()
+    assert name == rep["target"] == "velocity" and "dims=2" in comments
+    assert decoded.dtype == np.float32 and decoded.shape == (400, 2)
+    np.testing.assert_array_equal(decoded, arrays["velocity"])
+    np.testing.assert_array_equal(got["behavior"]["velocity"], tiny["velocity"])
+    b = got["bins"]
+    np.testing.assert_array_equal(b["flags"], arrays["flags"])
+    np.testing.assert_array_equal(b["received"], arrays["received"])
+    np.testing.assert_array_equal(b["n_spikes"], arrays["n_spikes"])
+    np.testing.assert_array_equal(b["bin"], np.arange(400))
+    # per-stage latencies per bin: the report's percentiles come from exactly these values
+    for stage in REPLAY_STAGES:
+        col = b[f"{stage}_ns"]
+        timed = col[col >= 0]
+        assert timed.size == rep["latency_ms"][stage]["count"] == 400
+        assert timed.max() / 1e6 == pytest.approx(rep["latency_ms"][stage]["max_ms"])
+    np.testing.assert_array_equal(b["infer_ns"], arrays["t_daemon"][:, 2] - arrays["t_daemon"][:, 1])
+    version = tiny["meta"]["weights_sha"]
+    assert set(b["generation"]) == {1} and set(b["model_version"]) == {version}
+    assert version in got["module_description"] and version in got["notes"]
+
+
+def test_replay_nwb_reads_back_exactly_through_the_loader_and_rpnt_evaluate(tiny, replayed, capsys):
+    from rpnt_core.commands import evaluate_main
+    from rpnt_core.data import load_npz, load_session
+
+    nwb, _, _ = replayed
+    s = load_session(nwb)
+    orig = load_npz(tiny["npz"])
+    assert s.bin_s == orig.bin_s == 0.02
+    np.testing.assert_array_equal(s.counts, orig.counts)
+    np.testing.assert_array_equal(s.velocity, orig.velocity)
+    # rpnt evaluate scores the NWB file exactly as it scores the session it was replayed from
+    scores = []
+    for data in (tiny["npz"], nwb):
+        assert evaluate_main(["--ckpt", str(tiny["ckpt"]), "--data", str(data), "--json"]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0]["r2"] == scores[1]["r2"] and scores[0]["r2_per_dim"] == scores[1]["r2_per_dim"]
+
+
+def test_a_replayed_nwb_replays_again_to_the_same_predictions(tiny, replayed, tmp_path):
+    """The output is an input: replaying the NWB file gives the same predictions, bit for bit."""
+    from streaming.cli import replay_main
+
+    nwb, report, _ = replayed
+    again = tmp_path / "again.nwb"
+    assert replay_main(["--data", str(nwb), "--model", str(tiny["export"]), "--nwb", str(again),
+                        "--log-level", "error"]) == 0
+    first, second = _read(nwb), _read(again)
+    np.testing.assert_array_equal(second["counts"], first["counts"])
+    np.testing.assert_array_equal(second["decoded"]["velocity"][0], first["decoded"]["velocity"][0])
+    np.testing.assert_array_equal(second["behavior"]["velocity"], first["behavior"]["velocity"])
+
+
+def test_replay_nwb_usage_errors_exit_2_before_replaying(tiny, tmp_path, capsys):
+    from streaming.cli import replay_main
+
+    for path, says in ((tmp_path / "missing" / "x.nwb", "--nwb: no such directory"),
+                       (tmp_path / "x.h5", "--nwb: expected a file name ending in .nwb")):
+        assert replay_main(["--data", str(tiny["npz"]), "--model", str(tiny["export"]), "--nwb", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_loader_refuses_a_bin_width_the_binned_file_does_not_have(replayed):
+    from rpnt_core.data.formats import load_nwb
+
+    nwb, _, _ = replayed
+    assert load_nwb(nwb, bin_s=0.02).n_bins == 400
+    with pytest.raises(ValueError, match=r"^bin_s: the file holds counts binned at 20 ms, not 50 ms"):
+        load_nwb(nwb, bin_s=0.05)
