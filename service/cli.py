@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bin-ms", type=float, help="bin width in ms (default: the model's) [daemon.bin_ms]")
     p.add_argument("--ingest", help="PULL endpoint for rig messages [daemon.ingest]")
     p.add_argument("--publish", help="PUB endpoint for predictions [daemon.publish]")
+    p.add_argument("--record-nwb", metavar="OUT.nwb",
+                   help="record the session: every decoded bin (counts, decoded target, flags, per-stage latencies, "
+                        "model version, the rig's kinematics) written to this NWB file at stop (docs/nwb.md) "
+                        "[daemon.record_nwb]")
     p.add_argument("--http-host", help="HTTP bind address [http.host]")
     p.add_argument("--http-port", type=int, help="HTTP port, 0 = any free one [http.port]")
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP control plane [http.enabled]")
@@ -99,6 +103,7 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
     table = {"model": {"path": a.model, "backend": a.backend, "precision": a.precision},
              "registry": {"root": a.registry},
              "daemon": {"bin_ms": a.bin_ms, "ingest": a.ingest, "publish": a.publish, "stall_ms": a.stall_ms,
+                        "record_nwb": a.record_nwb,
                         "max_jump_s": a.max_jump_s, "history_s": a.history_s, "warmup_bins": a.warmup_bins,
                         "affinity": list(a.affinity) if a.affinity else None, "busy_poll_us": a.busy_poll_us,
                         "rt_priority": a.rt_priority, "gc_freeze": a.gc_freeze or None,
@@ -166,6 +171,12 @@ def check_startup(settings: "Settings", *, replace_active: bool) -> None:
     if path and not Path(path).exists() and (replace_active or not holds_versions(settings.registry.root)):
         raise SettingsError(f"model.path: no such file or directory: {path}")
     d = settings.daemon
+    if d.record_nwb:
+        from streaming.cli import nwb_output_problem
+
+        problem = nwb_output_problem(d.record_nwb)
+        if problem:
+            raise SettingsError(f"daemon.record_nwb: {problem}")
     with held_endpoints({"daemon.ingest": d.ingest, "daemon.publish": d.publish}, allow_remote=d.allow_remote,
                         remote_option="daemon.allow_remote = true (--allow-remote)"):
         if settings.http.enabled:
@@ -277,9 +288,14 @@ def serve_main(argv: list[str] | None = None) -> int:
             http["thread"].join(10.0)
         control.calibration.shutdown()
 
-    return serve_until_stopped(daemon, ready_fields={"token_source": token_source or None,
-                                                     "registry": str(registry.root), "registry_version": version,
-                                                     "model_loaded_s": round(load_s, 3),
-                                                     "switch_interval_ms": sys.getswitchinterval() * 1e3},
-                               stats_interval=a.stats_interval, log=log, log_format=settings.log_format,
-                               after_start=start_http, before_stop=stop_http)
+    rc = serve_until_stopped(daemon, ready_fields={"token_source": token_source or None,
+                                                   "registry": str(registry.root), "registry_version": version,
+                                                   "model_loaded_s": round(load_s, 3),
+                                                   "switch_interval_ms": sys.getswitchinterval() * 1e3},
+                             stats_interval=a.stats_interval, log=log, log_format=settings.log_format,
+                             after_start=start_http, before_stop=stop_http)
+    if settings.daemon.record_nwb:
+        from streaming.cli import write_recording
+
+        rc = max(rc, write_recording(daemon, settings.daemon.record_nwb, log_format=settings.log_format))
+    return rc

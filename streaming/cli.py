@@ -456,6 +456,34 @@ def replay_main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def write_recording(daemon, path: str, *, log_format: str = "text") -> int:
+    """Write a stopped daemon's session recording to ``path`` (NWB) and say so on stderr (a line,
+    or a ``{"event": "recorded", ...}`` JSON line); returns an exit status (1: could not write)."""
+    from .nwb_out import write_nwb
+
+    ds = daemon.recording(description=f"rpnt serve session, model {daemon.status()['model_version']}")
+    if ds is None:
+        event = {"event": "recorded", "path": None, "bins": 0, "detail": "no bin was decoded: nothing written"}
+    else:
+        try:
+            write_nwb(path, ds)
+        except (OSError, ValueError, ImportError) as exc:
+            msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"rpnt serve: error: daemon.record_nwb: cannot write {path}: {msg}", file=sys.stderr)
+            return EXIT_FAILED
+        event = {"event": "recorded", "path": str(path), "bins": ds.n_bins,
+                 "bins_not_recorded": daemon.bins_not_recorded}
+    if log_format == "json":
+        emit_event(event)
+    elif event["path"] is None:
+        emit_lines([f"rpnt serve: recording: {event['detail']}"])
+    else:
+        more = f" ({event['bins_not_recorded']} later bins past record_max_s not kept)" \
+            if event["bins_not_recorded"] else ""
+        emit_lines([f"rpnt serve: recording: {event['bins']} bins written to {path}{more}"])
+    return EXIT_OK
+
+
 def nwb_output_problem(path: str) -> str | None:
     """Why an NWB output file could not be written at ``path`` (checked before a run, so that a
     session is not decoded for nothing), or None: pynwb missing, no such folder, not ``.nwb``."""

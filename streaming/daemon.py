@@ -126,6 +126,8 @@ class DaemonOptions:
     allow_bin_mismatch: decode at a bin width other than the decoder's ``info.bin_s``.
     allow_remote: bind non-loopback TCP endpoints.
     max_batch: messages drained per wake-up before the stall deadline is checked.
+    record_s: keep every decoded bin of the run, up to this many seconds of bins, for
+        :meth:`Daemon.recording` (the session recording, :mod:`streaming.recording`); 0 = none.
     busy_poll_us: after each message, poll without blocking for this long before sleeping in
         ``poll`` again (0 = always block).  Spinning through the gap between bins (e.g. 25000 at
         20 ms bins) keeps the decode core's caches and clock warm — a step right after a 20 ms sleep
@@ -152,14 +154,18 @@ class DaemonOptions:
     allow_remote: bool = False
     max_batch: int = 64
     busy_poll_us: int = 0
+    record_s: float = 0.0
 
     @classmethod
     def from_fields(cls, src) -> "DaemonOptions":
         """The options an operator sets, read by attribute from ``src``: the ``rpnt serve`` flags
         (an argparse namespace) or the ``[daemon]`` settings section — both name them
         ``stall_ms``, ``max_jump_s``, ``history_s``, ``warmup_bins``, ``affinity``, ``gc_freeze``,
-        ``rt_priority``, ``allow_bin_mismatch``, ``busy_poll_us``, ``allow_remote``."""
-        return cls(stall_timeout_s=None if src.stall_ms is None else src.stall_ms / 1e3, max_jump_s=src.max_jump_s,
+        ``rt_priority``, ``allow_bin_mismatch``, ``busy_poll_us``, ``allow_remote``; and, where
+        present (the settings), ``record_nwb`` and ``record_max_s``: with a ``record_nwb`` file the
+        daemon records up to ``record_max_s`` of its run."""
+        record_s = float(getattr(src, "record_max_s", 0.0)) if getattr(src, "record_nwb", None) else 0.0
+        return cls(record_s=record_s, stall_timeout_s=None if src.stall_ms is None else src.stall_ms / 1e3, max_jump_s=src.max_jump_s,
                    history_s=src.history_s, warmup_bins=src.warmup_bins,
                    affinity=tuple(src.affinity) if src.affinity else None,
                    gc_freeze=src.gc_freeze, rt_priority=src.rt_priority, allow_bin_mismatch=src.allow_bin_mismatch,
@@ -260,6 +266,13 @@ class Daemon:
         self._history = HistoryRing(capacity=max(1, int(math.ceil(opt.history_s / bin_s))), n_channels=self.n_channels,
                                     n_kinematics=self.n_kinematics, max_pending=opt.max_pending_kinematics)
         self._stages = StageHistograms(STAGES)
+        self._recorder = None
+        if opt.record_s > 0:
+            from .recording import SessionRecorder
+
+            self._recorder = SessionRecorder(n_channels=self.n_channels, n_outputs=self.n_outputs,
+                                             max_bins=max(1, int(math.ceil(opt.record_s / bin_s))))
+            self._recorder.add_version(1, model_version(decoder))
         self._c: dict[str, int] = dict.fromkeys(
             ("messages", "spikes_msgs", "ticks", "counts_msgs", "kinematics_msgs", "resets", "pings", "events",
              "bins", "gaps", "rejected", "decode_errors", "publish_dropped", "publish_errors", "swaps"), 0)
@@ -434,6 +447,19 @@ class Daemon:
     @property
     def history(self) -> HistoryRing:
         return self._history
+
+    def recording(self, *, description: str = "rpnt serve session"):
+        """The session recording (:class:`~streaming.nwb_out.DecodedSession`): every bin decoded
+        since start, up to ``options.record_s``; None when not recording or nothing was decoded.
+        Call it once the loop has stopped (:meth:`stop`, :meth:`join`)."""
+        if self._recorder is None:
+            return None
+        return self._recorder.session(bin_ns=self.bin_ns, target=self.status()["target"], description=description)
+
+    @property
+    def bins_not_recorded(self) -> int:
+        """Bins decoded after the recording reached ``options.record_s`` (not in :meth:`recording`)."""
+        return 0 if self._recorder is None else self._recorder.bins_not_recorded
 
     # ================================================================== the loop
     def _serve(self, on_ready: Callable[["Daemon"], None] | None = None) -> None:
@@ -668,6 +694,8 @@ class Daemon:
                                              f"bin {b.k_open}")
         epoch = b.epoch if b.started else b.epoch + 1  # before a stream starts: for the one about to
         self._history.add_kinematics(epoch, first, vals)
+        if self._recorder is not None:
+            self._recorder.add_kinematics(epoch, first, vals)
 
     def _on_reset(self, msg: IngestMessage, t_recv: int) -> None:
         self._do_reset(msg.clock_ns, msg.free_run, t_recv)
@@ -740,6 +768,9 @@ class Daemon:
         h["publish"].record(t_pub - t_infer)
         h["daemon"].record(t_pub - t_recv)
         self._history.append(epoch, k, counts)
+        if self._recorder is not None:
+            self._recorder.append(epoch=epoch, k=k, counts=counts, output=vb, flags=flags, n_spikes=n_spikes,
+                                  generation=self._generation, stamps=(t_recv, t_close, t_infer, t_pub))
 
     def _apply_swaps(self, k: int, flags: int) -> int:
         epoch = self._binner.epoch
@@ -767,6 +798,8 @@ class Daemon:
             self._version_bytes = model_version(new).encode()
             self._nan_bytes = np.full(int(new.info.n_outputs), np.nan, dtype=np.float32).tobytes()
             self._c["swaps"] += 1
+            if self._recorder is not None:
+                self._recorder.add_version(self._generation, model_version(new))
             rec = {"bin": k, "epoch": epoch, "generation": self._generation, "model_version": model_version(new),
                    "mode": mode, "time": time.time()}
             self._swaps.append(rec)

@@ -148,3 +148,100 @@ def test_loader_refuses_a_bin_width_the_binned_file_does_not_have(replayed):
     assert load_nwb(nwb, bin_s=0.02).n_bins == 400
     with pytest.raises(ValueError, match=r"^bin_s: the file holds counts binned at 20 ms, not 50 ms"):
         load_nwb(nwb, bin_s=0.05)
+
+
+# ============================================================================ the daemon's session recording
+def test_rpnt_serve_records_the_session_to_nwb_at_stop(tiny, tmp_path):
+    """`rpnt serve --record-nwb` (a child process, real sockets), fed by a replay: at SIGTERM the
+    file holds exactly the counts the rig sent, the predictions the replay received, the rig's
+    kinematics and the model version; it validates and loads back."""
+    from rpnt_core.data import load_session
+    from streaming.replay import run_replay
+    from test_serve_startup import Serve
+
+    out = tmp_path / "session.nwb"
+    d = short_ipc_dir()
+    ingest, publish = f"ipc://{d}/in", f"ipc://{d}/out"
+    srv = Serve("--model", str(tiny["export"]), "--registry", str(tmp_path / "registry"), "--no-http",
+                "--record-nwb", str(out), "--ingest", ingest, "--publish", publish)
+    try:
+        srv.wait_for("rpnt serve: ready")
+        res = run_replay(counts=tiny["counts"], labels={"velocity": tiny["velocity"]}, bin_ns=BIN_NS,
+                         ingest=ingest, publish=publish, realtime=False)
+        assert not out.exists()  # written at stop
+    finally:
+        rc = srv.stop()
+    lines = [ln for ln in srv.lines if ln is not None]
+    assert rc == 0, "\n".join(lines)
+    assert lines[-1] == f"rpnt serve: recording: 400 bins written to {out}", lines
+    assert res.received.all()
+    assert_valid_nwb(out)
+    got = _read(out)
+    np.testing.assert_array_equal(got["counts"], tiny["counts"])
+    np.testing.assert_array_equal(got["decoded"]["velocity"][0], res.velocity)
+    np.testing.assert_array_equal(got["behavior"]["velocity"], tiny["velocity"])
+    b = got["bins"]
+    np.testing.assert_array_equal(b["flags"], res.flags)
+    np.testing.assert_array_equal(b["bin"], np.arange(400))
+    assert set(b["model_version"]) == {tiny["meta"]["weights_sha"]} and set(b["epoch"]) == {res.epoch}
+    for stage in ("parse", "infer", "publish", "daemon"):
+        assert (b[f"{stage}_ns"] >= 0).all()
+    np.testing.assert_array_equal(b["daemon_ns"], b["parse_ns"] + b["infer_ns"] + b["publish_ns"])
+    s = load_session(out)
+    np.testing.assert_array_equal(s.counts, tiny["counts"])
+    np.testing.assert_array_equal(s.velocity, tiny["velocity"])
+
+
+def test_record_nwb_that_cannot_be_written_exits_2_before_start(tiny, tmp_path):
+    from test_serve_startup import _fails
+
+    d = short_ipc_dir()
+    line = _fails("--model", str(tiny["export"]), "--registry", str(tmp_path / "registry"), "--no-http",
+                  "--record-nwb", str(tmp_path / "nope" / "s.nwb"), "--ingest", f"ipc://{d}/in",
+                  "--publish", f"ipc://{d}/out")
+    assert line == f"rpnt serve: error: daemon.record_nwb: no such directory: {tmp_path / 'nope'}"
+    assert not (tmp_path / "registry").exists()
+
+
+def test_recording_follows_swaps_leaves_out_gappy_kinematics_and_stops_at_its_limit(tmp_path):
+    """In-process daemon: a decoder swap shows in the generation / model_version columns; kinematics
+    for only some bins are not written as a label; bins past record_s are counted, not kept."""
+    from rpnt_core.data import load_session
+    from streaming.nwb_out import write_nwb
+    from test_streaming_support import barrier, live_daemon, send_stream
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(1.0, size=(60, 8))
+    a, b = FIRDecoder(version="fir-a"), FIRDecoder(version="fir-b", seed=1)
+    with live_daemon(a, record_s=50 * 0.02, warmup_bins=0) as (d, rig, sub):
+        send_stream(rig, counts[:20], kinematics=np.ones((20, 2), np.float32))
+        barrier(rig, sub)
+        d.swap_decoder(b)
+        send_stream(rig, counts[20:], first_bin=20, reset=False)
+        barrier(rig, sub)
+    ds = d.recording()
+    assert ds.n_bins == 50 and d.bins_not_recorded == 10
+    np.testing.assert_array_equal(ds.counts, counts[:50])
+    assert ds.model_versions == {1: "fir-a", 2: "fir-b"}
+    first_b = int(np.flatnonzero(ds.generation == 2)[0])
+    assert (ds.generation[:first_b] == 1).all() and (ds.generation[first_b:] == 2).all()
+    assert ds.flags[first_b] & 16  # SWAPPED
+    assert ds.labels == {}  # kinematics for 20 of 50 bins: no label series
+    path = write_nwb(tmp_path / "rec.nwb", ds)
+    assert_valid_nwb(path)
+    got = _read(path)
+    assert list(got["bins"]["model_version"][[0, first_b]]) == ["fir-a", "fir-b"]
+    assert got["behavior"] == {} and load_session(path).velocity is None
+
+
+def test_the_daemon_does_not_import_pynwb_unless_it_writes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; from streaming.daemon import Daemon, DaemonOptions; import streaming.recording, "
+            "streaming.nwb_out, streaming.cli, service.cli; print('pynwb' in sys.modules, 'h5py' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]
