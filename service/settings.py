@@ -72,8 +72,8 @@ class DaemonSettings(_Section):
                                                      "kinematics) to this NWB file when the daemon stops "
                                                      "(docs/nwb.md; needs the [nwb] extra)")
     record_max_s: float = Field(14400.0, gt=0, description="the session recording keeps at most this many seconds "
-                                                           "of bins (memory: about 4·(channels + outputs) + 80 "
-                                                           "bytes per bin); later bins are counted, not kept")
+                                                           "of bins (memory: 4·(channels + outputs) + 72 bytes "
+                                                           "per bin); later bins are counted, not kept")
     warmup_bins: int = Field(32, ge=0, description="engine steps run before the first bin")
     affinity: list[int] | None = Field(None, description="CPU ids to pin the decode thread to")
     gc_freeze: bool = Field(False, description="gc.freeze() after warm-up")

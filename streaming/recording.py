@@ -4,8 +4,9 @@
 The loop thread appends one row per decoded bin -- counts, output, flags, spike count, decoder
 generation and the four stage stamps -- into preallocated blocks (a few array stores; no
 allocation but one block per ``block`` bins), and notes each KINEMATICS message as it comes.
-Memory grows with the run, about ``4·(N + D) + 80`` bytes per bin (96 channels, 2 outputs:
-≈ 35 MB per hour of 20 ms bins), up to ``max_bins``; bins past that are counted, not kept.
+Memory grows with the run, ``4·(N + D) + 72`` bytes per bin (+ ``4·D`` per bin of kinematics;
+96 channels, 2 outputs, 20 ms bins: 180 000 bins × 464 bytes ≈ 84 MB per hour), up to
+``max_bins``; bins past that are counted, not kept.
 :meth:`SessionRecorder.session` assembles the rows (any thread, once the loop has stopped).
 """
 
