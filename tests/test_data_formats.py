@@ -389,6 +389,9 @@ def test_nwb_acquisition_named_series_and_no_behaviour(tmp_path: Path) -> None:
         load_nwb(path, bin_s=0.1, velocity_series="hand")
     with pytest.raises(ValueError, match="^bin_s: must be > 0"):
         load_nwb(path, bin_s=0.0)
+    # spike times need a bin width: one line naming it (`rpnt evaluate --data x.nwb` passes none)
+    with pytest.raises(ValueError, match=r"^bin_s: the file holds spike times \(Units\), which need a bin width"):
+        load_session(path)
 
 
 def test_nwb_missing_pynwb_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -228,6 +228,7 @@ def test_recording_follows_swaps_leaves_out_gappy_kinematics_and_stops_at_its_li
     assert ds.flags[first_b] & 16  # SWAPPED
     assert ds.labels == {}  # kinematics for 20 of 50 bins: no label series
     path = write_nwb(tmp_path / "rec.nwb", ds)
+    assert sorted(tmp_path.iterdir()) == [path]  # no temporary file left beside it
     assert_valid_nwb(path)
     got = _read(path)
     assert list(got["bins"]["model_version"][[0, first_b]]) == ["fir-a", "fir-b"]
@@ -245,3 +246,47 @@ def test_the_daemon_does_not_import_pynwb_unless_it_writes(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False"]
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    """Atomic: the file at the path is the old one or the new one, never half of one."""
+    from streaming.nwb_out import write_nwb
+
+    T = 5
+    ds = _small_session(T)
+    path = write_nwb(tmp_path / "s.nwb", ds)
+    before = path.read_bytes()
+
+    def broken_write(self, *a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pynwb.NWBHDF5IO, "write", broken_write)
+    with pytest.raises(OSError, match="No space left"):
+        write_nwb(path, ds)
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+
+
+def _small_session(T: int):
+    from streaming.nwb_out import DecodedSession
+
+    rng = np.random.default_rng(0)
+    return DecodedSession(bin_ns=BIN_NS, target="position", counts=rng.poisson(1.0, (T, 3)),
+                          decoded=rng.standard_normal((T, 2)).astype(np.float32), received=np.ones(T, bool),
+                          flags=np.zeros(T, np.int64), n_spikes=np.zeros(T, np.int64), epoch=np.ones(T, np.int64),
+                          bin=np.arange(T), generation=np.ones(T, np.int64), model_versions={1: "v1"},
+                          labels={"position": rng.standard_normal((T, 2)).astype(np.float32)})
+
+
+def test_the_decoded_series_is_named_by_the_target_and_position_labels_load_as_position(tmp_path):
+    from rpnt_core.data import load_session
+    from streaming.nwb_out import write_nwb
+
+    ds = _small_session(7)
+    path = write_nwb(tmp_path / "p.nwb", ds)
+    assert_valid_nwb(path)
+    got = _read(path)
+    assert list(got["decoded"]) == ["position"] and "dims=2" in got["decoded"]["position"][1]
+    s = load_session(path).with_target("position")
+    np.testing.assert_array_equal(s.position, ds.labels["position"])
+    np.testing.assert_array_equal(s.counts, ds.counts)
+    assert s.velocity is None
