@@ -165,8 +165,8 @@ class DaemonOptions:
         present (the settings), ``record_nwb`` and ``record_max_s``: with a ``record_nwb`` file the
         daemon records up to ``record_max_s`` of its run."""
         record_s = float(getattr(src, "record_max_s", 0.0)) if getattr(src, "record_nwb", None) else 0.0
-        return cls(record_s=record_s, stall_timeout_s=None if src.stall_ms is None else src.stall_ms / 1e3, max_jump_s=src.max_jump_s,
-                   history_s=src.history_s, warmup_bins=src.warmup_bins,
+        return cls(stall_timeout_s=None if src.stall_ms is None else src.stall_ms / 1e3, max_jump_s=src.max_jump_s,
+                   history_s=src.history_s, warmup_bins=src.warmup_bins, record_s=record_s,
                    affinity=tuple(src.affinity) if src.affinity else None,
                    gc_freeze=src.gc_freeze, rt_priority=src.rt_priority, allow_bin_mismatch=src.allow_bin_mismatch,
                    busy_poll_us=src.busy_poll_us, allow_remote=src.allow_remote)
