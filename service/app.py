@@ -7,7 +7,7 @@ route                                  auth   answer
 ``GET /ready``                                200 once a model is loaded and warmed up, else 503
 ``GET /status``                               model version + fingerprint, channels, bin width,
                                               uptime, streaming counters and latency
-``GET /metrics``                              Prometheus text format (``service.metrics``)
+``GET /metrics``                              Prometheus text (OpenMetrics if asked; ``service.metrics``)
 ``POST /calibrate``                    yes    202 + job id; multipart form: ``file`` (NPZ/NWB) or
                                               ``source=recent`` (+ ``seconds``), ``force``
 ``GET /calibrate``                            the jobs, oldest first
@@ -35,7 +35,7 @@ import shutil
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .calibration import CalibrationBusy
@@ -118,8 +118,9 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         return control.status()
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
-        return PlainTextResponse(control.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    def metrics(request: Request) -> Response:
+        body, content_type = control.metrics_exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     # -------------------------------------------------------------- calibration
     @app.post("/calibrate", tags=["calibration"], status_code=202, dependencies=[Depends(require_token)],
