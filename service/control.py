@@ -62,6 +62,7 @@ class ControlPlane:
         self.started = time.time()
         self._contracts: dict = {}
         self.metrics_registry = new_registry(self.metrics_input)  # this plane's own, never the global one
+        self.closing = threading.Event()  # set when the HTTP server stops: long-lived streams end
 
     # ------------------------------------------------------------------ reading
     @property
