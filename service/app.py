@@ -47,7 +47,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .calibration import CalibrationBusy
 from .control import ActivationError, ControlPlane
-from .live import PredictionFeed, event_stream
+from .live import LIVE_HZ, PredictionFeed, SharedState, event_stream
 from .registry import RegistryError
 from .upload_parse import ParseLimits, parse_upload
 from .uploads import CalibrationInputError, check_session, recent_session, save_canonical, with_live_metadata
@@ -111,6 +111,7 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     feed = PredictionFeed(endpoint=lambda: control.daemon.endpoints["publish"])
+    shared = SharedState(control, ttl=0.5 / LIVE_HZ)
 
     def require_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if cred is None or cred.scheme.lower() != "bearer":
@@ -137,7 +138,7 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
     @app.get("/events", include_in_schema=False)
     def events() -> StreamingResponse:
         """Server-sent events for the live page (``service.live``).  Read-only; no token."""
-        return StreamingResponse(event_stream(control, feed), media_type="text/event-stream",
+        return StreamingResponse(event_stream(control, feed, shared), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/docs", include_in_schema=False)

@@ -39,7 +39,7 @@ from streaming.protocol import PREDICTION_TOPIC, Prediction, ProtocolError, pars
 log = logging.getLogger("rpnt.live")
 
 LIVE_HZ = 4.0  # events per second on /events
-JOBS_EVERY_S = 2.0  # calibration jobs are read from the registry at most this often per client
+JOBS_EVERY_S = 2.0  # calibration jobs are read from the registry at most this often (per app)
 N_JOBS = 5  # the most recent jobs sent
 STOP_IDLE_S = 2.0  # the feed's thread ends this long after its last client left
 
@@ -180,8 +180,8 @@ def calibration_jobs(control: Any) -> list[dict]:
     return [_job_row(j, cal.get(j["id"]) if j.get("id") == running else None) for j in cal.jobs()[-N_JOBS:]][::-1]
 
 
-def live_state(control: Any, *, points: list[list], trajectory: bool, jobs: list[dict] | None) -> dict:
-    """One ``/events`` payload (see the module docstring); ``jobs`` None: not re-read this time."""
+def live_state(control: Any, *, points: list[list], trajectory: bool, jobs: list[dict]) -> dict:
+    """One ``/events`` payload (see the module docstring)."""
     daemon = control.daemon
     st = daemon.status()
     snap = daemon.snapshot()
@@ -201,32 +201,52 @@ def live_state(control: Any, *, points: list[list], trajectory: bool, jobs: list
         "rejected": dict(snap["rejected"]),
         "rejected_total": sum(snap["rejected"].values()),
         "latency_ms": _latency(snap["latency_ms"]),
-        "calibration": {"running": control.calibration.busy(), "totals": dict(control.calibration.totals)},
+        "calibration": {"running": control.calibration.busy(), "totals": dict(control.calibration.totals),
+                        "jobs": jobs},
         "trajectory": trajectory,
         "points": points,
     }
-    if jobs is not None:
-        out["calibration"]["jobs"] = jobs
     return out
 
 
-async def event_stream(control: Any, feed: PredictionFeed, *, hz: float = LIVE_HZ) -> AsyncIterator[str]:
+class SharedState:
+    """:func:`live_state` less the points, computed at most once per ``ttl`` seconds whatever the
+    number of ``/events`` clients (each adds only its own points); the calibration jobs (read from
+    the registry's files) at most once per ``JOBS_EVERY_S``."""
+
+    def __init__(self, control: Any, *, ttl: float) -> None:
+        self._control = control
+        self._ttl = float(ttl)
+        self._lock = threading.Lock()
+        self._state: dict | None = None
+        self._at = -math.inf
+        self._jobs: list[dict] = []
+        self._jobs_at = -math.inf
+
+    def get(self, *, trajectory: bool) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._jobs_at >= JOBS_EVERY_S:
+                self._jobs, self._jobs_at = calibration_jobs(self._control), now
+            if self._state is None or now - self._at >= self._ttl:
+                self._state = live_state(self._control, points=[], trajectory=trajectory, jobs=self._jobs)
+                self._at = now
+            return self._state
+
+
+async def event_stream(control: Any, feed: PredictionFeed, shared: SharedState, *,
+                       hz: float = LIVE_HZ) -> AsyncIterator[str]:
     """The ``text/event-stream`` body of ``GET /events`` (ends when ``control.closing`` is set)."""
     period = 1.0 / hz
     feed.open()
     try:
         serial = 0  # the first event carries every prediction the feed still holds
         yield f"retry: {int(period * 4000)}\n\n"
-        next_jobs = 0.0
         while not control.closing.is_set():
             points, serial = feed.since(serial)
-            now = time.monotonic()
-            jobs = None
-            if now >= next_jobs:
-                jobs = await run_in_threadpool(calibration_jobs, control)
-                next_jobs = now + JOBS_EVERY_S
-            state = await run_in_threadpool(live_state, control, points=points, trajectory=feed.available, jobs=jobs)
-            yield "event: state\ndata: " + json.dumps(state, separators=(",", ":"), allow_nan=False) + "\n\n"
+            state = await run_in_threadpool(shared.get, trajectory=feed.available)
+            yield "event: state\ndata: " + json.dumps(state | {"points": points}, separators=(",", ":"),
+                                                      allow_nan=False) + "\n\n"
             await asyncio.sleep(period)
     finally:
         feed.close()
