@@ -42,8 +42,8 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from fastapi.staticfiles import StaticFiles
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 
 from .calibration import CalibrationBusy
 from .control import ActivationError, ControlPlane
@@ -64,7 +64,7 @@ def swagger_ui_dir() -> Path | None:
     spec = importlib.util.find_spec("swagger_ui")
     if spec is None or not spec.submodule_search_locations:
         return None
-    d = Path(list(spec.submodule_search_locations)[0]) / "static"
+    d = Path(next(iter(spec.submodule_search_locations))) / "static"
     return d if all((d / name).is_file() for name in SWAGGER_ASSETS) else None
 
 
