@@ -1,10 +1,11 @@
 """service.live's PredictionFeed on a real ZeroMQ PUB socket: what it keeps and pages out, that it
-subscribes only while read, and the endpoint it connects to.  (The page itself, in a browser:
-tests/test_live_page.py.)"""
+subscribes only while read, and the endpoint it connects to; the page's files ship as package
+data.  (The page itself, in a browser: tests/test_live_page.py.)"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +84,20 @@ def test_the_feed_pages_predictions_keeps_the_last_ones_and_subscribes_only_whil
         feed.close()
         pub.close(0)
         ctx.term()
+
+
+def test_static_assets_ship_as_package_data():
+    import tomllib
+
+    from conftest import REPO
+
+    pkg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
+    static = REPO / "service" / "static"
+    shipped = {p.name for p in static.iterdir() if p.is_file()}
+    assert {"index.html", "live.js", "live.css", "favicon.svg"} <= shipped
+    covered = {p.name for pattern in pkg for p in (REPO / "service").glob(pattern)}
+    assert shipped <= covered, shipped - covered
+    for name in ("index.html", "live.js", "live.css"):  # nothing loaded from elsewhere
+        text = (static / name).read_text()
+        assert "http://" not in text.replace("http://127.0.0.1", "") and "https://" not in text, name
+    assert Path(static / "index.html").read_text().count("/static/live.js") == 1

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import threading
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -217,20 +216,3 @@ def test_an_open_event_stream_ends_cleanly_when_the_server_stops(served):
     reader.join(LIVE)
     assert outcome == {"ended": "cleanly"}, outcome
     assert stopped["event"] == "stopped"
-
-
-def test_static_assets_ship_as_package_data():
-    import tomllib
-
-    from conftest import REPO
-
-    pkg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
-    static = REPO / "service" / "static"
-    shipped = {p.name for p in static.iterdir() if p.is_file()}
-    assert {"index.html", "live.js", "live.css", "favicon.svg"} <= shipped
-    covered = {p.name for pattern in pkg for p in (REPO / "service").glob(pattern)}
-    assert shipped <= covered, shipped - covered
-    for name in ("index.html", "live.js", "live.css"):  # nothing loaded from elsewhere
-        text = (static / name).read_text()
-        assert "http://" not in text.replace("http://127.0.0.1", "") and "https://" not in text, name
-    assert Path(static / "index.html").read_text().count("/static/live.js") == 1
