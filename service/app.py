@@ -3,11 +3,14 @@
 =====================================  =====  ====================================================
 route                                  auth   answer
 =====================================  =====  ====================================================
+``GET /``                                     the live page (``service/static``; read-only)
+``GET /events``                               server-sent events feeding it (``service.live``)
+``GET /docs``                                 Swagger UI, every asset served from here (no CDN)
 ``GET /health``                               200 while the process serves HTTP (liveness)
 ``GET /ready``                                200 once a model is loaded and warmed up, else 503
 ``GET /status``                               model version + fingerprint, channels, bin width,
                                               uptime, streaming counters and latency
-``GET /metrics``                              Prometheus text format (``service.metrics``)
+``GET /metrics``                              Prometheus text (OpenMetrics if asked; ``service.metrics``)
 ``POST /calibrate``                    yes    202 + job id; multipart form: ``file`` (NPZ/NWB) or
                                               ``source=recent`` (+ ``seconds``), ``force``
 ``GET /calibrate``                            the jobs, oldest first
@@ -30,22 +33,39 @@ nothing here runs on the decode loop's thread.
 from __future__ import annotations
 
 import hmac
+import importlib.util
 import logging
 import shutil
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 
 from .calibration import CalibrationBusy
 from .control import ActivationError, ControlPlane
+from .live import LIVE_HZ, PredictionFeed, SharedState, event_stream
 from .registry import RegistryError
 from .upload_parse import ParseLimits, parse_upload
 from .uploads import CalibrationInputError, check_session, recent_session, save_canonical, with_live_metadata
 
 log = logging.getLogger("rpnt.http")
 _bearer = HTTPBearer(auto_error=False, description="the API token (RPNT_API_TOKEN / auth.token_file)")
+STATIC = Path(__file__).parent / "static"  # the live page's HTML/JS/CSS (package data)
+SWAGGER_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")  # served from the swagger-ui-py package
+
+
+def swagger_ui_dir() -> Path | None:
+    """The ``static`` folder of the ``swagger-ui-py`` package (Swagger UI's own build, Apache-2.0,
+    its licence beside it), found without importing the package; None if it is not installed."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(next(iter(spec.submodule_search_locations))) / "static"
+    return d if all((d / name).is_file() for name in SWAGGER_ASSETS) else None
 
 
 class BodyLimit:
@@ -86,8 +106,12 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
     max_bytes = int(settings.http.max_upload_mb * (1 << 20))
     parse_limits = ParseLimits.from_settings(settings)
     app = FastAPI(title="rpnt control plane", version="1", description=__doc__.split("\n\n")[0],
-                  openapi_tags=[{"name": "health"}, {"name": "calibration"}, {"name": "models"}])
+                  openapi_tags=[{"name": "health"}, {"name": "calibration"}, {"name": "models"}],
+                  docs_url=None, redoc_url=None)  # /docs below serves its assets itself; ReDoc would need a CDN
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    feed = PredictionFeed(endpoint=lambda: control.daemon.endpoints["publish"])
+    shared = SharedState(control, ttl=0.5 / LIVE_HZ)
 
     def require_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if cred is None or cred.scheme.lower() != "bearer":
@@ -102,6 +126,36 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         # the exception's text can hold server paths: it goes to the log, not to the client
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
                             status_code=500)
+
+    # -------------------------------------------------------------- live page, docs
+    @app.get("/", include_in_schema=False)
+    def live_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    # not in the OpenAPI schema: a stream that never ends is no operation a client generator (or a
+    # schema fuzzer) can call and read to the end
+    @app.get("/events", include_in_schema=False)
+    def events() -> StreamingResponse:
+        """Server-sent events for the live page (``service.live``).  Read-only; no token."""
+        return StreamingResponse(event_stream(control, feed, shared), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if swagger_ui_dir() is None:
+            raise HTTPException(404, "the API docs need the swagger-ui-py package (pip install 'rpnt[serve]')")
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} — API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/static/favicon.svg")
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> FileResponse:
+        d = swagger_ui_dir()
+        if d is None or name not in SWAGGER_ASSETS:
+            raise HTTPException(404, "no such docs asset")
+        return FileResponse(d / name)
 
     # -------------------------------------------------------------- health
     @app.get("/health", tags=["health"])
@@ -118,8 +172,9 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         return control.status()
 
     @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
-        return PlainTextResponse(control.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    def metrics(request: Request) -> Response:
+        body, content_type = control.metrics_exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     # -------------------------------------------------------------- calibration
     @app.post("/calibrate", tags=["calibration"], status_code=202, dependencies=[Depends(require_token)],

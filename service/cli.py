@@ -51,7 +51,8 @@ examples:
   RPNT_DAEMON__BIN_MS=50 rpnt serve --model exports/m1
   rpnt serve --model exports/m1 --no-http             # the decode loop alone
 
-control plane (see deploy/OPERATIONS.md): GET /health /ready /status /metrics /models /calibrate/{id};
+control plane (see deploy/OPERATIONS.md): GET / (live page) /events /docs /health /ready /status /metrics /models
+/calibrate/{id};
 POST /calibrate and POST /models/{version}/activate need 'Authorization: Bearer <token>'.
 """
 
@@ -283,6 +284,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         return {"http": f"http://{host}:{port}"}
 
     def stop_http() -> None:
+        control.closing.set()  # /events streams end, so uvicorn's graceful shutdown does not wait on them
         if http:
             http["server"].should_exit = True
             http["thread"].join(10.0)

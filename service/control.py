@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .calibration import CalibrationManager
-from .metrics import BUCKETS_MS, render
+from .metrics import BUCKETS_MS, MetricsInput, exposition, new_registry
 from .registry import ModelRegistry
 from .settings import Settings
 
@@ -61,6 +61,8 @@ class ControlPlane:
                                               activate=self.activate)
         self.started = time.time()
         self._contracts: dict = {}
+        self.metrics_registry = new_registry(self.metrics_input)  # this plane's own, never the global one
+        self.closing = threading.Event()  # set when the HTTP server stops: long-lived streams end
 
     # ------------------------------------------------------------------ reading
     @property
@@ -94,10 +96,16 @@ class ControlPlane:
             "swaps": st["swaps"], "startup": st["startup"],
         }
 
-    def metrics_text(self) -> str:
-        return render(snapshot=self.daemon.snapshot(buckets_ms=BUCKETS_MS), status=self.daemon.status(),
-                      calibration_totals=self.calibration.totals,
-                      calibration_running=self.calibration.busy() is not None, registry_version=self._live_version)
+    def metrics_input(self) -> MetricsInput:
+        """What one ``/metrics`` scrape reads (see :mod:`service.metrics`)."""
+        return MetricsInput(snapshot=self.daemon.snapshot(buckets_ms=BUCKETS_MS), status=self.daemon.status(),
+                            calibration_totals=dict(self.calibration.totals),
+                            calibration_running=self.calibration.busy() is not None,
+                            registry_version=self._live_version)
+
+    def metrics_exposition(self, accept: str | None = None) -> tuple[bytes, str]:
+        """(body, content type) of ``/metrics``: Prometheus text, or OpenMetrics if ``accept`` asks."""
+        return exposition(self.metrics_registry, accept)
 
     # ------------------------------------------------------------------ acting
     def activate(self, version: str, reason: str, *, wait_s: float = 2.0) -> dict:
