@@ -82,6 +82,7 @@ RECIPES: dict[str, dict] = {
     "ssl+norm per-day read-ins, full FT core lr ×0.1": dict(pretrain="ssl+norm, per-day read-ins", mode="full",
                                                             encoder_lr_scale=0.1),
     "supervised+norm, full FT core lr ×0.1": dict(pretrain="supervised+norm", mode="full", encoder_lr_scale=0.1),
+    "supervised+norm, full FT": dict(pretrain="supervised+norm", mode="full", encoder_lr_scale=1.0),
 }
 SCRATCH = {"RPNT from scratch": False, "RPNT from scratch +norm": True}
 ZERO_LABEL_PRETRAIN = "supervised+norm"  # the last day's decoder starts from this pretraining

@@ -278,9 +278,6 @@ def finetune_main(argv: list[str]) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     p.add_argument("--encoder-lr-scale", type=float, default=1.0,
                    help="learning-rate multiplier for the pretrained encoder's weights (default 1)")
-    p.add_argument("--head-init", choices=["random", "ridge"], default="random",
-                   help="velocity head's start: random (default) or ridge = the linear probe of the model's "
-                        "latent (closed form, penalty by validation R²; LP-FT)")
     p.add_argument("--patience", type=int, default=8, help="epochs without validation gain before stopping")
     _input_norm_arg(p, scratch=True)
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -296,7 +293,7 @@ def finetune_main(argv: list[str]) -> int:
         opts = FinetuneOptions(mode=a.mode, last_layers=a.last_layers, epochs=a.epochs,
                                steps_per_epoch=a.steps_per_epoch, batch_size=a.batch_size,
                                window_len=a.window_len, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale,
-                               head_init=a.head_init, patience=a.patience, train_fraction=a.train_fraction,
+                               patience=a.patience, train_fraction=a.train_fraction,
                                channels=a.channels, preset=a.preset, seed=a.seed, device=a.device,
                                config_overrides=_overrides(a) if a.init is None else (), progress=not a.quiet)
         res = finetune(session, init=a.init, options=opts, out=a.out)

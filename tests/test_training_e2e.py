@@ -44,9 +44,9 @@ def test_pretrain_finetune_evaluate_round_trip(simdir, tmp_path, capsys):
     ft = tmp_path / "ft.safetensors"
     capsys.readouterr()
     assert rpnt(["finetune", "--init", str(pre), "--data", str(target), "--train-fraction", "0.3", "--out", str(ft),
-                 "--head-init", "ridge", "--epochs", "2", "--batch-size", "4", "--window-len", "40", "--quiet", "--device", "cpu"]) == 0
+                 "--epochs", "2", "--batch-size", "4", "--window-len", "40", "--quiet", "--device", "cpu"]) == 0
     ft_summary = json.loads(capsys.readouterr().out)
-    assert ft_summary["head_init"]["rel_alpha"] > 0  # the head started as the latent's probe
+    assert ft_summary["head"] == "fresh"  # a self-supervised checkpoint's head never saw a label
     model = load_checkpoint(ft)
     assert model.checkpoint_meta["parent_weights_sha"] == meta["weights_sha"]
 
