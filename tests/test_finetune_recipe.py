@@ -50,7 +50,7 @@ def test_a_finetuned_decoder_keeps_its_head_and_is_the_first_candidate(session, 
     splits = contiguous_splits(session.n_bins, train_fraction=0.3)
     still, fit = fit_decoder(session, init=base, splits=splits,
                              options=replace(opts, lr=1e-12, epochs=1))
-    assert fit["best_epoch"] == -1
+    assert fit["best_epoch"] == -1 and fit["core_lr_scale"] == 0.1  # a kept head: the core moves gently
     start, _, _ = build_model(session, base, opts)
     assert fit["val_r2"] == pytest.approx(evaluate_model(still, session, splits, split="val")["r2"], abs=1e-6)
     for (k, a), b in zip(still.state_dict().items(), start.state_dict().values()):
@@ -65,3 +65,5 @@ def test_a_decoder_of_another_target_width_starts_a_fresh_head(session, tmp_path
     finetune(session, init=None, options=opts, out=base)
     one_dim = replace(session, velocity=session.velocity[:, :1])
     assert build_model(one_dim, base, opts)[2]["head"] == "fresh"
+    splits = contiguous_splits(one_dim.n_bins, train_fraction=0.3)
+    assert fit_decoder(one_dim, init=base, splits=splits, options=opts)[1]["core_lr_scale"] == 1.0

@@ -28,9 +28,10 @@
   starts from) of the same target, output width and input width (the same array) keeps its head
   and the target normalisation it was trained with (a head is tied to the units it read: on another unit set — Nick 2 met through a
   channel map of a Spike-pool model — the kept head and the pool's target scale decoded far below
-  every other decoder, the transfer benchmark's Nick rows), and the pretrained decoder as
-  it is is the first candidate for the best-validation weights; otherwise the head is fresh and
-  the target is z-scored by the train split.
+  every other decoder, the transfer benchmark's Nick rows); the decoder as it is is the first
+  candidate for the best-validation weights, and the core learns at
+  :data:`KEPT_HEAD_CORE_LR_SCALE` × ``lr`` (the head and a fresh read-in at ``lr``).  Otherwise
+  the head is fresh, the target is z-scored by the train split and everything learns at ``lr``.
 - An ``input_norm`` model takes its input statistics from the session's bins before the test
   split (counts only; :func:`set_input_statistics`).
 - :func:`fit_decoder` is the training alone (model + summary, no test score, no file), for
@@ -67,6 +68,15 @@ from .distributed import resolve_device
 from .objectives import velocity_mse
 
 
+# Training sized to a short block of labels (a new day's calibration): the budget the cross-day
+# transfer benchmark measured (bench/bench_transfer.py), see FinetuneOptions.for_labels.
+# A kept head (the checkpoint already decodes the target) moves its core at this fraction of the
+# learning rate; a fresh head trains the core at the full rate (bench/results/transfer-rank-seed0:
+# a self-supervised core at 0.1× stayed far below 1×, a supervised pool decoder at 0.1× won).
+KEPT_HEAD_CORE_LR_SCALE = 0.1
+LABEL_BUDGET = {"epochs": 10, "max_steps": 10, "bins_per_step": 150, "batch_size": 8, "window_len": 64, "patience": 4}
+
+
 @dataclass(frozen=True, kw_only=True)
 class FinetuneOptions:
     mode: str = "full"
@@ -76,7 +86,6 @@ class FinetuneOptions:
     batch_size: int = 16
     window_len: int = 100
     lr: float = 1e-3
-    encoder_lr_scale: float = 1.0  # learning-rate multiplier for pretrained encoder weights (head: 1.0)
     weight_decay: float = 0.01
     patience: int = 8
     train_fraction: float = 0.2
@@ -97,8 +106,18 @@ class FinetuneOptions:
         for name in ("epochs", "batch_size", "window_len", "patience", "last_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not self.encoder_lr_scale >= 0:
-            raise ValueError(f"lr must be > 0 and encoder_lr_scale ≥ 0, got {self.lr} and {self.encoder_lr_scale}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+
+    @classmethod
+    def for_labels(cls, n_train_bins: int, *, budget: dict | None = None, **overrides: object) -> "FinetuneOptions":
+        """Options sized to ``n_train_bins`` labelled train bins (``budget``, default
+        :data:`LABEL_BUDGET`): one step per ``bins_per_step`` bins, between 1 and ``max_steps`` per
+        epoch; ``overrides`` win."""
+        b = budget or LABEL_BUDGET
+        steps = int(min(max(n_train_bins // b["bins_per_step"], 1), b["max_steps"]))
+        return cls(**{"epochs": b["epochs"], "steps_per_epoch": steps, "batch_size": b["batch_size"],
+                      "window_len": b["window_len"], "patience": b["patience"], **overrides})
 
 
 def _session_vocab(session: Session, attr: str) -> tuple[str, ...]:
@@ -234,12 +253,13 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
     if window_len < 4:
         raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
     steps = options.steps_per_epoch
+    provenance["core_lr_scale"] = KEPT_HEAD_CORE_LR_SCALE if provenance["head"] == "pretrained" else 1.0
     head_ids = {id(p) for p in model.velocity_head.parameters()}
     if fresh_read_in or init is None:
         head_ids |= {id(p) for p in model.read_in.parameters()}
     groups = [{"params": [p for p in params if id(p) in head_ids], "lr": options.lr},
               {"params": [p for p in params if id(p) not in head_ids],
-               "lr": options.lr * (options.encoder_lr_scale if init is not None else 1.0)}]
+               "lr": options.lr * provenance["core_lr_scale"]}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=options.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs * steps, eta_min=0.0)
     meta = {k: v.to(dev) for k, v in session_metadata(model, session).items()}
