@@ -68,7 +68,7 @@ def recipe(quick: bool) -> dict:
               dict(pre_epochs=12, pre_steps=50, ft_epochs=40, ft_steps=20, patience=8))
     # target_share: the target's unlabelled training bins get a quarter of the pretraining batches
     # (by length they were ≈ 6 % of Stevenson's pool, too few for its read-in to learn anything).
-    return dict(**budget, aux_poisson_weight=0.0, target_share=0.25)
+    return dict(**budget, target_share=0.25)
 
 
 MODEL: tuple = ()  # the small preset as it is
@@ -137,7 +137,7 @@ def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
         r = evaluate_baseline(b, target, splits, seed=seed)
         record(f"baseline: {b}", r["r2"], r["r2_per_dim"], time.time() - t)
     ft = dict(epochs=rc["ft_epochs"], steps_per_epoch=rc["ft_steps"], patience=rc["patience"], lr=1e-3,
-              aux_poisson_weight=rc["aux_poisson_weight"], train_fraction=args.train_fraction, seed=seed,
+              train_fraction=args.train_fraction, seed=seed,
               device="cpu", progress=False, config_overrides=MODEL)
     probes.append({"session": name, "features": "sqrt counts", "seed": seed, "test_r2": linear_probe_r2(
         np.sqrt(np.asarray(target.counts, np.float64)), target.velocity, splits)["test_r2"]})

@@ -50,6 +50,12 @@ def require_trained_head(meta: dict[str, Any], checkpoint: str | Path) -> None:
                               f"first: rpnt finetune --init {checkpoint} --data SESSION --out ft.safetensors")
 
 
+def is_decoder(meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's head was trained on labels: supervised pretraining (a decoder of its
+    pool) or a finetuned / from-scratch decoder."""
+    return bool(meta.get("supervised")) or meta.get("kind") in ("finetuned", "scratch")
+
+
 def package_version() -> str:
     try:
         return _md.version("rpnt")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
-from .train.choices import FINETUNE_MODES, OBJECTIVES
+from .train.choices import FINETUNE_MODES, OBJECTIVES, pretraining_objective
 
 
 def _threads(n: int) -> None:
@@ -40,18 +40,6 @@ def _target_arg(p: argparse.ArgumentParser, *, default: str | None, what: str) -
     p.add_argument("--target", metavar="NAME", default=default,
                    help=f"behaviour series {what} (velocity, position, force or emg, as the data has them; "
                         f"default: {shown})")
-
-
-def _input_norm_arg(p: argparse.ArgumentParser, *, scratch: bool = False) -> None:
-    p.add_argument("--input-norm", action="store_true",
-                   help="standardise each channel's sqrt counts by the recording's own statistics (firing rates "
-                        "drift across days; RPNTConfig.input_norm)" + (" — for a model trained from scratch; a "
-                        "checkpoint keeps its own setting" if scratch else ""))
-
-
-def _overrides(a: argparse.Namespace) -> tuple[tuple[str, object], ...]:
-    """Model config overrides chosen on the command line."""
-    return (("input_norm", True),) if a.input_norm else ()
 
 
 def _allow_flagged_arg(p: argparse.ArgumentParser) -> None:
@@ -163,12 +151,12 @@ def pretrain_main(argv: list[str]) -> int:
                    help="fraction of the batches drawn from the LAST --data session (e.g. a new session's "
                         "unlabelled bins, 0.25 in the benchmark recipe); the others share the rest by length. "
                         "Default 0: every session by its length")
-    p.add_argument("--objective", choices=list(OBJECTIVES), default="masked",
-                   help="'masked' (default): self-supervised, no labels; 'supervised': the sessions' labels of "
-                        "--target train the core and the head together (a decoder of the pool that finetuning "
-                        "starts from; the cross-day benchmark's winner, README)")
+    p.add_argument("--objective", choices=list(OBJECTIVES), default=None,
+                   help="'supervised': the sessions' labels of --target train the core and the head together (a "
+                        "decoder of the pool that finetuning starts from; the cross-day benchmark's winner); "
+                        "'masked': self-supervised, no labels. Default: supervised when every session has "
+                        "--target, else masked")
     _target_arg(p, default="velocity", what="that --objective supervised learns")
-    _input_norm_arg(p)
     p.add_argument("--n-max", type=int, default=0, help="resample width (default: largest channel count)")
     p.add_argument("--spatial", action="store_true", help="train the multi-site spatial encoder + site contrast "
                                                           "(multi-site recordings only)")
@@ -194,15 +182,20 @@ def _run_pretrain(a: argparse.Namespace) -> int:
 
     try:
         sessions = _load_many(a.data)
-        if a.objective != "masked":
+        objective = a.objective or pretraining_objective(sessions, a.target)
+        if objective == "supervised":
             sessions = [s.with_target(a.target) for s in sessions]
         if not a.allow_flagged:
             sessions = _drop_flagged("pretrain", sessions)
+        if a.objective is None and not a.quiet:
+            print(f"rpnt pretrain: objective {objective} ("
+                  + (f"every session has {a.target!r} labels)" if objective == "supervised" else
+                     f"not every session has {a.target!r} labels; self-supervised)"), file=sys.stderr)
         opts = PretrainOptions(preset=a.preset, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
                                batch_size=a.batch_size, window_len=a.window_len, lr=a.lr, channels=a.channels,
                                adapter_lr_scale=a.adapter_lr_scale,
                                target_share=a.target_share, n_max=a.n_max, spatial=a.spatial, seed=a.seed,
-                               objective=a.objective, config_overrides=_overrides(a),
+                               objective=objective,
                                device=a.device, resume=a.resume, progress=not a.quiet)
         res = pretrain(sessions, options=opts, out=a.out)
     except USER_ERRORS as exc:
@@ -256,50 +249,57 @@ def finetune_main(argv: list[str]) -> int:
         "time: test = last 20%, validation = the 10% before it, train = the first --train-fraction "
         "(few-shot: a short prefix). Early-stops on validation R² and reports the test R² of the "
         "best-validation weights."),
-        epilog="example: rpnt finetune --init pre.safetensors --data sim/sim00_s00.npz --train-fraction 0.2 "
+        epilog="example: rpnt finetune --init pre.safetensors --data day21.mat --target position --label-seconds 60 "
                "--out ft.safetensors")
     p.add_argument("--data", required=True, help="one labelled session (.npz/.mat/.nwb)")
     _target_arg(p, default="velocity", what="to decode")
     _allow_flagged_arg(p)
     p.add_argument("--init", default=None, help="pretrained checkpoint (omit to train from scratch)")
     p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
-    p.add_argument("--train-fraction", type=float, default=0.2, help="fraction of the session used for training "
-                                                                     "(from its start; default 0.2)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--train-fraction", type=float, default=0.2, help="fraction of the session used for training "
+                       "(from its start; default 0.2)")
+    split.add_argument("--label-seconds", type=float, default=None, metavar="S",
+                       help="calibrate a new day from its first S seconds of labels: train on the first 80 %% of "
+                            "them, validate (early stopping) on the rest, test on the last 20 %% of the session; "
+                            "training is sized to the labels unless the flags below say otherwise")
     p.add_argument("--mode", choices=list(FINETUNE_MODES), default="full",
                    help="what to train: velocity head only (encoder frozen), last layers, or full (default)")
     p.add_argument("--last-layers", type=int, default=1, help="blocks trained in --mode last (default 1)")
     p.add_argument("--channels", choices=["resample", "readin"], default="resample",
                    help="when the session's channel count differs from the checkpoint's: resample to the "
                         "checkpoint's width, or learn a fresh per-session read-in. Default: resample")
-    _common(p, epochs=40)
-    p.add_argument("--steps-per-epoch", type=int, default=20, help="optimizer steps per epoch (default 20)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default 16)")
-    p.add_argument("--window-len", type=int, default=100, help="bins per training window (default 100)")
+    _common(p)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 40)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="optimizer steps per epoch (default 20)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per batch (default 16)")
+    p.add_argument("--window-len", type=int, default=None, help="bins per training window (default 100)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--encoder-lr-scale", type=float, default=1.0,
-                   help="learning-rate multiplier for the pretrained encoder's weights (default 1)")
-    p.add_argument("--head-init", choices=["random", "ridge"], default="random",
-                   help="velocity head's start: random (default) or ridge = the linear probe of the model's "
-                        "latent (closed form, penalty by validation R²; LP-FT)")
-    p.add_argument("--patience", type=int, default=8, help="epochs without validation gain before stopping")
-    _input_norm_arg(p, scratch=True)
+    p.add_argument("--patience", type=int, default=None, help="epochs without validation gain before stopping "
+                                                               "(default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     a = p.parse_args(argv)
     _threads(a.threads)
     from .data import load_session
+    from .data.splits import label_budget_splits
     from .train.finetune import FinetuneOptions, finetune
 
     try:
         session = load_session(a.data).with_target(a.target)
         if not a.allow_flagged:
             _refuse_flagged(session, labels=True)
-        opts = FinetuneOptions(mode=a.mode, last_layers=a.last_layers, epochs=a.epochs,
-                               steps_per_epoch=a.steps_per_epoch, batch_size=a.batch_size,
-                               window_len=a.window_len, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale,
-                               head_init=a.head_init, patience=a.patience, train_fraction=a.train_fraction,
-                               channels=a.channels, preset=a.preset, seed=a.seed, device=a.device,
-                               config_overrides=_overrides(a) if a.init is None else (), progress=not a.quiet)
-        res = finetune(session, init=a.init, options=opts, out=a.out)
+        chosen = {k: v for k, v in (("epochs", a.epochs), ("steps_per_epoch", a.steps_per_epoch),
+                                    ("batch_size", a.batch_size), ("window_len", a.window_len),
+                                    ("patience", a.patience)) if v is not None}
+        common = dict(mode=a.mode, last_layers=a.last_layers, lr=a.lr,
+                      channels=a.channels, preset=a.preset, seed=a.seed, device=a.device, progress=not a.quiet)
+        splits = None
+        if a.label_seconds is not None:
+            splits = label_budget_splits(session.n_bins, bin_s=session.bin_s, seconds=a.label_seconds)
+            opts = FinetuneOptions.for_labels(splits.train[1] - splits.train[0], **common, **chosen)
+        else:
+            opts = FinetuneOptions(train_fraction=a.train_fraction, **common, **chosen)
+        res = finetune(session, init=a.init, options=opts, out=a.out, splits=splits)
     except USER_ERRORS as exc:
         return _fail("finetune", exc)
     res.pop("history", None)

@@ -70,7 +70,9 @@ class RPNTConfig:
         the model (see :func:`rpnt_core.data.normalise.sqrt_count_stats`), set from the unlabelled
         bins of the day being decoded.  Firing rates of one array drift several-fold across days;
         with it a read-in learned on one day meets another day's counts on the same scale.  The
-        buffers travel with the checkpoint and every export (they are part of ``step``).
+        buffers travel with the checkpoint and every export (they are part of ``step``).  On by
+        default (it won the cross-day transfer benchmark); a config written before the field
+        existed reads as off.
     spatial_layers, spatial_heads, site_rope_base: multi-site spatial encoder (0 layers = none).
     input_channels, channel_map: fixed channel resampling inside the model.  When ``channel_map``
         is set, the model consumes counts with ``input_channels`` channels and gathers
@@ -99,7 +101,7 @@ class RPNTConfig:
     tasks: tuple[str, ...] = ()
     use_date: bool = True
     mask_token: bool = False
-    input_norm: bool = False
+    input_norm: bool = True
     spatial_layers: int = 0
     spatial_heads: int = 4
     site_rope_base: float = 100.0
@@ -193,6 +195,7 @@ class RPNTConfig:
         if unknown:
             raise ConfigError(f"config: unknown fields {sorted(unknown)}")
         d = dict(d)
+        d.setdefault("input_norm", False)  # written before the field existed: raw sqrt counts
         for k in ("subjects", "sessions", "tasks", "channel_map"):
             if k in d:
                 d[k] = tuple(d[k])

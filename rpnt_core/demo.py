@@ -1,13 +1,20 @@
-"""The offline half of ``rpnt demo``: simulate → pretrain → few-shot finetune → baselines.
+"""The offline half of ``rpnt demo``: pretrain → calibrate a new day from seconds of labels → baselines.
 
-:func:`demo_data` picks the sessions (simulated, or a real recording with ``--data``) and
-:func:`run_demo` trains and scores on them: pretrain a small RPNT on all subjects but one →
-few-shot finetune on a session of the held-out subject (20 % train split), from scratch and from
-the pretrained checkpoint → classic baselines on exactly the same splits → ``results.json``.
+:func:`demo_data` picks the sessions and :func:`run_demo` trains and scores on them:
 
-``--data FILE`` runs the same on a real recording: the simulator is run at the file's bin width,
-and pretraining also sees the unlabelled counts of the file's *training* bins (never its
-validation or test bins).
+- **Real days** (the default when the shared Spike recordings are present, ``--days DIR``):
+  quality control drops the days unfit to train on (and says why); the newest clean day is the
+  new day, the ``--pool-days`` clean days before it the pretraining pool.  RPNT is pretrained on
+  the pool (supervised on their cursor position, the product's default on labelled days), then
+  the new day is calibrated from its first ``--label-seconds`` of labels — the same budget for
+  RPNT pretrained, RPNT from scratch and the classic baselines, early stopping included — and
+  every decoder is scored on the day's last 20 %.  The full curve over days, budgets and seeds is
+  ``bench/bench_transfer.py``'s job.
+- **Simulated** (no shared data, or ``--days none``): pretrain a small RPNT on all simulated
+  subjects but one (self-supervised: the pool includes the held-out session's unlabelled
+  training bins) → few-shot finetune on a session of the held-out subject (20 % train split).
+- ``--data FILE``: the simulated pool plus a real recording's unlabelled training bins; decode
+  the recording.
 
 ``rpnt demo`` itself (``service.demo``) continues from here with the live half: export, daemon,
 real-time replay and a calibration.  ``rpnt demo --offline`` (or ``python -m rpnt_core.demo``)
@@ -25,19 +32,32 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+SHARED_SPIKE_DAYS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "limblab_spike_wf_2012"
+DAYS_TARGET = "position"  # isometric wrist task: cursor position ≈ force
+
 
 @dataclass(frozen=True, kw_only=True)
 class DemoData:
-    """The target session, its splits, and the unlabelled pretraining pool."""
+    """The target session, its splits, and the pretraining pool."""
 
     target: Any  # rpnt_core.data.Session
     splits: Any  # rpnt_core.data.Splits
     pool: list
     source: str
     n_simulated: int
+    label_seconds: float | None = None  # real days: the new day's label budget
+    dropped: tuple = ()  # (session, reason) dropped by quality control
 
 
-def demo_data(*, data: str | None, seed: int, train_fraction: float) -> DemoData:
+def default_days() -> str | None:
+    """The shared Spike days' folder when it holds recordings, else ``None`` (simulated demo)."""
+    return str(SHARED_SPIKE_DAYS) if any(SHARED_SPIKE_DAYS.glob("*.mat")) else None
+
+
+def demo_data(*, data: str | None, days: str | None, pool_days: int, label_seconds: float, seed: int,
+              train_fraction: float) -> DemoData:
+    if days and not data:
+        return days_data(days=days, pool_days=pool_days, label_seconds=label_seconds)
     from .data import SimulationSpec, contiguous_splits, load_session, simulate_sessions
 
     target = load_session(data) if data else None
@@ -58,9 +78,31 @@ def demo_data(*, data: str | None, seed: int, train_fraction: float) -> DemoData
     return DemoData(target=target, splits=splits, pool=pool, source=source, n_simulated=len(sims))
 
 
+def days_data(*, days: str, pool_days: int, label_seconds: float) -> DemoData:
+    """The newest clean day of ``days`` as the new day, the ``pool_days`` clean days before it as the pool.
+
+    Raises ``ValueError`` naming ``days`` when fewer than ``pool_days`` + 1 clean recordings are there."""
+    from .data import load_session
+    from .data.quality import split_flagged
+    from .data.splits import label_budget_splits
+
+    files = sorted(Path(days).glob("*.mat")) + sorted(Path(days).glob("*.npz"))
+    sessions = sorted((load_session(f).with_target(DAYS_TARGET) for f in files), key=lambda s: s.date_days)
+    kept, flagged = split_flagged(sessions, labels=True)
+    if len(kept) < pool_days + 1:
+        raise ValueError(f"days: {len(kept)} clean recordings with {DAYS_TARGET!r} under {Path(days).name}/, "
+                         f"need {pool_days + 1}")
+    target, pool = kept[-1], kept[-1 - pool_days:-1]
+    splits = label_budget_splits(target.n_bins, bin_s=target.bin_s, seconds=label_seconds)
+    return DemoData(target=target, splits=splits, pool=pool, n_simulated=0, label_seconds=label_seconds,
+                    source=f"{target.name} (new day), pretraining on {', '.join(s.name for s in pool)}",
+                    dropped=tuple((q.session, "; ".join(q.flags)) for q in flagged))
+
+
 def run_demo(*, workdir: Path, data: DemoData, seed: int, preset: str, pretrain_epochs: int, steps_per_epoch: int,
              finetune_epochs: int, baselines: tuple[str, ...], device: str, progress: bool) -> dict:
     from .evaluate.harness import evaluate_baseline
+    from .train.choices import pretraining_objective
     from .train.finetune import FinetuneOptions, finetune
     from .train.pretrain import PretrainOptions, pretrain
 
@@ -69,17 +111,26 @@ def run_demo(*, workdir: Path, data: DemoData, seed: int, preset: str, pretrain_
     log = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
     target, splits = data.target, data.splits
     train_fraction = (splits.train[1] - splits.train[0]) / target.n_bins
-    log(f"[demo] {data.n_simulated} simulated sessions; target: {data.source} ({target.n_bins} bins, "
-        f"{target.n_channels} channels, {target.bin_s * 1000:.0f} ms bins)")
+    for name, why in data.dropped:
+        log(f"[demo] quality control dropped {name}: {why}")
+    log(f"[demo] target: {data.source} ({target.n_bins} bins, {target.n_channels} channels, "
+        f"{target.bin_s * 1000:.0f} ms bins, decoding {target.target})"
+        + (f"; {data.n_simulated} simulated sessions" if data.n_simulated else ""))
+    objective = pretraining_objective(data.pool, target.target)
+    pool = [s.with_target(target.target) for s in data.pool] if objective == "supervised" else data.pool
     pre_path = workdir / "pretrained.safetensors"
-    log(f"[demo] pretraining ({pretrain_epochs} epochs × {steps_per_epoch} steps) on {len(data.pool)} recordings …")
-    pre = pretrain(data.pool, options=PretrainOptions(preset=preset, epochs=pretrain_epochs,
-                                                      steps_per_epoch=steps_per_epoch, seed=seed, device=device,
-                                                      progress=progress), out=pre_path)
+    log(f"[demo] pretraining ({objective}, {pretrain_epochs} epochs × {steps_per_epoch} steps) on "
+        f"{len(pool)} recordings …")
+    pre = pretrain(pool, options=PretrainOptions(preset=preset, epochs=pretrain_epochs, steps_per_epoch=steps_per_epoch,
+                                                 objective=objective, seed=seed, device=device, progress=progress),
+                   out=pre_path)
     rows = []
-    ft_opts = FinetuneOptions(epochs=finetune_epochs, train_fraction=train_fraction, preset=preset, seed=seed,
-                              device=device, progress=False)
-    for label, init in (("RPNT from scratch", None), ("RPNT pretrained + FS-SFT", pre_path)):
+    n_train = splits.train[1] - splits.train[0]
+    ft_opts = (FinetuneOptions.for_labels(n_train, preset=preset, seed=seed, device=device, progress=False)
+               if data.label_seconds else
+               FinetuneOptions(epochs=finetune_epochs, train_fraction=train_fraction, preset=preset, seed=seed,
+                               device=device, progress=False))
+    for label, init in (("RPNT from scratch", None), ("RPNT pretrained + finetuned", pre_path)):
         log(f"[demo] finetuning: {label} …")
         out = workdir / ("scratch.safetensors" if init is None else "finetuned.safetensors")
         r = finetune(target, init=init, options=ft_opts, out=out, splits=splits)
@@ -91,12 +142,32 @@ def run_demo(*, workdir: Path, data: DemoData, seed: int, preset: str, pretrain_
         r = evaluate_baseline(name, target, splits, seed=seed)
         rows.append({"decoder": f"baseline: {name}", "test_r2": r["r2"], "val_r2": None,
                      "test_r2_per_dim": r["r2_per_dim"], "seconds": round(time.time() - t, 2)})
-    result = {"target": data.source, "splits": splits.as_dict(), "train_fraction": train_fraction, "preset": preset,
-              "pretrain": {k: pre[k] for k in ("best_val_loss", "val_loss_mean_rate", "best_epoch", "epochs")},
-              "rows": rows,
+    result = {"target": data.source, "decoded": target.target, "splits": splits.as_dict(),
+              "train_fraction": train_fraction, "label_seconds": data.label_seconds, "preset": preset,
+              "pretrain": {"objective": objective, "recordings": [s.name for s in pool],
+                           **{k: pre[k] for k in ("best_val_loss", "val_loss_mean_rate", "best_epoch", "epochs")}},
+              "dropped": [list(d) for d in data.dropped], "rows": rows,
               "total_seconds": round(time.time() - t0, 1)}
+    result["interpretation"] = interpretation(result)
     (workdir / "results.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def interpretation(result: dict) -> str:
+    """One line saying what the table shows, with its numbers."""
+    r2 = {r["decoder"]: r["test_r2"] for r in result["rows"]}
+    pre, scratch = r2["RPNT pretrained + finetuned"], r2["RPNT from scratch"]
+    classic = {k.removeprefix("baseline: "): v for k, v in r2.items() if k.startswith("baseline: ")}
+    best = max(classic, key=classic.get) if classic else None
+    budget = (f"{result['label_seconds']:g} s of labels" if result.get("label_seconds") else
+              f"{result['train_fraction']:.0%} of the session as labels")
+    n_pool = len(result["pretrain"]["recordings"])
+    verdict = ("pretraining helps" if pre > max([scratch, *classic.values()]) else
+               "pretraining does not beat the best decoder here")
+    return (f"with {budget}, RPNT pretrained on {n_pool} recordings decodes {result.get('decoded', 'the target')} "
+            f"at test R² {pre:.3f}, from scratch {scratch:.3f}"
+            + (f", best classic decoder ({best}) {classic[best]:.3f}" if best else "")
+            + f": {verdict} (one seed, one day; the benchmark's curves: bench/results/transfer.md)")
 
 
 def format_table(result: dict) -> str:
@@ -111,17 +182,25 @@ def format_table(result: dict) -> str:
         lines.append(f"pretraining validation Poisson NLL {pre['best_val_loss']:.4f} "
                      f"(a mean-rate-only predictor: {pre['val_loss_mean_rate']:.4f})")
     lines.append(f"total {result['total_seconds']:.0f} s")
+    if result.get("interpretation"):
+        lines.append(result["interpretation"])
     return "\n".join(lines)
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="a real labelled session to decode instead of a simulated one")
+    p.add_argument("--days", default=default_days(), help="a folder of recording days of one array: the newest clean "
+                   "day is calibrated from --label-seconds of labels after pretraining on the --pool-days before it "
+                   f"(default: the shared Spike days when present, else simulated; 'none' = simulated)")
+    p.add_argument("--pool-days", type=int, default=2, help="clean days before the new day to pretrain on (default 2: "
+                   "the most recent days transferred best in the benchmark, bench/results/transfer-pooldays.md)")
+    p.add_argument("--label-seconds", type=float, default=60.0, help="seconds of the new day's labels (default 60)")
     p.add_argument("--workdir", default=None, help="where checkpoints and results go (default: a temp dir)")
     p.add_argument("--preset", choices=["small", "paper"], default="small", help="model size (default small)")
     p.add_argument("--pretrain-epochs", type=int, default=6, help="pretraining epochs (default 6)")
     p.add_argument("--steps-per-epoch", type=int, default=40, help="pretraining steps per epoch (default 40)")
-    p.add_argument("--finetune-epochs", type=int, default=25, help="finetuning epochs (default 25)")
-    p.add_argument("--train-fraction", type=float, default=0.2, help="few-shot train split (default 0.2)")
+    p.add_argument("--finetune-epochs", type=int, default=25, help="finetuning epochs, simulated or --data demo (default 25; real days use the calibration budget)")
+    p.add_argument("--train-fraction", type=float, default=0.2, help="few-shot train split, simulated or --data demo (default 0.2)")
     p.add_argument("--baselines", default="wiener,kalman,gru", help="comma list (default wiener,kalman,gru)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
@@ -131,7 +210,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def offline_part(a: argparse.Namespace) -> tuple[dict, DemoData, Path]:
     """Run the offline half from parsed arguments; returns (result, data, workdir)."""
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="rpnt-demo-"))
-    data = demo_data(data=a.data, seed=a.seed, train_fraction=a.train_fraction)
+    days = None if (a.days or "").lower() in ("", "none") else a.days
+    data = demo_data(data=a.data, days=days, pool_days=a.pool_days, label_seconds=a.label_seconds, seed=a.seed,
+                     train_fraction=a.train_fraction)
     result = run_demo(workdir=workdir, data=data, seed=a.seed, preset=a.preset, pretrain_epochs=a.pretrain_epochs,
                       steps_per_epoch=a.steps_per_epoch, finetune_epochs=a.finetune_epochs,
                       baselines=tuple(x for x in a.baselines.split(",") if x), device=a.device,

@@ -1,13 +1,14 @@
-"""``rpnt demo``: the main job, end to end, on a machine with no data of its own.
+"""``rpnt demo``: the main job, end to end: a new recording day decoded from seconds of labels, live.
 
-Offline half (:mod:`rpnt_core.demo`): simulate sessions → pretrain a small RPNT → few-shot
-finetune on a held-out session (from scratch and from the pretrained checkpoint) → baselines on
-the same splits.  Live half (here):
+Offline half (:mod:`rpnt_core.demo`): with the shared Spike days present, pretrain on the clean
+days before the newest one and calibrate the newest from its first 60 s of labels (RPNT
+pretrained, RPNT from scratch, classic baselines, the same labels); otherwise the same on
+simulated sessions.  Live half (here):
 
 1. export the RPNT decoder with the better *validation* R² to ONNX (parity-checked on the session);
 2. start ``rpnt serve`` (daemon + HTTP control plane) in a child process, on a fresh registry;
-3. replay the held-out session through ZeroMQ at real-time pace (the last ``--replay-s`` seconds
-   of it; the whole simulated session is ≈ 48 s), streaming the recorded velocity as the rig's
+3. replay the new session through ZeroMQ at real-time pace (the last ``--replay-s`` seconds of
+   it), streaming its recorded target series (velocity, cursor position, ...) as the rig's
    KINEMATICS;
 4. ``--calibrate-after-s`` seconds in, ``POST /calibrate`` with ``source=recent``: a closed-loop
    few-shot recalibration on what the daemon has decoded so far.  It runs in its own niced
@@ -152,7 +153,7 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
     log(f"[demo] exporting {chosen['decoder']} (best validation R² {chosen['val_r2']:.4f}) to ONNX …")
     ckpt = Path(chosen["checkpoint"]).resolve()
     exp = export_model(load_checkpoint(ckpt), workdir / "export", parity_counts=target.counts,
-                       parity_target=target.velocity, parity_source=data.source, checkpoint=str(ckpt),
+                       parity_target=target.labels, parity_source=data.source, checkpoint=str(ckpt),
                        metadata=conditioning_metadata(target))
     step_rep = exp.reports.get("step", {})
 
@@ -169,7 +170,7 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
         T = target.n_bins
         n = min(T, max(1, int(round(replay_s / target.bin_s))))
         lo = T - n
-        counts, vel = np.asarray(target.counts[lo:]), np.asarray(target.velocity[lo:], dtype=np.float32)
+        counts, vel = np.asarray(target.counts[lo:]), np.asarray(target.labels[lo:], dtype=np.float32)
         log(f"[demo] replaying bins {lo}–{T} ({n * target.bin_s:.0f} s) at real-time pace"
             + (f"; POST /calibrate (closed loop) after {calibrate_after_s:g} s" if calibrate_after_s else "") + " …")
         box: dict = {}
@@ -177,7 +178,7 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
         def replay() -> None:
             try:
                 box["res"] = run_replay(counts=counts, bin_ns=round(target.bin_s * 1e9), ingest=serve.ingest,
-                                        publish=serve.publish, labels={"velocity": vel}, realtime=True, send_kinematics=True)
+                                        publish=serve.publish, labels={target.target: vel}, realtime=True, send_kinematics=True)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 box["error"] = exc
 

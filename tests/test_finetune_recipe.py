@@ -1,5 +1,6 @@
-"""Finetuning recipe pieces, checked against closed forms: the ridge fit and the linear-probe
-start of the velocity head (LP-FT)."""
+"""Finetuning recipe pieces: the ridge fit of the linear probe (closed form), and the rule that a
+checkpoint that already decodes the target (a finetuned decoder, e.g. the live model that
+``POST /calibrate`` starts from) keeps its head and is the first candidate."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
-from rpnt_core import RPNT, RPNTConfig
+from rpnt_core.checkpoint import is_decoder, read_header
 from rpnt_core.data import SimulationSpec, simulate_sessions
 from rpnt_core.data.splits import contiguous_splits
-from rpnt_core.evaluate.harness import evaluate_model, predict_session
-from rpnt_core.evaluate.probe import linear_probe_r2, ridge_by_validation
-from rpnt_core.train.finetune import HEAD_RIDGE_REL_ALPHAS, FinetuneOptions, finetune, ridge_head_init
+from rpnt_core.evaluate.harness import evaluate_model
+from rpnt_core.evaluate.probe import ridge_by_validation
+from rpnt_core.train.finetune import FinetuneOptions, build_model, finetune, fit_decoder
 
 TINY = (("d_model", 32), ("n_heads", 2), ("window", 12), ("kernel_q", 3))
 
@@ -34,34 +34,36 @@ def test_ridge_by_validation_recovers_a_linear_map_and_shrinks_noise():
 
 @pytest.fixture(scope="module")
 def session():
-    s = simulate_sessions(SimulationSpec(n_subjects=1, sessions_per_subject=1, bins_per_session=(1500, 1500),
-                                         n_multisite_subjects=0), seed=0)[0]
-    return s
+    return simulate_sessions(SimulationSpec(n_subjects=1, sessions_per_subject=1, bins_per_session=(1500, 1500),
+                                            n_multisite_subjects=0), seed=0)[0]
 
 
-def test_ridge_head_init_is_the_linear_probe_of_the_latent(session):
+def test_a_finetuned_decoder_keeps_its_head_and_is_the_first_candidate(session, tmp_path):
+    opts = FinetuneOptions(epochs=2, steps_per_epoch=3, batch_size=4, window_len=40, progress=False, device="cpu",
+                           train_fraction=0.3, config_overrides=TINY)
+    base = tmp_path / "day1.safetensors"
+    finetune(session, init=None, options=opts, out=base)
+    assert is_decoder(read_header(base)[1])
+    model, fresh, prov = build_model(session, base, opts)
+    assert prov["head"] == "pretrained" and not fresh
+    # a run that cannot improve on validation (lr ≈ 0) returns the decoder it started from
+    splits = contiguous_splits(session.n_bins, train_fraction=0.3)
+    still, fit = fit_decoder(session, init=base, splits=splits,
+                             options=replace(opts, lr=1e-12, epochs=1))
+    assert fit["best_epoch"] == -1 and fit["core_lr_scale"] == 0.1  # a kept head: the core moves gently
+    start, _, _ = build_model(session, base, opts)
+    assert fit["val_r2"] == pytest.approx(evaluate_model(still, session, splits, split="val")["r2"], abs=1e-6)
+    for (k, a), b in zip(still.state_dict().items(), start.state_dict().values()):
+        if not k.startswith("input_"):  # the input statistics are the session's
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=k)
+
+
+def test_a_decoder_of_another_target_width_starts_a_fresh_head(session, tmp_path):
+    opts = FinetuneOptions(epochs=1, steps_per_epoch=2, batch_size=4, window_len=40, progress=False, device="cpu",
+                           train_fraction=0.3, config_overrides=TINY)
+    base = tmp_path / "two_dims.safetensors"
+    finetune(session, init=None, options=opts, out=base)
     one_dim = replace(session, velocity=session.velocity[:, :1])
-    sp = contiguous_splits(one_dim.n_bins, train_fraction=0.3)
-    torch.manual_seed(0)
-    model = RPNT(RPNTConfig.preset("small", n_channels=one_dim.n_channels, n_outputs=1, **dict(TINY))).eval()
-    v = one_dim.velocity[sp.train[0]:sp.train[1]]
-    model.set_velocity_normalisation(torch.tensor(v.mean(0)), torch.tensor(v.std(0)))
-    lp = ridge_head_init(model, one_dim, sp)
-    assert lp["val_r2"] == pytest.approx(evaluate_model(model, one_dim, sp, split="val")["r2"], abs=1e-6)
-    probe = linear_probe_r2(predict_session(model, one_dim, output="latent"), one_dim.velocity, sp, n_lags=1,
-                            rel_alphas=HEAD_RIDGE_REL_ALPHAS)
-    assert lp["val_r2"] == pytest.approx(probe["val_r2"], abs=1e-4)  # one output: z-scoring is a rescaling
-    assert lp["rel_alpha"] == probe["rel_alpha"]
-
-
-def test_finetune_starts_from_the_probe_and_never_returns_worse_on_validation(session):
-    opts = dict(epochs=2, steps_per_epoch=3, batch_size=4, window_len=40, progress=False, device="cpu",
-                train_fraction=0.3, config_overrides=TINY)
-    res = finetune(session, init=None, options=FinetuneOptions(**opts, head_init="ridge"), out=None)
-    lp = res["head_init"]["ridge_val_r2"]
-    assert res["val_r2"] == max([lp] + [h["val_r2"] for h in res["history"]])
-    assert res["best_epoch"] == -1 or res["history"][res["best_epoch"]]["val_r2"] == res["val_r2"]
-    scratch = finetune(session, init=None, options=FinetuneOptions(**opts), out=None)
-    assert "head_init" not in scratch  # the default starts at random
-    with pytest.raises(ValueError, match="head_init"):
-        FinetuneOptions(head_init="lstsq")
+    assert build_model(one_dim, base, opts)[2]["head"] == "fresh"
+    splits = contiguous_splits(one_dim.n_bins, train_fraction=0.3)
+    assert fit_decoder(one_dim, init=base, splits=splits, options=opts)[1]["core_lr_scale"] == 1.0

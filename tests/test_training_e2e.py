@@ -18,6 +18,7 @@ from rpnt_core.data import SimulationSpec, write_simulated
 
 FAST = ["--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "4", "--window-len", "40", "--quiet",
         "--device", "cpu"]
+MASKED = ["--objective", "masked"]  # the simulated sessions are labelled: supervised would be the default
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def labelled(simdir: Path) -> Path:
 
 def test_pretrain_finetune_evaluate_round_trip(simdir, tmp_path, capsys):
     pre = tmp_path / "pre.safetensors"
-    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), *FAST]) == 0
+    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), *FAST, *MASKED]) == 0
     cfg, meta = read_header(pre)
     assert meta["kind"] == "pretrained" and meta["data_fingerprint"]
     log = [json.loads(line) for line in pre.with_suffix(".log.jsonl").read_text().splitlines()]
@@ -44,9 +45,9 @@ def test_pretrain_finetune_evaluate_round_trip(simdir, tmp_path, capsys):
     ft = tmp_path / "ft.safetensors"
     capsys.readouterr()
     assert rpnt(["finetune", "--init", str(pre), "--data", str(target), "--train-fraction", "0.3", "--out", str(ft),
-                 "--head-init", "ridge", "--epochs", "2", "--batch-size", "4", "--window-len", "40", "--quiet", "--device", "cpu"]) == 0
+                 "--epochs", "2", "--batch-size", "4", "--window-len", "40", "--quiet", "--device", "cpu"]) == 0
     ft_summary = json.loads(capsys.readouterr().out)
-    assert ft_summary["head_init"]["rel_alpha"] > 0  # the head started as the latent's probe
+    assert ft_summary["head"] == "fresh"  # a self-supervised checkpoint's head never saw a label
     model = load_checkpoint(ft)
     assert model.checkpoint_meta["parent_weights_sha"] == meta["weights_sha"]
 
@@ -93,7 +94,7 @@ def test_per_session_read_ins_learn_at_their_own_rate(simdir, tmp_path):
 
     pre = tmp_path / "pre.safetensors"
     assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), "--channels", "readin",
-                 "--adapter-lr-scale", "4", *FAST]) == 0
+                 "--adapter-lr-scale", "4", *FAST, *MASKED]) == 0
     with safe_open(str(pre.with_suffix(".resume.safetensors")), "pt") as f:
         groups = json.loads(f.metadata()["param_groups"])
     assert len(groups) == 2
@@ -141,13 +142,13 @@ def test_target_share_reaches_the_sampler(simdir, tmp_path):
     for share in ("0", "0.9"):
         pre = tmp_path / f"pre-{share}.safetensors"
         assert rpnt(["pretrain", "--data", *files, "--out", str(pre), "--channels", "readin",
-                     "--target-share", share, *FAST, "--steps-per-epoch", "20"]) == 0
+                     "--target-share", share, *FAST, *MASKED, "--steps-per-epoch", "20"]) == 0
         with safe_open(str(pre.with_suffix(".resume.safetensors")), "pt") as f:
             last = json.loads(f.metadata()["param_groups"])[1]["params"][-1]
             steps[share] = int(f.get_tensor(f"opt.{last}.step")) if f"opt.{last}.step" in f.keys() else 0
     assert steps["0.9"] >= 12 and steps["0.9"] > 2 * steps["0"], steps
     assert rpnt(["pretrain", "--data", *files, "--out", str(tmp_path / "x.safetensors"), "--target-share", "1",
-                 *FAST]) != 0
+                 *FAST, *MASKED]) != 0
 
 
 @pytest.mark.parametrize("channels", ["resample", "readin"])
@@ -156,7 +157,7 @@ def test_finetune_onto_a_session_with_a_different_channel_count(simdir, tmp_path
     from rpnt_core.train.finetune import FinetuneOptions, finetune
 
     pre = tmp_path / "pre.safetensors"
-    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), "--channels", channels, *FAST]) == 0
+    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), "--channels", channels, *FAST, *MASKED]) == 0
     sessions = [load_session(p) for p in sorted(simdir.glob("*.npz"))]
     pre_cfg, _ = read_header(pre)
     target = next(s for s in sessions if not s.multisite and s.n_channels != pre_cfg.n_channels)
@@ -233,6 +234,28 @@ def test_finetune_from_scratch_learns_and_reports_best_validation_epoch(simdir, 
     assert res["test_r2"] > 0.2  # it learned something real about velocity
 
 
+def test_pretraining_defaults_to_supervised_only_when_every_session_is_labelled(simdir, tmp_path, capsys):
+    from dataclasses import replace
+
+    from rpnt_core.data import load_session
+    from rpnt_core.data.formats import save_npz
+
+    files = sorted(simdir.glob("*.npz"))[:2]
+    pre = tmp_path / "labelled.safetensors"
+    capsys.readouterr()
+    assert rpnt(["pretrain", "--data", *map(str, files), "--out", str(pre), *FAST[:-3], "--device", "cpu"]) == 0
+    assert "objective supervised" in capsys.readouterr().err
+    assert read_header(pre)[1]["supervised"] is True
+    unlabelled = tmp_path / "unlabelled.npz"
+    s = load_session(files[1])
+    save_npz(replace(s, velocity=None, position=None), unlabelled)
+    pre2 = tmp_path / "mixed.safetensors"
+    assert rpnt(["pretrain", "--data", str(files[0]), str(unlabelled), "--out", str(pre2), *FAST[:-3],
+                 "--device", "cpu"]) == 0
+    assert "objective masked" in capsys.readouterr().err
+    assert not read_header(pre2)[1].get("supervised")
+
+
 def test_same_seed_same_weights_and_resume_continues(simdir, tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     args = ["--data", str(simdir), *FAST, "--seed", "7"]
@@ -248,7 +271,7 @@ def test_same_seed_same_weights_and_resume_continues(simdir, tmp_path):
 
 def test_spatial_pretraining_on_multisite_recordings(simdir, tmp_path):
     out = tmp_path / "sp.safetensors"
-    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(out), "--spatial", *FAST]) == 0
+    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(out), "--spatial", *FAST, *MASKED]) == 0
     model = load_checkpoint(out)
     assert model.config.spatial_layers > 0
 
@@ -290,7 +313,7 @@ def test_distributed_pretraining_with_two_gloo_processes(simdir, tmp_path):
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "rpnt_core.cli", "pretrain", "--data", str(simdir), "--out", str(out), *FAST, "--threads", "1"]
+           "-m", "rpnt_core.cli", "pretrain", "--data", str(simdir), "--out", str(out), *FAST, *MASKED, "--threads", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_header(out)[1]["kind"] == "pretrained"

@@ -62,7 +62,7 @@ def test_input_norm_standardises_sqrt_counts_before_the_read_in_and_round_trips(
 
 
 def test_a_model_without_input_norm_has_no_statistics():
-    model = RPNT(tiny_config())
+    model = RPNT(tiny_config(input_norm=False))
     assert not any(k.startswith("input_") for k in model.state_dict())
     with pytest.raises(ValueError, match="^input_norm:"):
         model.set_input_normalisation(torch.zeros(7), torch.ones(7))
@@ -165,15 +165,24 @@ def test_cli_supervised_pretraining_with_input_norm_then_finetuning(days, tmp_pa
     fast = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--window-len", "40", "--quiet",
             "--device", "cpu"]
     assert rpnt(["pretrain", "--data", *files[:3], "--out", str(pre), "--objective", "supervised", "--target",
-                 "position", "--input-norm", *fast]) == 0
+                 "position", *fast]) == 0
     cfg, meta = read_header(pre)
     assert meta["supervised"] and cfg.input_norm and cfg.target == "position"
     capsys.readouterr()
-    assert rpnt(["finetune", "--init", str(pre), "--data", files[3], "--target", "position", "--encoder-lr-scale",
-                 "0.1", "--out", str(tmp_path / "ft.safetensors"), *fast]) == 0
+    assert rpnt(["finetune", "--init", str(pre), "--data", files[3], "--target", "position",
+                 "--out", str(tmp_path / "ft.safetensors"), *fast]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["head"] == "pretrained" and res["mode"] == "full"
     assert rpnt(["pretrain", "--data", *files[:2], "--out", str(pre), "--objective", "supervised", "--target",
                  "force", *fast]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "target:" in err[0] and "Traceback" not in err[0]
+
+
+def test_input_norm_is_on_by_default_and_a_config_written_before_it_existed_reads_as_off():
+    from rpnt_core import RPNTConfig
+
+    assert tiny_config().input_norm is True
+    old = tiny_config().to_dict()
+    old.pop("input_norm")
+    assert RPNTConfig.from_dict(old).input_norm is False

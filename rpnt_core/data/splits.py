@@ -1,5 +1,9 @@
 """Contiguous train / validation / test splits of one session, in bins.
 
+:func:`label_budget_splits` is the calibration layout of a new day: its first ``seconds`` of labels
+(train, then validation) and its last ``test_fraction`` (test); :func:`calibration_view` is all a
+decoder fitted on them may read.
+
 Layout of a session of ``n_bins`` bins (``[start, stop)`` ranges)::
 
     | train (first train_fraction) | (unused gap) | val | test (last test_fraction) |
@@ -23,7 +27,7 @@ import numpy as np
 if TYPE_CHECKING:
     from rpnt_core.data.session import Session
 
-__all__ = ["Splits", "contiguous_splits"]
+__all__ = ["Splits", "calibration_view", "contiguous_splits", "label_budget_splits"]
 
 _NAMES = ("train", "val", "test")
 
@@ -108,3 +112,37 @@ def contiguous_splits(n_bins: int, *, train_fraction: float, val_fraction: float
     test_start = n_bins - n_test
     val_start = test_start - n_val
     return Splits(train=(0, n_train), val=(val_start, test_start), test=(test_start, n_bins))
+
+
+def label_budget_splits(n_bins: int, *, bin_s: float, seconds: float, test_fraction: float = 0.2,
+                        val_share: float = 0.2) -> Splits:
+    """Splits of a day calibrated from its first ``seconds`` of labels: train = the first
+    (1 − ``val_share``) of the labelled bins, val = the rest of them (early stopping and model
+    selection spend the same budget), test = the last ``test_fraction`` of the day.
+
+    Raises ``ValueError`` naming ``seconds`` when the budget reaches into the test part or leaves
+    the train or validation part under 2 bins."""
+    n_lab = int(round(seconds / bin_s))
+    test_start = n_bins - int(math.floor(test_fraction * n_bins + 1e-9))
+    n_val = max(2, int(round(val_share * n_lab)))
+    if n_lab > test_start:
+        raise ValueError(f"seconds: {seconds:g} s of labels reach into the test part ({test_start * bin_s:g} s on)")
+    if n_lab - n_val < 2:
+        raise ValueError(f"seconds: {seconds:g} s of labels is too few bins to train and validate on")
+    return Splits(train=(0, n_lab - n_val), val=(n_lab - n_val, n_lab), test=(test_start, n_bins))
+
+
+def calibration_view(session: "Session", splits: Splits) -> "Session":
+    """What a decoder may see of ``session`` while it is fitted for ``splits``: the bins before the
+    test part, and only the chosen target's series, NaN after the labelled bins (``splits.val`` end)."""
+    from dataclasses import replace
+
+    view = session.slice_bins(0, splits.test[0])
+    labels = np.array(view.labels, dtype=np.float32)
+    labels[splits.val[1]:] = np.nan
+    series: dict = {"velocity": None, "position": None, "behaviour": {}}
+    if view.target in ("velocity", "position"):
+        series[view.target] = labels
+    else:
+        series["behaviour"] = {view.target: labels}
+    return replace(view, **series)

@@ -20,21 +20,18 @@
   checkpoint pretrained with per-session read-ins has no trained shared read-in, so it is always
   met through a read-in.  A checkpoint trained at another bin width is refused
   (:func:`~rpnt_core.data.session.check_bin_width`).
-- Starts the velocity head at random (``head_init="random"``, the default) or (``"ridge"``) as
-  the ridge regression of the z-scored train target on the model's latent, penalty by
-  validation R² — the linear probe that finetuning then moves from (LP-FT, Kumar et al. 2022),
-  also the first candidate for the best-validation weights.  Not the default: on the decoding
-  benchmark it did not help (README, "Tried and did not help").
 - Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
   norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
   train split, AdamW with cosine decay.
-- A checkpoint of supervised pretraining (metadata ``supervised``) of the same target, output
-  width and input width (the same array) keeps its head and the target normalisation it was
-  trained with (a head is tied to the units it read: on another unit set — Nick 2 met through a
+- A checkpoint that is already a decoder (:func:`~rpnt_core.checkpoint.is_decoder`: supervised
+  pretraining, or a finetuned / from-scratch decoder such as the live model ``POST /calibrate``
+  starts from) of the same target, output width and input width (the same array) keeps its head
+  and the target normalisation it was trained with (a head is tied to the units it read: on another unit set — Nick 2 met through a
   channel map of a Spike-pool model — the kept head and the pool's target scale decoded far below
-  every other decoder, the transfer benchmark's Nick rows), and the pretrained decoder as
-  it is is the first candidate for the best-validation weights; otherwise the head is fresh and
-  the target is z-scored by the train split.
+  every other decoder, the transfer benchmark's Nick rows); the decoder as it is is the first
+  candidate for the best-validation weights, and the core learns at
+  :data:`KEPT_HEAD_CORE_LR_SCALE` × ``lr`` (the head and a fresh read-in at ``lr``).  Otherwise
+  the head is fresh, the target is z-scored by the train split and everything learns at ``lr``.
 - An ``input_norm`` model takes its input statistics from the session's bins before the test
   split (counts only; :func:`set_input_statistics`).
 - :func:`fit_decoder` is the training alone (model + summary, no test score, no file), for
@@ -58,18 +55,26 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint, read_extra_tensors, read_header, save_checkpoint
+from ..checkpoint import is_decoder, load_checkpoint, read_extra_tensors, read_header, save_checkpoint
 from ..config import RPNTConfig
 from ..data.channels import ChannelResampler
 from ..data.normalise import sqrt_count_stats
 from ..data.session import Session, check_bin_width, conditioning_metadata
 from ..data.splits import Splits, contiguous_splits
 from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata, target_labels
-from ..evaluate.probe import ridge_by_validation
 from ..model.rpnt import RPNT
 from .choices import FINETUNE_MODES
 from .distributed import resolve_device
-from .objectives import apply_mask, masked_poisson_nll, sample_mask, velocity_mse
+from .objectives import velocity_mse
+
+
+# Training sized to a short block of labels (a new day's calibration): the budget the cross-day
+# transfer benchmark measured (bench/bench_transfer.py), see FinetuneOptions.for_labels.
+# A kept head (the checkpoint already decodes the target) moves its core at this fraction of the
+# learning rate; a fresh head trains the core at the full rate (bench/results/transfer-rank-seed0:
+# a self-supervised core at 0.1× stayed far below 1×, a supervised pool decoder at 0.1× won).
+KEPT_HEAD_CORE_LR_SCALE = 0.1
+LABEL_BUDGET = {"epochs": 10, "max_steps": 10, "bins_per_step": 150, "batch_size": 8, "window_len": 64, "patience": 4}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,10 +86,7 @@ class FinetuneOptions:
     batch_size: int = 16
     window_len: int = 100
     lr: float = 1e-3
-    encoder_lr_scale: float = 1.0  # learning-rate multiplier for pretrained encoder weights (head: 1.0)
-    aux_poisson_weight: float = 0.0  # keep the masked Poisson objective as an auxiliary loss (0 = off)
     weight_decay: float = 0.01
-    head_init: str = "random"  # "ridge": the velocity head starts as the linear probe of the latent (LP-FT)
     patience: int = 8
     train_fraction: float = 0.2
     val_fraction: float = 0.1
@@ -99,15 +101,23 @@ class FinetuneOptions:
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
             raise ValueError(f"mode: expected one of {', '.join(FINETUNE_MODES)}, got {self.mode!r}")
-        if self.head_init not in ("random", "ridge"):
-            raise ValueError(f"head_init: expected 'ridge' or 'random', got {self.head_init!r}")
         if self.channels not in ("resample", "readin"):
             raise ValueError(f"channels: expected 'resample' or 'readin', got {self.channels!r}")
         for name in ("epochs", "batch_size", "window_len", "patience", "last_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not self.encoder_lr_scale >= 0:
-            raise ValueError(f"lr must be > 0 and encoder_lr_scale ≥ 0, got {self.lr} and {self.encoder_lr_scale}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+
+    @classmethod
+    def for_labels(cls, n_train_bins: int, *, budget: dict | None = None, **overrides: object) -> "FinetuneOptions":
+        """Options sized to ``n_train_bins`` labelled train bins (``budget``, default
+        :data:`LABEL_BUDGET`): one step per ``bins_per_step`` bins, between 1 and ``max_steps`` per
+        epoch; ``overrides`` win."""
+        b = budget or LABEL_BUDGET
+        steps = int(min(max(n_train_bins // b["bins_per_step"], 1), b["max_steps"]))
+        return cls(**{"epochs": b["epochs"], "steps_per_epoch": steps, "batch_size": b["batch_size"],
+                      "window_len": b["window_len"], "patience": b["patience"], **overrides})
 
 
 def _session_vocab(session: Session, attr: str) -> tuple[str, ...]:
@@ -163,7 +173,7 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
             fresh_read_in = True
     provenance["read_in"] = ("fresh" if fresh_read_in else "pretrained, this session" if seen
                              else "pretrained, shared")
-    keep_head = (bool(base_meta.get("supervised")) and base_cfg.target == session.target
+    keep_head = (is_decoder(base_meta) and base_cfg.target == session.target
                  and base_cfg.n_outputs == d_out and base_cfg.n_input_channels == n_in)
     provenance["head"] = "pretrained" if keep_head else "fresh"
     if not keep_head:
@@ -196,29 +206,6 @@ def validation_r2(model: RPNT, session: Session, splits: Splits) -> float:
     lo, hi = splits.val
     labels = target_labels(model, session)
     return score(np.asarray(labels[lo:hi], dtype=np.float32), predict_range(model, session, lo, hi))["r2"]
-
-
-HEAD_RIDGE_REL_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # × tr(ZᵀZ)/d (1.0 won on the 57-s session)
-
-
-@torch.no_grad()
-def ridge_head_init(model: RPNT, session: Session, splits: Splits) -> dict:
-    """Set the velocity head to the ridge regression of the z-scored train-split target on the
-    model's (eval-mode) latent, the penalty chosen by validation R² — the linear probe that
-    finetuning then starts from (LP-FT).  Needs the target normalisation set.  Returns the fit's
-    ``val_r2`` (target units) and ``rel_alpha``."""
-    model.eval()
-    (lo, hi), (vlo, vhi) = splits.train, splits.val
-    vel = np.asarray(target_labels(model, session), dtype=np.float64)
-    mean, scale = model.velocity_mean.cpu().double().numpy(), model.velocity_scale.cpu().double().numpy()
-    z_train = predict_range(model, session, lo, hi, output="latent")  # (T_train, d)
-    z_val = predict_range(model, session, vlo, vhi, output="latent")  # (T_val, d)
-    fit = ridge_by_validation(z_train, (vel[lo:hi] - mean) / scale, z_val, (vel[vlo:vhi] - mean) / scale,
-                              rel_alphas=HEAD_RIDGE_REL_ALPHAS)
-    dev = model.velocity_head.weight.device
-    model.velocity_head.weight.copy_(torch.as_tensor(fit["weights"].T, dtype=torch.float32, device=dev))
-    model.velocity_head.bias.copy_(torch.as_tensor(fit["bias"], dtype=torch.float32, device=dev))
-    return {"val_r2": validation_r2(model, session, splits), "rel_alpha": fit["rel_alpha"]}
 
 
 def model_columns(model: RPNT, counts: np.ndarray) -> np.ndarray:
@@ -266,27 +253,21 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
     if window_len < 4:
         raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
     steps = options.steps_per_epoch
+    provenance["core_lr_scale"] = KEPT_HEAD_CORE_LR_SCALE if provenance["head"] == "pretrained" else 1.0
     head_ids = {id(p) for p in model.velocity_head.parameters()}
     if fresh_read_in or init is None:
         head_ids |= {id(p) for p in model.read_in.parameters()}
     groups = [{"params": [p for p in params if id(p) in head_ids], "lr": options.lr},
               {"params": [p for p in params if id(p) not in head_ids],
-               "lr": options.lr * (options.encoder_lr_scale if init is not None else 1.0)}]
+               "lr": options.lr * provenance["core_lr_scale"]}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=options.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs * steps, eta_min=0.0)
     meta = {k: v.to(dev) for k, v in session_metadata(model, session).items()}
     m_t, s_t = torch.from_numpy(mean).to(dev), torch.from_numpy(scale).to(dev)
-    gen = torch.Generator().manual_seed(options.seed + 99)
     best = {"val_r2": -math.inf, "epoch": -1, "state": None}
     if provenance["head"] == "pretrained":  # the pretrained decoder as it is is the first candidate
         model.eval()
         best = {"val_r2": validation_r2(model, session, splits), "epoch": -1, "state": copy.deepcopy(model.state_dict())}
-        _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
-    if options.head_init == "ridge":  # LP-FT: the linear probe of the latent is the first candidate
-        lp = ridge_head_init(model, session, splits)
-        if lp["val_r2"] > best["val_r2"]:
-            best = {"val_r2": lp["val_r2"], "epoch": -1, "state": copy.deepcopy(model.state_dict())}
-        provenance["head_init"] = {"ridge_val_r2": lp["val_r2"], "rel_alpha": lp["rel_alpha"]}
         _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
     history = []
     t0 = time.time()
@@ -300,10 +281,6 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
             x, y = counts_t[idx].to(dev), vel_t[idx].to(dev)  # (B, L, N), (B, L, D)
             bmeta = {k: v.expand(options.batch_size) for k, v in meta.items()}
             loss = velocity_mse(model(x, bmeta)["velocity"], y, mean=m_t, scale=s_t)
-            if options.aux_poisson_weight > 0:  # semi-supervised: also forecast masked counts
-                mask = sample_mask(tuple(x.shape), generator=gen).to(dev)
-                aux = model(apply_mask(x, mask), bmeta, mask=mask)["log_rates"]
-                loss = loss + options.aux_poisson_weight * masked_poisson_nll(aux, model.units(x), model.units(mask))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)

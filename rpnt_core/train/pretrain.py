@@ -8,7 +8,8 @@ checkpoint with the best validation loss at ``out``, writes one JSON line per ep
 Runs unchanged under ``torchrun`` (DistributedDataParallel; gloo on CPU, NCCL on GPUs): every rank
 draws its own batches, gradients are averaged, rank 0 writes files.
 
-Objective (``objective``): "masked" (default) is self-supervised only.  "supervised" trains the
+Objective (``objective``): "masked" (the options' default) is self-supervised only; ``rpnt
+pretrain`` chooses "supervised" when every session has the target (``pretraining_objective``).  "supervised" trains the
 core and the behaviour head on the pool's own labels (every labelled recording's chosen target,
 z-scored by the pool's pooled mean and spread, which the head keeps: the checkpoint is then a
 decoder of the pool, metadata ``"supervised": true``, and finetuning starts from its head).
@@ -16,8 +17,8 @@ Validation and the kept checkpoint follow the same objective.  (Both losses toge
 measured on the cross-day benchmark and did no better than the supervised one alone at twice
 the cost; removed.)
 
-Input normalisation (``config_overrides`` ``input_norm=True``, see ``RPNTConfig.input_norm``):
-every recording is standardised by its own sqrt-count statistics over its training bins.
+Input normalisation (``RPNTConfig.input_norm``, on by default): every recording is standardised
+by its own sqrt-count statistics over its training bins.
 
 Validation: the last ``val_fraction`` of every recording, fixed windows and fixed masks (seeded),
 so validation losses are comparable between epochs and runs.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -369,49 +371,59 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
         share = share / share.sum()
     fingerprint = fingerprint_sessions(sessions)
     t_start = time.time()
-    for epoch in range(info["epoch"], options.epochs):
-        train_net.train()
-        bar = tqdm(range(options.steps_per_epoch), desc=f"pretrain {epoch + 1}/{options.epochs}",
-                   disable=not (options.progress and dist.is_main), leave=False)
-        running = []
-        for _ in bar:
-            st = streams[int(rng.choice(len(streams), p=share))]
-            counts, labels = st.sample(rng, batch_size=options.batch_size, length=window_len)
-            loss = _loss(train_net, core, st, counts, gen=gen, device=dist.device, labels=labels,
-                         contrastive_weight=options.contrastive_weight, objective=options.objective)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(net.parameters(), options.grad_clip)
-            opt.step()
-            sched.step()
-            info["step"] += 1
-            running.append(loss.item())
-            bar.set_postfix(loss=f"{running[-1]:.4f}")
-        val = validation_loss(net, core, streams, window_len=window_len, seed=options.seed, device=dist.device,
-                              contrastive_weight=options.contrastive_weight, objective=options.objective)
-        train_loss = D.mean_across(float(np.mean(running)), dist)
-        improved = val < info["best_val"]
-        if improved:
-            info["best_val"], info["best_epoch"] = val, epoch
-        info["epoch"] = epoch + 1
-        if dist.is_main:
+    first_epoch = info["epoch"]
+    # one bar over the whole run: its ETA is the run's (validation passes between epochs included)
+    bar = tqdm(total=options.epochs * options.steps_per_epoch, initial=info["step"], desc="pretrain", unit="step",
+               disable=not (options.progress and dist.is_main), dynamic_ncols=True)
+    try:
+        for epoch in range(info["epoch"], options.epochs):
+            train_net.train()
+            running = []
+            for _ in range(options.steps_per_epoch):
+                st = streams[int(rng.choice(len(streams), p=share))]
+                counts, labels = st.sample(rng, batch_size=options.batch_size, length=window_len)
+                loss = _loss(train_net, core, st, counts, gen=gen, device=dist.device, labels=labels,
+                             contrastive_weight=options.contrastive_weight, objective=options.objective)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(net.parameters(), options.grad_clip)
+                opt.step()
+                sched.step()
+                info["step"] += 1
+                running.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{options.epochs}", loss=f"{running[-1]:.4f}")
+            val = validation_loss(net, core, streams, window_len=window_len, seed=options.seed, device=dist.device,
+                                  contrastive_weight=options.contrastive_weight, objective=options.objective)
+            train_loss = D.mean_across(float(np.mean(running)), dist)
+            improved = val < info["best_val"]
             if improved:
-                alignment, extra = session_alignment(streams, net.adapters)
-                save_checkpoint(core, out, extra=extra, meta={**alignment,
-                    "kind": "pretrained", "data_fingerprint": fingerprint, "channels": options.channels,
-                    "supervised": options.supervised,
-                    "metrics": {"val_poisson_nll": val, "epoch": epoch},
-                    "pretrain_options": asdict(options) | {"config_overrides": dict(options.config_overrides)},
-                    "sessions": [s.source or s.session for s in sessions]})
-            with log_path.open("a") as f:
-                f.write(json.dumps({"epoch": epoch, "step": info["step"], "train_loss": train_loss,
-                                    "val_loss": val, "lr": sched.get_last_lr()[0], "best": improved,
-                                    "elapsed_s": round(time.time() - t_start, 2)}) + "\n")
-            save_training_state(resume_path, module=net, optimizer=opt, info=info, rng=rng)
-            if options.progress:
-                print(f"epoch {epoch + 1}/{options.epochs}  train {train_loss:.4f}  val {val:.4f}"
-                      + ("  *best" if improved else ""), flush=True)
-        D.barrier(dist)
+                info["best_val"], info["best_epoch"] = val, epoch
+            info["epoch"] = epoch + 1
+            if dist.is_main:
+                if improved:
+                    alignment, extra = session_alignment(streams, net.adapters)
+                    save_checkpoint(core, out, extra=extra, meta={**alignment,
+                        "kind": "pretrained", "data_fingerprint": fingerprint, "channels": options.channels,
+                        "supervised": options.supervised,
+                        "metrics": {"val_poisson_nll": val, "epoch": epoch},
+                        "pretrain_options": asdict(options) | {"config_overrides": dict(options.config_overrides)},
+                        "sessions": [s.source or s.session for s in sessions]})
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"epoch": epoch, "step": info["step"], "train_loss": train_loss,
+                                        "val_loss": val, "lr": sched.get_last_lr()[0], "best": improved,
+                                        "elapsed_s": round(time.time() - t_start, 2)}) + "\n")
+                save_training_state(resume_path, module=net, optimizer=opt, info=info, rng=rng)
+                if options.progress:
+                    elapsed = time.time() - t_start
+                    eta = elapsed / (epoch + 1 - first_epoch) * (options.epochs - epoch - 1)
+                    bar.write(f"epoch {epoch + 1}/{options.epochs}  train {train_loss:.4f}  val {val:.4f}"
+                              + ("  *best" if improved else "") + f"  ({elapsed:.0f} s, ETA {eta:.0f} s)",
+                              file=sys.stdout)
+                    sys.stdout.flush()  # a pipe reader sees each epoch's line as it ends
+            D.barrier(dist)
+    finally:  # the bar ends before anything the caller prints (an interrupt's message)
+        bar.close()
     D.teardown(dist)
     floor = (mean_rate_val_loss(streams, window_len=window_len, seed=options.seed)
              if options.objective == "masked" and not config.spatial_layers else None)
