@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bin-ms", type=float, help="bin width in ms (default: the model's) [daemon.bin_ms]")
     p.add_argument("--ingest", help="PULL endpoint for rig messages [daemon.ingest]")
     p.add_argument("--publish", help="PUB endpoint for predictions [daemon.publish]")
+    p.add_argument("--ingest-adapter", action="append", metavar="KIND:TARGET",
+                   help="also take rig data from a foreign source, e.g. lsl:STREAM, redis:KEY, "
+                        "openephys:tcp://HOST:PORT (repeatable; docs/adapters.md) [daemon.ingest_adapters]")
+    p.add_argument("--publish-adapter", action="append", metavar="KIND:TARGET",
+                   help="also republish predictions, e.g. lsl:NAME, redis:KEY (repeatable) [daemon.publish_adapters]")
     p.add_argument("--http-host", help="HTTP bind address [http.host]")
     p.add_argument("--http-port", type=int, help="HTTP port, 0 = any free one [http.port]")
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP control plane [http.enabled]")
@@ -102,7 +107,8 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
                         "max_jump_s": a.max_jump_s, "history_s": a.history_s, "warmup_bins": a.warmup_bins,
                         "affinity": list(a.affinity) if a.affinity else None, "busy_poll_us": a.busy_poll_us,
                         "rt_priority": a.rt_priority, "gc_freeze": a.gc_freeze or None,
-                        "allow_bin_mismatch": a.allow_bin_mismatch or None, "allow_remote": a.allow_remote or None},
+                        "allow_bin_mismatch": a.allow_bin_mismatch or None, "allow_remote": a.allow_remote or None,
+                        "ingest_adapters": a.ingest_adapter, "publish_adapters": a.publish_adapter},
              "http": {"host": a.http_host, "port": a.http_port, "enabled": False if a.no_http else None}}
     out: dict = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in table.items()}
     out = {k: v for k, v in out.items() if v}
@@ -166,11 +172,28 @@ def check_startup(settings: "Settings", *, replace_active: bool) -> None:
     if path and not Path(path).exists() and (replace_active or not holds_versions(settings.registry.root)):
         raise SettingsError(f"model.path: no such file or directory: {path}")
     d = settings.daemon
+    check_adapters(d)
     with held_endpoints({"daemon.ingest": d.ingest, "daemon.publish": d.publish}, allow_remote=d.allow_remote,
                         remote_option="daemon.allow_remote = true (--allow-remote)"):
         if settings.http.enabled:
             with held_http_port(settings.http.host, settings.http.port):
                 pass
+
+
+def check_adapters(daemon_settings) -> None:
+    """Every ``daemon.ingest_adapters`` / ``daemon.publish_adapters`` spec has its library installed
+    (the specs themselves were checked by the settings model); :class:`~service.settings.SettingsError`
+    naming the setting otherwise."""
+    from streaming.adapters import AdapterError, check_available, parse_spec
+
+    from .settings import SettingsError
+
+    for field in ("ingest_adapters", "publish_adapters"):
+        for text in getattr(daemon_settings, field):
+            try:
+                check_available(parse_spec(text, direction=field.split("_", 1)[0]))
+            except AdapterError as exc:
+                raise SettingsError(f"daemon.{field}: {exc}") from None
 
 
 def open_live_model(registry, settings, *, replace_active: bool, log: logging.Logger):
@@ -271,6 +294,24 @@ def serve_main(argv: list[str] | None = None) -> int:
         host, port = server.servers[0].sockets[0].getsockname()[:2]
         return {"http": f"http://{host}:{port}"}
 
+    bridges: list = []  # the adapters, once started
+
+    def start_all(stop: threading.Event) -> dict:
+        from streaming.adapters import start_adapters
+
+        bridges.extend(start_adapters(daemon, ingest=settings.daemon.ingest_adapters,
+                                      publish=settings.daemon.publish_adapters))
+        out = start_http(stop)
+        if bridges:
+            out["adapters"] = [f"{b.direction} {b.spec.text}" for b in bridges]
+        return out
+
+    def stop_all() -> None:
+        from streaming.adapters import stop_adapters
+
+        stop_adapters(bridges)
+        stop_http()
+
     def stop_http() -> None:
         if http:
             http["server"].should_exit = True
@@ -282,4 +323,4 @@ def serve_main(argv: list[str] | None = None) -> int:
                                                      "model_loaded_s": round(load_s, 3),
                                                      "switch_interval_ms": sys.getswitchinterval() * 1e3},
                                stats_interval=a.stats_interval, log=log, log_format=settings.log_format,
-                               after_start=start_http, before_stop=stop_http)
+                               after_start=start_all, before_stop=stop_all)
