@@ -13,11 +13,7 @@ import pytest
 
 pylsl = pytest.importorskip("pylsl")
 
-from streaming.adapters import parse_spec, start_adapters, stop_adapters  # noqa: E402
-from streaming.adapters.lsl import clock_offset_ns  # noqa: E402
-from streaming.protocol import Prediction  # noqa: E402
-from streaming.replay import events_from_counts  # noqa: E402
-from test_streaming_support import (  # noqa: E402
+from test_streaming_support import (
     BIN_NS,
     LIVE_TIMEOUT,
     FIRDecoder,
@@ -27,6 +23,11 @@ from test_streaming_support import (  # noqa: E402
     send_stream,
     wait_until,
 )
+
+from streaming.adapters import parse_spec, start_adapters, stop_adapters
+from streaming.adapters.lsl import clock_offset_ns
+from streaming.protocol import Prediction
+from streaming.replay import events_from_counts
 
 N_CH = 8
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -19,9 +18,7 @@ redis = pytest.importorskip("redis")
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not installed (Debian package redis-server)", allow_module_level=True)
 
-from streaming.adapters import start_adapters, stop_adapters  # noqa: E402
-from streaming.replay import events_from_counts  # noqa: E402
-from test_streaming_support import (  # noqa: E402
+from test_streaming_support import (
     BIN_NS,
     LIVE_TIMEOUT,
     FIRDecoder,
@@ -31,6 +28,9 @@ from test_streaming_support import (  # noqa: E402
     send_stream,
     wait_until,
 )
+
+from streaming.adapters import start_adapters, stop_adapters
+from streaming.replay import events_from_counts
 
 N_CH = 8
 
@@ -42,7 +42,7 @@ class RedisServer:
         self.port = port
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)

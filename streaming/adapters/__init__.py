@@ -29,8 +29,19 @@ KINDS: dict[str, dict] = {
                   "options": {"ingest": _COMMON_INGEST + ("rate", "heartbeat")}},
 }
 
-__all__ = ["AdapterError", "AdapterSpec", "IngestAdapter", "PublishAdapter", "KINDS", "parse_spec",
-           "check_available", "build_ingest", "build_publish", "start_adapters", "stop_adapters"]
+__all__ = [
+    "KINDS",
+    "AdapterError",
+    "AdapterSpec",
+    "IngestAdapter",
+    "PublishAdapter",
+    "build_ingest",
+    "build_publish",
+    "check_available",
+    "parse_spec",
+    "start_adapters",
+    "stop_adapters",
+]
 
 
 def parse_spec(text: str, *, direction: str) -> AdapterSpec:

@@ -131,7 +131,7 @@ class _Bridge:
         self._ever_connected = False
 
     # ------------------------------------------------------------------ lifecycle (any thread)
-    def start(self) -> "_Bridge":
+    def start(self) -> _Bridge:
         if self._thread is not None:
             raise RuntimeError(f"adapter {self.spec.text} already started")
         self._thread = threading.Thread(target=self._run, name=f"rpnt-adapter-{self.spec.kind}", daemon=True)
@@ -160,7 +160,7 @@ class _Bridge:
                     self._poll(0.05)
                 except Disconnected as exc:
                     self._lost_connection(str(exc))
-        except Exception as exc:  # noqa: BLE001 - a bridge bug must not take the daemon down; it is reported
+        except Exception as exc:
             self.stats.last_error = f"internal: {type(exc).__name__}: {exc}"
             log.exception("adapter %s stopped on an unexpected error", self.spec.text)
         finally:

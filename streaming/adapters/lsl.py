@@ -41,6 +41,7 @@ index; stamped with ``local_clock()`` when pushed.  Option ``type`` sets the str
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -59,7 +60,7 @@ def clock_offset_ns(correction_s: float, bin_ns: int) -> int:
     """LSL ``time_correction()`` (s) → the offset added to every timestamp: whole bins, in ns."""
     if not math.isfinite(correction_s):
         return 0
-    return int(round(correction_s * 1e9 / bin_ns)) * bin_ns
+    return round(correction_s * 1e9 / bin_ns) * bin_ns
 
 
 def lsl_times_ns(ts: np.ndarray, offset_ns: int) -> np.ndarray:
@@ -124,10 +125,8 @@ class LslIngest(IngestAdapter):
 
     def _close_foreign(self) -> None:
         if self._inlet is not None:
-            try:
+            with contextlib.suppress(Exception):  # a lost stream may refuse to close: it is gone either way
                 self._inlet.close_stream()
-            except Exception:  # noqa: BLE001 - already gone
-                pass
             self._inlet = None
 
     # ------------------------------------------------------------------ data

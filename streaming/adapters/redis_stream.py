@@ -41,8 +41,16 @@ from __future__ import annotations
 import numpy as np
 import redis
 
-from ..protocol import (CHANNEL_DTYPE, COUNT_DTYPE, TIME_DTYPE, Prediction, encode_counts, encode_reset, encode_spikes,
-                        encode_tick)
+from ..protocol import (
+    CHANNEL_DTYPE,
+    COUNT_DTYPE,
+    TIME_DTYPE,
+    Prediction,
+    encode_counts,
+    encode_reset,
+    encode_spikes,
+    encode_tick,
+)
 from .base import Disconnected, IngestAdapter, PublishAdapter, Unavailable, latency_ns
 
 _GONE = (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError)
