@@ -89,9 +89,9 @@ def test_spike_stream_and_outlet_equal_the_native_replay_bit_for_bit():
             got = collect(sub, counts.shape[0])
             rows: list = []
             while len(rows) < counts.shape[0]:
-                chunk, _ = inlet.pull_chunk(timeout=LIVE_TIMEOUT)
-                assert chunk, "the prediction outlet stopped short"
-                rows += chunk
+                row, _ = inlet.pull_sample(timeout=LIVE_TIMEOUT)  # (pull_chunk would wait out its timeout)
+                assert row is not None, "the prediction outlet stopped short"
+                rows.append(row)
             st = adapter_stats(d, key)
         finally:
             stop_adapters(bridges)

@@ -86,8 +86,9 @@ def _counts(T: int, seed: int) -> np.ndarray:
 def spike_entries(counts: np.ndarray, *, first_bin: int = 0, seq0: int = 0) -> list[dict]:
     """The native replay's packets as stream entries: per bin its events and the bin's end as clock."""
     chans, times = events_from_counts(counts, BIN_NS, first_bin=first_bin)
-    return [{"seq": seq0 + k, "channels": chans[k].astype("<u2").tobytes(), "times_ns": times[k].astype("<i8").tobytes(),
-             "clock_ns": (first_bin + k + 1) * BIN_NS} for k in range(counts.shape[0])]
+    return [{"seq": seq0 + k, "channels": chans[k].astype("<u2").tobytes(),
+             "times_ns": times[k].astype("<i8").tobytes(), "clock_ns": (first_bin + k + 1) * BIN_NS}
+            for k in range(counts.shape[0])]
 
 
 def xadd_all(client, key: str, entries: list[dict]) -> None:
@@ -205,3 +206,23 @@ def test_malformed_entries_are_counted_by_reason_and_the_stream_goes_on(server):
     np.testing.assert_array_equal(np.stack([p.velocity for p in got]), np.stack([p.velocity for p in native]))
     assert st["rejected"] == {"fields": 2, "payload_size": 2, "number": 2}
     assert st["received"] == counts.shape[0] + len(bad) and "'" not in st["last_error"]
+
+
+def test_an_adapter_connecting_does_not_cut_the_stream_another_source_is_sending(server):
+    c = _counts(60, seed=6)
+    spec = f"redis:rig:spikes?port={server.port}&free_run=1"
+    with live_daemon(FIRDecoder()) as (d, rig, sub):
+        send_stream(rig, c[:30])
+        first = collect(sub, 30)
+        bridges = start_adapters(d, ingest=[spec], publish=[])
+        try:
+            assert wait_until(lambda: stats(d, f"ingest {spec}")["connected"])
+            send_stream(rig, c[30:], first_bin=30, reset=False)
+            second = collect(sub, 30)
+            st = stats(d, f"ingest {spec}")
+        finally:
+            stop_adapters(bridges)
+    got = first + second
+    assert [p.bin for p in got] == list(range(60)) and {p.epoch for p in got} == {first[0].epoch}
+    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), offline(FIRDecoder(), c))
+    assert st["forwarded"] == 0  # its RESET waits for its first data

@@ -238,6 +238,7 @@ class IngestAdapter(_Bridge):
         self.free_run = spec.option("free_run", False, bool)
         self.stats.extra["source_id"] = self.source_id
         self.rig: RigClient | None = None
+        self._reset_due = False
 
     def _open_local(self) -> None:
         self.rig = RigClient(endpoint=self.ingest, source_id=self.source_id)
@@ -247,12 +248,21 @@ class IngestAdapter(_Bridge):
             self.rig.close()
 
     def _on_stream_start(self) -> None:
-        """A new stream on the daemon: it starts at the next time this adapter reports."""
-        self.rig.send_reset(free_run=self.free_run)
-        self.stats.forwarded += 1
+        """The next message forwarded starts a new stream on the daemon (a RESET goes first, sent
+        then and not now: connecting must not cut a stream another source is sending)."""
+        self._reset_due = True
+
+    def next_seq(self) -> int:
+        """The sequence number for the next native message; the RESET :meth:`_on_stream_start` asked
+        for is sent first (it takes a number of its own)."""
+        if self._reset_due:
+            self._reset_due = False
+            self.rig.send_reset(free_run=self.free_run)
+            self.stats.forwarded += 1
+        return self.rig.seq
 
     def send(self, frames: list[bytes]) -> None:
-        """One native message built with ``seq=self.rig.seq`` (see :mod:`streaming.protocol`)."""
+        """One native message, built with ``seq=self.next_seq()`` (see :mod:`streaming.protocol`)."""
         self.rig.send_frames(frames)
         self.rig.seq += 1
         self.stats.forwarded += 1

@@ -132,11 +132,15 @@ class LslIngest(IngestAdapter):
     # ------------------------------------------------------------------ data
     def _poll(self, timeout_s: float) -> None:
         try:
-            samples, ts = self._inlet.pull_chunk(timeout=timeout_s, max_samples=MAX_CHUNK)
+            # liblsl's pull_chunk waits out its whole timeout unless the chunk fills: block on the
+            # first sample only, then take whatever else is already there
+            first, t_first = self._inlet.pull_sample(timeout=timeout_s)
+            if first is None:
+                return
+            samples, ts = self._inlet.pull_chunk(timeout=0.0, max_samples=MAX_CHUNK - 1)
         except LostError:
             raise Disconnected(f"LSL stream {self.spec.target} was lost") from None
-        if not ts:
-            return
+        samples, ts = [first, *samples], [t_first, *ts]
         self.stats.received += len(ts)
         values = np.asarray(samples, dtype=np.float64).reshape(len(ts), -1)
         t_ns = lsl_times_ns(np.asarray(ts), self._offset_ns)
@@ -172,7 +176,7 @@ class LslIngest(IngestAdapter):
             ch, tm = ids[start:i], t_ns[start:i]
             clock = int(t_ns[i]) if i < ids.size else None
             if ch.size or clock is not None:
-                self.send(encode_spikes(source=self.source_id, seq=self.rig.seq, channels=ch, times=tm, clock=clock))
+                self.send(encode_spikes(source=self.source_id, seq=self.next_seq(), channels=ch, times=tm, clock=clock))
             start = i + 1
 
     def _forward_counts(self, values: np.ndarray, t_ns: np.ndarray) -> None:
@@ -191,7 +195,7 @@ class LslIngest(IngestAdapter):
             return
         cuts = np.flatnonzero(np.diff(bins) != 1) + 1
         for b, r in zip(np.split(bins, cuts), np.split(rows, cuts)):
-            self.send(encode_counts(source=self.source_id, seq=self.rig.seq, first=int(b[0]),
+            self.send(encode_counts(source=self.source_id, seq=self.next_seq(), first=int(b[0]),
                                     counts=r.astype(np.uint16), bin_ns=self.bin_ns))
         self._last_bin = int(bins[-1])
 

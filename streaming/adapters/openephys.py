@@ -278,5 +278,5 @@ class OpenEphysIngest(IngestAdapter):
         elif out_s.size:
             self._tick = int(out_s[-1])
         if out_s.size or clock is not None:
-            self.send(encode_spikes(source=self.source_id, seq=self.rig.seq, channels=out_ch, times=out_s,
+            self.send(encode_spikes(source=self.source_id, seq=self.next_seq(), channels=out_ch, times=out_s,
                                     clock=clock, rate_hz=self.rate))

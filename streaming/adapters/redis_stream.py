@@ -136,11 +136,11 @@ class RedisIngest(IngestAdapter):
             if self._seq is not None and seq > self._seq + 1:
                 self.stats.lost += seq - self._seq - 1
             self._seq = seq
-        src, seq = self.source_id, self.rig.seq
+        src = self.source_id
         if b"reset" in fields:
             start = _int(fields, "reset")
             free = fields.get(b"free_run", b"0") == b"1" or self.free_run
-            self.send(encode_reset(source=src, seq=seq, start=None if start < 0 else start, free_run=free))
+            self.send(encode_reset(source=src, seq=self.next_seq(), start=None if start < 0 else start, free_run=free))
         elif b"channels" in fields or b"times_ns" in fields:
             if b"channels" not in fields or b"times_ns" not in fields:
                 raise _BadEntry("fields", "SPIKES needs both 'channels' and 'times_ns'")
@@ -148,18 +148,19 @@ class RedisIngest(IngestAdapter):
             if ch.shape != tm.shape:
                 raise _BadEntry("payload_size", f"{ch.size} channels but {tm.size} times")
             clock = _int(fields, "clock_ns") if b"clock_ns" in fields else None
-            self.send(encode_spikes(source=src, seq=seq, channels=ch, times=tm, clock=clock))
+            self.send(encode_spikes(source=src, seq=self.next_seq(), channels=ch, times=tm, clock=clock))
         elif b"counts" in fields:
             if b"first_bin" not in fields:
                 raise _BadEntry("fields", "COUNTS needs 'first_bin'")
-            c = _array(fields, "counts", COUNT_DTYPE)
+            c, first = _array(fields, "counts", COUNT_DTYPE), _int(fields, "first_bin")
             if c.size == 0 or c.size % self.n_channels:
                 raise _BadEntry("payload_size", f"{c.size} counts is not a whole number of "
                                                 f"{self.n_channels}-channel bins")
-            self.send(encode_counts(source=src, seq=seq, first=_int(fields, "first_bin"),
-                                    counts=c.reshape(-1, self.n_channels), bin_ns=self.bin_ns))
+            self.send(encode_counts(source=src, seq=self.next_seq(), first=first, counts=c.reshape(-1, self.n_channels),
+                                    bin_ns=self.bin_ns))
         elif b"clock_ns" in fields:
-            self.send(encode_tick(source=src, seq=seq, clock=_int(fields, "clock_ns")))
+            clock = _int(fields, "clock_ns")
+            self.send(encode_tick(source=src, seq=self.next_seq(), clock=clock))
         else:
             names = ", ".join(sorted(k.decode("utf-8", "replace") for k in fields)) or "none"
             raise _BadEntry("fields", f"no known message fields (got {names})")
