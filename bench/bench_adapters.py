@@ -1,14 +1,16 @@
 """Adapter benchmark (issue 19): the latency each adapter adds to the native path, in one run.
 
-    python bench/bench_adapters.py                 # ≈ 4 minutes: 6 paths × 1,500 bins at 20 ms
+    python bench/bench_adapters.py                 # ≈ 5 minutes: 6 paths × 1,500 bins at 20 ms
     python bench/bench_adapters.py --bins 300      # a quick look
+    python bench/bench_adapters.py --table bench/results/adapters.json   # the docs table, no runs
 
 One ``rpnt serve`` child process (its own interpreter, ipc:// endpoints, no HTTP) runs a small
 random-weight RPNT export (32 channels; the model's cost is the same on every path, so it cancels
 in the differences) with every adapter at once: ingest ``lsl:``, ``redis:``, ``openephys:`` and
 publish ``lsl:``, ``redis:`` (a ``redis-server`` started here on a free port).  This process then
-replays the same Poisson counts through six paths, one after the other, each a new stream at
-real-time pace (bin k is sent when the replay clock reaches the end of bin k):
+replays the same Poisson counts through six paths at real-time pace (bin k is sent when the replay
+clock reaches the end of bin k).  The paths take turns — ``--segment`` bins each, a new stream
+each turn, round after round — so that the busy host's load bursts fall on every path alike:
 
 - ingest paths (the prediction is received on the daemon's native SUB socket):
   ``native`` — one SPIKES packet per bin with its clock (:class:`~streaming.client.RigClient`);
@@ -20,8 +22,11 @@ real-time pace (bin k is sent when the replay clock reaches the end of bin k):
   ``lsl-out`` — an LSL inlet on the prediction outlet; ``redis-out`` — ``XREAD BLOCK`` on the
   prediction stream.
 
-Per bin, on one clock (CLOCK_MONOTONIC, same host): just before the bin-closing message is sent →
-the prediction is received here.  Reported per path: median, p99, max (ms) and bins received; the
+Per bin, on one clock (CLOCK_MONOTONIC, same host): just before the bin-closing message is sent
+(the native packet, the LSL chunk, the XADD, the Open Ephys continuous buffer that follows the
+bin's spikes) → the prediction is received here.  The daemon runs with ``--stall-ms 500``, so every bin is closed
+by its message rather than by the wall-clock deadline (on a busy host a message that comes late
+would otherwise close its bin STALLED and hide the delay).  Reported per path: median, p99, max (ms) and bins received; the
 **added latency** of an adapter is its median (p99) minus the native path's median (p99) of the
 same run.  The Open Ephys figure is the bridge's own cost: the GUI itself sends a buffer's clock
 only once that buffer is acquired, which adds up to one GUI buffer (docs/adapters.md).
@@ -117,13 +122,13 @@ class Bench:
         import zmq
 
         from streaming.client import PredictionSubscriber, RigClient
-        from streaming.replay import events_from_counts
 
         self.pylsl, self.zmq = pylsl, zmq
         self.T = bins
         rng = np.random.default_rng(0)
         self.counts = rng.poisson(rng.uniform(0.2, 2.0, N_CH), (bins, N_CH))
-        self.chans, self.times = events_from_counts(self.counts, BIN_NS)
+        self.chans: list = []
+        self.times: list = []
         self.tag = f"rpnt-bench-{os.getpid()}"
         self.redis_port, self.oe_port = _free_port(), _free_port(pair=True)
         self.redis_proc = subprocess.Popen(["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
@@ -145,7 +150,7 @@ class Bench:
         self.specs_out = [f"lsl:{self.tag}-pred", f"redis:pred?port={self.redis_port}"]
         args = [sys.executable, "-m", "rpnt_core.cli", "serve", "--model", str(make_export(workdir)), "--registry",
                 str(workdir / "registry"), "--no-http", "--ingest", self.ingest, "--publish", self.publish,
-                "--stats-interval", "0", "--log-format", "json", "--gc-freeze"]
+                "--stats-interval", "0", "--log-format", "json", "--gc-freeze", "--stall-ms", "500"]
         for s in self.specs_in:
             args += ["--ingest-adapter", s]
         for s in self.specs_out:
@@ -170,22 +175,28 @@ class Bench:
             return False
 
     # ------------------------------------------------------------------ one bin per path
-    def send_bin(self, path: str, k: int) -> None:
+    def send_bin(self, path: str, k: int) -> int:
+        """Send bin ``k`` on ``path``; returns the time (ns) just before its bin-closing message went out."""
         ch, tm, end = self.chans[k], self.times[k], (k + 1) * BIN_NS
-        if path == "lsl":
+        if path == "lsl":  # one chunk: the events and the tick
             ids = [[int(c)] for c in ch] + [[-1]]
             ts = [(self.lsl_base_ns + int(t)) / 1e9 for t in tm] + [(self.lsl_base_ns + end) / 1e9]
+            t = time.monotonic_ns()
             self.outlet.push_chunk(ids, ts)
         elif path == "redis":
-            self.r.xadd("rig", {"channels": ch.astype("<u2").tobytes(), "times_ns": tm.astype("<i8").tobytes(),
-                                "clock_ns": end})
-        elif path == "openephys":
-            for c, t in zip(ch.tolist(), tm.tolist()):
-                self._oe("spike", {"spike": {"electrode": f"Electrode {c + 1}", "sample_num": t * RATE // 10**9,
+            fields = {"channels": ch.astype("<u2").tobytes(), "times_ns": tm.astype("<i8").tobytes(), "clock_ns": end}
+            t = time.monotonic_ns()
+            self.r.xadd("rig", fields)
+        elif path == "openephys":  # the spikes, then the next buffer: the clock that closes the bin
+            for c, s in zip(ch.tolist(), tm.tolist()):
+                self._oe("spike", {"spike": {"electrode": f"Electrode {c + 1}", "sample_num": s * RATE // 10**9,
                                              "num_channels": 1, "num_samples": 1, "sorted_id": 0}}, b"\0" * 4)
+            t = time.monotonic_ns()
             self._oe_data((k + 1) * PER_BIN)
         else:
+            t = time.monotonic_ns()
             self.rig.send_spikes(ch, tm, clock=end)
+        return t
 
     def _oe(self, kind: str, header: dict, data: bytes) -> None:
         self.oe_num += 1
@@ -197,8 +208,8 @@ class Bench:
                                       "sample_rate": float(RATE)}}, b"\0" * (4 * PER_BIN))
 
     def start_stream(self, path: str) -> int:
-        """Open a new stream on ``path``; the bin index its bin 0 gets."""
-        self.rig.send_reset()  # end the previous stream (any source may)
+        """Open a new stream on ``path`` (after :meth:`drain` ended the previous one); the bin index
+        its bin 0 gets."""
         if path == "lsl":
             now = int(self.pylsl.local_clock() * 1e9)
             self.lsl_base_ns = (now // BIN_NS + 5) * BIN_NS
@@ -240,31 +251,38 @@ class Bench:
         return None
 
     def drain(self) -> None:
-        while self.sub.recv(0.2) is not None:
+        """End the open stream and drop what is still in flight (bounded: the wait is for liveness only)."""
+        self.rig.send_reset()
+        deadline = time.monotonic() + 10.0
+        while self.sub.recv(0.2) is not None and time.monotonic() < deadline:
             pass
         while self.inlet.pull_chunk(timeout=0.0)[1]:
             pass
         last = self.r.xrevrange("pred", count=1)
         self.redis_last = last[0][0] if last else b"0-0"
 
-    def run_path(self, path: str) -> dict:
+    def run_segment(self, path: str, rows: np.ndarray) -> tuple[list[float], int, int]:
+        """One new stream of ``rows`` (bins × channels) through ``path`` at real-time pace:
+        (latencies ms, bins lost, bins stalled)."""
+        from streaming.replay import events_from_counts
+
+        self.chans, self.times = events_from_counts(rows, BIN_NS)
         self.drain()
         first = self.start_stream(path)
         lat, lost, stalled = [], 0, 0
         t0 = time.monotonic_ns()
-        for k in range(self.T):
+        for k in range(rows.shape[0]):
             due = t0 + (k + 2) * BIN_NS  # one bin of slack for the stream start
             while (left := due - time.monotonic_ns()) > 0:
                 time.sleep(left / 1e9)
-            t_send = time.monotonic_ns()
-            self.send_bin(path if path in INGEST_PATHS else "native", k)
+            t_send = self.send_bin(path if path in INGEST_PATHS else "native", k)
             got = self.recv(path, first + k)
             if got is None:
                 lost += 1
                 continue
             lat.append((got[0] - t_send) / 1e6)
             stalled += bool(got[1] & 2)
-        return {**stats(lat), "bins": self.T, "bins_lost": lost, "bins_stalled": stalled}
+        return lat, lost, stalled
 
     def close(self) -> dict:
         self.rig.send_reset()
@@ -280,34 +298,65 @@ class Bench:
         return stopped[-1]["snapshot"]["adapters"] if stopped else {}
 
 
+LABELS = {"native": "native (rpnt protocol)", "lsl": "LSL spike events in", "redis": "Redis stream in",
+          "openephys": "Open Ephys ZMQ Interface in", "lsl-out": "LSL outlet out", "redis-out": "Redis stream out"}
+
+
+def markdown_table(doc: dict) -> str:
+    """The docs table (docs/adapters.md) from a result file: per path p50 / p99 and added vs native."""
+    rows = ["| path | p50 ms | p99 ms | added p50 ms | added p99 ms | bins lost |", "|---|---|---|---|---|---|"]
+    for path, r in doc["results_ms"].items():
+        add = doc["added_vs_native_ms"].get(path)
+        added = f"{add['p50_ms']:+.2f} | {add['p99_ms']:+.2f}" if add else "— | —"
+        rows.append(f"| {LABELS.get(path, path)} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added} | "
+                    f"{r['bins_lost']} of {r['bins']} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bins", type=int, default=1500, help="bins per path (default 1500 = 30 s at 20 ms)")
+    p.add_argument("--segment", type=int, default=100, help="bins per turn of a path (default 100)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "adapters.json"))
+    p.add_argument("--table", metavar="JSON", help="print the Markdown table of a result file and exit (no runs)")
     a = p.parse_args(argv)
+    if a.table:
+        print(markdown_table(json.loads(Path(a.table).read_text())))
+        return 0
     if shutil.which("redis-server") is None:
         print("bench_adapters: redis-server is not installed (apt-get install redis-server)", file=sys.stderr)
         return 2
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="rpnt-ba") as tmp:
         b = Bench(bins=a.bins, workdir=Path(tmp))
-        results = {}
+        paths = INGEST_PATHS + PUBLISH_PATHS
+        lat: dict[str, list[float]] = {p: [] for p in paths}
+        lost, stalled = dict.fromkeys(paths, 0), dict.fromkeys(paths, 0)
         try:
-            for path in INGEST_PATHS + PUBLISH_PATHS:
-                results[path] = b.run_path(path)
-                r = results[path]
-                nan = float("nan")
-                print(f"{path:10s} p50 {r.get('p50_ms', nan):7.3f} ms   p99 {r.get('p99_ms', nan):7.3f} ms"
-                      f"   lost {r['bins_lost']}  stalled {r['bins_stalled']}", flush=True)
+            # the paths take turns, a segment each, so that the host's load bursts hit all of them alike
+            for start in range(0, a.bins, a.segment):
+                rows = b.counts[start:start + a.segment]
+                for path in paths:
+                    seg, n_lost, n_stalled = b.run_segment(path, rows)
+                    lat[path] += seg
+                    lost[path] += n_lost
+                    stalled[path] += n_stalled
+                print(f"{start + rows.shape[0]}/{a.bins} bins per path", flush=True)
         finally:
             counters = b.close()
+    results = {p: {**stats(lat[p]), "bins": a.bins, "bins_lost": lost[p], "bins_stalled": stalled[p]} for p in paths}
+    for path, r in results.items():
+        nan = float("nan")
+        print(f"{path:10s} p50 {r.get('p50_ms', nan):7.3f} ms   p99 {r.get('p99_ms', nan):7.3f} ms"
+              f"   lost {r['bins_lost']}  stalled {r['bins_stalled']}")
     base = results["native"]
     added = {path: {"p50_ms": results[path]["p50_ms"] - base["p50_ms"],
                     "p99_ms": results[path]["p99_ms"] - base["p99_ms"]}
              for path in INGEST_PATHS[1:] + PUBLISH_PATHS if results[path].get("count")}
     print("added latency vs native (ms): " + ", ".join(f"{k} p50 {v['p50_ms']:+.3f} p99 {v['p99_ms']:+.3f}"
                                                        for k, v in added.items()))
-    doc = {"benchmark": "bench/bench_adapters.py", "bins_per_path": a.bins, "bin_ms": BIN_NS / 1e6,
+    doc = {"benchmark": "bench/bench_adapters.py", "bins_per_path": a.bins, "segment_bins": a.segment,
+           "bin_ms": BIN_NS / 1e6,
            "channels": N_CH, "pace": "real time",
            "note": ("measured under load: a shared 2-core machine with other processes saturating the cores; "
                     "end to end = just before the bin-closing message is sent -> the prediction is received by "

@@ -5,16 +5,19 @@ Start-up, in order (each step fails with a clear message and exit status 2 befor
 1. settings: defaults < ``--config`` TOML < ``RPNT_*`` environment < these flags
    (:mod:`service.settings`); then, before anything is written, the checks that need no model:
    the API token file (when one is configured), ``model.path`` exists (when it is to be
-   imported), the ZeroMQ endpoints are allowed (loopback unless ``daemon.allow_remote``) and
-   free, and the HTTP port is free (each bound and released again);
+   imported), each adapter's library is installed, the ZeroMQ endpoints are allowed (loopback
+   unless ``daemon.allow_remote``) and free, and the HTTP port is free (each bound and released
+   again);
 2. the model registry at ``registry.root``: an empty registry is seeded from ``--model``
    (an export directory, or a checkpoint that is exported here in a child process); a registry
    with an active version keeps it — that is what brings a restarted daemon back on its last good
    model — unless ``--replace-active`` imports ``--model`` as a new version and activates it;
 3. the active version's engine is loaded and warmed up (if it no longer loads, the most recent
    earlier active version that does is used, and that fallback is recorded);
-4. the decode loop starts in its own thread (``streaming.daemon.Daemon``), then uvicorn serves
-   the control plane (``service.app``) in another; calibration jobs run in child processes.
+4. the decode loop starts in its own thread (``streaming.daemon.Daemon``), then the adapters
+   (``daemon.ingest_adapters`` / ``daemon.publish_adapters``: bridges to LSL, Redis streams, Open
+   Ephys — docs/adapters.md) each in a thread, then uvicorn serves the control plane
+   (``service.app``) in another; calibration jobs run in child processes.
 
 Once serving, a three-line summary on stderr gives the HTTP address (``--http-port 0`` picks a
 free port), the ZeroMQ endpoints and where the API token is; with ``--log-format json``

@@ -196,6 +196,28 @@ def test_dropped_connection_is_a_disconnect_and_its_return_a_reconnect_with_a_fr
     assert st["disconnects"] == 1 and st["reconnects"] == 1 and st["connected"]
 
 
+def test_acquisition_restarted_in_the_gui_starts_a_fresh_stream_without_a_reconnect(gui):
+    c1, c2 = _counts(30, seed=5), _counts(30, seed=6)
+    spec = f"openephys:tcp://127.0.0.1:{gui.port}?free_run=1&heartbeat=0"
+    key = f"ingest {spec}"
+    with live_daemon(FIRDecoder()) as (d, rig, sub):
+        bridges = start_adapters(d, ingest=[spec], publish=[])
+        try:
+            assert wait_until(lambda: stats(d, key)["connected"])
+            gui.handshake(d, key)
+            gui.replay(c1)
+            first = collect(sub, c1.shape[0])
+            gui.replay(c2, seed=2)  # stop / start in the GUI: sample numbers begin at 0 again
+            second = collect(sub, c2.shape[0])
+            st = stats(d, key)
+        finally:
+            stop_adapters(bridges)
+    np.testing.assert_array_equal(np.stack([p.velocity for p in first]), offline(FIRDecoder(), c1))
+    np.testing.assert_array_equal(np.stack([p.velocity for p in second]), offline(FIRDecoder(), c2))
+    assert second[0].epoch == first[0].epoch + 1 and second[0].flags & 8
+    assert st["restarts"] == 1 and st["disconnects"] == 0 and st["rejected"] == {}
+
+
 def test_malformed_messages_are_counted_by_reason_and_the_stream_goes_on(gui):
     counts = _counts(40, seed=4)
     spec = f"openephys:tcp://127.0.0.1:{gui.port}?free_run=1&heartbeat=0"

@@ -99,3 +99,13 @@ def test_rpnt_serve_fed_through_redis_decodes_like_the_native_replay(tmp_path, t
     st_out = stopped["snapshot"]["adapters"][f"publish {spec_out}"]
     assert st_in["received"] == T + 1 and st_in["rejected"] == {} and st_in["lost"] == 0
     assert st_out["forwarded"] == 2 * T and st_out["lost"] == 0
+
+
+def test_the_start_up_summary_names_the_adapters():
+    from streaming.cli import ready_summary
+
+    ready = {"model_version": "abc", "n_channels": 8, "n_outputs": 2, "bin_s": 0.02, "ingest": "ipc://i",
+             "publish": "ipc://o", "startup": {}}
+    assert len(ready_summary(ready)) == 2
+    lines = ready_summary({**ready, "adapters": ["ingest lsl:rig", "publish redis:out"]})
+    assert lines[2] == "  adapters  ingest lsl:rig, publish redis:out"

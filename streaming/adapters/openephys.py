@@ -25,6 +25,10 @@ What the bridge makes of them:
 - times go to the daemon as sample indices at the stream's rate (option ``rate``, else the
   ``sample_rate`` of the continuous data; it must be a whole number of Hz) — exact integer
   arithmetic, no float clock mapping (the bin clock is the GUI's sample clock).
+- a continuous buffer that starts before the clock already forwarded means acquisition was
+  restarted (its sample numbers start again): counted in ``restarts``, and a new stream (RESET)
+  begins with it; spikes of the new acquisition that arrive before its first buffer are dropped as
+  ``time_order``.
 
 Counted: a ``message_num`` jump → ``lost``; a header that is not JSON (``header_json``), a missing
 or malformed field (``fields``), a data frame of the wrong size (``payload_size``), an electrode
@@ -99,7 +103,7 @@ class OpenEphysIngest(IngestAdapter):
         self._req_sent_at: float | None = None
         self._next_hb = 0.0
         self._reset_stream_state()
-        self.stats.extra.update(ignored=0)
+        self.stats.extra.update(ignored=0, restarts=0)
 
     def _whole_rate(self, rate: float) -> int:
         if not (rate > 0 and float(rate).is_integer()):
@@ -258,6 +262,10 @@ class OpenEphysIngest(IngestAdapter):
                 self.stats.reject("sample_rate", detail=str(exc))
                 return
         self._ticked = True
+        if start < self._tick:  # sample numbers went back: acquisition restarted, a new stream
+            self.stats.extra["restarts"] += 1
+            self._held_ch, self._held_s, self._tick = [], [], -1
+            self._reset_due = True
         if start > self._tick:
             self._flush(start)
 
