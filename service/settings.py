@@ -23,7 +23,7 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, Literal, Mapping, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ENV_PREFIX = "RPNT_"
 TOKEN_ENV = "RPNT_API_TOKEN"
@@ -86,7 +86,8 @@ class DaemonSettings(_Section):
 
     @field_validator("ingest_adapters", "publish_adapters")
     @classmethod
-    def _adapter_specs(cls, specs: list[str], info) -> list[str]:
+    def _adapter_specs(cls, specs: list[str], info: ValidationInfo) -> list[str]:
+        """Each spec parses (kind, direction, options); its library is checked at start (service.cli)."""
         from streaming.adapters import AdapterError, parse_spec
 
         direction = info.field_name.split("_", 1)[0]

@@ -77,6 +77,8 @@ def check_available(spec: AdapterSpec) -> None:
     except ImportError:
         raise AdapterError(f"{spec.text}: the {spec.kind} adapter needs the '{pkg}' package "
                            "(pip install 'rpnt[adapters]')") from None
+    except (RuntimeError, OSError) as exc:  # pylsl: its bundled liblsl does not load on this platform
+        raise AdapterError(f"{spec.text}: the '{pkg}' package does not load here: {exc}") from None
 
 
 def _cls(spec: AdapterSpec, direction: str) -> type:
