@@ -5,16 +5,19 @@ Start-up, in order (each step fails with a clear message and exit status 2 befor
 1. settings: defaults < ``--config`` TOML < ``RPNT_*`` environment < these flags
    (:mod:`service.settings`); then, before anything is written, the checks that need no model:
    the API token file (when one is configured), ``model.path`` exists (when it is to be
-   imported), the ZeroMQ endpoints are allowed (loopback unless ``daemon.allow_remote``) and
-   free, and the HTTP port is free (each bound and released again);
+   imported), each adapter's library is installed, the ZeroMQ endpoints are allowed (loopback
+   unless ``daemon.allow_remote``) and free, and the HTTP port is free (each bound and released
+   again);
 2. the model registry at ``registry.root``: an empty registry is seeded from ``--model``
    (an export directory, or a checkpoint that is exported here in a child process); a registry
    with an active version keeps it — that is what brings a restarted daemon back on its last good
    model — unless ``--replace-active`` imports ``--model`` as a new version and activates it;
 3. the active version's engine is loaded and warmed up (if it no longer loads, the most recent
    earlier active version that does is used, and that fallback is recorded);
-4. the decode loop starts in its own thread (``streaming.daemon.Daemon``), then uvicorn serves
-   the control plane (``service.app``) in another; calibration jobs run in child processes.
+4. the decode loop starts in its own thread (``streaming.daemon.Daemon``), then the adapters
+   (``daemon.ingest_adapters`` / ``daemon.publish_adapters``: bridges to LSL, Redis streams, Open
+   Ephys — docs/adapters.md) each in a thread, then uvicorn serves the control plane
+   (``service.app``) in another; calibration jobs run in child processes.
 
 Once serving, a three-line summary on stderr gives the HTTP address (``--http-port 0`` picks a
 free port), the ZeroMQ endpoints and where the API token is; with ``--log-format json``
@@ -80,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record the session: every decoded bin (counts, decoded target, flags, per-stage latencies, "
                         "model version, the rig's kinematics) written to this NWB file at stop (docs/nwb.md) "
                         "[daemon.record_nwb]")
+    p.add_argument("--ingest-adapter", action="append", metavar="KIND:TARGET",
+                   help="also take rig data from a foreign source, e.g. lsl:STREAM, redis:KEY, "
+                        "openephys:tcp://HOST:PORT (repeatable; docs/adapters.md) [daemon.ingest_adapters]")
+    p.add_argument("--publish-adapter", action="append", metavar="KIND:TARGET",
+                   help="also republish predictions, e.g. lsl:NAME, redis:KEY (repeatable) [daemon.publish_adapters]")
     p.add_argument("--http-host", help="HTTP bind address [http.host]")
     p.add_argument("--http-port", type=int, help="HTTP port, 0 = any free one [http.port]")
     p.add_argument("--no-http", action="store_true", help="do not serve the HTTP control plane [http.enabled]")
@@ -108,7 +116,8 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
                         "max_jump_s": a.max_jump_s, "history_s": a.history_s, "warmup_bins": a.warmup_bins,
                         "affinity": list(a.affinity) if a.affinity else None, "busy_poll_us": a.busy_poll_us,
                         "rt_priority": a.rt_priority, "gc_freeze": a.gc_freeze or None,
-                        "allow_bin_mismatch": a.allow_bin_mismatch or None, "allow_remote": a.allow_remote or None},
+                        "allow_bin_mismatch": a.allow_bin_mismatch or None, "allow_remote": a.allow_remote or None,
+                        "ingest_adapters": a.ingest_adapter, "publish_adapters": a.publish_adapter},
              "http": {"host": a.http_host, "port": a.http_port, "enabled": False if a.no_http else None}}
     out: dict = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in table.items()}
     out = {k: v for k, v in out.items() if v}
@@ -178,11 +187,28 @@ def check_startup(settings: "Settings", *, replace_active: bool) -> None:
         problem = nwb_output_problem(d.record_nwb)
         if problem:
             raise SettingsError(f"daemon.record_nwb: {problem}")
+    check_adapters(d)
     with held_endpoints({"daemon.ingest": d.ingest, "daemon.publish": d.publish}, allow_remote=d.allow_remote,
                         remote_option="daemon.allow_remote = true (--allow-remote)"):
         if settings.http.enabled:
             with held_http_port(settings.http.host, settings.http.port):
                 pass
+
+
+def check_adapters(daemon_settings) -> None:
+    """Every ``daemon.ingest_adapters`` / ``daemon.publish_adapters`` spec has its library installed
+    (the specs themselves were checked by the settings model); :class:`~service.settings.SettingsError`
+    naming the setting otherwise."""
+    from streaming.adapters import AdapterError, check_available, parse_spec
+
+    from .settings import SettingsError
+
+    for field in ("ingest_adapters", "publish_adapters"):
+        for text in getattr(daemon_settings, field):
+            try:
+                check_available(parse_spec(text, direction=field.split("_", 1)[0]))
+            except AdapterError as exc:
+                raise SettingsError(f"daemon.{field}: {exc}") from None
 
 
 def open_live_model(registry, settings, *, replace_active: bool, log: logging.Logger):
@@ -283,6 +309,24 @@ def serve_main(argv: list[str] | None = None) -> int:
         host, port = server.servers[0].sockets[0].getsockname()[:2]
         return {"http": f"http://{host}:{port}"}
 
+    bridges: list = []  # the adapters, once started
+
+    def start_all(stop: threading.Event) -> dict:
+        from streaming.adapters import start_adapters
+
+        bridges.extend(start_adapters(daemon, ingest=settings.daemon.ingest_adapters,
+                                      publish=settings.daemon.publish_adapters))
+        out = start_http(stop)
+        if bridges:
+            out["adapters"] = [f"{b.direction} {b.spec.text}" for b in bridges]
+        return out
+
+    def stop_all() -> None:
+        from streaming.adapters import stop_adapters
+
+        stop_adapters(bridges)
+        stop_http()
+
     def stop_http() -> None:
         control.closing.set()  # /events streams end, so uvicorn's graceful shutdown does not wait on them
         if http:
@@ -295,7 +339,7 @@ def serve_main(argv: list[str] | None = None) -> int:
                                                    "model_loaded_s": round(load_s, 3),
                                                    "switch_interval_ms": sys.getswitchinterval() * 1e3},
                              stats_interval=a.stats_interval, log=log, log_format=settings.log_format,
-                             after_start=start_http, before_stop=stop_http)
+                             after_start=start_all, before_stop=stop_all)
     if settings.daemon.record_nwb:
         from streaming.cli import write_recording
 

@@ -91,7 +91,7 @@ class ControlPlane:
             "uptime_s": st["uptime_s"], "started_at": st["started_at"], "running": st["running"],
             "endpoints": {"ingest": st["ingest"], "publish": st["publish"]},
             "counters": snap["counters"], "rejected": snap["rejected"], "sequence": snap["sequence"],
-            "stream": snap["stream"], "latency_ms": snap["latency_ms"],
+            "stream": snap["stream"], "latency_ms": snap["latency_ms"], "adapters": snap["adapters"],
             "calibration": {"running": self.calibration.busy(), "totals": dict(self.calibration.totals)},
             "swaps": st["swaps"], "startup": st["startup"],
         }

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, Literal, Mapping, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ENV_PREFIX = "RPNT_"
 TOKEN_ENV = "RPNT_API_TOKEN"
@@ -85,6 +85,25 @@ class DaemonSettings(_Section):
                                                                      "process: the longest the HTTP thread holds the "
                                                                      "interpreter while the decode thread waits "
                                                                      "(Python's default: 5 ms)")
+    ingest_adapters: list[str] = Field([], description="foreign sources bridged into the ingest socket, each "
+                                                       "KIND:TARGET[?opt=value&...]: lsl:STREAM, redis:KEY, "
+                                                       "openephys:tcp://HOST:PORT (docs/adapters.md)")
+    publish_adapters: list[str] = Field([], description="sinks every prediction is republished to: lsl:NAME, "
+                                                        "redis:KEY (docs/adapters.md)")
+
+    @field_validator("ingest_adapters", "publish_adapters")
+    @classmethod
+    def _adapter_specs(cls, specs: list[str], info: ValidationInfo) -> list[str]:
+        """Each spec parses (kind, direction, options); its library is checked at start (service.cli)."""
+        from streaming.adapters import AdapterError, parse_spec
+
+        direction = info.field_name.split("_", 1)[0]
+        for text in specs:
+            try:
+                parse_spec(text, direction=direction)
+            except AdapterError as exc:
+                raise ValueError(str(exc)) from None
+        return specs
 
 
 class HttpSettings(_Section):

@@ -243,6 +243,8 @@ def ready_summary(ready: dict) -> list[str]:
         lines.append(f"  HTTP    {ready['http']}   API token: {_token_where(ready.get('token_source'))}"
                      if ready["http"] else "  HTTP    off (the decode loop alone)")
     lines.append(f"  ZeroMQ  in {ready['ingest']} (from the rig)   out {ready['publish']} (predictions)")
+    if ready.get("adapters"):
+        lines.append(f"  adapters  {', '.join(ready['adapters'])}")
     for name, habit in (ready.get("startup") or {}).items():
         if isinstance(habit, dict) and habit.get("requested") and not habit.get("applied"):
             lines.append(f"  note: {name.replace('_', ' ')} was requested but not applied: {habit.get('detail')}")

@@ -296,6 +296,7 @@ class Daemon:
         self._t_start = _now()
         self.startup: dict = {}
         self.endpoints: dict[str, str] = {"ingest": self.ingest, "publish": self.publish}
+        self._adapters: dict[str, Callable[[], dict]] = {}
 
     # ================================================================== lifecycle
     def start(self, timeout: float = 60.0) -> "Daemon":
@@ -342,6 +343,11 @@ class Daemon:
         self.join(10.0)
 
     # ================================================================== control plane (any thread)
+    def attach_adapter(self, name: str, counters: Callable[[], dict]) -> None:
+        """Show an adapter's counters (:mod:`streaming.adapters`) in :meth:`snapshot` under
+        ``adapters[name]``; ``counters`` is called from the reading thread and must be cheap."""
+        self._adapters[name] = counters
+
     def snapshot(self, *, buckets_ms: tuple[float, ...] | None = None) -> dict:
         """Counters, reject reasons, sequence balance and per-stage latency (plain dict, JSON-ready).
 
@@ -369,6 +375,7 @@ class Daemon:
             "sequence": self._sources.summary(),
             "latency_ms": latency,
             "stream": {"epoch": b.epoch, "open_bin": b.k_open, "last_bin": self._last_bin, "free_run": b.free_run},
+            "adapters": {name: counters() for name, counters in list(self._adapters.items())},
         }
 
     def status(self) -> dict:
