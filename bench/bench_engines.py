@@ -341,6 +341,42 @@ def profile_by_op(path: Path, counts: np.ndarray, n: int = 300) -> dict:
                       for op, us, k in table]}
 
 
+_BASELINE_EXPORT = """
+import sys, torch
+from rpnt_core import RPNT, RPNTConfig
+from exporters.onnx_export import export_step_graph
+from exporters.quantize import quantize_int8
+preset, n_ch, weights, out, out8 = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+model = RPNT(RPNTConfig.preset(preset, n_channels=n_ch)).eval()
+model.load_state_dict(torch.load(weights, weights_only=True))
+export_step_graph(model, out)
+quantize_int8(out, out8)
+"""
+
+
+def baseline_step_graphs(ref: str, model, preset: str, out: Path) -> dict[str, Path]:
+    """The fp32 and int8 step graphs of ``model``'s weights as the code at git ``ref`` exports
+    them (``git archive`` of rpnt_core/ and exporters/ into ``out``, exported in a child process),
+    so that a graph change is timed against its predecessor in the same run."""
+    import subprocess
+
+    import torch
+
+    src = out / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "rpnt_core", "exporters"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    weights = out / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    files = {"fp32": out / "step.onnx", "int8": out / "step.int8.onnx"}
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    subprocess.run([sys.executable, "-c", _BASELINE_EXPORT, preset, str(model.config.n_input_channels),
+                    str(weights), str(files["fp32"]), str(files["int8"])], check=True, env=env, cwd=str(src),
+                   capture_output=True)
+    return files
+
+
 def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -> dict:
     import torch
 
@@ -374,9 +410,15 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
     with torch.no_grad():
         ref = model.predict_stream(torch.from_numpy(stream)[None])["velocity"][0].numpy()
 
+    graphs = {"fp32": step32, "int8": step8}
+    if args.baseline_ref:
+        print(f"  exporting the {args.baseline_ref} step graphs of the same weights ...", flush=True)
+        base = baseline_step_graphs(args.baseline_ref, model, preset, out / "baseline")
+        graphs.update({f"{k} @{args.baseline_ref}": v for k, v in base.items()})
+
     torch.set_num_threads(1)
     results: dict[str, dict] = {}
-    costs = {"fp32": graph_cost(step32), "int8": graph_cost(step8)}
+    costs = {k: graph_cost(v) for k, v in graphs.items()}
     floors = {k: floor_us(v, roofs) for k, v in costs.items()}
 
     def timed(fn, n: int, warmup: int, start: int, **pace) -> dict:
@@ -438,6 +480,8 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
     step_row("ort step fp32", OnnxStepEngine(step32, warmup_bins=args.warmup), "fp32", keep_warm=True)
     step_row("ort step fp32 (run)", OnnxStepEngine(step32, warmup_bins=args.warmup, io_binding=False), "fp32")
     step_row("ort step int8", OnnxStepEngine(step8, warmup_bins=args.warmup), "int8", keep_warm=True)
+    for key in [k for k in graphs if "@" in k]:
+        step_row(f"ort step {key}", OnnxStepEngine(graphs[key], warmup_bins=args.warmup), key)
     te = TorchEngine(model, warmup_bins=args.warmup)
     te.reset()
     record("torch step", lambda t: te.step(stream[t]), args.extra_bins, floor="fp32", paced=True, reset=te.reset)
@@ -450,7 +494,8 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
 
     analysis = {}
     if not args.no_profile:
-        for name, path in (("ort step fp32", step32), ("ort step int8", step8)):
+        for key, path in graphs.items():
+            name = f"ort step {key}"
             nodes, ops = optimized_node_count(path)
             analysis[name] = {"onnx_nodes_after_ort_optimisation": nodes, "ops_after_optimisation": ops,
                               "weight_bytes": weight_bytes(path), "profile": profile_by_op(path, stream, n=200)}
@@ -538,7 +583,7 @@ def limits(report: dict) -> dict:
     for preset, r in report["presets"].items():
         for name, a in r.get("analysis", {}).items():
             st = r["engines"][name]
-            prec = "int8" if "int8" in name else "fp32"
+            prec = name.removeprefix("ort step ")
             f, cost = r["floor"][prec], r["cost"][prec]
             med = st["median_us"]
             nodes = a["onnx_nodes_after_ort_optimisation"]
@@ -575,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paced-bins", type=int, default=500, help="timed bins per paced row (default 500)")
     p.add_argument("--paced-warmup", type=int, default=20, help="untimed paced bins before (default 20)")
     p.add_argument("--period-ms", type=float, default=20.0, help="pacing period, ms (default 20: one bin)")
+    p.add_argument("--baseline-ref", default=None, metavar="REF",
+                   help="also time the step graphs the code at git REF exports for the same weights")
     p.add_argument("--quick", action="store_true",
                    help="short run: 300 b2b bins after 50, 20 window bins, 100 torch-step bins, 150 paced bins")
     args = p.parse_args(argv)
@@ -617,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                      "extra_bins": args.extra_bins, "counts": source,
                      "threads": "1 (ORT intra/inter-op 1, no spinning; torch.set_num_threads(1))",
                      "gc": "paused during timed loops", "pinned_cpu": args.pin, "quick": args.quick,
-                     "paced_bins": args.paced_bins, "paced_warmup": args.paced_warmup, "period_ms": args.period_ms},
+                     "baseline_ref": args.baseline_ref, "paced_bins": args.paced_bins, "paced_warmup": args.paced_warmup, "period_ms": args.period_ms},
         "note": "measured under load on a shared machine (see machine.load_before/after)",
         "presets": {},
     }

@@ -413,3 +413,18 @@ def test_load_engine_errors(tiny, tmp_path):
         OnnxStepEngine(tiny["out"] / WINDOW_FILE)
     eng = load_engine(tiny["ckpt"], backend="torch", metadata={"subject": "s1"})
     assert eng.info.n_channels == N_IN and eng.info.extra["backend"] == "torch"
+
+
+def test_step_graph_writes_ring_caches_in_place(tiny):
+    """The step graph keeps its caches as ring buffers: each k/v/pooling state input is read by
+    exactly one ScatterElements (this bin's slot written), never sliced and concatenated."""
+    g = onnx.load(str(tiny["out"] / "rpnt_step.onnx")).graph
+    users: dict[str, list[str]] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n.op_type)
+    ring = [i.name for i in g.input if i.name.rsplit(".", 1)[-1] in ("k", "v", "pool_x", "pool_logit")]
+    assert ring
+    for name in ring:
+        assert users.get(name) == ["ScatterElements"], (name, users.get(name))
+    assert "state.write_index" in {i.name for i in g.input}
