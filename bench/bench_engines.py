@@ -410,7 +410,11 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
     with torch.no_grad():
         ref = model.predict_stream(torch.from_numpy(stream)[None])["velocity"][0].numpy()
 
-    graphs = {"fp32": step32, "int8": step8}
+    from exporters.quantize import calibration_feeds, quantize_int8_static
+
+    step8s = quantize_int8_static(step32, out / "step.int8-static.onnx",
+                                  calibration_feeds(step32, counts[-args.calibration_bins:]))
+    graphs = {"fp32": step32, "int8": step8, "int8 static": step8s}
     if args.baseline_ref:
         print(f"  exporting the {args.baseline_ref} step graphs of the same weights ...", flush=True)
         base = baseline_step_graphs(args.baseline_ref, model, preset, out / "baseline")
@@ -444,15 +448,17 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
             st["floor_us"] = floors[floor]["floor_us"]
             st["ratio_to_floor"] = st["median_us"] / st["floor_us"]
             line += f" ×floor {st['ratio_to_floor']:5.1f}"
-        modes = ([("paced", False)] if paced else []) + ([("paced_keep_warm", True)] if keep_warm else [])
-        for key, spin in modes:
+        modes = ([("paced", False, args.period_ms)] if paced else []) + (
+            [("paced_keep_warm", True, args.period_ms)] if keep_warm else []) + (
+            [(f"paced_{ms:g}ms", False, ms) for ms in args.period_sweep] if keep_warm else [])
+        for key, spin, ms in modes:
             if reset is not None:
                 reset()
-            ps = timed(fn, args.paced_bins, args.paced_warmup, 0, period_s=args.period_ms / 1e3, keep_warm=spin)
+            ps = timed(fn, args.paced_bins, args.paced_warmup, 0, period_s=ms / 1e3, keep_warm=spin)
             if floor is not None:
                 ps["ratio_to_floor"] = ps["median_us"] / st["floor_us"]
             st[key] = ps
-            line += f" | {key} median {ps['median_us']:8.1f} p99 {ps['p99_us']:8.1f}"
+            line += f" | {key} {ps['median_us']:.0f}/{ps['p99_us']:.0f}"
         line += f"  R² loss {st['r2_loss_vs_fp32_torch']:.2e}"
         results[name] = st
         print(line, flush=True)
@@ -480,6 +486,12 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
     step_row("ort step fp32", OnnxStepEngine(step32, warmup_bins=args.warmup), "fp32", keep_warm=True)
     step_row("ort step fp32 (run)", OnnxStepEngine(step32, warmup_bins=args.warmup, io_binding=False), "fp32")
     step_row("ort step int8", OnnxStepEngine(step8, warmup_bins=args.warmup), "int8", keep_warm=True)
+    step_row("ort step int8 static", OnnxStepEngine(step8s, warmup_bins=args.warmup), "int8 static")
+    from exporters.openvino_engine import OpenVinoStepEngine, openvino_available
+
+    if openvino_available():
+        step_row("openvino step fp32→bf16", OpenVinoStepEngine(step32, warmup_bins=args.warmup), "fp32")
+        step_row("openvino step int8", OpenVinoStepEngine(step8, warmup_bins=args.warmup), "int8")
     for key in [k for k in graphs if "@" in k]:
         step_row(f"ort step {key}", OnnxStepEngine(graphs[key], warmup_bins=args.warmup), key)
     te = TorchEngine(model, warmup_bins=args.warmup)
@@ -557,7 +569,13 @@ def markdown(report: dict) -> str:
                          f"{st['speedup_vs_torch_window']:.1f} | {st['r2_loss_vs_fp32_torch']:.2e} |")
         lines.append("")
         for name, st in r["engines"].items():
-            for key in ("paced", "paced_keep_warm"):
+            sweep = sorted((float(k[6:-2]), st[k]) for k in st if k.startswith("paced_") and k.endswith("ms"))
+            if sweep:
+                per = ", ".join(f"{ms:g} ms {x['median_us']:.0f} / {x['p99_us']:.0f}"
+                                for ms, x in sweep + [(report["settings"]["period_ms"], st["paced"])])
+                lines.append(f"- {name}, paced median / p99 µs by period (sleeping between steps): {per}; "
+                             f"back to back {st['median_us']:.0f} / {st['p99_us']:.0f}")
+            for key in [k for k in st if k.startswith("paced")]:
                 if key in st:
                     k = st[key]["counters"]
                     lines.append(f"- {name}, {key}: per step {k['minflt_per_step']:.2f} minor faults, "
@@ -620,8 +638,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paced-bins", type=int, default=500, help="timed bins per paced row (default 500)")
     p.add_argument("--paced-warmup", type=int, default=20, help="untimed paced bins before (default 20)")
     p.add_argument("--period-ms", type=float, default=20.0, help="pacing period, ms (default 20: one bin)")
+    p.add_argument("--calibration-bins", type=int, default=300,
+                   help="bins (from the end of the counts, not the timed ones) calibrating the static int8 graph")
     p.add_argument("--baseline-ref", default=None, metavar="REF",
                    help="also time the step graphs the code at git REF exports for the same weights")
+    p.add_argument("--period-sweep", default="0.5,2,5",
+                   help="extra pacing periods, ms, for the engines with a keep-warm row: does latency grow with "
+                        "the idle gap? (default 0.5,2,5)")
     p.add_argument("--quick", action="store_true",
                    help="short run: 300 b2b bins after 50, 20 window bins, 100 torch-step bins, 150 paced bins")
     args = p.parse_args(argv)
@@ -629,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bins, args.warmup, args.extra_bins, args.paced_bins = 300, 50, 100, 150
         args.window_bins = args.window_bins or 20
     args.window_bins = args.window_bins or args.bins
+    args.period_sweep = [float(x) for x in args.period_sweep.split(",") if x.strip()]
     if args.pin is not None:
         os.sched_setaffinity(0, {args.pin})
 

@@ -89,6 +89,63 @@ def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = True,
     return dst
 
 
+def calibration_feeds(src: str | Path, counts: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """The step graph's inputs at every bin of ``counts`` (T, N), stepping it from ``reset()``:
+    what :func:`quantize_int8_static` calibrates activation ranges on."""
+    from .contract import COUNTS
+    from .runtime import OnnxStepEngine
+
+    eng = OnnxStepEngine(src, warmup_bins=0)
+    entries = eng.contract.state
+    feeds = []
+    for row in np.asarray(counts, dtype=np.float32):
+        state = eng.state
+        feeds.append({COUNTS: row[None].copy(), **{e.input: state[e.key] for e in entries}})
+        eng.step(row)
+    return feeds
+
+
+def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *,
+                         per_channel: bool = True, fp32_layers: tuple[str, ...] = FP32_LAYERS) -> Path:
+    """Static int8 (QDQ) quantisation of the weight Gemm/MatMul layers of ``src`` into ``dst``:
+    weights int8 per output channel, each layer's input activation uint8 with a fixed scale
+    calibrated (min/max) on ``feeds`` (:func:`calibration_feeds`).  No per-call
+    ``DynamicQuantizeLinear``: ORT fuses each Q/DQ pair around a weight matmul into one integer
+    kernel at load.  ``fp32_layers`` as in :func:`quantize_int8`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self._it, None)
+
+    src, dst = Path(src), Path(dst)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = onnx.load(str(src))
+        del plain.graph.value_info[:]
+        keep = [n.name for n in plain.graph.node
+                if n.op_type in ("Gemm", "MatMul") and any(pat in i for i in n.input for pat in fp32_layers)]
+        inp = Path(tmp) / "in.onnx"
+        onnx.save(plain, str(inp))
+        out = Path(tmp) / "q.onnx"
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_static(str(inp), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel, reduce_range=False,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                            extra_options={"MatMulConstBOnly": True})
+        finally:
+            root.setLevel(level)
+        model = onnx.load(str(out))
+    _set_precision(model, "int8", onnx.load(str(src), load_external_data=False))
+    onnx.save(model, str(dst))
+    return dst
+
+
 def _f16_tensor(t: TensorProto) -> TensorProto:
     arr = numpy_helper.to_array(t).astype(np.float32)
     arr = np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16)

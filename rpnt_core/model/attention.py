@@ -64,19 +64,6 @@ def conv_band(rows: Tensor, kernel: Tensor) -> Tensor:
     return (taps @ gathered).squeeze(-2)
 
 
-def rotation_matrices(cos: Tensor, sin: Tensor, width: int) -> Tensor:
-    """(P, R/2) cos/sin → (P, width, width) matrices M with ``x @ M[i]`` equal to
-    :func:`~rpnt_core.model.rotary.rotate_half_pairs` (x, cos[i], sin[i], R)."""
-    n, half = cos.shape
-    m = torch.eye(width, dtype=cos.dtype).repeat(n, 1, 1)
-    k = torch.arange(half)
-    m[:, k, k] = cos
-    m[:, k + half, k + half] = cos
-    m[:, k + half, k] = -sin
-    m[:, k, k + half] = sin
-    return m
-
-
 _INDEX_CACHE: dict[tuple[int, int, int, str], Tensor] = {}
 
 
@@ -113,11 +100,16 @@ class ContextKernelAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.attn_drop = nn.Dropout(dropout)
         self.rotary = MultiAxisRotary(dims=[self.head_dim], bases=[rope_base])
-        # Ring-frame rotations for step(), as (dh, dh) matrices acting on row vectors: slot σ's key
-        # is cached turned by σθ; the query turns by pθ (keys written since the ring last wrapped)
-        # and (p + W)θ (keys written before).
+        # Ring-frame rotations for step(): slot σ's key is cached turned by σθ; the query turns by
+        # pθ (keys written since the ring last wrapped) and (p + W)θ (keys written before).  Per
+        # position i, x ↦ x·[cos, cos] + swap(x)·[−sin, sin] (swap exchanges the halves), built as
+        # a (dh, dh) matrix in ring() from these rows and two constant matrices.
         cos, sin = self.rotary.angles(torch.arange(2 * window, dtype=torch.float64).unsqueeze(-1))
-        self.register_buffer("ring_rot", rotation_matrices(cos, sin, self.head_dim), persistent=False)
+        half = self.head_dim // 2
+        self.register_buffer("ring_cos", torch.cat([cos, cos], dim=-1), persistent=False)  # (2W, dh)
+        self.register_buffer("ring_sin", torch.cat([-sin, sin], dim=-1), persistent=False)
+        self.register_buffer("ring_eye", torch.eye(self.head_dim), persistent=False)
+        self.register_buffer("ring_swap", torch.eye(self.head_dim).roll(half, dims=0), persistent=False)
         # Index tables by write slot p (rows): perm[p, x] = (p − x) mod W, and band[p, a] = the
         # column of the (·, 2W) pair of score rows that band column a reads (see ring()).
         slots = torch.arange(window)
@@ -234,13 +226,15 @@ class ContextKernelAttention(nn.Module):
         p = write_index[:1, 0].long()  # (1,)
         perm = self.ring_perm.index_select(0, p).reshape(w)  # slot of band column a = band column of slot σ
         band = self.ring_band.index_select(0, p).reshape(w)
-        frames = self.ring_rot.index_select(0, torch.cat([p, p + w]))  # (2, dh, dh)
+        rows = torch.cat([p, p + w])
+        frames = (self.ring_eye * self.ring_cos.index_select(0, rows)[:, None, :]
+                  + self.ring_swap * self.ring_sin.index_select(0, rows)[:, None, :])  # (2, dh, dh)
         query_rot = frames.permute(1, 0, 2).reshape(dh, 2 * dh) / math.sqrt(dh)
         valid_slot = valid.index_select(-1, perm)
         b = write_index.shape[0]
         return {"kv_slot": p.expand(b, self.n_heads, 1, dh), "x_slot": p.expand(b, 1, self.d_model),
                 "logit_slot": p.expand(b, 1), "key_rot": frames[0], "query_rot": query_rot, "band": band, "perm": perm,
-                "band_valid": valid[:, None, :].to(self.ring_rot.dtype),
+                "band_valid": valid[:, None, :].to(self.ring_cos.dtype),
                 "pool_bias": torch.where(valid_slot, 0.0, NEG_INF)}
 
     def step(self, x: Tensor, cache: dict[str, Tensor], valid: Tensor,
