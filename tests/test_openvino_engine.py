@@ -1,0 +1,59 @@
+"""The ``openvino-cpu`` back-end: OpenVINO's CPU runtime on the exported step graph.
+
+Runs only where the ``openvino`` package is installed (the [openvino] extra, in [dev]); the
+"absent package" error is checked everywhere.  Nothing here times anything.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.onnx_export import export_step_graph
+from exporters.parity import random_counts
+from exporters.runtime import OnnxStepEngine, ProviderUnavailableError, load_engine
+from rpnt_core import RPNT
+from rpnt_core.evaluate.metrics import r2_score
+
+from conftest import randomise_kernels, tiny_config
+
+
+@pytest.fixture(scope="module")
+def step_graph(tmp_path_factory):
+    torch.manual_seed(0)
+    model = RPNT(tiny_config()).eval()
+    randomise_kernels(model)
+    out = tmp_path_factory.mktemp("ov")
+    export_step_graph(model, out / "rpnt_step.onnx")
+    return out
+
+
+def test_missing_openvino_is_one_clear_error(step_graph, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed
+    with pytest.raises(ProviderUnavailableError, match=r"rpnt\[openvino\]"):
+        load_engine(step_graph, backend="openvino-cpu")
+
+
+def test_openvino_steps_like_onnx_runtime(step_graph):
+    pytest.importorskip("openvino")
+    ov = load_engine(step_graph, backend="openvino-cpu")
+    ref = OnnxStepEngine(step_graph / "rpnt_step.onnx")
+    assert ov.info.extra["backend"] == "openvino-cpu"
+    x = random_counts(80, ov.info.n_channels, seed=1)
+    a = np.stack([ref.step(r) for r in x])
+    b = np.stack([ov.step(r) for r in x])
+    assert b.shape == a.shape and b.dtype == np.float32
+    # bf16 inference by default: the export's R² gate bar, not float32 parity
+    assert 1.0 - r2_score(a, b) < 0.005
+    assert set(ov.state) == set(ref.state)
+    ov.reset()
+    again = np.stack([ov.step(r) for r in x])
+    np.testing.assert_array_equal(again, b)  # reset() really forgets the stream
+
+
+def test_openvino_refuses_the_window_graph(step_graph):
+    with pytest.raises(ValueError, match="step graphs only"):
+        load_engine(step_graph, backend="openvino-cpu", graph="window")
