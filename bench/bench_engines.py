@@ -94,8 +94,8 @@ def stats_us(ts_ns: np.ndarray) -> dict:
             "max_us": float(us.max()), "n": int(len(us))}
 
 
-def time_stream(step, counts: np.ndarray, warmup: int, *, period_s: float = 0.0,
-                keep_warm: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def time_stream(step, counts: np.ndarray, warmup: int, *, period_s: float = 0.0, keep_warm: bool = False,
+                prewarm=None, prewarm_lead_s: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Run ``step(t)`` for every bin; returns (outputs (T, D), wall ns, thread-CPU ns, counters),
     the times for bins ≥ warmup.  Wall time is what the daemon sees; thread CPU time excludes the
     time the thread was preempted (this box is shared), i.e. what the engine itself costs.
@@ -103,7 +103,9 @@ def time_stream(step, counts: np.ndarray, warmup: int, *, period_s: float = 0.0,
     ``period_s`` > 0 paces the loop as the daemon runs: each step starts one period after the
     previous one started, the thread sleeping in between (or, with ``keep_warm``, spinning on the
     clock in this same thread, so no other core is taken).  Counters: minor/major page faults and
-    voluntary/involuntary context switches of this thread during the timed steps (per step)."""
+    voluntary/involuntary context switches of this thread during the timed steps (per step).
+    ``prewarm`` (paced only): called ``prewarm_lead_s`` before each step's start, untimed (the
+    engine's ``prewarm``: one run that does not advance the stream)."""
     import resource
 
     outs = []
@@ -122,6 +124,11 @@ def time_stream(step, counts: np.ndarray, warmup: int, *, period_s: float = 0.0,
         for t in range(len(counts)):
             if period_ns:
                 nxt += period_ns
+                if prewarm is not None:
+                    rest = nxt - int(prewarm_lead_s * 1e9) - clock_wall()
+                    if rest > 0:
+                        time.sleep(rest / 1e9)
+                    prewarm()
                 if keep_warm:
                     while clock_wall() < nxt:
                         pass
@@ -425,7 +432,7 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
     costs = {k: graph_cost(v) for k, v in graphs.items()}
     floors = {k: floor_us(v, roofs) for k, v in costs.items()}
 
-    def timed(fn, n: int, warmup: int, start: int, **pace) -> dict:
+    def timed(fn, n: int, warmup: int, start: int, **pace) -> dict:  # noqa: ANN003
         y, ts, cpu, counters = time_stream(lambda t: fn(t + start), stream[start: start + warmup + n], warmup,
                                            **pace)
         st = stats_us(ts)
@@ -436,7 +443,7 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
         return st
 
     def record(name: str, fn, n_bins: int | None = None, warmup: int | None = None, *, floor: str | None = None,
-               paced: bool = False, keep_warm: bool = False, reset=None) -> None:
+               paced: bool = False, keep_warm: bool = False, reset=None, prewarm=None) -> None:
         # back to back: every row times the same bins, stream[args.warmup : args.warmup + n]; a row
         # may start its (untimed) warm-up later than bin 0 when it needs fewer warm-up bins
         n = args.bins if n_bins is None else n_bins
@@ -449,12 +456,15 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
             st["ratio_to_floor"] = st["median_us"] / st["floor_us"]
             line += f" ×floor {st['ratio_to_floor']:5.1f}"
         modes = ([("paced", False, args.period_ms)] if paced else []) + (
+            [("paced_prewarm", False, args.period_ms)] if prewarm is not None else []) + (
             [("paced_keep_warm", True, args.period_ms)] if keep_warm else []) + (
             [(f"paced_{ms:g}ms", False, ms) for ms in args.period_sweep] if keep_warm else [])
         for key, spin, ms in modes:
             if reset is not None:
                 reset()
-            ps = timed(fn, args.paced_bins, args.paced_warmup, 0, period_s=ms / 1e3, keep_warm=spin)
+            pw = prewarm if key == "paced_prewarm" else None
+            ps = timed(fn, args.paced_bins, args.paced_warmup, 0, period_s=ms / 1e3, keep_warm=spin, prewarm=pw,
+                       prewarm_lead_s=args.prewarm_lead_ms / 1e3)
             if floor is not None:
                 ps["ratio_to_floor"] = ps["median_us"] / st["floor_us"]
             st[key] = ps
@@ -481,6 +491,8 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
 
     def step_row(name: str, eng, floor: str, **kw) -> None:
         eng.reset()
+        if kw.get("keep_warm"):
+            kw["prewarm"] = eng.prewarm
         record(name, lambda t: eng.step(stream[t]), floor=floor, paced=True, reset=eng.reset, **kw)
 
     step_row("ort step fp32", OnnxStepEngine(step32, warmup_bins=args.warmup), "fp32", keep_warm=True)
@@ -533,7 +545,8 @@ def markdown(report: dict) -> str:
              f"{m['load_after']}.  Back to back: {st_['bins']} bins after {st_['warmup']} warm-up (window rows: "
              f"{st_['window_bins']} bins; torch step: {st_['extra_bins']}).  Paced: {st_['paced_bins']} bins after "
              f"{st_['paced_warmup']}, one step every {st_['period_ms']:g} ms as the daemon runs, the thread "
-             "sleeping in between (keep-warm: spinning in the same thread instead).  Single thread, counts from "
+             f"sleeping in between (prewarm: the engine's `prewarm()` run {st_['prewarm_lead_ms']:g} ms before each "
+             "bin; keep-warm: spinning in the same thread instead of sleeping).  Single thread, counts from "
              f"{st_['counts']}.  Latency is wall time around `step` (what the daemon sees; p99 includes "
              "preemption by other tenants); CPU time is the calling thread's.", "",
              "Machine roofs (one thread, best of repeats): "
@@ -556,15 +569,16 @@ def markdown(report: dict) -> str:
                          f"{cost['onnx_nodes']} ONNX nodes → memory {f['memory_us']:.0f} µs ({f['level']} at "
                          f"{f['read_gbs']:.1f} GB/s), compute {f['compute_us']:.0f} µs → **floor {f['floor_us']:.0f} µs** "
                          f"({f['bound']}-bound)")
-        lines += ["", "| engine | b2b median / p99 µs | paced median / p99 µs | paced keep-warm median / p99 µs "
+        lines += ["", "| engine | b2b median / p99 µs | paced median / p99 µs | paced + prewarm median / p99 µs | paced keep-warm (spin) median / p99 µs "
                   "| CPU-time b2b median / p99 µs | × floor (b2b / paced median) | × vs torch window | R² loss vs fp32 torch |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, st in r["engines"].items():
             cp = st["cpu"]
             ratio = "—"
             if "ratio_to_floor" in st:
                 ratio = f"{st['ratio_to_floor']:.1f}" + (f" / {st['paced']['ratio_to_floor']:.1f}" if "paced" in st else "")
             lines.append(f"| {name} | {st['median_us']:.1f} / {st['p99_us']:.1f} | {_paced(st, 'paced')} | "
+                         f"{_paced(st, 'paced_prewarm')} | "
                          f"{_paced(st, 'paced_keep_warm')} | {cp['median_us']:.1f} / {cp['p99_us']:.1f} | {ratio} | "
                          f"{st['speedup_vs_torch_window']:.1f} | {st['r2_loss_vs_fp32_torch']:.2e} |")
         lines.append("")
@@ -645,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--period-sweep", default="0.5,2,5",
                    help="extra pacing periods, ms, for the engines with a keep-warm row: does latency grow with "
                         "the idle gap? (default 0.5,2,5)")
+    p.add_argument("--prewarm-lead-ms", type=float, default=2.0,
+                   help="paced prewarm rows: run the engine's prewarm() this long before each bin (default 2)")
     p.add_argument("--quick", action="store_true",
                    help="short run: 300 b2b bins after 50, 20 window bins, 100 torch-step bins, 150 paced bins")
     args = p.parse_args(argv)
@@ -688,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
                      "extra_bins": args.extra_bins, "counts": source,
                      "threads": "1 (ORT intra/inter-op 1, no spinning; torch.set_num_threads(1))",
                      "gc": "paused during timed loops", "pinned_cpu": args.pin, "quick": args.quick,
-                     "baseline_ref": args.baseline_ref, "paced_bins": args.paced_bins, "paced_warmup": args.paced_warmup, "period_ms": args.period_ms},
+                     "baseline_ref": args.baseline_ref, "prewarm_lead_ms": args.prewarm_lead_ms,
+                     "paced_bins": args.paced_bins, "paced_warmup": args.paced_warmup, "period_ms": args.period_ms},
         "note": "measured under load on a shared machine (see machine.load_before/after)",
         "presets": {},
     }

@@ -110,5 +110,9 @@ class OpenVinoStepEngine(OnnxStepEngine):
         self._requests[self._cur].infer()
         self._cur ^= 1
 
+    def prewarm(self) -> None:
+        """As :meth:`OnnxStepEngine.prewarm`: one run on the current state, the stream not advanced."""
+        self._requests[self._cur].infer()
+
     def end_profiling(self) -> str:
         raise NotImplementedError("profiling: ORT engines only")

@@ -323,6 +323,16 @@ class OnnxStepEngine:
         self._run(counts)
         return {VELOCITY: self._vel[0].copy(), LOG_RATES: self._rates[0].copy()}
 
+    def prewarm(self) -> None:
+        """Run the graph once on the current state without advancing the stream: the weights and
+        code come back into the caches ahead of a bin at real-time pace, in the calling thread
+        (no other core is used).  The next ``step`` returns exactly what it would have: only the
+        output buffers and the spare state bank are written, and the next step overwrites both."""
+        if self._io_binding:
+            self.session.run_with_iobinding(self._bindings[self._cur])
+        else:
+            self.session.run(self._out_names, {COUNTS: self._counts, **self._const_vals, **self._banks[self._cur]})
+
     def _load_counts(self, counts: np.ndarray) -> None:
         """``check_counts`` semantics (shape (N,), any real dtype, finite and ≥ 0 as float32) with
         a fast path: cast straight into the bound input buffer, then one min and one max.  Any
