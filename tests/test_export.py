@@ -428,3 +428,18 @@ def test_step_graph_writes_ring_caches_in_place(tiny):
     for name in ring:
         assert users.get(name) == ["ScatterElements"], (name, users.get(name))
     assert "state.write_index" in {i.name for i in g.input}
+
+
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_prewarm_does_not_advance_the_stream(tiny, io_binding):
+    """``prewarm()`` between bins (what a paced caller does to re-warm caches) changes nothing."""
+    eng = OnnxStepEngine(tiny["out"] / "rpnt_step.onnx", io_binding=io_binding)
+    x = tiny["counts"][:40]
+    plain = np.stack([eng.step(r) for r in x])
+    eng.reset()
+    warmed = []
+    for r in x:
+        eng.prewarm()
+        eng.prewarm()
+        warmed.append(eng.step(r))
+    np.testing.assert_array_equal(np.stack(warmed), plain)

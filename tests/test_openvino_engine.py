@@ -57,3 +57,16 @@ def test_openvino_steps_like_onnx_runtime(step_graph):
 def test_openvino_refuses_the_window_graph(step_graph):
     with pytest.raises(ValueError, match="step graphs only"):
         load_engine(step_graph, backend="openvino-cpu", graph="window")
+
+
+def test_openvino_prewarm_does_not_advance_the_stream(step_graph):
+    pytest.importorskip("openvino")
+    ov = load_engine(step_graph, backend="openvino-cpu")
+    x = random_counts(30, ov.info.n_channels, seed=2)
+    plain = np.stack([ov.step(r) for r in x])
+    ov.reset()
+    warmed = []
+    for r in x:
+        ov.prewarm()
+        warmed.append(ov.step(r))
+    np.testing.assert_array_equal(np.stack(warmed), plain)
