@@ -96,7 +96,8 @@ def model_alone(export: Path, counts: np.ndarray, n: int, *, pace_s: float = 0.0
 
 
 def run_preset(preset: str, counts: np.ndarray, velocity: np.ndarray, *, bin_ms: float, bins: int, model_bins: int,
-               paced_bins: int, affinity: str | None, busy_poll_us: int, workdir: Path, log) -> dict:
+               paced_bins: int, affinity: str | None, busy_poll_us: int, workdir: Path, log,
+               prewarm_lead_us: int = 0) -> dict:
     from streaming.client import PredictionSubscriber, RigClient, wait_for_daemon
     from streaming.launch import spawn_daemon
     from streaming.replay import run_replay
@@ -111,7 +112,8 @@ def run_preset(preset: str, counts: np.ndarray, velocity: np.ndarray, *, bin_ms:
         f"p50 {paced['p50_ms']:.3f} ms, p99 {paced['p99_ms']:.3f} ms paced at {bin_ms:g} ms")
     ingest, publish = f"ipc://{workdir}/{preset}-in", f"ipc://{workdir}/{preset}-out"
     extra = ["--gc-freeze"] + (["--affinity", affinity] if affinity else []) + (
-        ["--busy-poll-us", str(busy_poll_us)] if busy_poll_us else [])
+        ["--busy-poll-us", str(busy_poll_us)] if busy_poll_us else []) + (
+        ["--prewarm-lead-us", str(prewarm_lead_us)] if prewarm_lead_us else [])
     proc = spawn_daemon(model=export, bin_ms=bin_ms, ingest=ingest, publish=publish, extra=extra,
                         log_path=workdir / f"daemon-{preset}.log")
     try:
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--affinity", default=None, metavar="CPU", help="pin the daemon's decode thread (e.g. 1)")
     p.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
                    help="daemon spins this long after each message before blocking (default 0: blocks)")
+    p.add_argument("--prewarm-lead-us", type=int, default=0, metavar="US",
+                   help="daemon runs the engine's prewarm() this long before each bin is due (default 0: off)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "streaming.json"))
     a = p.parse_args(argv)
 
@@ -189,10 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         for preset in [x for x in a.presets.split(",") if x]:
             results.append(run_preset(preset, counts, velocity, bin_ms=a.bin_ms, bins=a.bins, model_bins=a.model_bins,
                                       paced_bins=a.paced_bins, affinity=a.affinity, busy_poll_us=a.busy_poll_us,
-                                      workdir=Path(tmp), log=log))
+                                      workdir=Path(tmp), log=log, prewarm_lead_us=a.prewarm_lead_us))
     out = {
         "benchmark": "streaming end-to-end latency at real-time pace (bench/bench_streaming.py)",
         "data": str(a.data), "recorded_bin_ms": sess.bin_s * 1e3, "replayed_bin_ms": a.bin_ms,
+        "daemon_flags": {"busy_poll_us": a.busy_poll_us, "prewarm_lead_us": a.prewarm_lead_us,
+                         "affinity": a.affinity},
         "note": ("the recording's counts re-timed to the replayed bin width on both sides (daemon and replay); "
                  "end_to_end = replay client's send of the bin-closing packet → its receipt of the prediction "
                  "(one clock); daemon_overhead = per-bin (daemon − infer); model_alone = engine.step in the bench "

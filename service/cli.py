@@ -101,6 +101,7 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
              "daemon": {"bin_ms": a.bin_ms, "ingest": a.ingest, "publish": a.publish, "stall_ms": a.stall_ms,
                         "max_jump_s": a.max_jump_s, "history_s": a.history_s, "warmup_bins": a.warmup_bins,
                         "affinity": list(a.affinity) if a.affinity else None, "busy_poll_us": a.busy_poll_us,
+                        "prewarm_lead_us": a.prewarm_lead_us,
                         "rt_priority": a.rt_priority, "gc_freeze": a.gc_freeze or None,
                         "allow_bin_mismatch": a.allow_bin_mismatch or None, "allow_remote": a.allow_remote or None},
              "http": {"host": a.http_host, "port": a.http_port, "enabled": False if a.no_http else None}}
