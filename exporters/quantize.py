@@ -11,6 +11,10 @@
   full-range weights.  Measured on random-weight presets against the fp32 outputs (400 bins of
   StevensonV2 counts): full range R² 0.65 (small) / −0.08 (paper); reduced range 0.998 / 0.997.
   The read-in and velocity head stay float32 (:data:`FP32_LAYERS`).
+- :func:`quantize_int8_static`: static int8 in QDQ form — weights int8 per channel, each weight
+  matmul's input activation uint8 with a scale calibrated on the step graph's own inputs over a
+  real stream (:func:`calibration_feeds`).  Measured in ``bench/bench_engines.py`` beside the
+  dynamic graph; not written by ``rpnt export``.
 - :func:`convert_fp16`: a small cast-based float16 conversion for GPUs (no onnxconverter-common):
   every float32 initializer / constant / Cast target becomes float16 (values clipped to the
   float16 range, so the attention's −1e9 mask becomes −65504, still exactly 0 after softmax);
