@@ -7,9 +7,14 @@ differs.  Like the ORT engine it runs double-buffered: two OpenVINO infer reques
 reading the state from bank i and writing the next state into bank 1 − i, all buffers the
 engine's own numpy arrays (shared with OpenVINO, no copies), swapped every step.
 
-One inference thread, no CPU pinning (the binner and the HTTP server keep the other core), f32
-inference precision unless asked otherwise (``inference_precision="bf16"`` on CPUs that have it;
-like every reduced precision it is gated by the export's R² check before it may serve).
+One inference thread, no CPU pinning (the binner and the HTTP server keep the other core), bf16
+inference precision unless asked otherwise (``inference_precision="f32"``).  bf16 is a reduced
+precision that the export's parity gate does not see (it runs ONNX Runtime): its R² loss vs fp32
+is measured in ``bench/bench_engines.py`` and checked in ``tests/test_openvino_engine.py``.
+Known problem: OpenVINO 2026.4.1 segfaults compiling the step graph at f32 inference precision
+(seen on an AMD EPYC with AVX-512 bf16), so the default here is ``bf16``; on a CPU without bf16
+OpenVINO falls back to f32 — check that the engine loads (``rpnt serve --backend openvino-cpu``
+once) before relying on it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class OpenVinoStepEngine(OnnxStepEngine):
     Args:
         path: the step graph (``rpnt_step[.int8].onnx``).
         intra_op_threads: OpenVINO inference threads (default 1).
-        inference_precision: ``f32`` (default) or ``bf16``.
+        inference_precision: ``bf16`` (default) or ``f32``.
         warmup_bins, meta_bias, name: as :class:`~exporters.runtime.OnnxStepEngine`.
         allow_spinning: accepted for the common loader signature; OpenVINO's CPU plugin has no
             such switch.
