@@ -63,27 +63,33 @@ def recorded_stream(sess, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
     return counts, velocity
 
 
-def export_preset(preset: str, n_channels: int, bin_s: float, out: Path) -> Path:
+def export_preset(preset: str, n_channels: int, bin_s: float, out: Path, precision: str = "fp32") -> Path:
+    """The preset's step graph in ``out`` (and its dynamic-int8 variant for ``precision="int8"``;
+    its R² loss vs fp32 is measured in bench/bench_engines.py, not gated here)."""
     import torch
 
+    from exporters.contract import step_file
     from exporters.onnx_export import export_step_graph
+    from exporters.quantize import quantize_int8
     from rpnt_core import RPNT, RPNTConfig
 
     torch.manual_seed(0)
     model = RPNT(RPNTConfig.preset(preset, n_channels=n_channels, n_outputs=2, bin_s=bin_s)).eval()
     out.mkdir(parents=True, exist_ok=True)
-    export_step_graph(model, out / "rpnt_step.onnx")
+    export_step_graph(model, out / step_file("fp32"))
+    if precision == "int8":
+        quantize_int8(out / step_file("fp32"), out / step_file("int8"))
     return out
 
 
-def model_alone(export: Path, counts: np.ndarray, n: int, *, pace_s: float = 0.0) -> dict:
+def model_alone(export: Path, counts: np.ndarray, n: int, *, pace_s: float = 0.0, precision: str = "fp32") -> dict:
     """engine.step over ``n`` bins of real counts: back to back (``pace_s`` 0), or sleeping ``pace_s``
     before each step — as the daemon does between bins (a step right after a sleep is slower: caches
     and clocks have cooled)."""
     from exporters.runtime import load_engine
     from streaming.latency import percentiles_ms
 
-    eng = load_engine(export)  # warms up on load, like the daemon's engine
+    eng = load_engine(export, precision=precision)  # warms up on load, like the daemon's engine
     x = counts[:n].astype(np.float32)
     t = np.empty(x.shape[0], dtype=np.int64)
     for i in range(x.shape[0]):
@@ -96,23 +102,25 @@ def model_alone(export: Path, counts: np.ndarray, n: int, *, pace_s: float = 0.0
 
 
 def run_preset(preset: str, counts: np.ndarray, velocity: np.ndarray, *, bin_ms: float, bins: int, model_bins: int,
-               paced_bins: int, affinity: str | None, busy_poll_us: int, workdir: Path, log) -> dict:
+               paced_bins: int, affinity: str | None, busy_poll_us: int, workdir: Path, log,
+               prewarm_lead_us: int = 0, precision: str = "fp32") -> dict:
     from streaming.client import PredictionSubscriber, RigClient, wait_for_daemon
     from streaming.launch import spawn_daemon
     from streaming.replay import run_replay
     from streaming.report import build_report, stage_arrays
 
     t0 = time.time()
-    export = export_preset(preset, counts.shape[1], bin_ms / 1e3, workdir / f"export-{preset}")
+    export = export_preset(preset, counts.shape[1], bin_ms / 1e3, workdir / f"export-{preset}", precision)
     log(f"[{preset}] exported in {time.time() - t0:.1f} s; model alone over {model_bins} bins ...")
-    alone = model_alone(export, counts, model_bins)
-    paced = model_alone(export, counts, paced_bins, pace_s=bin_ms / 1e3)
+    alone = model_alone(export, counts, model_bins, precision=precision)
+    paced = model_alone(export, counts, paced_bins, pace_s=bin_ms / 1e3, precision=precision)
     log(f"[{preset}] model alone: p50 {alone['p50_ms']:.3f} ms, p99 {alone['p99_ms']:.3f} ms back to back; "
         f"p50 {paced['p50_ms']:.3f} ms, p99 {paced['p99_ms']:.3f} ms paced at {bin_ms:g} ms")
     ingest, publish = f"ipc://{workdir}/{preset}-in", f"ipc://{workdir}/{preset}-out"
     extra = ["--gc-freeze"] + (["--affinity", affinity] if affinity else []) + (
-        ["--busy-poll-us", str(busy_poll_us)] if busy_poll_us else [])
-    proc = spawn_daemon(model=export, bin_ms=bin_ms, ingest=ingest, publish=publish, extra=extra,
+        ["--busy-poll-us", str(busy_poll_us)] if busy_poll_us else []) + (
+        ["--prewarm-lead-us", str(prewarm_lead_us)] if prewarm_lead_us else [])
+    proc = spawn_daemon(model=export, bin_ms=bin_ms, ingest=ingest, publish=publish, extra=extra, precision=precision,
                         log_path=workdir / f"daemon-{preset}.log")
     try:
         rig, sub = RigClient(endpoint=ingest, source_id=99), PredictionSubscriber(endpoint=publish)
@@ -171,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--affinity", default=None, metavar="CPU", help="pin the daemon's decode thread (e.g. 1)")
     p.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
                    help="daemon spins this long after each message before blocking (default 0: blocks)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                   help="step graph the daemon serves (default fp32)")
+    p.add_argument("--prewarm-lead-us", type=int, default=0, metavar="US",
+                   help="daemon runs the engine's prewarm() this long before each bin is due (default 0: off)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "streaming.json"))
     a = p.parse_args(argv)
 
@@ -189,10 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         for preset in [x for x in a.presets.split(",") if x]:
             results.append(run_preset(preset, counts, velocity, bin_ms=a.bin_ms, bins=a.bins, model_bins=a.model_bins,
                                       paced_bins=a.paced_bins, affinity=a.affinity, busy_poll_us=a.busy_poll_us,
-                                      workdir=Path(tmp), log=log))
+                                      workdir=Path(tmp), log=log, prewarm_lead_us=a.prewarm_lead_us,
+                                      precision=a.precision))
     out = {
         "benchmark": "streaming end-to-end latency at real-time pace (bench/bench_streaming.py)",
         "data": str(a.data), "recorded_bin_ms": sess.bin_s * 1e3, "replayed_bin_ms": a.bin_ms,
+        "precision": a.precision,
+        "daemon_flags": {"busy_poll_us": a.busy_poll_us, "prewarm_lead_us": a.prewarm_lead_us,
+                         "affinity": a.affinity},
         "note": ("the recording's counts re-timed to the replayed bin width on both sides (daemon and replay); "
                  "end_to_end = replay client's send of the bin-closing packet → its receipt of the prediction "
                  "(one clock); daemon_overhead = per-bin (daemon − infer); model_alone = engine.step in the bench "

@@ -145,8 +145,12 @@ def r2_gate(streams: list[dict[str, Any]], limit: float) -> dict[str, Any]:
 def device_note(engine: Any) -> str:
     import onnxruntime as ort
 
-    provs = engine.session.get_providers() if hasattr(engine, "session") else ["torch"]
     cpu = platform.processor() or platform.machine()
+    if getattr(engine, "backend", "") == "openvino-cpu":
+        import openvino
+
+        return f"openvino {openvino.__version__} CPU on {cpu} ({platform.system()})"
+    provs = engine.session.get_providers() if hasattr(engine, "session") else ["torch"]
     return f"onnxruntime {ort.__version__} {provs[0]} on {cpu} ({platform.system()})"
 
 

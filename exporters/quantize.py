@@ -11,6 +11,10 @@
   full-range weights.  Measured on random-weight presets against the fp32 outputs (400 bins of
   StevensonV2 counts): full range R² 0.65 (small) / −0.08 (paper); reduced range 0.998 / 0.997.
   The read-in and velocity head stay float32 (:data:`FP32_LAYERS`).
+- :func:`quantize_int8_static`: static int8 in QDQ form — weights int8 per channel, each weight
+  matmul's input activation uint8 with a scale calibrated on the step graph's own inputs over a
+  real stream (:func:`calibration_feeds`).  Measured in ``bench/bench_engines.py`` beside the
+  dynamic graph; not written by ``rpnt export``.
 - :func:`convert_fp16`: a small cast-based float16 conversion for GPUs (no onnxconverter-common):
   every float32 initializer / constant / Cast target becomes float16 (values clipped to the
   float16 range, so the attention's −1e9 mask becomes −65504, still exactly 0 after softmax);
@@ -81,6 +85,63 @@ def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = True,
             quantize_dynamic(str(inp), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
                              reduce_range=reduce_range, op_types_to_quantize=["MatMul", "Gemm"],
                              nodes_to_exclude=keep, extra_options={"MatMulConstBOnly": True})
+        finally:
+            root.setLevel(level)
+        model = onnx.load(str(out))
+    _set_precision(model, "int8", onnx.load(str(src), load_external_data=False))
+    onnx.save(model, str(dst))
+    return dst
+
+
+def calibration_feeds(src: str | Path, counts: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """The step graph's inputs at every bin of ``counts`` (T, N), stepping it from ``reset()``:
+    what :func:`quantize_int8_static` calibrates activation ranges on."""
+    from .contract import COUNTS
+    from .runtime import OnnxStepEngine
+
+    eng = OnnxStepEngine(src, warmup_bins=0)
+    entries = eng.contract.state
+    feeds = []
+    for row in np.asarray(counts, dtype=np.float32):
+        state = eng.state
+        feeds.append({COUNTS: row[None].copy(), **{e.input: state[e.key] for e in entries}})
+        eng.step(row)
+    return feeds
+
+
+def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *,
+                         per_channel: bool = True, fp32_layers: tuple[str, ...] = FP32_LAYERS) -> Path:
+    """Static int8 (QDQ) quantisation of the weight Gemm/MatMul layers of ``src`` into ``dst``:
+    weights int8 per output channel, each layer's input activation uint8 with a fixed scale
+    calibrated (min/max) on ``feeds`` (:func:`calibration_feeds`).  No per-call
+    ``DynamicQuantizeLinear``: ORT fuses each Q/DQ pair around a weight matmul into one integer
+    kernel at load.  ``fp32_layers`` as in :func:`quantize_int8`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self._it, None)
+
+    src, dst = Path(src), Path(dst)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = onnx.load(str(src))
+        del plain.graph.value_info[:]
+        keep = [n.name for n in plain.graph.node
+                if n.op_type in ("Gemm", "MatMul") and any(pat in i for i in n.input for pat in fp32_layers)]
+        inp = Path(tmp) / "in.onnx"
+        onnx.save(plain, str(inp))
+        out = Path(tmp) / "q.onnx"
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_static(str(inp), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel, reduce_range=False,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                            extra_options={"MatMulConstBOnly": True})
         finally:
             root.setLevel(level)
         model = onnx.load(str(out))

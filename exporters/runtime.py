@@ -17,6 +17,9 @@ Back-ends (``backend=``):
   provider that is not available, or that the session did not actually take, raises
   :class:`ProviderUnavailableError` — never a silent fall-back to CPU.  The state then lives on
   the GPU between steps (ORT OrtValues on the device); only counts in and outputs out cross PCIe.
+- ``openvino-cpu``: OpenVINO's CPU runtime on the same step graph
+  (:class:`~exporters.openvino_engine.OpenVinoStepEngine`, ``pip install 'rpnt[openvino]'``);
+  step graphs only.  Absent package → :class:`ProviderUnavailableError`.
 - ``torch``: the torch model (:class:`rpnt_core.model.TorchDecoder`), for development.  Needs
   torch and the checkpoint.
 
@@ -53,7 +56,7 @@ from .contract import (
     step_file,
 )
 
-BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt", "torch")
+BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt", "openvino-cpu", "torch")
 _PROVIDERS = {
     "onnx-cpu": "CPUExecutionProvider",
     "onnx-cuda": "CUDAExecutionProvider",
@@ -320,6 +323,16 @@ class OnnxStepEngine:
         self._run(counts)
         return {VELOCITY: self._vel[0].copy(), LOG_RATES: self._rates[0].copy()}
 
+    def prewarm(self) -> None:
+        """Run the graph once on the current state without advancing the stream: the weights and
+        code come back into the caches ahead of a bin at real-time pace, in the calling thread
+        (no other core is used).  The next ``step`` returns exactly what it would have: only the
+        output buffers and the spare state bank are written, and the next step overwrites both."""
+        if self._io_binding:
+            self.session.run_with_iobinding(self._bindings[self._cur])
+        else:
+            self.session.run(self._out_names, {COUNTS: self._counts, **self._const_vals, **self._banks[self._cur]})
+
     def _load_counts(self, counts: np.ndarray) -> None:
         """``check_counts`` semantics (shape (N,), any real dtype, finite and ≥ 0 as float32) with
         a fast path: cast straight into the bound input buffer, then one min and one max.  Any
@@ -489,6 +502,12 @@ def load_engine(path_or_dir: str | os.PathLike, *, backend: str = "onnx-cpu", pr
         from .torch_engine import load_torch_engine  # torch only on this path
 
         return load_torch_engine(path_or_dir, **kwargs)
+    if backend == "openvino-cpu" and graph != "step":
+        raise ValueError("backend 'openvino-cpu': step graphs only (use onnx-cpu for the window graph)")
     path = resolve_model_path(path_or_dir, precision=precision, graph=graph)
+    if backend == "openvino-cpu":
+        from .openvino_engine import OpenVinoStepEngine  # openvino only on this path
+
+        return OpenVinoStepEngine(path, **kwargs)
     cls = OnnxStepEngine if graph == "step" else OnnxWindowEngine
     return cls(path, backend=backend, **kwargs)

@@ -115,6 +115,7 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
                         "record_nwb": a.record_nwb,
                         "max_jump_s": a.max_jump_s, "history_s": a.history_s, "warmup_bins": a.warmup_bins,
                         "affinity": list(a.affinity) if a.affinity else None, "busy_poll_us": a.busy_poll_us,
+                        "prewarm_lead_us": a.prewarm_lead_us,
                         "rt_priority": a.rt_priority, "gc_freeze": a.gc_freeze or None,
                         "allow_bin_mismatch": a.allow_bin_mismatch or None, "allow_remote": a.allow_remote or None,
                         "ingest_adapters": a.ingest_adapter, "publish_adapters": a.publish_adapter},

@@ -78,6 +78,8 @@ class DaemonSettings(_Section):
     affinity: list[int] | None = Field(None, description="CPU ids to pin the decode thread to")
     gc_freeze: bool = Field(False, description="gc.freeze() after warm-up")
     busy_poll_us: int = Field(0, ge=0, description="spin this long after each message before blocking")
+    prewarm_lead_us: int = Field(0, ge=0, description="run the engine once, without advancing the stream, this "
+                                                      "long before each bin is due (0 = off)")
     rt_priority: int | None = Field(None, ge=1, le=99, description="SCHED_FIFO priority (needs privileges)")
     allow_bin_mismatch: bool = Field(False, description="decode at a bin width other than the model's")
     allow_remote: bool = Field(False, description="allow non-loopback TCP endpoints")

@@ -96,6 +96,10 @@ def add_daemon_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> 
     g.add_argument("--busy-poll-us", type=int, default=d(0), metavar="US",
                    help="spin this long after each message before blocking (keeps the core hot; costs a core; "
                         "default 0)")
+    g.add_argument("--prewarm-lead-us", type=int, default=d(0), metavar="US",
+                   help="run the engine once, without advancing the stream, this long before each bin is due "
+                        "(re-warms its caches after the idle gap; same core; needs a lead longer than one step; "
+                        "default 0 = off)")
     g.add_argument("--rt-priority", type=int, default=None, metavar="N",
                    help="SCHED_FIFO priority for the decode thread (needs privileges)")
     g.add_argument("--allow-bin-mismatch", action="store_true",
@@ -395,6 +399,8 @@ def replay_main(argv: list[str] | None = None) -> int:
                     extra.append("--gc-freeze")
                 if a.busy_poll_us:
                     extra += ["--busy-poll-us", str(a.busy_poll_us)]
+                if a.prewarm_lead_us:
+                    extra += ["--prewarm-lead-us", str(a.prewarm_lead_us)]
                 if a.allow_bin_mismatch:
                     extra.append("--allow-bin-mismatch")
                 proc = spawn_daemon(model=a.model, bin_ms=bin_s * 1e3, ingest=ingest, publish=publish,

@@ -132,6 +132,10 @@ class DaemonOptions:
         ``poll`` again (0 = always block).  Spinning through the gap between bins (e.g. 25000 at
         20 ms bins) keeps the decode core's caches and clock warm — a step right after a 20 ms sleep
         can take twice as long — at the price of one busy core.
+    prewarm_lead_us: call the decoder's ``prewarm()`` (if it has one: the ONNX engines) this long
+        before each bin is due, in the decode thread (0 = never).  After a 20 ms idle gap a step
+        runs on cold caches; one extra run that does not advance the stream brings the weights
+        back first, without another core.  Needs a lead longer than one step.
     """
 
     stall_timeout_s: float | None = None
@@ -155,21 +159,23 @@ class DaemonOptions:
     max_batch: int = 64
     busy_poll_us: int = 0
     record_s: float = 0.0
+    prewarm_lead_us: int = 0
 
     @classmethod
     def from_fields(cls, src) -> "DaemonOptions":
         """The options an operator sets, read by attribute from ``src``: the ``rpnt serve`` flags
         (an argparse namespace) or the ``[daemon]`` settings section — both name them
         ``stall_ms``, ``max_jump_s``, ``history_s``, ``warmup_bins``, ``affinity``, ``gc_freeze``,
-        ``rt_priority``, ``allow_bin_mismatch``, ``busy_poll_us``, ``allow_remote``; and, where
-        present (the settings), ``record_nwb`` and ``record_max_s``: with a ``record_nwb`` file the
-        daemon records up to ``record_max_s`` of its run."""
+        ``rt_priority``, ``allow_bin_mismatch``, ``busy_poll_us``, ``prewarm_lead_us``, ``allow_remote``;
+        and, where present (the settings), ``record_nwb`` and ``record_max_s``: with a ``record_nwb``
+        file the daemon records up to ``record_max_s`` of its run."""
         record_s = float(getattr(src, "record_max_s", 0.0)) if getattr(src, "record_nwb", None) else 0.0
         return cls(stall_timeout_s=None if src.stall_ms is None else src.stall_ms / 1e3, max_jump_s=src.max_jump_s,
                    history_s=src.history_s, warmup_bins=src.warmup_bins, record_s=record_s,
                    affinity=tuple(src.affinity) if src.affinity else None,
                    gc_freeze=src.gc_freeze, rt_priority=src.rt_priority, allow_bin_mismatch=src.allow_bin_mismatch,
-                   busy_poll_us=src.busy_poll_us, allow_remote=src.allow_remote)
+                   busy_poll_us=src.busy_poll_us, prewarm_lead_us=src.prewarm_lead_us or 0,
+                   allow_remote=src.allow_remote)
 
 
 class SwapTicket:
@@ -531,6 +537,8 @@ class Daemon:
         rep["busy_poll"] = {"requested": opt.busy_poll_us, "applied": opt.busy_poll_us > 0,
                             "detail": (f"spins up to {opt.busy_poll_us} µs after each message before blocking"
                                        if opt.busy_poll_us > 0 else "blocks in poll between messages")}
+        rep["prewarm"] = {"requested_lead_us": opt.prewarm_lead_us,
+                          "applied": opt.prewarm_lead_us > 0 and hasattr(self._decoder, "prewarm")}
         rep["endpoints"] = dict(self.endpoints)
         rep["bin_ms"] = self.bin_ns / 1e6
         rep["stall_timeout_ms"] = self._stall_ns / 1e6
@@ -547,15 +555,21 @@ class Daemon:
         stall_ns = self._stall_ns
         POLLIN, NOBLOCK, Again = zmq.POLLIN, zmq.NOBLOCK, zmq.Again
         spin_ns = int(self.options.busy_poll_us) * 1000
+        lead_ns = int(self.options.prewarm_lead_us) * 1000
+        warmed_for = None  # the deadline of the bin last prewarmed for
         last_msg = _now()
         while not stop.is_set():
             dl = binner.deadline_ns(stall_ns)
+            warm_at = None if not lead_ns or dl is None or dl == warmed_for else dl - stall_ns - lead_ns
+            if warm_at is not None and _now() >= warm_at:
+                warmed_for, warm_at = dl, None
+                self._prewarm()
             if spin_ns and _now() - last_msg < spin_ns:
                 timeout = 0  # busy-poll: keep the core (and its caches) hot for the next message
             elif dl is None:
                 timeout = 20
             else:
-                timeout = min(20, max(0, -(-(dl - _now()) // 1_000_000)))
+                timeout = min(20, max(0, -(-(min(dl, warm_at or dl) - _now()) // 1_000_000)))
             drained = True
             if poll(timeout, POLLIN):
                 drained = False
@@ -580,6 +594,16 @@ class Daemon:
                     self._t_recv = now
                     binner.close_stalled()
                     n += 1
+
+    def _prewarm(self) -> None:
+        """The decoder's ``prewarm()`` ahead of a bin (see ``DaemonOptions.prewarm_lead_us``)."""
+        fn = getattr(self._decoder, "prewarm", None)
+        if fn is None:
+            return
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - a failing warm-up must not stop the stream
+            self._log.limited("prewarm_error", logging.ERROR, f"decoder.prewarm failed: {exc!r}")
 
     # ------------------------------------------------------------------ ingest
     def _handle(self, frames: list, t_recv: int) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from rpnt_core.child_env import ROOT, child_env
 
 ONNX_BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt")
-BACKENDS = ONNX_BACKENDS + ("torch",)
+BACKENDS = ONNX_BACKENDS + ("openvino-cpu", "torch")
 
 
 def load_decoder(model: str | os.PathLike, *, backend: str = "onnx-cpu", precision: str = "fp32",

@@ -413,3 +413,33 @@ def test_load_engine_errors(tiny, tmp_path):
         OnnxStepEngine(tiny["out"] / WINDOW_FILE)
     eng = load_engine(tiny["ckpt"], backend="torch", metadata={"subject": "s1"})
     assert eng.info.n_channels == N_IN and eng.info.extra["backend"] == "torch"
+
+
+def test_step_graph_writes_ring_caches_in_place(tiny):
+    """The step graph keeps its caches as ring buffers: each k/v/pooling state input is read by
+    exactly one ScatterElements (this bin's slot written), never sliced and concatenated."""
+    g = onnx.load(str(tiny["out"] / "rpnt_step.onnx")).graph
+    users: dict[str, list[str]] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n.op_type)
+    ring = [i.name for i in g.input if i.name.rsplit(".", 1)[-1] in ("k", "v", "pool_x", "pool_logit")]
+    assert ring
+    for name in ring:
+        assert users.get(name) == ["ScatterElements"], (name, users.get(name))
+    assert "state.write_index" in {i.name for i in g.input}
+
+
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_prewarm_does_not_advance_the_stream(tiny, io_binding):
+    """``prewarm()`` between bins (what a paced caller does to re-warm caches) changes nothing."""
+    eng = OnnxStepEngine(tiny["out"] / "rpnt_step.onnx", io_binding=io_binding)
+    x = tiny["counts"][:40]
+    plain = np.stack([eng.step(r) for r in x])
+    eng.reset()
+    warmed = []
+    for r in x:
+        eng.prewarm()
+        eng.prewarm()
+        warmed.append(eng.step(r))
+    np.testing.assert_array_equal(np.stack(warmed), plain)

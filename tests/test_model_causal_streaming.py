@@ -190,3 +190,23 @@ def test_context_kernel_rows_only_look_backwards():
     S2[6:] += 5.0
     b = naive_context_conv(S2, K, 6)
     assert torch.equal(a[:6], b[:6])
+
+
+def test_step_writes_one_ring_slot_and_shifts_nothing():
+    """The k/v/pooling caches are ring buffers: a step changes exactly the slot at ``write_index``
+    (which then advances modulo W); entries already written never move."""
+    model = build(dict(n_heads=2, head_dim=4, n_layers=2, window=4, kernel_q=2, kernel_k=3, kernel_mode="add",
+                       n_channels=5, seed=3))
+    w = model.config.window
+    x = torch.poisson(torch.rand(1, 2 * w + 1, 5) * 3)
+    with torch.no_grad():
+        state = model.init_state(1)
+        for t in range(2 * w + 1):
+            p = int(state["write_index"].item())
+            assert p == t % w
+            _, new = model.step(x[:, t], state)
+            for key, axis in (("k", 2), ("v", 2), ("pool_x", 1), ("pool_logit", 1)):
+                before, after = state[f"layer1.{key}"], new[f"layer1.{key}"]
+                changed = (before != after).movedim(axis, 0).reshape(w, -1).any(dim=1)
+                assert changed.nonzero().flatten().tolist() == [p], (key, t)
+            state = new

@@ -543,3 +543,25 @@ def test_kinematics_rows_must_end_within_the_clock_range():
         barrier(rig, sub)
         snap = d.snapshot()
     assert snap["rejected"] == {"time_range": 1} and snap["counters"]["kinematics_msgs"] == 2
+
+
+class _PrewarmedFIR(FIRDecoder):
+    """A FIR decoder that counts ``prewarm()`` calls (and must not change its stream)."""
+
+    def __init__(self, **kw) -> None:
+        self.prewarms = 0
+        super().__init__(**kw)
+
+    def prewarm(self) -> None:
+        self.prewarms += 1
+
+
+def test_prewarm_runs_ahead_of_bins_and_changes_no_prediction():
+    counts = poisson(40, seed=4)
+    dec = _PrewarmedFIR()
+    with live_daemon(dec, prewarm_lead_us=int(BIN_NS // 1000)) as (d, rig, sub):
+        assert d.status()["startup"]["prewarm"] == {"requested_lead_us": BIN_NS // 1000, "applied": True}
+        send_stream(rig, counts, free_run=False)  # bins have wall-clock due times
+        preds = collect(sub, 40)
+        assert wait_until(lambda: dec.prewarms >= 1)  # the open bin comes due (wall clock) after the burst
+    np.testing.assert_array_equal(np.stack([p.velocity for p in preds]), offline(FIRDecoder(), counts))

@@ -18,6 +18,13 @@ Per layer and head h (spec, "Temporal encoder"):
 
 Kernel mode "add" uses S + Ŝ (kernel generator initialised near zero), "replace" uses Ŝ, "none"
 uses S (plain causal band attention).
+
+``step`` keeps its caches as ring buffers: bin t's key, value and pooling input are written to
+slot p = t mod W (the ``write_index`` state, p advancing by one per bin) and nothing is shifted;
+keys are rotated once, when written, into a ring frame (slot σ by σθ), and the query is rotated
+into the two frames that make every score relative again (see :meth:`ContextKernelAttention.ring`).
+The scores are permuted into band layout for the context convolution and back to slots for the
+values (one index gather each way).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rotary import MultiAxisRotary, rotate_half_pairs
+from .rotary import MultiAxisRotary
 
 NEG_INF = -1e9  # finite "minus infinity": exp underflows to exactly 0, and stays ONNX/TensorRT safe
 
@@ -41,7 +48,7 @@ def conv_band(rows: Tensor, kernel: Tensor) -> Tensor:
         kernel: (..., k_q, k_k) — K_t for the same leading dims.
     Returns:
         (..., W) with out[a] = Σ_i Σ_j kernel[i, j] · rows[i, a − i − j], j ∈ [−r, r], reading
-        zero outside [0, W).  One constant-index gather, one multiply, one sum: static shapes, no
+        zero outside [0, W).  One constant-index gather and one matrix product: static shapes, no
         data-dependent control flow.
     """
     kq, w = rows.shape[-2], rows.shape[-1]
@@ -52,8 +59,9 @@ def conv_band(rows: Tensor, kernel: Tensor) -> Tensor:
     padded = F.pad(rows, (pad_l, pad_r))  # (..., kq, Wp)
     flat = padded.reshape(*padded.shape[:-2], kq * wp)  # (..., kq*Wp)
     idx = _conv_index(kq, kk, w, rows.device)  # (kq*kk*W,)
-    gathered = flat.index_select(-1, idx).reshape(*rows.shape[:-2], kq, kk, w)  # (..., kq, kk, W)
-    return (gathered * kernel.unsqueeze(-1)).sum(dim=(-3, -2))
+    gathered = flat.index_select(-1, idx).reshape(*rows.shape[:-2], kq * kk, w)  # (..., kq·kk, W)
+    taps = kernel.reshape(*kernel.shape[:-2], 1, kq * kk)  # (..., 1, kq·kk)
+    return (taps @ gathered).squeeze(-2)
 
 
 _INDEX_CACHE: dict[tuple[int, int, int, str], Tensor] = {}
@@ -92,10 +100,22 @@ class ContextKernelAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.attn_drop = nn.Dropout(dropout)
         self.rotary = MultiAxisRotary(dims=[self.head_dim], bases=[rope_base])
-        # Relative rotation table for step(): key of age a turns by −aθ (the query by 0).
-        cos, sin = self.rotary.angles(-torch.arange(window, dtype=torch.float64).unsqueeze(-1))
-        self.register_buffer("rel_cos", cos, persistent=False)  # (W, dh/2)
-        self.register_buffer("rel_sin", sin, persistent=False)
+        # Ring-frame rotations for step(): slot σ's key is cached turned by σθ; the query turns by
+        # pθ (keys written since the ring last wrapped) and (p + W)θ (keys written before).  Per
+        # position i, x ↦ x·[cos, cos] + swap(x)·[−sin, sin] (swap exchanges the halves), built as
+        # a (dh, dh) matrix in ring() from these rows and two constant matrices.
+        cos, sin = self.rotary.angles(torch.arange(2 * window, dtype=torch.float64).unsqueeze(-1))
+        half = self.head_dim // 2
+        self.register_buffer("ring_cos", torch.cat([cos, cos], dim=-1), persistent=False)  # (2W, dh)
+        self.register_buffer("ring_sin", torch.cat([-sin, sin], dim=-1), persistent=False)
+        self.register_buffer("ring_eye", torch.eye(self.head_dim), persistent=False)
+        self.register_buffer("ring_swap", torch.eye(self.head_dim).roll(half, dims=0), persistent=False)
+        # Index tables by write slot p (rows): perm[p, x] = (p − x) mod W, and band[p, a] = the
+        # column of the (·, 2W) pair of score rows that band column a reads (see ring()).
+        slots = torch.arange(window)
+        perm = torch.remainder(slots[:, None] - slots[None, :], window)  # (W, W)
+        self.register_buffer("ring_perm", perm, persistent=False)
+        self.register_buffer("ring_band", perm + window * (perm > slots[:, None]).long(), persistent=False)
         if kernel_mode != "none":
             self.pool_score = nn.Linear(d_model, 1)
             self.kernel_mlp = nn.Sequential(
@@ -178,7 +198,9 @@ class ContextKernelAttention(nn.Module):
 
     # ------------------------------------------------------------------ streaming
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
-        """Ring buffers for one layer, newest entry first (index 0 = current bin after a step)."""
+        """Caches for one layer.  ``k``/``v``/``pool_x``/``pool_logit`` are ring buffers indexed by
+        slot (the bin written at ``write_index`` p sits in slot p; keys are cached already rotated
+        into the ring frame); ``rows`` holds past score rows in band layout, newest first."""
         h, w, dh = self.n_heads, self.window, self.head_dim
         shapes = {"k": (batch_size, h, w, dh), "v": (batch_size, h, w, dh)}
         if self.kernel_mode != "none":
@@ -187,16 +209,47 @@ class ContextKernelAttention(nn.Module):
             shapes["pool_logit"] = (batch_size, w)
         return {k: s for k, s in shapes.items() if s is not None}
 
-    def step(self, x: Tensor, cache: dict[str, Tensor], valid: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def ring(self, write_index: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """Per-bin ring bookkeeping shared by every layer (all layers have the same window, head
+        size and rotary base).  ``write_index`` (B, 1) float: the slot p this bin is written to
+        (the same for every row); ``valid`` (B, W) bool in band layout.
+
+        Returns ``kv_slot`` / ``x_slot`` / ``logit_slot``: p as scatter indices for the k/v,
+        pool_x and pool_logit rings (one element-wise scatter along the slot axis); ``key_rot`` (dh, dh), the ring frame of slot p;
+        ``query_rot`` (dh, 2·dh), the query's two frames pθ and (p + W)θ side by side, with the
+        1/√dh score scale folded in; ``band`` (W,) int64, the column of the (·, 2W) pair of score
+        rows that band column a reads: slot σ = (p − a) mod W, in the second frame when σ > p
+        (written before the ring last wrapped); ``perm`` (W,) int64 with perm[σ] = (p − σ) mod W,
+        the band column of slot σ; ``band_valid`` (B, 1, W) float; ``pool_bias`` (B, W): 0 for
+        slots holding a bin, ``NEG_INF`` for slots never written."""
+        w, dh = self.window, self.head_dim
+        p = write_index[:1, 0].long()  # (1,)
+        perm = self.ring_perm.index_select(0, p).reshape(w)  # slot of band column a = band column of slot σ
+        band = self.ring_band.index_select(0, p).reshape(w)
+        rows = torch.cat([p, p + w])
+        frames = (self.ring_eye * self.ring_cos.index_select(0, rows)[:, None, :]
+                  + self.ring_swap * self.ring_sin.index_select(0, rows)[:, None, :])  # (2, dh, dh)
+        query_rot = frames.permute(1, 0, 2).reshape(dh, 2 * dh) / math.sqrt(dh)
+        valid_slot = valid.index_select(-1, perm)
+        b = write_index.shape[0]
+        return {"kv_slot": p.expand(b, self.n_heads, 1, dh), "x_slot": p.expand(b, 1, self.d_model),
+                "logit_slot": p.expand(b, 1), "key_rot": frames[0], "query_rot": query_rot, "band": band, "perm": perm,
+                "band_valid": valid[:, None, :].to(self.ring_cos.dtype),
+                "pool_bias": torch.where(valid_slot, 0.0, NEG_INF)}
+
+    def step(self, x: Tensor, cache: dict[str, Tensor], valid: Tensor,
+             ring: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """One bin.  x (B, d); ``valid`` (B, W) bool marks band columns that hold real bins
-        (already including the current one).  Returns (B, d) and the updated cache."""
+        (already including the current one); ``ring`` from :meth:`ring`.  Returns (B, d) and the
+        updated cache (this bin's entries written to slot p; nothing shifted but ``rows``)."""
         b = x.shape[0]
+        h, dh, w = self.n_heads, self.head_dim, self.window
         q, k, v = self._split(x)  # (B, H, dh)
-        k_cache = torch.cat([k.unsqueeze(2), cache["k"][:, :, :-1]], dim=2)  # (B, H, W, dh)
-        v_cache = torch.cat([v.unsqueeze(2), cache["v"][:, :, :-1]], dim=2)
-        k_rel = rotate_half_pairs(k_cache, self.rel_cos, self.rel_sin, self.head_dim)  # (B, H, W, dh)
-        vmask = valid[:, None, :]  # (B, 1, W)
-        scores = (k_rel @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(self.head_dim) * vmask  # (B, H, W)
+        k_cache = cache["k"].scatter(2, ring["kv_slot"], (k @ ring["key_rot"]).unsqueeze(2))  # (B, H, W, dh)
+        v_cache = cache["v"].scatter(2, ring["kv_slot"], v.unsqueeze(2))
+        q2 = (q @ ring["query_rot"]).reshape(b, h, 2, dh)  # scaled, in both frames
+        s2 = (q2 @ k_cache.transpose(-1, -2)).reshape(b, h, 2 * w)  # (B, H, 2W) by frame and slot
+        scores = s2.index_select(-1, ring["band"]) * ring["band_valid"]  # (B, H, W) band layout
         new = {"k": k_cache, "v": v_cache}
         rows = kernel = None
         if self.kernel_mode != "none":
@@ -205,13 +258,13 @@ class ContextKernelAttention(nn.Module):
                 new["rows"] = rows[:, :, :-1]
             else:
                 rows = scores.unsqueeze(2)
-            px = torch.cat([x.unsqueeze(1), cache["pool_x"][:, :-1]], dim=1)  # (B, W, d)
-            pl = torch.cat([self.pool_score(x), cache["pool_logit"][:, :-1]], dim=1)  # (B, W)
-            pl = torch.where(valid, pl, torch.full_like(pl, NEG_INF))
-            pw = torch.softmax(pl, dim=-1) * valid  # (B, W)
+            px = cache["pool_x"].scatter(1, ring["x_slot"], x.unsqueeze(1))  # (B, W, d) by slot
+            pl = cache["pool_logit"].scatter(1, ring["logit_slot"], self.pool_score(x))  # (B, W) by slot
+            pw = torch.softmax(pl + ring["pool_bias"], dim=-1)  # never-written slots get exactly 0
             context = (pw.unsqueeze(1) @ px).squeeze(1)  # (B, d)
             kernel = self._kernels(context)  # (B, H, kq, kk)
             new["pool_x"], new["pool_logit"] = px, pl
-        probs = self._mix(scores, rows, kernel, vmask.expand_as(scores))  # (B, H, W)
+        probs = self._mix(scores, rows, kernel, valid[:, None, :].expand_as(scores))  # (B, H, W) band
+        probs = probs.index_select(-1, ring["perm"])  # by slot
         o = (probs.unsqueeze(2) @ v_cache).squeeze(2).reshape(b, self.d_model)  # (B, d)
         return self.out(o), new

@@ -41,8 +41,9 @@ class TemporalBlock(nn.Module):
         h = h + self.drop(self.attn(self.norm1(h), start_position=start_position))
         return h + self.drop(self.ff(self.norm2(h)))
 
-    def step(self, h: Tensor, cache: dict[str, Tensor], valid: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        a, cache = self.attn.step(self.norm1(h), cache, valid)  # (B, d)
+    def step(self, h: Tensor, cache: dict[str, Tensor], valid: Tensor,
+             ring: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        a, cache = self.attn.step(self.norm1(h), cache, valid, ring)  # (B, d)
         h = h + a
         return h + self.ff(self.norm2(h)), cache
 

@@ -17,8 +17,9 @@ Metadata (subject, session, task, date) is constant within a window, so it is *n
 the categorical fields (index 0 = unknown) and Fourier features of the date through a linear map.
 
 Streaming: ``init_state(batch_size)`` returns a flat ``dict[str, Tensor]`` of constant-size ring
-buffers (the layout is ``state_shapes``); ``step(counts_t, state)`` runs one bin and returns the
-outputs for that bin and the next state.  Nothing in the state counts stream position, so hours of
+buffers (the layout is ``state_shapes``; ``write_index`` is the slot the next bin is written to,
+advancing modulo W); ``step(counts_t, state)`` runs one bin and returns the outputs for that bin
+and the next state.  Nothing in the state counts stream position beyond that slot, so hours of
 streaming neither grow memory nor change results.
 """
 
@@ -238,7 +239,7 @@ class RPNT(nn.Module):
         """Names and shapes of the streaming state, in a fixed order (ONNX I/O order)."""
         bb = batch_size * (n_sites if self.config.spatial_layers else 1)
         shapes: dict[str, tuple[int, ...]] = {"meta_bias": (bb, self.config.d_model),
-                                              "valid": (bb, self.config.window)}
+                                              "valid": (bb, self.config.window), "write_index": (bb, 1)}
         for i, blk in enumerate(self.blocks):
             for name, shp in blk.attn.state_shapes(bb).items():
                 shapes[f"layer{i}.{name}"] = shp
@@ -277,11 +278,14 @@ class RPNT(nn.Module):
         valid = torch.cat([torch.ones_like(state["valid"][:, :1]), state["valid"][:, :-1]], dim=1)  # (B', W)
         vbool = valid > 0.5
         h = self._embed(x, None) + state["meta_bias"]  # (B', d)
-        new: dict[str, Tensor] = {"meta_bias": state["meta_bias"], "valid": valid}
+        ring = self.blocks[0].attn.ring(state["write_index"], vbool)  # shared by every layer
+        nxt = state["write_index"] + 1  # the next slot, modulo W
+        new: dict[str, Tensor] = {"meta_bias": state["meta_bias"], "valid": valid,
+                                  "write_index": torch.where(nxt >= self.config.window, torch.zeros_like(nxt), nxt)}
         for i, blk in enumerate(self.blocks):
             prefix = f"layer{i}."
             cache = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            h, cache = blk.step(h, cache, vbool)
+            h, cache = blk.step(h, cache, vbool, ring)
             new.update({prefix + k: v for k, v in cache.items()})
         z = self.norm(h)  # (B', d)
         if not multisite:
