@@ -130,10 +130,11 @@ class ServeBackend:
 
     def request(self, method: str, path: str, *, fields: dict | None = None,
                 files: dict[str, tuple[str, bytes]] | None = None) -> tuple[int, dict]:
-        """(status, JSON) of one HTTP call (POSTs authenticated with the token)."""
+        """(status, JSON) of one HTTP call (POST and DELETE authenticated with the token)."""
         headers, body = {}, None
-        if method == "POST":
+        if method in ("POST", "DELETE"):
             headers = self.proc.headers()
+        if method == "POST":
             body, ctype = _multipart({k: str(v) for k, v in (fields or {}).items()}, files or {})
             headers["Content-Type"] = ctype
         req = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
