@@ -18,7 +18,7 @@ load), which the loop records per bin (``recv_lag_s``).  A bin is *lost* when it
 never arrives; the loop counts them exactly by bin index after a final drain.
 
 The loop may be changed while it runs, from another thread: :meth:`ClosedLoop.set_encoding`
-(drift: the new encoding applies from the next bin).
+(drift: the new encoding applies from the next bin) and :meth:`ClosedLoop.stop` (end early).
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ class BinRecord:
         self.overrun = np.zeros(n_bins, dtype=bool)  # this iteration started > 1 bin late (host busy)
         self.encoding_stage = np.zeros(n_bins, dtype=np.int64)
 
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` bins (a block stopped early)."""
+        for name, value in list(vars(self).items()):
+            setattr(self, name, value[:n])
+
 
 class ClosedLoop:
     """See the module docstring.  ``start()`` → thread; ``join()``; then ``record``, ``trials``, ``summary()``."""
@@ -106,12 +111,17 @@ class ClosedLoop:
         self.error: BaseException | None = None
         self.daemon_status: dict = {}
         self.finished = threading.Event()
+        self._stop = threading.Event()
 
     # ---------------------------------------------------------------- control from other threads
     def set_encoding(self, encoding: EncodingModel) -> None:
         """Drift: the participant encodes with ``encoding`` from the next bin."""
         with self._lock:
             self._new_encoding = encoding
+
+    def stop(self) -> None:
+        """End the block early, after the bin being sent (its length becomes the bins sent)."""
+        self._stop.set()
 
     @property
     def elapsed_s(self) -> float:
@@ -150,7 +160,7 @@ class ClosedLoop:
             self.daemon_status = wait_for_daemon(rig, sub, timeout=60.0)
             self._check_daemon(self.daemon_status)
             rig.send_reset(start=0)
-            self._loop(rig, sub)
+            self._loop(rig, sub, epoch=int(self.daemon_status.get("epoch", 0)) + 1)
         finally:
             rig.close()
             sub.close()
@@ -162,10 +172,10 @@ class ClosedLoop:
             raise RuntimeError(f"the daemon's model takes {st.get('n_channels')} channels, the participant has "
                                f"{self.participant.encoding.n_channels}")
 
-    def _loop(self, rig: RigClient, sub: PredictionSubscriber) -> None:
+    def _loop(self, rig: RigClient, sub: PredictionSubscriber, *, epoch: int) -> None:
+        """``epoch``: the stream number our RESET starts (a previous stream's late predictions are ignored)."""
         c, rec, task = self.config, self.record, self.task
         bin_s, bin_ns, K = c.bin_s, self.bin_ns, self.n_bins
-        epoch = None
         pending: list[tuple[float, Prediction]] = []  # (apply at, prediction)
         cursor = np.zeros(2)
         task.start(0.0)
@@ -174,6 +184,10 @@ class ClosedLoop:
         intent = self.controller.intent(task.target)
         t0 = time.monotonic()
         for k in range(K):
+            if self._stop.is_set():
+                self.n_bins = K = k
+                rec.truncate(k)
+                break
             with self._lock:
                 if self._new_encoding is not None:
                     self.participant.encoding, self._new_encoding = self._new_encoding, None
@@ -198,8 +212,6 @@ class ClosedLoop:
                     break
                 if not isinstance(m, Prediction):
                     continue
-                if epoch is None:
-                    epoch = m.epoch
                 if m.epoch != epoch or not 0 <= m.bin < K or rec.received[m.bin]:
                     continue
                 now = time.monotonic()
@@ -246,12 +258,12 @@ class ClosedLoop:
         if np.all(np.isfinite(lab)):
             rig.send_kinematics(b, np.asarray(lab, dtype=np.float32)[None, :])
 
-    def _drain(self, sub: PredictionSubscriber, epoch: int | None, t0: float) -> None:
+    def _drain(self, sub: PredictionSubscriber, epoch: int, t0: float) -> None:
         rec = self.record
         deadline = time.monotonic() + self.config.drain_s
         while not rec.received.all() and time.monotonic() < deadline:
             m = sub.recv(max(0.0, deadline - time.monotonic()))
-            if isinstance(m, Prediction) and (epoch is None or m.epoch == epoch) and 0 <= m.bin < self.n_bins \
+            if isinstance(m, Prediction) and m.epoch == epoch and 0 <= m.bin < self.n_bins \
                     and not rec.received[m.bin]:
                 rec.received[m.bin], rec.flags[m.bin], rec.generation[m.bin] = True, m.flags, m.generation
                 rec.decoded[m.bin] = m.velocity[:2]

@@ -62,17 +62,34 @@ def make_participant(spec: ClosedLoopSpec) -> EncodingModel:
     return synthetic_encoding(seed=spec.seed) if spec.synthetic else default_encoding(spec.recording, seed=spec.seed)
 
 
+def initial_stamp(spec: ClosedLoopSpec, enc: EncodingModel) -> str:
+    """What identifies an initial RPNT: the participant, the observation block and the recipe."""
+    return json.dumps({"encoding": enc.source, "fit": enc.fit, "observe_s": spec.observe_s, "seed": spec.seed,
+                       "preset": spec.preset, "epochs": spec.rpnt_epochs, "steps": spec.rpnt_steps,
+                       "task": asdict(spec.task), "controller": asdict(spec.controller)}, sort_keys=True)
+
+
 def fit_initial(spec: ClosedLoopSpec, enc: EncodingModel, *, workdir: Path, log: Callable = print) -> dict:
-    """The observation block and the decoder fitted on it: ``{"decoder"|"export", "fit_s", ...}``."""
+    """The observation block and the decoder fitted on it: ``{"decoder"|"export", "fit_s", ...}``.
+    An RPNT trained in ``workdir`` before on the same observation block and recipe is reused."""
     counts, intent = simulate_observation(encoding=enc, task=spec.task, controller=spec.controller,
                                           seconds=spec.observe_s, bin_s=BIN_S, seed=spec.seed + 100)
     t0 = time.perf_counter()
     if spec.decoder == "rpnt":
+        stamp = initial_stamp(spec, enc)
+        cached = workdir / "initial" / "spec.json"
+        if cached.exists() and cached.read_text() == stamp and (workdir / "initial" / "export").is_dir():
+            log(f"[closedloop] reusing the RPNT trained on this observation block ({workdir / 'initial'})")
+            prev = json.loads((workdir / "initial" / "result.json").read_text())
+            return {"export": workdir / "initial" / "export", **prev, "reused": True}
         log(f"[closedloop] training RPNT ({spec.preset}) from scratch on the {spec.observe_s:g} s observation "
             "block and exporting it to ONNX …")
         r = train_rpnt(counts, intent, bin_s=BIN_S, workdir=workdir / "initial", preset=spec.preset,
                        epochs=spec.rpnt_epochs, steps_per_epoch=spec.rpnt_steps, seed=spec.seed)
-        return {"export": r["export"], "fit_s": r["seconds"], "offline_test_r2": r["test_r2"]}
+        out = {"fit_s": r["seconds"], "offline_test_r2": r["test_r2"]}
+        (workdir / "initial" / "result.json").write_text(json.dumps(out))
+        cached.write_text(stamp)
+        return {"export": r["export"], **out}
     dec = fit_baseline(spec.decoder, counts, intent, bin_s=BIN_S, seed=spec.seed)
     return {"decoder": dec, "fit_s": round(time.perf_counter() - t0, 2)}
 
