@@ -309,7 +309,8 @@ def plot(path: Path, res: dict) -> None:
         ax[1].plot([r["extra_latency_ms"] for r in rs], [r["bitrate_bps"] or 0 for r in rs], "s--",
                    label=f"{d} bitrate (b/s)")
     ax[1].set_xlabel("extra latency (ms)")
-    ax[1].legend(fontsize=7)
+    if res.get("latency"):
+        ax[1].legend(fontsize=7)
     ax[1].set_title("injected latency")
     for arm, a in (res.get("drift") or {}).get("arms", {}).items():
         ax[2].plot([s["stage"] for s in a["stages"]], [s["measured"]["success_rate"] or 0 for s in a["stages"]],
@@ -317,7 +318,8 @@ def plot(path: Path, res: dict) -> None:
     ax[2].set_xlabel("drift stage")
     ax[2].set_ylabel("success rate")
     ax[2].set_ylim(-0.05, 1.05)
-    ax[2].legend(fontsize=7)
+    if (res.get("drift") or {}).get("arms"):
+        ax[2].legend(fontsize=7)
     ax[2].set_title("drift: no recalibration vs periodic ReFIT recalibration")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
