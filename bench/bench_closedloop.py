@@ -14,8 +14,8 @@ no export) under the same seeds.  Sections (each written to the JSON as soon as 
   block 1's ReFIT intention labels (RPNT: ``POST /calibrate source=recent``, the labels streamed as
   KINEMATICS; baselines: refit + hot swap) and block 2 on the recalibrated decoder.
 - ``labels``: from one block, recalibration from ReFIT labels vs the true intended velocity vs the
-  decoded velocity (RPNT: NPZ uploads, ``labels=refit`` for the first; the base version is
-  re-activated before each), each followed by a block.
+  decoded velocity (RPNT: NPZ uploads, ``labels=refit`` for the first, ``force`` so that each goes
+  live; the base version is re-activated before each), each followed by a block.
 - ``latency``: extra delay before a prediction moves the cursor, 0/20/50/100/200 ms.
 - ``drift``: ``--stages`` stages (a simulated hour): preferred directions rotated, per-channel rates
   a random walk that reaches, at the last stage, the day-to-day spread measured across the Spike
@@ -174,7 +174,7 @@ def section_labels(args, results: dict, save) -> None:
                     be.request("POST", f"/models/{base}/activate")
                 else:
                     be.swap(first)
-                cal = recalibrate(be, l1, kind, upload=True, seed=args.seed, log=log)
+                cal = recalibrate(be, l1, kind, upload=True, force=True, seed=args.seed, log=log)
                 log(f"[bench] {dec}: calibrated from {kind} labels: {cal}")
                 l2 = run_block(be, enc, spec, seconds=args.seconds, seed=args.seed + 1, labels=None)
                 rows.append(_row(f"calibrated from {kind}", l2, decoder=dec, labels=kind, calibration=cal))
@@ -229,8 +229,23 @@ def section_drift(args, results: dict, save) -> None:
             win = [t for t in trials if lo <= t["start_s"] and t["end_s"] <= hi]
             per_stage.append({**m, "measured": summarise(win),
                               **({"before_recal": summarise(before)} if before is not None else {})})
-        out["arms"][arm] = {"stages": per_stage, "summary": lp.summary()}
+        out["arms"][arm] = {"stages": per_stage, "summary": lp.summary(), "swap_lag": swap_lag(lp)}
         save()
+
+
+def swap_lag(loop, half: int = 25) -> list[dict]:
+    """Per swap: the receive lag (prediction received − bin end, ms) around the swap bin (± ``half``
+    bins: median and max) against the whole block's median and p99 — a swap must not show as a spike."""
+    lag = loop.record.recv_lag_s * 1e3
+    ok = np.isfinite(lag)
+    whole = {"median": float(np.median(lag[ok])), "p99": float(np.percentile(lag[ok], 99))} if ok.any() else {}
+    out = []
+    for b in loop.swaps():
+        w = lag[max(0, b - half): b + half]
+        w = w[np.isfinite(w)]
+        out.append({"swap_bin": b, "around_median_ms": float(np.median(w)), "around_max_ms": float(w.max()),
+                    "block_median_ms": whole.get("median"), "block_p99_ms": whole.get("p99")})
+    return out
 
 
 def _wait_bins(loop, k: int) -> None:

@@ -130,12 +130,14 @@ def labels_of(loop: ClosedLoop, kind: str, lo: int = 0, hi: int | None = None) -
 
 
 def recalibrate(backend, loop: ClosedLoop, kind: str, *, seconds: float | None = None, upload: bool = False,
-                seed: int = 0, log: Callable = print) -> dict:
+                force: bool = False, seed: int = 0, log: Callable = print) -> dict:
     """Recalibrate ``backend``'s decoder from ``loop``'s last ``seconds`` (all: None) labelled by ``kind``.
 
     RPNT: ``POST /calibrate`` — ``source=recent`` (the labels the loop streamed as KINEMATICS;
     ``kind`` must be what it streamed) or, with ``upload``, an NPZ upload (``labels=refit`` with the
-    task streams, else the labels as velocity).  Baselines: refit on (counts, labels) and hot swap.
+    task streams, else the labels as velocity); ``force``: live whatever the gate says (a model
+    trained on decoded-velocity labels can never beat the live model at reproducing its own
+    output).  Baselines: refit on (counts, labels) and hot swap.
     Returns what happened (job state, holdout R², swap bin, seconds)."""
     t0 = time.perf_counter()
     hi = loop.k
@@ -149,13 +151,13 @@ def recalibrate(backend, loop: ClosedLoop, kind: str, *, seconds: float | None =
     if upload:
         if kind == "refit":
             payload = {**loop.refit_streams(lo, hi), "bin_s": np.float64(BIN_S)}
-            code, job = backend.calibrate(upload=payload, labels="refit")
+            code, job = backend.calibrate(upload=payload, labels="refit", force=force)
         else:
             counts, lab = labels_of(loop, kind, lo, hi)
             code, job = backend.calibrate(upload={"counts": counts.astype(np.int32), "bin_s": np.float64(BIN_S),
-                                                  "velocity": lab.astype(np.float32)})
+                                                  "velocity": lab.astype(np.float32)}, force=force)
     else:
-        code, job = backend.calibrate(seconds=(hi - lo) * BIN_S)
+        code, job = backend.calibrate(seconds=(hi - lo) * BIN_S, force=force)
     if code != 202:
         return {"state": f"http {code}", "detail": job.get("detail"), "labels": kind}
     log(f"[closedloop] POST /calibrate ({kind} labels, {job.get('n_bins')} bins) → job {job['job_id']}")
