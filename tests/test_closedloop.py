@@ -10,9 +10,7 @@ exact counts (bins sent = predictions received, one swap), exact values and HTTP
 
 from __future__ import annotations
 
-import io
 import math
-import threading
 import time
 
 import numpy as np
@@ -28,7 +26,6 @@ from streaming.closedloop.participant import (  # noqa: E402
 from streaming.closedloop.refit import TaskStreamError, check_task_streams, refit_labels  # noqa: E402
 from streaming.closedloop.runner import ClosedLoop, LoopConfig, simulate_observation  # noqa: E402
 from streaming.closedloop.task import Task, TaskConfig  # noqa: E402
-from streaming.protocol import PredFlag  # noqa: E402
 
 LIVE = 120.0  # liveness guard only
 

@@ -15,7 +15,6 @@ scratch, then the exporters' ONNX export with its parity check).
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 import urllib.error
@@ -176,8 +175,3 @@ class ServeBackend:
     def close(self) -> int:
         return self.proc.stop()
 
-
-def env_for_serve() -> dict:
-    """The serve child's environment additions (single-threaded BLAS beside the loop)."""
-    return {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-            "PYTHONPATH": os.environ.get("PYTHONPATH", "")}

@@ -24,11 +24,8 @@ import argparse
 import json
 import sys
 import tempfile
-import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 DECODERS = ("rpnt", "wiener", "kalman", "gru")
 
