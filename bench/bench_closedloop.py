@@ -49,9 +49,10 @@ sys.path.insert(0, str(REPO))
 SPIKE_DAYS = Path("/work/shared/data/limblab_spike_wf_2012")
 #: day-to-day σ of log per-channel rate used when the Spike days are absent (documented fallback)
 FALLBACK_LOG_RATE_SIGMA = 0.4
-ROTATION_PER_STAGE_DEG = 12.0
-LOST_PER_STAGE = 0.05
-GAINED_PER_STAGE = 0.03
+#: drift reached at the last stage, whatever the number of stages (more stages = finer steps)
+TOTAL_ROTATION_DEG = 36.0
+TOTAL_LOST = 0.15
+TOTAL_GAINED = 0.09
 
 from streaming.closedloop.session import (  # noqa: E402
     BIN_S, ClosedLoopSpec, block_summary, fit_initial, make_participant, recalibrate, run_block, start_backend)
@@ -91,19 +92,20 @@ def drift_stages(enc, n: int, sigma: float, seed: int) -> list:
     The random walk reaches one day of Spike-day rate drift (``sigma``) at the last stage: per-stage
     σ = sigma / √(n − 1) (the hour is compressed from a day)."""
     rng = np.random.default_rng(seed)
-    sigma = sigma / np.sqrt(max(n - 1, 1))
+    steps = max(n - 1, 1)
+    sigma = sigma / np.sqrt(steps)
     out, scale = [enc], np.ones(enc.n_channels)
     lost = np.zeros(enc.n_channels, bool)
     gained = np.zeros(enc.n_channels, bool)
     for s in range(1, n):
         scale = scale * np.exp(rng.normal(0.0, sigma, enc.n_channels) - 0.5 * sigma ** 2)
         alive = np.flatnonzero(~lost & ~gained)
-        lose = rng.choice(alive, int(round(LOST_PER_STAGE * enc.n_channels)), replace=False)
+        lose = rng.choice(alive, int(round(TOTAL_LOST / steps * enc.n_channels)), replace=False)
         lost[lose] = True
         dead = np.flatnonzero(lost)
-        gain = rng.choice(dead, min(dead.size, int(round(GAINED_PER_STAGE * enc.n_channels))), replace=False)
+        gain = rng.choice(dead, min(dead.size, int(round(TOTAL_GAINED / steps * enc.n_channels))), replace=False)
         lost[gain], gained[gain] = False, True
-        out.append(enc.drifted(rotation_deg=ROTATION_PER_STAGE_DEG * s, rate_scale=scale, lost=lost.copy(),
+        out.append(enc.drifted(rotation_deg=TOTAL_ROTATION_DEG * s / steps, rate_scale=scale, lost=lost.copy(),
                                gained=gained.copy(), seed=seed + s))
     return out
 
@@ -184,7 +186,9 @@ def section_labels(args, results: dict, save) -> None:
 
 def section_drift(args, results: dict, save) -> None:
     drift = spike_days_rate_drift()
-    out = results.setdefault("drift", {"rate_drift": drift, "arms": {}})
+    out = results.setdefault("drift", {"rate_drift": drift, "arms": {}, "stages": args.stages,
+                                       "stage_s": args.stage_s, "rotation_total_deg": TOTAL_ROTATION_DEG,
+                                       "lost_total": TOTAL_LOST, "gained_total": TOTAL_GAINED})
     dec = args.drift_decoder
     spec = ClosedLoopSpec(decoder=dec, seconds=args.stage_s, seed=args.seed, preset=args.preset)
     enc = make_participant(spec)
@@ -288,8 +292,9 @@ def write_markdown(path: Path, res: dict) -> None:
         L += ["## Drift and recovery", "",
               f"Rate drift: a random walk reaching log-rate σ {d['rate_drift']['log_rate_sigma']:.3f} at the last stage "
               f"({'Spike days' if d['rate_drift']['source'] != 'fallback' else 'fallback'}); rotation "
-              f"{ROTATION_PER_STAGE_DEG:g}°/stage; {LOST_PER_STAGE:.0%} channels lost, {GAINED_PER_STAGE:.0%} gained "
-              "per stage.", "", "| arm | stage | success (measured window) | success before recal | job | bins lost (arm) |",
+              f"{d.get('rotation_total_deg', TOTAL_ROTATION_DEG):g}° in all; {d.get('lost_total', TOTAL_LOST):.0%} of "
+              f"channels lost, {d.get('gained_total', TOTAL_GAINED):.0%} gained in all, in {d.get('stages')} stages of "
+              f"{d.get('stage_s')} s (drift steps between stages).", "", "| arm | stage | success (measured window) | success before recal | job | bins lost (arm) |",
               "|---|---:|---:|---:|---|---:|"]
         for arm, a in d["arms"].items():
             for s in a["stages"]:

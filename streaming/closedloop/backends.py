@@ -117,8 +117,10 @@ class ServeBackend:
 
         Path(workdir).mkdir(parents=True, exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix="rpnt-cl"))  # short: unix socket paths are limited to ~107 bytes
+        # --replace-active: a registry left by an earlier run in ``workdir`` must not put its last
+        # (recalibrated) version live instead of ``export``
         self.proc = ServeProcess(model=Path(export), registry=Path(workdir) / "registry", run_dir=run_dir,
-                                 token=secrets.token_urlsafe(24), env=env)
+                                 token=secrets.token_urlsafe(24), env=env, extra=["--replace-active"])
         self.proc.wait_ready(timeout=300.0)
         self.ingest, self.publish = self.proc.ingest, self.proc.publish
         self.name = "rpnt"
