@@ -163,7 +163,7 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
                 n_bins = parse_upload(raw, out=data, bin_s=daemon.bin_s, checks=checks,
                                       live_metadata=control.live_metadata(), limits=parse_limits,
                                       labels=labels)["n_bins"]
-                detail = {"filename": file.filename, "bytes": size, "labels": labels}
+                detail = {"filename": file.filename, "bytes": size, **({"labels": labels} if labels != "recorded" else {})}
             else:
                 if file is not None:
                     raise CalibrationInputError("file: source=recent takes no file")
