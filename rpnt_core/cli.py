@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("exporters.cli:main", "checkpoint → ONNX step and window graphs, with a parity check"),
     "serve": ("service.cli:serve_main", "run the decoder daemon (ZeroMQ in, predictions out) + its HTTP control plane"),
     "replay": ("streaming.cli:replay_main", "replay a recorded session through the daemon and report R² + latency"),
+    "closedloop": ("streaming.closedloop.cli:main", "a simulated participant drives a cursor through the live "
+                                                    "daemon: success rate, time to target, bitrate"),
 }
 
 OPTIONAL = {"exporters": "export", "streaming": "serve", "service": "serve"}

@@ -12,7 +12,8 @@ route                                  auth   answer
                                               uptime, streaming counters and latency
 ``GET /metrics``                              Prometheus text (OpenMetrics if asked; ``service.metrics``)
 ``POST /calibrate``                    yes    202 + job id; multipart form: ``file`` (NPZ/NWB) or
-                                              ``source=recent`` (+ ``seconds``), ``force``
+                                              ``source=recent`` (+ ``seconds``), ``force``,
+                                              ``labels=refit`` (intention labels from task streams)
 ``GET /calibrate``                            the jobs, oldest first
 ``GET /calibrate/{job_id}``                   state, phase, per-epoch losses, holdout R², swap,
                                               CPU share (phase ``waiting for CPU`` while starved)
@@ -186,7 +187,11 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
                   seconds: Annotated[float | None, Form(gt=0, le=86400, description="with source=recent: seconds "
                                                                                     "of history")] = None,
                   force: Annotated[bool, Form(description="go live even if the holdout R² is below the live "
-                                                          "model's")] = False) -> dict:
+                                                          "model's")] = False,
+                  labels: Annotated[Literal["recorded", "refit"], Form(
+                      description="with an upload: 'recorded' (the file's target series) or 'refit' (intention "
+                                  "labels by the ReFIT rule from the file's task streams extra_task_decoded, "
+                                  "extra_task_cursor, extra_task_target, extra_task_radius)")] = "recorded") -> dict:
         src = source or ("upload" if file is not None else "recent")
         running = control.calibration.busy()
         if running:
@@ -211,11 +216,15 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
                     raise HTTPException(413, f"the file exceeds {max_bytes} bytes (http.max_upload_mb)")
                 # parsed and checked in a child process: this one (the decode thread's) never loads it
                 n_bins = parse_upload(raw, out=data, bin_s=daemon.bin_s, checks=checks,
-                                      live_metadata=control.live_metadata(), limits=parse_limits)["n_bins"]
-                detail = {"filename": file.filename, "bytes": size}
+                                      live_metadata=control.live_metadata(), limits=parse_limits,
+                                      labels=labels)["n_bins"]
+                detail = {"filename": file.filename, "bytes": size, **({"labels": labels} if labels != "recorded" else {})}
             else:
                 if file is not None:
                     raise CalibrationInputError("file: source=recent takes no file")
+                if labels != "recorded":
+                    raise CalibrationInputError("labels: refit applies to uploads; with source=recent the rig "
+                                                "streams its ReFIT labels as KINEMATICS (rpnt closedloop does)")
                 secs = float(seconds or cal.default_seconds)
                 counts, kinematics = control.recent_calibration_data(secs)
                 session = with_live_metadata(recent_session(counts, kinematics, bin_s=daemon.bin_s,

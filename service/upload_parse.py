@@ -67,17 +67,18 @@ class ParseLimits:
 
 # ---------------------------------------------------------------------------------- parent side
 def parse_upload(upload: Path, *, out: Path, bin_s: float, checks: dict, live_metadata: dict,
-                 limits: ParseLimits) -> dict:
+                 limits: ParseLimits, labels: str = "recorded") -> dict:
     """Parse ``upload`` in a child process into the validated canonical NPZ ``out``.
 
     ``checks``: the keyword arguments of :func:`service.uploads.check_session` (the live model's
     channels, outputs, bin width …); ``live_metadata``: what the session inherits when it names
-    none (:func:`service.uploads.with_live_metadata`).  Returns the summary (``n_bins``,
+    none (:func:`service.uploads.with_live_metadata`); ``labels="refit"``: the labels are made from
+    the file's task streams by the ReFIT rule (:func:`streaming.closedloop.refit.intention_session`).  Returns the summary (``n_bins``,
     ``n_channels``, ``n_outputs``); raises :class:`CalibrationInputError` for anything else.
     The child's files (spec, result, log) go next to ``upload`` and are removed."""
     work = upload.parent
     spec = {"upload": upload.name, "out": str(out), "bin_s": bin_s, "checks": checks,
-            "live_metadata": live_metadata, "limits": asdict(limits)}
+            "live_metadata": live_metadata, "limits": asdict(limits), "labels": labels}
     (work / SPEC).write_text(json.dumps(spec))
     try:
         rc = _run_child(work, limits.timeout_s)
@@ -140,10 +141,12 @@ def _confine(limits: dict) -> None:
 
 def _parse(spec: dict, work: Path) -> dict:
     """The child's work: load, inherit metadata, check, write the canonical NPZ; the summary."""
-    from .uploads import check_session, load_upload, save_canonical, with_live_metadata
+    from .uploads import check_session, intention_labels, load_upload, save_canonical, with_live_metadata
 
     session = load_upload(work / spec["upload"], bin_s=float(spec["bin_s"]),
                           max_bytes=int(spec["limits"]["max_bytes"]))
+    if spec.get("labels") == "refit":
+        session = intention_labels(session)
     session = with_live_metadata(session, spec["live_metadata"])
     session = check_session(session, **spec["checks"])
     save_canonical(session, Path(spec["out"]))

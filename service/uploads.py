@@ -106,6 +106,19 @@ def _unreadable(suffix: str) -> str:
     return f"file: could not be read as {suffix[1:].upper()} (a damaged file, or not {suffix[1:].upper()})"
 
 
+def intention_labels(session):
+    """``session`` with ReFIT intention labels made from its task streams
+    (:func:`streaming.closedloop.refit.intention_session`) as its velocity;
+    :class:`CalibrationInputError` naming the stream when they cannot be used (missing, NaN,
+    shorter or longer than the counts, a target without a cursor)."""
+    from streaming.closedloop.refit import TaskStreamError, intention_session
+
+    try:
+        return intention_session(session)
+    except TaskStreamError as exc:
+        raise CalibrationInputError(str(exc)) from None
+
+
 def recent_session(counts: np.ndarray, kinematics: np.ndarray, *, bin_s: float, target: str):
     """The closed-loop case: the daemon's recent decoded bins with the rig's kinematics, which are
     the live model's ``target`` series."""
