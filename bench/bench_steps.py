@@ -50,7 +50,7 @@ def commands(work: Path) -> dict[str, list[str]]:
         "finetune": ["finetune", "--init", pre, "--data", newest, "--target", "position", "--label-seconds", "60",
                      "--out", ft, "--quiet", "--threads", "1"],
         "evaluate": ["evaluate", "--ckpt", ft, "--data", newest, "--json"],
-        "export": ["export", "--ckpt", ft, "--out", str(work / "export"), "--parity-data", newest],
+        "export": ["export", ft, "--out", str(work / "export"), "--parity-data", newest],
         "demo": ["demo", "--workdir", str(work / "demo"), "--quiet"],
     }
 
