@@ -522,7 +522,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--days", default="", help="test days by session name, comma-separated (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="processes (1 torch thread each)")
     p.add_argument("--quick", action="store_true", help="synthetic days and tiny budgets, for the test")
-XX
+    p.add_argument("--replot", action="store_true", help="rewrite --out's Markdown and PNG from its JSON, adding every "
+                   "decoder's cells of the --merge files (no runs)")
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="earlier result files of the same budget and protocol: their cells that this run does "
                         "not measure are added to its tables (e.g. seed 0 of a ranking run)")
