@@ -11,7 +11,8 @@ clock (all its threads busy, or one), which is what the README quotes:
 
 - ``inspect``: quality control of the 20 Spike days;
 - ``pretrain``: the default pretraining on every clean Spike day (cursor position; supervised, as
-  ``rpnt pretrain`` chooses on labelled days), the issue's ≤ 30 min budget;
+  ``rpnt pretrain`` chooses on labelled days), the issue's ≤ 30 min budget — one torch thread, so
+  its CPU time is its wall clock on an idle core (two threads on two idle cores take less);
 - ``finetune``: the newest day calibrated from its first 60 s of labels (``--label-seconds 60``;
   timing only: that day is also in the pool, so its R² says nothing about transfer);
 - ``evaluate``, ``export``: the finetuned checkpoint scored and exported to ONNX (with parity);
@@ -44,11 +45,12 @@ def commands(work: Path) -> dict[str, list[str]]:
     pre, ft = str(work / "pre.safetensors"), str(work / "ft.safetensors")
     return {
         "inspect": ["inspect", str(SPIKE)],
-        "pretrain": ["pretrain", "--data", str(SPIKE), "--target", "position", "--out", pre, "--quiet"],
+        "pretrain": ["pretrain", "--data", str(SPIKE), "--target", "position", "--out", pre, "--quiet",
+                     "--threads", "1"],
         "finetune": ["finetune", "--init", pre, "--data", newest, "--target", "position", "--label-seconds", "60",
-                     "--out", ft, "--quiet"],
+                     "--out", ft, "--quiet", "--threads", "1"],
         "evaluate": ["evaluate", "--ckpt", ft, "--data", newest, "--json"],
-        "export": ["export", "--ckpt", ft, "--out", str(work / "export"), "--parity-data", newest],
+        "export": ["export", ft, "--out", str(work / "export"), "--parity-data", newest],
         "demo": ["demo", "--workdir", str(work / "demo"), "--quiet"],
     }
 

@@ -522,7 +522,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--days", default="", help="test days by session name, comma-separated (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="processes (1 torch thread each)")
     p.add_argument("--quick", action="store_true", help="synthetic days and tiny budgets, for the test")
-    p.add_argument("--replot", action="store_true", help="rewrite --out's Markdown and PNG from its JSON (no runs)")
+    p.add_argument("--replot", action="store_true", help="rewrite --out's Markdown and PNG from its JSON, adding every "
+                   "decoder's cells of the --merge files (no runs)")
     p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
                    help="earlier result files of the same budget and protocol: their cells that this run does "
                         "not measure are added to its tables (e.g. seed 0 of a ranking run)")
@@ -541,8 +542,8 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     out = Path(args.out)
-    if args.replot:
-        print(write(json.loads(out.read_text()), out))
+    if args.replot:  # with --merge: every decoder's cells of those files join --out's (no runs)
+        print(write(merge(json.loads(out.read_text()), args.merge), out))
         return 0
     result = merge(run(args, on_rows=lambda partial: write(merge(partial, args.merge, args.only), out)), args.merge,
                    args.only)

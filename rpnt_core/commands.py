@@ -129,11 +129,15 @@ def simulate_main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------- pretrain
 def pretrain_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rpnt pretrain", description=(
-        "Self-supervised pretraining (no behaviour labels): random neuron and time masks with ratios "
-        "drawn from U(0,1) per batch; the causal encoder forecasts the hidden counts (Poisson NLL). "
-        "Keeps the checkpoint with the best validation loss (last 10% of each recording), logs one "
-        "JSON line per epoch to OUT.log.jsonl, and can resume. Runs under torchrun for multi-GPU."),
-        epilog="example: rpnt simulate --out sim && rpnt pretrain --data sim --out pre.safetensors --epochs 5")
+        "Pretraining on earlier recordings of the array. Where every session has the --target series it "
+        "is supervised (core and head learn the earlier days' decoder; the cross-day benchmark's winner, "
+        "best from the most recent few days: bench/results/transfer-pooldays.md); otherwise "
+        "self-supervised: random neuron and time masks with ratios drawn from U(0,1) per batch, the "
+        "causal encoder forecasts the hidden counts (Poisson NLL). Sessions quality control flags are "
+        "skipped. Keeps the checkpoint with the best validation loss (last 10% of each recording), logs "
+        "one JSON line per epoch to OUT.log.jsonl, shows one progress bar with the run's ETA, and can "
+        "resume. Runs under torchrun for multi-GPU."),
+        epilog="example: rpnt pretrain --data day18.mat day19.mat --target position --out pre.safetensors")
     p.add_argument("--data", nargs="+", required=True, help="session files (.npz/.mat/.nwb) or directories of them")
     p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
     _common(p, epochs=10)

@@ -191,7 +191,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="a real labelled session to decode instead of a simulated one")
     p.add_argument("--days", default=default_days(), help="a folder of recording days of one array: the newest clean "
                    "day is calibrated from --label-seconds of labels after pretraining on the --pool-days before it "
-                   f"(default: the shared Spike days when present, else simulated; 'none' = simulated)")
+                   "(default: the shared Spike days when present, else simulated; 'none' = simulated)")
     p.add_argument("--pool-days", type=int, default=2, help="clean days before the new day to pretrain on (default 2: "
                    "the most recent days transferred best in the benchmark, bench/results/transfer-pooldays.md)")
     p.add_argument("--label-seconds", type=float, default=60.0, help="seconds of the new day's labels (default 60)")
@@ -204,11 +204,16 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baselines", default="wiener,kalman,gru", help="comma list (default wiener,kalman,gru)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for training (default 1: a busy "
+                   "machine slows a multi-threaded trainer many-fold, and the rest of the machine keeps a core)")
     p.add_argument("--quiet", action="store_true", help="print only the tables")
 
 
 def offline_part(a: argparse.Namespace) -> tuple[dict, DemoData, Path]:
     """Run the offline half from parsed arguments; returns (result, data, workdir)."""
+    import torch
+
+    torch.set_num_threads(max(1, a.threads))
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="rpnt-demo-"))
     days = None if (a.days or "").lower() in ("", "none") else a.days
     data = demo_data(data=a.data, days=days, pool_days=a.pool_days, label_seconds=a.label_seconds, seed=a.seed,

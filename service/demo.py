@@ -211,7 +211,7 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
     test_lo, test_hi = splits.test
     test_range = (max(0, test_lo - lo), test_hi - lo) if test_hi > lo else None
     rep = build_report(res, recorded_velocity=vel, test_range=test_range,
-                       meta={"data": data.source, "bin_range": [lo, T], "model": str(workdir / "export"),
+                       meta={"data": data.source, "target": target.target, "bin_range": [lo, T], "model": str(workdir / "export"),
                              "daemon_mode": "rpnt serve (child process)", "backend": "onnx-cpu"})
     if "score_test" in rep:  # bins of the session, not of the replayed range
         rep["score_test"]["bins"] = [lo + b for b in rep["score_test"]["bins"]]

@@ -201,7 +201,8 @@ def summary_lines(report: dict) -> list[str]:
     sc = report.get("score")
     if sc:
         r2 = sc.get("r2")
-        lines.append(f"R² vs recorded velocity: {r2:.4f}" if r2 is not None else f"R²: n/a ({sc.get('r2_error')})")
+        what = report.get("target") or "target"
+        lines.append(f"R² vs recorded {what}: {r2:.4f}" if r2 is not None else f"R²: n/a ({sc.get('r2_error')})")
         st = report.get("score_test")
         if st and st.get("r2") is not None:
             lines.append(f"R² on bins {st['bins'][0]}–{st['bins'][1]} (rpnt evaluate's default test split): "
