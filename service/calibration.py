@@ -236,6 +236,17 @@ class CalibrationManager:
         w = self._warm
         return w.proc.pid if w is not None and w.alive() else None
 
+    def worker_status(self) -> dict:
+        """``{"warm": bool, "pid": int | None, "ready": bool}``: whether a warm worker is started
+        and has imported what jobs need (a job then starts at once)."""
+        with self._lock:
+            w = self._warm
+            if w is None or not w.alive():
+                return {"warm": bool(self.settings.warm_worker), "pid": None, "ready": False}
+            if self._current is None and not w.ready:
+                w.wait_job(0.0)  # idle: only its "ready" line can be waiting
+            return {"warm": True, "pid": w.proc.pid, "ready": w.ready}
+
     def submit(self, *, data: Path, source: str, force: bool, base_version: str, n_bins: int,
                detail: dict | None = None, timings: dict | None = None) -> str:
         """Start a job on the calibration session ``data`` (NPZ, validated by the caller; moved into
