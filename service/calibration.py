@@ -127,8 +127,7 @@ class WarmWorker:
                     self.ready = True
                 elif line.startswith(b"done "):
                     return int(line.split()[1])
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 return None
             chunk = os.read(fd, 4096)
             if not chunk:  # it died (a crash, or killed): its exit status, never 0

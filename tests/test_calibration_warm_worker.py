@@ -87,6 +87,7 @@ def test_sequential_jobs_run_in_the_same_warm_worker_and_report_their_timings(ma
     m, base, data = manager
     pid = m.worker_pid()
     assert pid is not None  # started with the manager, before any job
+    _wait(lambda: m.worker_status() == {"warm": True, "pid": pid, "ready": True}, "the worker's imports done")
     first = _run(m, base, data())
     second = _run(m, first["version"], data())
     assert first["state"] == second["state"] == "succeeded", (first.get("error"), second.get("error"))
