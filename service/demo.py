@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 DEMO_CALIBRATION_ENV = {"RPNT_CALIBRATION__EPOCHS": "8", "RPNT_CALIBRATION__STEPS_PER_EPOCH": "10",
-                        "RPNT_CALIBRATION__PATIENCE": "4"}
+                        "RPNT_CALIBRATION__MAX_STEPS": "80", "RPNT_CALIBRATION__PATIENCE": "4"}
 
 
 class ServeProcess:

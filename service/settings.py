@@ -121,10 +121,10 @@ class CalibrationSettings(_Section):
     steps_per_epoch: int | None = Field(None, ge=1, description="optimizer steps per epoch (default: one pass "
                                                                "over the training bins, so the steps grow with "
                                                                "the data)")
-    max_steps: int = Field(24, ge=1, description="most optimizer steps in all (caps epochs × steps_per_epoch)")
+    max_steps: int = Field(16, ge=1, description="most optimizer steps in all (caps epochs × steps_per_epoch)")
     patience: int = Field(4, ge=1, description="epochs without validation improvement before stopping")
-    parity_bins: int = Field(128, ge=2, description="bins of each parity stream (random and the holdout's end) "
-                                                    "the candidate's ONNX step graph must match its checkpoint on")
+    parity_bins: int = Field(64, ge=2, description="bins of each parity stream (random and the holdout's end) "
+                                                   "the candidate's ONNX step graph must match its checkpoint on")
     lr: float = Field(1e-3, gt=0, description="learning rate")
     train_fraction: float = Field(0.6, gt=0, lt=1, description="first part of the calibration data: training")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="next part: early stopping")
