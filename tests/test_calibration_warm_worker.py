@@ -155,3 +155,26 @@ def test_shutdown_stops_the_idle_warm_worker(manager):
     assert proc.wait(LIVE) is not None and m.worker_pid() is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@linux_only
+def test_without_a_warm_worker_each_job_gets_its_own_process(tmp_path_factory, tmp_path):
+    tiny = tiny_export(tmp_path_factory)
+    reg = ModelRegistry(root=tmp_path / "registry")
+    staged = reg.new_staging("base")
+    shutil.copytree(tiny["export"], staged / "export")
+    shutil.copy(tiny["ckpt"], staged / CHECKPOINT)
+    base = reg.add(staged, meta={"source": "test"})
+    m = CalibrationManager(registry=reg, settings=CalibrationSettings(epochs=1, steps_per_epoch=2, patience=1,
+                                                                      nice=0, warm_worker=False),
+                           activate=lambda v, why: {"version": v, "reason": why})
+    try:
+        assert m.worker_pid() is None and m.worker_status() == {"warm": False, "pid": None, "ready": False}
+        data = tmp_path / "data.npz"
+        shutil.copy(tiny["npz"], data)
+        st = _run(m, base, data)
+        assert st["state"] == "succeeded", st.get("error")
+        assert st["timings"]["imports_s"] > 0 and set(WORKER_PHASES) <= set(st["timings"])
+        assert m.worker_pid() is None
+    finally:
+        m.shutdown()
