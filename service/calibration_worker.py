@@ -25,9 +25,10 @@ and does:
    from the upload;
 2. scores the live model on the holdout bins (streamed causally, with the receptive field's
    history before them: exactly what streaming from bin 0 gives);
-3. FS-SFT from the live model's checkpoint (:func:`rpnt_core.train.finetune.fit_decoder`) with
-   the steps sized to the data (:func:`training_plan`), one line per epoch appended to
-   ``JOB_DIR/progress.jsonl``; scores the candidate on the same holdout bins;
+3. FS-SFT from the live model's checkpoint (:func:`rpnt_core.train.finetune.fit_decoder`), the
+   head starting as ``head_init`` says (``ridge``: the linear probe of the live encoder's latent,
+   itself the first candidate), the steps sized to the data (:func:`training_plan`), one line per
+   epoch appended to ``JOB_DIR/progress.jsonl``; scores the candidate on the same holdout bins;
 4. exports the candidate's step graph (the graph the daemon runs; no window graph) with the
    exporters' parity check over ``parity_bins`` bins, writing the candidate's weights into the
    live version's step graph when it fits instead of tracing a new one
@@ -155,6 +156,7 @@ def run_job(job: Path, phase: _Phases) -> dict:
     defaults = FinetuneOptions()
     epochs, steps = training_plan(opt, train_bins=a, batch_size=defaults.batch_size, window_len=window_len)
     fo = FinetuneOptions(mode=opt["mode"], epochs=epochs, steps_per_epoch=steps, patience=opt["patience"],
+                         head_init=opt["head_init"],
                          lr=opt["lr"], seed=opt["seed"], device="cpu", progress=False,
                          train_fraction=opt["train_fraction"], val_fraction=opt["val_fraction"],
                          test_fraction=opt["holdout_fraction"], window_len=window_len)

@@ -122,6 +122,11 @@ class CalibrationSettings(_Section):
                                                                "over the training bins, so the steps grow with "
                                                                "the data)")
     max_steps: int = Field(16, ge=1, description="most optimizer steps in all (caps epochs × steps_per_epoch)")
+    head_init: Literal["random", "ridge"] = Field("ridge", description="how the finetuned head starts: 'ridge' = "
+                                                                      "the linear probe of the live encoder's latent "
+                                                                      "on the training bins (LP-FT; a decoder before "
+                                                                      "the first step, and the first candidate), "
+                                                                      "'random' = a fresh head")
     patience: int = Field(4, ge=1, description="epochs without validation improvement before stopping")
     parity_bins: int = Field(64, ge=2, description="bins of each parity stream (random and the holdout's end) "
                                                    "the candidate's ONNX step graph must match its checkpoint on")
