@@ -276,8 +276,12 @@ class CalibrationManager:
             if self.settings.warm_worker:
                 if self._warm is None or not self._warm.alive():
                     self._warm = self._spawn_warm()
+                try:
+                    self._warm.start(d)
+                except OSError:  # it died since the check above (a broken pipe): one new worker, once
+                    self._warm = self._spawn_warm()
+                    self._warm.start(d)
                 worker = self._warm
-                worker.start(d)
             else:
                 worker = _ColdWorker(job=d, env=self._env())
             self._proc = worker.proc
