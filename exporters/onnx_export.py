@@ -208,6 +208,15 @@ def _finish(proto: onnx.ModelProto, contract: ModelContract, path: Path, doc: st
 def export_step_graph(model: RPNT, path: str | Path, *, meta_bias: np.ndarray | None = None,
                       metadata: Mapping[str, Any] | None = None, checkpoint: str = "") -> ModelContract:
     """Trace ``RPNT.step`` to ``path`` (static shapes, batch 1) and embed the contract."""
+    return _step_graph(model, path, meta_bias=meta_bias, metadata=metadata, checkpoint=checkpoint)[0]
+
+
+def _step_graph(model: RPNT, path: str | Path, *, meta_bias: np.ndarray | None, metadata: Mapping[str, Any] | None,
+                checkpoint: str, template: str | Path | None = None) -> tuple[ModelContract, str]:
+    """:func:`export_step_graph`, and how the graph was made: ``"traced"``, or ``"template"`` — the
+    step graph ``template`` with this model's weights written in (:func:`weights_into_template`),
+    when it fits.  A template graph computes the model only if the template's initializers are its
+    weights as such (not folded or shared), so its caller must check parity (:func:`export_model`)."""
     model = _prepare(model)
     c = model.config
     shapes = model.state_shapes(1)
@@ -232,14 +241,55 @@ def export_step_graph(model: RPNT, path: str | Path, *, meta_bias: np.ndarray | 
     example = (torch.zeros(1, c.n_input_channels),
                *[torch.from_numpy(np.broadcast_to(meta_bias, shapes[k]).copy()) if k == META_BIAS
                  else torch.zeros(shapes[k]) for k in keys])
-    proto = _torch_export(StepGraph(model, keys, carried), example, [t.name for t in inputs],
-                          [t.name for t in outputs])
+    names_in, names_out = [t.name for t in inputs], [t.name for t in outputs]
+    proto = None if template is None else weights_into_template(template, model, names_in, names_out)
+    source = "template" if proto is not None else "traced"
+    if proto is None:
+        proto = _torch_export(StepGraph(model, keys, carried), example, names_in, names_out)
     contract = ModelContract(graph="step", inputs=inputs, outputs=outputs, state=entries, window_bins=0,
                              **_base_contract(model, meta_bias=np.asarray(meta_bias, np.float32),
                                               metadata=metadata or {}, checkpoint=checkpoint))
     _finish(proto, contract, Path(path), "RPNT step graph: one bin of counts + state -> velocity, "
             "log_rates, next state. Contract in metadata_props (rpnt.*).")
-    return contract
+    return contract, source
+
+
+def weights_into_template(template: str | Path, model: RPNT, input_names: list[str],
+                          output_names: list[str]) -> onnx.ModelProto | None:
+    """The fp32 step graph ``template`` with ``model``'s weights in its initializers, or None when it
+    does not fit: unreadable, another graph or precision, another config, other inputs/outputs, or an
+    initializer named after a weight (``model.<state key>``, as the traced graph names them) whose
+    shape or dtype differs.  Initializers not named after a weight (shape constants, ...) are kept.
+
+    Only the values change, never the graph, so the result computes ``model`` exactly when the
+    template's initializers are the weights themselves; an optimiser that folded or shared weights
+    in the template breaks that, which only a parity check against ``model`` shows."""
+    from onnx import numpy_helper
+
+    try:
+        proto = onnx.load(str(template))
+    except Exception:  # noqa: BLE001 - a missing or damaged template just means: trace
+        return None
+    props = {p.key: p.value for p in proto.metadata_props}
+    try:
+        same_config = json.loads(props.get("rpnt.config", "null")) == json.loads(model.config.to_json())
+    except json.JSONDecodeError:
+        return None
+    if (props.get("rpnt.graph") != "step" or props.get("rpnt.precision") != "fp32" or not same_config
+            or [i.name for i in proto.graph.input] != input_names
+            or [o.name for o in proto.graph.output] != output_names):
+        return None
+    state = model.state_dict()
+    for init in proto.graph.initializer:
+        key = init.name.removeprefix("model.")
+        if key == init.name or key not in state:
+            continue
+        new = state[key].detach().cpu().numpy()
+        old = numpy_helper.to_array(init)
+        if new.shape != old.shape or new.dtype != old.dtype:
+            return None
+        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), init.name))
+    return proto
 
 
 def export_window_graph(model: RPNT, path: str | Path, *, window_bins: int, meta_bias: np.ndarray | None = None,
@@ -275,6 +325,8 @@ class ExportResult:
     rejected: dict[str, str] = field(default_factory=dict)  # precision → reason
     contract: ModelContract | None = None
     seconds: float = 0.0
+    step_source: str = ""  # "traced", or "template" (weights written into a template step graph)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (step_graph, step_parity, ...)
 
     def summary(self) -> str:
         from .parity import format_report
@@ -333,8 +385,15 @@ def export_model(model: RPNT, out_dir: str | Path, *, int8: bool = False, fp16: 
                  parity_target: np.ndarray | None = None, parity_source: str = "",
                  parity_bins: int = DEFAULT_PARITY_BINS, tolerance: float = DEFAULT_TOLERANCE,
                  r2_gate_limit: float = DEFAULT_R2_GATE, metadata: Mapping[str, Any] | None = None,
-                 checkpoint: str = "", seed: int = 0, log: Callable[[str], None] | None = None) -> ExportResult:
+                 checkpoint: str = "", seed: int = 0, log: Callable[[str], None] | None = None,
+                 window: bool = True, template: str | Path | None = None) -> ExportResult:
     """Export ``model`` into ``out_dir`` (see the module docstring); returns what was written.
+
+    ``window=False`` writes the step graph alone (what the daemon runs).  ``template``: a step graph
+    of a model with the same config; when it fits, the step graph is it with ``model``'s weights
+    written in instead of a new trace (seconds instead of a trace's), and is traced after all if
+    that graph fails parity (:func:`_step_graph`).  ``result.step_source`` says which;
+    ``result.timings`` holds the seconds of each stage.
 
     Parity runs over a random stream of ``parity_bins`` bins and, when ``parity_counts`` (T, N_in)
     is given, over its last ``parity_bins`` bins (the held-out end of a session) with
@@ -367,7 +426,7 @@ def export_model(model: RPNT, out_dir: str | Path, *, int8: bool = False, fp16: 
     result = ExportResult(out_dir=out_dir)
     try:
         # ---- fp32 graphs: step first, checked before the window graph is even traced (fail fast)
-        from .runtime import OnnxStepEngine, OnnxWindowEngine
+        from .runtime import OnnxStepEngine
 
         def fail(reports: list[dict]) -> None:
             dest = out_dir / "export-failed"
@@ -380,36 +439,38 @@ def export_model(model: RPNT, out_dir: str | Path, *, int8: bool = False, fp16: 
                               f"up to {worst:.3g} (tolerance {tolerance:g}); nothing was written to {out_dir} — "
                               f"reports in {dest}")
 
-        log("exporting step graph ...")
         step_path = staging / step_file("fp32")
-        contract = export_step_graph(model, step_path, meta_bias=meta_bias, metadata=metadata, checkpoint=checkpoint)
-        graph_checks.assert_graph_ok(step_path, what=step_path.name)
-        result.contract = contract
-
+        clock = _Stopwatch(result.timings)
         log("parity: torch reference ...")
-        refs = [torch_stream(model, s.counts, meta_t) for s in streams]
-        log("parity: ONNX Runtime step graph ...")
-        eng = OnnxStepEngine(step_path, warmup_bins=2)
-        rep = _step_report(step_path.name, "fp32", eng, streams, refs, tolerance=tolerance)
+        with clock("torch_reference"), torch.no_grad():
+            refs = [torch_stream(model, s.counts, meta_t) for s in streams]
+        for attempt in ([template, None] if template is not None else [None]):
+            log("exporting step graph" + (" (weights into the template) ..." if attempt else " ..."))
+            with clock("step_graph"):
+                contract, result.step_source = _step_graph(model, step_path, meta_bias=meta_bias, metadata=metadata,
+                                                           checkpoint=checkpoint, template=attempt)
+                graph_checks.assert_graph_ok(step_path, what=step_path.name)
+            result.contract = contract
+            log("parity: ONNX Runtime step graph ...")
+            with clock("step_parity"):
+                eng = OnnxStepEngine(step_path, warmup_bins=2)
+                rep = _step_report(step_path.name, "fp32", eng, streams, refs, tolerance=tolerance)
+                del eng
+            if rep["passed"] or result.step_source == "traced":
+                break
+            log("the template graph failed parity: tracing the step graph")
         write_report(rep, staging / step_path.stem)
         result.reports["step"] = rep
-        del eng
         if not rep["passed"]:
             fail([rep])
 
-        log(f"exporting window graph (T={window_bins}) ...")
         win_path = staging / WINDOW_FILE
-        export_window_graph(model, win_path, window_bins=window_bins, meta_bias=meta_bias, metadata=metadata,
-                            checkpoint=checkpoint)
-        graph_checks.assert_graph_ok(win_path, what=win_path.name)
-        log("parity: ONNX Runtime window graph ...")
-        weng = OnnxWindowEngine(win_path)
-        rep_w = _window_report(win_path.name, weng, streams, refs, tolerance=tolerance)
-        write_report(rep_w, staging / win_path.stem)
-        result.reports["window"] = rep_w
-        del weng
-        if not rep_w["passed"]:
-            fail([rep_w])
+        if window:
+            with clock("window_graph"):
+                _window_graph(model, win_path, window_bins, meta_bias, metadata, checkpoint, streams, refs, result,
+                              tolerance=tolerance, log=log)
+            if not result.reports["window"]["passed"]:
+                fail([result.reports["window"]])
 
         # ---- publish fp32 (replace any previous export in out_dir)
         for name in _OUR_FILES:
@@ -421,7 +482,8 @@ def export_model(model: RPNT, out_dir: str | Path, *, int8: bool = False, fp16: 
             if f.suffix in (".onnx", ".json", ".txt"):
                 os.replace(f, out_dir / f.name)
         result.files["step"] = out_dir / step_path.name
-        result.files["window"] = out_dir / win_path.name
+        if window:
+            result.files["window"] = out_dir / win_path.name
 
         # ---- reduced precision
         for prec, wanted in (("int8", int8), ("fp16", fp16)):
@@ -433,6 +495,39 @@ def export_model(model: RPNT, out_dir: str | Path, *, int8: bool = False, fp16: 
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Stopwatch:
+    """``with clock("stage"):`` adds the stage's wall seconds to ``timings[stage]``."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 4)
+
+
+def _window_graph(model: RPNT, path: Path, window_bins: int, meta_bias: np.ndarray, metadata: Mapping[str, Any],
+                  checkpoint: str, streams: list[Stream], refs: list[dict], result: ExportResult, *,
+                  tolerance: float, log: Callable[[str], None]) -> None:
+    """Trace the window graph to ``path`` and check it against the torch reference (its report in
+    ``result.reports["window"]``, written beside it)."""
+    from .runtime import OnnxWindowEngine
+
+    log(f"exporting window graph (T={window_bins}) ...")
+    export_window_graph(model, path, window_bins=window_bins, meta_bias=meta_bias, metadata=metadata,
+                        checkpoint=checkpoint)
+    graph_checks.assert_graph_ok(path, what=path.name)
+    log("parity: ONNX Runtime window graph ...")
+    weng = OnnxWindowEngine(path)
+    rep_w = _window_report(path.name, weng, streams, refs, tolerance=tolerance)
+    write_report(rep_w, path.with_suffix(""))
+    result.reports["window"] = rep_w
 
 
 def _reduced_precision(prec: str, result: ExportResult, staging: Path, streams: list[Stream], refs: list[dict],
@@ -508,6 +603,8 @@ def _write_manifest(result: ExportResult, streams: list[Stream], *, tolerance: f
         "parity_streams": [{"stream": s.name, "source": s.source, "n_bins": len(s.counts)} for s in streams],
         "seconds": round(result.seconds, 2),
     }
+    if result.step_source:
+        manifest["step_source"] = result.step_source
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 

@@ -16,7 +16,8 @@ route                                  auth   answer
                                               ``labels=refit`` (intention labels from task streams)
 ``GET /calibrate``                            the jobs, oldest first
 ``GET /calibrate/{job_id}``                   state, phase, per-epoch losses, holdout R², swap,
-                                              CPU share (phase ``waiting for CPU`` while starved)
+                                              CPU share (phase ``waiting for CPU`` while starved),
+                                              ``timings`` (seconds per phase)
 ``DELETE /calibrate/{job_id}``         yes    cancel the running job (it ends ``failed``); 409 if
                                               it is not running
 ``GET /models``                               every registry version, which one is active
@@ -37,6 +38,7 @@ import hmac
 import importlib.util
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -204,6 +206,7 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
                   "n_outputs": daemon.n_kinematics, "bin_s": daemon.bin_s,
                   "min_bins": cal.min_bins, "holdout_fraction": cal.holdout_fraction}
         data = staging / "data.npz"
+        t_arrived = time.perf_counter()  # the body has been received (FastAPI spools it before the handler)
         try:
             if src == "upload":
                 if file is None:
@@ -233,7 +236,8 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
                 save_canonical(session, data)
                 n_bins, detail = session.n_bins, {"seconds": secs}
             job_id = control.calibration.submit(data=data, source=src, force=force, base_version=control.live_version,
-                                                n_bins=n_bins, detail=detail)
+                                                n_bins=n_bins, detail=detail,
+                                                timings={"input_s": round(time.perf_counter() - t_arrived, 3)})
         except CalibrationInputError as exc:
             raise HTTPException(422, str(exc)) from None
         except CalibrationBusy as exc:

@@ -1,9 +1,14 @@
-"""Calibration jobs: one at a time, each in its own lower-priority process.
+"""Calibration jobs: one at a time, each in a lower-priority worker process.
 
 :class:`CalibrationManager` is the parent side (no torch here).  ``submit()`` takes a validated
-calibration session (already written as NPZ), starts ``python -m service.calibration_worker JOB``
-(which renices itself and bounds its threads before importing torch) and returns the job id at
-once.  The worker's priority is bounded, not idle: niceness ``calibration.nice`` gives it a
+calibration session (already written as NPZ), hands it to the worker and returns the job id at
+once.  With ``calibration.warm_worker`` (the default) the worker is started ahead of the jobs
+(:class:`WarmWorker`: ``python -m service.calibration_worker --serve``, which renices itself,
+bounds its threads and imports torch and the exporters once, then waits for jobs on its stdin),
+so a job starts without a process start or an import; a worker that dies — a crash, or killed by
+a cancel or the timeout — fails only the job it ran, and a new one is started at once.  Without
+it, each job starts ``python -m service.calibration_worker JOB`` (the same renicing, before
+torch is imported).  The worker's priority is bounded, not idle: niceness ``calibration.nice`` gives it a
 smaller share of a busy host's cores than the decode loop, never none, so a job on a host that is
 also training models runs slower but always finishes.  A monitor thread watches the worker — its
 CPU share over the last ``starved_window_s`` (``GET /calibrate/{id}`` says ``waiting for CPU``
@@ -16,6 +21,10 @@ while it is below ``starved_share`` of one core), the job timeout, a cancel requ
 - asks ``activate(version, reason)`` (the control plane: load + warm the engine, swap it into the
   daemon at a bin boundary, record it in the registry).
 
+``GET /calibrate/{id}`` also gives ``timings``: the seconds of each phase (reading and checking the data, the
+wait for the worker, its imports, loading, scoring, finetuning, saving, export and parity, the
+registry write, the swap) and ``total_s`` from the upload's arrival to the job's end.
+
 Job states: ``running`` → ``succeeded`` (live) | ``rejected`` (kept, not live: the gate said no) |
 ``failed`` (an error, the timeout or a cancel; nothing changed).  A second submit while one runs raises
 :class:`CalibrationBusy` (HTTP 409).  Each job's record is ``jobs/<id>/status.json`` (atomic
@@ -27,7 +36,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -40,7 +51,7 @@ from typing import Any, Callable
 from rpnt_core.child_env import ROOT, child_env
 
 from .cpu_share import CpuShare, process_cpu_seconds
-from .registry import CHECKPOINT, ModelRegistry, read_json, write_json_atomic
+from .registry import CHECKPOINT, STEP_FILE, ModelRegistry, read_json, write_json_atomic
 from .settings import CalibrationSettings
 
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
@@ -56,6 +67,91 @@ class CalibrationBusy(RuntimeError):
         super().__init__(f"calibration job {job_id} is still running; one job runs at a time — "
                          f"poll GET /calibrate/{job_id} and submit again when it has finished")
         self.job_id = job_id
+
+
+class _ColdWorker:
+    """``python -m service.calibration_worker JOB``: one process for one job."""
+
+    def __init__(self, *, job: Path, env: dict) -> None:
+        with open(job / "worker.log", "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service.calibration_worker", str(job)],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
+                                         stdin=subprocess.DEVNULL)
+
+    def wait_job(self, timeout: float) -> int | None:
+        """The job's exit status (the process's), or None while it runs."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def reusable(self) -> bool:
+        return False
+
+
+class WarmWorker:
+    """A calibration worker process started before its jobs (``python -m service.calibration_worker
+    --serve OPTIONS``), running them one after another (the protocol: that module's docstring).
+
+    Args:
+        options: the calibration settings (as ``model_dump()``) it confines itself by.
+        env: its environment.
+        log: where its output goes between jobs (during a job: the job's ``worker.log``).
+    """
+
+    def __init__(self, *, options: dict, env: dict, log: Path) -> None:
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service.calibration_worker", "--serve",
+                                          json.dumps(options)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=out, env=env, cwd=str(ROOT))
+        self._buf = b""
+        self.ready = False  # it has imported what jobs need
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def start(self, job: Path) -> None:
+        """Hand it ``job`` (it runs it once its imports are done)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{job}\n".encode())
+        self.proc.stdin.flush()
+
+    def wait_job(self, timeout: float) -> int | None:
+        """The job's status (``done RC``), the process's exit status if it died, or None while it runs."""
+        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                if line == b"ready":
+                    self.ready = True
+                elif line.startswith(b"done "):
+                    return int(line.split()[1])
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:  # it died (a crash, or killed): its exit status, never 0
+                rc = self.proc.wait()
+                return rc if rc != 0 else 1
+            self._buf += chunk
+
+    def reusable(self) -> bool:
+        return self.alive()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let it exit (end of its stdin), killing it if it does not within ``timeout``."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 class CalibrationManager:
@@ -74,7 +170,9 @@ class CalibrationManager:
         self._activate = activate
         self._lock = threading.Lock()
         self._current: str | None = None
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen | None = None  # the process running the current job
+        self._warm: WarmWorker | None = None
+        self._closed = False
         self._cpu: dict = {}  # the running job's CPU share, written by its monitor
         self._cancelled: str | None = None  # why the running job was cancelled
         self._threads: list[threading.Thread] = []
@@ -86,6 +184,8 @@ class CalibrationManager:
             if isinstance(st, dict) and st.get("state") not in FINAL_STATES:
                 self._save(d, st | {"state": "failed", "finished": time.time(),
                                     "error": "interrupted: the service stopped while the job ran; nothing changed"})
+        if settings.warm_worker:
+            self._warm = self._spawn_warm()
 
     # ------------------------------------------------------------------ queries
     def busy(self) -> str | None:
@@ -122,10 +222,35 @@ class CalibrationManager:
         return sorted(out, key=lambda j: float(j.get("created") or 0.0))
 
     # ------------------------------------------------------------------ submit
+    def _env(self) -> dict:
+        return child_env(**dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"),
+                                         str(self.settings.threads)))
+
+    def _spawn_warm(self) -> WarmWorker:
+        return WarmWorker(options=self.settings.model_dump(), env=self._env(),
+                          log=self.registry.jobs_dir / "warm-worker.log")
+
+    def worker_pid(self) -> int | None:
+        """The warm worker's process id (None without one)."""
+        w = self._warm
+        return w.proc.pid if w is not None and w.alive() else None
+
+    def worker_status(self) -> dict:
+        """``{"warm": bool, "pid": int | None, "ready": bool}``: whether a warm worker is started
+        and has imported what jobs need (a job then starts at once)."""
+        with self._lock:
+            w = self._warm
+            if w is None or not w.alive():
+                return {"warm": bool(self.settings.warm_worker), "pid": None, "ready": False}
+            if self._current is None and not w.ready:
+                w.wait_job(0.0)  # idle: only its "ready" line can be waiting
+            return {"warm": True, "pid": w.proc.pid, "ready": w.ready}
+
     def submit(self, *, data: Path, source: str, force: bool, base_version: str, n_bins: int,
-               detail: dict | None = None) -> str:
+               detail: dict | None = None, timings: dict | None = None) -> str:
         """Start a job on the calibration session ``data`` (NPZ, validated by the caller; moved into
-        the job directory).  Returns the job id; raises :class:`CalibrationBusy`."""
+        the job directory).  ``timings``: seconds the caller spent before (``input_s``: reading and checking the data),
+        reported with the job's.  Returns the job id; raises :class:`CalibrationBusy`."""
         ckpt = self.registry.checkpoint(base_version)
         if ckpt is None:
             raise ValueError(f"the live model (version {base_version}) has no checkpoint in the registry, and "
@@ -138,21 +263,31 @@ class CalibrationManager:
             d.mkdir()
             shutil.move(str(data), d / "data.npz")
             opts = self.settings.model_dump()
+            now = time.time()
             write_json_atomic(d / "job.json", {"data": "data.npz", "base_checkpoint": str(ckpt),
-                                               "base_version": base_version, "options": opts})
-            st = {"id": job_id, "state": "running", "created": time.time(), "source": source, "force": bool(force),
+                                               "base_version": base_version, "submitted": now,
+                                               "base_step_graph": str(self.registry.export_dir(base_version)
+                                                                      / STEP_FILE), "options": opts})
+            st = {"id": job_id, "state": "running", "created": now, "source": source, "force": bool(force),
                   "base_version": base_version, "n_bins": int(n_bins), "detail": detail or {}, "version": None,
-                  "live": False}
+                  "live": False, "timings": dict(timings or {})}
             self._save(d, st)
-            env = child_env(**dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"),
-                                            str(self.settings.threads)))
-            with open(d / "worker.log", "ab") as out:
-                self._proc = subprocess.Popen([sys.executable, "-m", "service.calibration_worker", str(d)],
-                                              stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-                                              stdin=subprocess.DEVNULL)
+            worker: WarmWorker | _ColdWorker
+            if self.settings.warm_worker:
+                if self._warm is None or not self._warm.alive():
+                    self._warm = self._spawn_warm()
+                try:
+                    self._warm.start(d)
+                except OSError:  # it died since the check above (a broken pipe): one new worker, once
+                    self._warm = self._spawn_warm()
+                    self._warm.start(d)
+                worker = self._warm
+            else:
+                worker = _ColdWorker(job=d, env=self._env())
+            self._proc = worker.proc
             self._current = job_id
             self._cpu, self._cancelled = {}, None
-            t = threading.Thread(target=self._monitor, args=(job_id, d, self._proc, st), name=f"calibration-{job_id}",
+            t = threading.Thread(target=self._monitor, args=(job_id, d, worker, st), name=f"calibration-{job_id}",
                                  daemon=True)
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
             t.start()
@@ -177,16 +312,21 @@ class CalibrationManager:
         return True
 
     def shutdown(self) -> None:
-        """Kill a running worker (its job is marked failed by the monitor)."""
+        """Kill a running worker (its job is marked failed by the monitor) and stop the warm one."""
+        self._closed = True
         p = self._proc
         if p is not None and p.poll() is None:
             p.kill()
         self.wait_idle(10.0)
+        with self._lock:
+            warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.close()
 
     # ------------------------------------------------------------------ the monitor thread
-    def _monitor(self, job_id: str, d: Path, proc: subprocess.Popen, st: dict) -> None:
+    def _monitor(self, job_id: str, d: Path, worker: WarmWorker | _ColdWorker, st: dict) -> None:
         try:
-            rc = self._watch(proc)
+            rc = self._watch(worker)
             if self._cancelled is not None:
                 self._finish(d, st, "failed", error=f"cancelled: {self._cancelled}")
                 return
@@ -194,6 +334,8 @@ class CalibrationManager:
                 self._finish(d, st, "failed", error=self._timeout_reason())
                 return
             res = read_json(d / "result.json")
+            if isinstance(res, dict):
+                st["timings"] = {**st.get("timings", {}), **res.get("timings", {})}
             if rc != 0 or not isinstance(res, dict) or not res.get("ok"):
                 err = res.get("error") if isinstance(res, dict) else None
                 self._finish(d, st, "failed", error=err or f"worker exited with {rc} (see {d / 'worker.log'})")
@@ -206,20 +348,27 @@ class CalibrationManager:
             with self._lock:
                 self._current = None
                 self._proc = None
+                if worker is self._warm and not worker.reusable() and not self._closed:
+                    log.warning("the calibration worker exited during job %s; starting a new one", job_id)
+                    self._warm = self._spawn_warm()
 
-    def _watch(self, proc: subprocess.Popen) -> int | None:
-        """Wait for the worker, keeping ``self._cpu`` current; its exit code, or None after a timeout (killed)."""
+    def _watch(self, worker: WarmWorker | _ColdWorker) -> int | None:
+        """Wait for the worker's job, keeping ``self._cpu`` current; its status, or None after a timeout
+        (the worker killed)."""
         s = self.settings
+        proc = worker.proc
         window = CpuShare(window_s=s.starved_window_s)
         t0 = time.monotonic()
+        cpu0 = process_cpu_seconds(proc.pid) or 0.0  # a warm worker's CPU time before this job
         cpu_s = 0.0
         while True:
-            try:
-                return proc.wait(timeout=POLL_S)
-            except subprocess.TimeoutExpired:
-                pass
+            rc = worker.wait_job(POLL_S)
             now = time.monotonic()
-            cpu_s = process_cpu_seconds(proc.pid) or cpu_s
+            cpu = process_cpu_seconds(proc.pid)
+            cpu_s = cpu - cpu0 if cpu is not None else cpu_s
+            if rc is not None:
+                self._cpu = {**self._cpu, "cpu_seconds": round(cpu_s, 2), "wall_seconds": round(now - t0, 1)}
+                return rc
             window.add(now, cpu_s)
             share = window.share()
             self._cpu = {"cpu_seconds": round(cpu_s, 2), "wall_seconds": round(now - t0, 1),
@@ -242,6 +391,7 @@ class CalibrationManager:
         return why
 
     def _publish(self, job_id: str, d: Path, st: dict, res: dict) -> None:
+        t_reg = time.perf_counter()
         staged = self.registry.new_staging(f"cal-{job_id}")
         shutil.move(str(d / "candidate" / "export"), staged / "export")
         shutil.move(str(d / "candidate" / CHECKPOINT), staged / CHECKPOINT)
@@ -252,12 +402,15 @@ class CalibrationManager:
         version = self.registry.add(staged, meta={"source": "calibration", "parent": st["base_version"],
                                                   "job": job_id, "calibration_source": st["source"],
                                                   "metrics": metrics, "gate_passed": passed})
+        st["timings"]["registry_s"] = round(time.perf_counter() - t_reg, 3)
         result = {**metrics, "gate": {"passed": passed, "forced": bool(st["force"]) and not passed,
                                       "rule": "candidate holdout R² ≥ live holdout R²"},
                   "seconds": res.get("seconds")}
         if passed or st["force"]:
+            t_swap = time.perf_counter()
             try:
                 swap = self._activate(version, f"calibration {job_id}" + (" (forced)" if not passed else ""))
+                st["timings"]["swap_s"] = round(time.perf_counter() - t_swap, 3)
             except Exception as exc:  # noqa: BLE001 - the candidate stays in the registry, not live
                 self._finish(d, st, "failed", version=version, live=False, result=result,
                              error=f"candidate kept as version {version} but it could not go live: {exc}")
@@ -270,6 +423,8 @@ class CalibrationManager:
 
     def _finish(self, d: Path, st: dict, state: str, **kw: Any) -> None:
         st.update(state=state, finished=time.time(), **kw)
+        timings = st.setdefault("timings", {})
+        timings["total_s"] = round(st["finished"] - st["created"] + timings.get("input_s", 0.0), 3)
         if self._cpu:
             st["cpu"] = dict(self._cpu)
         self._save(d, st)

@@ -92,7 +92,8 @@ class ControlPlane:
             "endpoints": {"ingest": st["ingest"], "publish": st["publish"]},
             "counters": snap["counters"], "rejected": snap["rejected"], "sequence": snap["sequence"],
             "stream": snap["stream"], "latency_ms": snap["latency_ms"], "adapters": snap["adapters"],
-            "calibration": {"running": self.calibration.busy(), "totals": dict(self.calibration.totals)},
+            "calibration": {"running": self.calibration.busy(), "totals": dict(self.calibration.totals),
+                            "worker": self.calibration.worker_status()},
             "swaps": st["swaps"], "startup": st["startup"],
         }
 

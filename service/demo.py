@@ -36,14 +36,14 @@ import time
 from pathlib import Path
 
 DEMO_CALIBRATION_ENV = {"RPNT_CALIBRATION__EPOCHS": "8", "RPNT_CALIBRATION__STEPS_PER_EPOCH": "10",
-                        "RPNT_CALIBRATION__PATIENCE": "4"}
+                        "RPNT_CALIBRATION__MAX_STEPS": "80", "RPNT_CALIBRATION__PATIENCE": "4"}
 
 
 class ServeProcess:
     """``rpnt serve`` as a child process: start it, wait for its ready line, stop it."""
 
     def __init__(self, *, model: Path, registry: Path, run_dir: Path, token: str, env: dict | None = None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, cwd: Path | None = None) -> None:
         self.ingest, self.publish = f"ipc://{run_dir / 'ingest'}", f"ipc://{run_dir / 'publish'}"
         cmd = [sys.executable, "-m", "rpnt_core.cli", "serve", "--model", str(model), "--registry", str(registry),
                "--http-port", "0", "--ingest", self.ingest, "--publish", self.publish, "--stats-interval", "0",
@@ -51,7 +51,7 @@ class ServeProcess:
         e = {**os.environ, "RPNT_API_TOKEN": token, "OMP_NUM_THREADS": "1", **(env or {})}
         self.log_path = run_dir / "serve.log"
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=e)
+                                     stderr=subprocess.PIPE, text=True, env=e, cwd=cwd)
         self.token = token
         self._lines: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)

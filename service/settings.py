@@ -141,10 +141,18 @@ class CalibrationSettings(_Section):
     threads: int = Field(1, ge=1, le=64, description="torch / BLAS threads of the calibration process")
     affinity: list[int] | None = Field(None, description="CPU ids the calibration process may run on (e.g. the "
                                                          "cores the decode thread is not pinned to)")
+    warm_worker: bool = Field(True, description="keep a calibration process started (torch and the exporters "
+                                                "imported) waiting for jobs, so that a job starts at once; "
+                                                "false: a new process per job")
     mode: Literal["head", "last", "full"] = Field("full", description="which weights are finetuned")
-    epochs: int = Field(12, ge=1, description="finetuning epochs (early stopping on validation R²)")
-    steps_per_epoch: int = Field(15, ge=1, description="optimizer steps per epoch")
+    epochs: int = Field(12, ge=1, description="most finetuning epochs (early stopping on validation R²)")
+    steps_per_epoch: int | None = Field(None, ge=1, description="optimizer steps per epoch (default: one pass "
+                                                               "over the training bins, so the steps grow with "
+                                                               "the data)")
+    max_steps: int = Field(16, ge=1, description="most optimizer steps in all (caps epochs × steps_per_epoch)")
     patience: int = Field(4, ge=1, description="epochs without validation improvement before stopping")
+    parity_bins: int = Field(64, ge=2, description="bins of each parity stream (random and the holdout's end) "
+                                                   "the candidate's ONNX step graph must match its checkpoint on")
     lr: float = Field(1e-3, gt=0, description="learning rate")
     train_fraction: float = Field(0.6, gt=0, lt=1, description="first part of the calibration data: training")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="next part: early stopping")

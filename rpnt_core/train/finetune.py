@@ -329,11 +329,20 @@ def finetune(session: Session, *, init: str | Path | None, options: FinetuneOpti
     result = {"target": session.target, **metrics, "splits": splits.as_dict(), "history": history, **provenance,
               "mode": options.mode, "channels": options.channels if provenance["init"] else "native"}
     if out is not None:
-        save_checkpoint(model.cpu(), out, meta={
-            "kind": "finetuned" if provenance["init"] else "scratch", "data_fingerprint": session.fingerprint(),
-            "metrics": metrics, "splits": splits.as_dict(), "source": session.source, **provenance,
-            "metadata": conditioning_metadata(session),
-            "finetune_options": asdict(options) | {"config_overrides": dict(options.config_overrides)}})
+        save_finetuned(model, out, session=session, options=options, splits=splits, metrics=metrics,
+                       provenance=provenance)
         Path(str(out) + ".history.json").write_text(json.dumps(history))
         result["checkpoint"] = str(out)
     return result
+
+
+def save_finetuned(model: RPNT, out: str | Path, *, session: Session, options: FinetuneOptions, splits: Splits,
+                   metrics: dict, provenance: dict) -> None:
+    """Save a model :func:`fit_decoder` trained on ``session`` (moved to the CPU) with the metadata
+    :func:`finetune` records: kind, data fingerprint, ``metrics``, splits, provenance, conditioning
+    metadata, options."""
+    save_checkpoint(model.cpu(), out, meta={
+        "kind": "finetuned" if provenance["init"] else "scratch", "data_fingerprint": session.fingerprint(),
+        "metrics": metrics, "splits": splits.as_dict(), "source": session.source, **provenance,
+        "metadata": conditioning_metadata(session),
+        "finetune_options": asdict(options) | {"config_overrides": dict(options.config_overrides)}})
