@@ -80,7 +80,8 @@ def test_the_poisoned_view_catches_a_decoder_that_reads_later_labels(day):
 
 def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "transfer.json"
-    only = ["wiener", "RPNT from scratch +norm", "ssl+norm, full FT", "last day's decoder, re-aligned (no labels)"]
+    only = ["wiener", "RPNT from scratch +norm", "supervised+norm, full FT core lr ×0.1",
+            "last day's decoder, re-aligned (no labels)"]
     assert bench_transfer.main(["--quick", "--budgets", "15,30", "--only", ";".join(only), "--out", str(out),
                                 "--workdir", str(tmp_path / "work")]) == 0
     res = json.loads(out.read_text())
@@ -93,7 +94,7 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     assert all(math.isfinite(r["test_r2"]) for r in res["rows"])
     assert {"pretraining_seconds", "calibration_and_test_seconds"} <= set(res["stages"])
     md = out.with_suffix(".md").read_text()
-    assert "| ssl+norm, full FT |" in md and "15 s" in md
+    assert "| supervised+norm, full FT core lr ×0.1 |" in md and "15 s" in md
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
