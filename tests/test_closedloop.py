@@ -169,12 +169,20 @@ def test_closed_loop_through_the_threaded_daemon_loses_no_bin_across_a_hot_swap(
             time.sleep(0.005)
         loop.stop()
         loop.join(LIVE)
-        hist_counts, hist_kin = be.daemon.recent_training_data(60.0)
+        # the last bins' KINEMATICS may still be in the daemon's socket: wait until they are in (a
+        # busy machine delays them; it never drops them)
+        applied_n = int(np.all(np.isfinite(loop.record.cursor_at_apply), axis=1).sum())
+        deadline = time.monotonic() + LIVE
+        while True:
+            hist_counts, hist_kin = be.daemon.recent_training_data(60.0)
+            if hist_kin.shape[0] >= applied_n or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         be.close()
     rec = loop.record
     n = loop.n_bins
-    assert 299 <= n <= 301 and rec.received.shape == (n,) and len(rec.cursor) == n
+    assert n >= 299 and rec.received.shape == (n,) and len(rec.cursor) == n  # stop() lands within a bin or more
     assert loop.bins_lost == 0 and rec.received.all()
     swaps = loop.swaps()
     assert len(swaps) == 1 and 100 <= swaps[0] < n
