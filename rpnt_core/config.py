@@ -58,13 +58,6 @@ class RPNTConfig:
     bin_s: bin width in seconds the model was trained at (travels to the daemon).
     subjects, sessions, tasks: metadata vocabularies; index 0 of each embedding is "unknown".
     use_date: condition on the recording date (continuous, days) through Fourier features.
-    mask_token: in masked pretraining, tell the encoder *which* inputs are hidden: a bias-free
-        linear map of the (N,) mask indicator is added to each bin's token (BERT's mask token,
-        per channel).  A zeroed count is otherwise indistinguishable from a silent channel.  No
-        mask = an all-zero indicator = no term, so the full forward without a mask, ``step()``
-        and every export are exactly the model without it.  Off in the presets: at this
-        project's CPU budget it did not lower the pretraining loss (synthetic held-out subject,
-        its own unlabelled bins only: validation NLL 0.5640 with vs 0.5636 without after 5 epochs).
     input_norm: standardise each input channel's sqrt(count) by the recording's own statistics
         before the read-in: ``(sqrt(x) − input_mean) / input_scale``, two (n_channels,) buffers of
         the model (see :func:`rpnt_core.data.normalise.sqrt_count_stats`), set from the unlabelled
@@ -100,7 +93,6 @@ class RPNTConfig:
     sessions: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
     use_date: bool = True
-    mask_token: bool = False
     input_norm: bool = True
     spatial_layers: int = 0
     spatial_heads: int = 4
@@ -190,11 +182,13 @@ class RPNTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RPNTConfig":
+        d = dict(d)
+        if d.pop("mask_token", False):  # a removed ablation (CHANGELOG); off in every preset
+            raise ConfigError("config: mask_token models are no longer supported (retrain without it)")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"config: unknown fields {sorted(unknown)}")
-        d = dict(d)
         d.setdefault("input_norm", False)  # written before the field existed: raw sqrt counts
         for k in ("subjects", "sessions", "tasks", "channel_map"):
             if k in d:

@@ -135,23 +135,3 @@ def test_poisson_read_outs_start_at_the_mean_rates():
         else:
             assert torch.allclose(core.rate_out.bias, torch.stack(want).mean(0))
 
-
-def test_mask_token_tells_the_encoder_what_is_hidden_and_vanishes_without_a_mask():
-    from rpnt_core import RPNT
-
-    from conftest import tiny_config
-
-    torch.manual_seed(0)
-    model = RPNT(tiny_config(mask_token=True)).eval()
-    x = torch.poisson(torch.rand(2, 20, 7) * 2)
-    g = torch.Generator().manual_seed(1)
-    mask = sample_mask(tuple(x.shape), generator=g)
-    with torch.no_grad():
-        plain = model(x)["log_rates"]
-        assert torch.equal(model(x, mask=torch.zeros_like(mask))["log_rates"], plain)  # no mask → no term
-        hidden = apply_mask(x, mask)
-        with_token = model(hidden, mask=mask)["log_rates"]
-        assert not torch.allclose(with_token, model(hidden)["log_rates"])  # the indicator reaches the output
-        later = mask.clone()
-        later[:, 12:] = ~later[:, 12:]  # a different mask after bin 11 ...
-        assert torch.equal(model(hidden, mask=later)["log_rates"][:, :12], with_token[:, :12])  # ... changes nothing before

@@ -186,3 +186,13 @@ def test_input_norm_is_on_by_default_and_a_config_written_before_it_existed_read
     old = tiny_config().to_dict()
     old.pop("input_norm")
     assert RPNTConfig.from_dict(old).input_norm is False
+
+
+def test_a_config_of_the_removed_mask_token_reads_when_off_and_is_refused_when_on():
+    from rpnt_core import RPNTConfig
+    from rpnt_core.config import ConfigError
+
+    old = tiny_config().to_dict()
+    assert RPNTConfig.from_dict({**old, "mask_token": False}) == RPNTConfig.from_dict(old)
+    with pytest.raises(ConfigError, match="mask_token"):
+        RPNTConfig.from_dict({**old, "mask_token": True})

@@ -53,7 +53,6 @@ class RPNT(nn.Module):
             raise TypeError(f"config: expected RPNTConfig, got {type(config).__name__}")
         self.config = c = config
         self.read_in = nn.Linear(c.n_channels, c.d_model)
-        self.mask_in = nn.Linear(c.n_channels, c.d_model, bias=False) if c.mask_token else None
         self.meta_embed = nn.ModuleDict({
             f: nn.Embedding(len(getattr(c, f + "s")) + 1, c.d_model) for f in META_FIELDS})
         for emb in self.meta_embed.values():
@@ -135,23 +134,15 @@ class RPNT(nn.Module):
         """Input counts (..., N_in) as the model's Poisson targets (..., N): through the channel map."""
         return counts if self.channel_index is None else counts.index_select(-1, self.channel_index)
 
-    def _embed(self, counts: Tensor, adapter: nn.Module | None, mask: Tensor | None = None,
+    def _embed(self, counts: Tensor, adapter: nn.Module | None,
                norm: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """(..., N_in) counts [+ mask, same shape, True = hidden] → (..., d) token embeddings
-        (before metadata).  With ``config.input_norm`` the sqrt counts are standardised by
+        """(..., N_in) counts → (..., d) token embeddings (before metadata).  With ``config.input_norm`` the sqrt counts are standardised by
         ``norm`` = (mean, scale) over the read-in's channels when given (pretraining: each
         recording's own statistics), else by the model's ``input_mean``/``input_scale``."""
         x = counts.float()
         if adapter is not None:
-            h = adapter.read_in(self._standardise(torch.sqrt(x), norm))
-            mask_in = getattr(adapter, "mask_in", None)
-        else:
-            h = self.read_in(self._standardise(torch.sqrt(self.units(x)), norm))  # (..., d)
-            mask_in = self.mask_in
-            mask = None if mask is None else self.units(mask)
-        if mask is not None and mask_in is not None:
-            h = h + mask_in(mask.to(h.dtype))  # (..., d)
-        return h
+            return adapter.read_in(self._standardise(torch.sqrt(x), norm))
+        return self.read_in(self._standardise(torch.sqrt(self.units(x)), norm))  # (..., d)
 
     def _standardise(self, s: Tensor, norm: tuple[Tensor, Tensor] | None) -> Tensor:
         """(..., N) sqrt counts, standardised per channel when ``config.input_norm`` (else as is)."""
@@ -167,14 +158,13 @@ class RPNT(nn.Module):
 
     def forward(self, counts: Tensor, metadata: Mapping[str, Tensor] | None = None, *,
                 site_xy: Tensor | None = None, start_position: int = 0,
-                adapter: nn.Module | None = None, mask: Tensor | None = None,
+                adapter: nn.Module | None = None,
                 norm: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """counts (B, T, N) [or (B, S, T, N)] → outputs for every bin; bin 0 starts the stream.
 
         ``adapter`` (pretraining with per-session read-ins): a module with ``read_in``
         (Linear(N_s → d)) and ``rate_out`` (Linear(d → N_s)) used instead of the model's own.
-        ``mask`` (masked pretraining): bool, the shape of ``counts``, True where the input was
-        hidden (see ``RPNTConfig.mask_token``); None at inference.  ``norm``: (mean, scale) of
+        ``norm``: (mean, scale) of
         this recording's sqrt counts for ``config.input_norm`` models (see :meth:`_embed`).
         """
         self._check_counts(counts, step=False, n=None if adapter is None else adapter.read_in.in_features)
@@ -185,8 +175,7 @@ class RPNT(nn.Module):
             s = x.shape[1]
             xy = self._site_xy(site_xy, b, s)
             x = x.flatten(0, 1)  # (B·S, T, N)
-            mask = None if mask is None else mask.flatten(0, 1)
-        h = self._embed(x, adapter, mask, norm)  # (B', T, d)
+        h = self._embed(x, adapter, norm)  # (B', T, d)
         bias = self.metadata_bias(metadata, b)  # (B, d)
         if multisite:
             bias = bias.repeat_interleave(s, dim=0)

@@ -165,7 +165,7 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
         provenance["channel_seed"] = seed
     else:
         cfg = base_cfg.replace(n_channels=n_in, n_outputs=d_out, input_channels=0, channel_map=(), **overrides)
-        state = {k: v for k, v in state.items() if not k.startswith(("read_in.", "rate_out.", "mask_in."))}
+        state = {k: v for k, v in state.items() if not k.startswith(("read_in.", "rate_out."))}
         if seen and seen["mode"] == "readin":  # the read-in this session got in pretraining
             prefix = f"readin.{session.session}."
             state.update({k.removeprefix(prefix): v for k, v in read_extra_tensors(init, prefix).items()})

@@ -112,12 +112,10 @@ class PretrainOptions:
 class SessionAdapter(nn.Module):
     """Per-session read-in / Poisson read-out for pretraining with native channel counts."""
 
-    def __init__(self, n_channels: int, d_model: int, *, mask_token: bool = False) -> None:
+    def __init__(self, n_channels: int, d_model: int) -> None:
         super().__init__()
         self.read_in = nn.Linear(n_channels, d_model)
         self.rate_out = nn.Linear(d_model, n_channels)
-        if mask_token:
-            self.mask_in = nn.Linear(n_channels, d_model, bias=False)
 
 
 class PretrainNet(nn.Module):
@@ -128,9 +126,9 @@ class PretrainNet(nn.Module):
         self.core = core
         self.adapters = nn.ModuleDict({_safe(k): v for k, v in (adapters or {}).items()})
 
-    def forward(self, counts, metadata, key: str, site_xy=None, mask=None, norm=None):
+    def forward(self, counts, metadata, key: str, site_xy=None, norm=None):
         adapter = self.adapters[_safe(key)] if len(self.adapters) else None
-        return self.core(counts, metadata, site_xy=site_xy, adapter=adapter, mask=mask, norm=norm)
+        return self.core(counts, metadata, site_xy=site_xy, adapter=adapter, norm=norm)
 
 
 def _safe(key: str) -> str:
@@ -208,7 +206,7 @@ def _loss(net: nn.Module, core: RPNT, stream: Stream, counts: torch.Tensor, *, g
     loss = torch.zeros((), device=device)
     if objective == "masked":
         mask = sample_mask(tuple(counts.shape), generator=gen, groups=stream.groups).to(device)
-        out = net(apply_mask(counts, mask), meta, stream.key, site_xy=stream.site_xy, mask=mask, norm=stream.norm)
+        out = net(apply_mask(counts, mask), meta, stream.key, site_xy=stream.site_xy, norm=stream.norm)
         loss = loss + masked_poisson_nll(out["log_rates"], counts, mask)
         if "site_latent" in out and contrastive_weight > 0 and counts.shape[0] > 1:
             loss = loss + contrastive_weight * site_contrastive_loss(out["site_latent"])
@@ -266,7 +264,7 @@ class _MeanRateNet(nn.Module):
         super().__init__()
         self.log_mean = {st.key: torch.log(_train_mean_counts(st) + 1e-6) for st in streams}
 
-    def forward(self, counts, metadata, key: str, site_xy=None, mask=None, norm=None):
+    def forward(self, counts, metadata, key: str, site_xy=None, norm=None):
         return {"log_rates": self.log_mean[key].expand_as(counts).to(counts.device)}
 
 
@@ -330,7 +328,7 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
         if not streams:
             raise ValueError("data: --spatial needs multi-site recordings (counts (S, T, N) with site_xy)")
     core = RPNT(config)
-    adapters = ({s.key: SessionAdapter(s.n_channels, config.d_model, mask_token=config.mask_token) for s in streams}
+    adapters = ({s.key: SessionAdapter(s.n_channels, config.d_model, ) for s in streams}
                 if options.channels == "readin" else None)
     init_rate_biases(core, streams, adapters)  # (a resumed run loads its own weights over this)
     if options.supervised:

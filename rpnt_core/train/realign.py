@@ -38,8 +38,7 @@ class RealignOptions:
 
 
 def _read_in_params(model: RPNT) -> list[torch.nn.Parameter]:
-    params = list(model.read_in.parameters())
-    return params + ([] if model.mask_in is None else list(model.mask_in.parameters()))
+    return list(model.read_in.parameters())
 
 
 def realign_input(model: RPNT, counts: np.ndarray, *, options: RealignOptions,
@@ -67,7 +66,7 @@ def realign_input(model: RPNT, counts: np.ndarray, *, options: RealignOptions,
         starts = rng.integers(0, c.shape[0] - window + 1, size=options.batch_size)
         x = x_all[torch.as_tensor(starts)[:, None] + torch.arange(window)[None, :]]  # (B, L, N_in)
         mask = sample_mask(tuple(x.shape), generator=gen)
-        out = model(apply_mask(x, mask), meta, mask=mask)
+        out = model(apply_mask(x, mask), meta)
         loss = masked_poisson_nll(out["log_rates"], model.units(x), model.units(mask))
         opt.zero_grad(set_to_none=True)
         loss.backward()
