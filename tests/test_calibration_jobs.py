@@ -17,9 +17,8 @@ import pytest
 
 from service.calibration import CalibrationManager
 from service.cpu_share import CpuShare, process_cpu_seconds
-from service.registry import CHECKPOINT, ModelRegistry
 from service.settings import CalibrationSettings
-from test_streaming_support import tiny_export
+from test_streaming_support import seeded_registry, tiny_export
 
 LIVE = 120.0  # liveness guard, never a timing assertion
 linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
@@ -57,11 +56,7 @@ def test_process_cpu_seconds_reads_this_process_and_none_for_a_missing_one():
 @pytest.fixture
 def manager_factory(tmp_path_factory, tmp_path):
     tiny = tiny_export(tmp_path_factory)
-    reg = ModelRegistry(root=tmp_path / "registry")
-    staged = reg.new_staging("base")
-    shutil.copytree(tiny["export"], staged / "export")
-    shutil.copy(tiny["ckpt"], staged / CHECKPOINT)
-    version = reg.add(staged, meta={"source": "test"})
+    reg, version = seeded_registry(tiny, tmp_path / "registry")
     made: list[CalibrationManager] = []
 
     def make(**settings) -> tuple[CalibrationManager, str, Path]:

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_streaming_support import tiny_export
+from test_streaming_support import seeded_registry, tiny_export
 
 from service.calibration import CalibrationManager
 from service.calibration_worker import training_plan
-from service.registry import CHECKPOINT, ModelRegistry
 from service.settings import CalibrationSettings
 
 LIVE = 300.0  # liveness guard, never a timing assertion
@@ -42,11 +41,7 @@ def test_training_grows_with_the_labelled_bins_up_to_the_cap():
 @pytest.fixture
 def manager(tmp_path_factory, tmp_path):
     tiny = tiny_export(tmp_path_factory)
-    reg = ModelRegistry(root=tmp_path / "registry")
-    staged = reg.new_staging("base")
-    shutil.copytree(tiny["export"], staged / "export")
-    shutil.copy(tiny["ckpt"], staged / CHECKPOINT)
-    version = reg.add(staged, meta={"source": "test"})
+    reg, version = seeded_registry(tiny, tmp_path / "registry")
     m = CalibrationManager(registry=reg, settings=CalibrationSettings(epochs=1, steps_per_epoch=2, patience=1,
                                                                       nice=0),
                            activate=lambda v, why: {"version": v, "reason": why})
@@ -160,11 +155,7 @@ def test_shutdown_stops_the_idle_warm_worker(manager):
 @linux_only
 def test_without_a_warm_worker_each_job_gets_its_own_process(tmp_path_factory, tmp_path):
     tiny = tiny_export(tmp_path_factory)
-    reg = ModelRegistry(root=tmp_path / "registry")
-    staged = reg.new_staging("base")
-    shutil.copytree(tiny["export"], staged / "export")
-    shutil.copy(tiny["ckpt"], staged / CHECKPOINT)
-    base = reg.add(staged, meta={"source": "test"})
+    reg, base = seeded_registry(tiny, tmp_path / "registry")
     m = CalibrationManager(registry=reg, settings=CalibrationSettings(epochs=1, steps_per_epoch=2, patience=1,
                                                                       nice=0, warm_worker=False),
                            activate=lambda v, why: {"version": v, "reason": why})

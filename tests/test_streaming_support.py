@@ -182,6 +182,18 @@ def _tiny_export_impl(root: Path) -> dict:
             "velocity": velocity, "config": cfg}
 
 
+def seeded_registry(tiny: dict, root: Path):
+    """A model registry at ``root`` whose one version is ``tiny_export``'s export and checkpoint;
+    returns (registry, version)."""
+    from service.registry import CHECKPOINT, ModelRegistry
+
+    reg = ModelRegistry(root=root)
+    staged = reg.new_staging("base")
+    shutil.copytree(tiny["export"], staged / "export")
+    shutil.copy(tiny["ckpt"], staged / CHECKPOINT)
+    return reg, reg.add(staged, meta={"source": "test"})
+
+
 def tiny_export(tmp_path_factory) -> dict:
     """A tiny random-weight RPNT: checkpoint, ONNX export (via the exporters package) and a
     labelled synthetic session — made once per test session and shared between modules."""
