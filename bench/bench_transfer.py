@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -56,6 +55,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from rpnt_core.data.quality import fit_for_target  # noqa: E402
 from rpnt_core.data.splits import calibration_view, label_budget_splits  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,14 +112,6 @@ class Scenario:
     dropped: list  # (session name, reason)
 
 
-def _clean(sessions: list, target: str) -> tuple[list, list]:
-    from rpnt_core.data.quality import split_flagged
-
-    sessions = [s.with_target(target) for s in sessions]
-    kept, flagged = split_flagged(sessions, labels=True)
-    return kept, [(q.session, "; ".join(q.flags)) for q in flagged]
-
-
 def _synthetic_days(quick_seed: int = 0) -> list:
     """Six short days of one simulated subject at 50 ms (the ``--quick`` stand-in for Spike)."""
     from rpnt_core.data import SimulationSpec, simulate_sessions
@@ -135,7 +127,7 @@ def scenarios(args) -> list[Scenario]:
 
     out = []
     if args.quick:
-        days, dropped = _clean(_synthetic_days(), "position")
+        days, dropped = fit_for_target(_synthetic_days(), "position")
         out.append(Scenario(name="spike", target="position", pool=days[:args.pool_days], tests=days[args.pool_days:],
                             dropped=dropped))
         return out
@@ -144,12 +136,12 @@ def scenarios(args) -> list[Scenario]:
         raise SystemExit(f"data: no Spike recordings under {SPIKE.name}/ (read-only shared data is absent)")
     spike = sorted((load_session(f) for f in files), key=lambda s: s.date_days)
     if "spike" in args.scenarios:
-        days, dropped = _clean(spike, "position")
+        days, dropped = fit_for_target(spike, "position")
         tests = [d for d in days[args.pool_days:] if not args.days or d.name in args.days]
         out.append(Scenario(name="spike", target="position", pool=days[:args.pool_days], tests=tests, dropped=dropped))
     nick = sorted(NICK.glob("Nick_CO_00*-binned.mat"))
     if "nick" in args.scenarios and len(nick) == 2:
-        days, dropped = _clean(spike, "velocity")
+        days, dropped = fit_for_target(spike, "velocity")
         n1, n2 = (load_session(f).with_target("velocity") for f in nick)
         out.append(Scenario(name="nick", target="velocity", pool=days[:args.pool_days] + [n1], tests=[n2],
                             dropped=dropped))

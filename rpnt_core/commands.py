@@ -53,7 +53,7 @@ def _refuse_flagged(session, *, labels: bool) -> None:
 
     q = assess_session(session, labels=labels)
     if q.flagged:
-        raise ValueError(f"data: {q.session} is flagged unfit to train on: {'; '.join(q.flags)} "
+        raise ValueError(f"data: {q.session} is flagged unfit to train on: {q.reason} "
                          "(--allow-flagged uses it anyway)")
 
 
@@ -63,7 +63,7 @@ def _drop_flagged(cmd: str, sessions: list) -> list:
 
     kept, flagged = split_flagged(sessions)
     for q in flagged:
-        print(f"rpnt {cmd}: skipping {q.session}: {'; '.join(q.flags)} (--allow-flagged keeps it)", file=sys.stderr)
+        print(f"rpnt {cmd}: skipping {q.session}: {q.reason} (--allow-flagged keeps it)", file=sys.stderr)
     if not kept:
         raise ValueError("data: every session is flagged unfit to train on (reasons above); --allow-flagged keeps them")
     return kept

@@ -83,12 +83,12 @@ def days_data(*, days: str, pool_days: int, label_seconds: float) -> DemoData:
 
     Raises ``ValueError`` naming ``days`` when fewer than ``pool_days`` + 1 clean recordings are there."""
     from .data import load_session
-    from .data.quality import split_flagged
+    from .data.quality import fit_for_target
     from .data.splits import label_budget_splits
 
     files = sorted(Path(days).glob("*.mat")) + sorted(Path(days).glob("*.npz"))
-    sessions = sorted((load_session(f).with_target(DAYS_TARGET) for f in files), key=lambda s: s.date_days)
-    kept, flagged = split_flagged(sessions, labels=True)
+    sessions = sorted((load_session(f) for f in files), key=lambda s: s.date_days)
+    kept, dropped = fit_for_target(sessions, DAYS_TARGET)
     if len(kept) < pool_days + 1:
         raise ValueError(f"days: {len(kept)} clean recordings with {DAYS_TARGET!r} under {Path(days).name}/, "
                          f"need {pool_days + 1}")
@@ -96,7 +96,7 @@ def days_data(*, days: str, pool_days: int, label_seconds: float) -> DemoData:
     splits = label_budget_splits(target.n_bins, bin_s=target.bin_s, seconds=label_seconds)
     return DemoData(target=target, splits=splits, pool=pool, n_simulated=0, label_seconds=label_seconds,
                     source=f"{target.name} (new day), pretraining on {', '.join(s.name for s in pool)}",
-                    dropped=tuple((q.session, "; ".join(q.flags)) for q in flagged))
+                    dropped=tuple(dropped))
 
 
 def run_demo(*, workdir: Path, data: DemoData, seed: int, preset: str, pretrain_epochs: int, steps_per_epoch: int,

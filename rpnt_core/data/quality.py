@@ -83,6 +83,11 @@ class SessionQuality:
     def flagged(self) -> bool:
         return bool(self.flags)
 
+    @property
+    def reason(self) -> str:
+        """The flags as one line ("" when none)."""
+        return "; ".join(self.flags)
+
     def to_dict(self) -> dict:
         """JSON-ready facts, with ``flagged``."""
         return {**asdict(self), "flagged": self.flagged}
@@ -221,3 +226,11 @@ def split_flagged(sessions: list[Session], *, labels: bool = False) -> tuple[lis
         else:
             kept.append(s)
     return kept, flagged
+
+
+def fit_for_target(sessions: list[Session], target: str) -> tuple[list[Session], list[tuple[str, str]]]:
+    """The sessions, decoding ``target``, that quality control passes with their labels judged
+    too (in order), and (session, reason) of those it flags.  Raises ``ValueError`` starting with
+    ``target:`` for a session without that series."""
+    kept, flagged = split_flagged([s.with_target(target) for s in sessions], labels=True)
+    return kept, [(q.session, q.reason) for q in flagged]
