@@ -89,8 +89,17 @@ def make_export(root: Path) -> Path:
     from rpnt_core import RPNT, RPNTConfig, load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
-    cfg = RPNTConfig(n_channels=N_CH, d_model=32, n_layers=1, n_heads=2, window=16, kernel_q=2, kernel_hidden=8,
-                     dropout=0.0, bin_s=BIN_NS / 1e9)
+    cfg = RPNTConfig(
+        n_channels=N_CH,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        window=16,
+        kernel_q=2,
+        kernel_hidden=8,
+        dropout=0.0,
+        bin_s=BIN_NS / 1e9,
+    )
     ckpt = root / "bench.safetensors"
     save_checkpoint(RPNT(cfg).eval(), ckpt, meta={"kind": "scratch", "data_fingerprint": "bench-adapters"})
     out = root / "export"
@@ -111,8 +120,12 @@ def stats(v: list[float]) -> dict:
     a = np.asarray(v, dtype=np.float64)
     if not a.size:
         return {"count": 0}
-    return {"count": int(a.size), "p50_ms": float(np.median(a)), "p99_ms": float(np.percentile(a, 99)),
-            "max_ms": float(a.max())}
+    return {
+        "count": int(a.size),
+        "p50_ms": float(np.median(a)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "max_ms": float(a.max()),
+    }
 
 
 class Bench:
@@ -131,8 +144,20 @@ class Bench:
         self.times: list = []
         self.tag = f"rpnt-bench-{os.getpid()}"
         self.redis_port, self.oe_port = _free_port(), _free_port(pair=True)
-        self.redis_proc = subprocess.Popen(["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                                            "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        self.redis_proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         self.r = redis.Redis(port=self.redis_port)
         _wait(self._redis_up, 30, "redis-server start")
         ctx = zmq.Context.instance()
@@ -140,24 +165,55 @@ class Bench:
         self.oe_pub.setsockopt(zmq.SNDHWM, 1_000_000)
         self.oe_pub.bind(f"tcp://127.0.0.1:{self.oe_port}")
         self.oe_num = 0
-        self.outlet = pylsl.StreamOutlet(pylsl.StreamInfo(f"{self.tag}-spikes", "spikes", 1, pylsl.IRREGULAR_RATE,
-                                                          pylsl.cf_int32, f"{self.tag}-spikes"))
+        self.outlet = pylsl.StreamOutlet(
+            pylsl.StreamInfo(
+                f"{self.tag}-spikes", "spikes", 1, pylsl.IRREGULAR_RATE, pylsl.cf_int32, f"{self.tag}-spikes"
+            )
+        )
         ipc = workdir / "ipc"
         ipc.mkdir()
         self.ingest, self.publish = f"ipc://{ipc}/in", f"ipc://{ipc}/out"
-        self.specs_in = [f"lsl:{self.tag}-spikes", f"redis:rig?port={self.redis_port}",
-                         f"openephys:tcp://127.0.0.1:{self.oe_port}?heartbeat=0"]
+        self.specs_in = [
+            f"lsl:{self.tag}-spikes",
+            f"redis:rig?port={self.redis_port}",
+            f"openephys:tcp://127.0.0.1:{self.oe_port}?heartbeat=0",
+        ]
         self.specs_out = [f"lsl:{self.tag}-pred", f"redis:pred?port={self.redis_port}"]
-        args = [sys.executable, "-m", "rpnt_core.cli", "serve", "--model", str(make_export(workdir)), "--registry",
-                str(workdir / "registry"), "--no-http", "--ingest", self.ingest, "--publish", self.publish,
-                "--stats-interval", "0", "--log-format", "json", "--gc-freeze", "--stall-ms", "500"]
+        args = [
+            sys.executable,
+            "-m",
+            "rpnt_core.cli",
+            "serve",
+            "--model",
+            str(make_export(workdir)),
+            "--registry",
+            str(workdir / "registry"),
+            "--no-http",
+            "--ingest",
+            self.ingest,
+            "--publish",
+            self.publish,
+            "--stats-interval",
+            "0",
+            "--log-format",
+            "json",
+            "--gc-freeze",
+            "--stall-ms",
+            "500",
+        ]
         for s in self.specs_in:
             args += ["--ingest-adapter", s]
         for s in self.specs_out:
             args += ["--publish-adapter", s]
         self.log = open(workdir / "serve.log", "w+")
-        self.serve = subprocess.Popen(args, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=self.log, env={**os.environ, "PYTHONPATH": str(REPO)})
+        self.serve = subprocess.Popen(
+            args,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         self.rig = RigClient(endpoint=self.ingest, source_id=7)
         self.sub = PredictionSubscriber(endpoint=self.publish, predictions_only=False)
         from streaming.client import wait_for_daemon
@@ -184,13 +240,28 @@ class Bench:
             t = time.monotonic_ns()
             self.outlet.push_chunk(ids, ts)
         elif path == "redis":
-            fields = {"channels": ch.astype("<u2").tobytes(), "times_ns": tm.astype("<i8").tobytes(), "clock_ns": end}
+            fields = {
+                "channels": ch.astype("<u2").tobytes(),
+                "times_ns": tm.astype("<i8").tobytes(),
+                "clock_ns": end,
+            }
             t = time.monotonic_ns()
             self.r.xadd("rig", fields)
         elif path == "openephys":  # the spikes, then the next buffer: the clock that closes the bin
             for c, s in zip(ch.tolist(), tm.tolist()):
-                self._oe("spike", {"spike": {"electrode": f"Electrode {c + 1}", "sample_num": s * RATE // 10**9,
-                                             "num_channels": 1, "num_samples": 1, "sorted_id": 0}}, b"\0" * 4)
+                self._oe(
+                    "spike",
+                    {
+                        "spike": {
+                            "electrode": f"Electrode {c + 1}",
+                            "sample_num": s * RATE // 10**9,
+                            "num_channels": 1,
+                            "num_samples": 1,
+                            "sorted_id": 0,
+                        }
+                    },
+                    b"\0" * 4,
+                )
             t = time.monotonic_ns()
             self._oe_data((k + 1) * PER_BIN)
         else:
@@ -200,12 +271,23 @@ class Bench:
 
     def _oe(self, kind: str, header: dict, data: bytes) -> None:
         self.oe_num += 1
-        self.oe_pub.send_multipart([kind.encode(), json.dumps({"message_num": self.oe_num, "type": kind,
-                                                               **header}).encode(), data])
+        self.oe_pub.send_multipart(
+            [kind.encode(), json.dumps({"message_num": self.oe_num, "type": kind, **header}).encode(), data]
+        )
 
     def _oe_data(self, start: int) -> None:
-        self._oe("data", {"content": {"channel_num": 0, "sample_num": start, "num_samples": PER_BIN,
-                                      "sample_rate": float(RATE)}}, b"\0" * (4 * PER_BIN))
+        self._oe(
+            "data",
+            {
+                "content": {
+                    "channel_num": 0,
+                    "sample_num": start,
+                    "num_samples": PER_BIN,
+                    "sample_rate": float(RATE),
+                }
+            },
+            b"\0" * (4 * PER_BIN),
+        )
 
     def start_stream(self, path: str) -> int:
         """Open a new stream on ``path`` (after :meth:`drain` ended the previous one); the bin index
@@ -298,18 +380,29 @@ class Bench:
         return stopped[-1]["snapshot"]["adapters"] if stopped else {}
 
 
-LABELS = {"native": "native (rpnt protocol)", "lsl": "LSL spike events in", "redis": "Redis stream in",
-          "openephys": "Open Ephys ZMQ Interface in", "lsl-out": "LSL outlet out", "redis-out": "Redis stream out"}
+LABELS = {
+    "native": "native (rpnt protocol)",
+    "lsl": "LSL spike events in",
+    "redis": "Redis stream in",
+    "openephys": "Open Ephys ZMQ Interface in",
+    "lsl-out": "LSL outlet out",
+    "redis-out": "Redis stream out",
+}
 
 
 def markdown_table(doc: dict) -> str:
     """The docs table (docs/adapters.md) from a result file: per path p50 / p99 and added vs native."""
-    rows = ["| path | p50 ms | p99 ms | added p50 ms | added p99 ms | bins lost |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| path | p50 ms | p99 ms | added p50 ms | added p99 ms | bins lost |",
+        "|---|---|---|---|---|---|",
+    ]
     for path, r in doc["results_ms"].items():
         add = doc["added_vs_native_ms"].get(path)
         added = f"{add['p50_ms']:+.2f} | {add['p99_ms']:+.2f}" if add else "— | —"
-        rows.append(f"| {LABELS.get(path, path)} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added} | "
-                    f"{r['bins_lost']} of {r['bins']} |")
+        rows.append(
+            f"| {LABELS.get(path, path)} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added} | "
+            f"{r['bins_lost']} of {r['bins']} |"
+        )
     return "\n".join(rows)
 
 
@@ -318,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bins", type=int, default=1500, help="bins per path (default 1500 = 30 s at 20 ms)")
     p.add_argument("--segment", type=int, default=100, help="bins per turn of a path (default 100)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "adapters.json"))
-    p.add_argument("--table", metavar="JSON", help="print the Markdown table of a result file and exit (no runs)")
+    p.add_argument(
+        "--table", metavar="JSON", help="print the Markdown table of a result file and exit (no runs)"
+    )
     a = p.parse_args(argv)
     if a.table:
         print(markdown_table(json.loads(Path(a.table).read_text())))
@@ -335,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # the paths take turns, a segment each, so that the host's load bursts hit all of them alike
             for start in range(0, a.bins, a.segment):
-                rows = b.counts[start:start + a.segment]
+                rows = b.counts[start : start + a.segment]
                 for path in paths:
                     seg, n_lost, n_stalled = b.run_segment(path, rows)
                     lat[path] += seg
@@ -344,27 +439,50 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{start + rows.shape[0]}/{a.bins} bins per path", flush=True)
         finally:
             counters = b.close()
-    results = {p: {**stats(lat[p]), "bins": a.bins, "bins_lost": lost[p], "bins_stalled": stalled[p]} for p in paths}
+    results = {
+        p: {**stats(lat[p]), "bins": a.bins, "bins_lost": lost[p], "bins_stalled": stalled[p]} for p in paths
+    }
     for path, r in results.items():
         nan = float("nan")
-        print(f"{path:10s} p50 {r.get('p50_ms', nan):7.3f} ms   p99 {r.get('p99_ms', nan):7.3f} ms"
-              f"   lost {r['bins_lost']}  stalled {r['bins_stalled']}")
+        print(
+            f"{path:10s} p50 {r.get('p50_ms', nan):7.3f} ms   p99 {r.get('p99_ms', nan):7.3f} ms"
+            f"   lost {r['bins_lost']}  stalled {r['bins_stalled']}"
+        )
     base = results["native"]
-    added = {path: {"p50_ms": results[path]["p50_ms"] - base["p50_ms"],
-                    "p99_ms": results[path]["p99_ms"] - base["p99_ms"]}
-             for path in INGEST_PATHS[1:] + PUBLISH_PATHS if results[path].get("count")}
-    print("added latency vs native (ms): " + ", ".join(f"{k} p50 {v['p50_ms']:+.3f} p99 {v['p99_ms']:+.3f}"
-                                                       for k, v in added.items()))
-    doc = {"benchmark": "bench/bench_adapters.py", "bins_per_path": a.bins, "segment_bins": a.segment,
-           "bin_ms": BIN_NS / 1e6,
-           "channels": N_CH, "pace": "real time",
-           "note": ("measured under load: a shared 2-core machine with other processes saturating the cores; "
-                    "end to end = just before the bin-closing message is sent -> the prediction is received by "
-                    "this process (same host, CLOCK_MONOTONIC); added = path minus native, same run"),
-           "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                       "cpus": os.cpu_count()},
-           "results_ms": results, "added_vs_native_ms": added, "adapter_counters": counters,
-           "seconds": round(time.time() - t_start, 1)}
+    added = {
+        path: {
+            "p50_ms": results[path]["p50_ms"] - base["p50_ms"],
+            "p99_ms": results[path]["p99_ms"] - base["p99_ms"],
+        }
+        for path in INGEST_PATHS[1:] + PUBLISH_PATHS
+        if results[path].get("count")
+    }
+    print(
+        "added latency vs native (ms): "
+        + ", ".join(f"{k} p50 {v['p50_ms']:+.3f} p99 {v['p99_ms']:+.3f}" for k, v in added.items())
+    )
+    doc = {
+        "benchmark": "bench/bench_adapters.py",
+        "bins_per_path": a.bins,
+        "segment_bins": a.segment,
+        "bin_ms": BIN_NS / 1e6,
+        "channels": N_CH,
+        "pace": "real time",
+        "note": (
+            "measured under load: a shared 2-core machine with other processes saturating the cores; "
+            "end to end = just before the bin-closing message is sent -> the prediction is received by "
+            "this process (same host, CLOCK_MONOTONIC); added = path minus native, same run"
+        ),
+        "machine": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+        "results_ms": results,
+        "added_vs_native_ms": added,
+        "adapter_counters": counters,
+        "seconds": round(time.time() - t_start, 1),
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {a.out}")

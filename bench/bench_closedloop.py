@@ -55,7 +55,15 @@ TOTAL_LOST = 0.15
 TOTAL_GAINED = 0.09
 
 from streaming.closedloop.session import (  # noqa: E402
-    BIN_S, ClosedLoopSpec, block_summary, fit_initial, make_participant, recalibrate, run_block, start_backend)
+    BIN_S,
+    ClosedLoopSpec,
+    block_summary,
+    fit_initial,
+    make_participant,
+    recalibrate,
+    run_block,
+    start_backend,
+)
 
 
 def log(*a) -> None:
@@ -81,10 +89,16 @@ def spike_days_rate_drift(days: int = 5) -> dict:
     for a, b in zip(rates[:-1], rates[1:]):
         lr = np.log((b + 0.5) / (a + 0.5))
         med = float(np.median(lr))
-        sig.append(float(1.4826 * np.median(np.abs(lr - med))))  # robust: channels that die are "lost", not drift
+        sig.append(
+            float(1.4826 * np.median(np.abs(lr - med)))
+        )  # robust: channels that die are "lost", not drift
         common.append(float(np.exp(med)))
-    return {"source": [f.name for f in files], "log_rate_sigma": float(np.median(sig)),
-            "per_pair_sigma": sig, "per_pair_common_ratio": common}
+    return {
+        "source": [f.name for f in files],
+        "log_rate_sigma": float(np.median(sig)),
+        "per_pair_sigma": sig,
+        "per_pair_common_ratio": common,
+    }
 
 
 def drift_stages(enc, n: int, sigma: float, seed: int) -> list:
@@ -98,15 +112,24 @@ def drift_stages(enc, n: int, sigma: float, seed: int) -> list:
     lost = np.zeros(enc.n_channels, bool)
     gained = np.zeros(enc.n_channels, bool)
     for s in range(1, n):
-        scale = scale * np.exp(rng.normal(0.0, sigma, enc.n_channels) - 0.5 * sigma ** 2)
+        scale = scale * np.exp(rng.normal(0.0, sigma, enc.n_channels) - 0.5 * sigma**2)
         alive = np.flatnonzero(~lost & ~gained)
         lose = rng.choice(alive, int(round(TOTAL_LOST / steps * enc.n_channels)), replace=False)
         lost[lose] = True
         dead = np.flatnonzero(lost)
-        gain = rng.choice(dead, min(dead.size, int(round(TOTAL_GAINED / steps * enc.n_channels))), replace=False)
+        gain = rng.choice(
+            dead, min(dead.size, int(round(TOTAL_GAINED / steps * enc.n_channels))), replace=False
+        )
         lost[gain], gained[gain] = False, True
-        out.append(enc.drifted(rotation_deg=TOTAL_ROTATION_DEG * s / steps, rate_scale=scale, lost=lost.copy(),
-                               gained=gained.copy(), seed=seed + s))
+        out.append(
+            enc.drifted(
+                rotation_deg=TOTAL_ROTATION_DEG * s / steps,
+                rate_scale=scale,
+                lost=lost.copy(),
+                gained=gained.copy(),
+                seed=seed + s,
+            )
+        )
     return out
 
 
@@ -121,7 +144,9 @@ def section_decoders(args, results: dict, save) -> None:
         spec = ClosedLoopSpec(decoder=dec, seconds=args.seconds, seed=args.seed, preset=args.preset)
         enc = make_participant(spec)
         wd = args.workdir / dec
-        init = fit_initial(spec, enc, workdir=args.workdir / "shared-initial" if dec == "rpnt" else wd, log=log)
+        init = fit_initial(
+            spec, enc, workdir=args.workdir / "shared-initial" if dec == "rpnt" else wd, log=log
+        )
         be = start_backend(spec, init, workdir=wd)
         try:
             log(f"[bench] {dec}: block 1")
@@ -144,14 +169,25 @@ def section_latency(args, results: dict, save) -> None:
     for dec in args.latency_decoders:
         spec = ClosedLoopSpec(decoder=dec, seconds=args.latency_s, seed=args.seed, preset=args.preset)
         enc = make_participant(spec)
-        init = fit_initial(spec, enc, workdir=args.workdir / "shared-initial" if dec == "rpnt" else
-                           args.workdir / dec, log=log)
+        init = fit_initial(
+            spec,
+            enc,
+            workdir=args.workdir / "shared-initial" if dec == "rpnt" else args.workdir / dec,
+            log=log,
+        )
         be = start_backend(spec, init, workdir=args.workdir / f"{dec}-latency")
         try:
             for ms in args.latencies:
                 log(f"[bench] latency {dec} +{ms:g} ms")
-                lp = run_block(be, enc, spec, seconds=args.latency_s, seed=args.seed + 7, labels=None,
-                               extra_latency_s=ms / 1e3)
+                lp = run_block(
+                    be,
+                    enc,
+                    spec,
+                    seconds=args.latency_s,
+                    seed=args.seed + 7,
+                    labels=None,
+                    extra_latency_s=ms / 1e3,
+                )
                 rows.append(_row(f"+{ms:g} ms", lp, decoder=dec, extra_latency_ms=ms))
                 save()
         finally:
@@ -163,8 +199,12 @@ def section_labels(args, results: dict, save) -> None:
     for dec in args.label_decoders:
         spec = ClosedLoopSpec(decoder=dec, seconds=args.seconds, seed=args.seed, preset=args.preset)
         enc = make_participant(spec)
-        init = fit_initial(spec, enc, workdir=args.workdir / "shared-initial" if dec == "rpnt" else
-                           args.workdir / dec, log=log)
+        init = fit_initial(
+            spec,
+            enc,
+            workdir=args.workdir / "shared-initial" if dec == "rpnt" else args.workdir / dec,
+            log=log,
+        )
         be = start_backend(spec, init, workdir=args.workdir / f"{dec}-labels")
         try:
             base = be.status()["model"]["registry_version"] if dec == "rpnt" else None
@@ -186,15 +226,25 @@ def section_labels(args, results: dict, save) -> None:
 
 def section_drift(args, results: dict, save) -> None:
     drift = spike_days_rate_drift()
-    out = results.setdefault("drift", {"rate_drift": drift, "arms": {}, "stages": args.stages,
-                                       "stage_s": args.stage_s, "rotation_total_deg": TOTAL_ROTATION_DEG,
-                                       "lost_total": TOTAL_LOST, "gained_total": TOTAL_GAINED})
+    out = results.setdefault(
+        "drift",
+        {
+            "rate_drift": drift,
+            "arms": {},
+            "stages": args.stages,
+            "stage_s": args.stage_s,
+            "rotation_total_deg": TOTAL_ROTATION_DEG,
+            "lost_total": TOTAL_LOST,
+            "gained_total": TOTAL_GAINED,
+        },
+    )
     dec = args.drift_decoder
     spec = ClosedLoopSpec(decoder=dec, seconds=args.stage_s, seed=args.seed, preset=args.preset)
     enc = make_participant(spec)
     stages = drift_stages(enc, args.stages, drift["log_rate_sigma"], args.seed + 11)
-    init = fit_initial(spec, enc, workdir=args.workdir / "shared-initial" if dec == "rpnt" else args.workdir / dec,
-                       log=log)
+    init = fit_initial(
+        spec, enc, workdir=args.workdir / "shared-initial" if dec == "rpnt" else args.workdir / dec, log=log
+    )
     for arm in args.drift_arms:
         be = start_backend(spec, init, workdir=args.workdir / f"drift-{arm}")
         marks: list[dict] = []
@@ -227,11 +277,19 @@ def section_drift(args, results: dict, save) -> None:
             hi = m["end_bin"] * BIN_S
             from streaming.closedloop.metrics import summarise
 
-            before = [t for t in trials if m["start_bin"] * BIN_S <= t["start_s"] and t["end_s"] <= lo] \
-                if "after_bin" in m else None
+            before = (
+                [t for t in trials if m["start_bin"] * BIN_S <= t["start_s"] and t["end_s"] <= lo]
+                if "after_bin" in m
+                else None
+            )
             win = [t for t in trials if lo <= t["start_s"] and t["end_s"] <= hi]
-            per_stage.append({**m, "measured": summarise(win),
-                              **({"before_recal": summarise(before)} if before is not None else {})})
+            per_stage.append(
+                {
+                    **m,
+                    "measured": summarise(win),
+                    **({"before_recal": summarise(before)} if before is not None else {}),
+                }
+            )
         out["arms"][arm] = {"stages": per_stage, "summary": lp.summary(), "swap_lag": swap_lag(lp)}
         save()
 
@@ -241,13 +299,22 @@ def swap_lag(loop, half: int = 25) -> list[dict]:
     bins: median and max) against the whole block's median and p99 — a swap must not show as a spike."""
     lag = loop.record.recv_lag_s * 1e3
     ok = np.isfinite(lag)
-    whole = {"median": float(np.median(lag[ok])), "p99": float(np.percentile(lag[ok], 99))} if ok.any() else {}
+    whole = (
+        {"median": float(np.median(lag[ok])), "p99": float(np.percentile(lag[ok], 99))} if ok.any() else {}
+    )
     out = []
     for b in loop.swaps():
-        w = lag[max(0, b - half): b + half]
+        w = lag[max(0, b - half) : b + half]
         w = w[np.isfinite(w)]
-        out.append({"swap_bin": b, "around_median_ms": float(np.median(w)), "around_max_ms": float(w.max()),
-                    "block_median_ms": whole.get("median"), "block_p99_ms": whole.get("p99")})
+        out.append(
+            {
+                "swap_bin": b,
+                "around_median_ms": float(np.median(w)),
+                "around_max_ms": float(w.max()),
+                "block_median_ms": whole.get("median"),
+                "block_p99_ms": whole.get("p99"),
+            }
+        )
     return out
 
 
@@ -260,48 +327,77 @@ def write_markdown(path: Path, res: dict) -> None:
     def f(x, p=2):
         return "–" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))
 
-    L = [f"# Closed-loop benchmark ({res['meta']['when']})", "",
-         f"Measured under load on a shared 2-core host (load average at start {res['meta']['load_start']}, at end "
-         f"{res['meta'].get('load_end')}); real-time 20 ms bins through the real daemon; seed {res['meta']['seed']}. "
-         "Written by bench/bench_closedloop.py.", ""]
+    L = [
+        f"# Closed-loop benchmark ({res['meta']['when']})",
+        "",
+        f"Measured under load on a shared 2-core host (load average at start {res['meta']['load_start']}, at end "
+        f"{res['meta'].get('load_end')}); real-time 20 ms bins through the real daemon; seed {res['meta']['seed']}. "
+        "Written by bench/bench_closedloop.py.",
+        "",
+    ]
     if res.get("decoders"):
-        L += ["## Decoders side by side (center-out, same seed)", "",
-              "| decoder | block | success | median time to target (s) | dial-in (s) | path eff. | bitrate (bits/s) "
-              "| bins lost | loop overruns |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        L += [
+            "## Decoders side by side (center-out, same seed)",
+            "",
+            "| decoder | block | success | median time to target (s) | dial-in (s) | path eff. | bitrate (bits/s) "
+            "| bins lost | loop overruns |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in res["decoders"]:
-            L.append(f"| {r['decoder']} | {r['name']} | {f(r['success_rate'])} | {f(r['median_time_to_target_s'])} | "
-                     f"{f(r['median_dial_in_s'])} | {f(r['median_path_efficiency'])} | {f(r['bitrate_bps'])} | "
-                     f"{r['bins_lost']} | {r['loop_overruns']} |")
+            L.append(
+                f"| {r['decoder']} | {r['name']} | {f(r['success_rate'])} | {f(r['median_time_to_target_s'])} | "
+                f"{f(r['median_dial_in_s'])} | {f(r['median_path_efficiency'])} | {f(r['bitrate_bps'])} | "
+                f"{r['bins_lost']} | {r['loop_overruns']} |"
+            )
         L.append("")
     if res.get("labels"):
-        L += ["## Recalibration labels", "", "| decoder | labels | success | time to target (s) | bitrate | job |",
-              "|---|---|---:|---:|---:|---|"]
+        L += [
+            "## Recalibration labels",
+            "",
+            "| decoder | labels | success | time to target (s) | bitrate | job |",
+            "|---|---|---:|---:|---:|---|",
+        ]
         for r in res["labels"]:
-            L.append(f"| {r['decoder']} | {r['labels']} | {f(r['success_rate'])} | {f(r['median_time_to_target_s'])} "
-                     f"| {f(r['bitrate_bps'])} | {r['calibration'].get('state')} |")
+            L.append(
+                f"| {r['decoder']} | {r['labels']} | {f(r['success_rate'])} | {f(r['median_time_to_target_s'])} "
+                f"| {f(r['bitrate_bps'])} | {r['calibration'].get('state')} |"
+            )
         L.append("")
     if res.get("latency"):
-        L += ["## Injected latency", "", "| decoder | extra latency (ms) | success | time to target (s) | bitrate "
-              "| bins lost |", "|---|---:|---:|---:|---:|---:|"]
+        L += [
+            "## Injected latency",
+            "",
+            "| decoder | extra latency (ms) | success | time to target (s) | bitrate | bins lost |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for r in res["latency"]:
-            L.append(f"| {r['decoder']} | {r['extra_latency_ms']:g} | {f(r['success_rate'])} | "
-                     f"{f(r['median_time_to_target_s'])} | {f(r['bitrate_bps'])} | {r['bins_lost']} |")
+            L.append(
+                f"| {r['decoder']} | {r['extra_latency_ms']:g} | {f(r['success_rate'])} | "
+                f"{f(r['median_time_to_target_s'])} | {f(r['bitrate_bps'])} | {r['bins_lost']} |"
+            )
         L.append("")
     if res.get("drift", {}).get("arms"):
         d = res["drift"]
-        L += ["## Drift and recovery", "",
-              f"Rate drift: a random walk reaching log-rate σ {d['rate_drift']['log_rate_sigma']:.3f} at the last stage "
-              f"({'Spike days' if d['rate_drift']['source'] != 'fallback' else 'fallback'}); rotation "
-              f"{d.get('rotation_total_deg', TOTAL_ROTATION_DEG):g}° in all; {d.get('lost_total', TOTAL_LOST):.0%} of "
-              f"channels lost, {d.get('gained_total', TOTAL_GAINED):.0%} gained in all, in {d.get('stages')} stages of "
-              f"{d.get('stage_s')} s (drift steps between stages).", "", "| arm | stage | success (measured window) | success before recal | job | bins lost (arm) |",
-              "|---|---:|---:|---:|---|---:|"]
+        L += [
+            "## Drift and recovery",
+            "",
+            f"Rate drift: a random walk reaching log-rate σ {d['rate_drift']['log_rate_sigma']:.3f} at the last stage "
+            f"({'Spike days' if d['rate_drift']['source'] != 'fallback' else 'fallback'}); rotation "
+            f"{d.get('rotation_total_deg', TOTAL_ROTATION_DEG):g}° in all; {d.get('lost_total', TOTAL_LOST):.0%} of "
+            f"channels lost, {d.get('gained_total', TOTAL_GAINED):.0%} gained in all, in {d.get('stages')} stages of "
+            f"{d.get('stage_s')} s (drift steps between stages).",
+            "",
+            "| arm | stage | success (measured window) | success before recal | job | bins lost (arm) |",
+            "|---|---:|---:|---:|---|---:|",
+        ]
         for arm, a in d["arms"].items():
             for s in a["stages"]:
-                L.append(f"| {arm} | {s['stage']} | {f(s['measured']['success_rate'])} "
-                         f"({s['measured']['n_trials']} trials) | "
-                         f"{f((s.get('before_recal') or {}).get('success_rate'))} | "
-                         f"{(s.get('calibration') or {}).get('state', '')} | {a['summary']['bins_lost']} |")
+                L.append(
+                    f"| {arm} | {s['stage']} | {f(s['measured']['success_rate'])} "
+                    f"({s['measured']['n_trials']} trials) | "
+                    f"{f((s.get('before_recal') or {}).get('success_rate'))} | "
+                    f"{(s.get('calibration') or {}).get('state', '')} | {a['summary']['bins_lost']} |"
+                )
         L.append("")
     path.write_text("\n".join(L))
 
@@ -319,21 +415,36 @@ def plot(path: Path, res: dict) -> None:
     ax[0].set_xticks(range(len(dec)), names, fontsize=7)
     ax[0].set_ylabel("success rate")
     for i, r in enumerate(dec):
-        ax[0].text(i, (r["success_rate"] or 0) + 0.02, f"{r['bitrate_bps'] or 0:.2f} b/s", ha="center", fontsize=7)
+        ax[0].text(
+            i, (r["success_rate"] or 0) + 0.02, f"{r['bitrate_bps'] or 0:.2f} b/s", ha="center", fontsize=7
+        )
     ax[0].set_ylim(0, 1.15)
     ax[0].set_title("decoders (bar label: Fitts bitrate)")
     for d in sorted({r["decoder"] for r in res.get("latency") or []}):
         rs = [r for r in res["latency"] if r["decoder"] == d]
-        ax[1].plot([r["extra_latency_ms"] for r in rs], [r["success_rate"] or 0 for r in rs], "o-", label=f"{d} success")
-        ax[1].plot([r["extra_latency_ms"] for r in rs], [r["bitrate_bps"] or 0 for r in rs], "s--",
-                   label=f"{d} bitrate (b/s)")
+        ax[1].plot(
+            [r["extra_latency_ms"] for r in rs],
+            [r["success_rate"] or 0 for r in rs],
+            "o-",
+            label=f"{d} success",
+        )
+        ax[1].plot(
+            [r["extra_latency_ms"] for r in rs],
+            [r["bitrate_bps"] or 0 for r in rs],
+            "s--",
+            label=f"{d} bitrate (b/s)",
+        )
     ax[1].set_xlabel("extra latency (ms)")
     if res.get("latency"):
         ax[1].legend(fontsize=7)
     ax[1].set_title("injected latency")
     for arm, a in (res.get("drift") or {}).get("arms", {}).items():
-        ax[2].plot([s["stage"] for s in a["stages"]], [s["measured"]["success_rate"] or 0 for s in a["stages"]],
-                   "o-", label=f"{arm}")
+        ax[2].plot(
+            [s["stage"] for s in a["stages"]],
+            [s["measured"]["success_rate"] or 0 for s in a["stages"]],
+            "o-",
+            label=f"{arm}",
+        )
     ax[2].set_xlabel("drift stage")
     ax[2].set_ylabel("success rate")
     ax[2].set_ylim(-0.05, 1.05)
@@ -372,10 +483,16 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     prev = json.loads(args.out.read_text()) if args.out.exists() else {}
     res = {k: v for k, v in prev.items() if k != "meta"}
-    res["meta"] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
-                   "cpus": os.cpu_count(), "load_start": [round(x, 2) for x in os.getloadavg()], "seed": args.seed,
-                   "note": "measured under load on a shared 2-core host; real time, so a loaded host shows as "
-                           "loop overruns and receive lag", "argv": sys.argv[1:]}
+    res["meta"] = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "load_start": [round(x, 2) for x in os.getloadavg()],
+        "seed": args.seed,
+        "note": "measured under load on a shared 2-core host; real time, so a loaded host shows as "
+        "loop overruns and receive lag",
+        "argv": sys.argv[1:],
+    }
 
     def save() -> None:
         res["meta"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -392,12 +509,18 @@ def main() -> int:
         log(f"[bench] section {name}")
         if name in ("decoders", "latency", "labels", "drift"):
             res.pop(name, None)
-        {"decoders": section_decoders, "latency": section_latency, "labels": section_labels,
-         "drift": section_drift}[name](args, res, save)
+        {
+            "decoders": section_decoders,
+            "latency": section_latency,
+            "labels": section_labels,
+            "drift": section_drift,
+        }[name](args, res, save)
         save()
     for r in res.get("decoders", []):
-        log(f"{r['decoder']:>7} {r['name']:<20} success {r['success_rate']} time-to-target "
-            f"{r['median_time_to_target_s']} bitrate {r['bitrate_bps']} bins lost {r['bins_lost']}")
+        log(
+            f"{r['decoder']:>7} {r['name']:<20} success {r['success_rate']} time-to-target "
+            f"{r['median_time_to_target_s']} bitrate {r['bitrate_bps']} bins lost {r['bins_lost']}"
+        )
     return 0
 
 

@@ -58,14 +58,19 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-REAL = {"stevenson": DATA / "stevenson2011_m1_centerout" / "StevensonV2.mat",
-        "contdata95": DATA / "contdata95_bme517" / "contdata95.mat"}
+REAL = {
+    "stevenson": DATA / "stevenson2011_m1_centerout" / "StevensonV2.mat",
+    "contdata95": DATA / "contdata95_bme517" / "contdata95.mat",
+}
 
 
 def recipe(quick: bool) -> dict:
     """The RPNT recipe used for every target (the same for scratch and pretrained)."""
-    budget = (dict(pre_epochs=2, pre_steps=10, ft_epochs=3, ft_steps=5, patience=3) if quick else
-              dict(pre_epochs=12, pre_steps=50, ft_epochs=40, ft_steps=20, patience=8))
+    budget = (
+        dict(pre_epochs=2, pre_steps=10, ft_epochs=3, ft_steps=5, patience=3)
+        if quick
+        else dict(pre_epochs=12, pre_steps=50, ft_epochs=40, ft_steps=20, patience=8)
+    )
     # target_share: the target's unlabelled training bins get a quarter of the pretraining batches
     # (by length they were ≈ 6 % of Stevenson's pool, too few for its read-in to learn anything).
     return dict(**budget, target_share=0.25)
@@ -81,18 +86,32 @@ def targets(seed: int, quick: bool):
     out = []
     for name, sess in real.items():
         others = [s for k, s in real.items() if k != name]
-        sims = simulate_sessions(SimulationSpec(n_subjects=3, sessions_per_subject=2, bin_s=float(sess.bin_s),
-                                                bins_per_session=(3000, 4000), n_multisite_subjects=0), seed=seed)
+        sims = simulate_sessions(
+            SimulationSpec(
+                n_subjects=3,
+                sessions_per_subject=2,
+                bin_s=float(sess.bin_s),
+                bins_per_session=(3000, 4000),
+                n_multisite_subjects=0,
+            ),
+            seed=seed,
+        )
         out.append((name, sess, others + sims))
-    sims = simulate_sessions(SimulationSpec(n_subjects=4, sessions_per_subject=3, n_multisite_subjects=1), seed=seed)
+    sims = simulate_sessions(
+        SimulationSpec(n_subjects=4, sessions_per_subject=3, n_multisite_subjects=1), seed=seed
+    )
     held = sims[0].subject
     target = max((s for s in sims if s.subject == held), key=lambda s: s.n_bins)
     others = [s for s in sims if s.subject != held]
     out.append((f"synthetic-heldout-{held}", target, others))
     # The same held-out subject recorded for 10 minutes (the real sessions are 13 and 26 min), same
     # pretraining pool: its 20 % split is 2 min of calibration and its test split 2 min, not 11 s.
-    long = simulate_sessions(SimulationSpec(n_subjects=1, sessions_per_subject=1, bins_per_session=(30000, 30000),
-                                            n_multisite_subjects=0), seed=seed)[0]
+    long = simulate_sessions(
+        SimulationSpec(
+            n_subjects=1, sessions_per_subject=1, bins_per_session=(30000, 30000), n_multisite_subjects=0
+        ),
+        seed=seed,
+    )[0]
     out.append((f"synthetic-heldout-{held}-10min", long, others))
     if quick:
         out = [(n, t.slice_bins(0, min(t.n_bins, 3000)), p[:2]) for n, t, p in out]
@@ -105,7 +124,9 @@ def probe(model, session, splits) -> float:
     from rpnt_core.evaluate.probe import linear_probe_r2
 
     model.eval()
-    return linear_probe_r2(predict_session(model, session, output="latent"), session.velocity, splits)["test_r2"]
+    return linear_probe_r2(predict_session(model, session, output="latent"), session.velocity, splits)[
+        "test_r2"
+    ]
 
 
 def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -124,26 +145,60 @@ def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
     rows, probes = [], []
     name, target, pool = targets(args.data_seed, args.quick)[index]
     splits = contiguous_splits(target.n_bins, train_fraction=args.train_fraction)
-    print(f"\n== {name} (seed {seed}): {target.n_bins} bins × {target.n_channels} channels, {target.bin_s * 1e3:.0f} ms, "
-          f"splits {splits.as_dict()}", flush=True)
+    print(
+        f"\n== {name} (seed {seed}): {target.n_bins} bins × {target.n_channels} channels, {target.bin_s * 1e3:.0f} ms, "
+        f"splits {splits.as_dict()}",
+        flush=True,
+    )
 
     def record(decoder: str, r2: float, per_dim, seconds: float, **extra):
-        rows.append({"session": name, "decoder": decoder, "seed": seed, "test_r2": r2, "r2_per_dim": per_dim,
-                     "seconds": round(seconds, 1), **extra})
+        rows.append(
+            {
+                "session": name,
+                "decoder": decoder,
+                "seed": seed,
+                "test_r2": r2,
+                "r2_per_dim": per_dim,
+                "seconds": round(seconds, 1),
+                **extra,
+            }
+        )
         print(f"  {name} (seed {seed}): {decoder:<34} R² {r2:.4f}  ({seconds:.0f} s)", flush=True)
 
     for b in args.baselines:
         t = time.time()
         r = evaluate_baseline(b, target, splits, seed=seed)
         record(f"baseline: {b}", r["r2"], r["r2_per_dim"], time.time() - t)
-    ft = dict(epochs=rc["ft_epochs"], steps_per_epoch=rc["ft_steps"], patience=rc["patience"], lr=1e-3,
-              train_fraction=args.train_fraction, seed=seed,
-              device="cpu", progress=False, config_overrides=MODEL)
-    probes.append({"session": name, "features": "sqrt counts", "seed": seed, "test_r2": linear_probe_r2(
-        np.sqrt(np.asarray(target.counts, np.float64)), target.velocity, splits)["test_r2"]})
+    ft = dict(
+        epochs=rc["ft_epochs"],
+        steps_per_epoch=rc["ft_steps"],
+        patience=rc["patience"],
+        lr=1e-3,
+        train_fraction=args.train_fraction,
+        seed=seed,
+        device="cpu",
+        progress=False,
+        config_overrides=MODEL,
+    )
+    probes.append(
+        {
+            "session": name,
+            "features": "sqrt counts",
+            "seed": seed,
+            "test_r2": linear_probe_r2(
+                np.sqrt(np.asarray(target.counts, np.float64)), target.velocity, splits
+            )["test_r2"],
+        }
+    )
     torch.manual_seed(seed)  # the random init must not depend on what this worker process ran before
-    probes.append({"session": name, "features": "random-init encoder latent", "seed": seed, "test_r2": probe(
-        build_model(target, None, FinetuneOptions(**ft))[0], target, splits)})
+    probes.append(
+        {
+            "session": name,
+            "features": "random-init encoder latent",
+            "seed": seed,
+            "test_r2": probe(build_model(target, None, FinetuneOptions(**ft))[0], target, splits),
+        }
+    )
     t = time.time()
     r = finetune(target, init=None, options=FinetuneOptions(**ft), out=None, splits=splits)
     record("RPNT from scratch", r["test_r2"], r["test_r2_per_dim"], time.time() - t, val_r2=r["val_r2"])
@@ -151,29 +206,66 @@ def run_target(args, index: int, seed: int) -> tuple[list[dict], list[dict]]:
     for channels in args.channels:
         t = time.time()
         pre_path = work / f"{name}-{channels}-seed{seed}-pre.safetensors"
-        for stale in (pre_path, pre_path.with_suffix(".log.jsonl"), pre_path.with_suffix(".resume.safetensors")):
+        for stale in (
+            pre_path,
+            pre_path.with_suffix(".log.jsonl"),
+            pre_path.with_suffix(".resume.safetensors"),
+        ):
             stale.unlink(missing_ok=True)
-        pre = pretrain(pool + [unlabelled], options=PretrainOptions(
-            epochs=rc["pre_epochs"], steps_per_epoch=rc["pre_steps"], channels=channels, seed=seed,
-            target_share=rc["target_share"], device="cpu", progress=False, config_overrides=MODEL), out=pre_path)
+        pre = pretrain(
+            pool + [unlabelled],
+            options=PretrainOptions(
+                epochs=rc["pre_epochs"],
+                steps_per_epoch=rc["pre_steps"],
+                channels=channels,
+                seed=seed,
+                target_share=rc["target_share"],
+                device="cpu",
+                progress=False,
+                config_overrides=MODEL,
+            ),
+            out=pre_path,
+        )
         t_pre = time.time() - t
-        met = build_model(target, pre_path, FinetuneOptions(**ft, channels=channels))[0]  # as finetuning meets it
-        probes.append({"session": name, "features": f"pretrained encoder latent ({channels})", "seed": seed,
-                       "test_r2": probe(met, target, splits)})
+        met = build_model(target, pre_path, FinetuneOptions(**ft, channels=channels))[
+            0
+        ]  # as finetuning meets it
+        probes.append(
+            {
+                "session": name,
+                "features": f"pretrained encoder latent ({channels})",
+                "seed": seed,
+                "test_r2": probe(met, target, splits),
+            }
+        )
         gain = forecast_gain(met, target, splits)["gain"]
         t = time.time()
-        r = finetune(target, init=pre_path, options=FinetuneOptions(**ft, channels=channels), out=None,
-                     splits=splits)
-        record(f"RPNT pretrained + FS-SFT ({channels})", r["test_r2"], r["test_r2_per_dim"], time.time() - t,
-               val_r2=r["val_r2"], pretrain_seconds=round(t_pre, 1), pretrain_val_nll=pre["best_val_loss"],
-               pretrain_val_nll_mean_rate=pre["val_loss_mean_rate"], target_forecast_gain=gain)
+        r = finetune(
+            target, init=pre_path, options=FinetuneOptions(**ft, channels=channels), out=None, splits=splits
+        )
+        record(
+            f"RPNT pretrained + FS-SFT ({channels})",
+            r["test_r2"],
+            r["test_r2_per_dim"],
+            time.time() - t,
+            val_r2=r["val_r2"],
+            pretrain_seconds=round(t_pre, 1),
+            pretrain_val_nll=pre["best_val_loss"],
+            pretrain_val_nll_mean_rate=pre["val_loss_mean_rate"],
+            target_forecast_gain=gain,
+        )
     return rows, probes
 
 
 def run_identity(args) -> dict:
     """What a cell's numbers depend on besides its seed; cells of runs that agree on it can be reused."""
-    return {"recipe": recipe(args.quick), "train_fraction": args.train_fraction, "data_seed": args.data_seed,
-            "model_overrides": dict(MODEL), "quick": args.quick}
+    return {
+        "recipe": recipe(args.quick),
+        "train_fraction": args.train_fraction,
+        "data_seed": args.data_seed,
+        "model_overrides": dict(MODEL),
+        "quick": args.quick,
+    }
 
 
 def reusable(args, paths: list[str]) -> dict[tuple[int, str], tuple[str, list[dict], list[dict]]]:
@@ -193,10 +285,18 @@ def reusable(args, paths: list[str]) -> dict[tuple[int, str], tuple[str, list[di
             raise SystemExit(f"--reuse {path}: cannot read it as a result file ({exc})") from None
         diff = [k for k in here if old.get(k) != here[k]]
         if diff:
-            raise SystemExit(f"--reuse {path}: made with a different {', '.join(diff)}; rerun those cells instead")
+            raise SystemExit(
+                f"--reuse {path}: made with a different {', '.join(diff)}; rerun those cells instead"
+            )
         for key in dict.fromkeys((r["seed"], r["session"]) for r in old["rows"]):
-            cells.setdefault(key, (path, [r for r in old["rows"] if (r["seed"], r["session"]) == key],
-                                   [p for p in old.get("probes", []) if (p["seed"], p["session"]) == key]))
+            cells.setdefault(
+                key,
+                (
+                    path,
+                    [r for r in old["rows"] if (r["seed"], r["session"]) == key],
+                    [p for p in old.get("probes", []) if (p["seed"], p["session"]) == key],
+                ),
+            )
     return cells
 
 
@@ -208,7 +308,12 @@ def run(args) -> dict:
     if unknown:
         raise SystemExit(f"--only: unknown targets {sorted(unknown)}; choose from {names}")
     cells = reusable(args, args.reuse)
-    wanted = [(seed, i, name) for seed in args.seeds for i, name in enumerate(names) if not args.only or name in args.only]
+    wanted = [
+        (seed, i, name)
+        for seed in args.seeds
+        for i, name in enumerate(names)
+        if not args.only or name in args.only
+    ]
     units = [(args, i, seed) for seed, i, name in wanted if (seed, name) not in cells]
     if args.jobs > 1 and len(units) > 1:
         import multiprocessing as mp
@@ -227,11 +332,22 @@ def run(args) -> dict:
             parts.append(next(fresh))
     rows = [r for part, _ in parts for r in part]
     probes = [p for _, part in parts for p in part]
-    return {"benchmark": "decoding", **run_identity(args), "seeds": args.seeds, "reused": reused, "rows": rows,
-            "probes": probes, "jobs": args.jobs,
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                        "threads": args.threads},
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "benchmark": "decoding",
+        **run_identity(args),
+        "seeds": args.seeds,
+        "reused": reused,
+        "rows": rows,
+        "probes": probes,
+        "jobs": args.jobs,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+        },
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def _table(rows: list[dict], label: str, cell) -> list[str]:
@@ -244,7 +360,9 @@ def _table(rows: list[dict], label: str, cell) -> list[str]:
         by.setdefault((r["session"], r[label]), []).append(r)
     lines = [f"| {label} | " + " | ".join(sessions) + " |", "|---|" + "---:|" * len(sessions)]
     for n in names:
-        lines.append(f"| {n} | " + " | ".join(cell(by[(s, n)]) if (s, n) in by else "" for s in sessions) + " |")
+        lines.append(
+            f"| {n} | " + " | ".join(cell(by[(s, n)]) if (s, n) in by else "" for s in sessions) + " |"
+        )
     return lines
 
 
@@ -265,13 +383,24 @@ def markdown(result: dict) -> str:
     pre = [r for r in result["rows"] if r.get("pretrain_val_nll_mean_rate") is not None]
     if pre:
         lines += ["", "Pretraining validation Poisson NLL: model / mean-rate-only predictor, per seed:", ""]
-        lines += _table(pre, "decoder", lambda rs: " · ".join(
-            f"{r['pretrain_val_nll']:.4f} / {r['pretrain_val_nll_mean_rate']:.4f}" for r in rs))
+        lines += _table(
+            pre,
+            "decoder",
+            lambda rs: " · ".join(
+                f"{r['pretrain_val_nll']:.4f} / {r['pretrain_val_nll_mean_rate']:.4f}" for r in rs
+            ),
+        )
     gains = [r for r in pre if r.get("target_forecast_gain") is not None]
     if gains:
-        lines += ["", "Pretrained model's forecast of hidden test bins on the target, NLL gain over its mean "
-                  "rates (%; `rpnt_core.evaluate.forecast`):", ""]
-        lines += _table(gains, "decoder", lambda rs: mean_and_seeds([100 * r["target_forecast_gain"] for r in rs], ".2f"))
+        lines += [
+            "",
+            "Pretrained model's forecast of hidden test bins on the target, NLL gain over its mean "
+            "rates (%; `rpnt_core.evaluate.forecast`):",
+            "",
+        ]
+        lines += _table(
+            gains, "decoder", lambda rs: mean_and_seeds([100 * r["target_forecast_gain"] for r in rs], ".2f")
+        )
     return "\n".join(lines)
 
 
@@ -282,16 +411,33 @@ def main(argv=None) -> int:
     p.add_argument("--train-fraction", type=float, default=0.2)
     p.add_argument("--baselines", default="wiener,kalman,gru")
     p.add_argument("--channels", default="resample,readin")
-    p.add_argument("--seeds", default="0", help="training seeds, comma-separated; every cell runs once per seed")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic sessions (the same for every training seed)")
+    p.add_argument(
+        "--seeds", default="0", help="training seeds, comma-separated; every cell runs once per seed"
+    )
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of the synthetic sessions (the same for every training seed)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
-    p.add_argument("--jobs", type=int, default=1, help="targets run in parallel, one process each "
-                   "(results do not depend on it; the seconds columns do)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="targets run in parallel, one process each "
+        "(results do not depend on it; the seconds columns do)",
+    )
     p.add_argument("--only", default="", help="comma-separated target names (default: every target)")
     p.add_argument("--quick", action="store_true", help="tiny budgets, for checking the script runs")
-    p.add_argument("--reuse", nargs="*", default=[], metavar="JSON",
-                   help="earlier result files of this benchmark (same recipe, split, data seed, model): "
-                        "(seed, target) cells found there are taken from them, not rerun")
+    p.add_argument(
+        "--reuse",
+        nargs="*",
+        default=[],
+        metavar="JSON",
+        help="earlier result files of this benchmark (same recipe, split, data seed, model): "
+        "(seed, target) cells found there are taken from them, not rerun",
+    )
     a = p.parse_args(argv)
     a.baselines = [x for x in a.baselines.split(",") if x]
     a.channels = [x for x in a.channels.split(",") if x]

@@ -81,7 +81,7 @@ def cpu_name() -> str:
 def l3_bytes() -> int:
     try:
         txt = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-        mult = {"K": 1024, "M": 1024 ** 2}.get(txt[-1], 1)
+        mult = {"K": 1024, "M": 1024**2}.get(txt[-1], 1)
         return int(txt.rstrip("KM")) * mult
     except (OSError, ValueError):
         return 0
@@ -89,13 +89,27 @@ def l3_bytes() -> int:
 
 def stats_us(ts_ns: np.ndarray) -> dict:
     us = ts_ns / 1e3
-    return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99)),
-            "p999_us": float(np.percentile(us, 99.9)), "mean_us": float(us.mean()), "min_us": float(us.min()),
-            "max_us": float(us.max()), "n": int(len(us))}
+    return {
+        "median_us": float(np.median(us)),
+        "p99_us": float(np.percentile(us, 99)),
+        "p999_us": float(np.percentile(us, 99.9)),
+        "mean_us": float(us.mean()),
+        "min_us": float(us.min()),
+        "max_us": float(us.max()),
+        "n": int(len(us)),
+    }
 
 
-def time_stream(step, counts: np.ndarray, warmup: int, *, period_s: float = 0.0, keep_warm: bool = False,
-                prewarm=None, prewarm_lead_s: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def time_stream(
+    step,
+    counts: np.ndarray,
+    warmup: int,
+    *,
+    period_s: float = 0.0,
+    keep_warm: bool = False,
+    prewarm=None,
+    prewarm_lead_s: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Run ``step(t)`` for every bin; returns (outputs (T, D), wall ns, thread-CPU ns, counters),
     the times for bins ≥ warmup.  Wall time is what the daemon sees; thread CPU time excludes the
     time the thread was preempted (this box is shared), i.e. what the engine itself costs.
@@ -172,8 +186,11 @@ def bandwidth(nbytes: int, repeats: int) -> dict:
     a float32 buffer of ``nbytes``, GB/s."""
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
-    return {"bytes": int(a.nbytes), "read_gbs": _best_rate(lambda: a.sum(), a.nbytes, repeats),
-            "copy_gbs": _best_rate(lambda: np.copyto(b, a), 2 * a.nbytes, repeats)}
+    return {
+        "bytes": int(a.nbytes),
+        "read_gbs": _best_rate(lambda: a.sum(), a.nbytes, repeats),
+        "copy_gbs": _best_rate(lambda: np.copyto(b, a), 2 * a.nbytes, repeats),
+    }
 
 
 def matmul_throughput() -> dict:
@@ -183,21 +200,22 @@ def matmul_throughput() -> dict:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((512, 512), dtype=np.float32)
     b = rng.standard_normal((512, 512), dtype=np.float32)
-    gemm = _best_rate(lambda: a @ b, 2 * 512 ** 3, 10)  # "GB/s" of flops → GFLOP/s
+    gemm = _best_rate(lambda: a @ b, 2 * 512**3, 10)  # "GB/s" of flops → GFLOP/s
     w = rng.standard_normal((512, 256), dtype=np.float32)
     x = rng.standard_normal((1, 512), dtype=np.float32)
 
     def gemv() -> None:
         for _ in range(100):
             x @ w
+
     return {"gemm_gflops": gemm, "gemv_gflops_l2": _best_rate(gemv, 100 * 2 * 512 * 256, 10)}
 
 
 def machine_roofs(quick: bool) -> dict:
     """Measured roofs of this machine: L3-resident and DRAM bandwidth, matmul throughput."""
-    l3 = l3_bytes() or 32 * 2 ** 20
-    small = bandwidth(min(8 * 2 ** 20, l3 // 4), 20 if quick else 50)  # > L2, well inside L3
-    large = bandwidth((128 if quick else 256) * 2 ** 20, 3 if quick else 5)  # ≫ L3: DRAM
+    l3 = l3_bytes() or 32 * 2**20
+    small = bandwidth(min(8 * 2**20, l3 // 4), 20 if quick else 50)  # > L2, well inside L3
+    large = bandwidth((128 if quick else 256) * 2**20, 3 if quick else 5)  # ≫ L3: DRAM
     return {"l3_bytes": l3, "l3_bandwidth": small, "dram_bandwidth": large, **matmul_throughput()}
 
 
@@ -214,12 +232,17 @@ def node_dispatch_us() -> float:
     for i in range(n):
         nodes.append(helper.make_node("Add", [prev, "c"], [f"y{i}"]))
         prev = f"y{i}"
-    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)],
-                          [onnx.numpy_helper.from_array(np.ones(shape, np.float32), "c")])
+    g = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)],
+        [onnx.numpy_helper.from_array(np.ones(shape, np.float32), "c")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
-    s = ort.InferenceSession(m.SerializeToString(), session_options(optimization="basic"),
-                             providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(
+        m.SerializeToString(), session_options(optimization="basic"), providers=["CPUExecutionProvider"]
+    )
     x = np.ones(shape, np.float32)
     for _ in range(100):
         s.run(None, {"x": x})
@@ -254,8 +277,16 @@ def weight_bytes(path: Path) -> int:
     return int(sum(numpy_helper.to_array(i).nbytes for i in m.graph.initializer))
 
 
-_MATMULS = ("MatMul", "Gemm", "MatMulInteger", "MatMulIntegerToFloat", "FusedMatMul", "DynamicQuantizeMatMul", "QGemm",
-            "QLinearMatMul")
+_MATMULS = (
+    "MatMul",
+    "Gemm",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "FusedMatMul",
+    "DynamicQuantizeMatMul",
+    "QGemm",
+    "QLinearMatMul",
+)
 
 
 def graph_cost(path: Path) -> dict:
@@ -296,11 +327,19 @@ def graph_cost(path: Path) -> dict:
         t = vi.type.tensor_type
         dims = [d.dim_value for d in t.shape.dim]
         return int(np.prod(dims)) * 4 if dims else 4
+
     state_in = sum(nbytes(i) for i in g.input if i.name.startswith("state."))
     state_out = sum(nbytes(o) for o in g.output if o.name.startswith("next_state."))
-    return {"matmul_flops": int(matmul), "other_flops": int(other), "flops": int(matmul + other),
-            "weight_bytes": weights, "state_bytes_in": int(state_in), "state_bytes_out": int(state_out),
-            "bytes": int(weights + state_in + state_out), "onnx_nodes": len(g.node)}
+    return {
+        "matmul_flops": int(matmul),
+        "other_flops": int(other),
+        "flops": int(matmul + other),
+        "weight_bytes": weights,
+        "state_bytes_in": int(state_in),
+        "state_bytes_out": int(state_out),
+        "bytes": int(weights + state_in + state_out),
+        "onnx_nodes": len(g.node),
+    }
 
 
 def floor_us(cost: dict, roofs: dict) -> dict:
@@ -313,11 +352,18 @@ def floor_us(cost: dict, roofs: dict) -> dict:
     fits = cost["bytes"] <= roofs["l3_bytes"]
     bw = roofs["l3_bandwidth" if fits else "dram_bandwidth"]["read_gbs"]
     mem = cost["bytes"] / (bw * 1e9) * 1e6
-    comp = (cost["matmul_flops"] / (roofs["gemv_gflops_l2"] * 1e9)
-            + cost["other_flops"] / (roofs["gemm_gflops"] * 1e9)) * 1e6
-    return {"floor_us": max(mem, comp), "memory_us": mem, "compute_us": comp,
-            "bound": "memory" if mem >= comp else "compute", "level": "L3" if fits else "DRAM",
-            "read_gbs": bw}
+    comp = (
+        cost["matmul_flops"] / (roofs["gemv_gflops_l2"] * 1e9)
+        + cost["other_flops"] / (roofs["gemm_gflops"] * 1e9)
+    ) * 1e6
+    return {
+        "floor_us": max(mem, comp),
+        "memory_us": mem,
+        "compute_us": comp,
+        "bound": "memory" if mem >= comp else "compute",
+        "level": "L3" if fits else "DRAM",
+        "read_gbs": bw,
+    }
 
 
 def profile_by_op(path: Path, counts: np.ndarray, n: int = 300) -> dict:
@@ -343,10 +389,15 @@ def profile_by_op(path: Path, counts: np.ndarray, n: int = 300) -> dict:
     nr = max(1, len(runs))
     total = sum(by_op.values()) / nr
     table = sorted(((op, d / nr, nodes[op] // nr) for op, d in by_op.items()), key=lambda x: -x[1])
-    return {"runs": nr, "model_run_median_us_profiled": float(np.median(runs[20:])) if len(runs) > 20 else None,
-            "kernel_us_per_step": total,
-            "by_op": [{"op": op, "us_per_step": round(us, 1), "share": round(us / total, 3), "nodes": k}
-                      for op, us, k in table]}
+    return {
+        "runs": nr,
+        "model_run_median_us_profiled": float(np.median(runs[20:])) if len(runs) > 20 else None,
+        "kernel_us_per_step": total,
+        "by_op": [
+            {"op": op, "us_per_step": round(us, 1), "share": round(us / total, 3), "nodes": k}
+            for op, us, k in table
+        ],
+    }
 
 
 _BASELINE_EXPORT = """
@@ -372,16 +423,30 @@ def baseline_step_graphs(ref: str, model, preset: str, out: Path) -> dict[str, P
 
     src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "rpnt_core", "exporters"],
-                             check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "rpnt_core", "exporters"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     weights = out / "weights.pt"
     torch.save(model.state_dict(), weights)
     files = {"fp32": out / "step.onnx", "int8": out / "step.int8.onnx"}
     env = {**os.environ, "PYTHONPATH": str(src)}
-    subprocess.run([sys.executable, "-c", _BASELINE_EXPORT, preset, str(model.config.n_input_channels),
-                    str(weights), str(files["fp32"]), str(files["int8"])], check=True, env=env, cwd=str(src),
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _BASELINE_EXPORT,
+            preset,
+            str(model.config.n_input_channels),
+            str(weights),
+            str(files["fp32"]),
+            str(files["int8"]),
+        ],
+        check=True,
+        env=env,
+        cwd=str(src),
+        capture_output=True,
+    )
     return files
 
 
@@ -401,12 +466,22 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
     c = model.config
     w = c.window
     out = root / preset
-    print(f"\n[{preset}] exporting (d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} heads, W {w}, "
-          f"N {n_ch}, receptive field {model.receptive_field}) ...", flush=True)
+    print(
+        f"\n[{preset}] exporting (d_model {c.d_model}, {c.n_layers} layers, {c.n_heads} heads, W {w}, "
+        f"N {n_ch}, receptive field {model.receptive_field}) ...",
+        flush=True,
+    )
     t0 = time.perf_counter()
     # parity on real counts without a target: the int8 gate is then R² vs the fp32 outputs
-    res = export_model(model, out, int8=True, window_bins=w, parity_counts=counts, parity_bins=args.parity_bins,
-                       seed=args.seed)
+    res = export_model(
+        model,
+        out,
+        int8=True,
+        window_bins=w,
+        parity_counts=counts,
+        parity_bins=args.parity_bins,
+        seed=args.seed,
+    )
     export_s = time.perf_counter() - t0
     step32 = res.files["step"]
     step8 = res.files.get("step.int8")
@@ -420,8 +495,9 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
 
     from exporters.quantize import calibration_feeds, quantize_int8_static
 
-    step8s = quantize_int8_static(step32, out / "step.int8-static.onnx",
-                                  calibration_feeds(step32, counts[-args.calibration_bins:]))
+    step8s = quantize_int8_static(
+        step32, out / "step.int8-static.onnx", calibration_feeds(step32, counts[-args.calibration_bins :])
+    )
     graphs = {"fp32": step32, "int8": step8, "int8 static": step8s}
     if args.baseline_ref:
         print(f"  exporting the {args.baseline_ref} step graphs of the same weights ...", flush=True)
@@ -434,39 +510,62 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
     floors = {k: floor_us(v, roofs) for k, v in costs.items()}
 
     def timed(fn, n: int, warmup: int, start: int, **pace) -> dict:  # noqa: ANN003
-        y, ts, cpu, counters = time_stream(lambda t: fn(t + start), stream[start: start + warmup + n], warmup,
-                                           **pace)
+        y, ts, cpu, counters = time_stream(
+            lambda t: fn(t + start), stream[start : start + warmup + n], warmup, **pace
+        )
         st = stats_us(ts)
         st["cpu"] = stats_us(cpu)
         st["counters"] = counters
-        full = ref[start: start + warmup + n]
+        full = ref[start : start + warmup + n]
         st["r2_loss_vs_fp32_torch"] = float(1.0 - r2_score(full[warmup:], y[warmup:]))
         return st
 
-    def record(name: str, fn, n_bins: int | None = None, warmup: int | None = None, *, floor: str | None = None,
-               paced: bool = False, keep_warm: bool = False, reset=None, prewarm=None) -> None:
+    def record(
+        name: str,
+        fn,
+        n_bins: int | None = None,
+        warmup: int | None = None,
+        *,
+        floor: str | None = None,
+        paced: bool = False,
+        keep_warm: bool = False,
+        reset=None,
+        prewarm=None,
+    ) -> None:
         # back to back: every row times the same bins, stream[args.warmup : args.warmup + n]; a row
         # may start its (untimed) warm-up later than bin 0 when it needs fewer warm-up bins
         n = args.bins if n_bins is None else n_bins
         wu = args.warmup if warmup is None else min(warmup, args.warmup)
         st = timed(fn, n, wu, args.warmup - wu)
-        line = (f"  {name:<24} b2b median {st['median_us']:9.1f} µs p99 {st['p99_us']:9.1f}"
-                f" (CPU p99 {st['cpu']['p99_us']:8.1f})")
+        line = (
+            f"  {name:<24} b2b median {st['median_us']:9.1f} µs p99 {st['p99_us']:9.1f}"
+            f" (CPU p99 {st['cpu']['p99_us']:8.1f})"
+        )
         if floor is not None:
             st["floor_us"] = floors[floor]["floor_us"]
             st["floor_key"] = floor
             st["ratio_to_floor"] = st["median_us"] / st["floor_us"]
             line += f" ×floor {st['ratio_to_floor']:5.1f}"
-        modes = ([("paced", False, args.period_ms)] if paced else []) + (
-            [("paced_prewarm", False, args.period_ms)] if prewarm is not None else []) + (
-            [("paced_keep_warm", True, args.period_ms)] if keep_warm else []) + (
-            [(f"paced_{ms:g}ms", False, ms) for ms in args.period_sweep] if keep_warm else [])
+        modes = (
+            ([("paced", False, args.period_ms)] if paced else [])
+            + ([("paced_prewarm", False, args.period_ms)] if prewarm is not None else [])
+            + ([("paced_keep_warm", True, args.period_ms)] if keep_warm else [])
+            + ([(f"paced_{ms:g}ms", False, ms) for ms in args.period_sweep] if keep_warm else [])
+        )
         for key, spin, ms in modes:
             if reset is not None:
                 reset()
             pw = prewarm if key == "paced_prewarm" else None
-            ps = timed(fn, args.paced_bins, args.paced_warmup, 0, period_s=ms / 1e3, keep_warm=spin, prewarm=pw,
-                       prewarm_lead_s=args.prewarm_lead_ms / 1e3)
+            ps = timed(
+                fn,
+                args.paced_bins,
+                args.paced_warmup,
+                0,
+                period_s=ms / 1e3,
+                keep_warm=spin,
+                prewarm=pw,
+                prewarm_lead_s=args.prewarm_lead_ms / 1e3,
+            )
             if floor is not None:
                 ps["ratio_to_floor"] = ps["median_us"] / st["floor_us"]
             st[key] = ps
@@ -480,13 +579,13 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
 
     @torch.no_grad()
     def torch_window(t: int) -> np.ndarray:
-        x = torch.from_numpy(pad[t: t + w])[None]
+        x = torch.from_numpy(pad[t : t + w])[None]
         return model(x)["velocity"][0, -1].numpy()
 
     weng = OnnxWindowEngine(res.files["window"])
 
     def ort_window(t: int) -> np.ndarray:
-        return weng.run(pad[t: t + w])["velocity"][-1]
+        return weng.run(pad[t : t + w])["velocity"][-1]
 
     record("torch window", torch_window, args.window_bins, warmup=20)  # the window itself holds the history
     record("ort window", ort_window, args.window_bins, warmup=20)
@@ -510,7 +609,9 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
         step_row(f"ort step {key}", OnnxStepEngine(graphs[key], warmup_bins=args.warmup), key)
     te = TorchEngine(model, warmup_bins=args.warmup)
     te.reset()
-    record("torch step", lambda t: te.step(stream[t]), args.extra_bins, floor="fp32", paced=True, reset=te.reset)
+    record(
+        "torch step", lambda t: te.step(stream[t]), args.extra_bins, floor="fp32", paced=True, reset=te.reset
+    )
 
     base = results["torch window"]["median_us"]
     base99 = results["torch window"]["p99_us"]
@@ -523,14 +624,31 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
         for key, path in graphs.items():
             name = f"ort step {key}"
             nodes, ops = optimized_node_count(path)
-            analysis[name] = {"onnx_nodes_after_ort_optimisation": nodes, "ops_after_optimisation": ops,
-                              "weight_bytes": weight_bytes(path), "profile": profile_by_op(path, stream, n=200)}
-    return {"config": {"d_model": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads, "window": w,
-                       "n_channels": n_ch, "receptive_field": model.receptive_field,
-                       "params": int(sum(p.numel() for p in model.parameters()))},
-            "export_seconds": export_s, "int8_gate": gate8, "int8_written": "step.int8" in res.files,
-            "cost": costs, "floor": floors,
-            "engines": results, "analysis": analysis, "bar_p99_us": BARS_P99_US.get(preset)}
+            analysis[name] = {
+                "onnx_nodes_after_ort_optimisation": nodes,
+                "ops_after_optimisation": ops,
+                "weight_bytes": weight_bytes(path),
+                "profile": profile_by_op(path, stream, n=200),
+            }
+    return {
+        "config": {
+            "d_model": c.d_model,
+            "n_layers": c.n_layers,
+            "n_heads": c.n_heads,
+            "window": w,
+            "n_channels": n_ch,
+            "receptive_field": model.receptive_field,
+            "params": int(sum(p.numel() for p in model.parameters())),
+        },
+        "export_seconds": export_s,
+        "int8_gate": gate8,
+        "int8_written": "step.int8" in res.files,
+        "cost": costs,
+        "floor": floors,
+        "engines": results,
+        "analysis": analysis,
+        "bar_p99_us": BARS_P99_US.get(preset),
+    }
 
 
 def _paced(st: dict, key: str) -> str:
@@ -541,67 +659,92 @@ def _paced(st: dict, key: str) -> str:
 def markdown(report: dict) -> str:
     m, st_ = report["machine"], report["settings"]
     roofs = m["roofs"]
-    lines = [f"# Engine latency ({m['cpu']}, {m['cores']} cores, "
-             f"onnxruntime {report['versions']['onnxruntime']}, torch {report['versions']['torch']})", "",
-             f"Measured **under load** (shared machine): load average before/after {m['load_before']} / "
-             f"{m['load_after']}.  Back to back: {st_['bins']} bins after {st_['warmup']} warm-up (window rows: "
-             f"{st_['window_bins']} bins; torch step: {st_['extra_bins']}).  Paced: {st_['paced_bins']} bins after "
-             f"{st_['paced_warmup']}, one step every {st_['period_ms']:g} ms as the daemon runs, the thread "
-             f"sleeping in between (prewarm: the engine's `prewarm()` run {st_['prewarm_lead_ms']:g} ms before each "
-             "bin; keep-warm: spinning in the same thread instead of sleeping).  Single thread, counts from "
-             f"{st_['counts']}.  Latency is wall time around `step` (what the daemon sees; p99 includes "
-             "preemption by other tenants); CPU time is the calling thread's.", "",
-             "Machine roofs (one thread, best of repeats): "
-             f"L3-resident read {roofs['l3_bandwidth']['read_gbs']:.1f} GB/s "
-             f"({roofs['l3_bandwidth']['bytes'] / 2**20:.0f} MiB buffer; copy {roofs['l3_bandwidth']['copy_gbs']:.1f}), "
-             f"DRAM read {roofs['dram_bandwidth']['read_gbs']:.1f} GB/s "
-             f"({roofs['dram_bandwidth']['bytes'] / 2**20:.0f} MiB; copy {roofs['dram_bandwidth']['copy_gbs']:.1f}), "
-             f"L3 {roofs['l3_bytes'] / 2**20:.0f} MiB, GEMM {roofs['gemm_gflops']:.0f} GFLOP/s, "
-             f"L2-resident GEMV {roofs['gemv_gflops_l2']:.1f} GFLOP/s; ORT per-node dispatch "
-             f"{m['ort_node_dispatch_us']:.2f} µs.", ""]
+    lines = [
+        f"# Engine latency ({m['cpu']}, {m['cores']} cores, "
+        f"onnxruntime {report['versions']['onnxruntime']}, torch {report['versions']['torch']})",
+        "",
+        f"Measured **under load** (shared machine): load average before/after {m['load_before']} / "
+        f"{m['load_after']}.  Back to back: {st_['bins']} bins after {st_['warmup']} warm-up (window rows: "
+        f"{st_['window_bins']} bins; torch step: {st_['extra_bins']}).  Paced: {st_['paced_bins']} bins after "
+        f"{st_['paced_warmup']}, one step every {st_['period_ms']:g} ms as the daemon runs, the thread "
+        f"sleeping in between (prewarm: the engine's `prewarm()` run {st_['prewarm_lead_ms']:g} ms before each "
+        "bin; keep-warm: spinning in the same thread instead of sleeping).  Single thread, counts from "
+        f"{st_['counts']}.  Latency is wall time around `step` (what the daemon sees; p99 includes "
+        "preemption by other tenants); CPU time is the calling thread's.",
+        "",
+        "Machine roofs (one thread, best of repeats): "
+        f"L3-resident read {roofs['l3_bandwidth']['read_gbs']:.1f} GB/s "
+        f"({roofs['l3_bandwidth']['bytes'] / 2**20:.0f} MiB buffer; copy {roofs['l3_bandwidth']['copy_gbs']:.1f}), "
+        f"DRAM read {roofs['dram_bandwidth']['read_gbs']:.1f} GB/s "
+        f"({roofs['dram_bandwidth']['bytes'] / 2**20:.0f} MiB; copy {roofs['dram_bandwidth']['copy_gbs']:.1f}), "
+        f"L3 {roofs['l3_bytes'] / 2**20:.0f} MiB, GEMM {roofs['gemm_gflops']:.0f} GFLOP/s, "
+        f"L2-resident GEMV {roofs['gemv_gflops_l2']:.1f} GFLOP/s; ORT per-node dispatch "
+        f"{m['ort_node_dispatch_us']:.2f} µs.",
+        "",
+    ]
     for preset, r in report["presets"].items():
         c = r["config"]
-        lines += [f"## {preset} (d_model {c['d_model']}, {c['n_layers']} layers, {c['n_heads']} heads, W {c['window']}, "
-                  f"N {c['n_channels']}, {c['params'] / 1e6:.1f} M params) — bar p99 ≤ {r['bar_p99_us']:g} µs paced", ""]
+        lines += [
+            f"## {preset} (d_model {c['d_model']}, {c['n_layers']} layers, {c['n_heads']} heads, W {c['window']}, "
+            f"N {c['n_channels']}, {c['params'] / 1e6:.1f} M params) — bar p99 ≤ {r['bar_p99_us']:g} µs paced",
+            "",
+        ]
         for prec, cost in r["cost"].items():
             f = r["floor"][prec]
-            lines.append(f"- floor, step {prec}: {cost['flops'] / 1e6:.1f} MFLOP ({cost['matmul_flops'] / 1e6:.1f} in "
-                         f"matmuls), {cost['bytes'] / 1e6:.2f} MB per bin (weights {cost['weight_bytes'] / 1e6:.2f}, "
-                         f"state in/out {cost['state_bytes_in'] / 1e6:.2f}/{cost['state_bytes_out'] / 1e6:.2f}); "
-                         f"{cost['onnx_nodes']} ONNX nodes → memory {f['memory_us']:.0f} µs ({f['level']} at "
-                         f"{f['read_gbs']:.1f} GB/s), compute {f['compute_us']:.0f} µs → **floor {f['floor_us']:.0f} µs** "
-                         f"({f['bound']}-bound)")
-        lines += ["", "| engine | b2b median / p99 µs | paced median / p99 µs | paced + prewarm median / p99 µs | paced keep-warm (spin) median / p99 µs "
-                  "| CPU-time b2b median / p99 µs | × floor (b2b / paced median) | × vs torch window | R² loss vs fp32 torch |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            lines.append(
+                f"- floor, step {prec}: {cost['flops'] / 1e6:.1f} MFLOP ({cost['matmul_flops'] / 1e6:.1f} in "
+                f"matmuls), {cost['bytes'] / 1e6:.2f} MB per bin (weights {cost['weight_bytes'] / 1e6:.2f}, "
+                f"state in/out {cost['state_bytes_in'] / 1e6:.2f}/{cost['state_bytes_out'] / 1e6:.2f}); "
+                f"{cost['onnx_nodes']} ONNX nodes → memory {f['memory_us']:.0f} µs ({f['level']} at "
+                f"{f['read_gbs']:.1f} GB/s), compute {f['compute_us']:.0f} µs → **floor {f['floor_us']:.0f} µs** "
+                f"({f['bound']}-bound)"
+            )
+        lines += [
+            "",
+            "| engine | b2b median / p99 µs | paced median / p99 µs | paced + prewarm median / p99 µs | paced keep-warm (spin) median / p99 µs "
+            "| CPU-time b2b median / p99 µs | × floor (b2b / paced median) | × vs torch window | R² loss vs fp32 torch |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, st in r["engines"].items():
             cp = st["cpu"]
             ratio = "—"
             if "ratio_to_floor" in st:
-                ratio = f"{st['ratio_to_floor']:.1f}" + (f" / {st['paced']['ratio_to_floor']:.1f}" if "paced" in st else "")
-            lines.append(f"| {name} | {st['median_us']:.1f} / {st['p99_us']:.1f} | {_paced(st, 'paced')} | "
-                         f"{_paced(st, 'paced_prewarm')} | "
-                         f"{_paced(st, 'paced_keep_warm')} | {cp['median_us']:.1f} / {cp['p99_us']:.1f} | {ratio} | "
-                         f"{st['speedup_vs_torch_window']:.1f} | {st['r2_loss_vs_fp32_torch']:.2e} |")
+                ratio = f"{st['ratio_to_floor']:.1f}" + (
+                    f" / {st['paced']['ratio_to_floor']:.1f}" if "paced" in st else ""
+                )
+            lines.append(
+                f"| {name} | {st['median_us']:.1f} / {st['p99_us']:.1f} | {_paced(st, 'paced')} | "
+                f"{_paced(st, 'paced_prewarm')} | "
+                f"{_paced(st, 'paced_keep_warm')} | {cp['median_us']:.1f} / {cp['p99_us']:.1f} | {ratio} | "
+                f"{st['speedup_vs_torch_window']:.1f} | {st['r2_loss_vs_fp32_torch']:.2e} |"
+            )
         lines.append("")
         for name, st in r["engines"].items():
             sweep = sorted((float(k[6:-2]), st[k]) for k in st if k.startswith("paced_") and k.endswith("ms"))
             if sweep:
-                per = ", ".join(f"{ms:g} ms {x['median_us']:.0f} / {x['p99_us']:.0f}"
-                                for ms, x in sweep + [(report["settings"]["period_ms"], st["paced"])])
-                lines.append(f"- {name}, paced median / p99 µs by period (sleeping between steps): {per}; "
-                             f"back to back {st['median_us']:.0f} / {st['p99_us']:.0f}")
+                per = ", ".join(
+                    f"{ms:g} ms {x['median_us']:.0f} / {x['p99_us']:.0f}"
+                    for ms, x in sweep + [(report["settings"]["period_ms"], st["paced"])]
+                )
+                lines.append(
+                    f"- {name}, paced median / p99 µs by period (sleeping between steps): {per}; "
+                    f"back to back {st['median_us']:.0f} / {st['p99_us']:.0f}"
+                )
             for key in [k for k in st if k.startswith("paced")]:
                 if key in st:
                     k = st[key]["counters"]
-                    lines.append(f"- {name}, {key}: per step {k['minflt_per_step']:.2f} minor faults, "
-                                 f"{k['nvcsw_per_step']:.2f} voluntary / {k['nivcsw_per_step']:.2f} involuntary "
-                                 f"context switches; CPU time median {st[key]['cpu']['median_us']:.1f} µs "
-                                 f"(b2b {st['cpu']['median_us']:.1f})")
+                    lines.append(
+                        f"- {name}, {key}: per step {k['minflt_per_step']:.2f} minor faults, "
+                        f"{k['nvcsw_per_step']:.2f} voluntary / {k['nivcsw_per_step']:.2f} involuntary "
+                        f"context switches; CPU time median {st[key]['cpu']['median_us']:.1f} µs "
+                        f"(b2b {st['cpu']['median_us']:.1f})"
+                    )
         for name, a in r.get("analysis", {}).items():
             top = ", ".join(f"{o['op']} {o['share'] * 100:.0f}%" for o in a["profile"]["by_op"][:5])
-            lines.append(f"- {name}: {a['onnx_nodes_after_ort_optimisation']} nodes after ORT optimisation, "
-                         f"{a['weight_bytes'] / 1e6:.1f} MB weights; profile (by op, share of kernel time): {top}")
+            lines.append(
+                f"- {name}: {a['onnx_nodes_after_ort_optimisation']} nodes after ORT optimisation, "
+                f"{a['weight_bytes'] / 1e6:.1f} MB weights; profile (by op, share of kernel time): {top}"
+            )
         lines.append("")
     lim = report.get("limits", {})
     if lim:
@@ -629,7 +772,8 @@ def limits(report: dict) -> dict:
                 f"({f['bound']}-bound: {cost['bytes'] / 1e6:.1f} MB from {f['level']}); paced median "
                 f"{paced.get('median_us', float('nan')):.0f} / p99 {paced.get('p99_us', float('nan')):.0f} µs "
                 f"(bar {r['bar_p99_us']:g}); {nodes} nodes × {disp:.2f} µs dispatch = {dispatch:.0f} µs; matmul "
-                f"share of kernel time {gemm_share * 100:.0f}%")
+                f"share of kernel time {gemm_share * 100:.0f}%"
+            )
     return out
 
 
@@ -655,17 +799,26 @@ def rescore(report: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "engines.json"),
-                   help="JSON report (a Markdown table is written beside it, .md)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out",
+        default=str(REPO / "bench" / "results" / "engines.json"),
+        help="JSON report (a Markdown table is written beside it, .md)",
+    )
     p.add_argument("--presets", default="paper,small", help="comma-separated presets (default paper,small)")
     p.add_argument("--bins", type=int, default=2000, help="timed bins per engine (default 2000)")
     p.add_argument("--warmup", type=int, default=200, help="untimed bins before (default 200)")
-    p.add_argument("--window-bins", type=int, default=None,
-                   help="timed bins for the full-window rows (torch window, ort window); default --bins")
-    p.add_argument("--extra-bins", type=int, default=500,
-                   help="timed bins for the extra 'torch step' row (default 500)")
+    p.add_argument(
+        "--window-bins",
+        type=int,
+        default=None,
+        help="timed bins for the full-window rows (torch window, ort window); default --bins",
+    )
+    p.add_argument(
+        "--extra-bins", type=int, default=500, help="timed bins for the extra 'torch step' row (default 500)"
+    )
     p.add_argument("--parity-bins", type=int, default=100, help="bins per parity stream in the export")
     p.add_argument("--data", default=str(DATA), help="session file for counts (Poisson counts if absent)")
     p.add_argument("--channels", type=int, default=196, help="channels when --data is absent")
@@ -675,19 +828,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paced-bins", type=int, default=500, help="timed bins per paced row (default 500)")
     p.add_argument("--paced-warmup", type=int, default=20, help="untimed paced bins before (default 20)")
     p.add_argument("--period-ms", type=float, default=20.0, help="pacing period, ms (default 20: one bin)")
-    p.add_argument("--calibration-bins", type=int, default=300,
-                   help="bins (from the end of the counts, not the timed ones) calibrating the static int8 graph")
-    p.add_argument("--baseline-ref", default=None, metavar="REF",
-                   help="also time the step graphs the code at git REF exports for the same weights")
-    p.add_argument("--period-sweep", default="0.5,2,5",
-                   help="extra pacing periods, ms, for the engines with a keep-warm row: does latency grow with "
-                        "the idle gap? (default 0.5,2,5)")
-    p.add_argument("--prewarm-lead-ms", type=float, default=2.0,
-                   help="paced prewarm rows: run the engine's prewarm() this long before each bin (default 2)")
-    p.add_argument("--quick", action="store_true",
-                   help="short run: 300 b2b bins after 50, 20 window bins, 100 torch-step bins, 150 paced bins")
-    p.add_argument("--rescore", metavar="JSON", default=None,
-                   help="no run: recompute floors/ratios of an existing report (written back with its .md)")
+    p.add_argument(
+        "--calibration-bins",
+        type=int,
+        default=300,
+        help="bins (from the end of the counts, not the timed ones) calibrating the static int8 graph",
+    )
+    p.add_argument(
+        "--baseline-ref",
+        default=None,
+        metavar="REF",
+        help="also time the step graphs the code at git REF exports for the same weights",
+    )
+    p.add_argument(
+        "--period-sweep",
+        default="0.5,2,5",
+        help="extra pacing periods, ms, for the engines with a keep-warm row: does latency grow with "
+        "the idle gap? (default 0.5,2,5)",
+    )
+    p.add_argument(
+        "--prewarm-lead-ms",
+        type=float,
+        default=2.0,
+        help="paced prewarm rows: run the engine's prewarm() this long before each bin (default 2)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="short run: 300 b2b bins after 50, 20 window bins, 100 torch-step bins, 150 paced bins",
+    )
+    p.add_argument(
+        "--rescore",
+        metavar="JSON",
+        default=None,
+        help="no run: recompute floors/ratios of an existing report (written back with its .md)",
+    )
     args = p.parse_args(argv)
     if args.rescore:
         path = Path(args.rescore)
@@ -707,7 +882,9 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
-    need = args.warmup + max(args.bins, args.window_bins, args.extra_bins, args.paced_bins + args.paced_warmup)
+    need = args.warmup + max(
+        args.bins, args.window_bins, args.extra_bins, args.paced_bins + args.paced_warmup
+    )
     data = Path(args.data)
     if data.is_file():
         from rpnt_core.data import load_session
@@ -728,16 +905,34 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     load_before = [round(x, 2) for x in os.getloadavg()]
     report: dict = {
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_before": load_before,
-                    "platform": platform.platform()},
-        "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "settings": {"bins": args.bins, "warmup": args.warmup, "window_bins": args.window_bins,
-                     "extra_bins": args.extra_bins, "counts": source,
-                     "threads": "1 (ORT intra/inter-op 1, no spinning; torch.set_num_threads(1))",
-                     "gc": "paused during timed loops", "pinned_cpu": args.pin, "quick": args.quick,
-                     "baseline_ref": args.baseline_ref, "prewarm_lead_ms": args.prewarm_lead_ms,
-                     "paced_bins": args.paced_bins, "paced_warmup": args.paced_warmup, "period_ms": args.period_ms},
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "load_before": load_before,
+            "platform": platform.platform(),
+        },
+        "versions": {
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "bins": args.bins,
+            "warmup": args.warmup,
+            "window_bins": args.window_bins,
+            "extra_bins": args.extra_bins,
+            "counts": source,
+            "threads": "1 (ORT intra/inter-op 1, no spinning; torch.set_num_threads(1))",
+            "gc": "paused during timed loops",
+            "pinned_cpu": args.pin,
+            "quick": args.quick,
+            "baseline_ref": args.baseline_ref,
+            "prewarm_lead_ms": args.prewarm_lead_ms,
+            "paced_bins": args.paced_bins,
+            "paced_warmup": args.paced_warmup,
+            "period_ms": args.period_ms,
+        },
         "note": "measured under load on a shared machine (see machine.load_before/after)",
         "presets": {},
     }

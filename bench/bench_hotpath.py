@@ -51,16 +51,24 @@ def run(n_bins: int, pace_s: float, *, n_channels: int, seed: int, spin: bool = 
     from streaming.protocol import encode_kinematics, encode_spikes
     from streaming.replay import events_from_counts
 
-    d = Daemon(decoder=_NullDecoder(n_channels), bin_s=0.02, ingest="inproc://hotpath-in",
-               publish="inproc://hotpath-out")
+    d = Daemon(
+        decoder=_NullDecoder(n_channels),
+        bin_s=0.02,
+        ingest="inproc://hotpath-in",
+        publish="inproc://hotpath-out",
+    )
     d._pub = types.SimpleNamespace(send=lambda *a, **k: None)  # the loop's socket, minus ZeroMQ
     bin_ns = 20_000_000
     counts = np.random.default_rng(seed).poisson(0.5, (n_bins, n_channels))
     chans, times = events_from_counts(counts, bin_ns)
-    spikes = [encode_spikes(source=1, seq=2 * k, channels=chans[k], times=times[k], clock=(k + 1) * bin_ns)
-              for k in range(n_bins)]
-    kin = [encode_kinematics(source=1, seq=2 * k + 1, first=k, values=np.zeros((1, 2), np.float32))
-           for k in range(n_bins)]
+    spikes = [
+        encode_spikes(source=1, seq=2 * k, channels=chans[k], times=times[k], clock=(k + 1) * bin_ns)
+        for k in range(n_bins)
+    ]
+    kin = [
+        encode_kinematics(source=1, seq=2 * k + 1, first=k, values=np.zeros((1, 2), np.float32))
+        for k in range(n_bins)
+    ]
     d._binner.reset(start_ns=0, wall_ns=time.monotonic_ns())
     t = np.empty(n_bins, dtype=np.int64)
     for k in range(n_bins):
@@ -76,14 +84,18 @@ def run(n_bins: int, pace_s: float, *, n_channels: int, seed: int, spin: bool = 
         d._handle(kin[k], time.perf_counter_ns())
     snap = d.snapshot()
     if snap["counters"]["bins"] != n_bins or snap["rejected"]:
-        raise RuntimeError(f"the daemon did not decode every bin cleanly: {snap['counters']}, {snap['rejected']}")
+        raise RuntimeError(
+            f"the daemon did not decode every bin cleanly: {snap['counters']}, {snap['rejected']}"
+        )
     return t
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bins", type=int, default=5000, help="bins back to back (default 5000)")
-    p.add_argument("--paced-bins", type=int, default=1000, help="bins with a 20 ms sleep before each (default 1000)")
+    p.add_argument(
+        "--paced-bins", type=int, default=1000, help="bins with a 20 ms sleep before each (default 1000)"
+    )
     p.add_argument("--channels", type=int, default=196)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "hotpath.json"))
     a = p.parse_args(argv)
@@ -92,17 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     hot = percentiles_ms(run(a.bins, 0.0, n_channels=a.channels, seed=0))
     paced = percentiles_ms(run(a.paced_bins, 0.02, n_channels=a.channels, seed=1))
     spun = percentiles_ms(run(a.paced_bins, 0.02, n_channels=a.channels, seed=1, spin=True))
-    out = {"benchmark": "daemon per-message work without sockets (bench/bench_hotpath.py)",
-           "channels": a.channels, "back_to_back_ms": hot, "paced_20ms_ms": paced,
-           "paced_20ms_spinning_ms": spun,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                       "load_avg_at_end": os.getloadavg()}}
+    out = {
+        "benchmark": "daemon per-message work without sockets (bench/bench_hotpath.py)",
+        "channels": a.channels,
+        "back_to_back_ms": hot,
+        "paced_20ms_ms": paced,
+        "paced_20ms_spinning_ms": spun,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_at_end": os.getloadavg(),
+        },
+    }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"Daemon._handle per bin-closing SPIKES message ({a.channels} channels), µs:")
     print(f"{'':<14}{'p50':>8}{'p99':>8}{'p99.9':>8}{'max':>8}")
     for name, s in (("back to back", hot), ("paced 20 ms", paced), ("paced, spinning", spun)):
-        print(f"{name:<14}" + "".join(f"{s[k] * 1e3:>8.1f}" for k in ("p50_ms", "p99_ms", "p99.9_ms", "max_ms")))
+        print(
+            f"{name:<14}" + "".join(f"{s[k] * 1e3:>8.1f}" for k in ("p50_ms", "p99_ms", "p99.9_ms", "max_ms"))
+        )
     print(f"paced / back to back at p50: {paced['p50_ms'] / hot['p50_ms']:.1f}×   JSON: {a.out}")
     return 0
 

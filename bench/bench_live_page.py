@@ -84,13 +84,18 @@ class EventReaders:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(DATA), help="recording whose counts are replayed (default StevensonV2.mat)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", default=str(DATA), help="recording whose counts are replayed (default StevensonV2.mat)"
+    )
     p.add_argument("--bins", type=int, default=6000, help="bins replayed (default 6000 = 120 s at 20 ms)")
     p.add_argument("--bin-ms", type=float, default=20.0)
     p.add_argument("--window-s", type=float, default=10.0, help="seconds per window (default 10)")
-    p.add_argument("--clients", type=int, default=2, help="/events readers while the page is open (default 2)")
+    p.add_argument(
+        "--clients", type=int, default=2, help="/events readers while the page is open (default 2)"
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "live_page.json"))
     a = p.parse_args(argv)
 
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sess = load_session(a.data)
     counts, _ = recorded_stream(sess, a.bins)
-    counts = counts[:a.bins]
+    counts = counts[: a.bins]
     bin_s = a.bin_ms / 1e3
     t_start = time.time()
     windows: list[tuple[float, float, bool]] = []  # (start, end) on time.monotonic_ns()/1e9, page open
@@ -117,20 +122,33 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rpnt-bench-live-") as tmp:
         tmp = Path(tmp)
         export = make_model(counts.shape[1], bin_s, tmp / "model")
-        serve = ServeProcess(model=export, registry=tmp / "registry", run_dir=tmp, token=secrets.token_urlsafe(16),
-                             extra=["--gc-freeze"])
+        serve = ServeProcess(
+            model=export,
+            registry=tmp / "registry",
+            run_dir=tmp,
+            token=secrets.token_urlsafe(16),
+            extra=["--gc-freeze"],
+        )
         try:
             ready = serve.wait_ready()
-            log(f"rpnt serve up ({ready['decoder']}, {ready['n_channels']} channels); replaying {a.bins} bins at "
+            log(
+                f"rpnt serve up ({ready['decoder']}, {ready['n_channels']} channels); replaying {a.bins} bins at "
                 f"{a.bin_ms:g} ms real-time pace (≈ {a.bins * bin_s:.0f} s), windows of {a.window_s:g} s "
-                f"alternating page closed / open ({a.clients} /events readers)")
+                f"alternating page closed / open ({a.clients} /events readers)"
+            )
             box: dict = {}
 
             def replay() -> None:
                 try:
-                    box["res"] = run_replay(counts=counts, bin_ns=round(bin_s * 1e9), ingest=serve.ingest,
-                                            publish=serve.publish, realtime=True, send_kinematics=False,
-                                            drain_timeout_s=10.0)
+                    box["res"] = run_replay(
+                        counts=counts,
+                        bin_ns=round(bin_s * 1e9),
+                        ingest=serve.ingest,
+                        publish=serve.publish,
+                        realtime=True,
+                        send_kinematics=False,
+                        drain_timeout_s=10.0,
+                    )
                 except BaseException as exc:  # noqa: BLE001
                     box["error"] = exc
 
@@ -161,38 +179,65 @@ def main(argv: list[str] | None = None) -> int:
     for w0, w1, opened in windows:
         inside = (t_send >= max(w0 + SETTLE_S, t0)) & (t_send < w1)
         cond["page_open" if opened else "page_closed"] |= inside
-    table = {c: {m: percentiles_ms(stages[m][mask]) for m in ("daemon", "end_to_end")} for c, mask in cond.items()}
-    ratio = {m: table["page_open"][m]["p99_ms"] / table["page_closed"][m]["p99_ms"] for m in ("daemon", "end_to_end")
-             if table["page_open"][m].get("count") and table["page_closed"][m].get("count")}
+    table = {
+        c: {m: percentiles_ms(stages[m][mask]) for m in ("daemon", "end_to_end")} for c, mask in cond.items()
+    }
+    ratio = {
+        m: table["page_open"][m]["p99_ms"] / table["page_closed"][m]["p99_ms"]
+        for m in ("daemon", "end_to_end")
+        if table["page_open"][m].get("count") and table["page_closed"][m].get("count")
+    }
     load = os.getloadavg()
     out = {
         "benchmark": "decode-loop latency with and without live-page (/events) clients (bench/bench_live_page.py)",
-        "data": str(a.data), "replayed_bin_ms": a.bin_ms, "bins": a.bins, "window_s": a.window_s,
-        "clients_when_open": a.clients, "events_read": events_read, "reader_errors": reader_errors,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg_at_end": load},
+        "data": str(a.data),
+        "replayed_bin_ms": a.bin_ms,
+        "bins": a.bins,
+        "window_s": a.window_s,
+        "clients_when_open": a.clients,
+        "events_read": events_read,
+        "reader_errors": reader_errors,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_at_end": load,
+        },
         "note": "measured on a shared host under whatever load it had (see load_avg_at_end); the two conditions "
-                "alternate in windows of one run so they share it",
+        "alternate in windows of one run so they share it",
         "bins_per_condition": {c: int(m.sum()) for c, m in cond.items()},
-        "latency_ms": table, "p99_ratio_open_vs_closed": ratio, "bins_lost": res.bins_lost,
-        "daemon_counters": status.get("counters"), "serve_exit": rc, "seconds": round(time.time() - t_start, 1),
+        "latency_ms": table,
+        "p99_ratio_open_vs_closed": ratio,
+        "bins_lost": res.bins_lost,
+        "daemon_counters": status.get("counters"),
+        "serve_exit": rc,
+        "seconds": round(time.time() - t_start, 1),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
-    lines = [f"live-page benchmark: {a.bins} bins of {Path(a.data).name} at {a.bin_ms:g} ms real-time pace; "
-             f"{a.window_s:g} s windows alternating 0 and {a.clients} /events clients ({events_read} events read); "
-             f"measured under load: load average {load[0]:.2f} on {os.cpu_count()} CPUs", "",
-             "| page | bins | daemon p50 | daemon p99 | daemon p99.9 | end-to-end p50 | end-to-end p99 | "
-             "end-to-end p99.9 | max |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"live-page benchmark: {a.bins} bins of {Path(a.data).name} at {a.bin_ms:g} ms real-time pace; "
+        f"{a.window_s:g} s windows alternating 0 and {a.clients} /events clients ({events_read} events read); "
+        f"measured under load: load average {load[0]:.2f} on {os.cpu_count()} CPUs",
+        "",
+        "| page | bins | daemon p50 | daemon p99 | daemon p99.9 | end-to-end p50 | end-to-end p99 | "
+        "end-to-end p99.9 | max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for c in cond:
         d, e = table[c]["daemon"], table[c]["end_to_end"]
         if not d.get("count"):
             lines.append(f"| {c} | 0 | | | | | | | |")
             continue
-        lines.append(f"| {c} | {d['count']} | {d['p50_ms']:.3f} | {d['p99_ms']:.3f} | {d['p99.9_ms']:.3f} | "
-                     f"{e['p50_ms']:.3f} | {e['p99_ms']:.3f} | {e['p99.9_ms']:.3f} | {e['max_ms']:.3f} |")
-    lines += ["", "ms; " + ", ".join(f"p99 ratio open/closed ({m}) {r:.2f}" for m, r in ratio.items()),
-              f"bins lost {res.bins_lost}; reader errors {len(reader_errors)}"]
+        lines.append(
+            f"| {c} | {d['count']} | {d['p50_ms']:.3f} | {d['p99_ms']:.3f} | {d['p99.9_ms']:.3f} | "
+            f"{e['p50_ms']:.3f} | {e['p99_ms']:.3f} | {e['p99.9_ms']:.3f} | {e['max_ms']:.3f} |"
+        )
+    lines += [
+        "",
+        "ms; " + ", ".join(f"p99 ratio open/closed ({m}) {r:.2f}" for m, r in ratio.items()),
+        f"bins lost {res.bins_lost}; reader errors {len(reader_errors)}",
+    ]
     Path(a.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nJSON: {a.out}")

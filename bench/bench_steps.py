@@ -45,10 +45,34 @@ def commands(work: Path) -> dict[str, list[str]]:
     pre, ft = str(work / "pre.safetensors"), str(work / "ft.safetensors")
     return {
         "inspect": ["inspect", str(SPIKE)],
-        "pretrain": ["pretrain", "--data", str(SPIKE), "--target", "position", "--out", pre, "--quiet",
-                     "--threads", "1"],
-        "finetune": ["finetune", "--init", pre, "--data", newest, "--target", "position", "--label-seconds", "60",
-                     "--out", ft, "--quiet", "--threads", "1"],
+        "pretrain": [
+            "pretrain",
+            "--data",
+            str(SPIKE),
+            "--target",
+            "position",
+            "--out",
+            pre,
+            "--quiet",
+            "--threads",
+            "1",
+        ],
+        "finetune": [
+            "finetune",
+            "--init",
+            pre,
+            "--data",
+            newest,
+            "--target",
+            "position",
+            "--label-seconds",
+            "60",
+            "--out",
+            ft,
+            "--quiet",
+            "--threads",
+            "1",
+        ],
         "evaluate": ["evaluate", "--ckpt", ft, "--data", newest, "--json"],
         "export": ["export", ft, "--out", str(work / "export"), "--parity-data", newest],
         "demo": ["demo", "--workdir", str(work / "demo"), "--quiet"],
@@ -63,19 +87,30 @@ def run_step(name: str, argv: list[str]) -> dict:
     seconds = time.perf_counter() - t
     ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
-    row = {"step": name, "command": "rpnt " + " ".join(Path(x).name if "/" in x else x for x in argv),
-           "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1), "exit": proc.returncode,
-           "load_before": load_before, "load_after": os.getloadavg()}
+    row = {
+        "step": name,
+        "command": "rpnt " + " ".join(Path(x).name if "/" in x else x for x in argv),
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),
+        "exit": proc.returncode,
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+    }
     if proc.returncode != 0:
         row["stderr_tail"] = proc.stderr[-2000:]
-    print(f"{name:<9} {seconds:8.1f} s wall  {cpu:8.1f} s CPU  exit {proc.returncode}  load {load_before[0]:.1f} → "
-          f"{row['load_after'][0]:.1f}", flush=True)
+    print(
+        f"{name:<9} {seconds:8.1f} s wall  {cpu:8.1f} s CPU  exit {proc.returncode}  load {load_before[0]:.1f} → "
+        f"{row['load_after'][0]:.1f}",
+        flush=True,
+    )
     return row
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default=",".join(STEPS), help=f"comma list of steps (default: all of {', '.join(STEPS)})")
+    p.add_argument(
+        "--only", default=",".join(STEPS), help=f"comma list of steps (default: all of {', '.join(STEPS)})"
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "steps.json"))
     p.add_argument("--workdir", default=None)
     a = p.parse_args(argv)
@@ -91,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = {r["step"]: r for r in old}
     for name in wanted:
         rows[name] = run_step(name, cmds[name]) | {"measured": time.strftime("%Y-%m-%d %H:%M")}
-        result = {"benchmark": "steps", "cpus": os.cpu_count(), "python": platform.python_version(),
-                  "note": "wall-clock and CPU seconds (user + system, the command and its children) of each "
-                          "command with its defaults; load average before/after",
-                  "steps": [rows[s] for s in STEPS if s in rows]}
+        result = {
+            "benchmark": "steps",
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "note": "wall-clock and CPU seconds (user + system, the command and its children) of each "
+            "command with its defaults; load average before/after",
+            "steps": [rows[s] for s in STEPS if s in rows],
+        }
         out_path.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if all(rows[s]["exit"] == 0 for s in wanted) else 1
 

@@ -82,7 +82,9 @@ def export_preset(preset: str, n_channels: int, bin_s: float, out: Path, precisi
     return out
 
 
-def model_alone(export: Path, counts: np.ndarray, n: int, *, pace_s: float = 0.0, precision: str = "fp32") -> dict:
+def model_alone(
+    export: Path, counts: np.ndarray, n: int, *, pace_s: float = 0.0, precision: str = "fp32"
+) -> dict:
     """engine.step over ``n`` bins of real counts: back to back (``pace_s`` 0), or sleeping ``pace_s``
     before each step — as the daemon does between bins (a step right after a sleep is slower: caches
     and clocks have cooled)."""
@@ -101,9 +103,22 @@ def model_alone(export: Path, counts: np.ndarray, n: int, *, pace_s: float = 0.0
     return percentiles_ms(t)
 
 
-def run_preset(preset: str, counts: np.ndarray, velocity: np.ndarray, *, bin_ms: float, bins: int, model_bins: int,
-               paced_bins: int, affinity: str | None, busy_poll_us: int, workdir: Path, log,
-               prewarm_lead_us: int = 0, precision: str = "fp32") -> dict:
+def run_preset(
+    preset: str,
+    counts: np.ndarray,
+    velocity: np.ndarray,
+    *,
+    bin_ms: float,
+    bins: int,
+    model_bins: int,
+    paced_bins: int,
+    affinity: str | None,
+    busy_poll_us: int,
+    workdir: Path,
+    log,
+    prewarm_lead_us: int = 0,
+    precision: str = "fp32",
+) -> dict:
     from streaming.client import PredictionSubscriber, RigClient, wait_for_daemon
     from streaming.launch import spawn_daemon
     from streaming.replay import run_replay
@@ -114,23 +129,44 @@ def run_preset(preset: str, counts: np.ndarray, velocity: np.ndarray, *, bin_ms:
     log(f"[{preset}] exported in {time.time() - t0:.1f} s; model alone over {model_bins} bins ...")
     alone = model_alone(export, counts, model_bins, precision=precision)
     paced = model_alone(export, counts, paced_bins, pace_s=bin_ms / 1e3, precision=precision)
-    log(f"[{preset}] model alone: p50 {alone['p50_ms']:.3f} ms, p99 {alone['p99_ms']:.3f} ms back to back; "
-        f"p50 {paced['p50_ms']:.3f} ms, p99 {paced['p99_ms']:.3f} ms paced at {bin_ms:g} ms")
+    log(
+        f"[{preset}] model alone: p50 {alone['p50_ms']:.3f} ms, p99 {alone['p99_ms']:.3f} ms back to back; "
+        f"p50 {paced['p50_ms']:.3f} ms, p99 {paced['p99_ms']:.3f} ms paced at {bin_ms:g} ms"
+    )
     ingest, publish = f"ipc://{workdir}/{preset}-in", f"ipc://{workdir}/{preset}-out"
-    extra = ["--gc-freeze"] + (["--affinity", affinity] if affinity else []) + (
-        ["--busy-poll-us", str(busy_poll_us)] if busy_poll_us else []) + (
-        ["--prewarm-lead-us", str(prewarm_lead_us)] if prewarm_lead_us else [])
-    proc = spawn_daemon(model=export, bin_ms=bin_ms, ingest=ingest, publish=publish, extra=extra, precision=precision,
-                        log_path=workdir / f"daemon-{preset}.log")
+    extra = (
+        ["--gc-freeze"]
+        + (["--affinity", affinity] if affinity else [])
+        + (["--busy-poll-us", str(busy_poll_us)] if busy_poll_us else [])
+        + (["--prewarm-lead-us", str(prewarm_lead_us)] if prewarm_lead_us else [])
+    )
+    proc = spawn_daemon(
+        model=export,
+        bin_ms=bin_ms,
+        ingest=ingest,
+        publish=publish,
+        extra=extra,
+        precision=precision,
+        log_path=workdir / f"daemon-{preset}.log",
+    )
     try:
         rig, sub = RigClient(endpoint=ingest, source_id=99), PredictionSubscriber(endpoint=publish)
         status = wait_for_daemon(rig, sub, timeout=120)
         rig.close()
         sub.close()
-        log(f"[{preset}] daemon up ({status['decoder']}); replaying {bins} bins at {bin_ms:g} ms real-time pace "
-            f"(≈ {bins * bin_ms / 1e3:.0f} s) ...")
-        res = run_replay(counts=counts[:bins], labels={"velocity": velocity[:bins]}, bin_ns=round(bin_ms * 1e6), ingest=ingest,
-                         publish=publish, realtime=True, drain_timeout_s=10.0)
+        log(
+            f"[{preset}] daemon up ({status['decoder']}); replaying {bins} bins at {bin_ms:g} ms real-time pace "
+            f"(≈ {bins * bin_ms / 1e3:.0f} s) ..."
+        )
+        res = run_replay(
+            counts=counts[:bins],
+            labels={"velocity": velocity[:bins]},
+            bin_ns=round(bin_ms * 1e6),
+            ingest=ingest,
+            publish=publish,
+            realtime=True,
+            drain_timeout_s=10.0,
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -156,7 +192,8 @@ def run_preset(preset: str, counts: np.ndarray, velocity: np.ndarray, *, bin_ms:
         "latency_ms": rep["latency_ms"],
         "daemon_adds_p99_ms": {
             "per_bin_overhead_p99": rep["latency_ms"]["daemon_overhead"].get("p99_ms"),
-            "daemon_p99_minus_infer_p99": rep["latency_ms"]["daemon"]["p99_ms"] - rep["latency_ms"]["infer"]["p99_ms"],
+            "daemon_p99_minus_infer_p99": rep["latency_ms"]["daemon"]["p99_ms"]
+            - rep["latency_ms"]["infer"]["p99_ms"],
             "daemon_p99_minus_model_alone_paced_p99": rep["latency_ms"]["daemon"]["p99_ms"] - alone_p99,
             "end_to_end_p99_minus_model_alone_paced_p99": None if e2e_p99 is None else e2e_p99 - alone_p99,
         },
@@ -167,22 +204,48 @@ def run_preset(preset: str, counts: np.ndarray, velocity: np.ndarray, *, bin_ms:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(DATA), help="recording whose counts are replayed (default StevensonV2.mat)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", default=str(DATA), help="recording whose counts are replayed (default StevensonV2.mat)"
+    )
     p.add_argument("--presets", default="small,paper")
     p.add_argument("--bins", type=int, default=10_000, help="bins replayed per preset (default 10000)")
     p.add_argument("--bin-ms", type=float, default=20.0, help="bin width on both sides (default 20)")
-    p.add_argument("--model-bins", type=int, default=2000,
-                   help="steps timed back to back for the model alone (default 2000)")
-    p.add_argument("--paced-bins", type=int, default=500,
-                   help="steps timed for the model alone with a bin-width sleep before each (default 500)")
+    p.add_argument(
+        "--model-bins",
+        type=int,
+        default=2000,
+        help="steps timed back to back for the model alone (default 2000)",
+    )
+    p.add_argument(
+        "--paced-bins",
+        type=int,
+        default=500,
+        help="steps timed for the model alone with a bin-width sleep before each (default 500)",
+    )
     p.add_argument("--affinity", default=None, metavar="CPU", help="pin the daemon's decode thread (e.g. 1)")
-    p.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
-                   help="daemon spins this long after each message before blocking (default 0: blocks)")
-    p.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                   help="step graph the daemon serves (default fp32)")
-    p.add_argument("--prewarm-lead-us", type=int, default=0, metavar="US",
-                   help="daemon runs the engine's prewarm() this long before each bin is due (default 0: off)")
+    p.add_argument(
+        "--busy-poll-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="daemon spins this long after each message before blocking (default 0: blocks)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="step graph the daemon serves (default fp32)",
+    )
+    p.add_argument(
+        "--prewarm-lead-us",
+        type=int,
+        default=0,
+        metavar="US",
+        help="daemon runs the engine's prewarm() this long before each bin is due (default 0: off)",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "streaming.json"))
     a = p.parse_args(argv)
 
@@ -193,36 +256,64 @@ def main(argv: list[str] | None = None) -> int:
 
     sess = load_session(a.data)
     counts, velocity = recorded_stream(sess, a.bins)
-    log(f"{a.data}: {sess.n_bins} bins × {sess.n_channels} channels recorded at {sess.bin_s * 1e3:g} ms; "
-        f"replayed at {a.bin_ms:g} ms")
+    log(
+        f"{a.data}: {sess.n_bins} bins × {sess.n_channels} channels recorded at {sess.bin_s * 1e3:g} ms; "
+        f"replayed at {a.bin_ms:g} ms"
+    )
     t_start = time.time()
     results = []
     with tempfile.TemporaryDirectory(prefix="rpnt-bench-") as tmp:
         for preset in [x for x in a.presets.split(",") if x]:
-            results.append(run_preset(preset, counts, velocity, bin_ms=a.bin_ms, bins=a.bins, model_bins=a.model_bins,
-                                      paced_bins=a.paced_bins, affinity=a.affinity, busy_poll_us=a.busy_poll_us,
-                                      workdir=Path(tmp), log=log, prewarm_lead_us=a.prewarm_lead_us,
-                                      precision=a.precision))
+            results.append(
+                run_preset(
+                    preset,
+                    counts,
+                    velocity,
+                    bin_ms=a.bin_ms,
+                    bins=a.bins,
+                    model_bins=a.model_bins,
+                    paced_bins=a.paced_bins,
+                    affinity=a.affinity,
+                    busy_poll_us=a.busy_poll_us,
+                    workdir=Path(tmp),
+                    log=log,
+                    prewarm_lead_us=a.prewarm_lead_us,
+                    precision=a.precision,
+                )
+            )
     out = {
         "benchmark": "streaming end-to-end latency at real-time pace (bench/bench_streaming.py)",
-        "data": str(a.data), "recorded_bin_ms": sess.bin_s * 1e3, "replayed_bin_ms": a.bin_ms,
+        "data": str(a.data),
+        "recorded_bin_ms": sess.bin_s * 1e3,
+        "replayed_bin_ms": a.bin_ms,
         "precision": a.precision,
-        "daemon_flags": {"busy_poll_us": a.busy_poll_us, "prewarm_lead_us": a.prewarm_lead_us,
-                         "affinity": a.affinity},
-        "note": ("the recording's counts re-timed to the replayed bin width on both sides (daemon and replay); "
-                 "end_to_end = replay client's send of the bin-closing packet → its receipt of the prediction "
-                 "(one clock); daemon_overhead = per-bin (daemon − infer); model_alone = engine.step in the bench "
-                 "process over the same counts, back to back; model_alone_paced = the same with a bin-width sleep "
-                 "before each step, as the daemon sees it"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_avg_at_end": os.getloadavg()},
+        "daemon_flags": {
+            "busy_poll_us": a.busy_poll_us,
+            "prewarm_lead_us": a.prewarm_lead_us,
+            "affinity": a.affinity,
+        },
+        "note": (
+            "the recording's counts re-timed to the replayed bin width on both sides (daemon and replay); "
+            "end_to_end = replay client's send of the bin-closing packet → its receipt of the prediction "
+            "(one clock); daemon_overhead = per-bin (daemon − infer); model_alone = engine.step in the bench "
+            "process over the same counts, back to back; model_alone_paced = the same with a bin-width sleep "
+            "before each step, as the daemon sees it"
+        ),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_at_end": os.getloadavg(),
+        },
         "bars": BARS,
         "results": results,
         "seconds": round(time.time() - t_start, 1),
     }
     checks = {}
     for r in results:
-        checks[f"{r['preset']}: daemon overhead p99 ≤ 0.2 ms"] = r["daemon_adds_p99_ms"]["per_bin_overhead_p99"] <= 0.2
+        checks[f"{r['preset']}: daemon overhead p99 ≤ 0.2 ms"] = (
+            r["daemon_adds_p99_ms"]["per_bin_overhead_p99"] <= 0.2
+        )
         checks[f"{r['preset']}: zero bins lost"] = r["bins_lost"] == 0
         if r["preset"] == "paper":
             checks["paper: end-to-end p99 ≤ 1.5 ms"] = r["latency_ms"]["end_to_end"]["p99_ms"] <= 1.5
@@ -230,23 +321,36 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
 
-    print(f"\nstreaming benchmark: {a.bins} bins per preset at {a.bin_ms:g} ms real-time pace "
-          f"(counts of {Path(a.data).name}), {out['seconds']:.0f} s; load average {os.getloadavg()[0]:.2f} "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"\nstreaming benchmark: {a.bins} bins per preset at {a.bin_ms:g} ms real-time pace "
+        f"(counts of {Path(a.data).name}), {out['seconds']:.0f} s; load average {os.getloadavg()[0]:.2f} "
+        f"on {os.cpu_count()} CPUs"
+    )
     hdr = f"{'preset':<7}{'ms':<20}{'p50':>8}{'p99':>8}{'p99.9':>8}{'max':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         rows = [("model alone", r["model_alone_ms"]), ("model alone paced", r["model_alone_paced_ms"])] + [
-            (name, r["latency_ms"][key]) for name, key in
-            (("daemon infer", "infer"), ("daemon overhead", "daemon_overhead"), ("daemon total", "daemon"),
-             ("ingest hop", "ingest"), ("deliver hop", "deliver"), ("end to end", "end_to_end"))]
+            (name, r["latency_ms"][key])
+            for name, key in (
+                ("daemon infer", "infer"),
+                ("daemon overhead", "daemon_overhead"),
+                ("daemon total", "daemon"),
+                ("ingest hop", "ingest"),
+                ("deliver hop", "deliver"),
+                ("end to end", "end_to_end"),
+            )
+        ]
         for i, (name, s) in enumerate(rows):
-            print(f"{r['preset'] if i == 0 else '':<7}{name:<20}{s['p50_ms']:>8.3f}{s['p99_ms']:>8.3f}"
-                  f"{s['p99.9_ms']:>8.3f}{s['max_ms']:>8.3f}")
+            print(
+                f"{r['preset'] if i == 0 else '':<7}{name:<20}{s['p50_ms']:>8.3f}{s['p99_ms']:>8.3f}"
+                f"{s['p99.9_ms']:>8.3f}{s['max_ms']:>8.3f}"
+            )
         fl = {k: v for k, v in r["flags"].items() if v and k != "first"}
-        print(f"{'':<7}bins {r['bins']}, received {r['bins_received']}, lost {r['bins_lost']}"
-              + (f", flags {fl}" if fl else ""))
+        print(
+            f"{'':<7}bins {r['bins']}, received {r['bins_received']}, lost {r['bins_lost']}"
+            + (f", flags {fl}" if fl else "")
+        )
     print()
     for k, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISSED'}] {k}")

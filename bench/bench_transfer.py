@@ -66,16 +66,23 @@ BUDGETS_S = (15.0, 30.0, 60.0, 120.0, 300.0)
 TEST_FRACTION = 0.2
 VAL_SHARE = 0.2  # of the labelled seconds
 BASELINES = ("wiener", "kalman", "gru")
-ZERO_LABEL = ("last day's decoder, unchanged", "last day's decoder, re-aligned (no labels)",
-              "pool decoder (earlier days' labels), day's input statistics")
+ZERO_LABEL = (
+    "last day's decoder, unchanged",
+    "last day's decoder, re-aligned (no labels)",
+    "pool decoder (earlier days' labels), day's input statistics",
+)
 
 # The product's recipe under the names its rows carry in bench/results (the recipes that lost to it —
 # self-supervised pretraining with or without input normalisation, per-day read-ins, read-in-only
 # adaptation, a full-rate core — were measured in transfer-rank-seed0 and removed; CHANGELOG).
 # Pretraining: supervised on the pool's labels, input normalisation (rpnt pretrain's default on
 # labelled days); adaptation: full finetuning, the kept head's core at 0.1× (rpnt finetune's rule).
-PRETRAINING: dict[str, dict] = {"supervised+norm": dict(objective="supervised", channels="resample", input_norm=True)}
-RECIPES: dict[str, dict] = {"supervised+norm, full FT core lr ×0.1": dict(pretrain="supervised+norm", mode="full")}
+PRETRAINING: dict[str, dict] = {
+    "supervised+norm": dict(objective="supervised", channels="resample", input_norm=True)
+}
+RECIPES: dict[str, dict] = {
+    "supervised+norm, full FT core lr ×0.1": dict(pretrain="supervised+norm", mode="full")
+}
 SCRATCH = {"RPNT from scratch +norm": True}
 ZERO_LABEL_PRETRAIN = "supervised+norm"  # the last day's decoder starts from this pretraining
 
@@ -83,13 +90,34 @@ ZERO_LABEL_PRETRAIN = "supervised+norm"  # the last day's decoder starts from th
 def budget(quick: bool) -> dict:
     """Training budget of every RPNT run (reduced for 2 shared CPU cores; stated in the results)."""
     if quick:
-        return dict(pre_epochs=2, pre_steps=4, batch=4, window=32, ft_epochs=2, ft_steps_max=2, ft_bins_per_step=400,
-                    patience=2, realign_steps=3, gru_epochs=2, preset="small")
+        return dict(
+            pre_epochs=2,
+            pre_steps=4,
+            batch=4,
+            window=32,
+            ft_epochs=2,
+            ft_steps_max=2,
+            ft_bins_per_step=400,
+            patience=2,
+            realign_steps=3,
+            gru_epochs=2,
+            preset="small",
+        )
     from rpnt_core.train.finetune import LABEL_BUDGET as L
 
-    return dict(pre_epochs=8, pre_steps=50, batch=L["batch_size"], window=L["window_len"], ft_epochs=L["epochs"],
-                ft_steps_max=L["max_steps"], ft_bins_per_step=L["bins_per_step"], patience=L["patience"],
-                realign_steps=100, gru_epochs=25, preset="small")
+    return dict(
+        pre_epochs=8,
+        pre_steps=50,
+        batch=L["batch_size"],
+        window=L["window_len"],
+        ft_epochs=L["epochs"],
+        ft_steps_max=L["max_steps"],
+        ft_bins_per_step=L["bins_per_step"],
+        patience=L["patience"],
+        realign_steps=100,
+        gru_epochs=25,
+        preset="small",
+    )
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -97,7 +125,9 @@ def budget(quick: bool) -> dict:
 
 def label_split(n_bins: int, *, bin_s: float, seconds: float):
     """The day's splits for a label budget of ``seconds`` (:func:`rpnt_core.data.splits.label_budget_splits`)."""
-    return label_budget_splits(n_bins, bin_s=bin_s, seconds=seconds, test_fraction=TEST_FRACTION, val_share=VAL_SHARE)
+    return label_budget_splits(
+        n_bins, bin_s=bin_s, seconds=seconds, test_fraction=TEST_FRACTION, val_share=VAL_SHARE
+    )
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -116,8 +146,15 @@ def _synthetic_days(quick_seed: int = 0) -> list:
     """Six short days of one simulated subject at 50 ms (the ``--quick`` stand-in for Spike)."""
     from rpnt_core.data import SimulationSpec, simulate_sessions
 
-    spec = SimulationSpec(n_subjects=1, sessions_per_subject=6, bins_per_session=(2000, 2000), bin_s=0.05,
-                          channels_per_session=(30, 30), population_size=(40, 40), n_multisite_subjects=0)
+    spec = SimulationSpec(
+        n_subjects=1,
+        sessions_per_subject=6,
+        bins_per_session=(2000, 2000),
+        bin_s=0.05,
+        channels_per_session=(30, 30),
+        population_size=(40, 40),
+        n_multisite_subjects=0,
+    )
     return sorted(simulate_sessions(spec, seed=quick_seed), key=lambda s: s.date_days)
 
 
@@ -128,8 +165,15 @@ def scenarios(args) -> list[Scenario]:
     out = []
     if args.quick:
         days, dropped = fit_for_target(_synthetic_days(), "position")
-        out.append(Scenario(name="spike", target="position", pool=days[:args.pool_days], tests=days[args.pool_days:],
-                            dropped=dropped))
+        out.append(
+            Scenario(
+                name="spike",
+                target="position",
+                pool=days[: args.pool_days],
+                tests=days[args.pool_days :],
+                dropped=dropped,
+            )
+        )
         return out
     files = sorted(SPIKE.glob("*.mat"))
     if not files:
@@ -137,14 +181,25 @@ def scenarios(args) -> list[Scenario]:
     spike = sorted((load_session(f) for f in files), key=lambda s: s.date_days)
     if "spike" in args.scenarios:
         days, dropped = fit_for_target(spike, "position")
-        tests = [d for d in days[args.pool_days:] if not args.days or d.name in args.days]
-        out.append(Scenario(name="spike", target="position", pool=days[:args.pool_days], tests=tests, dropped=dropped))
+        tests = [d for d in days[args.pool_days :] if not args.days or d.name in args.days]
+        out.append(
+            Scenario(
+                name="spike", target="position", pool=days[: args.pool_days], tests=tests, dropped=dropped
+            )
+        )
     nick = sorted(NICK.glob("Nick_CO_00*-binned.mat"))
     if "nick" in args.scenarios and len(nick) == 2:
         days, dropped = fit_for_target(spike, "velocity")
         n1, n2 = (load_session(f).with_target("velocity") for f in nick)
-        out.append(Scenario(name="nick", target="velocity", pool=days[:args.pool_days] + [n1], tests=[n2],
-                            dropped=dropped))
+        out.append(
+            Scenario(
+                name="nick",
+                target="velocity",
+                pool=days[: args.pool_days] + [n1],
+                tests=[n2],
+                dropped=dropped,
+            )
+        )
     return out
 
 
@@ -168,16 +223,40 @@ def pretrain_unit(args, scenario_index: int, variant: str, seed: int, n_days: in
     for stale in (path, path.with_suffix(".log.jsonl"), path.with_suffix(".resume.safetensors")):
         stale.unlink(missing_ok=True)
     t = time.time()
-    res = pretrain(sc.pool[-n_days:], out=path, options=PretrainOptions(
-        preset=b["preset"], epochs=b["pre_epochs"], steps_per_epoch=b["pre_steps"], batch_size=b["batch"],
-        window_len=b["window"], warmup_steps=min(50, b["pre_steps"]), channels=v["channels"], objective=v["objective"],
-        seed=seed, device="cpu", progress=False, config_overrides=(("input_norm", v["input_norm"]),)))
+    res = pretrain(
+        sc.pool[-n_days:],
+        out=path,
+        options=PretrainOptions(
+            preset=b["preset"],
+            epochs=b["pre_epochs"],
+            steps_per_epoch=b["pre_steps"],
+            batch_size=b["batch"],
+            window_len=b["window"],
+            warmup_steps=min(50, b["pre_steps"]),
+            channels=v["channels"],
+            objective=v["objective"],
+            seed=seed,
+            device="cpu",
+            progress=False,
+            config_overrides=(("input_norm", v["input_norm"]),),
+        ),
+    )
     seconds = time.time() - t
-    print(f"  pretrained {sc.name} / {variant} / {n_days} days / seed {seed}: val {res['best_val_loss']:.4f} "
-          f"({seconds:.0f} s)", flush=True)
-    return {"scenario": sc.name, "variant": variant, "seed": seed, "pool_days": n_days, "seconds": round(seconds, 1),
-            "best_val_loss": res["best_val_loss"], "val_loss_mean_rate": res["val_loss_mean_rate"],
-            "best_epoch": res["best_epoch"]}
+    print(
+        f"  pretrained {sc.name} / {variant} / {n_days} days / seed {seed}: val {res['best_val_loss']:.4f} "
+        f"({seconds:.0f} s)",
+        flush=True,
+    )
+    return {
+        "scenario": sc.name,
+        "variant": variant,
+        "seed": seed,
+        "pool_days": n_days,
+        "seconds": round(seconds, 1),
+        "best_val_loss": res["best_val_loss"],
+        "val_loss_mean_rate": res["val_loss_mean_rate"],
+        "best_epoch": res["best_epoch"],
+    }
 
 
 def _ft_options(args, *, n_train: int, seed: int, mode: str = "full", input_norm: bool | None = None):
@@ -186,10 +265,24 @@ def _ft_options(args, *, n_train: int, seed: int, mode: str = "full", input_norm
 
     b = budget(args.quick)
     over = () if input_norm is None else (("input_norm", input_norm),)
-    sizes = {"epochs": b["ft_epochs"], "max_steps": b["ft_steps_max"], "bins_per_step": b["ft_bins_per_step"],
-             "batch_size": b["batch"], "window_len": b["window"], "patience": b["patience"]}
-    return FinetuneOptions.for_labels(n_train, budget=sizes, mode=mode, preset=b["preset"], seed=seed, device="cpu", progress=False,
-                                      config_overrides=over)
+    sizes = {
+        "epochs": b["ft_epochs"],
+        "max_steps": b["ft_steps_max"],
+        "bins_per_step": b["ft_bins_per_step"],
+        "batch_size": b["batch"],
+        "window_len": b["window"],
+        "patience": b["patience"],
+    }
+    return FinetuneOptions.for_labels(
+        n_train,
+        budget=sizes,
+        mode=mode,
+        preset=b["preset"],
+        seed=seed,
+        device="cpu",
+        progress=False,
+        config_overrides=over,
+    )
 
 
 def _score_model(model, day, splits) -> float:
@@ -204,9 +297,15 @@ def _score_baseline(name: str, view, day, splits, *, seed: int, quick: bool) -> 
 
     (lo, hi), (vlo, vhi) = splits.train, splits.val
     hyper = {"num_threads": 1, "max_epochs": budget(quick)["gru_epochs"]} if name == "gru" else {}
-    dec = FITS[name].fit(train_counts=view.counts[lo:hi], train_velocity=view.labels[lo:hi],
-                         val_counts=view.counts[vlo:vhi], val_velocity=view.labels[vlo:vhi], bin_s=day.bin_s,
-                         seed=seed, **hyper)
+    dec = FITS[name].fit(
+        train_counts=view.counts[lo:hi],
+        train_velocity=view.labels[lo:hi],
+        val_counts=view.counts[vlo:vhi],
+        val_velocity=view.labels[vlo:vhi],
+        bin_s=day.bin_s,
+        seed=seed,
+        **hyper,
+    )
     tlo, thi = splits.test
     return r2_score(day.labels[tlo:thi], dec.predict(np.asarray(day.counts[:thi]))[tlo:thi])
 
@@ -237,15 +336,30 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
     rows: list[dict] = []
 
     def record(decoder: str, seconds_of_labels: float, r2: float, t0: float, **extra) -> None:
-        rows.append({"scenario": sc.name, "day": day.name, "decoder": decoder, "seed": seed,
-                     "label_seconds": seconds_of_labels, "test_r2": float(r2), "seconds": round(time.time() - t0, 1),
-                     **extra})
-        print(f"  {sc.name} {day.name} seed {seed} {seconds_of_labels:>5g} s  {decoder:<52} R² {r2:.4f}", flush=True)
+        rows.append(
+            {
+                "scenario": sc.name,
+                "day": day.name,
+                "decoder": decoder,
+                "seed": seed,
+                "label_seconds": seconds_of_labels,
+                "test_r2": float(r2),
+                "seconds": round(time.time() - t0, 1),
+                **extra,
+            }
+        )
+        print(
+            f"  {sc.name} {day.name} seed {seed} {seconds_of_labels:>5g} s  {decoder:<52} R² {r2:.4f}",
+            flush=True,
+        )
 
     full_pool = len(sc.pool)
     if any(d in args.only for d in ZERO_LABEL) and sc.pool[-1].n_channels != day.n_channels:
-        print(f"  {sc.name} {day.name}: no zero-label rows (its {day.n_channels} channels are not the pool's last "
-              f"day's {sc.pool[-1].n_channels}: another unit set, a decoder of it cannot be applied as is)", flush=True)
+        print(
+            f"  {sc.name} {day.name}: no zero-label rows (its {day.n_channels} channels are not the pool's last "
+            f"day's {sc.pool[-1].n_channels}: another unit set, a decoder of it cannot be applied as is)",
+            flush=True,
+        )
     elif any(d in args.only for d in ZERO_LABEL):
         splits = label_split(day.n_bins, bin_s=day.bin_s, seconds=min(args.budgets))  # the test part only
         t = time.time()
@@ -254,15 +368,22 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
             record(ZERO_LABEL[0], 0.0, _score_model(model, day, splits), t)
         if ZERO_LABEL[1] in args.only:
             t = time.time()
-            info = realign_input(model, day.counts[:splits.test[0]], metadata=session_metadata(model, day),
-                                 options=RealignOptions(steps=budget(args.quick)["realign_steps"],
-                                                        batch_size=budget(args.quick)["batch"],
-                                                        window_len=budget(args.quick)["window"], seed=seed))
+            info = realign_input(
+                model,
+                day.counts[: splits.test[0]],
+                metadata=session_metadata(model, day),
+                options=RealignOptions(
+                    steps=budget(args.quick)["realign_steps"],
+                    batch_size=budget(args.quick)["batch"],
+                    window_len=budget(args.quick)["window"],
+                    seed=seed,
+                ),
+            )
             record(ZERO_LABEL[1], 0.0, _score_model(model, day, splits), t, **info)
         if ZERO_LABEL[2] in args.only:
             t = time.time()
             model = load_checkpoint(_pretrain_path(args, sc.name, ZERO_LABEL_PRETRAIN, seed, full_pool))
-            set_input_statistics(model, day.counts[:splits.test[0]])
+            set_input_statistics(model, day.counts[: splits.test[0]])
             record(ZERO_LABEL[2], 0.0, _score_model(model, day, splits), t)
     for seconds in args.budgets:
         try:
@@ -275,13 +396,21 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
         for name in BASELINES:
             if name in args.only:
                 t = time.time()
-                record(f"baseline: {name}", seconds, _score_baseline(name, view, day, splits, seed=seed,
-                                                                     quick=args.quick), t)
+                record(
+                    f"baseline: {name}",
+                    seconds,
+                    _score_baseline(name, view, day, splits, seed=seed, quick=args.quick),
+                    t,
+                )
         for name, norm in SCRATCH.items():
             if name in args.only:
                 t = time.time()
-                model, fit = fit_decoder(view, init=None, splits=splits,
-                                         options=_ft_options(args, n_train=n_train, seed=seed, input_norm=norm))
+                model, fit = fit_decoder(
+                    view,
+                    init=None,
+                    splits=splits,
+                    options=_ft_options(args, n_train=n_train, seed=seed, input_norm=norm),
+                )
                 record(name, seconds, _score_model(model, day, splits), t, val_r2=fit["val_r2"])
         for name, rc in RECIPES.items():
             if name not in args.only:
@@ -289,10 +418,21 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
             for n_days in [full_pool] + [k for k in args.pool_sizes if k < full_pool]:
                 t = time.time()
                 init = _pretrain_path(args, sc.name, rc["pretrain"], seed, n_days)
-                model, fit = fit_decoder(view, init=init, splits=splits, options=_ft_options(
-                    args, n_train=n_train, seed=seed, mode=rc["mode"]))
+                model, fit = fit_decoder(
+                    view,
+                    init=init,
+                    splits=splits,
+                    options=_ft_options(args, n_train=n_train, seed=seed, mode=rc["mode"]),
+                )
                 label = name if n_days == full_pool else f"{name} [{n_days} pretraining days]"
-                record(label, seconds, _score_model(model, day, splits), t, val_r2=fit["val_r2"], pool_days=n_days)
+                record(
+                    label,
+                    seconds,
+                    _score_model(model, day, splits),
+                    t,
+                    val_r2=fit["val_r2"],
+                    pool_days=n_days,
+                )
     return rows
 
 
@@ -334,29 +474,58 @@ def run(args, on_rows=None) -> dict:
     for i, sc in enumerate(scs):
         for seed in args.seeds:
             for v in sorted(variants):
-                sizes = {len(sc.pool)} | ({k for k in args.pool_sizes if k < len(sc.pool)}
-                                          if any(RECIPES[r]["pretrain"] == v for r in RECIPES if r in args.only) else set())
+                sizes = {len(sc.pool)} | (
+                    {k for k in args.pool_sizes if k < len(sc.pool)}
+                    if any(RECIPES[r]["pretrain"] == v for r in RECIPES if r in args.only)
+                    else set()
+                )
                 pre_units += [(args, i, v, seed, k) for k in sorted(sizes)]
     t = time.time()
     pretraining = list(_pool(args, pretrain_unit, pre_units))
     stages["pretraining_seconds"] = round(time.time() - t, 1)
     t = time.time()
-    day_units = [(args, i, j, seed) for i, sc in enumerate(scs) for seed in args.seeds for j in range(len(sc.tests))]
+    day_units = [
+        (args, i, j, seed) for i, sc in enumerate(scs) for seed in args.seeds for j in range(len(sc.tests))
+    ]
 
     def result(rows: list[dict], done: int) -> dict:
-        return {"benchmark": "transfer", "quick": args.quick, "seeds": args.seeds, "budgets_s": args.budgets,
-                "budget": budget(args.quick), "pool_sizes": args.pool_sizes,
-                "protocol": {"test_fraction": TEST_FRACTION, "val_share_of_labels": VAL_SHARE,
-                             "unlabelled_bins": "every bin before the test part: input statistics and label-free "
-                                                "re-alignment (counts only)",
-                             "pretraining": "the pool only (no test-day bins)"},
-                "scenarios": [{"name": sc.name, "target": sc.target, "pool": [d.name for d in sc.pool],
-                               "tests": [d.name for d in sc.tests], "dropped": sc.dropped} for sc in scs],
-                "pretraining": pretraining, "rows": rows, "units_done": f"{done} of {len(day_units)}",
-                "stages": stages, "jobs": args.jobs,
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                            "threads_per_job": 1},
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        return {
+            "benchmark": "transfer",
+            "quick": args.quick,
+            "seeds": args.seeds,
+            "budgets_s": args.budgets,
+            "budget": budget(args.quick),
+            "pool_sizes": args.pool_sizes,
+            "protocol": {
+                "test_fraction": TEST_FRACTION,
+                "val_share_of_labels": VAL_SHARE,
+                "unlabelled_bins": "every bin before the test part: input statistics and label-free "
+                "re-alignment (counts only)",
+                "pretraining": "the pool only (no test-day bins)",
+            },
+            "scenarios": [
+                {
+                    "name": sc.name,
+                    "target": sc.target,
+                    "pool": [d.name for d in sc.pool],
+                    "tests": [d.name for d in sc.tests],
+                    "dropped": sc.dropped,
+                }
+                for sc in scs
+            ],
+            "pretraining": pretraining,
+            "rows": rows,
+            "units_done": f"{done} of {len(day_units)}",
+            "stages": stages,
+            "jobs": args.jobs,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "threads_per_job": 1,
+            },
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
 
     rows: list[dict] = []
     for done, part in enumerate(_pool(args, day_unit, day_units), start=1):
@@ -371,7 +540,8 @@ def run(args, on_rows=None) -> dict:
 def identity(result: dict) -> dict:
     """What a row's number depends on besides its seed, decoder and day: runs that agree can be merged."""
     return {k: result[k] for k in ("quick", "budget", "protocol")} | {
-        "scenarios": [{k: sc[k] for k in ("name", "target", "pool")} for sc in result["scenarios"]]}
+        "scenarios": [{k: sc[k] for k in ("name", "target", "pool")} for sc in result["scenarios"]]
+    }
 
 
 def merge(result: dict, paths: list[str], decoders: list[str] | None = None) -> dict:
@@ -389,19 +559,30 @@ def merge(result: dict, paths: list[str], decoders: list[str] | None = None) -> 
             raise SystemExit(f"--merge {path}: cannot read it as a result file ({exc})") from None
         other = identity(old)
         if any(other[k] != here[k] for k in ("quick", "budget", "protocol")) or any(
-                sc not in other["scenarios"] for sc in here["scenarios"] if sc["name"] in
-                {r["scenario"] for r in old["rows"]}):
+            sc not in other["scenarios"]
+            for sc in here["scenarios"]
+            if sc["name"] in {r["scenario"] for r in old["rows"]}
+        ):
             raise SystemExit(f"--merge {path}: made with a different budget, protocol or pool; rerun instead")
-        new = [r | {"from": Path(path).name} for r in old["rows"]
-               if (r["scenario"], r["day"], r["decoder"], r["seed"]) not in seen
-               and (decoders is None or r["decoder"].split(" [")[0] in decoders
-                    or r["decoder"].removeprefix("baseline: ") in decoders)]
+        new = [
+            r | {"from": Path(path).name}
+            for r in old["rows"]
+            if (r["scenario"], r["day"], r["decoder"], r["seed"]) not in seen
+            and (
+                decoders is None
+                or r["decoder"].split(" [")[0] in decoders
+                or r["decoder"].removeprefix("baseline: ") in decoders
+            )
+        ]
         rows += new
         pre += [p for p in old["pretraining"] if p not in pre]
         stages[Path(path).name] = old.get("stages")
         seen |= {(r["scenario"], r["day"], r["decoder"], r["seed"]) for r in new}
         names = {sc["name"] for sc in result["scenarios"]}
-        result = {**result, "scenarios": result["scenarios"] + [sc for sc in old["scenarios"] if sc["name"] not in names]}
+        result = {
+            **result,
+            "scenarios": result["scenarios"] + [sc for sc in old["scenarios"] if sc["name"] not in names],
+        }
     seeds = sorted({r["seed"] for r in rows})
     return {**result, "rows": rows, "pretraining": pre, "seeds": seeds, "merged_stages": stages}
 
@@ -415,43 +596,70 @@ def summarise(rows: list[dict]) -> dict:
     out: dict = {}
     for (sc, dec, sec, _), vals in by.items():
         out.setdefault((sc, dec), {}).setdefault(sec, []).append(float(np.mean(vals)))
-    return {k: {s: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
-                for s, v in sorted(d.items())} for k, d in out.items()}
+    return {
+        k: {
+            s: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+            for s, v in sorted(d.items())
+        }
+        for k, d in out.items()
+    }
 
 
 def markdown(result: dict) -> str:
     b = result["budget"]
-    lines = [f"Cross-day transfer, test R² (mean over test days; mean ± sd over seeds {result['seeds']}; "
-             f"units measured: {result.get('units_done', 'all')}).",
-             f"Budget (reduced for 2 shared CPU cores): pretraining {b['pre_epochs']}×{b['pre_steps']} steps, batch "
-             f"{b['batch']}×{b['window']} bins, preset {b['preset']}; finetuning ≤ {b['ft_epochs']} epochs × "
-             f"≤ {b['ft_steps_max']} steps (1 step per {b['ft_bins_per_step']} labelled train bins), patience "
-             f"{b['patience']}; re-alignment {b['realign_steps']} steps.  Wall time (s): {result['stages']}"
-             + "".join(f"; merged {k}: {v}" for k, v in (result.get("merged_stages") or {}).items()) + ".", ""]
+    lines = [
+        f"Cross-day transfer, test R² (mean over test days; mean ± sd over seeds {result['seeds']}; "
+        f"units measured: {result.get('units_done', 'all')}).",
+        f"Budget (reduced for 2 shared CPU cores): pretraining {b['pre_epochs']}×{b['pre_steps']} steps, batch "
+        f"{b['batch']}×{b['window']} bins, preset {b['preset']}; finetuning ≤ {b['ft_epochs']} epochs × "
+        f"≤ {b['ft_steps_max']} steps (1 step per {b['ft_bins_per_step']} labelled train bins), patience "
+        f"{b['patience']}; re-alignment {b['realign_steps']} steps.  Wall time (s): {result['stages']}"
+        + "".join(f"; merged {k}: {v}" for k, v in (result.get("merged_stages") or {}).items())
+        + ".",
+        "",
+    ]
     summary = summarise(result["rows"])
     for sc in result["scenarios"]:
         secs = sorted({r["label_seconds"] for r in result["rows"] if r["scenario"] == sc["name"]})
-        lines += [f"### {sc['name']} (target {sc['target']}): pool {len(sc['pool'])} days → tests "
-                  f"{', '.join(sc['tests'])}", ""]
+        lines += [
+            f"### {sc['name']} (target {sc['target']}): pool {len(sc['pool'])} days → tests "
+            f"{', '.join(sc['tests'])}",
+            "",
+        ]
         if sc["dropped"]:
             lines += [f"Dropped by quality control: {'; '.join(f'{n} ({w})' for n, w in sc['dropped'])}", ""]
-        lines += ["| decoder | seeds | " + " | ".join("0 s" if s == 0 else f"{s:g} s" for s in secs) + " |",
-                  "|---|---:|" + "---:|" * len(secs)]
+        lines += [
+            "| decoder | seeds | " + " | ".join("0 s" if s == 0 else f"{s:g} s" for s in secs) + " |",
+            "|---|---:|" + "---:|" * len(secs),
+        ]
         for (scn, dec), cells in summary.items():
             if scn != sc["name"]:
                 continue
-            lines.append(f"| {dec} | {max(c[2] for c in cells.values())} | " + " | ".join(
-                (f"{cells[s][0]:.3f} ± {cells[s][1]:.3f}" if cells[s][2] > 1 else f"{cells[s][0]:.3f}")
-                if s in cells else "" for s in secs) + " |")
+            lines.append(
+                f"| {dec} | {max(c[2] for c in cells.values())} | "
+                + " | ".join(
+                    (f"{cells[s][0]:.3f} ± {cells[s][1]:.3f}" if cells[s][2] > 1 else f"{cells[s][0]:.3f}")
+                    if s in cells
+                    else ""
+                    for s in secs
+                )
+                + " |"
+            )
         lines.append("")
     pre = result.get("pretraining") or []
     if pre:
-        lines += ["Pretraining runs (best validation loss; masked-Poisson runs also show the mean-rate-only floor):", "",
-                  "| scenario | variant | days | seed | val loss | mean-rate floor | s |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "Pretraining runs (best validation loss; masked-Poisson runs also show the mean-rate-only floor):",
+            "",
+            "| scenario | variant | days | seed | val loss | mean-rate floor | s |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         for p in pre:
             floor = "" if p["val_loss_mean_rate"] is None else f"{p['val_loss_mean_rate']:.4f}"
-            lines.append(f"| {p['scenario']} | {p['variant']} | {p['pool_days']} | {p['seed']} | "
-                         f"{p['best_val_loss']:.4f} | {floor} | {p['seconds']:.0f} |")
+            lines.append(
+                f"| {p['scenario']} | {p['variant']} | {p['pool_days']} | {p['seed']} | "
+                f"{p['best_val_loss']:.4f} | {floor} | {p['seconds']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -505,20 +713,37 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/results/transfer.json")
     p.add_argument("--workdir", default="/tmp/rpnt-bench-transfer")
     p.add_argument("--seeds", default="0", help="training seeds, comma-separated")
-    p.add_argument("--budgets", default=",".join(f"{s:g}" for s in BUDGETS_S), help="seconds of labels, comma-separated")
-    p.add_argument("--pool-days", type=int, default=15, help="clean days in the pretraining pool (the first ones)")
-    p.add_argument("--pool-sizes", default="", help="also pretrain the chosen recipes on only the pool's last K days, "
-                                                    "comma-separated K (e.g. 2,5,10)")
+    p.add_argument(
+        "--budgets", default=",".join(f"{s:g}" for s in BUDGETS_S), help="seconds of labels, comma-separated"
+    )
+    p.add_argument(
+        "--pool-days", type=int, default=15, help="clean days in the pretraining pool (the first ones)"
+    )
+    p.add_argument(
+        "--pool-sizes",
+        default="",
+        help="also pretrain the chosen recipes on only the pool's last K days, "
+        "comma-separated K (e.g. 2,5,10)",
+    )
     p.add_argument("--scenarios", default="spike,nick")
     p.add_argument("--only", default="", help="decoders, separated by ';' (default: all)")
     p.add_argument("--days", default="", help="test days by session name, comma-separated (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="processes (1 torch thread each)")
     p.add_argument("--quick", action="store_true", help="synthetic days and tiny budgets, for the test")
-    p.add_argument("--replot", action="store_true", help="rewrite --out's Markdown and PNG from its JSON, adding every "
-                   "decoder's cells of the --merge files (no runs)")
-    p.add_argument("--merge", nargs="*", default=[], metavar="JSON",
-                   help="earlier result files of the same budget and protocol: their cells that this run does "
-                        "not measure are added to its tables (e.g. seed 0 of a ranking run)")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="rewrite --out's Markdown and PNG from its JSON, adding every "
+        "decoder's cells of the --merge files (no runs)",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="*",
+        default=[],
+        metavar="JSON",
+        help="earlier result files of the same budget and protocol: their cells that this run does "
+        "not measure are added to its tables (e.g. seed 0 of a ranking run)",
+    )
     a = p.parse_args(argv)
     a.seeds = [int(x) for x in a.seeds.split(",") if x]
     a.budgets = [float(x) for x in a.budgets.split(",") if x]
@@ -537,8 +762,11 @@ def main(argv=None) -> int:
     if args.replot:  # with --merge: every decoder's cells of those files join --out's (no runs)
         print(write(merge(json.loads(out.read_text()), args.merge), out))
         return 0
-    result = merge(run(args, on_rows=lambda partial: write(merge(partial, args.merge, args.only), out)), args.merge,
-                   args.only)
+    result = merge(
+        run(args, on_rows=lambda partial: write(merge(partial, args.merge, args.only), out)),
+        args.merge,
+        args.only,
+    )
     print("\n" + write(result, out))
     return 0
 

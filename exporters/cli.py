@@ -53,33 +53,67 @@ exit status: 0 exported; 1 parity/graph check failed (nothing written);
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rpnt export", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (.safetensors) written by rpnt training")
-    p.add_argument("--out", metavar="DIR", required=True,
-                   help="output directory (created if missing; a previous export in it is replaced)")
+    p = argparse.ArgumentParser(
+        prog="rpnt export",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint file (.safetensors) written by rpnt training"
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        required=True,
+        help="output directory (created if missing; a previous export in it is replaced)",
+    )
     p.add_argument("--int8", action="store_true", help="also write a dynamic-int8 step graph for CPU serving")
     p.add_argument("--fp16", action="store_true", help="also write a float16 step graph for GPU serving")
-    p.add_argument("--window-bins", metavar="T", type=int, default=None,
-                   help="bins in the window graph (default: the model's receptive field + 127)")
-    p.add_argument("--parity-data", metavar="FILE", default=None,
-                   help="a session (.npz/.mat/.nwb) whose counts (its last --parity-bins bins) are also "
-                        "used for the parity check; its channel count and bin width must match the model")
-    p.add_argument("--parity-bins", metavar="N", type=int, default=300,
-                   help="bins per parity stream (default 300)")
-    p.add_argument("--tolerance", metavar="X", type=float, default=1e-4,
-                   help="max abs error allowed for the float32 graphs (default 1e-4)")
-    p.add_argument("--r2-gate", metavar="X", type=float, default=0.005,
-                   help="max R² drop vs fp32 for --int8/--fp16 models to be written (default 0.005)")
+    p.add_argument(
+        "--window-bins",
+        metavar="T",
+        type=int,
+        default=None,
+        help="bins in the window graph (default: the model's receptive field + 127)",
+    )
+    p.add_argument(
+        "--parity-data",
+        metavar="FILE",
+        default=None,
+        help="a session (.npz/.mat/.nwb) whose counts (its last --parity-bins bins) are also "
+        "used for the parity check; its channel count and bin width must match the model",
+    )
+    p.add_argument(
+        "--parity-bins", metavar="N", type=int, default=300, help="bins per parity stream (default 300)"
+    )
+    p.add_argument(
+        "--tolerance",
+        metavar="X",
+        type=float,
+        default=1e-4,
+        help="max abs error allowed for the float32 graphs (default 1e-4)",
+    )
+    p.add_argument(
+        "--r2-gate",
+        metavar="X",
+        type=float,
+        default=0.005,
+        help="max R² drop vs fp32 for --int8/--fp16 models to be written (default 0.005)",
+    )
     meta = p.add_argument_group(
         "metadata (baked into the export as the metadata bias; default: the metadata of the session the "
-        "checkpoint was finetuned on, so the served model conditions exactly as `rpnt evaluate` scored it)")
+        "checkpoint was finetuned on, so the served model conditions exactly as `rpnt evaluate` scored it)"
+    )
     meta.add_argument("--subject", default=None, help="subject name from the model's vocabulary")
     meta.add_argument("--session", default=None, help="session name from the model's vocabulary")
     meta.add_argument("--task", default=None, help="task name from the model's vocabulary")
     meta.add_argument("--date-days", type=float, default=None, help="recording date in days")
-    meta.add_argument("--force", action="store_true",
-                      help="allow changing some of the checkpoint's finetuning metadata but not all of it")
+    meta.add_argument(
+        "--force",
+        action="store_true",
+        help="allow changing some of the checkpoint's finetuning metadata but not all of it",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random parity stream")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
     return p
@@ -120,9 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metadata = resolve_metadata(read_header(ckpt)[1].get("metadata"), given, force=args.force)
         result = export_checkpoint(
-            ckpt, args.out, parity_data=args.parity_data, int8=args.int8, fp16=args.fp16,
-            window_bins=args.window_bins, parity_bins=args.parity_bins, tolerance=args.tolerance,
-            r2_gate_limit=args.r2_gate, metadata=metadata, seed=args.seed, log=log)
+            ckpt,
+            args.out,
+            parity_data=args.parity_data,
+            int8=args.int8,
+            fp16=args.fp16,
+            window_bins=args.window_bins,
+            parity_bins=args.parity_bins,
+            tolerance=args.tolerance,
+            r2_gate_limit=args.r2_gate,
+            metadata=metadata,
+            seed=args.seed,
+            log=log,
+        )
     except (ParityError, GraphCheckError) as exc:
         print(f"rpnt export: FAILED: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -131,8 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     print(result.summary())
     if result.rejected:
-        print(textwrap.fill("note: requested reduced-precision model(s) not written: "
-                            + "; ".join(f"{k} ({v})" for k, v in result.rejected.items())), file=sys.stderr)
+        print(
+            textwrap.fill(
+                "note: requested reduced-precision model(s) not written: "
+                + "; ".join(f"{k} ({v})" for k, v in result.rejected.items())
+            ),
+            file=sys.stderr,
+        )
         return EXIT_REJECTED
     return EXIT_OK
 

@@ -74,7 +74,7 @@ META_BIAS = "meta_bias"
 UNITS = {
     COUNTS: "spike counts per bin (non-negative), channels in the order the model was trained on",
     VELOCITY: "the decoded behaviour target named by rpnt.target, in its training units (the model's "
-              "velocity_mean/velocity_scale are applied)",
+    "velocity_mean/velocity_scale are applied)",
     LOG_RATES: "natural log of the expected spike count per bin, per model channel",
     META_BIAS: "metadata bias added to every token (model units)",
 }
@@ -111,8 +111,12 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "TensorSpec":
-        return cls(name=str(d["name"]), shape=tuple(int(x) for x in d["shape"]), dtype=str(d["dtype"]),
-                   units=str(d.get("units", "")))
+        return cls(
+            name=str(d["name"]),
+            shape=tuple(int(x) for x in d["shape"]),
+            dtype=str(d["dtype"]),
+            units=str(d.get("units", "")),
+        )
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,14 @@ class StateEntry:
     init: str = "zeros"  # "zeros" | "meta_bias"
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "input": self.input, "output": self.output, "shape": list(self.shape),
-                "dtype": self.dtype, "init": self.init}
+        return {
+            "key": self.key,
+            "input": self.input,
+            "output": self.output,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "init": self.init,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "StateEntry":
@@ -134,8 +144,14 @@ class StateEntry:
         if init not in ("zeros", META_BIAS):
             raise ContractError(f"rpnt.state: entry {d.get('key')!r} has unknown init {init!r}")
         out = d.get("output")
-        return cls(key=str(d["key"]), input=str(d["input"]), output=None if out is None else str(out),
-                   shape=tuple(int(x) for x in d["shape"]), dtype=str(d.get("dtype", "float32")), init=init)
+        return cls(
+            key=str(d["key"]),
+            input=str(d["input"]),
+            output=None if out is None else str(out),
+            shape=tuple(int(x) for x in d["shape"]),
+            dtype=str(d.get("dtype", "float32")),
+            init=init,
+        )
 
 
 @dataclass(frozen=True)
@@ -202,8 +218,10 @@ class ModelContract:
         def get(key: str) -> str:
             full = PREFIX + key
             if full not in props:
-                raise ContractError(f"{full}: missing from the metadata of {source} "
-                                    f"(not an rpnt export, or written by an incompatible version)")
+                raise ContractError(
+                    f"{full}: missing from the metadata of {source} "
+                    f"(not an rpnt export, or written by an incompatible version)"
+                )
             return props[full]
 
         def parse(key: str, fn):
@@ -224,7 +242,9 @@ class ModelContract:
             raise ContractError(f"{PREFIX}precision: expected one of {PRECISIONS}, got {precision!r}")
 
         def bias(raw: str) -> np.ndarray:
-            return np.frombuffer(base64.b64decode(raw.encode("ascii"), validate=True), dtype="<f4").astype(np.float32)
+            return np.frombuffer(base64.b64decode(raw.encode("ascii"), validate=True), dtype="<f4").astype(
+                np.float32
+            )
 
         return cls(
             graph=graph,

@@ -32,27 +32,113 @@ OPSET_RANGE = (17, 20)
 #: ONNX ops that TensorRT's ONNX parser supports (onnx-tensorrt ``docs/operators.md``, TensorRT
 #: 10.x, FP32/FP16 rows marked "Y"), restricted to the ones a transformer graph plausibly uses.
 #: Restrictions that matter here (constant ``axes``/shapes) are enforced by :func:`check_graph`.
-TENSORRT_OPS = frozenset({
-    "Abs", "Add", "And", "ArgMax", "ArgMin", "Cast", "CastLike", "Ceil", "Clip", "Concat", "Constant",
-    "ConstantOfShape", "Cos", "CumSum", "Div", "Einsum", "Equal", "Erf", "Exp", "Expand", "Flatten",
-    "Floor", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm", "Greater", "GreaterOrEqual",
-    "Identity", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul",
-    "Max", "Mean", "Min", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "Range", "Reciprocal", "ReduceL2",
-    "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
-    "ReduceSumSquare", "Relu", "Reshape", "ScatterElements", "ScatterND", "Shape", "Sigmoid", "Sign",
-    "Sin", "Size", "Slice", "Softmax", "Softplus", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh",
-    "Tile", "TopK", "Transpose", "Unsqueeze", "Where",
-})
+TENSORRT_OPS = frozenset(
+    {
+        "Abs",
+        "Add",
+        "And",
+        "ArgMax",
+        "ArgMin",
+        "Cast",
+        "CastLike",
+        "Ceil",
+        "Clip",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Cos",
+        "CumSum",
+        "Div",
+        "Einsum",
+        "Equal",
+        "Erf",
+        "Exp",
+        "Expand",
+        "Flatten",
+        "Floor",
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "Gelu",
+        "Gemm",
+        "Greater",
+        "GreaterOrEqual",
+        "Identity",
+        "LayerNormalization",
+        "LeakyRelu",
+        "Less",
+        "LessOrEqual",
+        "Log",
+        "LogSoftmax",
+        "MatMul",
+        "Max",
+        "Mean",
+        "Min",
+        "Mul",
+        "Neg",
+        "Not",
+        "Or",
+        "Pad",
+        "Pow",
+        "Range",
+        "Reciprocal",
+        "ReduceL2",
+        "ReduceLogSumExp",
+        "ReduceMax",
+        "ReduceMean",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "Relu",
+        "Reshape",
+        "ScatterElements",
+        "ScatterND",
+        "Shape",
+        "Sigmoid",
+        "Sign",
+        "Sin",
+        "Size",
+        "Slice",
+        "Softmax",
+        "Softplus",
+        "Split",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Sum",
+        "Tanh",
+        "Tile",
+        "TopK",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+    }
+)
 
 #: Ops with data-dependent control flow: never in our graphs.
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 #: (op, input index) pairs whose value must be a build-time constant.
 _CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {
-    "Reshape": (1,), "Expand": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,),
-    "Pad": (1, 2, 3), "Split": (1,), "Tile": (1,), "ConstantOfShape": (0,), "ReduceSum": (1,),
-    "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,),
-    "ReduceSumSquare": (1,), "ReduceL2": (1,), "ReduceLogSumExp": (1,), "TopK": (1,),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Slice": (1, 2, 3, 4),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "Pad": (1, 2, 3),
+    "Split": (1,),
+    "Tile": (1,),
+    "ConstantOfShape": (0,),
+    "ReduceSum": (1,),
+    "ReduceMean": (1,),
+    "ReduceMax": (1,),
+    "ReduceMin": (1,),
+    "ReduceProd": (1,),
+    "ReduceSumSquare": (1,),
+    "ReduceL2": (1,),
+    "ReduceLogSumExp": (1,),
+    "TopK": (1,),
 }
 
 
@@ -88,8 +174,9 @@ def _dims(vi: onnx.ValueInfoProto) -> list | None:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
 
 
-def check_graph(model: onnx.ModelProto | str | Path, *, tensorrt: bool = True,
-                allow_dynamic: tuple[str, ...] = ()) -> list[str]:
+def check_graph(
+    model: onnx.ModelProto | str | Path, *, tensorrt: bool = True, allow_dynamic: tuple[str, ...] = ()
+) -> list[str]:
     """Problems with ``model`` (empty list = OK).
 
     ``tensorrt``: also apply the op allow-list and the constant-argument rules.

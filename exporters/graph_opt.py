@@ -44,7 +44,9 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 def _is_scalar(consts: dict, name: str, value: float, tol: float = 1e-6) -> bool:
     v = consts.get(name)
-    return v is not None and v.size == 1 and abs(float(v.reshape(-1)[0]) - value) <= tol * max(1.0, abs(value))
+    return (
+        v is not None and v.size == 1 and abs(float(v.reshape(-1)[0]) - value) <= tol * max(1.0, abs(value))
+    )
 
 
 def gather_rows_not_elements(model: onnx.ModelProto, *, min_outer: int = 2) -> int:

@@ -83,7 +83,17 @@ from .contract import (
     state_output,
     step_file,
 )
-from .parity import ParityError, Stream, compare, device_note, engine_stream, r2_gate, random_counts, torch_stream, write_report
+from .parity import (
+    ParityError,
+    Stream,
+    compare,
+    device_note,
+    engine_stream,
+    r2_gate,
+    random_counts,
+    torch_stream,
+    write_report,
+)
 
 DEFAULT_TOLERANCE = 1e-4
 DEFAULT_R2_GATE = 0.005
@@ -143,18 +153,32 @@ def _quiet_export():
             lg.setLevel(lv)
 
 
-def _torch_export(module: nn.Module, args: tuple, input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+def _torch_export(
+    module: nn.Module, args: tuple, input_names: list[str], output_names: list[str]
+) -> onnx.ModelProto:
     module.eval()
     with _quiet_export(), torch.no_grad():
-        prog = torch.onnx.export(module, args, dynamo=True, external_data=False, optimize=True,
-                                 opset_version=graph_checks.EXPORT_OPSET, input_names=input_names,
-                                 output_names=output_names, verbose=False, report=False, verify=False)
+        prog = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            opset_version=graph_checks.EXPORT_OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            verbose=False,
+            report=False,
+            verify=False,
+        )
     proto = prog.model_proto
     got_in = [i.name for i in proto.graph.input]
     got_out = [o.name for o in proto.graph.output]
     if got_in != input_names or got_out != output_names:
-        raise ExportError(f"export: graph I/O {got_in} → {got_out} differs from the requested "
-                          f"{input_names} → {output_names}")
+        raise ExportError(
+            f"export: graph I/O {got_in} → {got_out} differs from the requested "
+            f"{input_names} → {output_names}"
+        )
     graph_opt.optimize(proto)  # exact latency rewrites (see exporters/graph_opt.py)
     return proto
 
@@ -167,12 +191,16 @@ def _prepare(model: RPNT) -> RPNT:
         raise ExportError(f"model: expected an RPNT, got {type(model).__name__}")
     c = model.config
     if c.spatial_layers:
-        raise ExportError(f"export: multi-site models (config.spatial_layers={c.spatial_layers}) are not "
-                          "exported — the daemon decodes one site; export a single-site model "
-                          "(spatial_layers=0)")
+        raise ExportError(
+            f"export: multi-site models (config.spatial_layers={c.spatial_layers}) are not "
+            "exported — the daemon decodes one site; export a single-site model "
+            "(spatial_layers=0)"
+        )
     bad = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if bad:
-        raise ExportError(f"model: parameters must be float32 (export converts precision itself), found {bad}")
+        raise ExportError(
+            f"model: parameters must be float32 (export converts precision itself), found {bad}"
+        )
     # A private copy: export must not change the caller's model (device, train/eval mode).
     # Never .to(dtype): the rotary frequency buffers are float64 on purpose.
     model = copy.deepcopy(model).to("cpu").eval()
@@ -184,16 +212,32 @@ def default_window_bins(model: RPNT) -> int:
     return model.receptive_field + 127
 
 
-def _base_contract(model: RPNT, *, meta_bias: np.ndarray, metadata: Mapping[str, Any], checkpoint: str) -> dict:
+def _base_contract(
+    model: RPNT, *, meta_bias: np.ndarray, metadata: Mapping[str, Any], checkpoint: str
+) -> dict:
     c = model.config
     meta = getattr(model, "checkpoint_meta", None) or {}
     return dict(
-        precision="fp32", n_channels=c.n_input_channels, n_model_channels=c.n_channels, n_outputs=c.n_outputs,
-        target=c.target, bin_s=float(c.bin_s), window=c.window, receptive_field=model.receptive_field, meta_bias=meta_bias,
-        opset=graph_checks.EXPORT_OPSET, metadata=dict(metadata), weights_sha=str(meta.get("weights_sha", "")),
-        data_fingerprint=str(meta.get("data_fingerprint", "")), rpnt_version=str(meta.get("rpnt_version", "")),
-        exporter_version=package_version(), torch_version=torch.__version__, config_json=c.to_json(),
-        checkpoint=checkpoint, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        precision="fp32",
+        n_channels=c.n_input_channels,
+        n_model_channels=c.n_channels,
+        n_outputs=c.n_outputs,
+        target=c.target,
+        bin_s=float(c.bin_s),
+        window=c.window,
+        receptive_field=model.receptive_field,
+        meta_bias=meta_bias,
+        opset=graph_checks.EXPORT_OPSET,
+        metadata=dict(metadata),
+        weights_sha=str(meta.get("weights_sha", "")),
+        data_fingerprint=str(meta.get("data_fingerprint", "")),
+        rpnt_version=str(meta.get("rpnt_version", "")),
+        exporter_version=package_version(),
+        torch_version=torch.__version__,
+        config_json=c.to_json(),
+        checkpoint=checkpoint,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def _finish(proto: onnx.ModelProto, contract: ModelContract, path: Path, doc: str) -> None:
@@ -205,14 +249,27 @@ def _finish(proto: onnx.ModelProto, contract: ModelContract, path: Path, doc: st
     onnx.save(proto, str(path))
 
 
-def export_step_graph(model: RPNT, path: str | Path, *, meta_bias: np.ndarray | None = None,
-                      metadata: Mapping[str, Any] | None = None, checkpoint: str = "") -> ModelContract:
+def export_step_graph(
+    model: RPNT,
+    path: str | Path,
+    *,
+    meta_bias: np.ndarray | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    checkpoint: str = "",
+) -> ModelContract:
     """Trace ``RPNT.step`` to ``path`` (static shapes, batch 1) and embed the contract."""
     return _step_graph(model, path, meta_bias=meta_bias, metadata=metadata, checkpoint=checkpoint)[0]
 
 
-def _step_graph(model: RPNT, path: str | Path, *, meta_bias: np.ndarray | None, metadata: Mapping[str, Any] | None,
-                checkpoint: str, template: str | Path | None = None) -> tuple[ModelContract, str]:
+def _step_graph(
+    model: RPNT,
+    path: str | Path,
+    *,
+    meta_bias: np.ndarray | None,
+    metadata: Mapping[str, Any] | None,
+    checkpoint: str,
+    template: str | Path | None = None,
+) -> tuple[ModelContract, str]:
     """:func:`export_step_graph`, and how the graph was made: ``"traced"``, or ``"template"`` — the
     step graph ``template`` with this model's weights written in (:func:`weights_into_template`),
     when it fits.  A template graph computes the model only if the template's initializers are its
@@ -224,38 +281,67 @@ def _step_graph(model: RPNT, path: str | Path, *, meta_bias: np.ndarray | None, 
     with torch.no_grad():
         state = model.init_state(1)
         _, new = model.step(torch.zeros(1, c.n_input_channels), state)
-    carried = [k for k in keys if new[k] is not state[k]]  # entries step() passes through unchanged have no output
+    carried = [
+        k for k in keys if new[k] is not state[k]
+    ]  # entries step() passes through unchanged have no output
     if meta_bias is None:
         with torch.no_grad():
             meta_bias = model.metadata_bias(None, 1)[0].numpy()
     entries = tuple(
-        StateEntry(key=k, input=state_input(k), output=state_output(k) if k in carried else None,
-                   shape=tuple(shapes[k]), init=META_BIAS if k == META_BIAS else "zeros")
-        for k in keys)
+        StateEntry(
+            key=k,
+            input=state_input(k),
+            output=state_output(k) if k in carried else None,
+            shape=tuple(shapes[k]),
+            init=META_BIAS if k == META_BIAS else "zeros",
+        )
+        for k in keys
+    )
     inputs = (TensorSpec(COUNTS, (1, c.n_input_channels), units=UNITS[COUNTS]),) + tuple(
         TensorSpec(e.input, e.shape, units=UNITS[META_BIAS] if e.key == META_BIAS else "model state")
-        for e in entries)
-    outputs = (TensorSpec(VELOCITY, (1, c.n_outputs), units=UNITS[VELOCITY]),
-               TensorSpec(LOG_RATES, (1, c.n_channels), units=UNITS[LOG_RATES])) + tuple(
-        TensorSpec(e.output, e.shape, units="model state") for e in entries if e.output)
-    example = (torch.zeros(1, c.n_input_channels),
-               *[torch.from_numpy(np.broadcast_to(meta_bias, shapes[k]).copy()) if k == META_BIAS
-                 else torch.zeros(shapes[k]) for k in keys])
+        for e in entries
+    )
+    outputs = (
+        TensorSpec(VELOCITY, (1, c.n_outputs), units=UNITS[VELOCITY]),
+        TensorSpec(LOG_RATES, (1, c.n_channels), units=UNITS[LOG_RATES]),
+    ) + tuple(TensorSpec(e.output, e.shape, units="model state") for e in entries if e.output)
+    example = (
+        torch.zeros(1, c.n_input_channels),
+        *[
+            torch.from_numpy(np.broadcast_to(meta_bias, shapes[k]).copy())
+            if k == META_BIAS
+            else torch.zeros(shapes[k])
+            for k in keys
+        ],
+    )
     names_in, names_out = [t.name for t in inputs], [t.name for t in outputs]
     proto = None if template is None else weights_into_template(template, model, names_in, names_out)
     source = "template" if proto is not None else "traced"
     if proto is None:
         proto = _torch_export(StepGraph(model, keys, carried), example, names_in, names_out)
-    contract = ModelContract(graph="step", inputs=inputs, outputs=outputs, state=entries, window_bins=0,
-                             **_base_contract(model, meta_bias=np.asarray(meta_bias, np.float32),
-                                              metadata=metadata or {}, checkpoint=checkpoint))
-    _finish(proto, contract, Path(path), "RPNT step graph: one bin of counts + state -> velocity, "
-            "log_rates, next state. Contract in metadata_props (rpnt.*).")
+    contract = ModelContract(
+        graph="step",
+        inputs=inputs,
+        outputs=outputs,
+        state=entries,
+        window_bins=0,
+        **_base_contract(
+            model, meta_bias=np.asarray(meta_bias, np.float32), metadata=metadata or {}, checkpoint=checkpoint
+        ),
+    )
+    _finish(
+        proto,
+        contract,
+        Path(path),
+        "RPNT step graph: one bin of counts + state -> velocity, "
+        "log_rates, next state. Contract in metadata_props (rpnt.*).",
+    )
     return contract, source
 
 
-def weights_into_template(template: str | Path, model: RPNT, input_names: list[str],
-                          output_names: list[str]) -> onnx.ModelProto | None:
+def weights_into_template(
+    template: str | Path, model: RPNT, input_names: list[str], output_names: list[str]
+) -> onnx.ModelProto | None:
     """The fp32 step graph ``template`` with ``model``'s weights in its initializers, or None when it
     does not fit: unreadable, another graph or precision, another config, other inputs/outputs, or an
     initializer named after a weight (``model.<state key>``, as the traced graph names them) whose
@@ -275,9 +361,13 @@ def weights_into_template(template: str | Path, model: RPNT, input_names: list[s
         same_config = json.loads(props.get("rpnt.config", "null")) == json.loads(model.config.to_json())
     except json.JSONDecodeError:
         return None
-    if (props.get("rpnt.graph") != "step" or props.get("rpnt.precision") != "fp32" or not same_config
-            or [i.name for i in proto.graph.input] != input_names
-            or [o.name for o in proto.graph.output] != output_names):
+    if (
+        props.get("rpnt.graph") != "step"
+        or props.get("rpnt.precision") != "fp32"
+        or not same_config
+        or [i.name for i in proto.graph.input] != input_names
+        or [o.name for o in proto.graph.output] != output_names
+    ):
         return None
     state = model.state_dict()
     for init in proto.graph.initializer:
@@ -292,8 +382,15 @@ def weights_into_template(template: str | Path, model: RPNT, input_names: list[s
     return proto
 
 
-def export_window_graph(model: RPNT, path: str | Path, *, window_bins: int, meta_bias: np.ndarray | None = None,
-                        metadata: Mapping[str, Any] | None = None, checkpoint: str = "") -> ModelContract:
+def export_window_graph(
+    model: RPNT,
+    path: str | Path,
+    *,
+    window_bins: int,
+    meta_bias: np.ndarray | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    checkpoint: str = "",
+) -> ModelContract:
     """Trace the full forward over a fixed ``window_bins``-bin window to ``path``."""
     model = _prepare(model)
     c = model.config
@@ -302,17 +399,35 @@ def export_window_graph(model: RPNT, path: str | Path, *, window_bins: int, meta
     if meta_bias is None:
         with torch.no_grad():
             meta_bias = model.metadata_bias(None, 1)[0].numpy()
-    inputs = (TensorSpec(COUNTS, (1, window_bins, c.n_input_channels), units=UNITS[COUNTS]),
-              TensorSpec(META_BIAS, (1, c.d_model), units=UNITS[META_BIAS]))
-    outputs = (TensorSpec(VELOCITY, (1, window_bins, c.n_outputs), units=UNITS[VELOCITY]),
-               TensorSpec(LOG_RATES, (1, window_bins, c.n_channels), units=UNITS[LOG_RATES]))
-    example = (torch.zeros(1, window_bins, c.n_input_channels), torch.from_numpy(np.asarray(meta_bias)[None].copy()))
+    inputs = (
+        TensorSpec(COUNTS, (1, window_bins, c.n_input_channels), units=UNITS[COUNTS]),
+        TensorSpec(META_BIAS, (1, c.d_model), units=UNITS[META_BIAS]),
+    )
+    outputs = (
+        TensorSpec(VELOCITY, (1, window_bins, c.n_outputs), units=UNITS[VELOCITY]),
+        TensorSpec(LOG_RATES, (1, window_bins, c.n_channels), units=UNITS[LOG_RATES]),
+    )
+    example = (
+        torch.zeros(1, window_bins, c.n_input_channels),
+        torch.from_numpy(np.asarray(meta_bias)[None].copy()),
+    )
     proto = _torch_export(WindowGraph(model), example, [t.name for t in inputs], [t.name for t in outputs])
-    contract = ModelContract(graph="window", inputs=inputs, outputs=outputs, window_bins=window_bins,
-                             **_base_contract(model, meta_bias=np.asarray(meta_bias, np.float32),
-                                              metadata=metadata or {}, checkpoint=checkpoint))
-    _finish(proto, contract, Path(path), f"RPNT window graph: {window_bins} bins of counts (bin 0 = stream "
-            "start) + metadata bias -> velocity, log_rates per bin. Contract in metadata_props (rpnt.*).")
+    contract = ModelContract(
+        graph="window",
+        inputs=inputs,
+        outputs=outputs,
+        window_bins=window_bins,
+        **_base_contract(
+            model, meta_bias=np.asarray(meta_bias, np.float32), metadata=metadata or {}, checkpoint=checkpoint
+        ),
+    )
+    _finish(
+        proto,
+        contract,
+        Path(path),
+        f"RPNT window graph: {window_bins} bins of counts (bin 0 = stream "
+        "start) + metadata bias -> velocity, log_rates per bin. Contract in metadata_props (rpnt.*).",
+    )
     return contract
 
 
@@ -326,7 +441,9 @@ class ExportResult:
     contract: ModelContract | None = None
     seconds: float = 0.0
     step_source: str = ""  # "traced", or "template" (weights written into a template step graph)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (step_graph, step_parity, ...)
+    timings: dict[str, float] = field(
+        default_factory=dict
+    )  # seconds per stage (step_graph, step_parity, ...)
 
     def summary(self) -> str:
         from .parity import format_report
@@ -361,32 +478,64 @@ def _metadata_tensors(model: RPNT, metadata: Mapping[str, Any]) -> dict[str, Ten
     return model.metadata_for(batch_size=1, **{k: v for k, v in metadata.items() if v is not None})
 
 
-def _parity_streams(c: Any, parity_counts: np.ndarray | None, parity_target: np.ndarray | None,
-                    parity_source: str, parity_bins: int, seed: int, log: Callable[[str], None]) -> list[Stream]:
+def _parity_streams(
+    c: Any,
+    parity_counts: np.ndarray | None,
+    parity_target: np.ndarray | None,
+    parity_source: str,
+    parity_bins: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> list[Stream]:
     """The random stream, plus the held-out end of the real session when one is given."""
-    streams = [Stream("random", random_counts(parity_bins, c.n_input_channels, seed=seed), None, f"poisson seed {seed}")]
+    streams = [
+        Stream(
+            "random", random_counts(parity_bins, c.n_input_channels, seed=seed), None, f"poisson seed {seed}"
+        )
+    ]
     if parity_counts is not None:
         pc = np.asarray(parity_counts)
         if pc.ndim != 2 or pc.shape[1] != c.n_input_channels:
-            raise ExportError(f"parity data: counts {pc.shape} do not match the model's (T, {c.n_input_channels}) "
-                              f"input ({parity_source or 'given array'})")
+            raise ExportError(
+                f"parity data: counts {pc.shape} do not match the model's (T, {c.n_input_channels}) "
+                f"input ({parity_source or 'given array'})"
+            )
         tgt = None if parity_target is None else np.asarray(parity_target, dtype=np.float32)
         if tgt is not None and tgt.shape != (pc.shape[0], c.n_outputs):
             log(f"parity data: target {tgt.shape} does not match (T, {c.n_outputs}); R² vs target skipped")
             tgt = None
         lo = max(0, pc.shape[0] - parity_bins)
-        streams.append(Stream("real", pc[lo:].astype(np.float32), None if tgt is None else tgt[lo:],
-                              f"{parity_source} bins [{lo}, {pc.shape[0]})"))
+        streams.append(
+            Stream(
+                "real",
+                pc[lo:].astype(np.float32),
+                None if tgt is None else tgt[lo:],
+                f"{parity_source} bins [{lo}, {pc.shape[0]})",
+            )
+        )
     return streams
 
 
-def export_model(model: RPNT, out_dir: str | Path, *, int8: bool = False, fp16: bool = False,
-                 window_bins: int | None = None, parity_counts: np.ndarray | None = None,
-                 parity_target: np.ndarray | None = None, parity_source: str = "",
-                 parity_bins: int = DEFAULT_PARITY_BINS, tolerance: float = DEFAULT_TOLERANCE,
-                 r2_gate_limit: float = DEFAULT_R2_GATE, metadata: Mapping[str, Any] | None = None,
-                 checkpoint: str = "", seed: int = 0, log: Callable[[str], None] | None = None,
-                 window: bool = True, template: str | Path | None = None) -> ExportResult:
+def export_model(
+    model: RPNT,
+    out_dir: str | Path,
+    *,
+    int8: bool = False,
+    fp16: bool = False,
+    window_bins: int | None = None,
+    parity_counts: np.ndarray | None = None,
+    parity_target: np.ndarray | None = None,
+    parity_source: str = "",
+    parity_bins: int = DEFAULT_PARITY_BINS,
+    tolerance: float = DEFAULT_TOLERANCE,
+    r2_gate_limit: float = DEFAULT_R2_GATE,
+    metadata: Mapping[str, Any] | None = None,
+    checkpoint: str = "",
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    window: bool = True,
+    template: str | Path | None = None,
+) -> ExportResult:
     """Export ``model`` into ``out_dir`` (see the module docstring); returns what was written.
 
     ``window=False`` writes the step graph alone (what the daemon runs).  ``template``: a step graph
@@ -434,21 +583,33 @@ def export_model(model: RPNT, out_dir: str | Path, *, int8: bool = False, fp16: 
             dest.mkdir()
             for f in staging.glob("*.parity.*"):
                 os.replace(f, dest / f.name)
-            worst = max(max(s["max_abs_velocity"], s.get("max_abs_log_rates", 0.0)) for r in reports for s in r["streams"])
-            raise ParityError(f"parity: {', '.join(r['model'] for r in reports)} differ from the torch model by "
-                              f"up to {worst:.3g} (tolerance {tolerance:g}); nothing was written to {out_dir} — "
-                              f"reports in {dest}")
+            worst = max(
+                max(s["max_abs_velocity"], s.get("max_abs_log_rates", 0.0))
+                for r in reports
+                for s in r["streams"]
+            )
+            raise ParityError(
+                f"parity: {', '.join(r['model'] for r in reports)} differ from the torch model by "
+                f"up to {worst:.3g} (tolerance {tolerance:g}); nothing was written to {out_dir} — "
+                f"reports in {dest}"
+            )
 
         step_path = staging / step_file("fp32")
         clock = _Stopwatch(result.timings)
         log("parity: torch reference ...")
         with clock("torch_reference"), torch.no_grad():
             refs = [torch_stream(model, s.counts, meta_t) for s in streams]
-        for attempt in ([template, None] if template is not None else [None]):
+        for attempt in [template, None] if template is not None else [None]:
             log("exporting step graph" + (" (weights into the template) ..." if attempt else " ..."))
             with clock("step_graph"):
-                contract, result.step_source = _step_graph(model, step_path, meta_bias=meta_bias, metadata=metadata,
-                                                           checkpoint=checkpoint, template=attempt)
+                contract, result.step_source = _step_graph(
+                    model,
+                    step_path,
+                    meta_bias=meta_bias,
+                    metadata=metadata,
+                    checkpoint=checkpoint,
+                    template=attempt,
+                )
                 graph_checks.assert_graph_ok(step_path, what=step_path.name)
             result.contract = contract
             log("parity: ONNX Runtime step graph ...")
@@ -467,8 +628,19 @@ def export_model(model: RPNT, out_dir: str | Path, *, int8: bool = False, fp16: 
         win_path = staging / WINDOW_FILE
         if window:
             with clock("window_graph"):
-                _window_graph(model, win_path, window_bins, meta_bias, metadata, checkpoint, streams, refs, result,
-                              tolerance=tolerance, log=log)
+                _window_graph(
+                    model,
+                    win_path,
+                    window_bins,
+                    meta_bias,
+                    metadata,
+                    checkpoint,
+                    streams,
+                    refs,
+                    result,
+                    tolerance=tolerance,
+                    log=log,
+                )
             if not result.reports["window"]["passed"]:
                 fail([result.reports["window"]])
 
@@ -491,7 +663,9 @@ def export_model(model: RPNT, out_dir: str | Path, *, int8: bool = False, fp16: 
                 _reduced_precision(prec, result, staging, streams, refs, r2_gate_limit, log)
 
         result.seconds = time.perf_counter() - t_start
-        _write_manifest(result, streams, tolerance=tolerance, r2_gate_limit=r2_gate_limit, checkpoint=checkpoint)
+        _write_manifest(
+            result, streams, tolerance=tolerance, r2_gate_limit=r2_gate_limit, checkpoint=checkpoint
+        )
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -512,16 +686,28 @@ class _Stopwatch:
             self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - t0, 4)
 
 
-def _window_graph(model: RPNT, path: Path, window_bins: int, meta_bias: np.ndarray, metadata: Mapping[str, Any],
-                  checkpoint: str, streams: list[Stream], refs: list[dict], result: ExportResult, *,
-                  tolerance: float, log: Callable[[str], None]) -> None:
+def _window_graph(
+    model: RPNT,
+    path: Path,
+    window_bins: int,
+    meta_bias: np.ndarray,
+    metadata: Mapping[str, Any],
+    checkpoint: str,
+    streams: list[Stream],
+    refs: list[dict],
+    result: ExportResult,
+    *,
+    tolerance: float,
+    log: Callable[[str], None],
+) -> None:
     """Trace the window graph to ``path`` and check it against the torch reference (its report in
     ``result.reports["window"]``, written beside it)."""
     from .runtime import OnnxWindowEngine
 
     log(f"exporting window graph (T={window_bins}) ...")
-    export_window_graph(model, path, window_bins=window_bins, meta_bias=meta_bias, metadata=metadata,
-                        checkpoint=checkpoint)
+    export_window_graph(
+        model, path, window_bins=window_bins, meta_bias=meta_bias, metadata=metadata, checkpoint=checkpoint
+    )
     graph_checks.assert_graph_ok(path, what=path.name)
     log("parity: ONNX Runtime window graph ...")
     weng = OnnxWindowEngine(path)
@@ -530,8 +716,15 @@ def _window_graph(model: RPNT, path: Path, window_bins: int, meta_bias: np.ndarr
     result.reports["window"] = rep_w
 
 
-def _reduced_precision(prec: str, result: ExportResult, staging: Path, streams: list[Stream], refs: list[dict],
-                       r2_gate_limit: float, log: Callable[[str], None]) -> None:
+def _reduced_precision(
+    prec: str,
+    result: ExportResult,
+    staging: Path,
+    streams: list[Stream],
+    refs: list[dict],
+    r2_gate_limit: float,
+    log: Callable[[str], None],
+) -> None:
     """Convert the published fp32 step graph to ``prec``, check it, publish it only if it passes the gate."""
     from . import quantize
     from .runtime import OnnxStepEngine
@@ -553,8 +746,10 @@ def _reduced_precision(prec: str, result: ExportResult, staging: Path, streams: 
     vrep["gate"] = gate
     vrep["passed"] = vrep["written"] = bool(gate["passed"])
     vrep["note"] = {
-        "fp16": ("fp16 checked with ONNX Runtime's CPU provider (fp16 kernels where ORT has them, float32 "
-                 "casts elsewhere); on a GPU the numbers can differ slightly"),
+        "fp16": (
+            "fp16 checked with ONNX Runtime's CPU provider (fp16 kernels where ORT has them, float32 "
+            "casts elsewhere); on a GPU the numbers can differ slightly"
+        ),
         "int8": "dynamic int8 (weights int8 per channel, 7-bit range; activations uint8 per call); ORT CPU only",
     }[prec]
     write_report(vrep, out_dir / vpath.stem)
@@ -568,22 +763,33 @@ def _reduced_precision(prec: str, result: ExportResult, staging: Path, streams: 
     else:
         vpath.unlink(missing_ok=True)
         result.files.pop(key, None)
-        result.rejected[prec] = (f"{gate['metric']} = {gate['value']:.5f} on the {gate['stream']} stream "
-                                 f"exceeds {gate['limit']:g}")
+        result.rejected[prec] = (
+            f"{gate['metric']} = {gate['value']:.5f} on the {gate['stream']} stream exceeds {gate['limit']:g}"
+        )
         log(f"{prec}: NOT written ({result.rejected[prec]})")
 
 
-def _write_manifest(result: ExportResult, streams: list[Stream], *, tolerance: float | None, r2_gate_limit: float,
-                    checkpoint: str) -> None:
+def _write_manifest(
+    result: ExportResult,
+    streams: list[Stream],
+    *,
+    tolerance: float | None,
+    r2_gate_limit: float,
+    checkpoint: str,
+) -> None:
     path = result.out_dir / MANIFEST_FILE
     old = json.loads(path.read_text()) if path.is_file() else {}
     c = result.contract
     files = dict(old.get("files", {}))
     for k, p in result.files.items():
         rep = result.reports.get(k) or {}
-        files[k] = {"file": p.name, "sha256": _sha256(p), "bytes": p.stat().st_size,
-                    "precision": rep.get("precision", files.get(k, {}).get("precision")),
-                    "graph": rep.get("graph", files.get(k, {}).get("graph"))}
+        files[k] = {
+            "file": p.name,
+            "sha256": _sha256(p),
+            "bytes": p.stat().st_size,
+            "precision": rep.get("precision", files.get(k, {}).get("precision")),
+            "graph": rep.get("graph", files.get(k, {}).get("graph")),
+        }
     for prec in result.rejected:
         files.pop(f"step.{prec}", None)
     rejected = {**old.get("rejected", {}), **result.rejected}
@@ -608,11 +814,19 @@ def _write_manifest(result: ExportResult, streams: list[Stream], *, tolerance: f
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def add_reduced_precision(model: RPNT, out_dir: str | Path, precision: str, *,
-                          parity_counts: np.ndarray | None = None, parity_target: np.ndarray | None = None,
-                          parity_source: str = "", parity_bins: int = DEFAULT_PARITY_BINS,
-                          r2_gate_limit: float = DEFAULT_R2_GATE, seed: int = 0,
-                          log: Callable[[str], None] | None = None) -> ExportResult:
+def add_reduced_precision(
+    model: RPNT,
+    out_dir: str | Path,
+    precision: str,
+    *,
+    parity_counts: np.ndarray | None = None,
+    parity_target: np.ndarray | None = None,
+    parity_source: str = "",
+    parity_bins: int = DEFAULT_PARITY_BINS,
+    r2_gate_limit: float = DEFAULT_R2_GATE,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> ExportResult:
     """Add an ``int8``/``fp16`` step graph to an existing export of ``model`` (same gate and
     report as ``export_model(..., int8=True)``); the fp32 export is not redone."""
     from .runtime import read_contract
@@ -627,7 +841,9 @@ def add_reduced_precision(model: RPNT, out_dir: str | Path, precision: str, *,
     contract = read_contract(fp32)
     if json.loads(contract.config_json) != json.loads(model.config.to_json()):
         raise ExportError(f"{fp32}: exported from a model with another config than the one given")
-    streams = _parity_streams(model.config, parity_counts, parity_target, parity_source, parity_bins, seed, log)
+    streams = _parity_streams(
+        model.config, parity_counts, parity_target, parity_source, parity_bins, seed, log
+    )
     meta_t = _metadata_tensors(model, contract.metadata)
     refs = [torch_stream(model, s.counts, meta_t) for s in streams]
     result = ExportResult(out_dir=out_dir, files={"step": fp32}, contract=contract)
@@ -644,18 +860,34 @@ def add_reduced_precision(model: RPNT, out_dir: str | Path, precision: str, *,
     return result
 
 
-def _step_report(name: str, precision: str, engine: Any, streams: list[Stream], refs: list[dict],
-                 *, tolerance: float | None) -> dict[str, Any]:
+def _step_report(
+    name: str,
+    precision: str,
+    engine: Any,
+    streams: list[Stream],
+    refs: list[dict],
+    *,
+    tolerance: float | None,
+) -> dict[str, Any]:
     per = [compare(s, ref, engine_stream(engine, s.counts)) for s, ref in zip(streams, refs)]
     passed = True
     if tolerance is not None:
         passed = all(p["max_abs_velocity"] <= tolerance and p["max_abs_log_rates"] <= tolerance for p in per)
-    return {"model": name, "graph": "step", "precision": precision, "checked_on": device_note(engine),
-            "tolerance": tolerance, "streams": per, "passed": bool(passed), "written": bool(passed)}
+    return {
+        "model": name,
+        "graph": "step",
+        "precision": precision,
+        "checked_on": device_note(engine),
+        "tolerance": tolerance,
+        "streams": per,
+        "passed": bool(passed),
+        "written": bool(passed),
+    }
 
 
-def _window_report(name: str, engine: Any, streams: list[Stream], refs: list[dict], *,
-                   tolerance: float) -> dict[str, Any]:
+def _window_report(
+    name: str, engine: Any, streams: list[Stream], refs: list[dict], *, tolerance: float
+) -> dict[str, Any]:
     """Window graph vs the torch *step* reference: exact chunked ``predict`` when T ≥ receptive
     field, else the first T bins of each stream (one window from the stream start)."""
     c = engine.contract
@@ -671,10 +903,24 @@ def _window_report(name: str, engine: Any, streams: list[Stream], refs: list[dic
             got = {k: v[:n] for k, v in o.items()}
         per.append(compare(s, ref, got))
     passed = all(p["max_abs_velocity"] <= tolerance and p["max_abs_log_rates"] <= tolerance for p in per)
-    return {"model": name, "graph": "window", "precision": "fp32", "checked_on": device_note(engine),
-            "tolerance": tolerance, "streams": per, "passed": bool(passed), "written": bool(passed),
-            "note": (f"window T={c.window_bins}; " + ("chunked exact predict over each stream"
-                     if c.window_bins >= c.receptive_field else "first T bins of each stream"))}
+    return {
+        "model": name,
+        "graph": "window",
+        "precision": "fp32",
+        "checked_on": device_note(engine),
+        "tolerance": tolerance,
+        "streams": per,
+        "passed": bool(passed),
+        "written": bool(passed),
+        "note": (
+            f"window T={c.window_bins}; "
+            + (
+                "chunked exact predict over each stream"
+                if c.window_bins >= c.receptive_field
+                else "first T bins of each stream"
+            )
+        ),
+    }
 
 
 def resolve_metadata(stored: Mapping[str, Any] | None, given: Mapping[str, Any], *, force: bool) -> dict:
@@ -691,14 +937,22 @@ def resolve_metadata(stored: Mapping[str, Any] | None, given: Mapping[str, Any],
     left = sorted(k for k in stored if k not in given)
     if changed and left and not force:
         was = ", ".join(f"{k}={stored[k]!r}" for k in sorted(stored))
-        raise ExportError(f"metadata: --{changed[0].replace('_', '-')} changes the metadata the model was finetuned "
-                          f"and evaluated with ({was}) but leaves {', '.join(left)} as stored; give all of "
-                          f"{', '.join(sorted(stored))}, or --force to export under the mix")
+        raise ExportError(
+            f"metadata: --{changed[0].replace('_', '-')} changes the metadata the model was finetuned "
+            f"and evaluated with ({was}) but leaves {', '.join(left)} as stored; give all of "
+            f"{', '.join(sorted(stored))}, or --force to export under the mix"
+        )
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, parity_data: str | Path | None = None,
-                      metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> ExportResult:
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    parity_data: str | Path | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> ExportResult:
     """Load ``checkpoint`` (``.safetensors``) and :func:`export_model` it.
 
     ``metadata``: what to bake in; ``None`` takes the checkpoint's finetuning metadata, so the
@@ -723,12 +977,24 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, parity_dat
 
         sess = load_session(parity_data)
         if sess.counts.ndim != 2:
-            raise ExportError(f"parity data: {parity_data} is a multi-site session {sess.counts.shape}; "
-                              "need single-site (T, N) counts")
+            raise ExportError(
+                f"parity data: {parity_data} is a multi-site session {sess.counts.shape}; "
+                "need single-site (T, N) counts"
+            )
         if sess.n_channels != model.config.n_input_channels:
-            raise ExportError(f"parity data: {parity_data} has {sess.n_channels} channels but the model takes "
-                              f"{model.config.n_input_channels} (config.n_input_channels)")
+            raise ExportError(
+                f"parity data: {parity_data} has {sess.n_channels} channels but the model takes "
+                f"{model.config.n_input_channels} (config.n_input_channels)"
+            )
         check_bin_width(data_bin_s=sess.bin_s, model_bin_s=model.config.bin_s)
         counts, target, source = sess.counts, sess.targets.get(model.config.target), str(parity_data)
-    return export_model(model, out_dir, parity_counts=counts, parity_target=target, parity_source=source,
-                        checkpoint=str(checkpoint.resolve()), metadata=metadata, **kwargs)
+    return export_model(
+        model,
+        out_dir,
+        parity_counts=counts,
+        parity_target=target,
+        parity_source=source,
+        checkpoint=str(checkpoint.resolve()),
+        metadata=metadata,
+        **kwargs,
+    )

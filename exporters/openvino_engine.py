@@ -52,13 +52,24 @@ class OpenVinoStepEngine(OnnxStepEngine):
             such switch.
     """
 
-    def __init__(self, path: str | os.PathLike, *, intra_op_threads: int = 1, inference_precision: str = "bf16",
-                 warmup_bins: int = 16, meta_bias: np.ndarray | None = None, name: str | None = None,
-                 allow_spinning: bool = False, **_: Any) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        intra_op_threads: int = 1,
+        inference_precision: str = "bf16",
+        warmup_bins: int = 16,
+        meta_bias: np.ndarray | None = None,
+        name: str | None = None,
+        allow_spinning: bool = False,
+        **_: Any,
+    ) -> None:
         try:
             import openvino as ov
         except ImportError:
-            raise ProviderUnavailableError(f"backend 'openvino-cpu' needs the openvino package; {INSTALL_HINT}") from None
+            raise ProviderUnavailableError(
+                f"backend 'openvino-cpu' needs the openvino package; {INSTALL_HINT}"
+            ) from None
         if inference_precision not in ("f32", "bf16"):
             raise ValueError(f"inference_precision: expected 'f32' or 'bf16', got {inference_precision!r}")
         self.path = Path(path)
@@ -69,8 +80,13 @@ class OpenVinoStepEngine(OnnxStepEngine):
         if c.graph != "step":
             raise ContractError(f"{self.path.name}: a {c.graph} graph, not a step graph")
         core = ov.Core()
-        cfg = {"INFERENCE_NUM_THREADS": int(intra_op_threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-               "ENABLE_CPU_PINNING": False, "INFERENCE_PRECISION_HINT": inference_precision}
+        cfg = {
+            "INFERENCE_NUM_THREADS": int(intra_op_threads),
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False,
+            "INFERENCE_PRECISION_HINT": inference_precision,
+        }
         self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", cfg)
         self._info = _info(c, name or f"rpnt-openvino-{c.precision}", self.backend)
         self._info.extra["inference_precision"] = inference_precision
@@ -83,7 +99,9 @@ class OpenVinoStepEngine(OnnxStepEngine):
         self._counts = np.zeros((1, self._n), dtype=np.float32)
         self._vel = np.zeros(_out_shape(c, VELOCITY), dtype=np.float32)
         self._rates = np.zeros(_out_shape(c, LOG_RATES), dtype=np.float32)
-        self._banks = [{s.input: np.zeros(s.shape, dtype=np.float32) for s in self._carried} for _ in range(2)]
+        self._banks = [
+            {s.input: np.zeros(s.shape, dtype=np.float32) for s in self._carried} for _ in range(2)
+        ]
         self._const_vals = {s.input: np.zeros(s.shape, dtype=np.float32) for s in self._const}
         self._cur = 0
         self._requests = [self._bind(ov, i) for i in range(2)]
@@ -98,12 +116,16 @@ class OpenVinoStepEngine(OnnxStepEngine):
         """Infer request ``i``: state in from bank i, next state out into bank 1 − i."""
         req = self.compiled.create_infer_request()
         ins = {COUNTS: self._counts, **self._const_vals, **self._banks[i]}
-        outs = {VELOCITY: self._vel, LOG_RATES: self._rates,
-                **{s.output: self._banks[1 - i][s.input] for s in self._carried}}
+        outs = {
+            VELOCITY: self._vel,
+            LOG_RATES: self._rates,
+            **{s.output: self._banks[1 - i][s.input] for s in self._carried},
+        }
         names_in = {p.get_any_name() for p in self.compiled.inputs}
         if names_in != set(ins):
-            raise ContractError(f"{self.path.name}: graph inputs {sorted(names_in)} do not match its contract "
-                                f"{sorted(ins)}")
+            raise ContractError(
+                f"{self.path.name}: graph inputs {sorted(names_in)} do not match its contract {sorted(ins)}"
+            )
         for name, arr in ins.items():
             req.set_tensor(name, ov.Tensor(arr, shared_memory=True))
         for name, arr in outs.items():

@@ -62,13 +62,15 @@ def random_counts(n_bins: int, n_channels: int, *, seed: int = 0) -> np.ndarray:
 
 
 @torch.no_grad()
-def torch_stream(model: RPNT, counts: np.ndarray, metadata: Mapping[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+def torch_stream(
+    model: RPNT, counts: np.ndarray, metadata: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, np.ndarray]:
     """The torch model stepped over ``counts`` (T, N) from an empty state."""
     x = torch.from_numpy(np.asarray(counts, dtype=np.float32))
     state = model.init_state(1, metadata)
     vel, rates = [], []
     for t in range(x.shape[0]):
-        out, state = model.step(x[t:t + 1], state)
+        out, state = model.step(x[t : t + 1], state)
         vel.append(out["velocity"][0])
         rates.append(out["log_rates"][0])
     return {VELOCITY: torch.stack(vel).numpy(), LOG_RATES: torch.stack(rates).numpy()}
@@ -113,8 +115,9 @@ def compare(stream: Stream, ref: Mapping[str, np.ndarray], got: Mapping[str, np.
     if stream.target is not None and stream.target.shape == (len(stream.counts), rv.shape[1]):
         tgt = stream.target[:n]
         a, b = _r2(tgt, rv), _r2(tgt, gv)
-        out.update(r2_target_torch=a, r2_target_engine=b,
-                   r2_target_delta=None if a is None or b is None else b - a)
+        out.update(
+            r2_target_torch=a, r2_target_engine=b, r2_target_delta=None if a is None or b is None else b - a
+        )
     return out
 
 
@@ -132,11 +135,19 @@ def r2_gate(streams: list[dict[str, Any]], limit: float) -> dict[str, Any]:
         metric, drop = "r2_drop_vs_target", -float(s["r2_target_delta"])
     else:
         if s.get("r2_target_delta") is not None:
-            note = (f"fp32 R² vs target is {s['r2_target_torch']:.3g} (no skill): gated on R² vs the fp32 "
-                    "outputs instead")
+            note = (
+                f"fp32 R² vs target is {s['r2_target_torch']:.3g} (no skill): gated on R² vs the fp32 "
+                "outputs instead"
+            )
         r2 = s.get("r2_velocity_vs_torch")
         metric, drop = "r2_loss_vs_fp32_outputs", (float("inf") if r2 is None else 1.0 - float(r2))
-    out = {"metric": metric, "stream": s["stream"], "value": drop, "limit": float(limit), "passed": drop <= limit}
+    out = {
+        "metric": metric,
+        "stream": s["stream"],
+        "value": drop,
+        "limit": float(limit),
+        "passed": drop <= limit,
+    }
     if note:
         out["note"] = note
     return out
@@ -168,23 +179,31 @@ def _f(x: Any, fmt: str = ".3g") -> str:
 
 
 def format_report(r: Mapping[str, Any]) -> str:
-    lines = [f"{r['model']}: {r['graph']} graph, {r['precision']} — "
-             f"{'PASSED' if r['passed'] else 'FAILED'}" + ("" if r.get("written", True) else " (NOT written)"),
-             f"checked on: {r['checked_on']}"]
+    lines = [
+        f"{r['model']}: {r['graph']} graph, {r['precision']} — "
+        f"{'PASSED' if r['passed'] else 'FAILED'}" + ("" if r.get("written", True) else " (NOT written)"),
+        f"checked on: {r['checked_on']}",
+    ]
     if r.get("tolerance") is not None:
         lines.append(f"tolerance: max abs ≤ {r['tolerance']:g} (velocity and log-rates)")
     for s in r["streams"]:
-        line = (f"  {s['stream']:<8} {s['n_bins']:>5} bins  max|Δ| velocity {_f(s['max_abs_velocity'])}"
-                f"  log-rates {_f(s.get('max_abs_log_rates'))}  R² vs torch {_f(s['r2_velocity_vs_torch'], '.6f')}")
+        line = (
+            f"  {s['stream']:<8} {s['n_bins']:>5} bins  max|Δ| velocity {_f(s['max_abs_velocity'])}"
+            f"  log-rates {_f(s.get('max_abs_log_rates'))}  R² vs torch {_f(s['r2_velocity_vs_torch'], '.6f')}"
+        )
         if s.get("r2_target_delta") is not None:
-            line += (f"  R² vs target: torch {_f(s['r2_target_torch'], '.4f')} engine "
-                     f"{_f(s['r2_target_engine'], '.4f')} (Δ {s['r2_target_delta']:+.5f})")
+            line += (
+                f"  R² vs target: torch {_f(s['r2_target_torch'], '.4f')} engine "
+                f"{_f(s['r2_target_engine'], '.4f')} (Δ {s['r2_target_delta']:+.5f})"
+            )
         lines.append(line)
     g = r.get("gate")
     if g:
-        lines.append(f"R² gate: {g['metric']} on {g['stream']} = {g['value']:.5f} "
-                     f"(limit {g['limit']:g}) → {'pass' if g['passed'] else 'FAIL'}"
-                     + (f" — {g['note']}" if g.get("note") else ""))
+        lines.append(
+            f"R² gate: {g['metric']} on {g['stream']} = {g['value']:.5f} "
+            f"(limit {g['limit']:g}) → {'pass' if g['passed'] else 'FAIL'}"
+            + (f" — {g['note']}" if g.get("note") else "")
+        )
     if r.get("note"):
         lines.append(f"note: {r['note']}")
     return "\n".join(lines)

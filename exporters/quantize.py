@@ -57,8 +57,15 @@ def _set_precision(model: onnx.ModelProto, precision: str, src: onnx.ModelProto)
 FP32_LAYERS = ("read_in.", "velocity_head.", "pool_score.")
 
 
-def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = True, reduce_range: bool = True,
-                  fp32_layers: tuple[str, ...] = FP32_LAYERS, exclude_nodes: tuple[str, ...] = ()) -> Path:
+def quantize_int8(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    per_channel: bool = True,
+    reduce_range: bool = True,
+    fp32_layers: tuple[str, ...] = FP32_LAYERS,
+    exclude_nodes: tuple[str, ...] = (),
+) -> Path:
     """Dynamic int8 quantisation of ``src`` into ``dst`` (weights int8, MatMul/Gemm only).
 
     ``fp32_layers``: substrings of weight names whose Gemm/MatMul stay float32;
@@ -74,7 +81,10 @@ def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = True,
         keep = list(exclude_nodes)
         for n in plain.graph.node:
             if n.op_type in ("Gemm", "MatMul") and any(pat in i for i in n.input for pat in fp32_layers):
-                keep += [n.name, f"{n.name}_MatMul"]  # the quantiser renames a Gemm it splits into MatMul + Add
+                keep += [
+                    n.name,
+                    f"{n.name}_MatMul",
+                ]  # the quantiser renames a Gemm it splits into MatMul + Add
         inp = Path(tmp) / "in.onnx"
         onnx.save(plain, str(inp))
         out = Path(tmp) / "q.onnx"
@@ -82,9 +92,16 @@ def quantize_int8(src: str | Path, dst: str | Path, *, per_channel: bool = True,
         level = root.level
         root.setLevel(logging.ERROR)  # "consider pre-processing" warning: not applicable to our graphs
         try:
-            quantize_dynamic(str(inp), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
-                             reduce_range=reduce_range, op_types_to_quantize=["MatMul", "Gemm"],
-                             nodes_to_exclude=keep, extra_options={"MatMulConstBOnly": True})
+            quantize_dynamic(
+                str(inp),
+                str(out),
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_exclude=keep,
+                extra_options={"MatMulConstBOnly": True},
+            )
         finally:
             root.setLevel(level)
         model = onnx.load(str(out))
@@ -109,8 +126,14 @@ def calibration_feeds(src: str | Path, counts: np.ndarray) -> list[dict[str, np.
     return feeds
 
 
-def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str, np.ndarray]], *,
-                         per_channel: bool = True, fp32_layers: tuple[str, ...] = FP32_LAYERS) -> Path:
+def quantize_int8_static(
+    src: str | Path,
+    dst: str | Path,
+    feeds: list[dict[str, np.ndarray]],
+    *,
+    per_channel: bool = True,
+    fp32_layers: tuple[str, ...] = FP32_LAYERS,
+) -> Path:
     """Static int8 (QDQ) quantisation of the weight Gemm/MatMul layers of ``src`` into ``dst``:
     weights int8 per output channel, each layer's input activation uint8 with a fixed scale
     calibrated (min/max) on ``feeds`` (:func:`calibration_feeds`).  No per-call
@@ -129,8 +152,11 @@ def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str,
     with tempfile.TemporaryDirectory() as tmp:
         plain = onnx.load(str(src))
         del plain.graph.value_info[:]
-        keep = [n.name for n in plain.graph.node
-                if n.op_type in ("Gemm", "MatMul") and any(pat in i for i in n.input for pat in fp32_layers)]
+        keep = [
+            n.name
+            for n in plain.graph.node
+            if n.op_type in ("Gemm", "MatMul") and any(pat in i for i in n.input for pat in fp32_layers)
+        ]
         inp = Path(tmp) / "in.onnx"
         onnx.save(plain, str(inp))
         out = Path(tmp) / "q.onnx"
@@ -138,10 +164,19 @@ def quantize_int8_static(src: str | Path, dst: str | Path, feeds: list[dict[str,
         level = root.level
         root.setLevel(logging.ERROR)
         try:
-            quantize_static(str(inp), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel, reduce_range=False,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
-                            extra_options={"MatMulConstBOnly": True})
+            quantize_static(
+                str(inp),
+                str(out),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=per_channel,
+                reduce_range=False,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=keep,
+                extra_options={"MatMulConstBOnly": True},
+            )
         finally:
             root.setLevel(level)
         model = onnx.load(str(out))
@@ -176,8 +211,11 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
         if inp.type.tensor_type.elem_type == TensorProto.FLOAT:
             inner = inp.name + "__fp16"
             renames[inp.name] = inner
-            new_nodes.append(helper.make_node("Cast", [inp.name], [inner], to=TensorProto.FLOAT16,
-                                              name=f"cast_in_{inp.name}"))
+            new_nodes.append(
+                helper.make_node(
+                    "Cast", [inp.name], [inner], to=TensorProto.FLOAT16, name=f"cast_in_{inp.name}"
+                )
+            )
     for node in g.node:
         for k, name in enumerate(node.input):
             if name in renames:
@@ -199,8 +237,11 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
             src_name = out_renames[out.name]
             # an output that is directly a (renamed) graph input
             src_name = renames.get(out.name, src_name)
-            tail.append(helper.make_node("Cast", [src_name], [out.name], to=TensorProto.FLOAT,
-                                         name=f"cast_out_{out.name}"))
+            tail.append(
+                helper.make_node(
+                    "Cast", [src_name], [out.name], to=TensorProto.FLOAT, name=f"cast_out_{out.name}"
+                )
+            )
     nodes = new_nodes + list(g.node) + tail
     del g.node[:]
     g.node.extend(nodes)

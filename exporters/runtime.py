@@ -69,8 +69,16 @@ _OPT_LEVELS = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
-__all__ = ["BACKENDS", "OnnxStepEngine", "OnnxWindowEngine", "ProviderUnavailableError", "load_engine",
-           "read_contract", "session_options", "resolve_model_path"]
+__all__ = [
+    "BACKENDS",
+    "OnnxStepEngine",
+    "OnnxWindowEngine",
+    "ProviderUnavailableError",
+    "load_engine",
+    "read_contract",
+    "session_options",
+    "resolve_model_path",
+]
 
 
 class ProviderUnavailableError(RuntimeError):
@@ -78,8 +86,14 @@ class ProviderUnavailableError(RuntimeError):
 
 
 # ---------------------------------------------------------------------- sessions
-def session_options(*, intra_op_threads: int = 1, inter_op_threads: int = 1, allow_spinning: bool = False,
-                    optimization: str = "all", profile_prefix: str | None = None) -> ort.SessionOptions:
+def session_options(
+    *,
+    intra_op_threads: int = 1,
+    inter_op_threads: int = 1,
+    allow_spinning: bool = False,
+    optimization: str = "all",
+    profile_prefix: str | None = None,
+) -> ort.SessionOptions:
     """ORT session options for the hot path (defaults: 1 + 1 threads, no spinning, ORT_ENABLE_ALL)."""
     if optimization not in _OPT_LEVELS:
         raise ValueError(f"optimization: expected one of {sorted(_OPT_LEVELS)}, got {optimization!r}")
@@ -98,18 +112,27 @@ def session_options(*, intra_op_threads: int = 1, inter_op_threads: int = 1, all
     return so
 
 
-def _providers(backend: str, *, device_id: int, provider_options: Mapping[str, Any] | None,
-               precision: str, cache_dir: Path | None) -> list:
+def _providers(
+    backend: str,
+    *,
+    device_id: int,
+    provider_options: Mapping[str, Any] | None,
+    precision: str,
+    cache_dir: Path | None,
+) -> list:
     if backend not in _PROVIDERS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     wanted = _PROVIDERS[backend]
     available = ort.get_available_providers()
     if wanted not in available:
-        hint = ("install the GPU build on a host with an NVIDIA GPU: pip install 'rpnt[gpu]' "
-                "(onnxruntime-gpu instead of onnxruntime; uninstall the CPU onnxruntime first)")
+        hint = (
+            "install the GPU build on a host with an NVIDIA GPU: pip install 'rpnt[gpu]' "
+            "(onnxruntime-gpu instead of onnxruntime; uninstall the CPU onnxruntime first)"
+        )
         raise ProviderUnavailableError(
             f"backend {backend!r} needs ONNX Runtime's {wanted}, which this onnxruntime "
-            f"{ort.__version__} does not provide (available: {available}); {hint}")
+            f"{ort.__version__} does not provide (available: {available}); {hint}"
+        )
     opts = dict(provider_options or {})
     if backend == "onnx-cpu":
         return [(wanted, opts)]
@@ -127,21 +150,40 @@ def _providers(backend: str, *, device_id: int, provider_options: Mapping[str, A
     return [(wanted, opts), "CPUExecutionProvider"]
 
 
-def _open_session(path: Path, backend: str, so: ort.SessionOptions, *, device_id: int,
-                  provider_options: Mapping[str, Any] | None, precision: str) -> ort.InferenceSession:
-    providers = _providers(backend, device_id=device_id, provider_options=provider_options,
-                           precision=precision, cache_dir=path.parent)
+def _open_session(
+    path: Path,
+    backend: str,
+    so: ort.SessionOptions,
+    *,
+    device_id: int,
+    provider_options: Mapping[str, Any] | None,
+    precision: str,
+) -> ort.InferenceSession:
+    providers = _providers(
+        backend,
+        device_id=device_id,
+        provider_options=provider_options,
+        precision=precision,
+        cache_dir=path.parent,
+    )
     sess = ort.InferenceSession(str(path), so, providers=providers)
     wanted = _PROVIDERS[backend]
     if wanted not in sess.get_providers():
         raise ProviderUnavailableError(
             f"backend {backend!r}: ONNX Runtime did not take {wanted} for {path.name} (session "
-            f"providers {sess.get_providers()}); check the CUDA/cuDNN/TensorRT libraries on this host")
+            f"providers {sess.get_providers()}); check the CUDA/cuDNN/TensorRT libraries on this host"
+        )
     return sess
 
 
-def _open_with_contract(path: Path, backend: str, so: ort.SessionOptions, *, device_id: int,
-                        provider_options: Mapping[str, Any] | None) -> tuple[ort.InferenceSession, ModelContract]:
+def _open_with_contract(
+    path: Path,
+    backend: str,
+    so: ort.SessionOptions,
+    *,
+    device_id: int,
+    provider_options: Mapping[str, Any] | None,
+) -> tuple[ort.InferenceSession, ModelContract]:
     """The session and the contract read from it (the file is parsed once).  TensorRT needs the
     precision before the session exists (fp16 engine flag), so there the contract is read first."""
     if not path.is_file():
@@ -150,14 +192,22 @@ def _open_with_contract(path: Path, backend: str, so: ort.SessionOptions, *, dev
     if backend == "onnx-tensorrt":
         precision = read_contract(path).precision
     else:
-        _providers(backend, device_id=device_id, provider_options=provider_options, precision=precision,
-                   cache_dir=None)  # a missing provider fails before the (slow) session is built
-    sess = _open_session(path, backend, so, device_id=device_id, provider_options=provider_options,
-                         precision=precision)
+        _providers(
+            backend,
+            device_id=device_id,
+            provider_options=provider_options,
+            precision=precision,
+            cache_dir=None,
+        )  # a missing provider fails before the (slow) session is built
+    sess = _open_session(
+        path, backend, so, device_id=device_id, provider_options=provider_options, precision=precision
+    )
     return sess, read_contract(sess)
 
 
-def resolve_model_path(path_or_dir: str | os.PathLike, *, precision: str = "fp32", graph: str = "step") -> Path:
+def resolve_model_path(
+    path_or_dir: str | os.PathLike, *, precision: str = "fp32", graph: str = "step"
+) -> Path:
     """An export directory → the file of ``graph``/``precision`` in it; a file → itself."""
     p = Path(path_or_dir)
     if p.is_dir():
@@ -165,8 +215,9 @@ def resolve_model_path(path_or_dir: str | os.PathLike, *, precision: str = "fp32
         f = p / name
         if not f.is_file():
             have = sorted(x.name for x in p.glob("*.onnx"))
-            raise FileNotFoundError(f"{p}: no {name} (graph={graph!r}, precision={precision!r}); "
-                                    f"this export has {have}")
+            raise FileNotFoundError(
+                f"{p}: no {name} (graph={graph!r}, precision={precision!r}); this export has {have}"
+            )
         return f
     if not p.is_file():
         raise FileNotFoundError(f"model: no such file or directory: {p}")
@@ -188,11 +239,23 @@ def read_contract(path_or_session: str | os.PathLike | ort.InferenceSession) -> 
 
 def _info(contract: ModelContract, name: str, backend: str) -> Any:
     return DecoderInfo(
-        n_channels=contract.n_channels, n_outputs=contract.n_outputs, bin_s=contract.bin_s, name=name,
-        version=contract.weights_sha, fingerprint=contract.data_fingerprint,
-        extra={"backend": backend, "precision": contract.precision, "graph": contract.graph, "target": contract.target,
-               "window": contract.window, "receptive_field": contract.receptive_field,
-               "rpnt_version": contract.rpnt_version, "exporter_version": contract.exporter_version})
+        n_channels=contract.n_channels,
+        n_outputs=contract.n_outputs,
+        bin_s=contract.bin_s,
+        name=name,
+        version=contract.weights_sha,
+        fingerprint=contract.data_fingerprint,
+        extra={
+            "backend": backend,
+            "precision": contract.precision,
+            "graph": contract.graph,
+            "target": contract.target,
+            "window": contract.window,
+            "receptive_field": contract.receptive_field,
+            "rpnt_version": contract.rpnt_version,
+            "exporter_version": contract.exporter_version,
+        },
+    )
 
 
 # ---------------------------------------------------------------------- step engine
@@ -214,29 +277,50 @@ class OnnxStepEngine:
     state keys.  ``step`` returns a fresh (D,) float32 array (the output buffers are reused).
     """
 
-    def __init__(self, path: str | os.PathLike, *, backend: str = "onnx-cpu", intra_op_threads: int = 1,
-                 inter_op_threads: int = 1, allow_spinning: bool = False, optimization: str = "all",
-                 io_binding: bool = True, warmup_bins: int = 16, meta_bias: np.ndarray | None = None,
-                 device_id: int = 0, provider_options: Mapping[str, Any] | None = None,
-                 name: str | None = None, profile_prefix: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        backend: str = "onnx-cpu",
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        allow_spinning: bool = False,
+        optimization: str = "all",
+        io_binding: bool = True,
+        warmup_bins: int = 16,
+        meta_bias: np.ndarray | None = None,
+        device_id: int = 0,
+        provider_options: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        profile_prefix: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self.backend = backend
-        so = session_options(intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
-                             allow_spinning=allow_spinning, optimization=optimization,
-                             profile_prefix=profile_prefix)
-        self.session, self.contract = _open_with_contract(self.path, backend, so, device_id=device_id,
-                                                          provider_options=provider_options)
+        so = session_options(
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+            allow_spinning=allow_spinning,
+            optimization=optimization,
+            profile_prefix=profile_prefix,
+        )
+        self.session, self.contract = _open_with_contract(
+            self.path, backend, so, device_id=device_id, provider_options=provider_options
+        )
         c = self.contract
         if c.graph != "step":
-            raise ContractError(f"{self.path.name}: a {c.graph} graph, not a step graph "
-                                "(use OnnxWindowEngine / load_engine(..., graph='window'))")
+            raise ContractError(
+                f"{self.path.name}: a {c.graph} graph, not a step graph "
+                "(use OnnxWindowEngine / load_engine(..., graph='window'))"
+            )
         names_in = {i.name for i in self.session.get_inputs()}
         names_out = {o.name for o in self.session.get_outputs()}
         want_in = {COUNTS} | {s.input for s in c.state}
         want_out = {VELOCITY, LOG_RATES} | {s.output for s in c.state if s.output}
         if names_in != want_in or not want_out <= names_out:
-            raise ContractError(f"{self.path.name}: graph I/O {sorted(names_in)} → {sorted(names_out)} does not "
-                                f"match its contract {sorted(want_in)} → {sorted(want_out)}")
+            raise ContractError(
+                f"{self.path.name}: graph I/O {sorted(names_in)} → {sorted(names_out)} does not "
+                f"match its contract {sorted(want_in)} → {sorted(want_out)}"
+            )
         self._info = _info(c, name or f"rpnt-onnx-{c.precision}", backend)
         self._n = c.n_channels
         self._init = c.initial_state(meta_bias)
@@ -261,13 +345,17 @@ class OnnxStepEngine:
         c = self.contract
         if self._on_device:
             if not self._io_binding:
-                raise ValueError("io_binding=False is only supported on onnx-cpu (GPU state stays on the device)")
+                raise ValueError(
+                    "io_binding=False is only supported on onnx-cpu (GPU state stays on the device)"
+                )
             dev = ("cuda", self._device_id)
             mk = lambda shape: ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, *dev)  # noqa: E731
             self._banks = [{s.input: mk(s.shape) for s in self._carried} for _ in range(2)]
             self._const_vals = {s.input: mk(s.shape) for s in self._const}
         else:
-            self._banks = [{s.input: np.zeros(s.shape, dtype=np.float32) for s in self._carried} for _ in range(2)]
+            self._banks = [
+                {s.input: np.zeros(s.shape, dtype=np.float32) for s in self._carried} for _ in range(2)
+            ]
             self._const_vals = {s.input: np.zeros(s.shape, dtype=np.float32) for s in self._const}
         self._cur = 0
         if not self._io_binding:
@@ -331,7 +419,9 @@ class OnnxStepEngine:
         if self._io_binding:
             self.session.run_with_iobinding(self._bindings[self._cur])
         else:
-            self.session.run(self._out_names, {COUNTS: self._counts, **self._const_vals, **self._banks[self._cur]})
+            self.session.run(
+                self._out_names, {COUNTS: self._counts, **self._const_vals, **self._banks[self._cur]}
+            )
 
     def _load_counts(self, counts: np.ndarray) -> None:
         """``check_counts`` semantics (shape (N,), any real dtype, finite and ≥ 0 as float32) with
@@ -413,15 +503,31 @@ class OnnxWindowEngine:
     a bin never changes it).  Needs T ≥ receptive_field.
     """
 
-    def __init__(self, path: str | os.PathLike, *, backend: str = "onnx-cpu", intra_op_threads: int = 1,
-                 inter_op_threads: int = 1, allow_spinning: bool = False, optimization: str = "all",
-                 warmup: bool = True, meta_bias: np.ndarray | None = None, device_id: int = 0,
-                 provider_options: Mapping[str, Any] | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        backend: str = "onnx-cpu",
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        allow_spinning: bool = False,
+        optimization: str = "all",
+        warmup: bool = True,
+        meta_bias: np.ndarray | None = None,
+        device_id: int = 0,
+        provider_options: Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ) -> None:
         self.path = Path(path)
-        so = session_options(intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
-                             allow_spinning=allow_spinning, optimization=optimization)
-        self.session, self.contract = _open_with_contract(self.path, backend, so, device_id=device_id,
-                                                          provider_options=provider_options)
+        so = session_options(
+            intra_op_threads=intra_op_threads,
+            inter_op_threads=inter_op_threads,
+            allow_spinning=allow_spinning,
+            optimization=optimization,
+        )
+        self.session, self.contract = _open_with_contract(
+            self.path, backend, so, device_id=device_id, provider_options=provider_options
+        )
         c = self.contract
         if c.graph != "window":
             raise ContractError(f"{self.path.name}: a {c.graph} graph, not a window graph")
@@ -441,8 +547,10 @@ class OnnxWindowEngine:
         if x.ndim == 2:
             x = x[None]
         if x.shape != (1, self.window_bins, c.n_channels):
-            raise ValueError(f"counts: expected ({self.window_bins}, {c.n_channels}) (the window graph's "
-                             f"fixed T and N), got {np.shape(counts)}")
+            raise ValueError(
+                f"counts: expected ({self.window_bins}, {c.n_channels}) (the window graph's "
+                f"fixed T and N), got {np.shape(counts)}"
+            )
         x = x.astype(np.float32, copy=False)
         if not np.all(np.isfinite(x)) or np.any(x < 0):
             raise ValueError("counts: must be finite and non-negative")
@@ -458,29 +566,39 @@ class OnnxWindowEngine:
             raise ValueError(f"counts: expected (T, {c.n_channels}), got {x.shape}")
         t_total, t_win, prefix = x.shape[0], self.window_bins, c.receptive_field - 1
         if t_win <= prefix:
-            raise ValueError(f"predict: the window graph's T={t_win} must be ≥ the receptive field "
-                             f"{c.receptive_field} for exact chunked decoding; export with --window-bins ≥ "
-                             f"{c.receptive_field}")
+            raise ValueError(
+                f"predict: the window graph's T={t_win} must be ≥ the receptive field "
+                f"{c.receptive_field} for exact chunked decoding; export with --window-bins ≥ "
+                f"{c.receptive_field}"
+            )
         res = {k: [] for k in outputs}
         c0 = 0
         while c0 < t_total:
             s0 = max(0, c0 - prefix)
             win = np.zeros((t_win, c.n_channels), dtype=np.float32)
-            piece = x[s0:s0 + t_win]
-            win[:piece.shape[0]] = piece
+            piece = x[s0 : s0 + t_win]
+            win[: piece.shape[0]] = piece
             out = self.run(win)
             c1 = min(t_total, s0 + t_win)
             for k in outputs:
-                res[k].append(out[k][c0 - s0:c1 - s0])
+                res[k].append(out[k][c0 - s0 : c1 - s0])
             c0 = c1
-        cat = {k: np.concatenate(v, axis=0) if v else np.zeros((0, _out_shape(c, k)[-1]), np.float32)
-               for k, v in res.items()}
+        cat = {
+            k: np.concatenate(v, axis=0) if v else np.zeros((0, _out_shape(c, k)[-1]), np.float32)
+            for k, v in res.items()
+        }
         return cat[outputs[0]] if len(outputs) == 1 else cat
 
 
 # ---------------------------------------------------------------------- loader
-def load_engine(path_or_dir: str | os.PathLike, *, backend: str = "onnx-cpu", precision: str = "fp32",
-                graph: str = "step", **kwargs: Any) -> Any:
+def load_engine(
+    path_or_dir: str | os.PathLike,
+    *,
+    backend: str = "onnx-cpu",
+    precision: str = "fp32",
+    graph: str = "step",
+    **kwargs: Any,
+) -> Any:
     """Load a decoder engine.
 
     Args:

@@ -26,8 +26,14 @@ class TorchEngine(TorchDecoder):
     """:class:`TorchDecoder` + warm-up + engine info.  ``metadata``: names (subject, session,
     task, date_days) as in :meth:`RPNT.metadata_for`, or tensors as ``RPNT.init_state`` takes."""
 
-    def __init__(self, model: RPNT, *, metadata: Mapping[str, Any] | None = None, name: str = "rpnt-torch",
-                 warmup_bins: int = 16) -> None:
+    def __init__(
+        self,
+        model: RPNT,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        name: str = "rpnt-torch",
+        warmup_bins: int = 16,
+    ) -> None:
         meta_t = None
         if metadata:
             if all(isinstance(v, (str, int, float)) or v is None for v in metadata.values()):
@@ -38,9 +44,17 @@ class TorchEngine(TorchDecoder):
         super().__init__(model, metadata=meta_t, name=name)
         c = model.config
         self._info = dataclasses.replace(
-            self._info, n_channels=c.n_input_channels,
-            extra={"backend": "torch", "precision": "fp32", "graph": "step", "target": c.target, "window": c.window,
-                   "receptive_field": model.receptive_field})
+            self._info,
+            n_channels=c.n_input_channels,
+            extra={
+                "backend": "torch",
+                "precision": "fp32",
+                "graph": "step",
+                "target": c.target,
+                "window": c.window,
+                "receptive_field": model.receptive_field,
+            },
+        )
         if warmup_bins > 0:
             zero = np.zeros(c.n_input_channels, dtype=np.float32)
             for _ in range(int(warmup_bins)):
@@ -48,8 +62,14 @@ class TorchEngine(TorchDecoder):
             self.reset()
 
 
-def load_torch_engine(path_or_dir: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None,
-                      warmup_bins: int = 16, name: str = "rpnt-torch", threads: int | None = None) -> TorchEngine:
+def load_torch_engine(
+    path_or_dir: str | os.PathLike,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    warmup_bins: int = 16,
+    name: str = "rpnt-torch",
+    threads: int | None = None,
+) -> TorchEngine:
     """A checkpoint, or an export (directory or .onnx) whose source checkpoint still exists.
 
     ``threads``: if given, ``torch.set_num_threads(threads)`` (process-wide)."""
@@ -60,13 +80,17 @@ def load_torch_engine(path_or_dir: str | os.PathLike, *, metadata: Mapping[str, 
         contract = read_contract(resolve_model_path(p))
         ckpt = Path(contract.checkpoint) if contract.checkpoint else None
         if ckpt is None or not ckpt.is_file():
-            raise FileNotFoundError(f"backend 'torch' needs the checkpoint; {p} was exported from "
-                                    f"{contract.checkpoint or 'an in-memory model'}, which is not there — "
-                                    "pass the .safetensors path instead")
+            raise FileNotFoundError(
+                f"backend 'torch' needs the checkpoint; {p} was exported from "
+                f"{contract.checkpoint or 'an in-memory model'}, which is not there — "
+                "pass the .safetensors path instead"
+            )
         _, meta = read_header(ckpt)
         if contract.weights_sha and meta.get("weights_sha") != contract.weights_sha:
-            raise ContractError(f"{ckpt}: weights {meta.get('weights_sha')} differ from the export's "
-                                f"{contract.weights_sha}; pass the matching checkpoint")
+            raise ContractError(
+                f"{ckpt}: weights {meta.get('weights_sha')} differ from the export's "
+                f"{contract.weights_sha}; pass the matching checkpoint"
+            )
         if metadata is None:
             metadata = contract.metadata
         p = ckpt

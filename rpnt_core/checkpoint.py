@@ -45,9 +45,11 @@ def require_trained_head(meta: dict[str, Any], checkpoint: str | Path) -> None:
     """Raise :class:`CheckpointError` for a pretraining checkpoint: its decoding head never saw a
     label, so it would decode noise (exporting, serving or scoring it as a decoder is refused)."""
     if meta.get("kind") == "pretrained":
-        raise CheckpointError(f"checkpoint: {Path(checkpoint).name} is a pretraining checkpoint (self-supervised, "
-                              "no labels): its decoding head is untrained and would decode noise. Finetune it "
-                              f"first: rpnt finetune --init {checkpoint} --data SESSION --out ft.safetensors")
+        raise CheckpointError(
+            f"checkpoint: {Path(checkpoint).name} is a pretraining checkpoint (self-supervised, "
+            "no labels): its decoding head is untrained and would decode noise. Finetune it "
+            f"first: rpnt finetune --init {checkpoint} --data SESSION --out ft.safetensors"
+        )
 
 
 def is_decoder(meta: dict[str, Any]) -> bool:
@@ -81,8 +83,13 @@ def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: 
     os.replace(tmp, path)
 
 
-def save_checkpoint(model: RPNT, path: str | Path, *, meta: dict[str, Any] | None = None,
-                    extra: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def save_checkpoint(
+    model: RPNT,
+    path: str | Path,
+    *,
+    meta: dict[str, Any] | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Write ``model`` to ``path`` atomically; returns the metadata that was stored.
 
     ``extra``: tensors stored next to the model under ``extra.<name>`` (see the module docstring)."""
@@ -96,8 +103,11 @@ def save_checkpoint(model: RPNT, path: str | Path, *, meta: dict[str, Any] | Non
         **(meta or {}),
         "weights_sha": weights_sha(state),
     }
-    atomic_save_tensors({**state, **{EXTRA + k: v for k, v in (extra or {}).items()}}, Path(path), {
-        "format": FORMAT, "config": model.config.to_json(), "meta": json.dumps(full_meta, sort_keys=True)})
+    atomic_save_tensors(
+        {**state, **{EXTRA + k: v for k, v in (extra or {}).items()}},
+        Path(path),
+        {"format": FORMAT, "config": model.config.to_json(), "meta": json.dumps(full_meta, sort_keys=True)},
+    )
     return full_meta
 
 
@@ -132,8 +142,10 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
                 tensors[k] = f.get_tensor(k)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint: {path} does not match its config "
-                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise CheckpointError(
+            f"checkpoint: {path} does not match its config "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     model.checkpoint_meta = meta
     return model.to(device).eval()
 
@@ -142,4 +154,4 @@ def read_extra_tensors(path: str | Path, prefix: str = "") -> dict[str, torch.Te
     """The ``extra.*`` tensors of a checkpoint whose name starts with ``prefix`` (names without ``extra.``)."""
     read_header(path)  # a clear error for a file that is not a checkpoint
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k[len(EXTRA):]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA + prefix)}
+        return {k[len(EXTRA) :]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA + prefix)}

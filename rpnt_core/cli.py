@@ -13,16 +13,37 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("rpnt_core.commands:simulate_main", "write synthetic sessions with ground truth (NPZ)"),
-    "inspect": ("rpnt_core.commands:inspect_main", "quality control: per-session facts and flags (unfit to train on)"),
+    "inspect": (
+        "rpnt_core.commands:inspect_main",
+        "quality control: per-session facts and flags (unfit to train on)",
+    ),
     "pretrain": ("rpnt_core.commands:pretrain_main", "self-supervised pretraining on unlabelled recordings"),
-    "finetune": ("rpnt_core.commands:finetune_main", "supervised (few-shot) finetuning of a behaviour decoder"),
-    "evaluate": ("rpnt_core.commands:evaluate_main", "stream a session causally and print R² (and baselines)"),
-    "demo": ("service.demo:main", "simulate → pretrain → finetune → export → serve → real-time replay + calibration"),
+    "finetune": (
+        "rpnt_core.commands:finetune_main",
+        "supervised (few-shot) finetuning of a behaviour decoder",
+    ),
+    "evaluate": (
+        "rpnt_core.commands:evaluate_main",
+        "stream a session causally and print R² (and baselines)",
+    ),
+    "demo": (
+        "service.demo:main",
+        "simulate → pretrain → finetune → export → serve → real-time replay + calibration",
+    ),
     "export": ("exporters.cli:main", "checkpoint → ONNX step and window graphs, with a parity check"),
-    "serve": ("service.cli:serve_main", "run the decoder daemon (ZeroMQ in, predictions out) + its HTTP control plane"),
-    "replay": ("streaming.cli:replay_main", "replay a recorded session through the daemon and report R² + latency"),
-    "closedloop": ("streaming.closedloop.cli:main", "a simulated participant drives a cursor through the live "
-                                                    "daemon: success rate, time to target, bitrate"),
+    "serve": (
+        "service.cli:serve_main",
+        "run the decoder daemon (ZeroMQ in, predictions out) + its HTTP control plane",
+    ),
+    "replay": (
+        "streaming.cli:replay_main",
+        "replay a recorded session through the daemon and report R² + latency",
+    ),
+    "closedloop": (
+        "streaming.closedloop.cli:main",
+        "a simulated participant drives a cursor through the live "
+        "daemon: success rate, time to target, bitrate",
+    ),
 }
 
 OPTIONAL = {"exporters": "export", "streaming": "serve", "service": "serve"}

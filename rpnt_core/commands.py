@@ -24,27 +24,42 @@ def _threads(n: int) -> None:
 
 def _common(p: argparse.ArgumentParser, *, preset: bool = True, epochs: int | None = None) -> None:
     if preset:
-        p.add_argument("--preset", choices=["small", "paper"], default="small",
-                       help="model size: 'small' (d_model 128, 2 layers; CPU deployment) or 'paper' "
-                            "(d_model 512, 4 layers, 16 heads). Default: small")
+        p.add_argument(
+            "--preset",
+            choices=["small", "paper"],
+            default="small",
+            help="model size: 'small' (d_model 128, 2 layers; CPU deployment) or 'paper' "
+            "(d_model 512, 4 layers, 16 heads). Default: small",
+        )
     if epochs is not None:
         p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
-    p.add_argument("--seed", type=int, default=0, help="random seed; runs are reproducible on CPU (default 0)")
-    p.add_argument("--device", default="auto", help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: cuda if available)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed; runs are reproducible on CPU (default 0)"
+    )
+    p.add_argument(
+        "--device", default="auto", help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: cuda if available)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
 def _target_arg(p: argparse.ArgumentParser, *, default: str | None, what: str) -> None:
     """``--target NAME``, the behaviour series a command reads (``None``: the checkpoint's)."""
     shown = default or "the checkpoint's target"
-    p.add_argument("--target", metavar="NAME", default=default,
-                   help=f"behaviour series {what} (velocity, position, force or emg, as the data has them; "
-                        f"default: {shown})")
+    p.add_argument(
+        "--target",
+        metavar="NAME",
+        default=default,
+        help=f"behaviour series {what} (velocity, position, force or emg, as the data has them; "
+        f"default: {shown})",
+    )
 
 
 def _allow_flagged_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-flagged", action="store_true",
-                   help="use sessions that quality control flags as unfit to train on (see rpnt inspect)")
+    p.add_argument(
+        "--allow-flagged",
+        action="store_true",
+        help="use sessions that quality control flags as unfit to train on (see rpnt inspect)",
+    )
 
 
 def _refuse_flagged(session, *, labels: bool) -> None:
@@ -53,8 +68,9 @@ def _refuse_flagged(session, *, labels: bool) -> None:
 
     q = assess_session(session, labels=labels)
     if q.flagged:
-        raise ValueError(f"data: {q.session} is flagged unfit to train on: {q.reason} "
-                         "(--allow-flagged uses it anyway)")
+        raise ValueError(
+            f"data: {q.session} is flagged unfit to train on: {q.reason} (--allow-flagged uses it anyway)"
+        )
 
 
 def _drop_flagged(cmd: str, sessions: list) -> list:
@@ -65,7 +81,9 @@ def _drop_flagged(cmd: str, sessions: list) -> list:
     for q in flagged:
         print(f"rpnt {cmd}: skipping {q.session}: {q.reason} (--allow-flagged keeps it)", file=sys.stderr)
     if not kept:
-        raise ValueError("data: every session is flagged unfit to train on (reasons above); --allow-flagged keeps them")
+        raise ValueError(
+            "data: every session is flagged unfit to train on (reasons above); --allow-flagged keeps them"
+        )
     return kept
 
 
@@ -105,10 +123,14 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopp
 
 # ---------------------------------------------------------------------------------------- simulate
 def simulate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="rpnt simulate", description=(
-        "Write synthetic sessions with ground truth as NPZ files (the interchange format) plus a "
-        "manifest.json: several subjects with different channel counts and identities, slow drift "
-        "across sessions, two task types, and multi-site recordings with site coordinates."))
+    p = argparse.ArgumentParser(
+        prog="rpnt simulate",
+        description=(
+            "Write synthetic sessions with ground truth as NPZ files (the interchange format) plus a "
+            "manifest.json: several subjects with different channel counts and identities, slow drift "
+            "across sessions, two task types, and multi-site recordings with site coordinates."
+        ),
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--subjects", type=int, default=4, help="number of subjects (default 4)")
     p.add_argument("--sessions-per-subject", type=int, default=4, help="sessions per subject (default 4)")
@@ -118,7 +140,9 @@ def simulate_main(argv: list[str]) -> int:
     from .data import SimulationSpec, write_simulated
 
     try:
-        spec = SimulationSpec(n_subjects=a.subjects, sessions_per_subject=a.sessions_per_subject, bin_s=a.bin_s)
+        spec = SimulationSpec(
+            n_subjects=a.subjects, sessions_per_subject=a.sessions_per_subject, bin_s=a.bin_s
+        )
         paths = write_simulated(a.out, spec, seed=a.seed)
     except USER_ERRORS as exc:
         return _fail("simulate", exc)
@@ -128,42 +152,67 @@ def simulate_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------- pretrain
 def pretrain_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="rpnt pretrain", description=(
-        "Pretraining on earlier recordings of the array. Where every session has the --target series it "
-        "is supervised (core and head learn the earlier days' decoder; the cross-day benchmark's winner, "
-        "best from the most recent few days: bench/results/transfer-pooldays.md); otherwise "
-        "self-supervised: random neuron and time masks with ratios drawn from U(0,1) per batch, the "
-        "causal encoder forecasts the hidden counts (Poisson NLL). Sessions quality control flags are "
-        "skipped. Keeps the checkpoint with the best validation loss (last 10% of each recording), logs "
-        "one JSON line per epoch to OUT.log.jsonl, shows one progress bar with the run's ETA, and can "
-        "resume. Runs under torchrun for multi-GPU."),
-        epilog="example: rpnt pretrain --data day18.mat day19.mat --target position --out pre.safetensors")
-    p.add_argument("--data", nargs="+", required=True, help="session files (.npz/.mat/.nwb) or directories of them")
+    p = argparse.ArgumentParser(
+        prog="rpnt pretrain",
+        description=(
+            "Pretraining on earlier recordings of the array. Where every session has the --target series it "
+            "is supervised (core and head learn the earlier days' decoder; the cross-day benchmark's winner, "
+            "best from the most recent few days: bench/results/transfer-pooldays.md); otherwise "
+            "self-supervised: random neuron and time masks with ratios drawn from U(0,1) per batch, the "
+            "causal encoder forecasts the hidden counts (Poisson NLL). Sessions quality control flags are "
+            "skipped. Keeps the checkpoint with the best validation loss (last 10% of each recording), logs "
+            "one JSON line per epoch to OUT.log.jsonl, shows one progress bar with the run's ETA, and can "
+            "resume. Runs under torchrun for multi-GPU."
+        ),
+        epilog="example: rpnt pretrain --data day18.mat day19.mat --target position --out pre.safetensors",
+    )
+    p.add_argument(
+        "--data", nargs="+", required=True, help="session files (.npz/.mat/.nwb) or directories of them"
+    )
     p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
     _common(p, epochs=10)
     p.add_argument("--steps-per-epoch", type=int, default=50, help="optimizer steps per epoch (default 50)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch (per process) (default 16)")
     p.add_argument("--window-len", type=int, default=100, help="bins per training window (default 100)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    p.add_argument("--channels", choices=["resample", "readin"], default="resample",
-                   help="how sessions with different channel counts meet the model: 'resample' to a fixed "
-                        "width (the paper's recipe) or 'readin' (a per-session read-in). Default: resample")
-    p.add_argument("--adapter-lr-scale", type=float, default=10.0,
-                   help="with --channels readin: learning-rate multiplier for the per-session read-ins/read-outs "
-                        "(default 10; at 1 a pool of many short sessions stays at the mean-rate loss)")
-    p.add_argument("--target-share", type=float, default=0.0,
-                   help="fraction of the batches drawn from the LAST --data session (e.g. a new session's "
-                        "unlabelled bins, 0.25 in the benchmark recipe); the others share the rest by length. "
-                        "Default 0: every session by its length")
-    p.add_argument("--objective", choices=list(OBJECTIVES), default=None,
-                   help="'supervised': the sessions' labels of --target train the core and the head together (a "
-                        "decoder of the pool that finetuning starts from; the cross-day benchmark's winner); "
-                        "'masked': self-supervised, no labels. Default: supervised when every session has "
-                        "--target, else masked")
+    p.add_argument(
+        "--channels",
+        choices=["resample", "readin"],
+        default="resample",
+        help="how sessions with different channel counts meet the model: 'resample' to a fixed "
+        "width (the paper's recipe) or 'readin' (a per-session read-in). Default: resample",
+    )
+    p.add_argument(
+        "--adapter-lr-scale",
+        type=float,
+        default=10.0,
+        help="with --channels readin: learning-rate multiplier for the per-session read-ins/read-outs "
+        "(default 10; at 1 a pool of many short sessions stays at the mean-rate loss)",
+    )
+    p.add_argument(
+        "--target-share",
+        type=float,
+        default=0.0,
+        help="fraction of the batches drawn from the LAST --data session (e.g. a new session's "
+        "unlabelled bins, 0.25 in the benchmark recipe); the others share the rest by length. "
+        "Default 0: every session by its length",
+    )
+    p.add_argument(
+        "--objective",
+        choices=list(OBJECTIVES),
+        default=None,
+        help="'supervised': the sessions' labels of --target train the core and the head together (a "
+        "decoder of the pool that finetuning starts from; the cross-day benchmark's winner); "
+        "'masked': self-supervised, no labels. Default: supervised when every session has "
+        "--target, else masked",
+    )
     _target_arg(p, default="velocity", what="that --objective supervised learns")
     p.add_argument("--n-max", type=int, default=0, help="resample width (default: largest channel count)")
-    p.add_argument("--spatial", action="store_true", help="train the multi-site spatial encoder + site contrast "
-                                                          "(multi-site recordings only)")
+    p.add_argument(
+        "--spatial",
+        action="store_true",
+        help="train the multi-site spatial encoder + site contrast (multi-site recordings only)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT.resume.safetensors if present")
     _allow_flagged_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -174,9 +223,14 @@ def pretrain_main(argv: list[str]) -> int:
     try:
         return _run_pretrain(a)
     except KeyboardInterrupt:
-        fresh = [now is not None and (a.resume or now != then) for now, then in zip(map(_stamp, files), before)]
-        print(("\n" if not a.quiet else "") + _pretrain_interrupted(out, best_saved=fresh[0], resumable=fresh[1]),
-              file=sys.stderr)
+        fresh = [
+            now is not None and (a.resume or now != then) for now, then in zip(map(_stamp, files), before)
+        ]
+        print(
+            ("\n" if not a.quiet else "")
+            + _pretrain_interrupted(out, best_saved=fresh[0], resumable=fresh[1]),
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
 
 
@@ -192,15 +246,33 @@ def _run_pretrain(a: argparse.Namespace) -> int:
         if not a.allow_flagged:
             sessions = _drop_flagged("pretrain", sessions)
         if a.objective is None and not a.quiet:
-            print(f"rpnt pretrain: objective {objective} ("
-                  + (f"every session has {a.target!r} labels)" if objective == "supervised" else
-                     f"not every session has {a.target!r} labels; self-supervised)"), file=sys.stderr)
-        opts = PretrainOptions(preset=a.preset, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
-                               batch_size=a.batch_size, window_len=a.window_len, lr=a.lr, channels=a.channels,
-                               adapter_lr_scale=a.adapter_lr_scale,
-                               target_share=a.target_share, n_max=a.n_max, spatial=a.spatial, seed=a.seed,
-                               objective=objective,
-                               device=a.device, resume=a.resume, progress=not a.quiet)
+            print(
+                f"rpnt pretrain: objective {objective} ("
+                + (
+                    f"every session has {a.target!r} labels)"
+                    if objective == "supervised"
+                    else f"not every session has {a.target!r} labels; self-supervised)"
+                ),
+                file=sys.stderr,
+            )
+        opts = PretrainOptions(
+            preset=a.preset,
+            epochs=a.epochs,
+            steps_per_epoch=a.steps_per_epoch,
+            batch_size=a.batch_size,
+            window_len=a.window_len,
+            lr=a.lr,
+            channels=a.channels,
+            adapter_lr_scale=a.adapter_lr_scale,
+            target_share=a.target_share,
+            n_max=a.n_max,
+            spatial=a.spatial,
+            seed=a.seed,
+            objective=objective,
+            device=a.device,
+            resume=a.resume,
+            progress=not a.quiet,
+        )
         res = pretrain(sessions, options=opts, out=a.out)
     except USER_ERRORS as exc:
         return _fail("pretrain", exc)
@@ -229,8 +301,10 @@ def _pretrain_interrupted(out: Path, *, best_saved: bool, resumable: bool) -> st
         return "rpnt pretrain: interrupted before the first epoch ended; nothing was saved (run the command again)"
     lines = [f"rpnt pretrain: interrupted; the best checkpoint so far is {out}{_best_epoch(out)}"]
     if resumable:
-        lines.append(f"to continue after the last finished epoch, run the same command with --resume "
-                     f"(training state: {_resume_state_path(out)})")
+        lines.append(
+            f"to continue after the last finished epoch, run the same command with --resume "
+            f"(training state: {_resume_state_path(out)})"
+        )
     return "\n".join(lines)
 
 
@@ -247,40 +321,65 @@ def _best_epoch(out: Path) -> str:
 
 # ---------------------------------------------------------------------------------------- finetune
 def finetune_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="rpnt finetune", description=(
-        "Supervised finetuning of the decoder of one behaviour target (--target) on one labelled session. "
-        "Sessions that quality control flags are refused (rpnt inspect says why). The session is split in "
-        "time: test = last 20%, validation = the 10% before it, train = the first --train-fraction "
-        "(few-shot: a short prefix). Early-stops on validation R² and reports the test R² of the "
-        "best-validation weights."),
+    p = argparse.ArgumentParser(
+        prog="rpnt finetune",
+        description=(
+            "Supervised finetuning of the decoder of one behaviour target (--target) on one labelled session. "
+            "Sessions that quality control flags are refused (rpnt inspect says why). The session is split in "
+            "time: test = last 20%, validation = the 10% before it, train = the first --train-fraction "
+            "(few-shot: a short prefix). Early-stops on validation R² and reports the test R² of the "
+            "best-validation weights."
+        ),
         epilog="example: rpnt finetune --init pre.safetensors --data day21.mat --target position --label-seconds 60 "
-               "--out ft.safetensors")
+        "--out ft.safetensors",
+    )
     p.add_argument("--data", required=True, help="one labelled session (.npz/.mat/.nwb)")
     _target_arg(p, default="velocity", what="to decode")
     _allow_flagged_arg(p)
     p.add_argument("--init", default=None, help="pretrained checkpoint (omit to train from scratch)")
     p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--train-fraction", type=float, default=0.2, help="fraction of the session used for training "
-                       "(from its start; default 0.2)")
-    split.add_argument("--label-seconds", type=float, default=None, metavar="S",
-                       help="calibrate a new day from its first S seconds of labels: train on the first 80 %% of "
-                            "them, validate (early stopping) on the rest, test on the last 20 %% of the session; "
-                            "training is sized to the labels unless the flags below say otherwise")
-    p.add_argument("--mode", choices=list(FINETUNE_MODES), default="full",
-                   help="what to train: velocity head only (encoder frozen), last layers, or full (default)")
+    split.add_argument(
+        "--train-fraction",
+        type=float,
+        default=0.2,
+        help="fraction of the session used for training (from its start; default 0.2)",
+    )
+    split.add_argument(
+        "--label-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="calibrate a new day from its first S seconds of labels: train on the first 80 %% of "
+        "them, validate (early stopping) on the rest, test on the last 20 %% of the session; "
+        "training is sized to the labels unless the flags below say otherwise",
+    )
+    p.add_argument(
+        "--mode",
+        choices=list(FINETUNE_MODES),
+        default="full",
+        help="what to train: velocity head only (encoder frozen), last layers, or full (default)",
+    )
     p.add_argument("--last-layers", type=int, default=1, help="blocks trained in --mode last (default 1)")
-    p.add_argument("--channels", choices=["resample", "readin"], default="resample",
-                   help="when the session's channel count differs from the checkpoint's: resample to the "
-                        "checkpoint's width, or learn a fresh per-session read-in. Default: resample")
+    p.add_argument(
+        "--channels",
+        choices=["resample", "readin"],
+        default="resample",
+        help="when the session's channel count differs from the checkpoint's: resample to the "
+        "checkpoint's width, or learn a fresh per-session read-in. Default: resample",
+    )
     _common(p)
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default 40)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="optimizer steps per epoch (default 20)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per batch (default 16)")
     p.add_argument("--window-len", type=int, default=None, help="bins per training window (default 100)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--patience", type=int, default=None, help="epochs without validation gain before stopping "
-                                                               "(default 8)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=None,
+        help="epochs without validation gain before stopping (default 8)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     a = p.parse_args(argv)
     _threads(a.threads)
@@ -292,11 +391,27 @@ def finetune_main(argv: list[str]) -> int:
         session = load_session(a.data).with_target(a.target)
         if not a.allow_flagged:
             _refuse_flagged(session, labels=True)
-        chosen = {k: v for k, v in (("epochs", a.epochs), ("steps_per_epoch", a.steps_per_epoch),
-                                    ("batch_size", a.batch_size), ("window_len", a.window_len),
-                                    ("patience", a.patience)) if v is not None}
-        common = dict(mode=a.mode, last_layers=a.last_layers, lr=a.lr,
-                      channels=a.channels, preset=a.preset, seed=a.seed, device=a.device, progress=not a.quiet)
+        chosen = {
+            k: v
+            for k, v in (
+                ("epochs", a.epochs),
+                ("steps_per_epoch", a.steps_per_epoch),
+                ("batch_size", a.batch_size),
+                ("window_len", a.window_len),
+                ("patience", a.patience),
+            )
+            if v is not None
+        }
+        common = dict(
+            mode=a.mode,
+            last_layers=a.last_layers,
+            lr=a.lr,
+            channels=a.channels,
+            preset=a.preset,
+            seed=a.seed,
+            device=a.device,
+            progress=not a.quiet,
+        )
         splits = None
         if a.label_seconds is not None:
             splits = label_budget_splits(session.n_bins, bin_s=session.bin_s, seconds=a.label_seconds)
@@ -313,22 +428,33 @@ def finetune_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------- evaluate
 def evaluate_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="rpnt evaluate", description=(
-        "Stream a session causally through a checkpoint (what the online decoder would have said) and "
-        "print R² on the test split: pooled over the test bins, variance-weighted across output "
-        "dimensions. The splits are the checkpoint's own when it was finetuned on this session, otherwise "
-        "contiguous splits with --train-fraction. --baselines fits classic decoders on the same splits. The "
-        "target is the checkpoint's; the data's bin width must be the model's."),
-        epilog="example: rpnt evaluate --ckpt ft.safetensors --data sim/sim00_s00.npz --json")
+    p = argparse.ArgumentParser(
+        prog="rpnt evaluate",
+        description=(
+            "Stream a session causally through a checkpoint (what the online decoder would have said) and "
+            "print R² on the test split: pooled over the test bins, variance-weighted across output "
+            "dimensions. The splits are the checkpoint's own when it was finetuned on this session, otherwise "
+            "contiguous splits with --train-fraction. --baselines fits classic decoders on the same splits. The "
+            "target is the checkpoint's; the data's bin width must be the model's."
+        ),
+        epilog="example: rpnt evaluate --ckpt ft.safetensors --data sim/sim00_s00.npz --json",
+    )
     p.add_argument("--ckpt", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--data", required=True, help="labelled session (.npz/.mat/.nwb)")
     _target_arg(p, default=None, what="to score, which must be the one the checkpoint decodes")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="split to score (default test)")
-    p.add_argument("--train-fraction", type=float, default=0.2, help="used only when the checkpoint carries no "
-                                                                     "splits for this session (default 0.2)")
-    p.add_argument("--baselines", default="", help="comma list of baselines to run on the same splits: "
-                                                   "wiener,kalman,gru")
+    p.add_argument(
+        "--split", choices=["train", "val", "test"], default="test", help="split to score (default test)"
+    )
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=0.2,
+        help="used only when the checkpoint carries no splits for this session (default 0.2)",
+    )
+    p.add_argument(
+        "--baselines", default="", help="comma list of baselines to run on the same splits: wiener,kalman,gru"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     a = p.parse_args(argv)
@@ -347,16 +473,22 @@ def evaluate_main(argv: list[str]) -> int:
         session = load_session(a.data).with_target(target)
         check_bin_width(data_bin_s=session.bin_s, model_bin_s=model.config.bin_s)
         if session.n_channels != model.config.n_input_channels:
-            raise ValueError(f"data: the session has {session.n_channels} channels, the checkpoint expects "
-                             f"{model.config.n_input_channels}")
+            raise ValueError(
+                f"data: the session has {session.n_channels} channels, the checkpoint expects "
+                f"{model.config.n_input_channels}"
+            )
         meta = model.checkpoint_meta
         if meta.get("splits") and meta.get("data_fingerprint") == session.fingerprint():
             splits, source = Splits.from_dict(meta["splits"]), "checkpoint"
         else:
             splits, source = contiguous_splits(session.n_bins, train_fraction=a.train_fraction), "default"
         res = evaluate_model(model, session, splits, split=a.split)
-        res.update(checkpoint=str(a.ckpt), data=str(a.data), splits_source=source,
-                   model_version=meta.get("weights_sha", ""))
+        res.update(
+            checkpoint=str(a.ckpt),
+            data=str(a.data),
+            splits_source=source,
+            model_version=meta.get("weights_sha", ""),
+        )
         names = [n for n in a.baselines.split(",") if n]
         if names:
             res["baselines"] = {n: evaluate_baseline(n, session, splits, seed=a.seed) for n in names}
@@ -365,8 +497,10 @@ def evaluate_main(argv: list[str]) -> int:
     if a.json:
         print(json.dumps(res))
     else:
-        print(f"R² {target} ({a.split}, {res['splits'][a.split]}) = {res['r2']:.4f}   per dim: "
-              + ", ".join(f"{x:.4f}" for x in res["r2_per_dim"]))
+        print(
+            f"R² {target} ({a.split}, {res['splits'][a.split]}) = {res['r2']:.4f}   per dim: "
+            + ", ".join(f"{x:.4f}" for x in res["r2_per_dim"])
+        )
         for n, r in res.get("baselines", {}).items():
             print(f"  {n:<8} R² = {r['r2']:.4f}")
     return 0
@@ -374,14 +508,20 @@ def evaluate_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------- inspect
 def inspect_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="rpnt inspect", description=(
-        "Load sessions and report quality-control facts per session: bins, channels, duration, channel "
-        "rates, silent and saturated channels, channels whose rate shifts within the session, and the "
-        "target's idle share and outlier bins. FLAGGED sessions are unfit to train on (the reasons follow "
-        "the table); rpnt pretrain skips them and rpnt finetune refuses them unless --allow-flagged. The "
-        "rules are in rpnt_core/data/quality.py."),
-        epilog="example: rpnt inspect data/limblab_spike_wf_2012 --target position")
-    p.add_argument("data", nargs="+", metavar="DATA", help="session files (.npz/.mat/.nwb) or directories of them")
+    p = argparse.ArgumentParser(
+        prog="rpnt inspect",
+        description=(
+            "Load sessions and report quality-control facts per session: bins, channels, duration, channel "
+            "rates, silent and saturated channels, channels whose rate shifts within the session, and the "
+            "target's idle share and outlier bins. FLAGGED sessions are unfit to train on (the reasons follow "
+            "the table); rpnt pretrain skips them and rpnt finetune refuses them unless --allow-flagged. The "
+            "rules are in rpnt_core/data/quality.py."
+        ),
+        epilog="example: rpnt inspect data/limblab_spike_wf_2012 --target position",
+    )
+    p.add_argument(
+        "data", nargs="+", metavar="DATA", help="session files (.npz/.mat/.nwb) or directories of them"
+    )
     _target_arg(p, default="velocity", what="whose labels to check")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     a = p.parse_args(argv)
@@ -391,10 +531,16 @@ def inspect_main(argv: list[str]) -> int:
         sessions = _load_many(a.data)
         if not any(a.target in s.targets for s in sessions):
             have = sorted({name for s in sessions for name in s.targets})
-            raise ValueError(f"target: no session has {a.target!r} (they have {', '.join(have) or 'no behaviour'})")
+            raise ValueError(
+                f"target: no session has {a.target!r} (they have {', '.join(have) or 'no behaviour'})"
+            )
         # a session without the target (force before it was recorded) gets the neural facts only
-        reports = [assess_session(s.with_target(a.target)) if a.target in s.targets else
-                   assess_session(s, labels=False) for s in sessions]
+        reports = [
+            assess_session(s.with_target(a.target))
+            if a.target in s.targets
+            else assess_session(s, labels=False)
+            for s in sessions
+        ]
     except USER_ERRORS as exc:
         return _fail("inspect", exc)
     print(format_json(reports) if a.json else format_table(reports))

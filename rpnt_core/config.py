@@ -20,10 +20,28 @@ from typing import Any
 KERNEL_MODES = ("add", "replace", "none")
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(d_model=512, n_layers=4, n_heads=16, window=50, kernel_q=9, kernel_k=3, ff_mult=4,
-                  kernel_hidden=128, dropout=0.1),
-    "small": dict(d_model=128, n_layers=2, n_heads=4, window=50, kernel_q=5, kernel_k=3, ff_mult=2,
-                  kernel_hidden=64, dropout=0.3),
+    "paper": dict(
+        d_model=512,
+        n_layers=4,
+        n_heads=16,
+        window=50,
+        kernel_q=9,
+        kernel_k=3,
+        ff_mult=4,
+        kernel_hidden=128,
+        dropout=0.1,
+    ),
+    "small": dict(
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        window=50,
+        kernel_q=5,
+        kernel_k=3,
+        ff_mult=2,
+        kernel_hidden=64,
+        dropout=0.3,
+    ),
 }
 
 
@@ -106,23 +124,40 @@ class RPNTConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}: must be a positive integer, got {v!r}")
 
-        for name in ("n_channels", "n_outputs", "d_model", "n_layers", "n_heads", "window",
-                     "kernel_q", "kernel_k", "kernel_hidden", "ff_mult", "spatial_heads"):
+        for name in (
+            "n_channels",
+            "n_outputs",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "window",
+            "kernel_q",
+            "kernel_k",
+            "kernel_hidden",
+            "ff_mult",
+            "spatial_heads",
+        ):
             positive_int(name)
         if not isinstance(self.spatial_layers, int) or self.spatial_layers < 0:
             raise ConfigError(f"spatial_layers: must be an integer ≥ 0, got {self.spatial_layers!r}")
         if not isinstance(self.target, str) or not self.target.isidentifier():
-            raise ConfigError(f"target: must be a behaviour series name such as 'velocity', got {self.target!r}")
+            raise ConfigError(
+                f"target: must be a behaviour series name such as 'velocity', got {self.target!r}"
+            )
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model: {self.d_model} is not divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError(
                 f"n_heads: head dimension d_model/n_heads = {self.d_model // self.n_heads} must be even "
-                "(rotary embedding rotates pairs of features)")
-        if self.spatial_layers and (self.d_model % self.spatial_heads or (self.d_model // self.spatial_heads) % 4):
+                "(rotary embedding rotates pairs of features)"
+            )
+        if self.spatial_layers and (
+            self.d_model % self.spatial_heads or (self.d_model // self.spatial_heads) % 4
+        ):
             raise ConfigError(
                 f"spatial_heads: d_model/spatial_heads must be a multiple of 4 (2-D rotary on site x/y), "
-                f"got d_model={self.d_model}, spatial_heads={self.spatial_heads}")
+                f"got d_model={self.d_model}, spatial_heads={self.spatial_heads}"
+            )
         if self.kernel_k % 2 == 0:
             raise ConfigError(f"kernel_k: must be odd (taps centred on the key), got {self.kernel_k}")
         if self.kernel_q > self.window:
@@ -138,13 +173,21 @@ class RPNTConfig:
             raise ConfigError(f"bin_s: must be > 0, got {self.bin_s}")
         if self.channel_map:
             if not isinstance(self.channel_map, tuple) or len(self.channel_map) != self.n_channels:
-                raise ConfigError(f"channel_map: must be a tuple of n_channels={self.n_channels} indices, "
-                                  f"got {len(self.channel_map)}")
-            if self.input_channels < 1 or not all(0 <= int(i) < self.input_channels for i in self.channel_map):
-                raise ConfigError(f"channel_map: indices must lie in [0, input_channels={self.input_channels})")
+                raise ConfigError(
+                    f"channel_map: must be a tuple of n_channels={self.n_channels} indices, "
+                    f"got {len(self.channel_map)}"
+                )
+            if self.input_channels < 1 or not all(
+                0 <= int(i) < self.input_channels for i in self.channel_map
+            ):
+                raise ConfigError(
+                    f"channel_map: indices must lie in [0, input_channels={self.input_channels})"
+                )
         elif self.input_channels not in (0, self.n_channels):
-            raise ConfigError(f"input_channels: {self.input_channels} differs from n_channels={self.n_channels} "
-                              "but no channel_map says how to map them")
+            raise ConfigError(
+                f"input_channels: {self.input_channels} differs from n_channels={self.n_channels} "
+                "but no channel_map says how to map them"
+            )
         for name in ("subjects", "sessions", "tasks"):
             vocab = getattr(self, name)
             if not isinstance(vocab, tuple) or not all(isinstance(x, str) for x in vocab):

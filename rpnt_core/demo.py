@@ -54,15 +54,26 @@ def default_days() -> str | None:
     return str(SHARED_SPIKE_DAYS) if any(SHARED_SPIKE_DAYS.glob("*.mat")) else None
 
 
-def demo_data(*, data: str | None, days: str | None, pool_days: int, label_seconds: float, seed: int,
-              train_fraction: float) -> DemoData:
+def demo_data(
+    *,
+    data: str | None,
+    days: str | None,
+    pool_days: int,
+    label_seconds: float,
+    seed: int,
+    train_fraction: float,
+) -> DemoData:
     if days and not data:
         return days_data(days=days, pool_days=pool_days, label_seconds=label_seconds)
     from .data import SimulationSpec, contiguous_splits, load_session, simulate_sessions
 
     target = load_session(data) if data else None
-    spec = SimulationSpec(n_subjects=4, sessions_per_subject=3, bins_per_session=(1500, 2500),
-                          bin_s=float(target.bin_s) if target else 0.02)
+    spec = SimulationSpec(
+        n_subjects=4,
+        sessions_per_subject=3,
+        bins_per_session=(1500, 2500),
+        bin_s=float(target.bin_s) if target else 0.02,
+    )
     sims = simulate_sessions(spec, seed=seed)
     if target is None:
         held_subject = sims[0].subject  # a single-site subject, never seen in pretraining
@@ -90,17 +101,36 @@ def days_data(*, days: str, pool_days: int, label_seconds: float) -> DemoData:
     sessions = sorted((load_session(f) for f in files), key=lambda s: s.date_days)
     kept, dropped = fit_for_target(sessions, DAYS_TARGET)
     if len(kept) < pool_days + 1:
-        raise ValueError(f"days: {len(kept)} clean recordings with {DAYS_TARGET!r} under {Path(days).name}/, "
-                         f"need {pool_days + 1}")
-    target, pool = kept[-1], kept[-1 - pool_days:-1]
+        raise ValueError(
+            f"days: {len(kept)} clean recordings with {DAYS_TARGET!r} under {Path(days).name}/, "
+            f"need {pool_days + 1}"
+        )
+    target, pool = kept[-1], kept[-1 - pool_days : -1]
     splits = label_budget_splits(target.n_bins, bin_s=target.bin_s, seconds=label_seconds)
-    return DemoData(target=target, splits=splits, pool=pool, n_simulated=0, label_seconds=label_seconds,
-                    source=f"{target.name} (new day), pretraining on {', '.join(s.name for s in pool)}",
-                    dropped=tuple(dropped))
+    return DemoData(
+        target=target,
+        splits=splits,
+        pool=pool,
+        n_simulated=0,
+        label_seconds=label_seconds,
+        source=f"{target.name} (new day), pretraining on {', '.join(s.name for s in pool)}",
+        dropped=tuple(dropped),
+    )
 
 
-def run_demo(*, workdir: Path, data: DemoData, seed: int, preset: str, pretrain_epochs: int, steps_per_epoch: int,
-             finetune_epochs: int, baselines: tuple[str, ...], device: str, progress: bool) -> dict:
+def run_demo(
+    *,
+    workdir: Path,
+    data: DemoData,
+    seed: int,
+    preset: str,
+    pretrain_epochs: int,
+    steps_per_epoch: int,
+    finetune_epochs: int,
+    baselines: tuple[str, ...],
+    device: str,
+    progress: bool,
+) -> dict:
     from .evaluate.harness import evaluate_baseline
     from .train.choices import pretraining_objective
     from .train.finetune import FinetuneOptions, finetune
@@ -113,41 +143,88 @@ def run_demo(*, workdir: Path, data: DemoData, seed: int, preset: str, pretrain_
     train_fraction = (splits.train[1] - splits.train[0]) / target.n_bins
     for name, why in data.dropped:
         log(f"[demo] quality control dropped {name}: {why}")
-    log(f"[demo] target: {data.source} ({target.n_bins} bins, {target.n_channels} channels, "
+    log(
+        f"[demo] target: {data.source} ({target.n_bins} bins, {target.n_channels} channels, "
         f"{target.bin_s * 1000:.0f} ms bins, decoding {target.target})"
-        + (f"; {data.n_simulated} simulated sessions" if data.n_simulated else ""))
+        + (f"; {data.n_simulated} simulated sessions" if data.n_simulated else "")
+    )
     objective = pretraining_objective(data.pool, target.target)
     pool = [s.with_target(target.target) for s in data.pool] if objective == "supervised" else data.pool
     pre_path = workdir / "pretrained.safetensors"
-    log(f"[demo] pretraining ({objective}, {pretrain_epochs} epochs × {steps_per_epoch} steps) on "
-        f"{len(pool)} recordings …")
-    pre = pretrain(pool, options=PretrainOptions(preset=preset, epochs=pretrain_epochs, steps_per_epoch=steps_per_epoch,
-                                                 objective=objective, seed=seed, device=device, progress=progress),
-                   out=pre_path)
+    log(
+        f"[demo] pretraining ({objective}, {pretrain_epochs} epochs × {steps_per_epoch} steps) on "
+        f"{len(pool)} recordings …"
+    )
+    pre = pretrain(
+        pool,
+        options=PretrainOptions(
+            preset=preset,
+            epochs=pretrain_epochs,
+            steps_per_epoch=steps_per_epoch,
+            objective=objective,
+            seed=seed,
+            device=device,
+            progress=progress,
+        ),
+        out=pre_path,
+    )
     rows = []
     n_train = splits.train[1] - splits.train[0]
-    ft_opts = (FinetuneOptions.for_labels(n_train, preset=preset, seed=seed, device=device, progress=False)
-               if data.label_seconds else
-               FinetuneOptions(epochs=finetune_epochs, train_fraction=train_fraction, preset=preset, seed=seed,
-                               device=device, progress=False))
+    ft_opts = (
+        FinetuneOptions.for_labels(n_train, preset=preset, seed=seed, device=device, progress=False)
+        if data.label_seconds
+        else FinetuneOptions(
+            epochs=finetune_epochs,
+            train_fraction=train_fraction,
+            preset=preset,
+            seed=seed,
+            device=device,
+            progress=False,
+        )
+    )
     for label, init in (("RPNT from scratch", None), ("RPNT pretrained + finetuned", pre_path)):
         log(f"[demo] finetuning: {label} …")
         out = workdir / ("scratch.safetensors" if init is None else "finetuned.safetensors")
         r = finetune(target, init=init, options=ft_opts, out=out, splits=splits)
-        rows.append({"decoder": label, "test_r2": r["test_r2"], "val_r2": r["val_r2"],
-                     "test_r2_per_dim": r["test_r2_per_dim"], "seconds": r["train_seconds"], "checkpoint": str(out)})
+        rows.append(
+            {
+                "decoder": label,
+                "test_r2": r["test_r2"],
+                "val_r2": r["val_r2"],
+                "test_r2_per_dim": r["test_r2_per_dim"],
+                "seconds": r["train_seconds"],
+                "checkpoint": str(out),
+            }
+        )
     for name in baselines:
         log(f"[demo] baseline: {name} …")
         t = time.time()
         r = evaluate_baseline(name, target, splits, seed=seed)
-        rows.append({"decoder": f"baseline: {name}", "test_r2": r["r2"], "val_r2": None,
-                     "test_r2_per_dim": r["r2_per_dim"], "seconds": round(time.time() - t, 2)})
-    result = {"target": data.source, "decoded": target.target, "splits": splits.as_dict(),
-              "train_fraction": train_fraction, "label_seconds": data.label_seconds, "preset": preset,
-              "pretrain": {"objective": objective, "recordings": [s.name for s in pool],
-                           **{k: pre[k] for k in ("best_val_loss", "val_loss_mean_rate", "best_epoch", "epochs")}},
-              "dropped": [list(d) for d in data.dropped], "rows": rows,
-              "total_seconds": round(time.time() - t0, 1)}
+        rows.append(
+            {
+                "decoder": f"baseline: {name}",
+                "test_r2": r["r2"],
+                "val_r2": None,
+                "test_r2_per_dim": r["r2_per_dim"],
+                "seconds": round(time.time() - t, 2),
+            }
+        )
+    result = {
+        "target": data.source,
+        "decoded": target.target,
+        "splits": splits.as_dict(),
+        "train_fraction": train_fraction,
+        "label_seconds": data.label_seconds,
+        "preset": preset,
+        "pretrain": {
+            "objective": objective,
+            "recordings": [s.name for s in pool],
+            **{k: pre[k] for k in ("best_val_loss", "val_loss_mean_rate", "best_epoch", "epochs")},
+        },
+        "dropped": [list(d) for d in data.dropped],
+        "rows": rows,
+        "total_seconds": round(time.time() - t0, 1),
+    }
     result["interpretation"] = interpretation(result)
     (workdir / "results.json").write_text(json.dumps(result, indent=2))
     return result
@@ -159,28 +236,40 @@ def interpretation(result: dict) -> str:
     pre, scratch = r2["RPNT pretrained + finetuned"], r2["RPNT from scratch"]
     classic = {k.removeprefix("baseline: "): v for k, v in r2.items() if k.startswith("baseline: ")}
     best = max(classic, key=classic.get) if classic else None
-    budget = (f"{result['label_seconds']:g} s of labels" if result.get("label_seconds") else
-              f"{result['train_fraction']:.0%} of the session as labels")
+    budget = (
+        f"{result['label_seconds']:g} s of labels"
+        if result.get("label_seconds")
+        else f"{result['train_fraction']:.0%} of the session as labels"
+    )
     n_pool = len(result["pretrain"]["recordings"])
-    verdict = ("pretraining helps" if pre > max([scratch, *classic.values()]) else
-               "pretraining does not beat the best decoder here")
-    return (f"with {budget}, RPNT pretrained on {n_pool} recordings decodes {result.get('decoded', 'the target')} "
-            f"at test R² {pre:.3f}, from scratch {scratch:.3f}"
-            + (f", best classic decoder ({best}) {classic[best]:.3f}" if best else "")
-            + f": {verdict} (one seed, one day; the benchmark's curves: bench/results/transfer.md)")
+    verdict = (
+        "pretraining helps"
+        if pre > max([scratch, *classic.values()])
+        else "pretraining does not beat the best decoder here"
+    )
+    return (
+        f"with {budget}, RPNT pretrained on {n_pool} recordings decodes {result.get('decoded', 'the target')} "
+        f"at test R² {pre:.3f}, from scratch {scratch:.3f}"
+        + (f", best classic decoder ({best}) {classic[best]:.3f}" if best else "")
+        + f": {verdict} (one seed, one day; the benchmark's curves: bench/results/transfer.md)"
+    )
 
 
 def format_table(result: dict) -> str:
-    lines = [f"target: {result['target']}   splits: {result['splits']}",
-             f"{'decoder':<28} {'test R²':>8} {'val R²':>8} {'seconds':>8}",
-             "-" * 56]
+    lines = [
+        f"target: {result['target']}   splits: {result['splits']}",
+        f"{'decoder':<28} {'test R²':>8} {'val R²':>8} {'seconds':>8}",
+        "-" * 56,
+    ]
     for r in result["rows"]:
         val = "" if r["val_r2"] is None else f"{r['val_r2']:.4f}"
         lines.append(f"{r['decoder']:<28} {r['test_r2']:>8.4f} {val:>8} {r['seconds']:>8.1f}")
     pre = result.get("pretrain") or {}
     if pre.get("val_loss_mean_rate") is not None:
-        lines.append(f"pretraining validation Poisson NLL {pre['best_val_loss']:.4f} "
-                     f"(a mean-rate-only predictor: {pre['val_loss_mean_rate']:.4f})")
+        lines.append(
+            f"pretraining validation Poisson NLL {pre['best_val_loss']:.4f} "
+            f"(a mean-rate-only predictor: {pre['val_loss_mean_rate']:.4f})"
+        )
     lines.append(f"total {result['total_seconds']:.0f} s")
     if result.get("interpretation"):
         lines.append(result["interpretation"])
@@ -188,24 +277,52 @@ def format_table(result: dict) -> str:
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None, help="a real labelled session to decode instead of a simulated one")
-    p.add_argument("--days", default=default_days(), help="a folder of recording days of one array: the newest clean "
-                   "day is calibrated from --label-seconds of labels after pretraining on the --pool-days before it "
-                   "(default: the shared Spike days when present, else simulated; 'none' = simulated)")
-    p.add_argument("--pool-days", type=int, default=2, help="clean days before the new day to pretrain on (default 2: "
-                   "the most recent days transferred best in the benchmark, bench/results/transfer-pooldays.md)")
-    p.add_argument("--label-seconds", type=float, default=60.0, help="seconds of the new day's labels (default 60)")
+    p.add_argument(
+        "--data", default=None, help="a real labelled session to decode instead of a simulated one"
+    )
+    p.add_argument(
+        "--days",
+        default=default_days(),
+        help="a folder of recording days of one array: the newest clean "
+        "day is calibrated from --label-seconds of labels after pretraining on the --pool-days before it "
+        "(default: the shared Spike days when present, else simulated; 'none' = simulated)",
+    )
+    p.add_argument(
+        "--pool-days",
+        type=int,
+        default=2,
+        help="clean days before the new day to pretrain on (default 2: "
+        "the most recent days transferred best in the benchmark, bench/results/transfer-pooldays.md)",
+    )
+    p.add_argument(
+        "--label-seconds", type=float, default=60.0, help="seconds of the new day's labels (default 60)"
+    )
     p.add_argument("--workdir", default=None, help="where checkpoints and results go (default: a temp dir)")
     p.add_argument("--preset", choices=["small", "paper"], default="small", help="model size (default small)")
     p.add_argument("--pretrain-epochs", type=int, default=6, help="pretraining epochs (default 6)")
     p.add_argument("--steps-per-epoch", type=int, default=40, help="pretraining steps per epoch (default 40)")
-    p.add_argument("--finetune-epochs", type=int, default=25, help="finetuning epochs, simulated or --data demo (default 25; real days use the calibration budget)")
-    p.add_argument("--train-fraction", type=float, default=0.2, help="few-shot train split, simulated or --data demo (default 0.2)")
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=25,
+        help="finetuning epochs, simulated or --data demo (default 25; real days use the calibration budget)",
+    )
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=0.2,
+        help="few-shot train split, simulated or --data demo (default 0.2)",
+    )
     p.add_argument("--baselines", default="wiener,kalman,gru", help="comma list (default wiener,kalman,gru)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for training (default 1: a busy "
-                   "machine slows a multi-threaded trainer many-fold, and the rest of the machine keeps a core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for training (default 1: a busy "
+        "machine slows a multi-threaded trainer many-fold, and the rest of the machine keeps a core)",
+    )
     p.add_argument("--quiet", action="store_true", help="print only the tables")
 
 
@@ -216,20 +333,38 @@ def offline_part(a: argparse.Namespace) -> tuple[dict, DemoData, Path]:
     torch.set_num_threads(max(1, a.threads))
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="rpnt-demo-"))
     days = None if (a.days or "").lower() in ("", "none") else a.days
-    data = demo_data(data=a.data, days=days, pool_days=a.pool_days, label_seconds=a.label_seconds, seed=a.seed,
-                     train_fraction=a.train_fraction)
-    result = run_demo(workdir=workdir, data=data, seed=a.seed, preset=a.preset, pretrain_epochs=a.pretrain_epochs,
-                      steps_per_epoch=a.steps_per_epoch, finetune_epochs=a.finetune_epochs,
-                      baselines=tuple(x for x in a.baselines.split(",") if x), device=a.device,
-                      progress=not a.quiet)
+    data = demo_data(
+        data=a.data,
+        days=days,
+        pool_days=a.pool_days,
+        label_seconds=a.label_seconds,
+        seed=a.seed,
+        train_fraction=a.train_fraction,
+    )
+    result = run_demo(
+        workdir=workdir,
+        data=data,
+        seed=a.seed,
+        preset=a.preset,
+        pretrain_epochs=a.pretrain_epochs,
+        steps_per_epoch=a.steps_per_epoch,
+        finetune_epochs=a.finetune_epochs,
+        baselines=tuple(x for x in a.baselines.split(",") if x),
+        device=a.device,
+        progress=not a.quiet,
+    )
     return result, data, workdir
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rpnt_core.demo", description=(
-        "The offline half of rpnt demo (no files needed): simulate → pretrain a small RPNT → few-shot "
-        "finetune on a held-out subject → evaluate against classic baselines on the same splits, and "
-        "print the results table. --data FILE does the same on a real recording."))
+    p = argparse.ArgumentParser(
+        prog="python -m rpnt_core.demo",
+        description=(
+            "The offline half of rpnt demo (no files needed): simulate → pretrain a small RPNT → few-shot "
+            "finetune on a held-out subject → evaluate against classic baselines on the same splits, and "
+            "print the results table. --data FILE does the same on a real recording."
+        ),
+    )
     add_demo_arguments(p)
     a = p.parse_args(argv)
     try:

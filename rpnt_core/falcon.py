@@ -45,8 +45,9 @@ try:
     from falcon_challenge.config import FalconConfig, FalconTask
     from falcon_challenge.interface import BCIDecoder
 except ImportError as exc:  # the core install does not carry FALCON's dependencies
-    raise ImportError("falcon: the falcon-challenge package is not installed; "
-                      "pip install 'rpnt[falcon]'") from exc
+    raise ImportError(
+        "falcon: the falcon-challenge package is not installed; pip install 'rpnt[falcon]'"
+    ) from exc
 
 __all__ = ["SUPPORTED_TASKS", "FalconDecoder", "check_fits_task", "falcon_config"]
 
@@ -62,8 +63,10 @@ def falcon_config(task: str) -> FalconConfig:
 
     Raises ``ValueError`` starting with ``task:`` for any other name."""
     if task in _REFUSED:
-        raise ValueError(f"task: {_REFUSED[task]}; rpnt decodes continuous targets — "
-                         f"choose one of {', '.join(SUPPORTED_TASKS)}")
+        raise ValueError(
+            f"task: {_REFUSED[task]}; rpnt decodes continuous targets — "
+            f"choose one of {', '.join(SUPPORTED_TASKS)}"
+        )
     if task not in SUPPORTED_TASKS:
         raise ValueError(f"task: unknown FALCON task {task!r}; choose one of {', '.join(SUPPORTED_TASKS)}")
     return FalconConfig(task=FalconTask[task])
@@ -75,11 +78,15 @@ def check_fits_task(info: DecoderInfo, config: FalconConfig) -> None:
     task = config.task.name
     check_bin_width(data_bin_s=config.bin_size_ms / 1000.0, model_bin_s=info.bin_s)
     if info.n_channels != config.n_channels:
-        raise ValueError(f"n_channels: the decoder reads {info.n_channels} channels per bin; FALCON {task} "
-                         f"serves {config.n_channels}")
+        raise ValueError(
+            f"n_channels: the decoder reads {info.n_channels} channels per bin; FALCON {task} "
+            f"serves {config.n_channels}"
+        )
     if info.n_outputs != config.out_dim:
-        raise ValueError(f"n_outputs: the decoder outputs {info.n_outputs} dimensions; FALCON {task} "
-                         f"scores {config.out_dim}")
+        raise ValueError(
+            f"n_outputs: the decoder outputs {info.n_outputs} dimensions; FALCON {task} "
+            f"scores {config.out_dim}"
+        )
 
 
 class FalconDecoder(BCIDecoder):
@@ -96,8 +103,9 @@ class FalconDecoder(BCIDecoder):
         self.decoder.reset()
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, task: str,
-                        metadata: Mapping[str, Any] | None = None) -> FalconDecoder:
+    def from_checkpoint(
+        cls, path: str | os.PathLike, *, task: str, metadata: Mapping[str, Any] | None = None
+    ) -> FalconDecoder:
         """The torch model of a checkpoint, conditioned on ``metadata`` (fields ``subject``,
         ``session``, ``task``, ``date_days``; ``None``: the checkpoint's finetuning metadata)."""
         from .checkpoint import load_checkpoint, require_trained_head
@@ -115,7 +123,9 @@ class FalconDecoder(BCIDecoder):
     def reset(self, dataset_tags: Sequence[Any] = ("",)) -> None:
         """Start a new stream: FALCON calls this before each file, with one tag per batch slot."""
         if len(dataset_tags) != self.batch_size:
-            raise ValueError(f"dataset_tags: expected {self.batch_size} tag (batch size 1), got {len(dataset_tags)}")
+            raise ValueError(
+                f"dataset_tags: expected {self.batch_size} tag (batch size 1), got {len(dataset_tags)}"
+            )
         self.decoder.reset()
 
     def predict(self, neural_observations: np.ndarray) -> np.ndarray:

@@ -8,8 +8,9 @@ import importlib
 from typing import Any, Callable
 
 
-def lazy_exports(package: str, table: dict[str, str], namespace: dict) -> tuple[Callable[[str], Any],
-                                                                               Callable[[], list[str]]]:
+def lazy_exports(
+    package: str, table: dict[str, str], namespace: dict
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package``: ``table`` maps a public name to the module that
     defines it (absolute, or relative to ``package`` with a leading dot); a resolved name is cached
     in ``namespace`` (the package's ``globals()``)."""

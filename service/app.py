@@ -44,7 +44,14 @@ from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
@@ -95,8 +102,10 @@ class BodyLimit:
                 if n < 0:
                     status, detail = 400, "Content-Length is not a number"
                 elif n > self.max_bytes:
-                    status, detail = 413, (f"the body is {n} bytes; the limit is {self.max_bytes} bytes "
-                                           "(http.max_upload_mb)")
+                    status, detail = (
+                        413,
+                        (f"the body is {n} bytes; the limit is {self.max_bytes} bytes (http.max_upload_mb)"),
+                    )
             if status is not None:
                 await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
                 return
@@ -108,9 +117,14 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
     settings = control.settings
     max_bytes = int(settings.http.max_upload_mb * (1 << 20))
     parse_limits = ParseLimits.from_settings(settings)
-    app = FastAPI(title="rpnt control plane", version="1", description=__doc__.split("\n\n")[0],
-                  openapi_tags=[{"name": "health"}, {"name": "calibration"}, {"name": "models"}],
-                  docs_url=None, redoc_url=None)  # /docs below serves its assets itself; ReDoc would need a CDN
+    app = FastAPI(
+        title="rpnt control plane",
+        version="1",
+        description=__doc__.split("\n\n")[0],
+        openapi_tags=[{"name": "health"}, {"name": "calibration"}, {"name": "models"}],
+        docs_url=None,
+        redoc_url=None,
+    )  # /docs below serves its assets itself; ReDoc would need a CDN
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     feed = PredictionFeed(endpoint=lambda: control.daemon.endpoints["publish"])
@@ -118,8 +132,11 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
 
     def require_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if cred is None or cred.scheme.lower() != "bearer":
-            raise HTTPException(401, "this endpoint needs 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "this endpoint needs 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
             raise HTTPException(403, "wrong API token")
 
@@ -127,31 +144,44 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         # the exception's text can hold server paths: it goes to the log, not to the client
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
-                            status_code=500)
+        return JSONResponse(
+            {"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
+            status_code=500,
+        )
 
     # -------------------------------------------------------------- live page, docs
     @app.get("/", include_in_schema=False)
     def live_page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
-                            headers={"Cache-Control": "no-cache"})
+        return FileResponse(
+            STATIC / "index.html",
+            media_type="text/html; charset=utf-8",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     # not in the OpenAPI schema: a stream that never ends is no operation a client generator (or a
     # schema fuzzer) can call and read to the end
     @app.get("/events", include_in_schema=False)
     def events() -> StreamingResponse:
         """Server-sent events for the live page (``service.live``).  Read-only; no token."""
-        return StreamingResponse(event_stream(control, feed, shared), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            event_stream(control, feed, shared),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
         if swagger_ui_dir() is None:
-            raise HTTPException(404, "the API docs need the swagger-ui-py package (pip install 'rpnt[serve]')")
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} — API",
-                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs/assets/swagger-ui.css",
-                                   swagger_favicon_url="/static/favicon.svg")
+            raise HTTPException(
+                404, "the API docs need the swagger-ui-py package (pip install 'rpnt[serve]')"
+            )
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} — API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.svg",
+        )
 
     @app.get("/docs/assets/{name}", include_in_schema=False)
     def docs_asset(name: str) -> FileResponse:
@@ -180,20 +210,37 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         return Response(body, media_type=content_type)
 
     # -------------------------------------------------------------- calibration
-    @app.post("/calibrate", tags=["calibration"], status_code=202, dependencies=[Depends(require_token)],
-              responses={401: {}, 403: {}, 409: {}, 411: {}, 413: {}, 422: {}})
-    def calibrate(file: Annotated[UploadFile | None, File(description="labelled session: NPZ or NWB")] = None,
-                  source: Annotated[Literal["upload", "recent"] | None, Form(
-                      description="'upload' (the file) or 'recent' (the daemon's own recent bins with the "
-                                  "rig's kinematics); default: 'upload' with a file, else 'recent'")] = None,
-                  seconds: Annotated[float | None, Form(gt=0, le=86400, description="with source=recent: seconds "
-                                                                                    "of history")] = None,
-                  force: Annotated[bool, Form(description="go live even if the holdout R² is below the live "
-                                                          "model's")] = False,
-                  labels: Annotated[Literal["recorded", "refit"], Form(
-                      description="with an upload: 'recorded' (the file's target series) or 'refit' (intention "
-                                  "labels by the ReFIT rule from the file's task streams extra_task_decoded, "
-                                  "extra_task_cursor, extra_task_target, extra_task_radius)")] = "recorded") -> dict:
+    @app.post(
+        "/calibrate",
+        tags=["calibration"],
+        status_code=202,
+        dependencies=[Depends(require_token)],
+        responses={401: {}, 403: {}, 409: {}, 411: {}, 413: {}, 422: {}},
+    )
+    def calibrate(
+        file: Annotated[UploadFile | None, File(description="labelled session: NPZ or NWB")] = None,
+        source: Annotated[
+            Literal["upload", "recent"] | None,
+            Form(
+                description="'upload' (the file) or 'recent' (the daemon's own recent bins with the "
+                "rig's kinematics); default: 'upload' with a file, else 'recent'"
+            ),
+        ] = None,
+        seconds: Annotated[
+            float | None, Form(gt=0, le=86400, description="with source=recent: seconds of history")
+        ] = None,
+        force: Annotated[
+            bool, Form(description="go live even if the holdout R² is below the live model's")
+        ] = False,
+        labels: Annotated[
+            Literal["recorded", "refit"],
+            Form(
+                description="with an upload: 'recorded' (the file's target series) or 'refit' (intention "
+                "labels by the ReFIT rule from the file's task streams extra_task_decoded, "
+                "extra_task_cursor, extra_task_target, extra_task_radius)"
+            ),
+        ] = "recorded",
+    ) -> dict:
         src = source or ("upload" if file is not None else "recent")
         running = control.calibration.busy()
         if running:
@@ -202,9 +249,14 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         cal = settings.calibration
         reg = control.registry
         staging = reg.new_staging("upload")
-        checks = {"target": control.live_target(), "n_channels": daemon.n_channels,
-                  "n_outputs": daemon.n_kinematics, "bin_s": daemon.bin_s,
-                  "min_bins": cal.min_bins, "holdout_fraction": cal.holdout_fraction}
+        checks = {
+            "target": control.live_target(),
+            "n_channels": daemon.n_channels,
+            "n_outputs": daemon.n_kinematics,
+            "bin_s": daemon.bin_s,
+            "min_bins": cal.min_bins,
+            "holdout_fraction": cal.holdout_fraction,
+        }
         data = staging / "data.npz"
         t_arrived = time.perf_counter()  # the body has been received (FastAPI spools it before the handler)
         try:
@@ -218,26 +270,46 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
                 if size > max_bytes:
                     raise HTTPException(413, f"the file exceeds {max_bytes} bytes (http.max_upload_mb)")
                 # parsed and checked in a child process: this one (the decode thread's) never loads it
-                n_bins = parse_upload(raw, out=data, bin_s=daemon.bin_s, checks=checks,
-                                      live_metadata=control.live_metadata(), limits=parse_limits,
-                                      labels=labels)["n_bins"]
-                detail = {"filename": file.filename, "bytes": size, **({"labels": labels} if labels != "recorded" else {})}
+                n_bins = parse_upload(
+                    raw,
+                    out=data,
+                    bin_s=daemon.bin_s,
+                    checks=checks,
+                    live_metadata=control.live_metadata(),
+                    limits=parse_limits,
+                    labels=labels,
+                )["n_bins"]
+                detail = {
+                    "filename": file.filename,
+                    "bytes": size,
+                    **({"labels": labels} if labels != "recorded" else {}),
+                }
             else:
                 if file is not None:
                     raise CalibrationInputError("file: source=recent takes no file")
                 if labels != "recorded":
-                    raise CalibrationInputError("labels: refit applies to uploads; with source=recent the rig "
-                                                "streams its ReFIT labels as KINEMATICS (rpnt closedloop does)")
+                    raise CalibrationInputError(
+                        "labels: refit applies to uploads; with source=recent the rig "
+                        "streams its ReFIT labels as KINEMATICS (rpnt closedloop does)"
+                    )
                 secs = float(seconds or cal.default_seconds)
                 counts, kinematics = control.recent_calibration_data(secs)
-                session = with_live_metadata(recent_session(counts, kinematics, bin_s=daemon.bin_s,
-                                                            target=checks["target"]), control.live_metadata())
+                session = with_live_metadata(
+                    recent_session(counts, kinematics, bin_s=daemon.bin_s, target=checks["target"]),
+                    control.live_metadata(),
+                )
                 session = check_session(session, **checks)
                 save_canonical(session, data)
                 n_bins, detail = session.n_bins, {"seconds": secs}
-            job_id = control.calibration.submit(data=data, source=src, force=force, base_version=control.live_version,
-                                                n_bins=n_bins, detail=detail,
-                                                timings={"input_s": round(time.perf_counter() - t_arrived, 3)})
+            job_id = control.calibration.submit(
+                data=data,
+                source=src,
+                force=force,
+                base_version=control.live_version,
+                n_bins=n_bins,
+                detail=detail,
+                timings={"input_s": round(time.perf_counter() - t_arrived, 3)},
+            )
         except CalibrationInputError as exc:
             raise HTTPException(422, str(exc)) from None
         except CalibrationBusy as exc:
@@ -246,8 +318,13 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
             raise HTTPException(409, str(exc)) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return {"job_id": job_id, "status_url": f"/calibrate/{job_id}", "source": src, "n_bins": n_bins,
-                "base_version": control.live_version}
+        return {
+            "job_id": job_id,
+            "status_url": f"/calibrate/{job_id}",
+            "source": src,
+            "n_bins": n_bins,
+            "base_version": control.live_version,
+        }
 
     @app.get("/calibrate", tags=["calibration"])
     def calibration_jobs() -> dict:
@@ -260,8 +337,12 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
             raise HTTPException(404, f"no calibration job {job_id!r}")
         return st
 
-    @app.delete("/calibrate/{job_id}", tags=["calibration"], dependencies=[Depends(require_token)],
-                responses={401: {}, 403: {}, 404: {}, 409: {}})
+    @app.delete(
+        "/calibrate/{job_id}",
+        tags=["calibration"],
+        dependencies=[Depends(require_token)],
+        responses={401: {}, 403: {}, 404: {}, 409: {}},
+    )
     def cancel_calibration_job(job_id: str) -> dict:
         st = control.calibration.get(job_id)
         if st is None:
@@ -276,8 +357,12 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
     def models() -> dict:
         return {"active": control.live_version, "versions": control.registry.listing()}
 
-    @app.post("/models/{version}/activate", tags=["models"], dependencies=[Depends(require_token)],
-              responses={401: {}, 403: {}, 404: {}, 409: {}})
+    @app.post(
+        "/models/{version}/activate",
+        tags=["models"],
+        dependencies=[Depends(require_token)],
+        responses={401: {}, 403: {}, 404: {}, 409: {}},
+    )
     def activate(version: str) -> dict:
         try:
             return control.activate(version, f"POST /models/{version}/activate")

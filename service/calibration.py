@@ -64,8 +64,10 @@ class CalibrationBusy(RuntimeError):
     """A calibration job is already running (one at a time, never interleaved)."""
 
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"calibration job {job_id} is still running; one job runs at a time — "
-                         f"poll GET /calibrate/{job_id} and submit again when it has finished")
+        super().__init__(
+            f"calibration job {job_id} is still running; one job runs at a time — "
+            f"poll GET /calibrate/{job_id} and submit again when it has finished"
+        )
         self.job_id = job_id
 
 
@@ -74,9 +76,14 @@ class _ColdWorker:
 
     def __init__(self, *, job: Path, env: dict) -> None:
         with open(job / "worker.log", "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service.calibration_worker", str(job)],
-                                         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.calibration_worker", str(job)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(ROOT),
+                stdin=subprocess.DEVNULL,
+            )
 
     def wait_job(self, timeout: float) -> int | None:
         """The job's exit status (the process's), or None while it runs."""
@@ -101,9 +108,14 @@ class WarmWorker:
 
     def __init__(self, *, options: dict, env: dict, log: Path) -> None:
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service.calibration_worker", "--serve",
-                                          json.dumps(options)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=out, env=env, cwd=str(ROOT))
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.calibration_worker", "--serve", json.dumps(options)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=out,
+                env=env,
+                cwd=str(ROOT),
+            )
         self._buf = b""
         self.ready = False  # it has imported what jobs need
 
@@ -163,8 +175,9 @@ class CalibrationManager:
         activate: ``activate(version, reason) -> dict`` — swaps a registry version in (the control plane).
     """
 
-    def __init__(self, *, registry: ModelRegistry, settings: CalibrationSettings,
-                 activate: Callable[[str, str], dict]) -> None:
+    def __init__(
+        self, *, registry: ModelRegistry, settings: CalibrationSettings, activate: Callable[[str, str], dict]
+    ) -> None:
         self.registry = registry
         self.settings = settings
         self._activate = activate
@@ -182,8 +195,15 @@ class CalibrationManager:
                 continue
             st = read_json(d / "status.json")
             if isinstance(st, dict) and st.get("state") not in FINAL_STATES:
-                self._save(d, st | {"state": "failed", "finished": time.time(),
-                                    "error": "interrupted: the service stopped while the job ran; nothing changed"})
+                self._save(
+                    d,
+                    st
+                    | {
+                        "state": "failed",
+                        "finished": time.time(),
+                        "error": "interrupted: the service stopped while the job ran; nothing changed",
+                    },
+                )
         if settings.warm_worker:
             self._warm = self._spawn_warm()
 
@@ -202,10 +222,15 @@ class CalibrationManager:
         progress = _read_progress(d / "progress.jsonl")
         epochs = [p for p in progress if "epoch" in p]
         st["phase"] = progress[-1]["phase"] if progress else st.get("phase", "starting")
-        st["losses"] = [{"epoch": p["epoch"] + 1, "train_mse": p["train_mse"], "val_r2": p["val_r2"]} for p in epochs]
+        st["losses"] = [
+            {"epoch": p["epoch"] + 1, "train_mse": p["train_mse"], "val_r2": p["val_r2"]} for p in epochs
+        ]
         if epochs:
-            st["progress"] = {"epoch": epochs[-1]["epoch"] + 1, "epochs": epochs[-1]["epochs"],
-                              "best_val_r2": max(p["val_r2"] for p in epochs)}
+            st["progress"] = {
+                "epoch": epochs[-1]["epoch"] + 1,
+                "epochs": epochs[-1]["epochs"],
+                "best_val_r2": max(p["val_r2"] for p in epochs),
+            }
         cpu = dict(self._cpu) if self._current == job_id else st.get("cpu")
         if cpu:
             st["cpu"] = cpu
@@ -223,12 +248,18 @@ class CalibrationManager:
 
     # ------------------------------------------------------------------ submit
     def _env(self) -> dict:
-        return child_env(**dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"),
-                                         str(self.settings.threads)))
+        return child_env(
+            **dict.fromkeys(
+                ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(self.settings.threads)
+            )
+        )
 
     def _spawn_warm(self) -> WarmWorker:
-        return WarmWorker(options=self.settings.model_dump(), env=self._env(),
-                          log=self.registry.jobs_dir / "warm-worker.log")
+        return WarmWorker(
+            options=self.settings.model_dump(),
+            env=self._env(),
+            log=self.registry.jobs_dir / "warm-worker.log",
+        )
 
     def worker_pid(self) -> int | None:
         """The warm worker's process id (None without one)."""
@@ -246,15 +277,26 @@ class CalibrationManager:
                 w.wait_job(0.0)  # idle: only its "ready" line can be waiting
             return {"warm": True, "pid": w.proc.pid, "ready": w.ready}
 
-    def submit(self, *, data: Path, source: str, force: bool, base_version: str, n_bins: int,
-               detail: dict | None = None, timings: dict | None = None) -> str:
+    def submit(
+        self,
+        *,
+        data: Path,
+        source: str,
+        force: bool,
+        base_version: str,
+        n_bins: int,
+        detail: dict | None = None,
+        timings: dict | None = None,
+    ) -> str:
         """Start a job on the calibration session ``data`` (NPZ, validated by the caller; moved into
         the job directory).  ``timings``: seconds the caller spent before (``input_s``: reading and checking the data),
         reported with the job's.  Returns the job id; raises :class:`CalibrationBusy`."""
         ckpt = self.registry.checkpoint(base_version)
         if ckpt is None:
-            raise ValueError(f"the live model (version {base_version}) has no checkpoint in the registry, and "
-                             "calibration finetunes from one; import the model from its .safetensors checkpoint")
+            raise ValueError(
+                f"the live model (version {base_version}) has no checkpoint in the registry, and "
+                "calibration finetunes from one; import the model from its .safetensors checkpoint"
+            )
         with self._lock:
             if self._current is not None:
                 raise CalibrationBusy(self._current)
@@ -264,13 +306,30 @@ class CalibrationManager:
             shutil.move(str(data), d / "data.npz")
             opts = self.settings.model_dump()
             now = time.time()
-            write_json_atomic(d / "job.json", {"data": "data.npz", "base_checkpoint": str(ckpt),
-                                               "base_version": base_version, "submitted": now,
-                                               "base_step_graph": str(self.registry.export_dir(base_version)
-                                                                      / STEP_FILE), "options": opts})
-            st = {"id": job_id, "state": "running", "created": now, "source": source, "force": bool(force),
-                  "base_version": base_version, "n_bins": int(n_bins), "detail": detail or {}, "version": None,
-                  "live": False, "timings": dict(timings or {})}
+            write_json_atomic(
+                d / "job.json",
+                {
+                    "data": "data.npz",
+                    "base_checkpoint": str(ckpt),
+                    "base_version": base_version,
+                    "submitted": now,
+                    "base_step_graph": str(self.registry.export_dir(base_version) / STEP_FILE),
+                    "options": opts,
+                },
+            )
+            st = {
+                "id": job_id,
+                "state": "running",
+                "created": now,
+                "source": source,
+                "force": bool(force),
+                "base_version": base_version,
+                "n_bins": int(n_bins),
+                "detail": detail or {},
+                "version": None,
+                "live": False,
+                "timings": dict(timings or {}),
+            }
             self._save(d, st)
             worker: WarmWorker | _ColdWorker
             if self.settings.warm_worker:
@@ -287,11 +346,14 @@ class CalibrationManager:
             self._proc = worker.proc
             self._current = job_id
             self._cpu, self._cancelled = {}, None
-            t = threading.Thread(target=self._monitor, args=(job_id, d, worker, st), name=f"calibration-{job_id}",
-                                 daemon=True)
+            t = threading.Thread(
+                target=self._monitor, args=(job_id, d, worker, st), name=f"calibration-{job_id}", daemon=True
+            )
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
             t.start()
-        log.info("calibration job %s started (%s, %d bins, base version %s)", job_id, source, n_bins, base_version)
+        log.info(
+            "calibration job %s started (%s, %d bins, base version %s)", job_id, source, n_bins, base_version
+        )
         return job_id
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -338,7 +400,9 @@ class CalibrationManager:
                 st["timings"] = {**st.get("timings", {}), **res.get("timings", {})}
             if rc != 0 or not isinstance(res, dict) or not res.get("ok"):
                 err = res.get("error") if isinstance(res, dict) else None
-                self._finish(d, st, "failed", error=err or f"worker exited with {rc} (see {d / 'worker.log'})")
+                self._finish(
+                    d, st, "failed", error=err or f"worker exited with {rc} (see {d / 'worker.log'})"
+                )
                 return
             self._publish(job_id, d, st, res)
         except Exception as exc:  # noqa: BLE001 - a job failure must never take the service down
@@ -371,9 +435,12 @@ class CalibrationManager:
                 return rc
             window.add(now, cpu_s)
             share = window.share()
-            self._cpu = {"cpu_seconds": round(cpu_s, 2), "wall_seconds": round(now - t0, 1),
-                         "recent_share": None if share is None else round(share, 3),
-                         "waiting_for_cpu": share is not None and share < s.starved_share}
+            self._cpu = {
+                "cpu_seconds": round(cpu_s, 2),
+                "wall_seconds": round(now - t0, 1),
+                "recent_share": None if share is None else round(share, 3),
+                "waiting_for_cpu": share is not None and share < s.starved_share,
+            }
             if now - t0 > s.timeout_s:
                 proc.kill()
                 proc.wait()
@@ -386,8 +453,10 @@ class CalibrationManager:
             share = cpu["cpu_seconds"] / cpu["wall_seconds"]
             why += f": the worker got {100 * share:.0f} % of one core on average"
             if share < s.starved_share:
-                why += (f" — the host's cores were busy with other work (the worker runs at niceness "
-                        f"+{s.nice}, calibration.nice)")
+                why += (
+                    f" — the host's cores were busy with other work (the worker runs at niceness "
+                    f"+{s.nice}, calibration.nice)"
+                )
         return why
 
     def _publish(self, job_id: str, d: Path, st: dict, res: dict) -> None:
@@ -397,29 +466,67 @@ class CalibrationManager:
         shutil.move(str(d / "candidate" / CHECKPOINT), staged / CHECKPOINT)
         cand, live = float(res["candidate_holdout_r2"]), float(res["live_holdout_r2"])
         passed = cand >= live
-        metrics = {k: res[k] for k in ("candidate_holdout_r2", "live_holdout_r2", "candidate_val_r2", "best_epoch",
-                                       "epochs_run", "splits", "n_bins")}
-        version = self.registry.add(staged, meta={"source": "calibration", "parent": st["base_version"],
-                                                  "job": job_id, "calibration_source": st["source"],
-                                                  "metrics": metrics, "gate_passed": passed})
+        metrics = {
+            k: res[k]
+            for k in (
+                "candidate_holdout_r2",
+                "live_holdout_r2",
+                "candidate_val_r2",
+                "best_epoch",
+                "epochs_run",
+                "splits",
+                "n_bins",
+            )
+        }
+        version = self.registry.add(
+            staged,
+            meta={
+                "source": "calibration",
+                "parent": st["base_version"],
+                "job": job_id,
+                "calibration_source": st["source"],
+                "metrics": metrics,
+                "gate_passed": passed,
+            },
+        )
         st["timings"]["registry_s"] = round(time.perf_counter() - t_reg, 3)
-        result = {**metrics, "gate": {"passed": passed, "forced": bool(st["force"]) and not passed,
-                                      "rule": "candidate holdout R² ≥ live holdout R²"},
-                  "seconds": res.get("seconds")}
+        result = {
+            **metrics,
+            "gate": {
+                "passed": passed,
+                "forced": bool(st["force"]) and not passed,
+                "rule": "candidate holdout R² ≥ live holdout R²",
+            },
+            "seconds": res.get("seconds"),
+        }
         if passed or st["force"]:
             t_swap = time.perf_counter()
             try:
                 swap = self._activate(version, f"calibration {job_id}" + (" (forced)" if not passed else ""))
                 st["timings"]["swap_s"] = round(time.perf_counter() - t_swap, 3)
             except Exception as exc:  # noqa: BLE001 - the candidate stays in the registry, not live
-                self._finish(d, st, "failed", version=version, live=False, result=result,
-                             error=f"candidate kept as version {version} but it could not go live: {exc}")
+                self._finish(
+                    d,
+                    st,
+                    "failed",
+                    version=version,
+                    live=False,
+                    result=result,
+                    error=f"candidate kept as version {version} but it could not go live: {exc}",
+                )
                 return
             self._finish(d, st, "succeeded", version=version, live=True, result=result, swap=swap)
         else:
-            self._finish(d, st, "rejected", version=version, live=False, result=result,
-                         error=f"candidate holdout R² {cand:.4f} < live model's {live:.4f}: kept as version "
-                               f"{version}, not activated (force=true, or POST /models/{version}/activate)")
+            self._finish(
+                d,
+                st,
+                "rejected",
+                version=version,
+                live=False,
+                result=result,
+                error=f"candidate holdout R² {cand:.4f} < live model's {live:.4f}: kept as version "
+                f"{version}, not activated (force=true, or POST /models/{version}/activate)",
+            )
 
     def _finish(self, d: Path, st: dict, state: str, **kw: Any) -> None:
         st.update(state=state, finished=time.time(), **kw)

@@ -88,6 +88,7 @@ def import_heavy(threads: int) -> float:
 
     import exporters.onnx_export  # noqa: F401
     import rpnt_core.train.finetune  # noqa: F401
+
     return time.perf_counter() - t0
 
 
@@ -156,40 +157,77 @@ def run_job(job: Path, phase: _Phases) -> dict:
     window_len = min(100, a)
     defaults = FinetuneOptions()
     epochs, steps = training_plan(opt, train_bins=a, batch_size=defaults.batch_size, window_len=window_len)
-    fo = FinetuneOptions(mode=opt["mode"], epochs=epochs, steps_per_epoch=steps, patience=opt["patience"],
-                         lr=opt["lr"], seed=opt["seed"], device="cpu", progress=False,
-                         train_fraction=opt["train_fraction"], val_fraction=opt["val_fraction"],
-                         test_fraction=opt["holdout_fraction"], window_len=window_len)
+    fo = FinetuneOptions(
+        mode=opt["mode"],
+        epochs=epochs,
+        steps_per_epoch=steps,
+        patience=opt["patience"],
+        lr=opt["lr"],
+        seed=opt["seed"],
+        device="cpu",
+        progress=False,
+        train_fraction=opt["train_fraction"],
+        val_fraction=opt["val_fraction"],
+        test_fraction=opt["holdout_fraction"],
+        window_len=window_len,
+    )
     with phase("finetuning", "finetuning_s", epochs=epochs, steps_per_epoch=steps):
-        model, fit = fit_decoder(session, init=base, options=fo, splits=splits,
-                                 on_epoch=lambda e: _progress(job, phase="finetuning", **e))
+        model, fit = fit_decoder(
+            session,
+            init=base,
+            options=fo,
+            splits=splits,
+            on_epoch=lambda e: _progress(job, phase="finetuning", **e),
+        )
     with phase("scoring candidate", "scoring_candidate_s"):
         cand_holdout = holdout_score(model, session, splits.test)
 
     cand = job / "candidate"
     cand.mkdir(exist_ok=True)
     ckpt = cand / "checkpoint.safetensors"
-    metrics = {"val_r2": fit["val_r2"], "best_epoch": fit["best_epoch"], "epochs_run": fit["epochs_run"],
-               "test_r2": cand_holdout["r2"], "test_r2_per_dim": cand_holdout["r2_per_dim"],
-               "train_seconds": fit["train_seconds"]}
+    metrics = {
+        "val_r2": fit["val_r2"],
+        "best_epoch": fit["best_epoch"],
+        "epochs_run": fit["epochs_run"],
+        "test_r2": cand_holdout["r2"],
+        "test_r2_per_dim": cand_holdout["r2_per_dim"],
+        "train_seconds": fit["train_seconds"],
+    }
     provenance = {k: v for k, v in fit.items() if k not in (*metrics, "history")}
     with phase("saving", "saving_s"):
-        save_finetuned(model, ckpt, session=session, options=fo, splits=splits, metrics=metrics,
-                       provenance=provenance)
+        save_finetuned(
+            model, ckpt, session=session, options=fo, splits=splits, metrics=metrics, provenance=provenance
+        )
 
     from exporters.onnx_export import export_checkpoint
 
     with phase("exporting", "export_s"):
-        exp = export_checkpoint(ckpt, cand / "export", parity_data=job / spec["data"], window=False,
-                                parity_bins=int(opt["parity_bins"]), template=spec.get("base_step_graph"))
+        exp = export_checkpoint(
+            ckpt,
+            cand / "export",
+            parity_data=job / spec["data"],
+            window=False,
+            parity_bins=int(opt["parity_bins"]),
+            template=spec.get("base_step_graph"),
+        )
     phase.timings.update({f"export.{k}_s": v for k, v in exp.timings.items()})
-    return {"splits": splits.as_dict(), "n_bins": n, "live_holdout_r2": live_holdout["r2"],
-            "live_holdout_r2_per_dim": live_holdout["r2_per_dim"], "candidate_holdout_r2": cand_holdout["r2"],
-            "candidate_holdout_r2_per_dim": cand_holdout["r2_per_dim"], "candidate_val_r2": fit["val_r2"],
-            "best_epoch": fit["best_epoch"], "epochs_run": fit["epochs_run"], "epochs": epochs,
-            "steps_per_epoch": steps, "train_seconds": fit["train_seconds"], "step_graph": exp.step_source,
-            "weights_version": exp.contract.weights_sha if exp.contract is not None else None,
-            "history": fit["history"]}
+    return {
+        "splits": splits.as_dict(),
+        "n_bins": n,
+        "live_holdout_r2": live_holdout["r2"],
+        "live_holdout_r2_per_dim": live_holdout["r2_per_dim"],
+        "candidate_holdout_r2": cand_holdout["r2"],
+        "candidate_holdout_r2_per_dim": cand_holdout["r2_per_dim"],
+        "candidate_val_r2": fit["val_r2"],
+        "best_epoch": fit["best_epoch"],
+        "epochs_run": fit["epochs_run"],
+        "epochs": epochs,
+        "steps_per_epoch": steps,
+        "train_seconds": fit["train_seconds"],
+        "step_graph": exp.step_source,
+        "weights_version": exp.contract.weights_sha if exp.contract is not None else None,
+        "history": fit["history"],
+    }
 
 
 def run_one(job: Path, *, started: float, imports_s: float) -> int:
@@ -207,9 +245,16 @@ def run_one(job: Path, *, started: float, imports_s: float) -> int:
     try:
         res = run_job(job, phase)
     except Exception as exc:  # noqa: BLE001 - reported to the parent through result.json
-        _write_result(job, {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                            "traceback": traceback.format_exc(limit=8), "seconds": time.time() - t0,
-                            "timings": phase.timings})
+        _write_result(
+            job,
+            {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8),
+                "seconds": time.time() - t0,
+                "timings": phase.timings,
+            },
+        )
         _progress(job, phase="failed")
         return 1
     _write_result(job, {"ok": True, **res, "seconds": round(time.time() - t0, 2), "timings": phase.timings})

@@ -64,38 +64,73 @@ def build_parser() -> argparse.ArgumentParser:
     from streaming.cli import SERVE_DESCRIPTION, add_daemon_options
     from streaming.launch import BACKENDS
 
-    p = argparse.ArgumentParser(prog="rpnt serve", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description=SERVE_DESCRIPTION + "\n" + __doc__.split("\n\n", 1)[1].split("\n\nA ")[0],
-                                epilog=EPILOG)
-    p.add_argument("--config", metavar="FILE", help="TOML settings file (default: $RPNT_CONFIG; every setting: "
-                                                    "deploy/rpnt.example.toml)")
-    p.add_argument("--model", metavar="DIR_OR_CKPT", help="export directory or .safetensors checkpoint that seeds "
-                                                          "an empty registry [model.path]")
-    p.add_argument("--replace-active", action="store_true",
-                   help="import --model as a new version and make it active even if the registry has one")
+    p = argparse.ArgumentParser(
+        prog="rpnt serve",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=SERVE_DESCRIPTION + "\n" + __doc__.split("\n\n", 1)[1].split("\n\nA ")[0],
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML settings file (default: $RPNT_CONFIG; every setting: deploy/rpnt.example.toml)",
+    )
+    p.add_argument(
+        "--model",
+        metavar="DIR_OR_CKPT",
+        help="export directory or .safetensors checkpoint that seeds an empty registry [model.path]",
+    )
+    p.add_argument(
+        "--replace-active",
+        action="store_true",
+        help="import --model as a new version and make it active even if the registry has one",
+    )
     p.add_argument("--registry", metavar="DIR", help="model registry directory [registry.root]")
     p.add_argument("--backend", choices=BACKENDS, help="inference engine [model.backend]")
-    p.add_argument("--precision", choices=("fp32", "int8", "fp16"), help="step graph to run [model.precision]")
+    p.add_argument(
+        "--precision", choices=("fp32", "int8", "fp16"), help="step graph to run [model.precision]"
+    )
     p.add_argument("--bin-ms", type=float, help="bin width in ms (default: the model's) [daemon.bin_ms]")
     p.add_argument("--ingest", help="PULL endpoint for rig messages [daemon.ingest]")
     p.add_argument("--publish", help="PUB endpoint for predictions [daemon.publish]")
-    p.add_argument("--record-nwb", metavar="OUT.nwb",
-                   help="record the session: every decoded bin (counts, decoded target, flags, per-stage latencies, "
-                        "model version, the rig's kinematics) written to this NWB file at stop (docs/nwb.md) "
-                        "[daemon.record_nwb]")
-    p.add_argument("--ingest-adapter", action="append", metavar="KIND:TARGET",
-                   help="also take rig data from a foreign source, e.g. lsl:STREAM, redis:KEY, "
-                        "openephys:tcp://HOST:PORT (repeatable; docs/adapters.md) [daemon.ingest_adapters]")
-    p.add_argument("--publish-adapter", action="append", metavar="KIND:TARGET",
-                   help="also republish predictions, e.g. lsl:NAME, redis:KEY (repeatable) [daemon.publish_adapters]")
+    p.add_argument(
+        "--record-nwb",
+        metavar="OUT.nwb",
+        help="record the session: every decoded bin (counts, decoded target, flags, per-stage latencies, "
+        "model version, the rig's kinematics) written to this NWB file at stop (docs/nwb.md) "
+        "[daemon.record_nwb]",
+    )
+    p.add_argument(
+        "--ingest-adapter",
+        action="append",
+        metavar="KIND:TARGET",
+        help="also take rig data from a foreign source, e.g. lsl:STREAM, redis:KEY, "
+        "openephys:tcp://HOST:PORT (repeatable; docs/adapters.md) [daemon.ingest_adapters]",
+    )
+    p.add_argument(
+        "--publish-adapter",
+        action="append",
+        metavar="KIND:TARGET",
+        help="also republish predictions, e.g. lsl:NAME, redis:KEY (repeatable) [daemon.publish_adapters]",
+    )
     p.add_argument("--http-host", help="HTTP bind address [http.host]")
     p.add_argument("--http-port", type=int, help="HTTP port, 0 = any free one [http.port]")
-    p.add_argument("--no-http", action="store_true", help="do not serve the HTTP control plane [http.enabled]")
-    p.add_argument("--stats-interval", type=float, default=10.0, metavar="S",
-                   help="log a one-line summary every S seconds (0: never; default 10)")
+    p.add_argument(
+        "--no-http", action="store_true", help="do not serve the HTTP control plane [http.enabled]"
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="log a one-line summary every S seconds (0: never; default 10)",
+    )
     p.add_argument("--log-level", choices=_choices("log_level"), help="[log_level]")
-    p.add_argument("--log-format", choices=_choices("log_format"),
-                   help="start/stop messages: a summary for people, or JSON event lines [log_format]")
+    p.add_argument(
+        "--log-format",
+        choices=_choices("log_format"),
+        help="start/stop messages: a summary for people, or JSON event lines [log_format]",
+    )
     add_daemon_options(p, defaults=False)
     return p
 
@@ -109,17 +144,30 @@ def _choices(field: str) -> tuple[str, ...]:
 
 def overrides_from_args(a: argparse.Namespace) -> dict:
     """The flags that were given, as a nested settings dict (flags not given do not override)."""
-    table = {"model": {"path": a.model, "backend": a.backend, "precision": a.precision},
-             "registry": {"root": a.registry},
-             "daemon": {"bin_ms": a.bin_ms, "ingest": a.ingest, "publish": a.publish, "stall_ms": a.stall_ms,
-                        "record_nwb": a.record_nwb,
-                        "max_jump_s": a.max_jump_s, "history_s": a.history_s, "warmup_bins": a.warmup_bins,
-                        "affinity": list(a.affinity) if a.affinity else None, "busy_poll_us": a.busy_poll_us,
-                        "prewarm_lead_us": a.prewarm_lead_us,
-                        "rt_priority": a.rt_priority, "gc_freeze": a.gc_freeze or None,
-                        "allow_bin_mismatch": a.allow_bin_mismatch or None, "allow_remote": a.allow_remote or None,
-                        "ingest_adapters": a.ingest_adapter, "publish_adapters": a.publish_adapter},
-             "http": {"host": a.http_host, "port": a.http_port, "enabled": False if a.no_http else None}}
+    table = {
+        "model": {"path": a.model, "backend": a.backend, "precision": a.precision},
+        "registry": {"root": a.registry},
+        "daemon": {
+            "bin_ms": a.bin_ms,
+            "ingest": a.ingest,
+            "publish": a.publish,
+            "stall_ms": a.stall_ms,
+            "record_nwb": a.record_nwb,
+            "max_jump_s": a.max_jump_s,
+            "history_s": a.history_s,
+            "warmup_bins": a.warmup_bins,
+            "affinity": list(a.affinity) if a.affinity else None,
+            "busy_poll_us": a.busy_poll_us,
+            "prewarm_lead_us": a.prewarm_lead_us,
+            "rt_priority": a.rt_priority,
+            "gc_freeze": a.gc_freeze or None,
+            "allow_bin_mismatch": a.allow_bin_mismatch or None,
+            "allow_remote": a.allow_remote or None,
+            "ingest_adapters": a.ingest_adapter,
+            "publish_adapters": a.publish_adapter,
+        },
+        "http": {"host": a.http_host, "port": a.http_port, "enabled": False if a.no_http else None},
+    }
     out: dict = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in table.items()}
     out = {k: v for k, v in out.items() if v}
     out.update({k: v for k, v in (("log_level", a.log_level), ("log_format", a.log_format)) if v})
@@ -161,8 +209,10 @@ def held_http_port(host: str, port: int) -> Iterator[None]:
 
 def _http_bind_error(host: str, port: int, exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
-        return (f"http.port: {host}:{port} is already in use; choose another port (--http-port, http.port; "
-                "0 = any free port)")
+        return (
+            f"http.port: {host}:{port} is already in use; choose another port (--http-port, http.port; "
+            "0 = any free port)"
+        )
     return f"http.port: cannot listen on {host}:{port}: {exc.strerror or exc}"
 
 
@@ -189,8 +239,11 @@ def check_startup(settings: "Settings", *, replace_active: bool) -> None:
         if problem:
             raise SettingsError(f"daemon.record_nwb: {problem}")
     check_adapters(d)
-    with held_endpoints({"daemon.ingest": d.ingest, "daemon.publish": d.publish}, allow_remote=d.allow_remote,
-                        remote_option="daemon.allow_remote = true (--allow-remote)"):
+    with held_endpoints(
+        {"daemon.ingest": d.ingest, "daemon.publish": d.publish},
+        allow_remote=d.allow_remote,
+        remote_option="daemon.allow_remote = true (--allow-remote)",
+    ):
         if settings.http.enabled:
             with held_http_port(settings.http.host, settings.http.port):
                 pass
@@ -223,11 +276,17 @@ def open_live_model(registry, settings, *, replace_active: bool, log: logging.Lo
         registry.activate(v, reason=f"imported from {path}")
         log.info("model %s imported as registry version %s", path, v)
     elif path and registry.active():
-        log.info("registry %s has active version %s; --model %s not imported (use --replace-active)",
-                 registry.root, registry.active(), path)
+        log.info(
+            "registry %s has active version %s; --model %s not imported (use --replace-active)",
+            registry.root,
+            registry.active(),
+            path,
+        )
     candidates = registry.candidates_for_start()
     if not candidates:
-        raise RegistryError(f"registry {registry.root} has no model yet: pass --model DIR_OR_CKPT (model.path)")
+        raise RegistryError(
+            f"registry {registry.root} has no model yet: pass --model DIR_OR_CKPT (model.path)"
+        )
     failures = []
     for v in candidates:
         try:
@@ -254,8 +313,11 @@ def serve_main(argv: list[str] | None = None) -> int:
     except (SettingsError, EndpointError) as exc:
         print(f"rpnt serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     log = logging.getLogger("rpnt.serve")
 
     from streaming.cli import serve_until_stopped
@@ -271,8 +333,13 @@ def serve_main(argv: list[str] | None = None) -> int:
         registry = ModelRegistry(root=root)
         version, engine = open_live_model(registry, settings, replace_active=a.replace_active, log=log)
         bin_s = settings.daemon.bin_ms / 1e3 if settings.daemon.bin_ms else float(engine.info.bin_s)
-        daemon = Daemon(decoder=engine, bin_s=bin_s, ingest=settings.daemon.ingest, publish=settings.daemon.publish,
-                        options=DaemonOptions.from_fields(settings.daemon))
+        daemon = Daemon(
+            decoder=engine,
+            bin_s=bin_s,
+            ingest=settings.daemon.ingest,
+            publish=settings.daemon.publish,
+            options=DaemonOptions.from_fields(settings.daemon),
+        )
         token, token_source = resolve_token(settings) if settings.http.enabled else ("", "")
     except (RegistryError, SettingsError, FileNotFoundError, ValueError, OSError) as exc:
         if fresh:
@@ -294,8 +361,14 @@ def serve_main(argv: list[str] | None = None) -> int:
 
         from .app import create_app
 
-        config = uvicorn.Config(create_app(control, token=token), host=settings.http.host, port=settings.http.port,
-                                log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            create_app(control, token=token),
+            host=settings.http.host,
+            port=settings.http.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name="rpnt-http", daemon=True)
         thread.start()
@@ -303,8 +376,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         while not server.started and thread.is_alive() and not stop.is_set():
             time.sleep(0.01)
         if not server.started and not stop.is_set():
-            raise RuntimeError(f"the HTTP server did not start on {settings.http.host}:{settings.http.port} "
-                               "(port in use?)")
+            raise RuntimeError(
+                f"the HTTP server did not start on {settings.http.host}:{settings.http.port} (port in use?)"
+            )
         if not server.started:  # SIGINT/SIGTERM while it started: a normal stop
             return {"http": None}
         host, port = server.servers[0].sockets[0].getsockname()[:2]
@@ -315,8 +389,11 @@ def serve_main(argv: list[str] | None = None) -> int:
     def start_all(stop: threading.Event) -> dict:
         from streaming.adapters import start_adapters
 
-        bridges.extend(start_adapters(daemon, ingest=settings.daemon.ingest_adapters,
-                                      publish=settings.daemon.publish_adapters))
+        bridges.extend(
+            start_adapters(
+                daemon, ingest=settings.daemon.ingest_adapters, publish=settings.daemon.publish_adapters
+            )
+        )
         out = start_http(stop)
         if bridges:
             out["adapters"] = [f"{b.direction} {b.spec.text}" for b in bridges]
@@ -335,12 +412,21 @@ def serve_main(argv: list[str] | None = None) -> int:
             http["thread"].join(10.0)
         control.calibration.shutdown()
 
-    rc = serve_until_stopped(daemon, ready_fields={"token_source": token_source or None,
-                                                   "registry": str(registry.root), "registry_version": version,
-                                                   "model_loaded_s": round(load_s, 3),
-                                                   "switch_interval_ms": sys.getswitchinterval() * 1e3},
-                             stats_interval=a.stats_interval, log=log, log_format=settings.log_format,
-                             after_start=start_all, before_stop=stop_all)
+    rc = serve_until_stopped(
+        daemon,
+        ready_fields={
+            "token_source": token_source or None,
+            "registry": str(registry.root),
+            "registry_version": version,
+            "model_loaded_s": round(load_s, 3),
+            "switch_interval_ms": sys.getswitchinterval() * 1e3,
+        },
+        stats_interval=a.stats_interval,
+        log=log,
+        log_format=settings.log_format,
+        after_start=start_all,
+        before_stop=stop_all,
+    )
     if settings.daemon.record_nwb:
         from streaming.cli import write_recording
 

@@ -44,21 +44,28 @@ def load_version_engine(registry: ModelRegistry, version: str, settings: Setting
         if ckpt is None:
             raise ActivationError(f"version {version} has no checkpoint for the torch backend")
         return load_decoder(ckpt, backend="torch")
-    return load_decoder(registry.export_dir(version), backend=m.backend, precision=m.precision,
-                        intra_op_threads=m.intra_op_threads)
+    return load_decoder(
+        registry.export_dir(version),
+        backend=m.backend,
+        precision=m.precision,
+        intra_op_threads=m.intra_op_threads,
+    )
 
 
 class ControlPlane:
     """See the module docstring.  ``daemon`` must already be constructed (it may not be started yet)."""
 
-    def __init__(self, *, daemon: Any, registry: ModelRegistry, settings: Settings, live_version: str) -> None:
+    def __init__(
+        self, *, daemon: Any, registry: ModelRegistry, settings: Settings, live_version: str
+    ) -> None:
         self.daemon = daemon
         self.registry = registry
         self.settings = settings
         self._live_version = live_version
         self._activate_lock = threading.Lock()
-        self.calibration = CalibrationManager(registry=registry, settings=settings.calibration,
-                                              activate=self.activate)
+        self.calibration = CalibrationManager(
+            registry=registry, settings=settings.calibration, activate=self.activate
+        )
         self.started = time.time()
         self._contracts: dict = {}
         self.metrics_registry = new_registry(self.metrics_input)  # this plane's own, never the global one
@@ -82,27 +89,49 @@ class ControlPlane:
         st = self.daemon.status()
         snap = self.daemon.snapshot()
         return {
-            "model": {"registry_version": self._live_version, "model_version": st["model_version"],
-                      "fingerprint": st["fingerprint"], "decoder": st["decoder"], "generation": st["generation"],
-                      "backend": self.settings.model.backend, "precision": self.settings.model.precision,
-                      # an activation lands at the next bin the loop closes; until then the old decoder decodes
-                      "swap_pending": st["pending_swaps"] > 0, "target": self.live_target()},
-            "n_channels": st["n_channels"], "n_outputs": st["n_outputs"], "bin_s": st["bin_s"],
-            "uptime_s": st["uptime_s"], "started_at": st["started_at"], "running": st["running"],
+            "model": {
+                "registry_version": self._live_version,
+                "model_version": st["model_version"],
+                "fingerprint": st["fingerprint"],
+                "decoder": st["decoder"],
+                "generation": st["generation"],
+                "backend": self.settings.model.backend,
+                "precision": self.settings.model.precision,
+                # an activation lands at the next bin the loop closes; until then the old decoder decodes
+                "swap_pending": st["pending_swaps"] > 0,
+                "target": self.live_target(),
+            },
+            "n_channels": st["n_channels"],
+            "n_outputs": st["n_outputs"],
+            "bin_s": st["bin_s"],
+            "uptime_s": st["uptime_s"],
+            "started_at": st["started_at"],
+            "running": st["running"],
             "endpoints": {"ingest": st["ingest"], "publish": st["publish"]},
-            "counters": snap["counters"], "rejected": snap["rejected"], "sequence": snap["sequence"],
-            "stream": snap["stream"], "latency_ms": snap["latency_ms"], "adapters": snap["adapters"],
-            "calibration": {"running": self.calibration.busy(), "totals": dict(self.calibration.totals),
-                            "worker": self.calibration.worker_status()},
-            "swaps": st["swaps"], "startup": st["startup"],
+            "counters": snap["counters"],
+            "rejected": snap["rejected"],
+            "sequence": snap["sequence"],
+            "stream": snap["stream"],
+            "latency_ms": snap["latency_ms"],
+            "adapters": snap["adapters"],
+            "calibration": {
+                "running": self.calibration.busy(),
+                "totals": dict(self.calibration.totals),
+                "worker": self.calibration.worker_status(),
+            },
+            "swaps": st["swaps"],
+            "startup": st["startup"],
         }
 
     def metrics_input(self) -> MetricsInput:
         """What one ``/metrics`` scrape reads (see :mod:`service.metrics`)."""
-        return MetricsInput(snapshot=self.daemon.snapshot(buckets_ms=BUCKETS_MS), status=self.daemon.status(),
-                            calibration_totals=dict(self.calibration.totals),
-                            calibration_running=self.calibration.busy() is not None,
-                            registry_version=self._live_version)
+        return MetricsInput(
+            snapshot=self.daemon.snapshot(buckets_ms=BUCKETS_MS),
+            status=self.daemon.status(),
+            calibration_totals=dict(self.calibration.totals),
+            calibration_running=self.calibration.busy() is not None,
+            registry_version=self._live_version,
+        )
 
     def metrics_exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """(body, content type) of ``/metrics``: Prometheus text, or OpenMetrics if ``accept`` asks."""
@@ -134,9 +163,16 @@ class ControlPlane:
             swap_bin = None  # no bin closed yet: it lands on the next one
         except RuntimeError as exc:  # the daemon stopped before the swap took effect
             raise ActivationError(str(exc)) from exc
-        out = {"version": version, "previous": previous, "reason": reason, "load_s": round(load_s, 3),
-               "swap_bin": swap_bin, "pending": swap_bin is None, "mode": ticket.mode or None,
-               "model_version": engine.info.version}
+        out = {
+            "version": version,
+            "previous": previous,
+            "reason": reason,
+            "load_s": round(load_s, 3),
+            "swap_bin": swap_bin,
+            "pending": swap_bin is None,
+            "mode": ticket.mode or None,
+            "model_version": engine.info.version,
+        }
         log.info("model version %s activated (%s): %s", version, reason, out)
         return out
 

@@ -35,23 +35,63 @@ import threading
 import time
 from pathlib import Path
 
-DEMO_CALIBRATION_ENV = {"RPNT_CALIBRATION__EPOCHS": "8", "RPNT_CALIBRATION__STEPS_PER_EPOCH": "10",
-                        "RPNT_CALIBRATION__MAX_STEPS": "80", "RPNT_CALIBRATION__PATIENCE": "4"}
+DEMO_CALIBRATION_ENV = {
+    "RPNT_CALIBRATION__EPOCHS": "8",
+    "RPNT_CALIBRATION__STEPS_PER_EPOCH": "10",
+    "RPNT_CALIBRATION__MAX_STEPS": "80",
+    "RPNT_CALIBRATION__PATIENCE": "4",
+}
 
 
 class ServeProcess:
     """``rpnt serve`` as a child process: start it, wait for its ready line, stop it."""
 
-    def __init__(self, *, model: Path, registry: Path, run_dir: Path, token: str, env: dict | None = None,
-                 extra: list[str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        model: Path,
+        registry: Path,
+        run_dir: Path,
+        token: str,
+        env: dict | None = None,
+        extra: list[str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.ingest, self.publish = f"ipc://{run_dir / 'ingest'}", f"ipc://{run_dir / 'publish'}"
-        cmd = [sys.executable, "-m", "rpnt_core.cli", "serve", "--model", str(model), "--registry", str(registry),
-               "--http-port", "0", "--ingest", self.ingest, "--publish", self.publish, "--stats-interval", "0",
-               "--log-level", "warning", "--log-format", "json", *(extra or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rpnt_core.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--registry",
+            str(registry),
+            "--http-port",
+            "0",
+            "--ingest",
+            self.ingest,
+            "--publish",
+            self.publish,
+            "--stats-interval",
+            "0",
+            "--log-level",
+            "warning",
+            "--log-format",
+            "json",
+            *(extra or []),
+        ]
         e = {**os.environ, "RPNT_API_TOKEN": token, "OMP_NUM_THREADS": "1", **(env or {})}
         self.log_path = run_dir / "serve.log"
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, env=e, cwd=cwd)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=e,
+            cwd=cwd,
+        )
         self.token = token
         self._lines: queue.Queue[str] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -103,15 +143,23 @@ class ServeProcess:
         return int(self.proc.returncode)
 
 
-def http_call(url: str, *, headers: dict | None = None, form: dict | None = None, raw: bool = False,
-              timeout: float = 30.0):
+def http_call(
+    url: str,
+    *,
+    headers: dict | None = None,
+    form: dict | None = None,
+    raw: bool = False,
+    timeout: float = 30.0,
+):
     """(status, JSON body | text) of a GET, or of a form POST when ``form`` is given (stdlib only)."""
     import urllib.error
     import urllib.parse
     import urllib.request
 
     body = urllib.parse.urlencode(form).encode() if form is not None else None
-    req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if form is not None else "GET")
+    req = urllib.request.Request(
+        url, data=body, headers=headers or {}, method="POST" if form is not None else "GET"
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             code, text = r.status, r.read().decode()
@@ -129,14 +177,17 @@ def wait_for_job(serve: "ServeProcess", job_id: str, *, log) -> dict:
         if st.get("state") in ("succeeded", "rejected", "failed"):
             return st
         if st.get("phase") == "waiting for CPU" and not said:
-            log(f"[demo] calibration job {job_id} is waiting for CPU (other work keeps the cores busy; it runs at "
-                "lower priority than decoding and will finish, slower)")
+            log(
+                f"[demo] calibration job {job_id} is waiting for CPU (other work keeps the cores busy; it runs at "
+                "lower priority than decoding and will finish, slower)"
+            )
             said = True
         time.sleep(0.5)
 
 
-def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_after_s: float | None,
-              progress: bool) -> dict:
+def live_part(
+    *, workdir: Path, data, result: dict, replay_s: float, calibrate_after_s: float | None, progress: bool
+) -> dict:
     import numpy as np
 
     from exporters.onnx_export import export_model
@@ -152,33 +203,58 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
     chosen = max(rpnt_rows, key=lambda r: r["val_r2"])  # chosen on validation, never on test
     log(f"[demo] exporting {chosen['decoder']} (best validation R² {chosen['val_r2']:.4f}) to ONNX …")
     ckpt = Path(chosen["checkpoint"]).resolve()
-    exp = export_model(load_checkpoint(ckpt), workdir / "export", parity_counts=target.counts,
-                       parity_target=target.labels, parity_source=data.source, checkpoint=str(ckpt),
-                       metadata=conditioning_metadata(target))
+    exp = export_model(
+        load_checkpoint(ckpt),
+        workdir / "export",
+        parity_counts=target.counts,
+        parity_target=target.labels,
+        parity_source=data.source,
+        checkpoint=str(ckpt),
+        metadata=conditioning_metadata(target),
+    )
     step_rep = exp.reports.get("step", {})
 
     run_dir = workdir / "live"
     run_dir.mkdir(parents=True, exist_ok=True)
     log("[demo] starting rpnt serve (daemon + HTTP control plane) …")
-    serve = ServeProcess(model=workdir / "export", registry=workdir / "registry", run_dir=run_dir,
-                         token=secrets.token_urlsafe(24), env=DEMO_CALIBRATION_ENV)
-    out: dict = {"decoder": chosen["decoder"], "offline_test_r2": chosen["test_r2"], "test_split": list(splits.test),
-                 "export": str(workdir / "export"),
-                 "export_parity": {k: step_rep.get(k) for k in ("max_abs_error", "passed") if k in step_rep}}
+    serve = ServeProcess(
+        model=workdir / "export",
+        registry=workdir / "registry",
+        run_dir=run_dir,
+        token=secrets.token_urlsafe(24),
+        env=DEMO_CALIBRATION_ENV,
+    )
+    out: dict = {
+        "decoder": chosen["decoder"],
+        "offline_test_r2": chosen["test_r2"],
+        "test_split": list(splits.test),
+        "export": str(workdir / "export"),
+        "export_parity": {k: step_rep.get(k) for k in ("max_abs_error", "passed") if k in step_rep},
+    }
     try:
         serve.wait_ready()
         T = target.n_bins
         n = min(T, max(1, int(round(replay_s / target.bin_s))))
         lo = T - n
         counts, vel = np.asarray(target.counts[lo:]), np.asarray(target.labels[lo:], dtype=np.float32)
-        log(f"[demo] replaying bins {lo}–{T} ({n * target.bin_s:.0f} s) at real-time pace"
-            + (f"; POST /calibrate (closed loop) after {calibrate_after_s:g} s" if calibrate_after_s else "") + " …")
+        log(
+            f"[demo] replaying bins {lo}–{T} ({n * target.bin_s:.0f} s) at real-time pace"
+            + (f"; POST /calibrate (closed loop) after {calibrate_after_s:g} s" if calibrate_after_s else "")
+            + " …"
+        )
         box: dict = {}
 
         def replay() -> None:
             try:
-                box["res"] = run_replay(counts=counts, bin_ns=round(target.bin_s * 1e9), ingest=serve.ingest,
-                                        publish=serve.publish, labels={target.target: vel}, realtime=True, send_kinematics=True)
+                box["res"] = run_replay(
+                    counts=counts,
+                    bin_ns=round(target.bin_s * 1e9),
+                    ingest=serve.ingest,
+                    publish=serve.publish,
+                    labels={target.target: vel},
+                    realtime=True,
+                    send_kinematics=True,
+                )
             except BaseException as exc:  # noqa: BLE001 - reported below
                 box["error"] = exc
 
@@ -189,11 +265,17 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
             # calibrate once the daemon has *decoded* calibrate_after_s of bins (not after that much
             # wall time: a slow start on a busy machine would leave too few recent bins, a 422)
             need = int(math.ceil(calibrate_after_s / target.bin_s))
-            while th.is_alive() and (http_call(serve.url + "/status")[1].get("counters") or {}).get("bins", 0) < need:
+            while (
+                th.is_alive()
+                and (http_call(serve.url + "/status")[1].get("counters") or {}).get("bins", 0) < need
+            ):
                 th.join(0.2)
             if th.is_alive():
-                code, job = http_call(serve.url + "/calibrate", headers=serve.headers(),
-                                      form={"source": "recent", "seconds": str(calibrate_after_s)})
+                code, job = http_call(
+                    serve.url + "/calibrate",
+                    headers=serve.headers(),
+                    form={"source": "recent", "seconds": str(calibrate_after_s)},
+                )
                 job = job | {"http_status": code}
                 log(f"[demo] POST /calibrate → {code} {job.get('job_id') or job.get('detail')}")
         th.join()
@@ -210,9 +292,19 @@ def live_part(*, workdir: Path, data, result: dict, replay_s: float, calibrate_a
     swapped = np.flatnonzero((res.flags & int(PredFlag.SWAPPED)) != 0)
     test_lo, test_hi = splits.test
     test_range = (max(0, test_lo - lo), test_hi - lo) if test_hi > lo else None
-    rep = build_report(res, recorded_velocity=vel, test_range=test_range,
-                       meta={"data": data.source, "target": target.target, "bin_range": [lo, T], "model": str(workdir / "export"),
-                             "daemon_mode": "rpnt serve (child process)", "backend": "onnx-cpu"})
+    rep = build_report(
+        res,
+        recorded_velocity=vel,
+        test_range=test_range,
+        meta={
+            "data": data.source,
+            "target": target.target,
+            "bin_range": [lo, T],
+            "model": str(workdir / "export"),
+            "daemon_mode": "rpnt serve (child process)",
+            "backend": "onnx-cpu",
+        },
+    )
     if "score_test" in rep:  # bins of the session, not of the replayed range
         rep["score_test"]["bins"] = [lo + b for b in rep["score_test"]["bins"]]
     rep["calibration"] = job
@@ -242,8 +334,12 @@ def compare_offline(export: Path, counts, res) -> dict:
     n = int(hit[0]) if hit.size else int(res.n_bins)
     m = res.received[:n]
     err = float(np.abs(res.velocity[:n][m] - offline[:n][m]).max()) if m.any() else float("nan")
-    return {"bins_compared": int(m.sum()), "max_abs_diff": err, "equal": bool(m.any() and err <= 1e-4),
-            "stopped_at": None if not hit.size else {"bin": int(hit[0]), "flags": int(res.flags[hit[0]])}}
+    return {
+        "bins_compared": int(m.sum()),
+        "max_abs_diff": err,
+        "equal": bool(m.any() and err <= 1e-4),
+        "stopped_at": None if not hit.size else {"bin": int(hit[0]), "flags": int(res.flags[hit[0]])},
+    }
 
 
 def live_lines(live: dict) -> list[str]:
@@ -256,27 +352,44 @@ def live_lines(live: dict) -> list[str]:
     swap_before_test = bool(rep["swap_bins"] and st and rep["swap_bins"][0] < st["bins"][1])
     eq = rep["online_equals_offline"]
     why = "" if eq["stopped_at"] is None else f" (up to bin {eq['stopped_at']['bin']}: a swap or STALLED bin)"
-    lines.append(f"online = offline: the daemon's predictions {'equal' if eq['equal'] else 'DIFFER FROM'} the same "
-                 f"export decoding the same counts offline on {eq['bins_compared']} bins{why}, max |Δ| "
-                 f"{eq['max_abs_diff']:.1e}")
-    lines.append(f"offline `rpnt evaluate` of the served model on the whole test split {live['test_split']}: "
-                 f"{live['offline_test_r2']:.4f}"
-                 + (" (the stream above was decoded by the recalibrated model from the swap on)" if swap_before_test
-                    else ""))
+    lines.append(
+        f"online = offline: the daemon's predictions {'equal' if eq['equal'] else 'DIFFER FROM'} the same "
+        f"export decoding the same counts offline on {eq['bins_compared']} bins{why}, max |Δ| "
+        f"{eq['max_abs_diff']:.1e}"
+    )
+    lines.append(
+        f"offline `rpnt evaluate` of the served model on the whole test split {live['test_split']}: "
+        f"{live['offline_test_r2']:.4f}"
+        + (
+            " (the stream above was decoded by the recalibrated model from the swap on)"
+            if swap_before_test
+            else ""
+        )
+    )
     job = rep.get("calibration")
     if job:
         res = job.get("result") or {}
         if job.get("state") in ("succeeded", "rejected"):
-            lines.append(f"calibration (POST /calibrate, closed loop, {job.get('n_bins')} bins): {job['state']} — "
-                         f"holdout R² candidate {res.get('candidate_holdout_r2', float('nan')):.4f} vs live "
-                         f"{res.get('live_holdout_r2', float('nan')):.4f}"
-                         + (f"; swapped in at bin {rep['swap_bins'][0]} with no bin missed"
-                            if rep["swap_bins"] and rep["bins_lost"] == 0 else "")
-                         + ("" if rep["swap_bins"] or job["state"] != "succeeded" else
-                            " (went live after the replay ended)"))
+            lines.append(
+                f"calibration (POST /calibrate, closed loop, {job.get('n_bins')} bins): {job['state']} — "
+                f"holdout R² candidate {res.get('candidate_holdout_r2', float('nan')):.4f} vs live "
+                f"{res.get('live_holdout_r2', float('nan')):.4f}"
+                + (
+                    f"; swapped in at bin {rep['swap_bins'][0]} with no bin missed"
+                    if rep["swap_bins"] and rep["bins_lost"] == 0
+                    else ""
+                )
+                + (
+                    ""
+                    if rep["swap_bins"] or job["state"] != "succeeded"
+                    else " (went live after the replay ended)"
+                )
+            )
         else:
-            lines.append(f"calibration: {job.get('state') or job.get('http_status')} — "
-                         f"{job.get('error') or job.get('detail')}")
+            lines.append(
+                f"calibration: {job.get('state') or job.get('http_status')} — "
+                f"{job.get('error') or job.get('detail')}"
+            )
     lines.append(f"report: {Path(live['report_dir']) / 'report.json'} (+ velocity.png, latency.png)")
     return lines
 
@@ -284,21 +397,48 @@ def live_lines(live: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from rpnt_core.demo import add_demo_arguments, format_table, offline_part
 
-    p = argparse.ArgumentParser(prog="rpnt demo", description=__doc__.split("\n\n")[0] + " " + (
-        "Simulate → pretrain → few-shot finetune → export → start the daemon → replay the held-out session "
-        "through ZeroMQ at real-time pace while one POST /calibrate runs → R², latency table, report with plots. "
-        "About 5 minutes on 2 cores."), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="rpnt demo",
+        description=__doc__.split("\n\n")[0]
+        + " "
+        + (
+            "Simulate → pretrain → few-shot finetune → export → start the daemon → replay the held-out session "
+            "through ZeroMQ at real-time pace while one POST /calibrate runs → R², latency table, report with plots. "
+            "About 5 minutes on 2 cores."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_demo_arguments(p)
-    p.add_argument("--offline", action="store_true", help="stop after the offline half (no export, daemon, replay)")
-    p.add_argument("--replay-s", type=float, default=60.0,
-                   help="replay the last this-many seconds of the session (default 60: all of a simulated one)")
-    p.add_argument("--calibrate-after-s", type=float, default=12.0,
-                   help="POST /calibrate (source=recent) this far into the replay; 0 = no calibration (default 12)")
+    p.add_argument(
+        "--offline", action="store_true", help="stop after the offline half (no export, daemon, replay)"
+    )
+    p.add_argument(
+        "--replay-s",
+        type=float,
+        default=60.0,
+        help="replay the last this-many seconds of the session (default 60: all of a simulated one)",
+    )
+    p.add_argument(
+        "--calibrate-after-s",
+        type=float,
+        default=12.0,
+        help="POST /calibrate (source=recent) this far into the replay; 0 = no calibration (default 12)",
+    )
     a = p.parse_args(argv)
     try:
         result, data, workdir = offline_part(a)
-        live = None if a.offline else live_part(workdir=workdir, data=data, result=result, replay_s=a.replay_s,
-                                                calibrate_after_s=a.calibrate_after_s or None, progress=not a.quiet)
+        live = (
+            None
+            if a.offline
+            else live_part(
+                workdir=workdir,
+                data=data,
+                result=result,
+                replay_s=a.replay_s,
+                calibrate_after_s=a.calibrate_after_s or None,
+                progress=not a.quiet,
+            )
+        )
     except (ValueError, FileNotFoundError) as exc:
         print(f"rpnt demo: error: {exc}", file=sys.stderr)
         return 2

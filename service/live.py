@@ -51,9 +51,9 @@ def connect_endpoint(bound: str) -> str | None:
         return None
     for wildcard in ("tcp://0.0.0.0:", "tcp://*:"):
         if bound.startswith(wildcard):
-            return "tcp://127.0.0.1:" + bound[len(wildcard):]
+            return "tcp://127.0.0.1:" + bound[len(wildcard) :]
     if bound.startswith("tcp://[::]:"):
-        return "tcp://[::1]:" + bound[len("tcp://[::]:"):]
+        return "tcp://[::1]:" + bound[len("tcp://[::]:") :]
     return bound
 
 
@@ -72,7 +72,9 @@ class PredictionFeed:
     the module docstring).  Readers call :meth:`open` / :meth:`close` around their use and page
     through :meth:`since` by serial number."""
 
-    def __init__(self, *, endpoint: Callable[[], str], capacity: int = 2000, poll_hz: float = LIVE_HZ) -> None:
+    def __init__(
+        self, *, endpoint: Callable[[], str], capacity: int = 2000, poll_hz: float = LIVE_HZ
+    ) -> None:
         self._bound = endpoint
         self.endpoint: str | None = None
         self.capacity = int(capacity)
@@ -177,7 +179,9 @@ def calibration_jobs(control: Any) -> list[dict]:
     """The ``N_JOBS`` most recent calibration jobs, newest first (the running one with its phase)."""
     cal = control.calibration
     running = cal.busy()
-    return [_job_row(j, cal.get(j["id"]) if j.get("id") == running else None) for j in cal.jobs()[-N_JOBS:]][::-1]
+    return [_job_row(j, cal.get(j["id"]) if j.get("id") == running else None) for j in cal.jobs()[-N_JOBS:]][
+        ::-1
+    ]
 
 
 def live_state(control: Any, *, points: list[list], trajectory: bool, jobs: list[dict]) -> dict:
@@ -193,16 +197,36 @@ def live_state(control: Any, *, points: list[list], trajectory: bool, jobs: list
         "bin_s": st["bin_s"],
         "n_outputs": st["n_outputs"],
         "target": st["target"],
-        "model": {"version": st["model_version"], "generation": st["generation"],
-                  "registry_version": control.live_version, "swap_pending": st["pending_swaps"] > 0},
-        "counters": {k: c.get(k, 0) for k in ("bins", "bins_stalled", "bins_discarded", "gaps", "late_events",
-                                              "late_packets", "publish_dropped", "decode_errors", "messages",
-                                              "events", "swaps")},
+        "model": {
+            "version": st["model_version"],
+            "generation": st["generation"],
+            "registry_version": control.live_version,
+            "swap_pending": st["pending_swaps"] > 0,
+        },
+        "counters": {
+            k: c.get(k, 0)
+            for k in (
+                "bins",
+                "bins_stalled",
+                "bins_discarded",
+                "gaps",
+                "late_events",
+                "late_packets",
+                "publish_dropped",
+                "decode_errors",
+                "messages",
+                "events",
+                "swaps",
+            )
+        },
         "rejected": dict(snap["rejected"]),
         "rejected_total": sum(snap["rejected"].values()),
         "latency_ms": _latency(snap["latency_ms"]),
-        "calibration": {"running": control.calibration.busy(), "totals": dict(control.calibration.totals),
-                        "jobs": jobs},
+        "calibration": {
+            "running": control.calibration.busy(),
+            "totals": dict(control.calibration.totals),
+            "jobs": jobs,
+        },
         "trajectory": trajectory,
         "points": points,
     }
@@ -234,8 +258,9 @@ class SharedState:
             return self._state
 
 
-async def event_stream(control: Any, feed: PredictionFeed, shared: SharedState, *,
-                       hz: float = LIVE_HZ) -> AsyncIterator[str]:
+async def event_stream(
+    control: Any, feed: PredictionFeed, shared: SharedState, *, hz: float = LIVE_HZ
+) -> AsyncIterator[str]:
     """The ``text/event-stream`` body of ``GET /events`` (ends when ``control.closing`` is set)."""
     period = 1.0 / hz
     feed.open()
@@ -245,8 +270,11 @@ async def event_stream(control: Any, feed: PredictionFeed, shared: SharedState, 
         while not control.closing.is_set():
             points, serial = feed.since(serial)
             state = await run_in_threadpool(shared.get, trajectory=feed.available)
-            yield "event: state\ndata: " + json.dumps(state | {"points": points}, separators=(",", ":"),
-                                                      allow_nan=False) + "\n\n"
+            yield (
+                "event: state\ndata: "
+                + json.dumps(state | {"points": points}, separators=(",", ":"), allow_nan=False)
+                + "\n\n"
+            )
             await asyncio.sleep(period)
     finally:
         feed.close()

@@ -27,21 +27,52 @@ from prometheus_client.utils import floatToGoString
 
 from streaming.protocol import REJECT_REASONS
 
-BUCKETS_MS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0,
-              250.0, 1000.0)
+BUCKETS_MS = (
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    50.0,
+    100.0,
+    250.0,
+    1000.0,
+)
 
 # counter name → (snapshot counter key, help)
 COUNTERS = {
     "rpnt_bins_total": ("bins", "bins decoded and published"),
     "rpnt_bins_stalled_total": ("bins_stalled", "bins closed by the wall-clock deadline (a source stalled)"),
-    "rpnt_late_events_total": ("late_events", "spike events that arrived for a bin already decoded (dropped)"),
-    "rpnt_late_packets_total": ("late_packets", "SPIKES/COUNTS messages with events or rows for a bin already "
-                                                "decoded (once per message)"),
+    "rpnt_late_events_total": (
+        "late_events",
+        "spike events that arrived for a bin already decoded (dropped)",
+    ),
+    "rpnt_late_packets_total": (
+        "late_packets",
+        "SPIKES/COUNTS messages with events or rows for a bin already decoded (once per message)",
+    ),
     "rpnt_sequence_gaps_total": ("gaps", "messages lost, from per-source sequence numbers"),
-    "rpnt_decode_errors_total": ("decode_errors", "bins whose decoder step raised (published as NaN, flag ERROR)"),
-    "rpnt_publish_dropped_total": ("publish_dropped", "predictions the PUB socket refused to queue (a subscriber "
-                                                      "that falls behind its high-water mark loses messages "
-                                                      "inside ZeroMQ, unseen here)"),
+    "rpnt_decode_errors_total": (
+        "decode_errors",
+        "bins whose decoder step raised (published as NaN, flag ERROR)",
+    ),
+    "rpnt_publish_dropped_total": (
+        "publish_dropped",
+        "predictions the PUB socket refused to queue (a subscriber "
+        "that falls behind its high-water mark loses messages "
+        "inside ZeroMQ, unseen here)",
+    ),
     "rpnt_model_swaps_total": ("swaps", "decoder swaps applied at a bin boundary"),
     "rpnt_events_total": ("events", "spike events received"),
     "rpnt_messages_total": ("messages", "ingest messages received"),
@@ -62,9 +93,12 @@ class MetricsInput(TypedDict):
 
 
 def _latency_family(latency_ms: dict) -> HistogramMetricFamily:
-    fam = HistogramMetricFamily("rpnt_stage_latency_seconds",
-                                "per-bin latency of each hot-path stage (parse, infer, publish; daemon = message "
-                                "off the socket → prediction on the PUB socket)", labels=["stage"])
+    fam = HistogramMetricFamily(
+        "rpnt_stage_latency_seconds",
+        "per-bin latency of each hot-path stage (parse, infer, publish; daemon = message "
+        "off the socket → prediction on the PUB socket)",
+        labels=["stage"],
+    )
     for stage, s in latency_ms.items():
         buckets = [(floatToGoString(le_ms / 1e3), n) for le_ms, n in s.get("buckets", [])]
         buckets.append(("+Inf", s["count"]))
@@ -87,22 +121,40 @@ def families(m: MetricsInput) -> Iterator[Metric]:
     for name, (key, help_) in COUNTERS.items():
         yield CounterMetricFamily(name, help_, value=c.get(key, 0))
     rejected = snapshot["rejected"]  # non-zero reasons only; every reason is exported, from 0
-    yield _labelled_counter("rpnt_rejected_messages_total", "ingest messages rejected, by reason "
-                            "(docs/protocol.md §6)", "reason", {r: rejected.get(r, 0) for r in REJECT_REASONS})
-    yield _labelled_counter("rpnt_calibration_jobs_total", "calibration jobs finished since start, by outcome",
-                            "state", dict(sorted(m["calibration_totals"].items())))
-    yield GaugeMetricFamily("rpnt_calibration_running", "1 while a calibration job runs",
-                            value=int(m["calibration_running"]))
-    yield GaugeMetricFamily("rpnt_uptime_seconds", "seconds since the daemon became ready",
-                            value=float(snapshot["uptime_s"]))
-    yield GaugeMetricFamily("rpnt_daemon_running", "1 while the decode loop runs (0: HTTP answers but nothing "
-                            "decodes)", value=int(bool(snapshot["running"])))
-    yield GaugeMetricFamily("rpnt_bin_seconds", "bin width: the latency budget of one bin",
-                            value=float(status["bin_s"]))
-    yield GaugeMetricFamily("rpnt_model_generation", "decoder generation (1 at start, +1 per swap)",
-                            value=status["generation"])
-    info = GaugeMetricFamily("rpnt_model_info", "the decoder that decodes now",
-                             labels=["version", "fingerprint", "registry_version"])
+    yield _labelled_counter(
+        "rpnt_rejected_messages_total",
+        "ingest messages rejected, by reason (docs/protocol.md §6)",
+        "reason",
+        {r: rejected.get(r, 0) for r in REJECT_REASONS},
+    )
+    yield _labelled_counter(
+        "rpnt_calibration_jobs_total",
+        "calibration jobs finished since start, by outcome",
+        "state",
+        dict(sorted(m["calibration_totals"].items())),
+    )
+    yield GaugeMetricFamily(
+        "rpnt_calibration_running", "1 while a calibration job runs", value=int(m["calibration_running"])
+    )
+    yield GaugeMetricFamily(
+        "rpnt_uptime_seconds", "seconds since the daemon became ready", value=float(snapshot["uptime_s"])
+    )
+    yield GaugeMetricFamily(
+        "rpnt_daemon_running",
+        "1 while the decode loop runs (0: HTTP answers but nothing decodes)",
+        value=int(bool(snapshot["running"])),
+    )
+    yield GaugeMetricFamily(
+        "rpnt_bin_seconds", "bin width: the latency budget of one bin", value=float(status["bin_s"])
+    )
+    yield GaugeMetricFamily(
+        "rpnt_model_generation", "decoder generation (1 at start, +1 per swap)", value=status["generation"]
+    )
+    info = GaugeMetricFamily(
+        "rpnt_model_info",
+        "the decoder that decodes now",
+        labels=["version", "fingerprint", "registry_version"],
+    )
     info.add_metric([status["model_version"], status["fingerprint"] or "", m["registry_version"] or ""], 1)
     yield info
 
@@ -134,9 +186,20 @@ def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, 
     return encoder(registry), content_type
 
 
-def render(*, snapshot: dict, status: dict, calibration_totals: dict, calibration_running: bool,
-           registry_version: str | None) -> str:
+def render(
+    *,
+    snapshot: dict,
+    status: dict,
+    calibration_totals: dict,
+    calibration_running: bool,
+    registry_version: str | None,
+) -> str:
     """Prometheus text for one snapshot (the fields of :class:`MetricsInput`)."""
-    m = MetricsInput(snapshot=snapshot, status=status, calibration_totals=calibration_totals,
-                     calibration_running=calibration_running, registry_version=registry_version)
+    m = MetricsInput(
+        snapshot=snapshot,
+        status=status,
+        calibration_totals=calibration_totals,
+        calibration_running=calibration_running,
+        registry_version=registry_version,
+    )
     return generate_latest(new_registry(lambda: m)).decode()

@@ -68,8 +68,14 @@ def read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
-def export_checkpoint_subprocess(checkpoint: Path, out_dir: Path, *, parity_data: Path | None = None,
-                                 timeout_s: float = 900.0, env: dict | None = None) -> None:
+def export_checkpoint_subprocess(
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    parity_data: Path | None = None,
+    timeout_s: float = 900.0,
+    env: dict | None = None,
+) -> None:
     """``rpnt export CKPT --out DIR`` in a child process (keeps torch out of the daemon's process).
     Raises :class:`RegistryError` with the exporter's own message if it fails (parity included)."""
     cmd = [sys.executable, "-m", "exporters.cli", str(checkpoint), "--out", str(out_dir)]
@@ -144,8 +150,10 @@ class ModelRegistry:
 
     def listing(self) -> list[dict]:
         act = self.active()
-        return [self.meta(v) | {"active": v == act, "has_checkpoint": self.checkpoint(v) is not None}
-                for v in self.versions()]
+        return [
+            self.meta(v) | {"active": v == act, "has_checkpoint": self.checkpoint(v) is not None}
+            for v in self.versions()
+        ]
 
     def _dir(self, version: str) -> Path:
         v = str(version)
@@ -203,7 +211,9 @@ class ModelRegistry:
                 shutil.copy2(p, staged / CHECKPOINT)
                 export_checkpoint_subprocess(staged / CHECKPOINT, staged / "export")
             else:
-                raise RegistryError(f"model: {p} is neither an export directory nor a .safetensors checkpoint")
+                raise RegistryError(
+                    f"model: {p} is neither an export directory nor a .safetensors checkpoint"
+                )
             return self.add(staged, meta={"source": source, "imported_from": str(p.resolve())})
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)

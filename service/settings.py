@@ -23,7 +23,15 @@ from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, Literal, Mapping, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "RPNT_"
 TOKEN_ENV = "RPNT_API_TOKEN"
@@ -41,13 +49,22 @@ class _Section(BaseModel):
 class ModelSettings(_Section):
     """Which decoder the daemon runs, and how."""
 
-    path: str | None = Field(None, description="model that seeds an empty registry: an export directory "
-                                                "(rpnt export --out DIR) or a checkpoint (.safetensors, exported on "
-                                                "import); ignored once the registry has an active version")
+    path: str | None = Field(
+        None,
+        description="model that seeds an empty registry: an export directory "
+        "(rpnt export --out DIR) or a checkpoint (.safetensors, exported on "
+        "import); ignored once the registry has an active version",
+    )
     backend: Literal["onnx-cpu", "onnx-cuda", "onnx-tensorrt", "torch"] = Field(
-        "onnx-cpu", description="inference engine (onnx-cuda/onnx-tensorrt need the [gpu] extra on a GPU host)")
-    precision: Literal["fp32", "int8", "fp16"] = Field("fp32", description="which step graph of an export to run")
-    intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads of the decode engine")
+        "onnx-cpu",
+        description="inference engine (onnx-cuda/onnx-tensorrt need the [gpu] extra on a GPU host)",
+    )
+    precision: Literal["fp32", "int8", "fp16"] = Field(
+        "fp32", description="which step graph of an export to run"
+    )
+    intra_op_threads: int = Field(
+        1, ge=1, le=64, description="ONNX Runtime intra-op threads of the decode engine"
+    )
 
 
 class RegistrySettings(_Section):
@@ -59,39 +76,66 @@ class RegistrySettings(_Section):
 class DaemonSettings(_Section):
     """The real-time path (see ``rpnt serve --help`` and docs/protocol.md)."""
 
-    bin_ms: float | None = Field(None, gt=0, description="bin width in ms (default: the model's training bin width)")
+    bin_ms: float | None = Field(
+        None, gt=0, description="bin width in ms (default: the model's training bin width)"
+    )
     ingest: str = Field("tcp://127.0.0.1:5555", description="PULL endpoint for rig messages")
     publish: str = Field("tcp://127.0.0.1:5556", description="PUB endpoint for predictions")
-    stall_ms: float | None = Field(None, gt=0, description="wall-clock grace past a bin's due time before it "
-                                                           "closes flagged STALLED (default: one bin width)")
+    stall_ms: float | None = Field(
+        None,
+        gt=0,
+        description="wall-clock grace past a bin's due time before it "
+        "closes flagged STALLED (default: one bin width)",
+    )
     max_jump_s: float = Field(10.0, gt=0, description="reject times this far ahead of the open bin")
-    history_s: float = Field(300.0, gt=0, description="seconds of (counts, kinematics) kept for closed-loop "
-                                                      "calibration")
-    record_nwb: str | None = Field(None, description="session recording: write every decoded bin (counts, decoded "
-                                                     "target, flags, per-stage latencies, model version, the rig's "
-                                                     "kinematics) to this NWB file when the daemon stops "
-                                                     "(docs/nwb.md; needs the [nwb] extra)")
-    record_max_s: float = Field(14400.0, gt=0, description="the session recording keeps at most this many seconds "
-                                                           "of bins (memory: 4·(channels + outputs) + 72 bytes "
-                                                           "per bin); later bins are counted, not kept")
+    history_s: float = Field(
+        300.0, gt=0, description="seconds of (counts, kinematics) kept for closed-loop calibration"
+    )
+    record_nwb: str | None = Field(
+        None,
+        description="session recording: write every decoded bin (counts, decoded "
+        "target, flags, per-stage latencies, model version, the rig's "
+        "kinematics) to this NWB file when the daemon stops "
+        "(docs/nwb.md; needs the [nwb] extra)",
+    )
+    record_max_s: float = Field(
+        14400.0,
+        gt=0,
+        description="the session recording keeps at most this many seconds "
+        "of bins (memory: 4·(channels + outputs) + 72 bytes "
+        "per bin); later bins are counted, not kept",
+    )
     warmup_bins: int = Field(32, ge=0, description="engine steps run before the first bin")
     affinity: list[int] | None = Field(None, description="CPU ids to pin the decode thread to")
     gc_freeze: bool = Field(False, description="gc.freeze() after warm-up")
     busy_poll_us: int = Field(0, ge=0, description="spin this long after each message before blocking")
-    prewarm_lead_us: int = Field(0, ge=0, description="run the engine once, without advancing the stream, this "
-                                                      "long before each bin is due (0 = off)")
+    prewarm_lead_us: int = Field(
+        0,
+        ge=0,
+        description="run the engine once, without advancing the stream, this "
+        "long before each bin is due (0 = off)",
+    )
     rt_priority: int | None = Field(None, ge=1, le=99, description="SCHED_FIFO priority (needs privileges)")
     allow_bin_mismatch: bool = Field(False, description="decode at a bin width other than the model's")
     allow_remote: bool = Field(False, description="allow non-loopback TCP endpoints")
-    switch_interval_ms: float = Field(0.5, gt=0, le=100, description="Python's GIL switch interval in the daemon "
-                                                                     "process: the longest the HTTP thread holds the "
-                                                                     "interpreter while the decode thread waits "
-                                                                     "(Python's default: 5 ms)")
-    ingest_adapters: list[str] = Field([], description="foreign sources bridged into the ingest socket, each "
-                                                       "KIND:TARGET[?opt=value&...]: lsl:STREAM, redis:KEY, "
-                                                       "openephys:tcp://HOST:PORT (docs/adapters.md)")
-    publish_adapters: list[str] = Field([], description="sinks every prediction is republished to: lsl:NAME, "
-                                                        "redis:KEY (docs/adapters.md)")
+    switch_interval_ms: float = Field(
+        0.5,
+        gt=0,
+        le=100,
+        description="Python's GIL switch interval in the daemon "
+        "process: the longest the HTTP thread holds the "
+        "interpreter while the decode thread waits "
+        "(Python's default: 5 ms)",
+    )
+    ingest_adapters: list[str] = Field(
+        [],
+        description="foreign sources bridged into the ingest socket, each "
+        "KIND:TARGET[?opt=value&...]: lsl:STREAM, redis:KEY, "
+        "openephys:tcp://HOST:PORT (docs/adapters.md)",
+    )
+    publish_adapters: list[str] = Field(
+        [], description="sinks every prediction is republished to: lsl:NAME, redis:KEY (docs/adapters.md)"
+    )
 
     @field_validator("ingest_adapters", "publish_adapters")
     @classmethod
@@ -116,54 +160,98 @@ class HttpSettings(_Section):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port, printed at start)")
     allow_remote: bool = Field(False, description="allow a non-loopback bind address")
     max_upload_mb: float = Field(64.0, gt=0, description="largest calibration upload accepted")
-    max_decompressed_mb: float = Field(512.0, gt=0, description=(
-        "most a calibration upload may hold uncompressed, checked on its declared sizes before anything is "
-        "inflated (an hour of 20 ms bins on 256 channels as int64 counts is 352 MB); the upload is parsed in a "
-        "child process limited to 1 GB + 3 × this much memory"))
-    upload_parse_timeout_s: float = Field(120.0, gt=0, description="an upload's parse (a child process) running "
-                                                                   "longer is killed and the upload refused")
+    max_decompressed_mb: float = Field(
+        512.0,
+        gt=0,
+        description=(
+            "most a calibration upload may hold uncompressed, checked on its declared sizes before anything is "
+            "inflated (an hour of 20 ms bins on 256 channels as int64 counts is 352 MB); the upload is parsed in a "
+            "child process limited to 1 GB + 3 × this much memory"
+        ),
+    )
+    upload_parse_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="an upload's parse (a child process) running longer is killed and the upload refused",
+    )
 
 
 class AuthSettings(_Section):
     """Bearer token for the mutating endpoints (POST /calibrate, POST /models/*/activate)."""
 
     token: str | None = Field(None, description="the token itself (prefer token_file or $RPNT_API_TOKEN)")
-    token_file: str | None = Field(None, description="file holding the token; with neither set, a random "
-                                                     "token is written to <registry.root>/api-token (mode 0600)")
+    token_file: str | None = Field(
+        None,
+        description="file holding the token; with neither set, a random "
+        "token is written to <registry.root>/api-token (mode 0600)",
+    )
 
 
 class CalibrationSettings(_Section):
     """Few-shot recalibration jobs (run in a separate, lower-priority process)."""
 
-    nice: int = Field(10, ge=0, le=19, description="niceness added to the calibration process: on a busy host "
-                                                   "it gets a smaller share of the cores than the decode loop, "
-                                                   "never none")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="niceness added to the calibration process: on a busy host "
+        "it gets a smaller share of the cores than the decode loop, "
+        "never none",
+    )
     threads: int = Field(1, ge=1, le=64, description="torch / BLAS threads of the calibration process")
-    affinity: list[int] | None = Field(None, description="CPU ids the calibration process may run on (e.g. the "
-                                                         "cores the decode thread is not pinned to)")
-    warm_worker: bool = Field(True, description="keep a calibration process started (torch and the exporters "
-                                                "imported) waiting for jobs, so that a job starts at once; "
-                                                "false: a new process per job")
+    affinity: list[int] | None = Field(
+        None,
+        description="CPU ids the calibration process may run on (e.g. the "
+        "cores the decode thread is not pinned to)",
+    )
+    warm_worker: bool = Field(
+        True,
+        description="keep a calibration process started (torch and the exporters "
+        "imported) waiting for jobs, so that a job starts at once; "
+        "false: a new process per job",
+    )
     mode: Literal["head", "last", "full"] = Field("full", description="which weights are finetuned")
     epochs: int = Field(12, ge=1, description="most finetuning epochs (early stopping on validation R²)")
-    steps_per_epoch: int | None = Field(None, ge=1, description="optimizer steps per epoch (default: one pass "
-                                                               "over the training bins, so the steps grow with "
-                                                               "the data)")
-    max_steps: int = Field(16, ge=1, description="most optimizer steps in all (caps epochs × steps_per_epoch)")
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="optimizer steps per epoch (default: one pass "
+        "over the training bins, so the steps grow with "
+        "the data)",
+    )
+    max_steps: int = Field(
+        16, ge=1, description="most optimizer steps in all (caps epochs × steps_per_epoch)"
+    )
     patience: int = Field(4, ge=1, description="epochs without validation improvement before stopping")
-    parity_bins: int = Field(64, ge=2, description="bins of each parity stream (random and the holdout's end) "
-                                                   "the candidate's ONNX step graph must match its checkpoint on")
+    parity_bins: int = Field(
+        64,
+        ge=2,
+        description="bins of each parity stream (random and the holdout's end) "
+        "the candidate's ONNX step graph must match its checkpoint on",
+    )
     lr: float = Field(1e-3, gt=0, description="learning rate")
     train_fraction: float = Field(0.6, gt=0, lt=1, description="first part of the calibration data: training")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="next part: early stopping")
-    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="last part: the go-live gate (candidate vs "
-                                                                 "live model, never seen in training)")
+    holdout_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="last part: the go-live gate (candidate vs live model, never seen in training)",
+    )
     min_bins: int = Field(200, ge=20, description="shortest calibration session accepted, in bins")
-    default_seconds: float = Field(120.0, gt=0, description="closed-loop calibration: seconds of recent "
-                                                            "decoded data when the request names none")
+    default_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="closed-loop calibration: seconds of recent decoded data when the request names none",
+    )
     timeout_s: float = Field(1800.0, gt=0, description="a job running longer is killed and marked failed")
-    starved_share: float = Field(0.25, gt=0, le=1, description="GET /calibrate/{id} says 'waiting for CPU' while "
-                                                               "the worker got less than this share of one core")
+    starved_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="GET /calibrate/{id} says 'waiting for CPU' while "
+        "the worker got less than this share of one core",
+    )
     starved_window_s: float = Field(10.0, gt=0, description="over the last this many seconds")
     seed: int = Field(0, description="random seed of the finetuning")
 
@@ -185,19 +273,27 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
-    log_format: Literal["text", "json"] = Field("text", description="start and stop messages on stderr: 'text' (a "
-                                                                    "short summary for people) or 'json' (one JSON "
-                                                                    "event line each, for supervisors and scripts)")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="start and stop messages on stderr: 'text' (a "
+        "short summary for people) or 'json' (one JSON "
+        "event line each, for supervisors and scripts)",
+    )
 
     @model_validator(mode="after")
     def _loopback(self) -> "Settings":
         if not self.http.allow_remote and self.http.host not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError(f"http.host {self.http.host!r} is not loopback; set http.allow_remote = true to bind it")
+            raise ValueError(
+                f"http.host {self.http.host!r} is not loopback; set http.allow_remote = true to bind it"
+            )
         return self
 
 
-SECTIONS: dict[str, type[_Section]] = {name: f.annotation for name, f in Settings.model_fields.items()
-                                       if isinstance(f.annotation, type) and issubclass(f.annotation, _Section)}
+SECTIONS: dict[str, type[_Section]] = {
+    name: f.annotation
+    for name, f in Settings.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, _Section)
+}
 TOP_LEVEL: tuple[str, ...] = tuple(name for name in Settings.model_fields if name not in SECTIONS)
 
 
@@ -227,7 +323,7 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX) or key in (TOKEN_ENV, CONFIG_ENV):
             continue
-        parts = key[len(ENV_PREFIX):].lower().split("__")
+        parts = key[len(ENV_PREFIX) :].lower().split("__")
         if len(parts) == 1 and parts[0] in TOP_LEVEL:
             out[parts[0]] = value
         elif len(parts) == 2 and parts[0] in SECTIONS:
@@ -255,8 +351,12 @@ def _format(err: ValidationError) -> str:
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 
-def load_settings(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None,
-                  overrides: Mapping[str, Any] | None = None) -> Settings:
+def load_settings(
+    path: str | os.PathLike | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
     """Defaults < TOML file < environment < ``overrides`` (nested dict, e.g. from CLI flags).
 
     ``path`` None → ``$RPNT_CONFIG`` if set, else no file.  Raises :class:`SettingsError`."""
@@ -337,8 +437,11 @@ def resolve_token(settings: Settings, *, env: Mapping[str, str] | None = None) -
 def example_toml(settings: Settings | None = None) -> str:
     """Every setting with its default and description, as TOML (what deploy/rpnt.example.toml holds)."""
     s = settings or Settings()
-    lines = ["# rpnt serve — every setting with its default.  Environment overrides: RPNT_<SECTION>__<FIELD>.",
-             "# Unset optional values are shown commented out.", ""]
+    lines = [
+        "# rpnt serve — every setting with its default.  Environment overrides: RPNT_<SECTION>__<FIELD>.",
+        "# Unset optional values are shown commented out.",
+        "",
+    ]
 
     def val(v: Any) -> str:
         return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")

@@ -60,14 +60,26 @@ class ParseLimits:
         niceness and CPUs of ``calibration`` (the parse is the calibration's first step)."""
         max_bytes = int(settings.http.max_decompressed_mb * (1 << 20))
         cal = settings.calibration
-        return cls(max_bytes=max_bytes, memory_bytes=BASE_ADDRESS_SPACE + DATA_COPIES * max_bytes,
-                   timeout_s=float(settings.http.upload_parse_timeout_s), nice=int(cal.nice),
-                   affinity=tuple(cal.affinity) if cal.affinity else None)
+        return cls(
+            max_bytes=max_bytes,
+            memory_bytes=BASE_ADDRESS_SPACE + DATA_COPIES * max_bytes,
+            timeout_s=float(settings.http.upload_parse_timeout_s),
+            nice=int(cal.nice),
+            affinity=tuple(cal.affinity) if cal.affinity else None,
+        )
 
 
 # ---------------------------------------------------------------------------------- parent side
-def parse_upload(upload: Path, *, out: Path, bin_s: float, checks: dict, live_metadata: dict,
-                 limits: ParseLimits, labels: str = "recorded") -> dict:
+def parse_upload(
+    upload: Path,
+    *,
+    out: Path,
+    bin_s: float,
+    checks: dict,
+    live_metadata: dict,
+    limits: ParseLimits,
+    labels: str = "recorded",
+) -> dict:
     """Parse ``upload`` in a child process into the validated canonical NPZ ``out``.
 
     ``checks``: the keyword arguments of :func:`service.uploads.check_session` (the live model's
@@ -77,8 +89,15 @@ def parse_upload(upload: Path, *, out: Path, bin_s: float, checks: dict, live_me
     ``n_channels``, ``n_outputs``); raises :class:`CalibrationInputError` for anything else.
     The child's files (spec, result, log) go next to ``upload`` and are removed."""
     work = upload.parent
-    spec = {"upload": upload.name, "out": str(out), "bin_s": bin_s, "checks": checks,
-            "live_metadata": live_metadata, "limits": asdict(limits), "labels": labels}
+    spec = {
+        "upload": upload.name,
+        "out": str(out),
+        "bin_s": bin_s,
+        "checks": checks,
+        "live_metadata": live_metadata,
+        "limits": asdict(limits),
+        "labels": labels,
+    }
     (work / SPEC).write_text(json.dumps(spec))
     try:
         rc = _run_child(work, limits.timeout_s)
@@ -88,12 +107,15 @@ def parse_upload(upload: Path, *, out: Path, bin_s: float, checks: dict, live_me
         if isinstance(result, dict) and isinstance(result.get("error"), str):
             raise CalibrationInputError(result["error"])
         _log_child(work, rc)
-        raise CalibrationInputError(f"file: the parser stopped without an answer (it may use "
-                                    f"{describe_bytes(limits.memory_bytes)} of memory); the server log has details")
+        raise CalibrationInputError(
+            f"file: the parser stopped without an answer (it may use "
+            f"{describe_bytes(limits.memory_bytes)} of memory); the server log has details"
+        )
     except subprocess.TimeoutExpired:
         _log_child(work, None)
-        raise CalibrationInputError(f"file: parsing the upload took longer than {limits.timeout_s:g} s "
-                                    "(http.upload_parse_timeout_s)") from None
+        raise CalibrationInputError(
+            f"file: parsing the upload took longer than {limits.timeout_s:g} s (http.upload_parse_timeout_s)"
+        ) from None
     finally:
         for name in (SPEC, RESULT, LOG):
             (work / name).unlink(missing_ok=True)
@@ -103,9 +125,15 @@ def _run_child(work: Path, timeout_s: float) -> int:
     """Run the child on ``work``; its exit status (``subprocess.run`` kills it on timeout)."""
     env = child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MALLOC_ARENA_MAX="2")
     with open(work / LOG, "wb") as logf:
-        return subprocess.run([sys.executable, "-m", "service.upload_parse", str(work / SPEC)], cwd=str(ROOT),
-                              env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                              timeout=timeout_s).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "service.upload_parse", str(work / SPEC)],
+            cwd=str(ROOT),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            timeout=timeout_s,
+        ).returncode
 
 
 def _read_json(path: Path) -> Any:
@@ -143,15 +171,20 @@ def _parse(spec: dict, work: Path) -> dict:
     """The child's work: load, inherit metadata, check, write the canonical NPZ; the summary."""
     from .uploads import check_session, intention_labels, load_upload, save_canonical, with_live_metadata
 
-    session = load_upload(work / spec["upload"], bin_s=float(spec["bin_s"]),
-                          max_bytes=int(spec["limits"]["max_bytes"]))
+    session = load_upload(
+        work / spec["upload"], bin_s=float(spec["bin_s"]), max_bytes=int(spec["limits"]["max_bytes"])
+    )
     if spec.get("labels") == "refit":
         session = intention_labels(session)
     session = with_live_metadata(session, spec["live_metadata"])
     session = check_session(session, **spec["checks"])
     save_canonical(session, Path(spec["out"]))
-    return {"n_bins": session.n_bins, "n_channels": session.n_channels, "target": session.target,
-            "n_outputs": int(session.labels.shape[1])}
+    return {
+        "n_bins": session.n_bins,
+        "n_channels": session.n_channels,
+        "target": session.target,
+        "n_outputs": int(session.labels.shape[1]),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -166,8 +199,10 @@ def main(argv: list[str]) -> int:
     except CalibrationInputError as exc:
         result = {"error": str(exc)}
     except MemoryError:
-        result = {"error": f"file: the upload needs more memory than the parser may use "
-                           f"({describe_bytes(int(spec['limits']['memory_bytes']))})"}
+        result = {
+            "error": f"file: the upload needs more memory than the parser may use "
+            f"({describe_bytes(int(spec['limits']['memory_bytes']))})"
+        }
     tmp = work / f".{RESULT}.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, work / RESULT)

@@ -38,33 +38,54 @@ def sniff_suffix(head: bytes) -> str:
     return ".nwb" if head.startswith(HDF5_MAGIC) else ".npz"
 
 
-def check_session(session, *, target: str, n_channels: int, n_outputs: int, bin_s: float, min_bins: int,
-                  holdout_fraction: float):
+def check_session(
+    session,
+    *,
+    target: str,
+    n_channels: int,
+    n_outputs: int,
+    bin_s: float,
+    min_bins: int,
+    holdout_fraction: float,
+):
     """``session`` decoding ``target`` (the live model's), or :class:`CalibrationInputError` unless
     it can calibrate the live model."""
     if session.counts.ndim != 2:
-        raise CalibrationInputError(f"counts: expected single-site (T, N) counts, got shape {session.counts.shape}")
+        raise CalibrationInputError(
+            f"counts: expected single-site (T, N) counts, got shape {session.counts.shape}"
+        )
     if session.n_channels != n_channels:
-        raise CalibrationInputError(f"counts: {session.n_channels} channels, the live model takes {n_channels}")
+        raise CalibrationInputError(
+            f"counts: {session.n_channels} channels, the live model takes {n_channels}"
+        )
     if target not in session.targets:
-        raise CalibrationInputError(f"{target}: calibration needs the live model's target series (`{target}`; "
-                                    "the NPZ key `velocity`, `position` or `behaviour_<name>`)")
+        raise CalibrationInputError(
+            f"{target}: calibration needs the live model's target series (`{target}`; "
+            "the NPZ key `velocity`, `position` or `behaviour_<name>`)"
+        )
     session = session.with_target(target)
     labels = session.labels
     if labels.shape[1] != n_outputs:
-        raise CalibrationInputError(f"{target}: {labels.shape[1]} dimensions, the live model decodes {n_outputs}")
+        raise CalibrationInputError(
+            f"{target}: {labels.shape[1]} dimensions, the live model decodes {n_outputs}"
+        )
     if abs(float(session.bin_s) - bin_s) > 1e-9:
-        raise CalibrationInputError(f"bin_s: the data is binned at {session.bin_s * 1e3:g} ms, the daemon decodes "
-                                    f"{bin_s * 1e3:g} ms bins")
+        raise CalibrationInputError(
+            f"bin_s: the data is binned at {session.bin_s * 1e3:g} ms, the daemon decodes "
+            f"{bin_s * 1e3:g} ms bins"
+        )
     if session.n_bins < min_bins:
-        raise CalibrationInputError(f"counts: {session.n_bins} bins ({session.n_bins * bin_s:.1f} s) is too short; "
-                                    f"calibration needs at least {min_bins} bins ({min_bins * bin_s:.1f} s)")
-    hold = labels[session.n_bins - int(session.n_bins * holdout_fraction):]
+        raise CalibrationInputError(
+            f"counts: {session.n_bins} bins ({session.n_bins * bin_s:.1f} s) is too short; "
+            f"calibration needs at least {min_bins} bins ({min_bins * bin_s:.1f} s)"
+        )
+    hold = labels[session.n_bins - int(session.n_bins * holdout_fraction) :]
     for name, part in (("the session", labels), ("the holdout part (the end)", hold)):
         flat = np.flatnonzero(np.std(part, axis=0) == 0)
         if flat.size:
-            raise CalibrationInputError(f"{target}: dimension(s) {flat.tolist()} are constant over {name}; R² "
-                                        "is undefined")
+            raise CalibrationInputError(
+                f"{target}: dimension(s) {flat.tolist()} are constant over {name}; R² is undefined"
+            )
     return session
 
 
@@ -125,10 +146,13 @@ def recent_session(counts: np.ndarray, kinematics: np.ndarray, *, bin_s: float, 
     from rpnt_core.data import Session
 
     if counts.shape[0] == 0:
-        raise CalibrationInputError("source=recent: the daemon holds no decoded bins with kinematics — the rig must "
-                                    "stream KINEMATICS messages (docs/protocol.md) while the daemon decodes")
-    series = ({target: kinematics} if target in ("velocity", "position") else
-              {"behaviour": {target: kinematics}})
+        raise CalibrationInputError(
+            "source=recent: the daemon holds no decoded bins with kinematics — the rig must "
+            "stream KINEMATICS messages (docs/protocol.md) while the daemon decodes"
+        )
+    series = (
+        {target: kinematics} if target in ("velocity", "position") else {"behaviour": {target: kinematics}}
+    )
     return Session(counts=counts, bin_s=bin_s, target=target, source="daemon history", **series)
 
 

@@ -115,7 +115,9 @@ class Binner:
         return hi_ns // self.bin_ns - ref <= self.max_jump_bins
 
     # ------------------------------------------------------------------ input
-    def add_events(self, channels: np.ndarray, times_ns: np.ndarray, clock_ns: int | None, wall_ns: int) -> None:
+    def add_events(
+        self, channels: np.ndarray, times_ns: np.ndarray, clock_ns: int | None, wall_ns: int
+    ) -> None:
         """Events (channel (n,), time (n,) non-decreasing, validated) then an optional clock."""
         n = times_ns.shape[0]
         if self.k_open is None:
@@ -127,7 +129,9 @@ class Binner:
             bin_ns = self.bin_ns
             b0, b1 = int(times_ns[0]) // bin_ns, int(times_ns[-1]) // bin_ns
             if b0 < self.k_open:
-                self.late_packets += 1  # events are sorted: only a packet whose first event is late has late ones
+                self.late_packets += (
+                    1  # events are sorted: only a packet whose first event is late has late ones
+                )
             if b0 == b1:
                 self._segment(b0, channels)
             else:

@@ -52,8 +52,16 @@ class RigClient:
         sndhwm: messages queued locally while the daemon is away before ``send`` blocks.
     """
 
-    def __init__(self, *, endpoint: str, source_id: int = 0, rate_hz: int = 0, first_seq: int = 0,
-                 context: zmq.Context | None = None, sndhwm: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        source_id: int = 0,
+        rate_hz: int = 0,
+        first_seq: int = 0,
+        context: zmq.Context | None = None,
+        sndhwm: int = 100_000,
+    ) -> None:
         self.source_id = int(source_id)
         self.rate_hz = int(rate_hz)
         self.seq = int(first_seq)
@@ -71,40 +79,75 @@ class RigClient:
         """Send raw frames (no sequence number is consumed: the frames carry their own)."""
         self._sock.send_multipart(frames, flags=flags)
 
-    def send_spikes(self, channels: Sequence[int] | np.ndarray, times: Sequence[int] | np.ndarray, *,
-                    clock: int | None = None) -> int:
+    def send_spikes(
+        self,
+        channels: Sequence[int] | np.ndarray,
+        times: Sequence[int] | np.ndarray,
+        *,
+        clock: int | None = None,
+    ) -> int:
         """Events sorted by time (non-decreasing); ``clock``: every event before it has been sent."""
         seq = self._next()
-        self._sock.send_multipart(encode_spikes(source=self.source_id, seq=seq, channels=channels, times=times,
-                                                clock=clock, rate_hz=self.rate_hz))
+        self._sock.send_multipart(
+            encode_spikes(
+                source=self.source_id,
+                seq=seq,
+                channels=channels,
+                times=times,
+                clock=clock,
+                rate_hz=self.rate_hz,
+            )
+        )
         return seq
 
     def send_tick(self, clock: int) -> int:
         """Heartbeat: the acquisition clock reached ``clock`` (closes bins that end at or before it)."""
         seq = self._next()
-        self._sock.send_multipart(encode_tick(source=self.source_id, seq=seq, clock=clock, rate_hz=self.rate_hz))
+        self._sock.send_multipart(
+            encode_tick(source=self.source_id, seq=seq, clock=clock, rate_hz=self.rate_hz)
+        )
         return seq
 
-    def send_counts(self, first: int, counts: np.ndarray, *, time_is_clock: bool = False, bin_ns: int = 0) -> int:
+    def send_counts(
+        self, first: int, counts: np.ndarray, *, time_is_clock: bool = False, bin_ns: int = 0
+    ) -> int:
         """Already-binned counts (n_bins, n_channels) for bins ``first …`` (a bin index, or a time)."""
         seq = self._next()
-        self._sock.send_multipart(encode_counts(source=self.source_id, seq=seq, first=first, counts=counts,
-                                                time_is_clock=time_is_clock, rate_hz=self.rate_hz, bin_ns=bin_ns))
+        self._sock.send_multipart(
+            encode_counts(
+                source=self.source_id,
+                seq=seq,
+                first=first,
+                counts=counts,
+                time_is_clock=time_is_clock,
+                rate_hz=self.rate_hz,
+                bin_ns=bin_ns,
+            )
+        )
         return seq
 
     def send_kinematics(self, first: int, values: np.ndarray, *, time_is_clock: bool = False) -> int:
         """Behaviour (n_bins, D) (or (D,)) for bins ``first …``: what calibration learns from."""
         seq = self._next()
-        self._sock.send_multipart(encode_kinematics(source=self.source_id, seq=seq, first=first, values=values,
-                                                    time_is_clock=time_is_clock, rate_hz=self.rate_hz))
+        self._sock.send_multipart(
+            encode_kinematics(
+                source=self.source_id,
+                seq=seq,
+                first=first,
+                values=values,
+                time_is_clock=time_is_clock,
+                rate_hz=self.rate_hz,
+            )
+        )
         return seq
 
     def send_reset(self, start: int | None = None, *, free_run: bool = False) -> int:
         """Start a new stream (at ``start``, or at the next reported time).  ``free_run``: no
         wall-clock deadline for this stream (replaying faster than real time)."""
         seq = self._next()
-        self._sock.send_multipart(encode_reset(source=self.source_id, seq=seq, start=start, free_run=free_run,
-                                               rate_hz=self.rate_hz))
+        self._sock.send_multipart(
+            encode_reset(source=self.source_id, seq=seq, start=start, free_run=free_run, rate_hz=self.rate_hz)
+        )
         return seq
 
     def ping(self, token: int) -> int:
@@ -130,8 +173,14 @@ class PredictionSubscriber:
     the daemon never waits for anyone — so read promptly (a thread of its own, or a poll loop).
     """
 
-    def __init__(self, *, endpoint: str, context: zmq.Context | None = None, rcvhwm: int = 100_000,
-                 predictions_only: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        context: zmq.Context | None = None,
+        rcvhwm: int = 100_000,
+        predictions_only: bool = False,
+    ) -> None:
         self._sock = (context or zmq.Context.instance()).socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, int(rcvhwm))
@@ -173,8 +222,9 @@ class PredictionSubscriber:
         self.close()
 
 
-def wait_for_daemon(rig: RigClient, sub: PredictionSubscriber, *, timeout: float = 10.0,
-                    interval: float = 0.05) -> dict:
+def wait_for_daemon(
+    rig: RigClient, sub: PredictionSubscriber, *, timeout: float = 10.0, interval: float = 0.05
+) -> dict:
     """PING until our own PONG comes back on ``sub``; returns the daemon's status.
 
     This is also the cure for ZeroMQ's "slow joiner": a SUB only receives what is published after
@@ -189,4 +239,6 @@ def wait_for_daemon(rig: RigClient, sub: PredictionSubscriber, *, timeout: float
             m = sub.recv(left)
             if isinstance(m, Pong) and m.token == token and m.source == rig.source_id:
                 return m.status
-    raise TimeoutError(f"no PONG from the daemon within {timeout} s (is `rpnt serve` running on these endpoints?)")
+    raise TimeoutError(
+        f"no PONG from the daemon within {timeout} s (is `rpnt serve` running on these endpoints?)"
+    )

@@ -77,11 +77,18 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 _now = time.monotonic_ns
 # plain ints on the hot path (IntEnum / IntFlag operations run Python code)
-_FIRST, _GAP, _REJECTED, _ERROR, _SWAPPED = (int(f) for f in (PredFlag.FIRST, PredFlag.GAP, PredFlag.REJECTED,
-                                                                PredFlag.ERROR, PredFlag.SWAPPED))
+_FIRST, _GAP, _REJECTED, _ERROR, _SWAPPED = (
+    int(f) for f in (PredFlag.FIRST, PredFlag.GAP, PredFlag.REJECTED, PredFlag.ERROR, PredFlag.SWAPPED)
+)
 _NOBLOCK, _SNDMORE_NOBLOCK = zmq.NOBLOCK, zmq.SNDMORE | zmq.NOBLOCK
-_SPIKES, _TICK, _COUNTS, _KINEMATICS, _RESET, _PING = (MsgType.SPIKES, MsgType.TICK, MsgType.COUNTS,
-                                                        MsgType.KINEMATICS, MsgType.RESET, MsgType.PING)
+_SPIKES, _TICK, _COUNTS, _KINEMATICS, _RESET, _PING = (
+    MsgType.SPIKES,
+    MsgType.TICK,
+    MsgType.COUNTS,
+    MsgType.KINEMATICS,
+    MsgType.RESET,
+    MsgType.PING,
+)
 
 
 def check_endpoint(endpoint: str, *, allow_remote: bool = False) -> str:
@@ -91,10 +98,12 @@ def check_endpoint(endpoint: str, *, allow_remote: bool = False) -> str:
         return endpoint
     if scheme != "tcp":
         raise ValueError(f"endpoint {endpoint!r}: expected tcp://HOST:PORT, ipc://PATH or inproc://NAME")
-    host = urlsplit(endpoint).hostname or endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    host = urlsplit(endpoint).hostname or endpoint[len("tcp://") :].rsplit(":", 1)[0]
     if host not in LOOPBACK_HOSTS and host.strip("[]") not in LOOPBACK_HOSTS and not allow_remote:
-        raise ValueError(f"endpoint {endpoint!r} is not loopback; pass allow_remote=True (--allow-remote) to "
-                         "bind other interfaces")
+        raise ValueError(
+            f"endpoint {endpoint!r} is not loopback; pass allow_remote=True (--allow-remote) to "
+            "bind other interfaces"
+        )
     return endpoint
 
 
@@ -170,19 +179,28 @@ class DaemonOptions:
         and, where present (the settings), ``record_nwb`` and ``record_max_s``: with a ``record_nwb``
         file the daemon records up to ``record_max_s`` of its run."""
         record_s = float(getattr(src, "record_max_s", 0.0)) if getattr(src, "record_nwb", None) else 0.0
-        return cls(stall_timeout_s=None if src.stall_ms is None else src.stall_ms / 1e3, max_jump_s=src.max_jump_s,
-                   history_s=src.history_s, warmup_bins=src.warmup_bins, record_s=record_s,
-                   affinity=tuple(src.affinity) if src.affinity else None,
-                   gc_freeze=src.gc_freeze, rt_priority=src.rt_priority, allow_bin_mismatch=src.allow_bin_mismatch,
-                   busy_poll_us=src.busy_poll_us, prewarm_lead_us=src.prewarm_lead_us or 0,
-                   allow_remote=src.allow_remote)
+        return cls(
+            stall_timeout_s=None if src.stall_ms is None else src.stall_ms / 1e3,
+            max_jump_s=src.max_jump_s,
+            history_s=src.history_s,
+            warmup_bins=src.warmup_bins,
+            record_s=record_s,
+            affinity=tuple(src.affinity) if src.affinity else None,
+            gc_freeze=src.gc_freeze,
+            rt_priority=src.rt_priority,
+            allow_bin_mismatch=src.allow_bin_mismatch,
+            busy_poll_us=src.busy_poll_us,
+            prewarm_lead_us=src.prewarm_lead_us or 0,
+            allow_remote=src.allow_remote,
+        )
 
 
 class SwapTicket:
     """A pending :meth:`Daemon.swap_decoder`: :meth:`wait` returns the bin index it took effect at."""
 
-    def __init__(self, decoder: Decoder, *, warm: bool, warm_epoch: int, warm_last: int | None,
-                 warm_bins: int) -> None:
+    def __init__(
+        self, decoder: Decoder, *, warm: bool, warm_epoch: int, warm_last: int | None, warm_bins: int
+    ) -> None:
         self.decoder = decoder
         self.warm = warm
         self.warm_epoch = warm_epoch
@@ -215,8 +233,15 @@ class SwapTicket:
 
 def _info_dict(decoder: Decoder) -> dict:
     i = decoder.info
-    return {"name": i.name, "version": i.version, "fingerprint": i.fingerprint, "n_channels": i.n_channels,
-            "n_outputs": i.n_outputs, "bin_s": i.bin_s, "extra": dict(i.extra)}
+    return {
+        "name": i.name,
+        "version": i.version,
+        "fingerprint": i.fingerprint,
+        "n_channels": i.n_channels,
+        "n_outputs": i.n_outputs,
+        "bin_s": i.bin_s,
+        "extra": dict(i.extra),
+    }
 
 
 def model_version(decoder: Decoder) -> str:
@@ -239,9 +264,16 @@ class Daemon:
         logger: where log lines go (default ``logging.getLogger("rpnt.streaming")``).
     """
 
-    def __init__(self, *, decoder: Decoder, bin_s: float = 0.02, ingest: str = DEFAULT_INGEST,
-                 publish: str = DEFAULT_PUBLISH, options: DaemonOptions | None = None,
-                 logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        decoder: Decoder,
+        bin_s: float = 0.02,
+        ingest: str = DEFAULT_INGEST,
+        publish: str = DEFAULT_PUBLISH,
+        options: DaemonOptions | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self.options = opt = options or DaemonOptions()
         info = decoder.info
         if not (isinstance(bin_s, (int, float)) and math.isfinite(bin_s) and bin_s > 0):
@@ -250,9 +282,11 @@ class Daemon:
         if bin_ns < 1 or abs(bin_ns - bin_s * 1e9) > 1e-3:
             raise ValueError(f"bin_s: {bin_s} s is not a whole number of nanoseconds")
         if abs(float(info.bin_s) - bin_s) > 1e-9 and not opt.allow_bin_mismatch:
-            raise ValueError(f"bin width: the daemon bins at {bin_s * 1e3:g} ms but the decoder "
-                             f"{info.name or ''} was trained at {info.bin_s * 1e3:g} ms; use --bin-ms "
-                             f"{info.bin_s * 1e3:g} (or allow_bin_mismatch / --allow-bin-mismatch)")
+            raise ValueError(
+                f"bin width: the daemon bins at {bin_s * 1e3:g} ms but the decoder "
+                f"{info.name or ''} was trained at {info.bin_s * 1e3:g} ms; use --bin-ms "
+                f"{info.bin_s * 1e3:g} (or allow_bin_mismatch / --allow-bin-mismatch)"
+            )
         self.ingest = check_endpoint(ingest, allow_remote=opt.allow_remote)
         self.publish = check_endpoint(publish, allow_remote=opt.allow_remote)
         self.bin_s = float(bin_s)
@@ -266,30 +300,63 @@ class Daemon:
         self._version_bytes = model_version(decoder).encode()
         self._nan_bytes = np.full(self.n_outputs, np.nan, dtype=np.float32).tobytes()
         self._generation = 1
-        self._binner = Binner(n_channels=self.n_channels, bin_ns=self.bin_ns, emit=self._on_bin,
-                              max_jump_bins=max_jump_bins(max_jump_s=opt.max_jump_s, bin_ns=self.bin_ns))
+        self._binner = Binner(
+            n_channels=self.n_channels,
+            bin_ns=self.bin_ns,
+            emit=self._on_bin,
+            max_jump_bins=max_jump_bins(max_jump_s=opt.max_jump_s, bin_ns=self.bin_ns),
+        )
         self._sources = SourceTable(max_sources=opt.max_sources)
-        self._history = HistoryRing(capacity=max(1, int(math.ceil(opt.history_s / bin_s))), n_channels=self.n_channels,
-                                    n_kinematics=self.n_kinematics, max_pending=opt.max_pending_kinematics)
+        self._history = HistoryRing(
+            capacity=max(1, int(math.ceil(opt.history_s / bin_s))),
+            n_channels=self.n_channels,
+            n_kinematics=self.n_kinematics,
+            max_pending=opt.max_pending_kinematics,
+        )
         self._stages = StageHistograms(STAGES)
         self._recorder = None
         if opt.record_s > 0:
             from .recording import SessionRecorder
 
-            self._recorder = SessionRecorder(n_channels=self.n_channels, n_outputs=self.n_outputs,
-                                             max_bins=max(1, int(math.ceil(opt.record_s / bin_s))))
+            self._recorder = SessionRecorder(
+                n_channels=self.n_channels,
+                n_outputs=self.n_outputs,
+                max_bins=max(1, int(math.ceil(opt.record_s / bin_s))),
+            )
             self._recorder.add_version(1, model_version(decoder))
         self._c: dict[str, int] = dict.fromkeys(
-            ("messages", "spikes_msgs", "ticks", "counts_msgs", "kinematics_msgs", "resets", "pings", "events",
-             "bins", "gaps", "rejected", "decode_errors", "publish_dropped", "publish_errors", "swaps"), 0)
+            (
+                "messages",
+                "spikes_msgs",
+                "ticks",
+                "counts_msgs",
+                "kinematics_msgs",
+                "resets",
+                "pings",
+                "events",
+                "bins",
+                "gaps",
+                "rejected",
+                "decode_errors",
+                "publish_dropped",
+                "publish_errors",
+                "swaps",
+            ),
+            0,
+        )
         self._rejects: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
         self._swap_q: collections.deque[SwapTicket] = collections.deque()
         self._control_q: collections.deque[tuple] = collections.deque()
         self._swaps: collections.deque[dict] = collections.deque(maxlen=64)
         self._log = LogSink(logger=logger, interval_s=opt.log_interval_s)
         self._handlers: dict[MsgType, Callable[[IngestMessage, int], None]] = {
-            MsgType.SPIKES: self._on_spikes, MsgType.TICK: self._on_tick, MsgType.COUNTS: self._on_counts,
-            MsgType.KINEMATICS: self._on_kinematics, MsgType.RESET: self._on_reset, MsgType.PING: self._on_ping}
+            MsgType.SPIKES: self._on_spikes,
+            MsgType.TICK: self._on_tick,
+            MsgType.COUNTS: self._on_counts,
+            MsgType.KINEMATICS: self._on_kinematics,
+            MsgType.RESET: self._on_reset,
+            MsgType.PING: self._on_ping,
+        }
         self._t_recv = 0
         self._last_bin: int | None = None
         self._pub: zmq.Socket | None = None
@@ -363,9 +430,16 @@ class Daemon:
         b = self._binner
         h = self._history
         counters = dict(self._c)
-        counters.update(bins_stalled=b.bins_stalled, bins_discarded=b.bins_discarded, late_events=b.late_events,
-                        late_packets=b.late_packets, spikes=b.spikes, kinematics_stored=h.kinematics_stored,
-                        kinematics_stale=h.kinematics_stale, kinematics_dropped=h.kinematics_dropped)
+        counters.update(
+            bins_stalled=b.bins_stalled,
+            bins_discarded=b.bins_discarded,
+            late_events=b.late_events,
+            late_packets=b.late_packets,
+            spikes=b.spikes,
+            kinematics_stored=h.kinematics_stored,
+            kinematics_stale=h.kinematics_stale,
+            kinematics_dropped=h.kinematics_dropped,
+        )
         rejected = {k: v for k, v in dict(self._rejects).items() if v}
         latency = {}
         for name, hist in self._stages.h.items():
@@ -380,7 +454,12 @@ class Daemon:
             "rejected": rejected,
             "sequence": self._sources.summary(),
             "latency_ms": latency,
-            "stream": {"epoch": b.epoch, "open_bin": b.k_open, "last_bin": self._last_bin, "free_run": b.free_run},
+            "stream": {
+                "epoch": b.epoch,
+                "open_bin": b.k_open,
+                "last_bin": self._last_bin,
+                "free_run": b.free_run,
+            },
             "adapters": {name: counters() for name, counters in list(self._adapters.items())},
         }
 
@@ -411,7 +490,9 @@ class Daemon:
             "startup": self.startup,
         }
 
-    def swap_decoder(self, new_decoder: Decoder, *, warm: bool = True, warm_bins: int | None = None) -> SwapTicket:
+    def swap_decoder(
+        self, new_decoder: Decoder, *, warm: bool = True, warm_bins: int | None = None
+    ) -> SwapTicket:
         """Replace the decoder exactly at a bin boundary: the next bin the loop closes is decoded by
         ``new_decoder`` (no bin missed, none decoded twice) and carries flag SWAPPED, the new
         generation and the new model version.  Returns a :class:`SwapTicket` (``wait()`` → that bin).
@@ -428,11 +509,15 @@ class Daemon:
         """
         info = new_decoder.info
         if int(info.n_channels) != self.n_channels:
-            raise ValueError(f"swap_decoder: the new decoder takes {info.n_channels} channels, the stream has "
-                             f"{self.n_channels}")
+            raise ValueError(
+                f"swap_decoder: the new decoder takes {info.n_channels} channels, the stream has "
+                f"{self.n_channels}"
+            )
         if abs(float(info.bin_s) - self.bin_s) > 1e-9 and not self.options.allow_bin_mismatch:
-            raise ValueError(f"swap_decoder: the new decoder was trained at {info.bin_s * 1e3:g} ms bins, the daemon "
-                             f"bins at {self.bin_s * 1e3:g} ms")
+            raise ValueError(
+                f"swap_decoder: the new decoder was trained at {info.bin_s * 1e3:g} ms bins, the daemon "
+                f"bins at {self.bin_s * 1e3:g} ms"
+            )
         new_decoder.reset()
         epoch, last = self._binner.epoch, None
         n_warm = 0
@@ -467,7 +552,9 @@ class Daemon:
         Call it once the loop has stopped (:meth:`stop`, :meth:`join`)."""
         if self._recorder is None:
             return None
-        return self._recorder.session(bin_ns=self.bin_ns, target=self.status()["target"], description=description)
+        return self._recorder.session(
+            bin_ns=self.bin_ns, target=self.status()["target"], description=description
+        )
 
     @property
     def bins_not_recorded(self) -> int:
@@ -489,8 +576,10 @@ class Daemon:
             pub.setsockopt(zmq.LINGER, 0)
             pub.setsockopt(zmq.SNDHWM, self.options.publish_hwm)
             pub.bind(self.publish)
-            self.endpoints = {"ingest": pull.getsockopt_string(zmq.LAST_ENDPOINT),
-                              "publish": pub.getsockopt_string(zmq.LAST_ENDPOINT)}
+            self.endpoints = {
+                "ingest": pull.getsockopt_string(zmq.LAST_ENDPOINT),
+                "publish": pub.getsockopt_string(zmq.LAST_ENDPOINT),
+            }
             self._pub = pub
             self.startup = self._startup_habits()
             self._t_start_wall, self._t_start = time.time(), _now()  # uptime counts from ready
@@ -523,7 +612,10 @@ class Daemon:
 
     def _startup_habits(self) -> dict:
         opt = self.options
-        rep: dict = {"affinity": realtime.pin_thread(opt.affinity), "rt_priority": realtime.rt_priority(opt.rt_priority)}
+        rep: dict = {
+            "affinity": realtime.pin_thread(opt.affinity),
+            "rt_priority": realtime.rt_priority(opt.rt_priority),
+        }
         t0 = _now()
         n = max(0, int(opt.warmup_bins))
         if n:
@@ -531,14 +623,25 @@ class Daemon:
             for _ in range(n):
                 self._decoder.step(zero)
         self._decoder.reset()
-        rep["warmup"] = {"requested": n, "applied": n > 0,
-                         "detail": f"{n} engine steps in {(_now() - t0) / 1e6:.1f} ms, then reset" if n else "skipped"}
+        rep["warmup"] = {
+            "requested": n,
+            "applied": n > 0,
+            "detail": f"{n} engine steps in {(_now() - t0) / 1e6:.1f} ms, then reset" if n else "skipped",
+        }
         rep["gc_freeze"] = realtime.freeze_gc(opt.gc_freeze)
-        rep["busy_poll"] = {"requested": opt.busy_poll_us, "applied": opt.busy_poll_us > 0,
-                            "detail": (f"spins up to {opt.busy_poll_us} µs after each message before blocking"
-                                       if opt.busy_poll_us > 0 else "blocks in poll between messages")}
-        rep["prewarm"] = {"requested_lead_us": opt.prewarm_lead_us,
-                          "applied": opt.prewarm_lead_us > 0 and hasattr(self._decoder, "prewarm")}
+        rep["busy_poll"] = {
+            "requested": opt.busy_poll_us,
+            "applied": opt.busy_poll_us > 0,
+            "detail": (
+                f"spins up to {opt.busy_poll_us} µs after each message before blocking"
+                if opt.busy_poll_us > 0
+                else "blocks in poll between messages"
+            ),
+        }
+        rep["prewarm"] = {
+            "requested_lead_us": opt.prewarm_lead_us,
+            "applied": opt.prewarm_lead_us > 0 and hasattr(self._decoder, "prewarm"),
+        }
         rep["endpoints"] = dict(self.endpoints)
         rep["bin_ms"] = self.bin_ns / 1e6
         rep["stall_timeout_ms"] = self._stall_ns / 1e6
@@ -630,7 +733,9 @@ class Daemon:
                 return
             self._c["gaps"] += gap
             self._binner.raise_flags(_GAP)
-            self._log.limited("gap", logging.WARNING, f"source {source}: {gap} message(s) lost before seq {seq}")
+            self._log.limited(
+                "gap", logging.WARNING, f"source {source}: {gap} message(s) lost before seq {seq}"
+            )
         try:
             msg = parse_body(head, frames, self._limits)
             t = msg.type
@@ -661,10 +766,15 @@ class Daemon:
         """Per-source and stream checks for a message reporting times [lo, hi] (ns)."""
         prev = self._sources.time_of(source)
         if lo < prev:
-            raise ProtocolError("time_regression", f"time {lo} ns < {prev} ns already reported by this source")
+            raise ProtocolError(
+                "time_regression", f"time {lo} ns < {prev} ns already reported by this source"
+            )
         if not self._binner.jump_ok(lo, hi):
-            raise ProtocolError("time_jump", f"time {hi} ns is more than {self.options.max_jump_s:g} s ahead of the "
-                                             f"open bin {self._binner.k_open}; send RESET for a new clock")
+            raise ProtocolError(
+                "time_jump",
+                f"time {hi} ns is more than {self.options.max_jump_s:g} s ahead of the "
+                f"open bin {self._binner.k_open}; send RESET for a new clock",
+            )
 
     def _on_spikes(self, msg: IngestMessage, t_recv: int) -> None:
         self._c["spikes_msgs"] += 1
@@ -697,16 +807,22 @@ class Daemon:
         """The bin of a COUNTS/KINEMATICS block's first row; ``time_range`` if its last row ends past 2⁶² ns."""
         first = msg.first // self.bin_ns if msg.time_is_clock else msg.first
         if (first + n_rows) * self.bin_ns > MAX_TIME_NS:
-            raise ProtocolError("time_range", f"bins {first}…{first + n_rows - 1} reach beyond the clock range")
+            raise ProtocolError(
+                "time_range", f"bins {first}…{first + n_rows - 1} reach beyond the clock range"
+            )
         return first
 
     def _on_counts(self, msg: IngestMessage, t_recv: int) -> None:
         self._c["counts_msgs"] += 1
         counts = msg.counts
         if counts.shape[1] != self.n_channels:
-            raise ProtocolError("channel_count", f"{counts.shape[1]} channels, the model takes {self.n_channels}")
+            raise ProtocolError(
+                "channel_count", f"{counts.shape[1]} channels, the model takes {self.n_channels}"
+            )
         if msg.aux and msg.aux != self.bin_ns:
-            raise ProtocolError("bin_width", f"binned at {msg.aux / 1e6:g} ms, the daemon bins at {self.bin_ns / 1e6:g} ms")
+            raise ProtocolError(
+                "bin_width", f"binned at {msg.aux / 1e6:g} ms, the daemon bins at {self.bin_ns / 1e6:g} ms"
+            )
         first = self._first_bin(msg, counts.shape[0])
         lo, hi = first * self.bin_ns, (first + counts.shape[0]) * self.bin_ns
         self._check_time(msg.source, lo, hi)
@@ -717,12 +833,18 @@ class Daemon:
         self._c["kinematics_msgs"] += 1
         vals = msg.values
         if vals.shape[1] != self.n_kinematics:
-            raise ProtocolError("dims", f"{vals.shape[1]} kinematics dims, the daemon expects {self.n_kinematics}")
+            raise ProtocolError(
+                "dims", f"{vals.shape[1]} kinematics dims, the daemon expects {self.n_kinematics}"
+            )
         first = self._first_bin(msg, vals.shape[0])
         b = self._binner
-        if b.started and first + vals.shape[0] - 1 - b.k_open > min(b.max_jump_bins, self.options.max_pending_kinematics):
-            raise ProtocolError("time_jump", f"kinematics for bin {first + vals.shape[0] - 1}, far ahead of the open "
-                                             f"bin {b.k_open}")
+        if b.started and first + vals.shape[0] - 1 - b.k_open > min(
+            b.max_jump_bins, self.options.max_pending_kinematics
+        ):
+            raise ProtocolError(
+                "time_jump",
+                f"kinematics for bin {first + vals.shape[0] - 1}, far ahead of the open bin {b.k_open}",
+            )
         epoch = b.epoch if b.started else b.epoch + 1  # before a stream starts: for the one about to
         self._history.add_kinematics(epoch, first, vals)
         if self._recorder is not None:
@@ -744,8 +866,9 @@ class Daemon:
         st["rejected"] = {k: v for k, v in self._rejects.items() if v}
         st["sequence"] = self._sources.source_summary(msg.source)
         try:
-            self._pub.send_multipart(encode_pong(token=msg.token, source=msg.source, seq=msg.seq, status=st),
-                                     zmq.NOBLOCK)
+            self._pub.send_multipart(
+                encode_pong(token=msg.token, source=msg.source, seq=msg.seq, status=st), zmq.NOBLOCK
+            )
         except zmq.ZMQError:
             self._c["publish_errors"] += 1
 
@@ -777,10 +900,21 @@ class Daemon:
         t_infer = _now()
         self._c["bins"] += 1  # counted before the send: whoever sees bin k's prediction sees it counted
         self._last_bin = k
-        frames = encode_prediction(bin=k, bin_ns=self.bin_ns, velocity_bytes=vb, n_outputs=d,
-                                   model_version=self._version_bytes, flags=flags, epoch=epoch,
-                                   generation=self._generation, t_recv_ns=self._t_recv, t_close_ns=t_close,
-                                   t_infer_ns=t_infer, t_publish_ns=_now(), n_spikes=n_spikes)
+        frames = encode_prediction(
+            bin=k,
+            bin_ns=self.bin_ns,
+            velocity_bytes=vb,
+            n_outputs=d,
+            model_version=self._version_bytes,
+            flags=flags,
+            epoch=epoch,
+            generation=self._generation,
+            t_recv_ns=self._t_recv,
+            t_close_ns=t_close,
+            t_infer_ns=t_infer,
+            t_publish_ns=_now(),
+            n_spikes=n_spikes,
+        )
         try:
             send = self._pub.send  # three frames; plain send() skips send_multipart's per-frame checks
             send(frames[0], _SNDMORE_NOBLOCK)
@@ -800,8 +934,16 @@ class Daemon:
         h["daemon"].record(t_pub - t_recv)
         self._history.append(epoch, k, counts)
         if self._recorder is not None:
-            self._recorder.append(epoch=epoch, k=k, counts=counts, output=vb, flags=flags, n_spikes=n_spikes,
-                                  generation=self._generation, stamps=(t_recv, t_close, t_infer, t_pub))
+            self._recorder.append(
+                epoch=epoch,
+                k=k,
+                counts=counts,
+                output=vb,
+                flags=flags,
+                n_spikes=n_spikes,
+                generation=self._generation,
+                stamps=(t_recv, t_close, t_infer, t_pub),
+            )
 
     def _apply_swaps(self, k: int, flags: int) -> int:
         epoch = self._binner.epoch
@@ -812,11 +954,16 @@ class Daemon:
                 mode = "fresh (first bin of a stream)"  # reset below, with every stream start
             elif t.warm and t.warm_epoch == epoch and t.warm_last is not None:
                 gap = k - 1 - t.warm_last
-                fill = self._history.stream_range(epoch, t.warm_last + 1, k) if gap <= self.options.swap_catchup_bins \
+                fill = (
+                    self._history.stream_range(epoch, t.warm_last + 1, k)
+                    if gap <= self.options.swap_catchup_bins
                     else None
+                )
                 if fill is None:
                     new.reset()
-                    mode = f"fresh (the {gap} bins since warm-up exceed swap_catchup_bins or left the history)"
+                    mode = (
+                        f"fresh (the {gap} bins since warm-up exceed swap_catchup_bins or left the history)"
+                    )
                 else:
                     for row in fill:
                         new.step(row)
@@ -831,8 +978,14 @@ class Daemon:
             self._c["swaps"] += 1
             if self._recorder is not None:
                 self._recorder.add_version(self._generation, model_version(new))
-            rec = {"bin": k, "epoch": epoch, "generation": self._generation, "model_version": model_version(new),
-                   "mode": mode, "time": time.time()}
+            rec = {
+                "bin": k,
+                "epoch": epoch,
+                "generation": self._generation,
+                "model_version": model_version(new),
+                "mode": mode,
+                "time": time.time(),
+            }
             self._swaps.append(rec)
             self._log.log(logging.INFO, f"decoder swapped at bin {k}: {rec}")
             t._resolve(bin=k, epoch=epoch, generation=self._generation, mode=mode)

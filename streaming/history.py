@@ -42,7 +42,9 @@ class HistoryRing:
         self._epoch = 0
         self._epoch_first_bin = 0
         self._epoch_first_serial = 0
-        self._pending: dict[tuple[int, int], np.ndarray] = {}  # (epoch, bin) → (D,) kinematics that came early
+        self._pending: dict[
+            tuple[int, int], np.ndarray
+        ] = {}  # (epoch, bin) → (D,) kinematics that came early
         self.kinematics_stored = 0
         self.kinematics_stale = 0  # named a bin no longer in the ring (or of a past stream)
         self.kinematics_dropped = 0  # pending map overflow
@@ -94,8 +96,8 @@ class HistoryRing:
             e = min(hi, (s // self.capacity + 1) * self.capacity)
             i0 = s % self.capacity
             with self._lock:
-                self._kin[i0:i0 + e - s] = values[s - s0:e - s0]
-                self._has_kin[i0:i0 + e - s] = True
+                self._kin[i0 : i0 + e - s] = values[s - s0 : e - s0]
+                self._has_kin[i0 : i0 + e - s] = True
             s = e
         self.kinematics_stored += max(0, hi - lo)
         for s in range(max(s0, self._next), s0 + n):
@@ -117,15 +119,26 @@ class HistoryRing:
             e = min(stop_serial, s + _CHUNK, (s // self.capacity + 1) * self.capacity)
             i0, i1 = s % self.capacity, (e - 1) % self.capacity + 1
             with self._lock:
-                part = (self._serials[i0:i1].copy(), self._epochs[i0:i1].copy(), self._bins[i0:i1].copy(),
-                        self._counts[i0:i1].copy(), self._kin[i0:i1].copy(), self._has_kin[i0:i1].copy())
+                part = (
+                    self._serials[i0:i1].copy(),
+                    self._epochs[i0:i1].copy(),
+                    self._bins[i0:i1].copy(),
+                    self._counts[i0:i1].copy(),
+                    self._kin[i0:i1].copy(),
+                    self._has_kin[i0:i1].copy(),
+                )
             keep = part[0] == np.arange(s, e)  # rows overwritten meanwhile are newer: drop them
             parts.append(tuple(a[keep] for a in part))
             s = e
         if not parts:
-            return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                    np.zeros((0, self.n_channels), np.int32), np.zeros((0, self.n_kinematics), np.float32),
-                    np.zeros(0, bool))
+            return (
+                np.zeros(0, np.int64),
+                np.zeros(0, np.int64),
+                np.zeros(0, np.int64),
+                np.zeros((0, self.n_channels), np.int32),
+                np.zeros((0, self.n_kinematics), np.float32),
+                np.zeros(0, bool),
+            )
         return tuple(np.concatenate([p[j] for p in parts]) for j in range(6))
 
     def recent(self, n_bins: int) -> dict[str, np.ndarray]:
@@ -134,7 +147,14 @@ class HistoryRing:
         stop = self._next
         first = max(0, stop - min(int(n_bins), self.capacity))
         ser, ep, bins, counts, kin, has = self._rows(first, stop)
-        return {"serial": ser, "epoch": ep, "bin": bins, "counts": counts, "kinematics": kin, "has_kinematics": has}
+        return {
+            "serial": ser,
+            "epoch": ep,
+            "bin": bins,
+            "counts": counts,
+            "kinematics": kin,
+            "has_kinematics": has,
+        }
 
     def training_data(self, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
         """Of the last ``n_bins`` decoded bins, those with kinematics: counts (T, N) int32, velocity (T, D) float32."""

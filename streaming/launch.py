@@ -24,8 +24,14 @@ ONNX_BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt")
 BACKENDS = ONNX_BACKENDS + ("openvino-cpu", "torch")
 
 
-def load_decoder(model: str | os.PathLike, *, backend: str = "onnx-cpu", precision: str = "fp32",
-                 intra_op_threads: int = 1, allow_spinning: bool = False) -> Any:
+def load_decoder(
+    model: str | os.PathLike,
+    *,
+    backend: str = "onnx-cpu",
+    precision: str = "fp32",
+    intra_op_threads: int = 1,
+    allow_spinning: bool = False,
+) -> Any:
     """An engine implementing the decoder contract, from an export directory / .onnx file (ONNX
     back-ends) or a checkpoint / export directory (``torch``)."""
     p = Path(model)
@@ -38,10 +44,17 @@ def load_decoder(model: str | os.PathLike, *, backend: str = "onnx-cpu", precisi
     if backend == "torch":
         return load_engine(p, backend="torch")
     if p.is_file() and p.suffix == ".safetensors":
-        raise ValueError(f"model: {p} is a checkpoint; the ONNX back-ends need an export — run "
-                         f"`rpnt export {p} --out DIR` and serve DIR (or use --backend torch for development)")
-    return load_engine(p, backend=backend, precision=precision, intra_op_threads=intra_op_threads,
-                       allow_spinning=allow_spinning)
+        raise ValueError(
+            f"model: {p} is a checkpoint; the ONNX back-ends need an export — run "
+            f"`rpnt export {p} --out DIR` and serve DIR (or use --backend torch for development)"
+        )
+    return load_engine(
+        p,
+        backend=backend,
+        precision=precision,
+        intra_op_threads=intra_op_threads,
+        allow_spinning=allow_spinning,
+    )
 
 
 def ipc_endpoints(directory: str | os.PathLike | None = None) -> tuple[str, str, str]:
@@ -50,15 +63,44 @@ def ipc_endpoints(directory: str | os.PathLike | None = None) -> tuple[str, str,
     return f"ipc://{d / 'ingest'}", f"ipc://{d / 'publish'}", str(d)
 
 
-def spawn_daemon(*, model: str | os.PathLike, bin_ms: float, ingest: str, publish: str, backend: str = "onnx-cpu",
-                 precision: str = "fp32", extra: list[str] | None = None, log_path: str | os.PathLike | None = None,
-                 env: dict | None = None) -> subprocess.Popen:
+def spawn_daemon(
+    *,
+    model: str | os.PathLike,
+    bin_ms: float,
+    ingest: str,
+    publish: str,
+    backend: str = "onnx-cpu",
+    precision: str = "fp32",
+    extra: list[str] | None = None,
+    log_path: str | os.PathLike | None = None,
+    env: dict | None = None,
+) -> subprocess.Popen:
     """``rpnt serve`` in a child process (its own interpreter and GIL; JSON event lines in
     ``log_path``).  Wait for it with
     :func:`streaming.client.wait_for_daemon`; stop it with ``proc.send_signal(SIGINT)``."""
-    cmd = [sys.executable, "-m", "streaming.cli", "serve", "--model", str(model), "--backend", backend,
-           "--precision", precision, "--bin-ms", repr(float(bin_ms)), "--ingest", ingest, "--publish", publish,
-           "--stats-interval", "0", "--log-format", "json", *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streaming.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--backend",
+        backend,
+        "--precision",
+        precision,
+        "--bin-ms",
+        repr(float(bin_ms)),
+        "--ingest",
+        ingest,
+        "--publish",
+        publish,
+        "--stats-interval",
+        "0",
+        "--log-format",
+        "json",
+        *(extra or []),
+    ]
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
     e = child_env(env)
     try:
@@ -73,8 +115,9 @@ class EndpointError(ValueError):
 
 
 @contextmanager
-def held_endpoints(endpoints: Mapping[str, str], *, allow_remote: bool,
-                   remote_option: str = "--allow-remote") -> Iterator[None]:
+def held_endpoints(
+    endpoints: Mapping[str, str], *, allow_remote: bool, remote_option: str = "--allow-remote"
+) -> Iterator[None]:
     """Check that the daemon could bind each of ``endpoints`` (name → ZeroMQ endpoint) now, and hold
     them for the body of the ``with`` (so a later check, e.g. of the HTTP port, sees them taken).
 
@@ -99,15 +142,19 @@ def held_endpoints(endpoints: Mapping[str, str], *, allow_remote: bool,
             try:
                 check_endpoint(endpoint, allow_remote=allow_remote)
             except ValueError:
-                raise EndpointError(f"{name}: {endpoint} is not a loopback address; set {remote_option} to bind "
-                                    "other interfaces") from None
+                raise EndpointError(
+                    f"{name}: {endpoint} is not a loopback address; set {remote_option} to bind "
+                    "other interfaces"
+                ) from None
             if endpoint in seen:
-                raise EndpointError(f"{name}: {endpoint} is also {seen[endpoint]}; the two need different endpoints")
+                raise EndpointError(
+                    f"{name}: {endpoint} is also {seen[endpoint]}; the two need different endpoints"
+                )
             seen[endpoint] = name
             if endpoint.startswith("tcp://"):
                 stack.enter_context(_bound_tcp(ctx, name, endpoint))
             elif endpoint.startswith("ipc://"):
-                _check_ipc_free(name, endpoint[len("ipc://"):])
+                _check_ipc_free(name, endpoint[len("ipc://") :])
         yield
 
 

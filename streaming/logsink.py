@@ -21,7 +21,9 @@ _STOP = object()
 class LogSink:
     """Queue + writer thread in front of a :class:`logging.Logger`."""
 
-    def __init__(self, *, logger: logging.Logger | None = None, interval_s: float = 5.0, max_detail: int = 200) -> None:
+    def __init__(
+        self, *, logger: logging.Logger | None = None, interval_s: float = 5.0, max_detail: int = 200
+    ) -> None:
         self.logger = logger or logging.getLogger("rpnt.streaming")
         self.interval_s = float(interval_s)
         self.max_detail = int(max_detail)

@@ -126,51 +126,109 @@ def _build(ds: DecodedSession):
 
     rate = 1e9 / ds.bin_ns
     bin_ms = f"{ds.bin_ns / 1e6:g} ms"
-    nwb = NWBFile(session_description=ds.description, identifier=str(uuid.uuid4()),
-                  session_start_time=datetime.now(timezone.utc), session_id=ds.session_id or None,
-                  source_script="rpnt", source_script_file_name="streaming/nwb_out.py",
-                  notes=f"decoded by rpnt; model version(s): {_versions_text(ds)}", keywords=KEYWORDS,
-                  experiment_description=f"real-time decoding of {ds.target} from binned spike counts by rpnt",
-                  subject=Subject(subject_id=ds.subject) if ds.subject else None)
+    nwb = NWBFile(
+        session_description=ds.description,
+        identifier=str(uuid.uuid4()),
+        session_start_time=datetime.now(timezone.utc),
+        session_id=ds.session_id or None,
+        source_script="rpnt",
+        source_script_file_name="streaming/nwb_out.py",
+        notes=f"decoded by rpnt; model version(s): {_versions_text(ds)}",
+        keywords=KEYWORDS,
+        experiment_description=f"real-time decoding of {ds.target} from binned spike counts by rpnt",
+        subject=Subject(subject_id=ds.subject) if ds.subject else None,
+    )
 
     def series(name: str, data: np.ndarray, *, unit: str, description: str, **kw) -> TimeSeries:
-        return TimeSeries(name=name, data=data, unit=unit, rate=rate, starting_time=float(ds.starting_time),
-                          description=description, **kw)
+        return TimeSeries(
+            name=name,
+            data=data,
+            unit=unit,
+            rate=rate,
+            starting_time=float(ds.starting_time),
+            description=description,
+            **kw,
+        )
 
-    ecephys = nwb.create_processing_module(NWB_COUNTS[0], f"spike counts per {bin_ms} bin, as the decoder saw them")
-    ecephys.add(series(NWB_COUNTS[1], _packed(np.asarray(ds.counts, dtype=np.int32)), unit="spikes",
-                       description=f"spike counts (bins × channels), {bin_ms} bins; one row per decoded bin",
-                       continuity="step"))
+    ecephys = nwb.create_processing_module(
+        NWB_COUNTS[0], f"spike counts per {bin_ms} bin, as the decoder saw them"
+    )
+    ecephys.add(
+        series(
+            NWB_COUNTS[1],
+            _packed(np.asarray(ds.counts, dtype=np.int32)),
+            unit="spikes",
+            description=f"spike counts (bins × channels), {bin_ms} bins; one row per decoded bin",
+            continuity="step",
+        )
+    )
     if ds.labels:
         beh = nwb.create_processing_module(NWB_BEHAVIOUR, "recorded behaviour, one row per decoded bin")
         for name, v in ds.labels.items():
             v = np.asarray(v, dtype=np.float32)
-            beh.add(series(name, _packed(v), unit="a.u.", description=f"recorded {name} ({v.shape[1]} dims) per bin"))
+            beh.add(
+                series(
+                    name, _packed(v), unit="a.u.", description=f"recorded {name} ({v.shape[1]} dims) per bin"
+                )
+            )
     misc = nwb.create_processing_module(MISC, f"rpnt decoder output; model version(s): {_versions_text(ds)}")
     D = ds.decoded.shape[1]
-    misc.add(series(ds.target, _packed(np.asarray(ds.decoded, dtype=np.float32)), unit="a.u.",
-                    description=f"decoded {ds.target} ({D} dims) per bin, NaN where no prediction came back",
-                    comments=f"target={ds.target}; dims={D}"))
+    misc.add(
+        series(
+            ds.target,
+            _packed(np.asarray(ds.decoded, dtype=np.float32)),
+            unit="a.u.",
+            description=f"decoded {ds.target} ({D} dims) per bin, NaN where no prediction came back",
+            comments=f"target={ds.target}; dims={D}",
+        )
+    )
     flag_doc = ", ".join(f"{f.name}={int(f)}" for f in PredFlag)
-    cols = [("epoch", ds.epoch, np.int64, "stream (the daemon's epoch; a RESET starts the next)"),
-            ("bin", ds.bin, np.int64, "bin index within its stream"),
-            ("received", ds.received, bool, "whether a prediction came back for the bin"),
-            ("flags", ds.flags, np.int64, f"prediction flags, bits: {flag_doc}"),
-            ("n_spikes", ds.n_spikes, np.int64, "spikes the daemon counted into the bin (−1: unknown)"),
-            ("generation", ds.generation, np.int64, "decoder generation that decoded the bin (a swap starts the "
-                                                    "next; −1: no prediction)"),
-            ("model_version", [ds.model_versions.get(int(g), "") for g in ds.generation], None,
-             "model version (weights hash) that decoded the bin (empty: no prediction)")]
-    cols += [(f"{stage}_ns", v, np.int64, f"latency of stage {stage} in ns (−1: no value)")
-             for stage, v in ds.latency_ns.items()]
-    misc.add(DynamicTable(name=BINS_TABLE, description="one row per decoded bin: flags, latencies, generation",
-                          columns=[VectorData(name=n, data=_packed(v if dt is None else np.asarray(v, dtype=dt)),
-                                              description=d) for n, v, dt, d in cols]))
+    cols = [
+        ("epoch", ds.epoch, np.int64, "stream (the daemon's epoch; a RESET starts the next)"),
+        ("bin", ds.bin, np.int64, "bin index within its stream"),
+        ("received", ds.received, bool, "whether a prediction came back for the bin"),
+        ("flags", ds.flags, np.int64, f"prediction flags, bits: {flag_doc}"),
+        ("n_spikes", ds.n_spikes, np.int64, "spikes the daemon counted into the bin (−1: unknown)"),
+        (
+            "generation",
+            ds.generation,
+            np.int64,
+            "decoder generation that decoded the bin (a swap starts the next; −1: no prediction)",
+        ),
+        (
+            "model_version",
+            [ds.model_versions.get(int(g), "") for g in ds.generation],
+            None,
+            "model version (weights hash) that decoded the bin (empty: no prediction)",
+        ),
+    ]
+    cols += [
+        (f"{stage}_ns", v, np.int64, f"latency of stage {stage} in ns (−1: no value)")
+        for stage, v in ds.latency_ns.items()
+    ]
+    misc.add(
+        DynamicTable(
+            name=BINS_TABLE,
+            description="one row per decoded bin: flags, latencies, generation",
+            columns=[
+                VectorData(name=n, data=_packed(v if dt is None else np.asarray(v, dtype=dt)), description=d)
+                for n, v, dt, d in cols
+            ],
+        )
+    )
     return nwb
 
 
-def from_replay(res, *, counts: np.ndarray, labels: dict[str, np.ndarray] | None = None, starting_time: float = 0.0,
-                description: str = "rpnt replay", session_id: str = "", subject: str = "") -> DecodedSession:
+def from_replay(
+    res,
+    *,
+    counts: np.ndarray,
+    labels: dict[str, np.ndarray] | None = None,
+    starting_time: float = 0.0,
+    description: str = "rpnt replay",
+    session_id: str = "",
+    subject: str = "",
+) -> DecodedSession:
     """The :class:`DecodedSession` of a replay (:class:`~streaming.replay.ReplayResult`) of ``counts``
     (T, N) with the recorded ``labels`` it carried.  Latencies: every stage of the replay report
     (:func:`~streaming.report.stage_arrays`), −1 for bins it leaves out (not received, STALLED)."""
@@ -178,8 +236,21 @@ def from_replay(res, *, counts: np.ndarray, labels: dict[str, np.ndarray] | None
 
     T = res.n_bins
     return DecodedSession(
-        bin_ns=int(res.bin_ns), target=res.target, counts=np.asarray(counts), decoded=res.velocity,
-        received=res.received, flags=res.flags, n_spikes=res.n_spikes, epoch=np.full(T, res.epoch, np.int64),
-        bin=np.arange(T, dtype=np.int64), generation=res.generation, model_versions=dict(res.versions_by_generation),
-        latency_ns=stage_arrays(res, per_bin=True), labels=dict(labels or {}), starting_time=float(starting_time),
-        description=description, session_id=session_id, subject=subject)
+        bin_ns=int(res.bin_ns),
+        target=res.target,
+        counts=np.asarray(counts),
+        decoded=res.velocity,
+        received=res.received,
+        flags=res.flags,
+        n_spikes=res.n_spikes,
+        epoch=np.full(T, res.epoch, np.int64),
+        bin=np.arange(T, dtype=np.int64),
+        generation=res.generation,
+        model_versions=dict(res.versions_by_generation),
+        latency_ns=stage_arrays(res, per_bin=True),
+        labels=dict(labels or {}),
+        starting_time=float(starting_time),
+        description=description,
+        session_id=session_id,
+        subject=subject,
+    )

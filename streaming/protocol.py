@@ -73,8 +73,9 @@ class MsgType(IntEnum):
     PONG = 17
 
 
-INGEST_TYPES = frozenset({MsgType.SPIKES, MsgType.TICK, MsgType.COUNTS, MsgType.KINEMATICS,
-                          MsgType.RESET, MsgType.PING})
+INGEST_TYPES = frozenset(
+    {MsgType.SPIKES, MsgType.TICK, MsgType.COUNTS, MsgType.KINEMATICS, MsgType.RESET, MsgType.PING}
+)
 
 
 class IngestFlag(IntFlag):
@@ -206,22 +207,61 @@ def _max_wire_time(rate_hz: int) -> int:
 
 
 # ---------------------------------------------------------------------------- encoding (clients)
-def _hdr(msg_type: int, *, source: int, seq: int, flags: int = 0, time: int = 0, rate_hz: int = 0, n: int = 0,
-         m: int = 0, aux: int = 0, version: int = PROTOCOL_VERSION) -> bytes:
-    return INGEST_HEADER.pack(MAGIC, version, int(msg_type), int(source), int(flags), int(seq), int(time),
-                              int(rate_hz), int(n), int(m), int(aux))
+def _hdr(
+    msg_type: int,
+    *,
+    source: int,
+    seq: int,
+    flags: int = 0,
+    time: int = 0,
+    rate_hz: int = 0,
+    n: int = 0,
+    m: int = 0,
+    aux: int = 0,
+    version: int = PROTOCOL_VERSION,
+) -> bytes:
+    return INGEST_HEADER.pack(
+        MAGIC,
+        version,
+        int(msg_type),
+        int(source),
+        int(flags),
+        int(seq),
+        int(time),
+        int(rate_hz),
+        int(n),
+        int(m),
+        int(aux),
+    )
 
 
-def encode_spikes(*, source: int, seq: int, channels: Sequence[int] | np.ndarray, times: Sequence[int] | np.ndarray,
-                  clock: int | None = None, rate_hz: int = 0) -> list[bytes]:
+def encode_spikes(
+    *,
+    source: int,
+    seq: int,
+    channels: Sequence[int] | np.ndarray,
+    times: Sequence[int] | np.ndarray,
+    clock: int | None = None,
+    rate_hz: int = 0,
+) -> list[bytes]:
     """SPIKES: events (channel id, time) in non-decreasing time order; ``clock`` (same units as
     ``times``) declares that the source has sent every event earlier than it."""
     ch = np.ascontiguousarray(channels, dtype=CHANNEL_DTYPE).reshape(-1)
     tm = np.ascontiguousarray(times, dtype=TIME_DTYPE).reshape(-1)
     if ch.shape != tm.shape:
         raise ValueError(f"channels {ch.shape} and times {tm.shape} differ in length")
-    return [_hdr(MsgType.SPIKES, source=source, seq=seq, time=NO_TIME if clock is None else clock,
-                 rate_hz=rate_hz, n=ch.size), ch.tobytes(), tm.tobytes()]
+    return [
+        _hdr(
+            MsgType.SPIKES,
+            source=source,
+            seq=seq,
+            time=NO_TIME if clock is None else clock,
+            rate_hz=rate_hz,
+            n=ch.size,
+        ),
+        ch.tobytes(),
+        tm.tobytes(),
+    ]
 
 
 def encode_tick(*, source: int, seq: int, clock: int, rate_hz: int = 0) -> list[bytes]:
@@ -229,8 +269,16 @@ def encode_tick(*, source: int, seq: int, clock: int, rate_hz: int = 0) -> list[
     return [_hdr(MsgType.TICK, source=source, seq=seq, time=clock, rate_hz=rate_hz)]
 
 
-def encode_counts(*, source: int, seq: int, first: int, counts: np.ndarray, time_is_clock: bool = False,
-                  rate_hz: int = 0, bin_ns: int = 0) -> list[bytes]:
+def encode_counts(
+    *,
+    source: int,
+    seq: int,
+    first: int,
+    counts: np.ndarray,
+    time_is_clock: bool = False,
+    rate_hz: int = 0,
+    bin_ns: int = 0,
+) -> list[bytes]:
     """COUNTS: ``counts`` (n_bins, n_channels) for consecutive bins from ``first`` (a bin index, or
     the first bin's start time when ``time_is_clock``).  ``bin_ns``: the width they were binned at
     (0 = the daemon's)."""
@@ -238,12 +286,25 @@ def encode_counts(*, source: int, seq: int, first: int, counts: np.ndarray, time
     if c.ndim != 2:
         raise ValueError(f"counts: expected (n_bins, n_channels), got {c.shape}")
     flags = int(IngestFlag.TIME_IS_CLOCK) if time_is_clock else 0
-    return [_hdr(MsgType.COUNTS, source=source, seq=seq, flags=flags, time=first, rate_hz=rate_hz, n=c.shape[0],
-                 m=c.shape[1], aux=bin_ns), c.tobytes()]
+    return [
+        _hdr(
+            MsgType.COUNTS,
+            source=source,
+            seq=seq,
+            flags=flags,
+            time=first,
+            rate_hz=rate_hz,
+            n=c.shape[0],
+            m=c.shape[1],
+            aux=bin_ns,
+        ),
+        c.tobytes(),
+    ]
 
 
-def encode_kinematics(*, source: int, seq: int, first: int, values: np.ndarray, time_is_clock: bool = False,
-                      rate_hz: int = 0) -> list[bytes]:
+def encode_kinematics(
+    *, source: int, seq: int, first: int, values: np.ndarray, time_is_clock: bool = False, rate_hz: int = 0
+) -> list[bytes]:
     """KINEMATICS: behaviour ``values`` (n_bins, D) for consecutive bins from ``first``."""
     v = np.ascontiguousarray(values, dtype=KIN_DTYPE)
     if v.ndim == 1:
@@ -251,15 +312,35 @@ def encode_kinematics(*, source: int, seq: int, first: int, values: np.ndarray, 
     if v.ndim != 2:
         raise ValueError(f"values: expected (n_bins, D), got {v.shape}")
     flags = int(IngestFlag.TIME_IS_CLOCK) if time_is_clock else 0
-    return [_hdr(MsgType.KINEMATICS, source=source, seq=seq, flags=flags, time=first, rate_hz=rate_hz,
-                 n=v.shape[0], m=v.shape[1]), v.tobytes()]
+    return [
+        _hdr(
+            MsgType.KINEMATICS,
+            source=source,
+            seq=seq,
+            flags=flags,
+            time=first,
+            rate_hz=rate_hz,
+            n=v.shape[0],
+            m=v.shape[1],
+        ),
+        v.tobytes(),
+    ]
 
 
-def encode_reset(*, source: int, seq: int, start: int | None = None, free_run: bool = False,
-                 rate_hz: int = 0) -> list[bytes]:
+def encode_reset(
+    *, source: int, seq: int, start: int | None = None, free_run: bool = False, rate_hz: int = 0
+) -> list[bytes]:
     """RESET: end the current stream; the next one starts at bin ⌊start/Δ⌋ (or at the next reported time)."""
-    return [_hdr(MsgType.RESET, source=source, seq=seq, flags=int(IngestFlag.FREE_RUN) if free_run else 0,
-                 time=NO_TIME if start is None else start, rate_hz=rate_hz)]
+    return [
+        _hdr(
+            MsgType.RESET,
+            source=source,
+            seq=seq,
+            flags=int(IngestFlag.FREE_RUN) if free_run else 0,
+            time=NO_TIME if start is None else start,
+            rate_hz=rate_hz,
+        )
+    ]
 
 
 def encode_ping(*, source: int, seq: int, token: int) -> list[bytes]:
@@ -295,12 +376,23 @@ def read_header(frames: Sequence[bytes | memoryview]) -> tuple:
 # plain-int tables for the hot path (IntEnum/IntFlag arithmetic and hashing run Python code)
 _INGEST_BY_INT = {int(t): t for t in INGEST_TYPES}
 _FLAGS_OK = {int(t): v for t, v in INGEST_FLAGS_ALLOWED.items()}
-_N_FRAMES = {int(MsgType.SPIKES): 3, int(MsgType.TICK): 1, int(MsgType.COUNTS): 2, int(MsgType.KINEMATICS): 2,
-             int(MsgType.RESET): 1, int(MsgType.PING): 1}
+_N_FRAMES = {
+    int(MsgType.SPIKES): 3,
+    int(MsgType.TICK): 1,
+    int(MsgType.COUNTS): 2,
+    int(MsgType.KINEMATICS): 2,
+    int(MsgType.RESET): 1,
+    int(MsgType.PING): 1,
+}
 #: per type: whether the header fields (n, m, aux) must be 0 (§4.1 of docs/protocol.md: unused → 0)
-_MUST_BE_ZERO = {int(MsgType.SPIKES): (False, True, True), int(MsgType.TICK): (True, True, True),
-                 int(MsgType.COUNTS): (False, False, False), int(MsgType.KINEMATICS): (False, False, True),
-                 int(MsgType.RESET): (True, True, True), int(MsgType.PING): (True, True, True)}
+_MUST_BE_ZERO = {
+    int(MsgType.SPIKES): (False, True, True),
+    int(MsgType.TICK): (True, True, True),
+    int(MsgType.COUNTS): (False, False, False),
+    int(MsgType.KINEMATICS): (False, False, True),
+    int(MsgType.RESET): (True, True, True),
+    int(MsgType.PING): (True, True, True),
+}
 _TIME_IS_CLOCK = int(IngestFlag.TIME_IS_CLOCK)
 _T_SPIKES, _T_TICK, _T_COUNTS, _T_KIN, _T_RESET = 1, 2, 3, 4, 5
 _FREE_RUN = int(IngestFlag.FREE_RUN)
@@ -319,7 +411,9 @@ def parse_ingest(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_
     return parse_body(read_header(frames), frames, limits)
 
 
-def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> IngestMessage:
+def parse_body(
+    header: tuple, frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
+) -> IngestMessage:
     """A readable header (from :func:`read_header`) and the message's frames → :class:`IngestMessage`,
     or :class:`ProtocolError` for anything else that is not protocol v1 (version, type, flags,
     reserved fields, frame count, array sizes, limits, stateless value rules)."""
@@ -329,7 +423,9 @@ def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limi
     t = _INGEST_BY_INT.get(mtype)
     if t is None:
         if mtype in (MsgType.PREDICTION, MsgType.PONG):
-            raise ProtocolError("msg_type", f"{MsgType(mtype).name} is an output message, not accepted on ingest")
+            raise ProtocolError(
+                "msg_type", f"{MsgType(mtype).name} is an output message, not accepted on ingest"
+            )
         raise ProtocolError("msg_type", f"unknown message type {mtype}")
     if flags & ~_FLAGS_OK[mtype]:
         raise ProtocolError("flags", f"reserved flag bits {flags:#x} set on {t.name}")
@@ -346,8 +442,10 @@ def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limi
             raise ProtocolError("oversized", f"{n} events > {limits.max_events}")
         b1, b2 = _frame(frames, 1), _frame(frames, 2)
         if len(b1) != 2 * n or len(b2) != 8 * n:
-            raise ProtocolError("payload_size", f"n={n}: channels {len(b1)} B (want {2 * n}), times {len(b2)} B "
-                                                f"(want {8 * n})")
+            raise ProtocolError(
+                "payload_size",
+                f"n={n}: channels {len(b1)} B (want {2 * n}), times {len(b2)} B (want {8 * n})",
+            )
         clock: int | None = None
         if time != NO_TIME:
             if time < 0 or time > max_time:
@@ -365,7 +463,9 @@ def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limi
             if clock is not None and clock < int(tm[-1]):
                 raise ProtocolError("time_order", "clock is earlier than the packet's last event")
         # (an empty SPIKES without a clock carries nothing but its sequence number)
-        return IngestMessage(type=t, source=source, seq=seq, flags=flags, clock_ns=clock, channels=ch, times_ns=tm)
+        return IngestMessage(
+            type=t, source=source, seq=seq, flags=flags, clock_ns=clock, channels=ch, times_ns=tm
+        )
 
     if mtype == _T_TICK:
         if time < 0 or time > max_time:
@@ -374,7 +474,9 @@ def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limi
 
     if mtype == _T_COUNTS or mtype == _T_KIN:
         if n > limits.max_bins or m > limits.max_width:
-            raise ProtocolError("oversized", f"{n} bins × {m} > limits ({limits.max_bins} × {limits.max_width})")
+            raise ProtocolError(
+                "oversized", f"{n} bins × {m} > limits ({limits.max_bins} × {limits.max_width})"
+            )
         if n == 0 or m == 0:
             raise ProtocolError("payload_size", f"{t.name} needs n ≥ 1 and m ≥ 1, got n={n}, m={m}")
         dtype = COUNT_DTYPE if mtype == _T_COUNTS else KIN_DTYPE
@@ -389,10 +491,19 @@ def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limi
         if mtype == _T_KIN:
             if not bool(np.isfinite(arr).all()):
                 raise ProtocolError("non_finite", "kinematics contain NaN or inf")
-            return IngestMessage(type=t, source=source, seq=seq, flags=flags, first=first, time_is_clock=by_clock,
-                                 values=arr)
-        return IngestMessage(type=t, source=source, seq=seq, flags=flags, first=first, time_is_clock=by_clock,
-                             counts=arr, aux=aux)
+            return IngestMessage(
+                type=t, source=source, seq=seq, flags=flags, first=first, time_is_clock=by_clock, values=arr
+            )
+        return IngestMessage(
+            type=t,
+            source=source,
+            seq=seq,
+            flags=flags,
+            first=first,
+            time_is_clock=by_clock,
+            counts=arr,
+            aux=aux,
+        )
 
     if mtype == _T_RESET:
         start: int | None = None
@@ -400,8 +511,9 @@ def parse_body(header: tuple, frames: Sequence[bytes | memoryview], limits: Limi
             if time < 0 or time > max_time:
                 raise ProtocolError("time_range", f"reset start {time}")
             start = sample_to_ns(time, rate)
-        return IngestMessage(type=t, source=source, seq=seq, flags=flags, clock_ns=start,
-                             free_run=bool(flags & _FREE_RUN))
+        return IngestMessage(
+            type=t, source=source, seq=seq, flags=flags, clock_ns=start, free_run=bool(flags & _FREE_RUN)
+        )
 
     return IngestMessage(type=t, source=source, seq=seq, flags=flags, token=time)  # PING
 
@@ -436,14 +548,42 @@ class Pong:
     status: dict
 
 
-def encode_prediction(*, bin: int, bin_ns: int, velocity_bytes: bytes, n_outputs: int, model_version: bytes,
-                      flags: int, epoch: int, generation: int, t_recv_ns: int, t_close_ns: int, t_infer_ns: int,
-                      t_publish_ns: int, n_spikes: int) -> list[bytes]:
+def encode_prediction(
+    *,
+    bin: int,
+    bin_ns: int,
+    velocity_bytes: bytes,
+    n_outputs: int,
+    model_version: bytes,
+    flags: int,
+    epoch: int,
+    generation: int,
+    t_recv_ns: int,
+    t_close_ns: int,
+    t_infer_ns: int,
+    t_publish_ns: int,
+    n_spikes: int,
+) -> list[bytes]:
     """The PREDICTION frames (the daemon's hot path calls this once per bin)."""
     start = bin * bin_ns
-    hdr = PREDICTION_HEADER.pack(MAGIC, PROTOCOL_VERSION, MsgType.PREDICTION, flags, n_outputs, bin, start,
-                                 start + bin_ns, epoch & 0xFFFFFFFF, generation & 0xFFFFFFFF, t_recv_ns, t_close_ns,
-                                 t_infer_ns, t_publish_ns, min(n_spikes, 0xFFFFFFFF), 0)
+    hdr = PREDICTION_HEADER.pack(
+        MAGIC,
+        PROTOCOL_VERSION,
+        MsgType.PREDICTION,
+        flags,
+        n_outputs,
+        bin,
+        start,
+        start + bin_ns,
+        epoch & 0xFFFFFFFF,
+        generation & 0xFFFFFFFF,
+        t_recv_ns,
+        t_close_ns,
+        t_infer_ns,
+        t_publish_ns,
+        min(n_spikes, 0xFFFFFFFF),
+        0,
+    )
     return [hdr, velocity_bytes, model_version]
 
 
@@ -470,15 +610,27 @@ def parse_output(frames: Sequence[bytes | memoryview]) -> Prediction | Pong:
     if mtype == MsgType.PREDICTION:
         if len(frames) != 3 or len(frames[0]) != PREDICTION_HEADER.size:
             raise ProtocolError("frames", "PREDICTION is [88-byte header, velocity, version]")
-        (_, _, _, flags, d, k, start, end, epoch, gen, t_recv, t_close, t_infer, t_pub, n_spikes,
-         _) = PREDICTION_HEADER.unpack(frames[0])
+        (_, _, _, flags, d, k, start, end, epoch, gen, t_recv, t_close, t_infer, t_pub, n_spikes, _) = (
+            PREDICTION_HEADER.unpack(frames[0])
+        )
         if len(frames[1]) != 4 * d:
             raise ProtocolError("payload_size", f"velocity {len(frames[1])} B for D={d}")
         vel = np.frombuffer(frames[1], dtype=VELOCITY_DTYPE).copy()
-        return Prediction(bin=k, bin_start_ns=start, bin_end_ns=end, velocity=vel,
-                          model_version=bytes(frames[2]).decode("utf-8", "replace"), flags=flags, epoch=epoch,
-                          generation=gen, t_recv_ns=t_recv, t_close_ns=t_close, t_infer_ns=t_infer,
-                          t_publish_ns=t_pub, n_spikes=n_spikes)
+        return Prediction(
+            bin=k,
+            bin_start_ns=start,
+            bin_end_ns=end,
+            velocity=vel,
+            model_version=bytes(frames[2]).decode("utf-8", "replace"),
+            flags=flags,
+            epoch=epoch,
+            generation=gen,
+            t_recv_ns=t_recv,
+            t_close_ns=t_close,
+            t_infer_ns=t_infer,
+            t_publish_ns=t_pub,
+            n_spikes=n_spikes,
+        )
     if mtype == MsgType.PONG:
         if len(frames) != 2 or len(frames[0]) != INGEST_HEADER.size:
             raise ProtocolError("frames", "PONG is [48-byte header, status JSON]")

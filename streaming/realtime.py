@@ -23,11 +23,19 @@ def pin_thread(cpus: Iterable[int] | int | None) -> dict:
         return {"requested": None, "applied": False, "detail": "not requested"}
     want = {int(cpus)} if isinstance(cpus, int) else {int(c) for c in cpus}
     if not hasattr(os, "sched_setaffinity"):
-        return {"requested": sorted(want), "applied": False, "detail": "os.sched_setaffinity unavailable here"}
+        return {
+            "requested": sorted(want),
+            "applied": False,
+            "detail": "os.sched_setaffinity unavailable here",
+        }
     try:
         os.sched_setaffinity(0, want)
         got = sorted(os.sched_getaffinity(0))
-        return {"requested": sorted(want), "applied": got == sorted(want), "detail": f"decode thread on CPUs {got}"}
+        return {
+            "requested": sorted(want),
+            "applied": got == sorted(want),
+            "detail": f"decode thread on CPUs {got}",
+        }
     except OSError as exc:
         return {"requested": sorted(want), "applied": False, "detail": f"sched_setaffinity failed: {exc}"}
 
@@ -41,8 +49,11 @@ def rt_priority(priority: int | None) -> dict:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(priority)))
         return {"requested": priority, "applied": True, "detail": f"SCHED_FIFO priority {priority}"}
     except (OSError, ValueError) as exc:
-        return {"requested": priority, "applied": False,
-                "detail": f"SCHED_FIFO refused ({exc}); needs CAP_SYS_NICE or an rtprio limit"}
+        return {
+            "requested": priority,
+            "applied": False,
+            "detail": f"SCHED_FIFO refused ({exc}); needs CAP_SYS_NICE or an rtprio limit",
+        }
 
 
 def freeze_gc(enabled: bool) -> dict:
@@ -52,4 +63,8 @@ def freeze_gc(enabled: bool) -> dict:
         return {"requested": True, "applied": False, "detail": "gc.freeze unavailable"}
     gc.collect()
     gc.freeze()
-    return {"requested": True, "applied": True, "detail": f"{gc.get_freeze_count()} objects frozen after warm-up"}
+    return {
+        "requested": True,
+        "applied": True,
+        "detail": f"{gc.get_freeze_count()} objects frozen after warm-up",
+    }

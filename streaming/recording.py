@@ -42,8 +42,18 @@ class SessionRecorder:
     def n_bins(self) -> int:
         return self._n
 
-    def append(self, *, epoch: int, k: int, counts: np.ndarray, output: bytes, flags: int, n_spikes: int,
-               generation: int, stamps: tuple[int, int, int, int]) -> None:
+    def append(
+        self,
+        *,
+        epoch: int,
+        k: int,
+        counts: np.ndarray,
+        output: bytes,
+        flags: int,
+        n_spikes: int,
+        generation: int,
+        stamps: tuple[int, int, int, int],
+    ) -> None:
         """One decoded bin: counts (N,), the prediction's float32 bytes, flags, its spike count, the
         decoder generation and the daemon's (recv, close, infer, publish) stamps in ns."""
         n = self._n
@@ -70,7 +80,9 @@ class SessionRecorder:
     def add_version(self, generation: int, version: str) -> None:
         self._versions.setdefault(int(generation), str(version))
 
-    def session(self, *, bin_ns: int, target: str, description: str = "rpnt serve session") -> DecodedSession | None:
+    def session(
+        self, *, bin_ns: int, target: str, description: str = "rpnt serve session"
+    ) -> DecodedSession | None:
         """The recorded rows as a :class:`~streaming.nwb_out.DecodedSession` (None when no bin was
         decoded).  The rig's KINEMATICS become the ``target`` label series when they cover every
         recorded bin (a series with gaps is no label; the rows then carry no behaviour)."""
@@ -85,14 +97,29 @@ class SessionRecorder:
         if kin is not None:
             labels[target] = kin
         stamps = meta[:, _RECV:]
-        latency = {"parse": stamps[:, 1] - stamps[:, 0], "infer": stamps[:, 2] - stamps[:, 1],
-                   "publish": stamps[:, 3] - stamps[:, 2], "daemon": stamps[:, 3] - stamps[:, 0]}
+        latency = {
+            "parse": stamps[:, 1] - stamps[:, 0],
+            "infer": stamps[:, 2] - stamps[:, 1],
+            "publish": stamps[:, 3] - stamps[:, 2],
+            "daemon": stamps[:, 3] - stamps[:, 0],
+        }
         return DecodedSession(
-            bin_ns=int(bin_ns), target=target, counts=counts, decoded=out, received=np.ones(n, bool),
-            flags=meta[:, _FLAGS].copy(), n_spikes=meta[:, _NSPIKES].copy(), epoch=meta[:, _EPOCH].copy(),
-            bin=meta[:, _BIN].copy(), generation=meta[:, _GEN].copy(), model_versions=dict(self._versions),
-            latency_ns=latency, labels=labels, starting_time=float(meta[0, _BIN]) * bin_ns / 1e9,
-            description=description)
+            bin_ns=int(bin_ns),
+            target=target,
+            counts=counts,
+            decoded=out,
+            received=np.ones(n, bool),
+            flags=meta[:, _FLAGS].copy(),
+            n_spikes=meta[:, _NSPIKES].copy(),
+            epoch=meta[:, _EPOCH].copy(),
+            bin=meta[:, _BIN].copy(),
+            generation=meta[:, _GEN].copy(),
+            model_versions=dict(self._versions),
+            latency_ns=latency,
+            labels=labels,
+            starting_time=float(meta[0, _BIN]) * bin_ns / 1e9,
+            description=description,
+        )
 
     def _kinematics_rows(self, epochs: np.ndarray, bins: np.ndarray) -> np.ndarray | None:
         """(T, D) the KINEMATICS of each recorded bin, or None unless every bin has them."""

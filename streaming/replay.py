@@ -82,8 +82,9 @@ def events_from_counts(counts: np.ndarray, bin_ns: int, *, first_bin: int = 0) -
     return np.split(chan, cuts), np.split(times, cuts)
 
 
-def bin_events(channels: np.ndarray, times: np.ndarray, *, bin_ns: int, n_channels: int, first_bin: int,
-               n_bins: int) -> np.ndarray:
+def bin_events(
+    channels: np.ndarray, times: np.ndarray, *, bin_ns: int, n_channels: int, first_bin: int, n_bins: int
+) -> np.ndarray:
     """Events → counts (n_bins, n_channels) for bins ``first_bin …`` (events outside are ignored)."""
     b = np.asarray(times, dtype=np.int64) // bin_ns - first_bin
     ok = (b >= 0) & (b < n_bins)
@@ -135,11 +136,22 @@ class ReplayResult:
         return int((~self.received).sum())
 
 
-def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str,
-               labels: Mapping[str, np.ndarray] | None = None, realtime: bool = True, send_kinematics: bool = True,
-               source_id: int = 0x52504C59, window: int = 16, drain_timeout_s: float = 5.0,
-               handshake_timeout_s: float = 30.0, context: zmq.Context | None = None,
-               progress: bool = False) -> ReplayResult:
+def run_replay(
+    *,
+    counts: np.ndarray,
+    bin_ns: int,
+    ingest: str,
+    publish: str,
+    labels: Mapping[str, np.ndarray] | None = None,
+    realtime: bool = True,
+    send_kinematics: bool = True,
+    source_id: int = 0x52504C59,
+    window: int = 16,
+    drain_timeout_s: float = 5.0,
+    handshake_timeout_s: float = 30.0,
+    context: zmq.Context | None = None,
+    progress: bool = False,
+) -> ReplayResult:
     """Replay ``counts`` (T, N) as events to the daemon at ``ingest``; collect its predictions from
     ``publish``.  ``labels``: the recording's behaviour series by name (T, D_k) each; the one the
     daemon's model decodes (its status's ``target``) is ``res.recorded`` and is sent as KINEMATICS
@@ -156,26 +168,48 @@ def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str,
     try:
         status = wait_for_daemon(rig, sub, timeout=handshake_timeout_s)
         if int(status.get("bin_ns", -1)) != int(bin_ns):
-            raise ReplayError(f"the daemon bins at {_ms(status.get('bin_ns'))}, this replay at {_ms(bin_ns)} "
-                              f"(replay with --bin-ms {_ms(status.get('bin_ns'), unit=False)}, or start the daemon "
-                              f"with --bin-ms {_ms(bin_ns, unit=False)})")
+            raise ReplayError(
+                f"the daemon bins at {_ms(status.get('bin_ns'))}, this replay at {_ms(bin_ns)} "
+                f"(replay with --bin-ms {_ms(status.get('bin_ns'), unit=False)}, or start the daemon "
+                f"with --bin-ms {_ms(bin_ns, unit=False)})"
+            )
         if int(status.get("n_channels", -1)) != N:
-            raise ReplayError(f"the daemon's model takes {status.get('n_channels')} channels, the recording has {N}")
+            raise ReplayError(
+                f"the daemon's model takes {status.get('n_channels')} channels, the recording has {N}"
+            )
         target = str(status.get("target", "velocity"))
         velocity = (labels or {}).get(target)
-        kin_ok = send_kinematics and velocity is not None and int(status.get("n_kinematics", -1)) == velocity.shape[1]
+        kin_ok = (
+            send_kinematics
+            and velocity is not None
+            and int(status.get("n_kinematics", -1)) == velocity.shape[1]
+        )
         epoch = int(status.get("epoch", 0)) + 1  # the RESET below starts the next stream
         D = int(status.get("n_outputs", velocity.shape[1] if velocity is not None else 1))
         res = ReplayResult(
-            bin_ns=int(bin_ns), pace="realtime" if realtime else "fast",
-            velocity=np.full((T, D), np.nan, dtype=np.float32), received=np.zeros(T, bool),
-            flags=np.zeros(T, np.int64), n_spikes=np.full(T, -1, np.int64), t_send=np.zeros(T, np.int64),
-            t_client_recv=np.zeros(T, np.int64), t_daemon=np.zeros((T, 4), np.int64), model_versions=[],
-            generations=[], status=status, wall_s=0.0, target=target, recorded=velocity,
-            generation=np.full(T, -1, np.int64), epoch=epoch)
+            bin_ns=int(bin_ns),
+            pace="realtime" if realtime else "fast",
+            velocity=np.full((T, D), np.nan, dtype=np.float32),
+            received=np.zeros(T, bool),
+            flags=np.zeros(T, np.int64),
+            n_spikes=np.full(T, -1, np.int64),
+            t_send=np.zeros(T, np.int64),
+            t_client_recv=np.zeros(T, np.int64),
+            t_daemon=np.zeros((T, 4), np.int64),
+            model_versions=[],
+            generations=[],
+            status=status,
+            wall_s=0.0,
+            target=target,
+            recorded=velocity,
+            generation=np.full(T, -1, np.int64),
+            epoch=epoch,
+        )
         if labels and velocity is None:
-            res.notes.append(f"the daemon decodes {target}, which the recording does not have "
-                             f"(it has {', '.join(labels)}): nothing to score against")
+            res.notes.append(
+                f"the daemon decodes {target}, which the recording does not have "
+                f"(it has {', '.join(labels)}): nothing to score against"
+            )
         if send_kinematics and velocity is not None and not kin_ok:
             res.notes.append(f"kinematics not sent: the daemon expects {status.get('n_kinematics')} dims")
         sock = sub.socket
@@ -234,16 +268,21 @@ def run_replay(*, counts: np.ndarray, bin_ns: int, ingest: str, publish: str,
                     if sock.poll(int(drain_timeout_s * 1000), poll_in):
                         drain_nowait()
                     else:
-                        res.notes.append(f"fast replay: no prediction for {drain_timeout_s} s at bin {k}; went on")
+                        res.notes.append(
+                            f"fast replay: no prediction for {drain_timeout_s} s at bin {k}; went on"
+                        )
                         break
-            frames = encode_spikes(source=rig.source_id, seq=rig.seq, channels=chans[k], times=times[k],
-                                   clock=(k + 1) * bin_ns)
+            frames = encode_spikes(
+                source=rig.source_id, seq=rig.seq, channels=chans[k], times=times[k], clock=(k + 1) * bin_ns
+            )
             res.t_send[k] = _now()
             rig.send_frames(frames)
             rig.seq += 1
             res.events_sent += chans[k].shape[0]
             if kin_ok:
-                rig.send_frames(encode_kinematics(source=rig.source_id, seq=rig.seq, first=k, values=velocity[k]))
+                rig.send_frames(
+                    encode_kinematics(source=rig.source_id, seq=rig.seq, first=k, values=velocity[k])
+                )
                 rig.seq += 1
             drain_nowait()
             if progress and k and k % 1000 == 0:

@@ -69,13 +69,22 @@ def _r2(recorded: np.ndarray, pred: np.ndarray) -> dict:
     from rpnt_core.evaluate.metrics import r2_per_dim, r2_score
 
     try:
-        return {"r2": float(r2_score(recorded, pred)), "r2_per_dim": [float(x) for x in r2_per_dim(recorded, pred)]}
+        return {
+            "r2": float(r2_score(recorded, pred)),
+            "r2_per_dim": [float(x) for x in r2_per_dim(recorded, pred)],
+        }
     except ValueError as exc:
         return {"r2": None, "r2_error": str(exc)}
 
 
-def build_report(res: ReplayResult, *, recorded_velocity: np.ndarray | None = None, meta: dict | None = None,
-                 daemon_snapshot: dict | None = None, test_range: tuple[int, int] | None = None) -> dict:
+def build_report(
+    res: ReplayResult,
+    *,
+    recorded_velocity: np.ndarray | None = None,
+    meta: dict | None = None,
+    daemon_snapshot: dict | None = None,
+    test_range: tuple[int, int] | None = None,
+) -> dict:
     """The report as a plain dict (what ``report.json`` holds).  ``test_range``: also score bins
     [lo, hi) of the replayed range alone (``rpnt evaluate``'s test split when replaying from bin 0)."""
     r = res.received
@@ -93,12 +102,25 @@ def build_report(res: ReplayResult, *, recorded_velocity: np.ndarray | None = No
         "flags": {f.name.lower(): int(((flags & f) != 0).sum()) for f in PredFlag},
         "model_versions": res.model_versions,
         "decoder_generations": res.generations,
-        "daemon": {k: res.status.get(k) for k in ("model_version", "fingerprint", "decoder", "n_channels",
-                                                    "n_outputs", "bin_ns", "ingest", "publish")},
+        "daemon": {
+            k: res.status.get(k)
+            for k in (
+                "model_version",
+                "fingerprint",
+                "decoder",
+                "n_channels",
+                "n_outputs",
+                "bin_ns",
+                "ingest",
+                "publish",
+            )
+        },
         "latency_ms": {k: percentiles_ms(v) for k, v in stage_arrays(res).items()},
-        "latency_note": ("ingest/deliver compare the client's and the daemon's CLOCK_MONOTONIC (same host); "
-                         "end_to_end is one clock: client send of the bin-closing packet → client receipt of "
-                         "the prediction; STALLED bins are not in the latency statistics (see flags)"),
+        "latency_note": (
+            "ingest/deliver compare the client's and the daemon's CLOCK_MONOTONIC (same host); "
+            "end_to_end is one clock: client send of the bin-closing packet → client receipt of "
+            "the prediction; STALLED bins are not in the latency statistics (see flags)"
+        ),
         "notes": list(res.notes),
     }
     if res.extra_predictions:
@@ -106,23 +128,31 @@ def build_report(res: ReplayResult, *, recorded_velocity: np.ndarray | None = No
     if recorded_velocity is not None and r.any():
         rec = np.asarray(recorded_velocity, dtype=np.float64)
         d = min(rec.shape[1], res.velocity.shape[1])
-        rep["score"] = {**_r2(rec[r, :d], res.velocity[r, :d]), "bins_scored": int(r.sum()),
-                        "convention": "pooled over the received bins, variance-weighted across dims "
-                                      "(rpnt_core.evaluate.metrics.r2_score)"}
+        rep["score"] = {
+            **_r2(rec[r, :d], res.velocity[r, :d]),
+            "bins_scored": int(r.sum()),
+            "convention": "pooled over the received bins, variance-weighted across dims "
+            "(rpnt_core.evaluate.metrics.r2_score)",
+        }
         if test_range is not None:
             lo, hi = test_range
             m = np.zeros_like(r)
             m[lo:hi] = True
             m &= r
             if m.any():
-                rep["score_test"] = {**_r2(rec[m, :d], res.velocity[m, :d]), "bins": [int(lo), int(hi)],
-                                     "bins_scored": int(m.sum())}
+                rep["score_test"] = {
+                    **_r2(rec[m, :d], res.velocity[m, :d]),
+                    "bins": [int(lo), int(hi)],
+                    "bins_scored": int(m.sum()),
+                }
     if daemon_snapshot is not None:
         rep["daemon_snapshot"] = daemon_snapshot
     return rep
 
 
-def plot_velocity(path: Path, res: ReplayResult, recorded: np.ndarray | None, *, max_seconds: float = 60.0) -> None:
+def plot_velocity(
+    path: Path, res: ReplayResult, recorded: np.ndarray | None, *, max_seconds: float = 60.0
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,8 +185,13 @@ def plot_latency(path: Path, res: ReplayResult) -> None:
 
     st = stage_arrays(res)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    series = [("end_to_end", "tab:red"), ("daemon", "tab:blue"), ("infer", "tab:green"), ("ingest", "tab:orange"),
-              ("deliver", "tab:purple")]
+    series = [
+        ("end_to_end", "tab:red"),
+        ("daemon", "tab:blue"),
+        ("infer", "tab:green"),
+        ("ingest", "tab:orange"),
+        ("deliver", "tab:purple"),
+    ]
     vals = [st[k] / 1e6 for k, _ in series if st[k].size]
     if vals:
         hi = max(float(np.quantile(v, 0.999)) for v in vals) * 1.2 + 1e-3
@@ -165,8 +200,14 @@ def plot_latency(path: Path, res: ReplayResult) -> None:
             v = st[k] / 1e6
             if v.size:
                 p99 = float(np.quantile(v, 0.99))
-                ax.hist(np.clip(v, 0, hi), bins=bins, histtype="step", color=c, lw=1.2,
-                        label=f"{k} (p50 {np.median(v):.3f}, p99 {p99:.3f} ms)")
+                ax.hist(
+                    np.clip(v, 0, hi),
+                    bins=bins,
+                    histtype="step",
+                    color=c,
+                    lw=1.2,
+                    label=f"{k} (p50 {np.median(v):.3f}, p99 {p99:.3f} ms)",
+                )
         ax.set_yscale("log")
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("bins")
@@ -177,18 +218,30 @@ def plot_latency(path: Path, res: ReplayResult) -> None:
     plt.close(fig)
 
 
-def write_report(out_dir: str | Path, report: dict, res: ReplayResult,
-                 recorded_velocity: np.ndarray | None = None) -> dict[str, str]:
+def write_report(
+    out_dir: str | Path, report: dict, res: ReplayResult, recorded_velocity: np.ndarray | None = None
+) -> dict[str, str]:
     """``report.json``, ``velocity.png``, ``latency.png`` and ``predictions.npz`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "report.json", "velocity_png": out / "velocity.png", "latency_png": out / "latency.png",
-             "arrays": out / "predictions.npz"}
+    paths = {
+        "json": out / "report.json",
+        "velocity_png": out / "velocity.png",
+        "latency_png": out / "latency.png",
+        "arrays": out / "predictions.npz",
+    }
     plot_velocity(paths["velocity_png"], res, recorded_velocity)
     plot_latency(paths["latency_png"], res)
-    np.savez_compressed(paths["arrays"], velocity=res.velocity, received=res.received, flags=res.flags,
-                        n_spikes=res.n_spikes, t_send=res.t_send, t_client_recv=res.t_client_recv,
-                        t_daemon=res.t_daemon)
+    np.savez_compressed(
+        paths["arrays"],
+        velocity=res.velocity,
+        received=res.received,
+        flags=res.flags,
+        n_spikes=res.n_spikes,
+        t_send=res.t_send,
+        t_client_recv=res.t_client_recv,
+        t_daemon=res.t_daemon,
+    )
     report = {**report, "files": {k: str(v.name) for k, v in paths.items()}}
     paths["json"].write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     return {k: str(v) for k, v in paths.items()}
@@ -196,17 +249,23 @@ def write_report(out_dir: str | Path, report: dict, res: ReplayResult,
 
 def summary_lines(report: dict) -> list[str]:
     """A short human-readable table of a report."""
-    lines = [f"replayed {report['bins']} bins ({report['pace']} pace, {report['bin_ms']:g} ms bins) in "
-             f"{report['wall_s']:.1f} s: {report['bins_received']} predictions, {report['bins_lost']} lost"]
+    lines = [
+        f"replayed {report['bins']} bins ({report['pace']} pace, {report['bin_ms']:g} ms bins) in "
+        f"{report['wall_s']:.1f} s: {report['bins_received']} predictions, {report['bins_lost']} lost"
+    ]
     sc = report.get("score")
     if sc:
         r2 = sc.get("r2")
         what = report.get("target") or "target"
-        lines.append(f"R² vs recorded {what}: {r2:.4f}" if r2 is not None else f"R²: n/a ({sc.get('r2_error')})")
+        lines.append(
+            f"R² vs recorded {what}: {r2:.4f}" if r2 is not None else f"R²: n/a ({sc.get('r2_error')})"
+        )
         st = report.get("score_test")
         if st and st.get("r2") is not None:
-            lines.append(f"R² on bins {st['bins'][0]}–{st['bins'][1]} (rpnt evaluate's default test split): "
-                         f"{st['r2']:.4f}")
+            lines.append(
+                f"R² on bins {st['bins'][0]}–{st['bins'][1]} (rpnt evaluate's default test split): "
+                f"{st['r2']:.4f}"
+            )
     fl = {k: v for k, v in report["flags"].items() if v}
     if fl:
         lines.append("flags: " + ", ".join(f"{k} {v}" for k, v in fl.items()))
@@ -214,5 +273,7 @@ def summary_lines(report: dict) -> list[str]:
     for k in STAGE_ORDER:
         s = report["latency_ms"].get(k, {})
         if s.get("count"):
-            lines.append(f"{k:<16}{s['p50_ms']:>9.3f}{s['p99_ms']:>9.3f}{s['p99.9_ms']:>9.3f}{s['max_ms']:>9.3f}")
+            lines.append(
+                f"{k:<16}{s['p50_ms']:>9.3f}{s['p99_ms']:>9.3f}{s['p99.9_ms']:>9.3f}{s['max_ms']:>9.3f}"
+            )
     return lines

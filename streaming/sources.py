@@ -110,8 +110,12 @@ class SourceTable:
         """Totals plus the ``limit`` most recently seen sources (plain dict, JSON-ready)."""
         items = list(self._s.items())[-limit:]
         return {
-            "received": self.received, "missing": self.missing, "sent": self.received + self.missing,
-            "duplicates": self.duplicates, "restarts": self.restarts, "evicted": self.evicted,
+            "received": self.received,
+            "missing": self.missing,
+            "sent": self.received + self.missing,
+            "duplicates": self.duplicates,
+            "restarts": self.restarts,
+            "evicted": self.evicted,
             "tracked": len(items),
             "per_source": {str(k): _row(v) for k, v in items},
         }
@@ -123,6 +127,13 @@ class SourceTable:
 
 
 def _row(st: SourceState) -> dict:
-    return {"first_seq": st.first_seq, "last_seq": st.last_seq, "received": st.received, "missing": st.missing,
-            "sent": st.received + st.missing, "duplicates": st.duplicates, "restarts": st.restarts,
-            "rejected": st.rejected}
+    return {
+        "first_seq": st.first_seq,
+        "last_seq": st.last_seq,
+        "received": st.received,
+        "missing": st.missing,
+        "sent": st.received + st.missing,
+        "duplicates": st.duplicates,
+        "restarts": st.restarts,
+        "rejected": st.rejected,
+    }

@@ -33,8 +33,19 @@ def _torch_threads():
 def tiny_config(**kw):
     from rpnt_core import RPNTConfig
 
-    base = dict(n_channels=7, n_outputs=2, d_model=16, n_layers=2, n_heads=2, window=6, kernel_q=3, kernel_k=3,
-                kernel_hidden=8, ff_mult=2, dropout=0.0)
+    base = dict(
+        n_channels=7,
+        n_outputs=2,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        window=6,
+        kernel_q=3,
+        kernel_k=3,
+        kernel_hidden=8,
+        ff_mult=2,
+        dropout=0.0,
+    )
     base.update(kw)
     return RPNTConfig(**base)
 

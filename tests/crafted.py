@@ -34,10 +34,47 @@ def write_zip(path: Path, members: list[Member]) -> Path:
         name = m.name.encode()
         size = m.size if m.declared is None else m.declared
         offset = body.tell()
-        body.write(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, m.method, 0, 0x21, m.crc, len(m.data), size,
-                               len(name), 0) + name + m.data)
-        central.write(struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, m.method, 0, 0x21, m.crc,
-                                  len(m.data), size, len(name), 0, 0, 0, 0, 0, offset) + name)
+        body.write(
+            struct.pack(
+                "<4sHHHHHIIIHH",
+                b"PK\x03\x04",
+                20,
+                0,
+                m.method,
+                0,
+                0x21,
+                m.crc,
+                len(m.data),
+                size,
+                len(name),
+                0,
+            )
+            + name
+            + m.data
+        )
+        central.write(
+            struct.pack(
+                "<4sHHHHHHIIIHHHHHII",
+                b"PK\x01\x02",
+                20,
+                20,
+                0,
+                m.method,
+                0,
+                0x21,
+                m.crc,
+                len(m.data),
+                size,
+                len(name),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + name
+        )
     cd = central.getvalue()
     end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(members), len(members), len(cd), body.tell(), 0)
     path.write_bytes(body.getvalue() + cd + end)
@@ -46,8 +83,9 @@ def write_zip(path: Path, members: list[Member]) -> Path:
 
 def npy_header(shape: tuple[int, ...], dtype: str) -> bytes:
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                               "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue()
 
 
@@ -104,10 +142,14 @@ def npz_lying_zip_size(path: Path, n_mib: int, *, declared_items: int = 4000) ->
     the CRC only after inflating it all) would inflate in full."""
     header = npy_header((declared_items,), "uint8")
     data, crc, _ = _zeros_stream(header, n_mib)
-    return write_zip(path, [Member("counts.npy", data, crc, len(header) + declared_items), *session_members()])
+    return write_zip(
+        path, [Member("counts.npy", data, crc, len(header) + declared_items), *session_members()]
+    )
 
 
-def hdf5_bomb(path: Path, *, shape: tuple[int, ...] = (1 << 31,), where: str = "acquisition/bomb/data") -> Path:
+def hdf5_bomb(
+    path: Path, *, shape: tuple[int, ...] = (1 << 31,), where: str = "acquisition/bomb/data"
+) -> Path:
     """An HDF5 file whose chunked, compressed float64 dataset declares ``shape`` but stores no chunk
     (reading it would fill it from the fill value): a few KB on disk."""
     import h5py

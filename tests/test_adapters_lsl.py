@@ -20,7 +20,9 @@ except (ImportError, RuntimeError, OSError) as exc:  # pylsl raises RuntimeError
 def _discovery_works() -> bool:
     """Whether LSL can find a stream on this host (its discovery needs UDP multicast or broadcast)."""
     name = f"rpnt-probe-{uuid.uuid4().hex[:8]}"
-    outlet = pylsl.StreamOutlet(pylsl.StreamInfo(name, "probe", 1, pylsl.IRREGULAR_RATE, pylsl.cf_int32, name))
+    outlet = pylsl.StreamOutlet(
+        pylsl.StreamInfo(name, "probe", 1, pylsl.IRREGULAR_RATE, pylsl.cf_int32, name)
+    )
     try:
         return bool(pylsl.resolve_byprop("name", name, 1, 10.0))
     finally:
@@ -28,7 +30,9 @@ def _discovery_works() -> bool:
 
 
 if not _discovery_works():
-    pytest.skip("LSL stream discovery does not work on this host (no multicast/broadcast)", allow_module_level=True)
+    pytest.skip(
+        "LSL stream discovery does not work on this host (no multicast/broadcast)", allow_module_level=True
+    )
 
 from test_streaming_support import (
     BIN_NS,
@@ -118,11 +122,16 @@ def test_spike_stream_and_outlet_equal_the_native_replay_bit_for_bit():
     assert [p.bin - got[0].bin for p in got] == list(range(counts.shape[0]))
     assert got[0].flags == 8 and not any(p.flags for p in got[1:])  # FIRST, then nothing to report
     # the outlet: [y..., flags, latency_ms, bin] per prediction, the decoded values exactly
-    rows = np.asarray(rows[-counts.shape[0]:])
+    rows = np.asarray(rows[-counts.shape[0] :])
     np.testing.assert_array_equal(rows[:, :2].astype(np.float32), vel_native)
     np.testing.assert_array_equal(rows[:, 4], [p.bin for p in got])
     assert (rows[:, 3] >= 0).all()
-    assert st["received"] == len(ids) and st["rejected"] == {} and st["disconnects"] == 0 and st["mode"] == "spikes"
+    assert (
+        st["received"] == len(ids)
+        and st["rejected"] == {}
+        and st["disconnects"] == 0
+        and st["mode"] == "spikes"
+    )
 
 
 def test_counts_stream_equals_the_native_replay_bit_for_bit():
@@ -130,7 +139,9 @@ def test_counts_stream_equals_the_native_replay_bit_for_bit():
     name = _name()
     with live_daemon(FIRDecoder()) as (d, rig, sub):
         native = native_reference(sub, rig, counts)
-        outlet = pylsl.StreamOutlet(pylsl.StreamInfo(name, "counts", N_CH, 1e9 / BIN_NS, pylsl.cf_int32, name))
+        outlet = pylsl.StreamOutlet(
+            pylsl.StreamInfo(name, "counts", N_CH, 1e9 / BIN_NS, pylsl.cf_int32, name)
+        )
         bridges = start_adapters(d, ingest=[f"lsl:{name}?free_run=1"], publish=[])
         try:
             key = f"ingest lsl:{name}?free_run=1"
@@ -160,14 +171,18 @@ def test_lost_outlet_is_a_disconnect_and_a_new_one_a_reconnect_that_starts_a_fre
             del outlet  # the rig's LSL outlet goes away
             assert wait_until(lambda: adapter_stats(d, key)["disconnects"] == 1)
             outlet = spike_outlet(name)  # and comes back, with a new clock
-            assert wait_until(lambda: adapter_stats(d, key)["reconnects"] == 1 and adapter_stats(d, key)["connected"])
+            assert wait_until(
+                lambda: adapter_stats(d, key)["reconnects"] == 1 and adapter_stats(d, key)["connected"]
+            )
             outlet.push_chunk(*spike_samples(c2, _base_ns() + 1000 * BIN_NS))
             second = collect(sub, c2.shape[0])
             st = adapter_stats(d, key)
         finally:
             stop_adapters(bridges)
     np.testing.assert_array_equal(np.stack([p.velocity for p in first]), offline(FIRDecoder(), c1))
-    np.testing.assert_array_equal(np.stack([p.velocity for p in second]), offline(FIRDecoder(), c2))  # fresh state
+    np.testing.assert_array_equal(
+        np.stack([p.velocity for p in second]), offline(FIRDecoder(), c2)
+    )  # fresh state
     assert second[0].epoch == first[0].epoch + 1 and second[0].flags & 8
     assert st["disconnects"] == 1 and st["reconnects"] == 1 and st["connected"]
 

@@ -63,8 +63,9 @@ class FakeGui:
             s.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 1_000_000)
         for s, port in ((self.pub, self.port), (self.rep, self.port + 1)):
-            assert wait_until(lambda s=s, port=port: self._bind(s, port), timeout=LIVE_TIMEOUT), \
+            assert wait_until(lambda s=s, port=port: self._bind(s, port), timeout=LIVE_TIMEOUT), (
                 f"port {port} stays busy"
+            )
         return self
 
     @staticmethod
@@ -86,22 +87,49 @@ class FakeGui:
 
     def send(self, kind: str, header: dict, data: bytes = b"", *, skip: int = 0) -> None:
         self.num += 1 + skip
-        self.pub.send_multipart([kind.encode(), json.dumps({"message_num": self.num, "type": kind, **header}).encode(),
-                                 data])
+        self.pub.send_multipart(
+            [kind.encode(), json.dumps({"message_num": self.num, "type": kind, **header}).encode(), data]
+        )
 
     def spike(self, electrode, sample: int) -> None:
-        self.send("spike", {"spike": {"stream": "example_data", "source_node": 105, "electrode": electrode,
-                                      "sample_num": sample, "num_channels": 1, "num_samples": 40, "sorted_id": 0,
-                                      "threshold": [-50.0]}}, np.zeros(40, np.float32).tobytes())
+        self.send(
+            "spike",
+            {
+                "spike": {
+                    "stream": "example_data",
+                    "source_node": 105,
+                    "electrode": electrode,
+                    "sample_num": sample,
+                    "num_channels": 1,
+                    "num_samples": 40,
+                    "sorted_id": 0,
+                    "threshold": [-50.0],
+                }
+            },
+            np.zeros(40, np.float32).tobytes(),
+        )
 
     def data(self, start: int, n: int = PER_BIN) -> None:
-        self.send("data", {"content": {"stream": "example_data", "channel_num": 0, "num_samples": n,
-                                       "sample_num": start, "sample_rate": float(RATE)}, "data_size": 4 * n},
-                  np.zeros(n, np.float32).tobytes())
+        self.send(
+            "data",
+            {
+                "content": {
+                    "stream": "example_data",
+                    "channel_num": 0,
+                    "num_samples": n,
+                    "sample_num": start,
+                    "sample_rate": float(RATE),
+                },
+                "data_size": 4 * n,
+            },
+            np.zeros(n, np.float32).tobytes(),
+        )
 
     def ttl(self) -> None:
-        self.send("event", {"content": {"type": 3, "sample_num": 0, "event_id": 1, "event_channel": 1},
-                            "data_size": 0})
+        self.send(
+            "event",
+            {"content": {"type": 3, "sample_num": 0, "event_id": 1, "event_channel": 1}, "data_size": 0},
+        )
 
     def replay(self, counts: np.ndarray, *, seed: int = 0, bad=None) -> None:
         """Per bin: the continuous buffer starting at the bin (the clock), then its spikes in GUI order
@@ -166,7 +194,11 @@ def test_replay_through_the_zmq_interface_format_equals_the_native_replay_bit_fo
     np.testing.assert_array_equal([p.n_spikes for p in got], counts.sum(1))
     assert [p.bin for p in got] == list(range(counts.shape[0])) and got[0].flags == 8
     assert st["rejected"] == {} and st["lost"] == 0 and st["disconnects"] == 0
-    assert gui.heartbeats and gui.heartbeats[0]["type"] == "heartbeat" and gui.heartbeats[0]["application"] == "rpnt"
+    assert (
+        gui.heartbeats
+        and gui.heartbeats[0]["type"] == "heartbeat"
+        and gui.heartbeats[0]["application"] == "rpnt"
+    )
 
 
 def test_dropped_connection_is_a_disconnect_and_its_return_a_reconnect_with_a_fresh_stream(gui):
@@ -231,7 +263,11 @@ def test_malformed_messages_are_counted_by_reason_and_the_stream_goes_on(gui):
         g.spike("Stereotrode", 20 * PER_BIN + 5)  # no channel number
         g.spike(f"Electrode {N_CH + 1}", 20 * PER_BIN + 5)  # beyond the model's channels
         g.spike("Electrode 1", 3)  # long before the clock already forwarded
-        g.send("data", {"content": {"sample_num": 20 * PER_BIN, "num_samples": 600, "sample_rate": 3e4}}, b"\0" * 8)
+        g.send(
+            "data",
+            {"content": {"sample_num": 20 * PER_BIN, "num_samples": 600, "sample_rate": 3e4}},
+            b"\0" * 8,
+        )
         g.ttl()
         g.num += 2  # two messages the bridge never sees
 
@@ -248,11 +284,22 @@ def test_malformed_messages_are_counted_by_reason_and_the_stream_goes_on(gui):
         finally:
             stop_adapters(bridges)
     np.testing.assert_array_equal(np.stack([p.velocity for p in got]), np.stack([p.velocity for p in native]))
-    assert st["rejected"] == {"header_json": 1, "frames": 1, "msg_type": 1, "fields": 1, "electrode": 2,
-                              "time_order": 1, "payload_size": 1}
+    assert st["rejected"] == {
+        "header_json": 1,
+        "frames": 1,
+        "msg_type": 1,
+        "fields": 1,
+        "electrode": 2,
+        "time_order": 1,
+        "payload_size": 1,
+    }
     assert st["lost"] == 2
 
 
 def test_electrode_names_map_to_channels():
     assert electrode_channel("Electrode 1") == 0 and electrode_channel("Tetrode 12") == 11
-    assert electrode_channel(5) == 5 and electrode_channel("Stereotrode") is None and electrode_channel(True) is None
+    assert (
+        electrode_channel(5) == 5
+        and electrode_channel("Stereotrode") is None
+        and electrode_channel(True) is None
+    )

@@ -43,8 +43,21 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         client = redis.Redis(port=self.port)
         assert wait_until(lambda: self._pings(client), timeout=LIVE_TIMEOUT), "redis-server did not start"
         client.close()
@@ -86,9 +99,15 @@ def _counts(T: int, seed: int) -> np.ndarray:
 def spike_entries(counts: np.ndarray, *, first_bin: int = 0, seq0: int = 0) -> list[dict]:
     """The native replay's packets as stream entries: per bin its events and the bin's end as clock."""
     chans, times = events_from_counts(counts, BIN_NS, first_bin=first_bin)
-    return [{"seq": seq0 + k, "channels": chans[k].astype("<u2").tobytes(),
-             "times_ns": times[k].astype("<i8").tobytes(), "clock_ns": (first_bin + k + 1) * BIN_NS}
-            for k in range(counts.shape[0])]
+    return [
+        {
+            "seq": seq0 + k,
+            "channels": chans[k].astype("<u2").tobytes(),
+            "times_ns": times[k].astype("<i8").tobytes(),
+            "clock_ns": (first_bin + k + 1) * BIN_NS,
+        }
+        for k in range(counts.shape[0])
+    ]
 
 
 def xadd_all(client, key: str, entries: list[dict]) -> None:
@@ -112,8 +131,12 @@ def test_spike_entries_and_the_prediction_stream_equal_the_native_replay_bit_for
         native = collect(sub, counts.shape[0])
         bridges = start_adapters(d, ingest=[spec_in], publish=[spec_out])
         try:
-            assert wait_until(lambda: stats(d, f"ingest {spec_in}")["connected"]
-                              and stats(d, f"publish {spec_out}")["connected"])
+            assert wait_until(
+                lambda: (
+                    stats(d, f"ingest {spec_in}")["connected"]
+                    and stats(d, f"publish {spec_out}")["connected"]
+                )
+            )
             xadd_all(client, "rig:spikes", spike_entries(counts))
             got = collect(sub, counts.shape[0])
             assert wait_until(lambda: client.xlen("rpnt:predictions") >= counts.shape[0])
@@ -124,7 +147,7 @@ def test_spike_entries_and_the_prediction_stream_equal_the_native_replay_bit_for
     np.testing.assert_array_equal(np.stack([p.velocity for p in got]), vel)
     np.testing.assert_array_equal([p.n_spikes for p in got], counts.sum(1))
     assert [p.bin for p in got] == list(range(counts.shape[0])) and got[0].flags == 8
-    out = client.xrange("rpnt:predictions")[-counts.shape[0]:]
+    out = client.xrange("rpnt:predictions")[-counts.shape[0] :]
     np.testing.assert_array_equal(np.stack([np.frombuffer(f[b"y"], "<f4") for _, f in out]), vel)
     assert [int(f[b"bin"]) for _, f in out] == [p.bin for p in got]
     assert all(int(f[b"latency_ns"]) >= 0 and f[b"model_version"] == b"fir-a" for _, f in out)
@@ -142,8 +165,14 @@ def test_count_entries_equal_the_native_replay_bit_for_bit(server):
         bridges = start_adapters(d, ingest=[spec], publish=[])
         try:
             assert wait_until(lambda: stats(d, f"ingest {spec}")["connected"])
-            xadd_all(client, "rig:counts", [{"first_bin": 0, "counts": counts[:25].astype("<u2").tobytes()},
-                                            {"first_bin": 25, "counts": counts[25:].astype("<u2").tobytes()}])
+            xadd_all(
+                client,
+                "rig:counts",
+                [
+                    {"first_bin": 0, "counts": counts[:25].astype("<u2").tobytes()},
+                    {"first_bin": 25, "counts": counts[25:].astype("<u2").tobytes()},
+                ],
+            )
             got = collect(sub, counts.shape[0])
         finally:
             stop_adapters(bridges)
@@ -186,12 +215,14 @@ def test_malformed_entries_are_counted_by_reason_and_the_stream_goes_on(server):
     client = redis.Redis(port=server.port)
     spec = f"redis:rig:spikes?port={server.port}&free_run=1"
     entries = spike_entries(counts)
-    bad = [{"channels": b"\x01\x00"},  # times missing
-           {"channels": b"\x01\x00\x02", "times_ns": b"\x00" * 8},  # odd byte count
-           {"clock_ns": "soon"},  # not a number
-           {"clock_ns": str(1 << 70)},  # beyond 64 bits
-           {"counts": b"\x01\x00" * 3, "first_bin": 5},  # not a whole number of 8-channel bins
-           {"hello": "world"}]  # nothing the adapter knows
+    bad = [
+        {"channels": b"\x01\x00"},  # times missing
+        {"channels": b"\x01\x00\x02", "times_ns": b"\x00" * 8},  # odd byte count
+        {"clock_ns": "soon"},  # not a number
+        {"clock_ns": str(1 << 70)},  # beyond 64 bits
+        {"counts": b"\x01\x00" * 3, "first_bin": 5},  # not a whole number of 8-channel bins
+        {"hello": "world"},
+    ]  # nothing the adapter knows
     with live_daemon(FIRDecoder()) as (d, rig, sub):
         send_stream(rig, counts)
         native = collect(sub, counts.shape[0])

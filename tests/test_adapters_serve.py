@@ -28,16 +28,27 @@ def ipc():
     return ["--ingest", f"ipc://{d}/in", "--publish", f"ipc://{d}/out"]
 
 
-@pytest.mark.parametrize(("flag", "spec", "says"), [
-    ("--ingest-adapter", "kafka:topic", "daemon.ingest_adapters: kafka:topic: expected KIND:TARGET"),
-    ("--publish-adapter", "openephys:tcp://127.0.0.1:5556", "openephys is an ingest adapter only"),
-    ("--ingest-adapter", "lsl:rig?colour=red", "unknown option colour for lsl ingest"),
-    ("--ingest-adapter", "redis:", "nothing after 'redis:'"),
-])
+@pytest.mark.parametrize(
+    ("flag", "spec", "says"),
+    [
+        ("--ingest-adapter", "kafka:topic", "daemon.ingest_adapters: kafka:topic: expected KIND:TARGET"),
+        ("--publish-adapter", "openephys:tcp://127.0.0.1:5556", "openephys is an ingest adapter only"),
+        ("--ingest-adapter", "lsl:rig?colour=red", "unknown option colour for lsl ingest"),
+        ("--ingest-adapter", "redis:", "nothing after 'redis:'"),
+    ],
+)
 def test_a_bad_adapter_spec_exits_2_naming_the_setting(tmp_path, tiny, ipc, flag, spec, says):
-    r = subprocess.run(_serve_cmd("--model", str(tiny["export"]), "--registry", str(tmp_path / "reg"), "--no-http",
-                                  *ipc, flag, spec), cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        _serve_cmd(
+            "--model", str(tiny["export"]), "--registry", str(tmp_path / "reg"), "--no-http", *ipc, flag, spec
+        ),
+        cwd=REPO,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("rpnt serve: error: invalid settings:"), r.stderr
     assert says in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 2
     assert not (tmp_path / "reg").exists()
@@ -47,11 +58,14 @@ def test_adapter_settings_come_from_flags_env_and_file_alike(tmp_path):
     from service.cli import build_parser, overrides_from_args
     from service.settings import load_settings
 
-    a = build_parser().parse_args(["--ingest-adapter", "lsl:a", "--ingest-adapter", "redis:k", "--publish-adapter",
-                                   "lsl:out"])
+    a = build_parser().parse_args(
+        ["--ingest-adapter", "lsl:a", "--ingest-adapter", "redis:k", "--publish-adapter", "lsl:out"]
+    )
     s = load_settings(env={}, overrides=overrides_from_args(a))
     assert s.daemon.ingest_adapters == ["lsl:a", "redis:k"] and s.daemon.publish_adapters == ["lsl:out"]
-    assert load_settings(env={"RPNT_DAEMON__PUBLISH_ADAPTERS": '["redis:p"]'}).daemon.publish_adapters == ["redis:p"]
+    assert load_settings(env={"RPNT_DAEMON__PUBLISH_ADAPTERS": '["redis:p"]'}).daemon.publish_adapters == [
+        "redis:p"
+    ]
     cfg = tmp_path / "rpnt.toml"
     cfg.write_text('[daemon]\ningest_adapters = ["openephys:tcp://127.0.0.1:5556?rate=30000"]\n')
     assert load_settings(cfg, env={}).daemon.ingest_adapters == ["openephys:tcp://127.0.0.1:5556?rate=30000"]
@@ -74,8 +88,19 @@ def test_rpnt_serve_fed_through_redis_decodes_like_the_native_replay(tmp_path, t
     spec_in, spec_out = f"redis:rig?port={port}&start=0", f"redis:out?port={port}"
     counts = tiny["counts"][:150]
     T = counts.shape[0]
-    srv = Serve("--model", str(tiny["export"]), "--registry", str(tmp_path / "registry"), "--no-http", *ipc,
-                "--ingest-adapter", spec_in, "--publish-adapter", spec_out, env=_env(RPNT_LOG_FORMAT="json"))
+    srv = Serve(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(tmp_path / "registry"),
+        "--no-http",
+        *ipc,
+        "--ingest-adapter",
+        spec_in,
+        "--publish-adapter",
+        spec_out,
+        env=_env(RPNT_LOG_FORMAT="json"),
+    )
     client = redis.Redis(port=port)
     try:
         ready = json.loads(srv.lines[srv.wait_for('{"event": "ready"')])
@@ -104,8 +129,15 @@ def test_rpnt_serve_fed_through_redis_decodes_like_the_native_replay(tmp_path, t
 def test_the_start_up_summary_names_the_adapters():
     from streaming.cli import ready_summary
 
-    ready = {"model_version": "abc", "n_channels": 8, "n_outputs": 2, "bin_s": 0.02, "ingest": "ipc://i",
-             "publish": "ipc://o", "startup": {}}
+    ready = {
+        "model_version": "abc",
+        "n_channels": 8,
+        "n_outputs": 2,
+        "bin_s": 0.02,
+        "ingest": "ipc://i",
+        "publish": "ipc://o",
+        "startup": {},
+    }
     assert len(ready_summary(ready)) == 2
     lines = ready_summary({**ready, "adapters": ["ingest lsl:rig", "publish redis:out"]})
     assert lines[2] == "  adapters  ingest lsl:rig, publish redis:out"

@@ -20,7 +20,9 @@ class _BrokenControl:
     calibration = SimpleNamespace(busy=lambda: None)
 
     def status(self) -> dict:
-        raise OSError(28, "No space left on device: '/var/lib/rpnt/registry/staging/upload-4242-x/upload.bin'")
+        raise OSError(
+            28, "No space left on device: '/var/lib/rpnt/registry/staging/upload-4242-x/upload.bin'"
+        )
 
 
 def test_an_unexpected_error_is_a_500_without_the_servers_paths(caplog):
@@ -31,4 +33,7 @@ def test_an_unexpected_error_is_a_500_without_the_servers_paths(caplog):
     detail = r.json()["detail"]
     assert detail == "internal error (OSError); the server log has the details"
     assert "/var/lib" not in r.text and "staging" not in r.text
-    assert any("/var/lib/rpnt" in (rec.exc_text or "") or "/var/lib/rpnt" in str(rec.exc_info) for rec in caplog.records)
+    assert any(
+        "/var/lib/rpnt" in (rec.exc_text or "") or "/var/lib/rpnt" in str(rec.exc_info)
+        for rec in caplog.records
+    )

@@ -51,8 +51,15 @@ def data() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def fitted(data) -> dict:
     (tc, tv), (vc, vv) = data["train"], data["val"]
     return {
-        name: cls.fit(train_counts=tc, train_velocity=tv, val_counts=vc, val_velocity=vv,
-                      bin_s=BIN_S, seed=0, **HYPER[name])
+        name: cls.fit(
+            train_counts=tc,
+            train_velocity=tv,
+            val_counts=vc,
+            val_velocity=vv,
+            bin_s=BIN_S,
+            seed=0,
+            **HYPER[name],
+        )
         for name, cls in BASELINES.items()
     }
 
@@ -195,8 +202,13 @@ def test_wiener_recovers_exact_linear_map() -> None:
     np.testing.assert_allclose(vel[0], b_true + s[0] @ w_true[0], rtol=1e-6)
     np.testing.assert_allclose(vel[1], b_true + s[1] @ w_true[0] + s[0] @ w_true[1], rtol=1e-6)
     model = WienerFilter.fit(
-        train_counts=counts[:600], train_velocity=vel[:600], val_counts=counts[600:],
-        val_velocity=vel[600:], bin_s=BIN_S, n_lags=n_lags, rel_alphas=(1e-12,),
+        train_counts=counts[:600],
+        train_velocity=vel[:600],
+        val_counts=counts[600:],
+        val_velocity=vel[600:],
+        bin_s=BIN_S,
+        n_lags=n_lags,
+        rel_alphas=(1e-12,),
     )
     np.testing.assert_allclose(model.weights, w_true, atol=1e-4)
     np.testing.assert_allclose(model.bias, b_true, atol=1e-4)
@@ -249,8 +261,9 @@ def test_kalman_prior_is_training_mean_not_truth(fitted, data) -> None:
     np.testing.assert_allclose(first, expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(first, test_vel[0], atol=1e-3)  # it is not handed the truth
     # two sessions with the same counts but different velocity decode identically
-    kf2 = KalmanFilter.fit(train_counts=tc, train_velocity=tv, val_counts=test_counts,
-                           val_velocity=-test_vel, bin_s=BIN_S)
+    kf2 = KalmanFilter.fit(
+        train_counts=tc, train_velocity=tv, val_counts=test_counts, val_velocity=-test_vel, bin_s=BIN_S
+    )
     np.testing.assert_array_equal(kf2.predict(test_counts[:5]), kf.predict(test_counts[:5]))
 
 
@@ -263,8 +276,13 @@ def test_kalman_matches_textbook_filter(fitted, data) -> None:
 def test_kalman_recovers_dynamics_and_tuning() -> None:
     """Least squares on a long synthetic session finds A close to the AR fit and H's direction."""
     counts, vel, h_true = _synthetic(seed=5, n_bins=20000)
-    kf = KalmanFilter.fit(train_counts=counts[:18000], train_velocity=vel[:18000],
-                          val_counts=counts[18000:], val_velocity=vel[18000:], bin_s=BIN_S)
+    kf = KalmanFilter.fit(
+        train_counts=counts[:18000],
+        train_velocity=vel[:18000],
+        val_counts=counts[18000:],
+        val_velocity=vel[18000:],
+        bin_s=BIN_S,
+    )
     v = vel[:18000].astype(np.float64)
     a_ls = np.linalg.lstsq(np.hstack([v[:-1], np.ones((len(v) - 1, 1))]), v[1:], rcond=None)[0]
     np.testing.assert_allclose(kf.A, a_ls[:N_OUT].T, rtol=1e-8, atol=1e-10)
@@ -275,17 +293,23 @@ def test_kalman_recovers_dynamics_and_tuning() -> None:
 # --- GRU -----------------------------------------------------------------------------------------
 
 
-_TINY = dict(hidden=16, window=32, batch_size=8, steps_per_epoch=5, max_epochs=3, patience=2,
-             num_threads=1)
+_TINY = dict(hidden=16, window=32, batch_size=8, steps_per_epoch=5, max_epochs=3, patience=2, num_threads=1)
 
 
 def test_gru_deterministic_and_leaves_global_torch_state(data) -> None:
     (tc, tv), (vc, vv) = data["train"], data["val"]
     threads = torch.get_num_threads()
     rng_state = torch.random.get_rng_state()
-    fit = lambda seed: GRUDecoder.fit(  # noqa: E731
-        train_counts=tc[:800], train_velocity=tv[:800], val_counts=vc[:200], val_velocity=vv[:200],
-        bin_s=BIN_S, seed=seed, **_TINY,
+    fit = (
+        lambda seed: GRUDecoder.fit(  # noqa: E731
+            train_counts=tc[:800],
+            train_velocity=tv[:800],
+            val_counts=vc[:200],
+            val_velocity=vv[:200],
+            bin_s=BIN_S,
+            seed=seed,
+            **_TINY,
+        )
     )
     m1, m2, m3 = fit(0), fit(0), fit(1)
     probe = data["test"][0][:100]
@@ -308,8 +332,14 @@ def test_gru_keeps_best_validation_weights(fitted, data) -> None:
 def test_gru_num_threads_is_scoped_to_fit(data) -> None:
     (tc, tv), (vc, vv) = data["train"], data["val"]
     threads = torch.get_num_threads()
-    kwargs = dict(train_counts=tc[:300], train_velocity=tv[:300], val_counts=vc[:100],
-                  val_velocity=vv[:100], bin_s=BIN_S, **{**_TINY, "max_epochs": 1})
+    kwargs = dict(
+        train_counts=tc[:300],
+        train_velocity=tv[:300],
+        val_counts=vc[:100],
+        val_velocity=vv[:100],
+        bin_s=BIN_S,
+        **{**_TINY, "max_epochs": 1},
+    )
     kwargs["num_threads"] = threads + 1
     assert GRUDecoder.fit(**kwargs).info.extra["torch_threads"] == threads + 1
     assert torch.get_num_threads() == threads

@@ -19,11 +19,25 @@ def _args(**kw) -> argparse.Namespace:
 
 
 def _result(path: Path, **changes) -> Path:
-    rows = [{"session": s, "decoder": d, "seed": seed, "test_r2": 0.5}
-            for seed in (0, 1) for s in ("a", "b") for d in ("x", "y")]
-    probes = [{"session": s, "features": "f", "seed": seed, "test_r2": 0.1} for seed in (0, 1) for s in ("a", "b")]
-    res = {"recipe": bench_decoding.recipe(False), "train_fraction": 0.2, "data_seed": 0, "model_overrides": {},
-           "quick": False, "rows": rows, "probes": probes, **changes}
+    rows = [
+        {"session": s, "decoder": d, "seed": seed, "test_r2": 0.5}
+        for seed in (0, 1)
+        for s in ("a", "b")
+        for d in ("x", "y")
+    ]
+    probes = [
+        {"session": s, "features": "f", "seed": seed, "test_r2": 0.1} for seed in (0, 1) for s in ("a", "b")
+    ]
+    res = {
+        "recipe": bench_decoding.recipe(False),
+        "train_fraction": 0.2,
+        "data_seed": 0,
+        "model_overrides": {},
+        "quick": False,
+        "rows": rows,
+        "probes": probes,
+        **changes,
+    }
     path.write_text(json.dumps(res))
     return path
 
@@ -36,8 +50,15 @@ def test_reuse_takes_whole_cells_from_a_run_of_the_same_recipe(tmp_path):
     assert all(r["seed"] == 1 and r["session"] == "b" for r in rows + probes)
 
 
-@pytest.mark.parametrize("change", [{"recipe": {**bench_decoding.recipe(False), "target_share": 0.5}},
-                                    {"data_seed": 3}, {"train_fraction": 0.5}, {"quick": True}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"recipe": {**bench_decoding.recipe(False), "target_share": 0.5}},
+        {"data_seed": 3},
+        {"train_fraction": 0.5},
+        {"quick": True},
+    ],
+)
 def test_reuse_refuses_a_run_made_differently(tmp_path, change):
     with pytest.raises(SystemExit, match="different"):
         bench_decoding.reusable(_args(), [str(_result(tmp_path / "r.json", **change))])

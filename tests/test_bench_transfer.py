@@ -21,8 +21,15 @@ from rpnt_core.train.finetune import FinetuneOptions, fit_decoder  # noqa: E402
 
 @pytest.fixture(scope="module")
 def day():
-    spec = SimulationSpec(n_subjects=1, sessions_per_subject=1, bins_per_session=(1200, 1200), bin_s=0.05,
-                          channels_per_session=(12, 12), population_size=(20, 20), n_multisite_subjects=0)
+    spec = SimulationSpec(
+        n_subjects=1,
+        sessions_per_subject=1,
+        bins_per_session=(1200, 1200),
+        bin_s=0.05,
+        channels_per_session=(12, 12),
+        population_size=(20, 20),
+        n_multisite_subjects=0,
+    )
     return simulate_sessions(spec, seed=3)[0].with_target("position")
 
 
@@ -45,15 +52,28 @@ def test_calibration_view_holds_no_label_after_the_budget_and_no_test_bin(day):
     view = bench_transfer.calibration_view(day, splits)
     assert view.n_bins == splits.test[0]  # unlabelled bins up to the test part, none of it
     assert list(view.targets) == ["position"]  # only the decoded series
-    assert np.isfinite(view.labels[:splits.val[1]]).all()
-    assert np.isnan(view.labels[splits.val[1]:]).all()
-    np.testing.assert_array_equal(view.labels[:splits.val[1]], day.labels[:splits.val[1]])
+    assert np.isfinite(view.labels[: splits.val[1]]).all()
+    assert np.isnan(view.labels[splits.val[1] :]).all()
+    np.testing.assert_array_equal(view.labels[: splits.val[1]], day.labels[: splits.val[1]])
 
 
 def _fit_rpnt(view, splits):
-    opts = FinetuneOptions(epochs=2, steps_per_epoch=2, batch_size=4, window_len=32, patience=2, device="cpu",
-                           progress=False, config_overrides=(("d_model", 16), ("n_heads", 2), ("window", 8),
-                                                             ("kernel_hidden", 8), ("input_norm", True)))
+    opts = FinetuneOptions(
+        epochs=2,
+        steps_per_epoch=2,
+        batch_size=4,
+        window_len=32,
+        patience=2,
+        device="cpu",
+        progress=False,
+        config_overrides=(
+            ("d_model", 16),
+            ("n_heads", 2),
+            ("window", 8),
+            ("kernel_hidden", 8),
+            ("input_norm", True),
+        ),
+    )
     return fit_decoder(view, init=None, options=opts, splits=splits)
 
 
@@ -64,8 +84,13 @@ def test_decoders_fitted_on_the_view_never_touch_a_label_past_the_budget(day):
     model, fit = _fit_rpnt(view, splits)
     assert math.isfinite(fit["val_r2"]) and math.isfinite(evaluate_model(model, day, splits)["r2"])
     (lo, hi), (vlo, vhi) = splits.train, splits.val
-    dec = WienerFilter.fit(train_counts=view.counts[lo:hi], train_velocity=view.labels[lo:hi],
-                           val_counts=view.counts[vlo:vhi], val_velocity=view.labels[vlo:vhi], bin_s=day.bin_s)
+    dec = WienerFilter.fit(
+        train_counts=view.counts[lo:hi],
+        train_velocity=view.labels[lo:hi],
+        val_counts=view.counts[vlo:vhi],
+        val_velocity=view.labels[vlo:vhi],
+        bin_s=day.bin_s,
+    )
     assert np.isfinite(dec.predict(day.counts)).all()
 
 
@@ -80,10 +105,28 @@ def test_the_poisoned_view_catches_a_decoder_that_reads_later_labels(day):
 
 def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "transfer.json"
-    only = ["wiener", "RPNT from scratch +norm", "supervised+norm, full FT core lr ×0.1",
-            "last day's decoder, re-aligned (no labels)"]
-    assert bench_transfer.main(["--quick", "--budgets", "15,30", "--only", ";".join(only), "--out", str(out),
-                                "--workdir", str(tmp_path / "work")]) == 0
+    only = [
+        "wiener",
+        "RPNT from scratch +norm",
+        "supervised+norm, full FT core lr ×0.1",
+        "last day's decoder, re-aligned (no labels)",
+    ]
+    assert (
+        bench_transfer.main(
+            [
+                "--quick",
+                "--budgets",
+                "15,30",
+                "--only",
+                ";".join(only),
+                "--out",
+                str(out),
+                "--workdir",
+                str(tmp_path / "work"),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["quick"] and res["budget"] == bench_transfer.budget(True)
     sc = res["scenarios"][0]
@@ -99,11 +142,28 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
 
 
 def _result(**changes) -> dict:
-    rows = [{"scenario": "spike", "day": d, "decoder": "x", "seed": seed, "label_seconds": 15.0, "test_r2": 0.1 * seed}
-            for d in ("a", "b") for seed in (0, 1)]
-    return {"quick": False, "budget": bench_transfer.budget(False), "protocol": {"test_fraction": 0.2},
-            "scenarios": [{"name": "spike", "target": "position", "pool": ["p1", "p2"]}], "rows": rows,
-            "pretraining": [], "seeds": [0, 1], **changes}
+    rows = [
+        {
+            "scenario": "spike",
+            "day": d,
+            "decoder": "x",
+            "seed": seed,
+            "label_seconds": 15.0,
+            "test_r2": 0.1 * seed,
+        }
+        for d in ("a", "b")
+        for seed in (0, 1)
+    ]
+    return {
+        "quick": False,
+        "budget": bench_transfer.budget(False),
+        "protocol": {"test_fraction": 0.2},
+        "scenarios": [{"name": "spike", "target": "position", "pool": ["p1", "p2"]}],
+        "rows": rows,
+        "pretraining": [],
+        "seeds": [0, 1],
+        **changes,
+    }
 
 
 def test_merge_adds_only_cells_this_run_did_not_measure(tmp_path):
@@ -115,11 +175,18 @@ def test_merge_adds_only_cells_this_run_did_not_measure(tmp_path):
     assert merged["seeds"] == [0, 1, 2] and len(merged["rows"]) == 6
     assert cells[("a", 1)]["test_r2"] == 0.9 and "from" not in cells[("a", 1)]  # this run's cell wins
     assert cells[("b", 1)]["from"] == "old.json" and cells[("a", 0)]["from"] == "old.json"
-    assert len(bench_transfer.merge(now, [str(tmp_path / "old.json")], ["y"])["rows"]) == 3  # only decoders named
+    assert (
+        len(bench_transfer.merge(now, [str(tmp_path / "old.json")], ["y"])["rows"]) == 3
+    )  # only decoders named
 
 
-@pytest.mark.parametrize("change", [{"budget": {**bench_transfer.budget(False), "ft_epochs": 99}},
-                                    {"scenarios": [{"name": "spike", "target": "position", "pool": ["p2"]}]}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"budget": {**bench_transfer.budget(False), "ft_epochs": 99}},
+        {"scenarios": [{"name": "spike", "target": "position", "pool": ["p2"]}]},
+    ],
+)
 def test_merge_refuses_a_run_made_differently(tmp_path, change):
     (tmp_path / "old.json").write_text(json.dumps(_result(**change)))
     with pytest.raises(SystemExit, match="--merge .*old.json: made with a different"):

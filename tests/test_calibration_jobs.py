@@ -49,7 +49,7 @@ def test_process_cpu_seconds_reads_this_process_and_none_for_a_missing_one():
     while process_cpu_seconds(os.getpid()) == t0:  # burn CPU until the kernel's tick accounting moves
         x += 1
     assert process_cpu_seconds(os.getpid()) > t0 >= 0.0
-    assert process_cpu_seconds(2 ** 22 + 12345) is None
+    assert process_cpu_seconds(2**22 + 12345) is None
 
 
 # ------------------------------------------------------------------ the manager with a real worker
@@ -61,7 +61,9 @@ def manager_factory(tmp_path_factory, tmp_path):
 
     def make(**settings) -> tuple[CalibrationManager, str, Path]:
         cal = CalibrationSettings(epochs=1, steps_per_epoch=2, patience=1, **settings)
-        m = CalibrationManager(registry=reg, settings=cal, activate=lambda v, why: {"version": v, "reason": why})
+        m = CalibrationManager(
+            registry=reg, settings=cal, activate=lambda v, why: {"version": v, "reason": why}
+        )
         made.append(m)
         data = tmp_path / f"data{len(made)}.npz"
         shutil.copy(tiny["npz"], data)
@@ -92,8 +94,13 @@ def test_a_starved_job_says_waiting_for_cpu_and_the_timeout_names_the_cause(mana
     os.kill(_started_pid(m), signal.SIGSTOP)  # from here the worker gets no CPU at all
     _wait(lambda: m.get(job)["phase"] == "waiting for CPU", "phase 'waiting for CPU'")
     st = m.get(job)
-    assert st["state"] == "running" and st["cpu"]["waiting_for_cpu"] is True and st["cpu"]["recent_share"] == 0.0
-    assert st["worker_phase"] in ("starting", "loading")  # what the worker was doing when it stopped getting CPU
+    assert (
+        st["state"] == "running" and st["cpu"]["waiting_for_cpu"] is True and st["cpu"]["recent_share"] == 0.0
+    )
+    assert st["worker_phase"] in (
+        "starting",
+        "loading",
+    )  # what the worker was doing when it stopped getting CPU
     assert m.wait_idle(LIVE)
     st = m.get(job)
     assert st["state"] == "failed" and st["phase"] != "waiting for CPU"
@@ -142,7 +149,9 @@ def _hog_on(core: int):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+    return subprocess.Popen(
+        [sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"]
+    )
 
 
 def _progress(m: CalibrationManager, job: str) -> list[dict]:

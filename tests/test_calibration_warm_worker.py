@@ -22,15 +22,23 @@ from service.settings import CalibrationSettings
 
 LIVE = 300.0  # liveness guard, never a timing assertion
 linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
-WORKER_PHASES = ("worker_start_s", "imports_s", "loading_s", "scoring_live_s", "finetuning_s", "scoring_candidate_s",
-                 "saving_s", "export_s")
+WORKER_PHASES = (
+    "worker_start_s",
+    "imports_s",
+    "loading_s",
+    "scoring_live_s",
+    "finetuning_s",
+    "scoring_candidate_s",
+    "saving_s",
+    "export_s",
+)
 
 
 def test_training_grows_with_the_labelled_bins_up_to_the_cap():
     opt = CalibrationSettings(max_steps=24, epochs=12).model_dump()
     small = training_plan(opt, train_bins=1600, batch_size=16, window_len=100)
     large = training_plan(opt, train_bins=3600, batch_size=16, window_len=100)
-    huge = training_plan(opt, train_bins=10 ** 6, batch_size=16, window_len=100)
+    huge = training_plan(opt, train_bins=10**6, batch_size=16, window_len=100)
     assert small == (12, 1)  # one pass per epoch: 1600 bins = one step of 16 × 100; 12 epochs at most
     assert large == (8, 3)  # 3 steps per pass; 24 // 3 epochs
     assert huge[0] * huge[1] <= 24 and huge == (1, 24)  # never past max_steps
@@ -42,9 +50,11 @@ def test_training_grows_with_the_labelled_bins_up_to_the_cap():
 def manager(tmp_path_factory, tmp_path):
     tiny = tiny_export(tmp_path_factory)
     reg, version = seeded_registry(tiny, tmp_path / "registry")
-    m = CalibrationManager(registry=reg, settings=CalibrationSettings(epochs=1, steps_per_epoch=2, patience=1,
-                                                                      nice=0),
-                           activate=lambda v, why: {"version": v, "reason": why})
+    m = CalibrationManager(
+        registry=reg,
+        settings=CalibrationSettings(epochs=1, steps_per_epoch=2, patience=1, nice=0),
+        activate=lambda v, why: {"version": v, "reason": why},
+    )
     n = [0]
 
     def data() -> Path:
@@ -65,8 +75,9 @@ def _wait(cond, what: str):
 
 
 def _run(m: CalibrationManager, base: str, data: Path) -> dict:
-    job = m.submit(data=data, source="upload", force=True, base_version=base, n_bins=400,
-                   timings={"input_s": 0.25})
+    job = m.submit(
+        data=data, source="upload", force=True, base_version=base, n_bins=400, timings={"input_s": 0.25}
+    )
     assert m.wait_idle(LIVE)
     return m.get(job)
 
@@ -156,9 +167,11 @@ def test_shutdown_stops_the_idle_warm_worker(manager):
 def test_without_a_warm_worker_each_job_gets_its_own_process(tmp_path_factory, tmp_path):
     tiny = tiny_export(tmp_path_factory)
     reg, base = seeded_registry(tiny, tmp_path / "registry")
-    m = CalibrationManager(registry=reg, settings=CalibrationSettings(epochs=1, steps_per_epoch=2, patience=1,
-                                                                      nice=0, warm_worker=False),
-                           activate=lambda v, why: {"version": v, "reason": why})
+    m = CalibrationManager(
+        registry=reg,
+        settings=CalibrationSettings(epochs=1, steps_per_epoch=2, patience=1, nice=0, warm_worker=False),
+        activate=lambda v, why: {"version": v, "reason": why},
+    )
     try:
         assert m.worker_pid() is None and m.worker_status() == {"warm": False, "pid": None, "ready": False}
         data = tmp_path / "data.npz"

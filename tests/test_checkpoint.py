@@ -18,7 +18,9 @@ def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):
     model = RPNT(tiny_config(subjects=("m1",), channel_map=(0, 1, 2, 0, 1, 2, 3), input_channels=4)).eval()
     randomise_kernels(model)
     model.set_velocity_normalisation(torch.tensor([0.5, -1.0]), torch.tensor([2.0, 3.0]))
-    meta = save_checkpoint(model, tmp_path / "m.safetensors", meta={"kind": "finetuned", "metrics": {"test_r2": 0.5}})
+    meta = save_checkpoint(
+        model, tmp_path / "m.safetensors", meta={"kind": "finetuned", "metrics": {"test_r2": 0.5}}
+    )
     loaded = load_checkpoint(tmp_path / "m.safetensors")
     assert not loaded.training
     assert loaded.config == model.config
@@ -44,8 +46,9 @@ def test_extra_tensors_travel_with_the_checkpoint_but_are_not_the_model(tmp_path
     loaded = load_checkpoint(tmp_path / "b.safetensors")  # strict: extras are not unexpected weights
     assert loaded.state_dict().keys() == model.state_dict().keys()
     got = read_extra_tensors(tmp_path / "b.safetensors", "readin.")
-    assert list(got) == ["readin.s1.read_in.weight"] and torch.equal(got["readin.s1.read_in.weight"],
-                                                                       extra["readin.s1.read_in.weight"])
+    assert list(got) == ["readin.s1.read_in.weight"] and torch.equal(
+        got["readin.s1.read_in.weight"], extra["readin.s1.read_in.weight"]
+    )
     assert read_extra_tensors(tmp_path / "a.safetensors") == {}
 
 

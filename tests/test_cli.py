@@ -54,8 +54,25 @@ def _session(path):
 
 
 def _pretrain_cmd(data, out, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rpnt_core.cli", "pretrain", "--data", str(data), "--out", str(out),
-            "--steps-per-epoch", "1", "--batch-size", "2", "--window-len", "16", "--threads", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "rpnt_core.cli",
+        "pretrain",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps-per-epoch",
+        "1",
+        "--batch-size",
+        "2",
+        "--window-len",
+        "16",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -78,9 +95,16 @@ def test_ctrl_c_in_pretrain_names_the_best_checkpoint_and_how_to_resume(tmp_path
     err_path = tmp_path / "stderr.txt"
     # far more epochs than can run before the signal: it is sent once the first epoch has been reported
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(_pretrain_cmd(data, out, "--epochs", "100000"), cwd=REPO, env=_env(),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
-                                preexec_fn=_default_sigint)
+        proc = subprocess.Popen(
+            _pretrain_cmd(data, out, "--epochs", "100000"),
+            cwd=REPO,
+            env=_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            preexec_fn=_default_sigint,
+        )
         try:
             first = proc.stdout.readline()  # blocks until the first epoch's progress line
             assert first.startswith("epoch 1/100000"), first + err_path.read_text()
@@ -98,14 +122,23 @@ def test_ctrl_c_in_pretrain_names_the_best_checkpoint_and_how_to_resume(tmp_path
     best, resume = lines[-2:]
     assert best.startswith(f"rpnt pretrain: interrupted; the best checkpoint so far is {out} (epoch "), stderr
     assert "validation loss" in best
-    assert "run the same command with --resume" in resume and str(out.with_suffix(".resume.safetensors")) in resume
+    assert (
+        "run the same command with --resume" in resume
+        and str(out.with_suffix(".resume.safetensors")) in resume
+    )
     epoch = int(best.split("(epoch ")[1].split(",")[0])
     assert read_header(out)[1]["metrics"]["epoch"] + 1 == epoch  # the message reads the checkpoint itself
 
     # the advice works: --resume continues after the epochs already done
     done = len((tmp_path / "pre.log.jsonl").read_text().splitlines())
-    r = subprocess.run(_pretrain_cmd(data, out, "--epochs", str(done + 1), "--resume", "--quiet"), cwd=REPO,
-                       env=_env(), capture_output=True, text=True, timeout=LIVE)
+    r = subprocess.run(
+        _pretrain_cmd(data, out, "--epochs", str(done + 1), "--resume", "--quiet"),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=LIVE,
+    )
     assert r.returncode == 0, r.stderr
     log = (tmp_path / "pre.log.jsonl").read_text().splitlines()
     assert len(log) == done + 1 and '"epoch": %d' % done in log[-1]
@@ -115,7 +148,8 @@ def test_interrupt_before_any_epoch_says_nothing_was_saved(tmp_path):
     from rpnt_core.commands import _pretrain_interrupted
 
     msg = _pretrain_interrupted(tmp_path / "pre.safetensors", best_saved=False, resumable=False)
-    assert msg == ("rpnt pretrain: interrupted before the first epoch ended; nothing was saved "
-                   "(run the command again)")
+    assert msg == (
+        "rpnt pretrain: interrupted before the first epoch ended; nothing was saved (run the command again)"
+    )
     msg = _pretrain_interrupted(tmp_path / "pre.safetensors", best_saved=True, resumable=False)
     assert "--resume" not in msg and str(tmp_path / "pre.safetensors") in msg

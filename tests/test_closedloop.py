@@ -22,7 +22,12 @@ for _mod in ("zmq", "onnxruntime"):
 from streaming.closedloop.controller import ControllerConfig, aim  # noqa: E402
 from streaming.closedloop.metrics import summarise, trial_metrics  # noqa: E402
 from streaming.closedloop.participant import (  # noqa: E402
-    DEFAULT_RECORDING, Participant, default_encoding, fit_encoding, synthetic_encoding)
+    DEFAULT_RECORDING,
+    Participant,
+    default_encoding,
+    fit_encoding,
+    synthetic_encoding,
+)
 from streaming.closedloop.refit import TaskStreamError, check_task_streams, refit_labels  # noqa: E402
 from streaming.closedloop.runner import ClosedLoop, LoopConfig, simulate_observation  # noqa: E402
 from streaming.closedloop.task import Task, TaskConfig  # noqa: E402
@@ -39,8 +44,9 @@ def test_trial_metrics_on_a_hand_made_trajectory():
     path = np.stack([xs, np.zeros_like(xs)], 1)
     path = np.vstack([[0.0, 0.0], path])
     times = np.concatenate([[0.0], times])
-    m = trial_metrics(times=times, path=path, target=np.array([4.0, 0.0]), radius=1.0, start_t=0.0, end_t=0.9,
-                      success=True)
+    m = trial_metrics(
+        times=times, path=path, target=np.array([4.0, 0.0]), radius=1.0, start_t=0.0, end_t=0.9, success=True
+    )
     assert m["n_entries"] == 2
     assert m["time_to_target_s"] == pytest.approx(0.7)
     assert m["dial_in_s"] == pytest.approx(0.4)
@@ -48,8 +54,15 @@ def test_trial_metrics_on_a_hand_made_trajectory():
     assert m["fitts_id_bits"] == pytest.approx(math.log2((4 + 2) / 2))
     # a detour: up 3, across 5, then in — travelled 3 + 5 + √7.25 to reach a target 4 away (edge at 3)
     p2 = np.array([[0, 0], [0, 3], [5, 3], [4, 0.5]], dtype=float)
-    m2 = trial_metrics(times=np.arange(4) * 0.1, path=p2, target=np.array([4.0, 0.0]), radius=1.0, start_t=0.0,
-                       end_t=0.3, success=False)
+    m2 = trial_metrics(
+        times=np.arange(4) * 0.1,
+        path=p2,
+        target=np.array([4.0, 0.0]),
+        radius=1.0,
+        start_t=0.0,
+        end_t=0.3,
+        success=False,
+    )
     assert m2["path_efficiency"] == pytest.approx(3 / (3 + 5 + math.sqrt(7.25)))
     assert m2["time_to_target_s"] is None and m2["dial_in_s"] is None
     s = summarise([m, m2])
@@ -59,13 +72,17 @@ def test_trial_metrics_on_a_hand_made_trajectory():
 
 
 def test_task_succeeds_after_the_hold_and_times_out_otherwise():
-    task = Task(config=TaskConfig(kind="center_out", radius=1.0, hold_s=0.1, timeout_s=1.0, distance=5.0), seed=3)
+    task = Task(
+        config=TaskConfig(kind="center_out", radius=1.0, hold_s=0.1, timeout_s=1.0, distance=5.0), seed=3
+    )
     task.start(0.0)
     tgt = task.target.copy()
     assert np.linalg.norm(tgt) == pytest.approx(5.0)
     ended = [task.update(t, tgt) for t in (0.02, 0.04, 0.06, 0.08, 0.10, 0.12)]
     done = [e for e in ended if e is not None]
-    assert len(done) == 1 and done[0].success and done[0].end_t == pytest.approx(0.12)  # entered 0.02, held 0.1
+    assert (
+        len(done) == 1 and done[0].success and done[0].end_t == pytest.approx(0.12)
+    )  # entered 0.02, held 0.1
     assert np.allclose(task.target, 0.0)  # center-out: back to the centre next
     far = np.array([9.0, 9.0])
     out = [task.update(0.12 + 0.1 * i, far) for i in range(1, 11)]
@@ -91,16 +108,23 @@ def test_refit_rotates_decoded_velocity_toward_the_target_and_zeroes_holds():
     assert np.allclose(lab2[2], [math.sqrt(2), 0.0], atol=1e-6)
 
 
-@pytest.mark.parametrize("case, words", [
-    ("nan_cursor", ("task_cursor", "NaN")),
-    ("target_without_cursor", ("task_cursor", "missing")),
-    ("short_labels", ("task_target", "shorter")),
-    ("no_radius", ("task_radius", "missing")),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("nan_cursor", ("task_cursor", "NaN")),
+        ("target_without_cursor", ("task_cursor", "missing")),
+        ("short_labels", ("task_target", "shorter")),
+        ("no_radius", ("task_radius", "missing")),
+    ],
+)
 def test_bad_task_streams_name_the_field(case, words):
     T = 50
-    s = {"task_decoded": np.ones((T, 2)), "task_cursor": np.zeros((T, 2)), "task_target": np.ones((T, 2)),
-         "task_radius": 1.0}
+    s = {
+        "task_decoded": np.ones((T, 2)),
+        "task_cursor": np.zeros((T, 2)),
+        "task_target": np.ones((T, 2)),
+        "task_radius": 1.0,
+    }
     if case == "nan_cursor":
         s["task_cursor"][7, 1] = np.nan
     elif case == "target_without_cursor":
@@ -119,15 +143,19 @@ def test_encoding_fit_recovers_a_known_tuning_and_drift_changes_it():
     truth = synthetic_encoding(n_channels=12, seed=4)
     rng = np.random.default_rng(0)
     v = rng.normal(0.0, 6.0, (20000, 2))
-    truth_nogain = type(truth)(baseline=truth.baseline, weights=truth.weights, gain_sigma=np.zeros(12),
-                               fit_bin_s=truth.fit_bin_s)
+    truth_nogain = type(truth)(
+        baseline=truth.baseline, weights=truth.weights, gain_sigma=np.zeros(12), fit_bin_s=truth.fit_bin_s
+    )
     counts = rng.poisson(truth_nogain.rates_hz(v) * truth.fit_bin_s)
     fit = fit_encoding(counts, v, bin_s=truth.fit_bin_s)
-    cos = np.sum(fit.weights * truth.weights, 1) / (np.linalg.norm(fit.weights, axis=1)
-                                                    * np.linalg.norm(truth.weights, axis=1))
+    cos = np.sum(fit.weights * truth.weights, 1) / (
+        np.linalg.norm(fit.weights, axis=1) * np.linalg.norm(truth.weights, axis=1)
+    )
     assert np.median(cos) > 0.9 and fit.fit["lag_bins"] == 0
     d = truth.drifted(rotation_deg=90.0, lost=np.arange(12) < 3)
-    assert np.allclose(d.weights[:, 0], -truth.weights[:, 1]) and np.allclose(d.weights[:, 1], truth.weights[:, 0])
+    assert np.allclose(d.weights[:, 0], -truth.weights[:, 1]) and np.allclose(
+        d.weights[:, 1], truth.weights[:, 0]
+    )
     assert np.all(d.rates_hz(np.zeros(2))[:3] == 0) and np.all(d.rates_hz(np.zeros(2))[3:] > 0)
     p1, p2 = Participant(encoding=truth, seed=9), Participant(encoding=truth, seed=9)
     assert np.array_equal(p1.counts(np.ones(2), 0.02), p2.counts(np.ones(2), 0.02))  # seeded
@@ -145,8 +173,9 @@ def test_default_encoding_is_fitted_on_the_shared_recording():
 def _kalman_for(enc, *, seconds=60.0, seed=0):
     from rpnt_core.evaluate.baselines import KalmanFilter, WienerFilter
 
-    c, v = simulate_observation(encoding=enc, task=TaskConfig(), controller=ControllerConfig(), seconds=seconds,
-                                bin_s=0.02, seed=seed)
+    c, v = simulate_observation(
+        encoding=enc, task=TaskConfig(), controller=ControllerConfig(), seconds=seconds, bin_s=0.02, seed=seed
+    )
     a = int(len(c) * 0.8)
     kw = dict(train_counts=c[:a], train_velocity=v[:a], val_counts=c[a:], val_velocity=v[a:], bin_s=0.02)
     return KalmanFilter.fit(**kw), WienerFilter.fit(**kw)
@@ -160,8 +189,14 @@ def test_closed_loop_through_the_threaded_daemon_loses_no_bin_across_a_hot_swap(
     be = ThreadBackend(decoder=kalman, bin_s=0.02)
     try:
         cfg = LoopConfig(seconds=600.0, seed=2, labels="refit", drain_s=LIVE)  # stopped after 300 bins
-        loop = ClosedLoop(ingest=be.ingest, publish=be.publish, encoding=enc, task=TaskConfig(),
-                          controller=ControllerConfig(), config=cfg).start()
+        loop = ClosedLoop(
+            ingest=be.ingest,
+            publish=be.publish,
+            encoding=enc,
+            task=TaskConfig(),
+            controller=ControllerConfig(),
+            config=cfg,
+        ).start()
         while loop.k < 100 and not loop.finished.is_set():
             time.sleep(0.01)
         be.swap(wiener)
@@ -182,12 +217,14 @@ def test_closed_loop_through_the_threaded_daemon_loses_no_bin_across_a_hot_swap(
         be.close()
     rec = loop.record
     n = loop.n_bins
-    assert n >= 299 and rec.received.shape == (n,) and len(rec.cursor) == n  # stop() lands within a bin or more
+    assert (
+        n >= 299 and rec.received.shape == (n,) and len(rec.cursor) == n
+    )  # stop() lands within a bin or more
     assert loop.bins_lost == 0 and rec.received.all()
     swaps = loop.swaps()
     assert len(swaps) == 1 and 100 <= swaps[0] < n
-    assert np.all(rec.generation[:swaps[0]] == rec.generation[0])
-    assert np.all(rec.generation[swaps[0]:] == rec.generation[0] + 1)
+    assert np.all(rec.generation[: swaps[0]] == rec.generation[0])
+    assert np.all(rec.generation[swaps[0] :] == rec.generation[0] + 1)
     # every applied bin's ReFIT label went back as KINEMATICS and the daemon attached it to its bin
     applied = np.all(np.isfinite(rec.cursor_at_apply), axis=1)
     assert hist_kin.shape[0] == int(applied.sum()) and hist_counts.shape[1] == 24
@@ -204,7 +241,11 @@ def serve(tmp_path_factory):
     from streaming.closedloop.backends import ServeBackend
 
     tiny = tiny_export(tmp_path_factory)
-    env = {"RPNT_CALIBRATION__EPOCHS": "1", "RPNT_CALIBRATION__STEPS_PER_EPOCH": "1", "RPNT_CALIBRATION__NICE": "0"}
+    env = {
+        "RPNT_CALIBRATION__EPOCHS": "1",
+        "RPNT_CALIBRATION__STEPS_PER_EPOCH": "1",
+        "RPNT_CALIBRATION__NICE": "0",
+    }
     be = ServeBackend(export=tiny["export"], workdir=tmp_path_factory.mktemp("cl-serve"), env=env)
     yield be
     be.close()
@@ -213,8 +254,14 @@ def serve(tmp_path_factory):
 def test_closed_loop_through_rpnt_serve_loses_no_bin_across_an_activation(serve):
     enc = synthetic_encoding(n_channels=8, seed=3)
     cfg = LoopConfig(seconds=5.0, seed=4, labels="refit", drain_s=LIVE)
-    loop = ClosedLoop(ingest=serve.ingest, publish=serve.publish, encoding=enc, task=TaskConfig(),
-                      controller=ControllerConfig(), config=cfg).start()
+    loop = ClosedLoop(
+        ingest=serve.ingest,
+        publish=serve.publish,
+        encoding=enc,
+        task=TaskConfig(),
+        controller=ControllerConfig(),
+        config=cfg,
+    ).start()
     while loop.k < 75 and not loop.finished.is_set():
         time.sleep(0.01)
     code, body = serve.request("POST", "/models/1/activate")
@@ -229,10 +276,14 @@ def test_closed_loop_through_rpnt_serve_loses_no_bin_across_an_activation(serve)
 
 def _task_upload(T: int, n_channels: int = 8, **change) -> dict:
     rng = np.random.default_rng(7)
-    d = {"counts": rng.poisson(1.5, (T, n_channels)).astype(np.int32), "bin_s": np.float64(0.02),
-         "extra_task_decoded": rng.normal(0, 3, (T, 2)), "extra_task_cursor": rng.normal(0, 4, (T, 2)),
-         "extra_task_target": np.repeat(rng.normal(0, 6, (T // 50 + 1, 2)), 50, axis=0)[:T],
-         "extra_task_radius": np.float64(1.0)}
+    d = {
+        "counts": rng.poisson(1.5, (T, n_channels)).astype(np.int32),
+        "bin_s": np.float64(0.02),
+        "extra_task_decoded": rng.normal(0, 3, (T, 2)),
+        "extra_task_cursor": rng.normal(0, 4, (T, 2)),
+        "extra_task_target": np.repeat(rng.normal(0, 6, (T // 50 + 1, 2)), 50, axis=0)[:T],
+        "extra_task_radius": np.float64(1.0),
+    }
     for k, v in change.items():
         if v is None:
             d.pop(k)
@@ -241,11 +292,14 @@ def _task_upload(T: int, n_channels: int = 8, **change) -> dict:
     return d
 
 
-@pytest.mark.parametrize("case, words", [
-    ("nan", ("task_decoded", "NaN")),
-    ("target_without_cursor", ("task_cursor", "missing")),
-    ("short", ("task_target", "shorter")),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("nan", ("task_decoded", "NaN")),
+        ("target_without_cursor", ("task_cursor", "missing")),
+        ("short", ("task_target", "shorter")),
+    ],
+)
 def test_bad_task_stream_uploads_are_422_and_leave_the_live_model(serve, case, words):
     T = 400
     if case == "nan":
@@ -261,7 +315,10 @@ def test_bad_task_stream_uploads_are_422_and_leave_the_live_model(serve, case, w
     assert code == 422, body
     assert body["detail"].startswith(words[0]) and all(w in body["detail"] for w in words), body
     after = serve.status()["model"]
-    assert after["generation"] == before["generation"] and after["registry_version"] == before["registry_version"]
+    assert (
+        after["generation"] == before["generation"]
+        and after["registry_version"] == before["registry_version"]
+    )
     assert serve.request("GET", "/calibrate")[1]["running"] is None
 
 

@@ -70,15 +70,23 @@ def test_npz_round_trip(tmp_path: Path, S: int | None) -> None:
     else:
         assert back.site_xy is None
     assert (back.subject, back.session, back.task, back.date_days, back.bin_s) == (
-        "monkey-J", "2024-01-02", "center-out", 3.5, 0.02)
+        "monkey-J",
+        "2024-01-02",
+        "center-out",
+        3.5,
+        0.02,
+    )
     assert back.source == str(path)
     assert back.fingerprint() == validate_session(s).fingerprint()
     assert load_session(path).fingerprint() == back.fingerprint()
 
 
 def test_npz_minimal_and_extras(tmp_path: Path) -> None:
-    s = Session(counts=np.ones((4, 2), dtype=np.uint8), bin_s=0.05,
-                extra={"latents": np.arange(8.0).reshape(4, 2), "note": "hi", "k": 3})
+    s = Session(
+        counts=np.ones((4, 2), dtype=np.uint8),
+        bin_s=0.05,
+        extra={"latents": np.arange(8.0).reshape(4, 2), "note": "hi", "k": 3},
+    )
     back = load_npz(save_npz(s, tmp_path / "m.npz", include_extra=True))
     assert back.velocity is None and back.timestamps is None and back.subject == ""
     np.testing.assert_array_equal(back.extra["latents"], s.extra["latents"])
@@ -114,8 +122,11 @@ def test_npz_rejects_unknown_keys_and_pickles(tmp_path: Path) -> None:
 
 def test_a_file_that_is_not_a_zip_gets_one_message_not_numpys(tmp_path: Path) -> None:
     # numpy.load would try to unpickle it and say "Cannot load file containing pickled data"
-    for name, data in (("text.npz", b"counts,bin_s\n1,0.02\n"), ("pickle.npz", b"\x80\x04K\x01."),
-                       ("hdf5.npz", b"\x89HDF\r\n\x1a\n" + bytes(100))):
+    for name, data in (
+        ("text.npz", b"counts,bin_s\n1,0.02\n"),
+        ("pickle.npz", b"\x80\x04K\x01."),
+        ("hdf5.npz", b"\x89HDF\r\n\x1a\n" + bytes(100)),
+    ):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ValueError) as e:
             load_npz(tmp_path / name)
@@ -125,7 +136,9 @@ def test_a_file_that_is_not_a_zip_gets_one_message_not_numpys(tmp_path: Path) ->
 
 def test_an_object_array_is_named_without_the_path(tmp_path: Path) -> None:
     path = tmp_path / "obj.npz"
-    np.savez(path, counts=np.ones((3, 2), int), bin_s=0.02, velocity=np.array([[object()] * 2] * 3, dtype=object))
+    np.savez(
+        path, counts=np.ones((3, 2), int), bin_s=0.02, velocity=np.array([[object()] * 2] * 3, dtype=object)
+    )
     with pytest.raises(ValueError) as e:
         load_npz(path)
     assert str(e.value) == "velocity: object arrays are not accepted (reading them would mean unpickling)"
@@ -149,11 +162,15 @@ def _inflated_peak(path: Path, max_bytes: int | None) -> tuple[int, str]:
 def test_zip_bombs_are_refused_before_inflating_more_than_the_limit(tmp_path: Path) -> None:
     honest = crafted.npz_zip_bomb(tmp_path / "honest.npz", 64)  # 64 MB of zeros in about 70 KB
     assert honest.stat().st_size < 100_000
-    lying_header = crafted.npz_lying_header(tmp_path / "header.npz", (600_000_000,))  # says 2.2 GB, holds 16 B
+    lying_header = crafted.npz_lying_header(
+        tmp_path / "header.npz", (600_000_000,)
+    )  # says 2.2 GB, holds 16 B
     lying_zip = crafted.npz_lying_zip_size(tmp_path / "zip.npz", 64)  # says 4 KB, inflates to 64 MB
-    cases = [(honest, "counts: declares 64 MB uncompressed, over the 1 MB limit"),
-             (lying_header, "counts: declares 2.2 GB uncompressed, over the 1 MB limit"),
-             (lying_zip, "counts: damaged data in the archive")]
+    cases = [
+        (honest, "counts: declares 64 MB uncompressed, over the 1 MB limit"),
+        (lying_header, "counts: declares 2.2 GB uncompressed, over the 1 MB limit"),
+        (lying_zip, "counts: damaged data in the archive"),
+    ]
     for path, message in cases:
         peak, error = _inflated_peak(path, LIMIT)
         assert error == message, path.name
@@ -164,11 +181,15 @@ def test_zip_bombs_are_refused_before_inflating_more_than_the_limit(tmp_path: Pa
 
 
 def test_all_members_together_are_held_to_the_limit(tmp_path: Path) -> None:
-    path = crafted.write_zip(tmp_path / "sum.npz", [
-        crafted.deflated("counts.npy", crafted.npy(np.zeros((1000, 400), np.uint8))),  # 400 KB
-        crafted.deflated("position.npy", crafted.npy(np.zeros((1000, 100), np.float32))),  # 400 KB
-        crafted.deflated("velocity.npy", crafted.npy(np.zeros((1000, 100), np.float32))),  # 400 KB
-        *crafted.session_members()[:1]])
+    path = crafted.write_zip(
+        tmp_path / "sum.npz",
+        [
+            crafted.deflated("counts.npy", crafted.npy(np.zeros((1000, 400), np.uint8))),  # 400 KB
+            crafted.deflated("position.npy", crafted.npy(np.zeros((1000, 100), np.float32))),  # 400 KB
+            crafted.deflated("velocity.npy", crafted.npy(np.zeros((1000, 100), np.float32))),  # 400 KB
+            *crafted.session_members()[:1],
+        ],
+    )
     peak, error = _inflated_peak(path, LIMIT)
     assert error == "file: its arrays declare 1.1 MB uncompressed, over the 1 MB limit" and peak < LIMIT
 
@@ -178,18 +199,22 @@ def test_npz_members_numpy_never_writes_are_refused(tmp_path: Path) -> None:
     bz = tmp_path / "bz.npz"  # bzip2 inflates a whole read at once, whatever was asked for
     with zipfile.ZipFile(bz, "w", compression=zipfile.ZIP_BZIP2) as z:
         z.writestr("counts.npy", counts)
-    stray = crafted.write_zip(tmp_path / "stray.npz", [crafted.deflated("counts.npy", counts),
-                                                       crafted.deflated("notes.txt", b"hello")])
+    stray = crafted.write_zip(
+        tmp_path / "stray.npz",
+        [crafted.deflated("counts.npy", counts), crafted.deflated("notes.txt", b"hello")],
+    )
     twice = crafted.write_zip(tmp_path / "twice.npz", [crafted.deflated("counts.npy", counts)] * 2)
     cut = tmp_path / "cut.npz"
     np.savez(cut, counts=np.ones((300, 2)), bin_s=0.02)
     cut.write_bytes(cut.read_bytes()[:2000])
     short = crafted.write_zip(tmp_path / "short.npz", [crafted.deflated("counts.npy", counts[:-8])])
-    for path, message in ((bz, "counts: compressed with an unsupported method (NPZ arrays are stored or deflated)"),
-                          (stray, "file: the archive holds a member that is not a <field>.npy array"),
-                          (twice, "counts: stored twice in the archive"),
-                          (cut, "file: a damaged or truncated NPZ file (its zip directory cannot be read)"),
-                          (short, "counts: damaged: the archive holds fewer bytes than its .npy header declares")):
+    for path, message in (
+        (bz, "counts: compressed with an unsupported method (NPZ arrays are stored or deflated)"),
+        (stray, "file: the archive holds a member that is not a <field>.npy array"),
+        (twice, "counts: stored twice in the archive"),
+        (cut, "file: a damaged or truncated NPZ file (its zip directory cannot be read)"),
+        (short, "counts: damaged: the archive holds fewer bytes than its .npy header declares"),
+    ):
         with pytest.raises(ValueError) as e:
             load_npz(path, max_bytes=LIMIT)
         assert str(e.value) == message, path.name
@@ -238,8 +263,14 @@ def test_validate_session_names_the_field(overrides: dict, message: str) -> None
 @pytest.mark.parametrize(("overrides", "message"), [b for b in BAD_FIELDS if "every axis" not in b[1]])
 def test_load_npz_names_the_field(tmp_path: Path, overrides: dict, message: str) -> None:
     s = make_session(T=T)
-    fields = {"counts": s.counts, "bin_s": s.bin_s, "velocity": s.velocity, "position": s.position,
-              "timestamps": s.timestamps, "date_days": s.date_days}
+    fields = {
+        "counts": s.counts,
+        "bin_s": s.bin_s,
+        "velocity": s.velocity,
+        "position": s.position,
+        "timestamps": s.timestamps,
+        "date_days": s.date_days,
+    }
     fields.update(overrides)
     np.savez(tmp_path / "bad.npz", **{k: v for k, v in fields.items() if v is not None})
     with pytest.raises(ValueError, match="^" + message):
@@ -281,13 +312,21 @@ def test_mat_custom_layout_and_detection_error(tmp_path: Path) -> None:
     savemat(tmp_path / "odd.mat", {"S": spikes, "V": vel, "dt": np.array([[0.01]])})
     with pytest.raises(ValueError, match=r"layout: no known MAT layout.*StevensonV2.*contdata95"):
         load_mat(tmp_path / "odd.mat")
-    layout = MatLayout(name="odd", counts_key="S", velocity_key="V", channels_first=True,
-                       velocity_dims=(0, 2), bin_s_key="dt")
+    layout = MatLayout(
+        name="odd",
+        counts_key="S",
+        velocity_key="V",
+        channels_first=True,
+        velocity_dims=(0, 2),
+        bin_s_key="dt",
+    )
     s = load_mat(tmp_path / "odd.mat", layout=layout)
     assert s.counts.shape == (30, 5) and s.counts.dtype == np.int32 and s.bin_s == 0.01
     np.testing.assert_array_equal(s.counts, spikes.T)
     np.testing.assert_allclose(s.velocity, vel[[0, 2]].T, rtol=1e-6)
-    bad = MatLayout(name="odd", counts_key="S", velocity_key="V", channels_first=True, velocity_dims=(5,), bin_s=0.01)
+    bad = MatLayout(
+        name="odd", counts_key="S", velocity_key="V", channels_first=True, velocity_dims=(5,), bin_s=0.01
+    )
     with pytest.raises(ValueError, match="^velocity: layout 'odd' asks for dims"):
         load_mat(tmp_path / "odd.mat", layout=bad)
     with pytest.raises(ValueError, match="^layout: unknown layout 'nope'"):
@@ -331,15 +370,26 @@ def test_mat_layouts_cover_both_files() -> None:
 # ------------------------------------------------------------------------------------ NWB
 
 
-def _write_nwb(path: Path, *, spike_times: list[list[float]], beh_t: np.ndarray | None,
-               beh: np.ndarray | None, in_acquisition: bool = False, name: str = "hand_velocity") -> None:
+def _write_nwb(
+    path: Path,
+    *,
+    spike_times: list[list[float]],
+    beh_t: np.ndarray | None,
+    beh: np.ndarray | None,
+    in_acquisition: bool = False,
+    name: str = "hand_velocity",
+) -> None:
     pynwb = pytest.importorskip("pynwb")
     from pynwb.behavior import BehavioralTimeSeries
     from pynwb.file import Subject
 
-    nwb = pynwb.NWBFile(session_description="synthetic", identifier="id-1", session_id="sess-7",
-                        session_start_time=datetime(2024, 3, 1, 12, tzinfo=timezone.utc),
-                        subject=Subject(subject_id="monkey-X"))
+    nwb = pynwb.NWBFile(
+        session_description="synthetic",
+        identifier="id-1",
+        session_id="sess-7",
+        session_start_time=datetime(2024, 3, 1, 12, tzinfo=timezone.utc),
+        subject=Subject(subject_id="monkey-X"),
+    )
     for st in spike_times:
         nwb.add_unit(spike_times=np.asarray(st, dtype=float))
     if beh is not None:
@@ -379,7 +429,9 @@ def test_nwb_bins_spikes_exactly(tmp_path: Path) -> None:
 def test_nwb_acquisition_named_series_and_no_behaviour(tmp_path: Path) -> None:
     beh_t = np.linspace(0.0, 1.0, 11)
     path = tmp_path / "acq.nwb"
-    _write_nwb(path, spike_times=[[0.05, 0.5]], beh_t=beh_t, beh=np.ones(11), in_acquisition=True, name="cursor")
+    _write_nwb(
+        path, spike_times=[[0.05, 0.5]], beh_t=beh_t, beh=np.ones(11), in_acquisition=True, name="cursor"
+    )
     s = load_nwb(path, bin_s=0.1)  # no name contains "vel": no velocity, span = spikes
     assert s.velocity is None and s.counts.shape == (5, 1) and s.counts.sum() == 2
     s = load_nwb(path, bin_s=0.1, velocity_series="cursor")
@@ -390,7 +442,9 @@ def test_nwb_acquisition_named_series_and_no_behaviour(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="^bin_s: must be > 0"):
         load_nwb(path, bin_s=0.0)
     # spike times need a bin width: one line naming it (`rpnt evaluate --data x.nwb` passes none)
-    with pytest.raises(ValueError, match=r"^bin_s: the file holds spike times \(Units\), which need a bin width"):
+    with pytest.raises(
+        ValueError, match=r"^bin_s: the file holds spike times \(Units\), which need a bin width"
+    ):
         load_session(path)
 
 
@@ -412,10 +466,14 @@ def test_nwb_is_checked_before_any_dataset_is_read(tmp_path: Path) -> None:
         f["units"] = h5py.ExternalLink(str(tmp_path / "elsewhere.h5"), "/")
     outside = tmp_path / "outside.nwb"
     with h5py.File(outside, "w") as f:  # raw data in another file of the reader's machine
-        f.create_dataset("units/spike_times", shape=(10,), dtype="f8", external=[(str(tmp_path / "raw.bin"), 0, 80)])
-    for path, message in ((bomb, "acquisition/bomb/data: declares 16 GB uncompressed, over the 512 MB limit"),
-                          (linked, "units: links to another file, which is not accepted"),
-                          (outside, "units/spike_times: stored outside the file, which is not accepted")):
+        f.create_dataset(
+            "units/spike_times", shape=(10,), dtype="f8", external=[(str(tmp_path / "raw.bin"), 0, 80)]
+        )
+    for path, message in (
+        (bomb, "acquisition/bomb/data: declares 16 GB uncompressed, over the 512 MB limit"),
+        (linked, "units: links to another file, which is not accepted"),
+        (outside, "units/spike_times: stored outside the file, which is not accepted"),
+    ):
         with pytest.raises(ValueError) as e:
             load_nwb(path, bin_s=0.02, max_bytes=mb512)
         assert str(e.value) == message, path.name
@@ -432,7 +490,7 @@ def test_nwb_binning_is_held_to_the_limit(tmp_path: Path) -> None:
 def test_a_well_formed_nwb_file_passes_the_checks(tmp_path: Path) -> None:
     beh_t = 0.01 * np.arange(101)
     path = tmp_path / "ok.nwb"
-    _write_nwb(path, spike_times=[[0.1, 0.5], [0.7]], beh_t=beh_t, beh=np.stack([beh_t, beh_t ** 2], 1))
+    _write_nwb(path, spike_times=[[0.1, 0.5], [0.7]], beh_t=beh_t, beh=np.stack([beh_t, beh_t**2], 1))
     limited, free = load_nwb(path, bin_s=0.02, max_bytes=1 << 20), load_nwb(path, bin_s=0.02)
     np.testing.assert_array_equal(limited.counts, free.counts)
     np.testing.assert_array_equal(limited.velocity, free.velocity)
@@ -443,8 +501,17 @@ def test_a_well_formed_nwb_file_passes_the_checks(tmp_path: Path) -> None:
 SPIKE_NEV = "Z:\\Spike_10I3\\CerebusData\\08-17-12\\Spike_08-17-12_WF_001.nev"
 
 
-def write_binned(path: Path, *, T: int = 400, N: int = 6, bin_s: float = 0.05, force: bool = True,
-                 meta: bool | dict = True, seed: int = 0, **overrides) -> dict:
+def write_binned(
+    path: Path,
+    *,
+    T: int = 400,
+    N: int = 6,
+    bin_s: float = 0.05,
+    force: bool = True,
+    meta: bool | dict = True,
+    seed: int = 0,
+    **overrides,
+) -> dict:
     """A binnedData MAT file as the Miller lab writes it (rates in Hz, float32 time frame)."""
     from scipy.io import savemat
 
@@ -456,13 +523,17 @@ def write_binned(path: Path, *, T: int = 400, N: int = 6, bin_s: float = 0.05, f
         "spikeratedata": (counts / bin_s).astype(np.float32),  # Hz
         "spikeguide": np.array([f"ee{i + 1:02d}u0" for i in range(N)]),
         "cursorposbin": rng.normal(size=(T, 2)).astype(np.float32),
-        "velocbin": np.concatenate([vel, np.linalg.norm(vel, axis=1, keepdims=True)], axis=1).astype(np.float32),
+        "velocbin": np.concatenate([vel, np.linalg.norm(vel, axis=1, keepdims=True)], axis=1).astype(
+            np.float32
+        ),
         "forcedatabin": rng.normal(size=(T, 2)).astype(np.float32) if force else np.zeros((0, 0)),
         "emgdatabin": rng.random((T, 3)).astype(np.float32),
         "trialtable": rng.random((5, 10)),
     }
     if meta:
-        data["meta"] = meta if isinstance(meta, dict) else {"datetime": "8/17/2012 15:8:46.503", "filename": SPIKE_NEV}
+        data["meta"] = (
+            meta if isinstance(meta, dict) else {"datetime": "8/17/2012 15:8:46.503", "filename": SPIKE_NEV}
+        )
     data.update(overrides)
     savemat(path, {"binnedData": data})
     return {"counts": counts, **data}
@@ -482,8 +553,9 @@ def test_binned_data_loads_counts_targets_and_metadata(tmp_path: Path) -> None:
     # names from the file's meta (the original recording), not the MAT file's name
     assert (s.session, s.subject, s.task) == ("Spike_08-17-12_WF_001", "Spike", "WF")
     assert s.extra["session_start_time"] == "2012-08-17T15:08:46.503000"
-    assert s.date_days == pytest.approx((datetime(2012, 8, 17, 15, 8, 46, 503000) - datetime(1970, 1, 1))
-                                        .total_seconds() / 86400)
+    assert s.date_days == pytest.approx(
+        (datetime(2012, 8, 17, 15, 8, 46, 503000) - datetime(1970, 1, 1)).total_seconds() / 86400
+    )
     assert list(s.extra["channel_names"]) == [f"ee{i + 1:02d}u0" for i in range(6)]
     assert s.extra["trials"].shape == (5, 10)
     assert s.timestamps.shape == (400,) and s.timestamps[1] == pytest.approx(0.05)
@@ -494,27 +566,45 @@ def test_binned_data_without_force_or_meta(tmp_path: Path) -> None:
     s = load_mat(tmp_path / "Nick_CO_001-01-binned.mat")
     assert set(s.targets) == {"velocity", "position", "emg"}  # empty forcedatabin = not recorded
     assert (s.session, s.subject, s.task, s.date_days) == ("Nick_CO_001-01-binned", "", "", 0.0)
-    with pytest.raises(ValueError, match=r"^target: Nick_CO_001-01-binned has no 'force' \(it has velocity, "
-                                         r"position, emg\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^target: Nick_CO_001-01-binned has no 'force' \(it has velocity, "
+        r"position, emg\)$",
+    ):
         s.with_target("force")
 
 
 def test_binned_data_task_from_the_file_name_when_the_recording_name_lacks_it(tmp_path: Path) -> None:
-    write_binned(tmp_path / "Spike_07-21-12_WF_001.mat",
-                 meta={"datetime": "7/21/2012 17:7:46.714", "filename": "C:\\data\\Spike_07-21-12_001.nev"})
+    write_binned(
+        tmp_path / "Spike_07-21-12_WF_001.mat",
+        meta={"datetime": "7/21/2012 17:7:46.714", "filename": "C:\\data\\Spike_07-21-12_001.nev"},
+    )
     s = load_mat(tmp_path / "Spike_07-21-12_WF_001.mat")
     assert (s.session, s.subject, s.task) == ("Spike_07-21-12_001", "Spike", "WF")
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"spikeratedata": np.full((400, 6), 13.0, np.float32)},
-     r"^spikeratedata: rate × bin width \(50 ms\) is not a whole spike count \(off by up to 0\.35\): "
-     r"these are smoothed rates"),
-    ({"timeframe": np.r_[np.arange(200) * 0.05, 10.05 + np.arange(200) * 0.05].astype(np.float32)[:, None]},
-     r"^timeframe: bins are not uniform \(steps from 50 ms to 100 ms\)"),
-    ({"meta": {"datetime": "yesterday", "filename": "x.nev"}},
-     r"^meta\.datetime: 'yesterday' is not a date in the format"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            {"spikeratedata": np.full((400, 6), 13.0, np.float32)},
+            r"^spikeratedata: rate × bin width \(50 ms\) is not a whole spike count \(off by up to 0\.35\): "
+            r"these are smoothed rates",
+        ),
+        (
+            {
+                "timeframe": np.r_[np.arange(200) * 0.05, 10.05 + np.arange(200) * 0.05].astype(np.float32)[
+                    :, None
+                ]
+            },
+            r"^timeframe: bins are not uniform \(steps from 50 ms to 100 ms\)",
+        ),
+        (
+            {"meta": {"datetime": "yesterday", "filename": "x.nev"}},
+            r"^meta\.datetime: 'yesterday' is not a date in the format",
+        ),
+    ],
+)
 def test_binned_data_refuses_what_it_cannot_trust(tmp_path: Path, overrides: dict, message: str) -> None:
     write_binned(tmp_path / "b.mat", **overrides)
     with pytest.raises(ValueError, match=message):
@@ -524,10 +614,15 @@ def test_binned_data_refuses_what_it_cannot_trust(tmp_path: Path, overrides: dic
 def test_binned_data_missing_fields_name_what_was_found(tmp_path: Path) -> None:
     from scipy.io import savemat
 
-    savemat(tmp_path / "half.mat", {"binnedData": {"spikeratedata": np.ones((4, 2)), "timeframe": np.arange(4.0)}})
-    with pytest.raises(ValueError, match=r"^layout: the struct binnedData in half\.mat lacks fields "
-                                         r"\['cursorposbin', 'velocbin'\] that layout 'binnedData' needs "
-                                         r"\(it has \['spikeratedata', 'timeframe'\]\)$"):
+    savemat(
+        tmp_path / "half.mat", {"binnedData": {"spikeratedata": np.ones((4, 2)), "timeframe": np.arange(4.0)}}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^layout: the struct binnedData in half\.mat lacks fields "
+        r"\['cursorposbin', 'velocbin'\] that layout 'binnedData' needs "
+        r"\(it has \['spikeratedata', 'timeframe'\]\)$",
+    ):
         load_mat(tmp_path / "half.mat")
 
 
@@ -536,8 +631,10 @@ def test_s1_layout(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(1)
     spikes = rng.poisson(0.5, size=(300, 5)).astype(np.uint8)
-    savemat(tmp_path / "s1_data.mat", {"spikes": spikes, "pos": rng.normal(size=(300, 2)),
-                                        "vel": rng.normal(size=(300, 2))})
+    savemat(
+        tmp_path / "s1_data.mat",
+        {"spikes": spikes, "pos": rng.normal(size=(300, 2)), "vel": rng.normal(size=(300, 2))},
+    )
     s = load_session(tmp_path / "s1_data.mat")
     assert s.extra["mat_layout"] == "miller_area2_s1" and s.bin_s == 0.05
     np.testing.assert_array_equal(s.counts, spikes)
@@ -552,8 +649,11 @@ def test_unreadable_or_unknown_mat_files_get_one_line(tmp_path: Path) -> None:
     from scipy.io import savemat
 
     savemat(tmp_path / "odd.mat", {"rates": np.ones((3, 4)), "info": {"who": "me"}})
-    with pytest.raises(ValueError, match=r"^layout: no known MAT layout matches odd\.mat, which holds "
-                                         r"info 1×1 struct, rates 3×4 double; known layouts: StevensonV2 ") as e:
+    with pytest.raises(
+        ValueError,
+        match=r"^layout: no known MAT layout matches odd\.mat, which holds "
+        r"info 1×1 struct, rates 3×4 double; known layouts: StevensonV2 ",
+    ) as e:
         load_session(tmp_path / "odd.mat")
     assert "\n" not in str(e.value) and str(tmp_path) not in str(e.value)
 
@@ -575,8 +675,11 @@ def test_binned_data_that_is_not_one_struct(tmp_path: Path) -> None:
     from scipy.io import savemat
 
     savemat(tmp_path / "arr.mat", {"binnedData": np.ones((3, 2))})
-    with pytest.raises(ValueError, match=r"^layout: binnedData 3×2 double in arr\.mat is not the single struct "
-                                         r"that layout 'binnedData' reads$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^layout: binnedData 3×2 double in arr\.mat is not the single struct "
+        r"that layout 'binnedData' reads$",
+    ):
         load_mat(tmp_path / "arr.mat")
     savemat(tmp_path / "many.mat", {f"v{i:02d}": np.ones(2) for i in range(15)})
     with pytest.raises(ValueError, match=r"which holds v00 1×2 double, .*, v11 1×2 double and 3 more; known"):
@@ -586,11 +689,17 @@ def test_binned_data_that_is_not_one_struct(tmp_path: Path) -> None:
 def test_npz_round_trips_every_behaviour_series_and_the_target(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     T = 50
-    s = Session(counts=rng.poisson(1.0, size=(T, 4)).astype(np.int32), bin_s=0.05,
-                velocity=rng.normal(size=(T, 2)).astype(np.float32),
-                position=rng.normal(size=(T, 2)).astype(np.float32),
-                behaviour={"force": rng.normal(size=(T, 2)).astype(np.float32),
-                           "emg": rng.random((T, 3)).astype(np.float32)}, target="force")
+    s = Session(
+        counts=rng.poisson(1.0, size=(T, 4)).astype(np.int32),
+        bin_s=0.05,
+        velocity=rng.normal(size=(T, 2)).astype(np.float32),
+        position=rng.normal(size=(T, 2)).astype(np.float32),
+        behaviour={
+            "force": rng.normal(size=(T, 2)).astype(np.float32),
+            "emg": rng.random((T, 3)).astype(np.float32),
+        },
+        target="force",
+    )
     back = load_session(save_npz(s, tmp_path / "s.npz"))
     assert back.target == "force" and set(back.targets) == {"velocity", "position", "force", "emg"}
     for name, series in s.targets.items():

@@ -21,13 +21,36 @@ def test_demo_runs_end_to_end_and_online_equals_offline(tmp_path, monkeypatch, c
     # the job's worker at the decode loop's priority: a test never waits on a low-priority process
     monkeypatch.setenv("RPNT_CALIBRATION__NICE", "0")
     work = tmp_path / "demo"
-    rc = rpnt(["demo", "--days", "none", "--workdir", str(work), "--quiet", "--pretrain-epochs", "1", "--steps-per-epoch", "4",
-               "--finetune-epochs", "2", "--baselines", "wiener", "--replay-s", "8", "--calibrate-after-s", "4.5"])
+    rc = rpnt(
+        [
+            "demo",
+            "--days",
+            "none",
+            "--workdir",
+            str(work),
+            "--quiet",
+            "--pretrain-epochs",
+            "1",
+            "--steps-per-epoch",
+            "4",
+            "--finetune-epochs",
+            "2",
+            "--baselines",
+            "wiener",
+            "--replay-s",
+            "8",
+            "--calibrate-after-s",
+            "4.5",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     res = json.loads((work / "results.json").read_text())
-    assert {r["decoder"] for r in res["rows"]} == {"RPNT from scratch", "RPNT pretrained + finetuned",
-                                                   "baseline: wiener"}
+    assert {r["decoder"] for r in res["rows"]} == {
+        "RPNT from scratch",
+        "RPNT pretrained + finetuned",
+        "baseline: wiener",
+    }
     live = res["live"]
     rep = json.loads((work / "live" / "replay" / "report.json").read_text())
     assert rep["bins"] == 400 and rep["bins_lost"] == 0 and rep["bins_received"] == 400
@@ -54,8 +77,25 @@ def test_demo_runs_end_to_end_and_online_equals_offline(tmp_path, monkeypatch, c
 @pytest.mark.skipif(not any(SHARED_SPIKE_DAYS.glob("*.mat")), reason="shared Spike days absent")
 def test_demo_on_real_days_calibrates_the_newest_clean_day_from_its_first_labels(tmp_path, capsys):
     work = tmp_path / "days"
-    rc = rpnt(["demo", "--offline", "--workdir", str(work), "--quiet", "--pool-days", "1", "--label-seconds", "30",
-               "--pretrain-epochs", "1", "--steps-per-epoch", "2", "--baselines", "wiener"])
+    rc = rpnt(
+        [
+            "demo",
+            "--offline",
+            "--workdir",
+            str(work),
+            "--quiet",
+            "--pool-days",
+            "1",
+            "--label-seconds",
+            "30",
+            "--pretrain-epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--baselines",
+            "wiener",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     res = json.loads((work / "results.json").read_text())

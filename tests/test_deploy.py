@@ -70,7 +70,9 @@ def test_example_toml_is_generated_from_the_schema():
             where = body.group(1)
         else:
             where = text.split("\n[", 1)[0]
-        assert re.search(rf"^(# )?{re.escape(field)} = ", where, re.M), f"{dotted} missing from {EXAMPLE.name}"
+        assert re.search(rf"^(# )?{re.escape(field)} = ", where, re.M), (
+            f"{dotted} missing from {EXAMPLE.name}"
+        )
 
 
 def test_example_toml_is_valid_toml_with_every_section():
@@ -78,13 +80,16 @@ def test_example_toml_is_valid_toml_with_every_section():
     assert set(SECTIONS) <= set(data)
 
 
-@pytest.mark.parametrize("old,new,field", [
-    ("port = 8000", "port = 8000\nprot = 8001", "http.prot"),
-    ("port = 8000", 'port = "x"', "http.port"),
-    ("# bin_ms = ...", "bin_ms = -1", "daemon.bin_ms"),
-    ('backend = "onnx-cpu"', 'backend = "tensorflow"', "model.backend"),
-    ("nice = 10", "nice = 40", "calibration.nice"),
-])
+@pytest.mark.parametrize(
+    "old,new,field",
+    [
+        ("port = 8000", "port = 8000\nprot = 8001", "http.prot"),
+        ("port = 8000", 'port = "x"', "http.port"),
+        ("# bin_ms = ...", "bin_ms = -1", "daemon.bin_ms"),
+        ('backend = "onnx-cpu"', 'backend = "tensorflow"', "model.backend"),
+        ("nice = 10", "nice = 40", "calibration.nice"),
+    ],
+)
 def test_bad_settings_name_the_field(tmp_path, old, new, field):
     p = _write(tmp_path, _replace_once(EXAMPLE.read_text(), old, new))
     with pytest.raises(SettingsError, match=re.escape(field)):
@@ -111,16 +116,27 @@ def test_missing_or_broken_config_file(tmp_path):
 def test_env_overrides_win_over_the_file(tmp_path):
     p = _write(tmp_path, _replace_once(EXAMPLE.read_text(), "port = 8000", "port = 8100"))
     assert load_settings(p, env={}).http.port == 8100
-    s = load_settings(p, env={"RPNT_HTTP__PORT": "9001", "RPNT_DAEMON__AFFINITY": "[1, 2]",
-                              "RPNT_DAEMON__GC_FREEZE": "true", "RPNT_LOG_LEVEL": "debug"})
+    s = load_settings(
+        p,
+        env={
+            "RPNT_HTTP__PORT": "9001",
+            "RPNT_DAEMON__AFFINITY": "[1, 2]",
+            "RPNT_DAEMON__GC_FREEZE": "true",
+            "RPNT_LOG_LEVEL": "debug",
+        },
+    )
     assert (s.http.port, s.daemon.affinity, s.daemon.gc_freeze, s.log_level) == (9001, [1, 2], True, "debug")
     # flags (overrides) win over the environment; $RPNT_CONFIG names the file when no path is given
-    s = load_settings(env={"RPNT_CONFIG": str(p), "RPNT_HTTP__PORT": "9001"}, overrides={"http": {"port": 9002}})
+    s = load_settings(
+        env={"RPNT_CONFIG": str(p), "RPNT_HTTP__PORT": "9001"}, overrides={"http": {"port": 9002}}
+    )
     assert s.http.port == 9002 and s.daemon.ingest == "tcp://127.0.0.1:5555"
 
 
 def test_env_string_settings_are_taken_verbatim():
-    s = load_settings(env={"RPNT_AUTH__TOKEN": "123456", "RPNT_REGISTRY__ROOT": "2024", "RPNT_HTTP__PORT": "9001"})
+    s = load_settings(
+        env={"RPNT_AUTH__TOKEN": "123456", "RPNT_REGISTRY__ROOT": "2024", "RPNT_HTTP__PORT": "9001"}
+    )
     assert (s.auth.token, s.registry.root, s.http.port) == ("123456", "2024", 9001)
 
 
@@ -136,7 +152,9 @@ def test_non_loopback_http_needs_allow_remote():
 
 def test_calibration_fractions_over_one_raise(tmp_path):
     p = _write(tmp_path, _replace_once(EXAMPLE.read_text(), "train_fraction = 0.6", "train_fraction = 0.7"))
-    with pytest.raises(SettingsError, match=r"calibration: train_fraction \+ val_fraction \+ holdout_fraction"):
+    with pytest.raises(
+        SettingsError, match=r"calibration: train_fraction \+ val_fraction \+ holdout_fraction"
+    ):
         load_settings(p, env={})
     s = load_settings(env={}, overrides={"calibration": {"train_fraction": 0.5}})  # < 1 is fine
     assert s.calibration.train_fraction == 0.5
@@ -201,9 +219,16 @@ def test_systemd_unit():
     assert cpus and 0 not in cpus, "keep core 0 for the OS and IRQs"
     assert cpus <= {0, 1}, "the default must exist on a 2-core host (cores 0-1)"
     assert int(svc["Nice"]) < 0
-    for key, value in {"StateDirectory": "rpnt", "ProtectSystem": "strict", "ReadWritePaths": "/var/lib/rpnt",
-                       "NoNewPrivileges": "true", "PrivateTmp": "true", "TimeoutStopSec": "20",
-                       "KillSignal": "SIGTERM", "EnvironmentFile": "-/etc/rpnt/rpnt.env"}.items():
+    for key, value in {
+        "StateDirectory": "rpnt",
+        "ProtectSystem": "strict",
+        "ReadWritePaths": "/var/lib/rpnt",
+        "NoNewPrivileges": "true",
+        "PrivateTmp": "true",
+        "TimeoutStopSec": "20",
+        "KillSignal": "SIGTERM",
+        "EnvironmentFile": "-/etc/rpnt/rpnt.env",
+    }.items():
         assert svc[key] == value, key
     assert "LimitMEMLOCK" in svc
     assert cp["Install"]["WantedBy"] == "multi-user.target"
@@ -233,8 +258,10 @@ def _docker_args() -> dict[str, str]:
 
 def _extras() -> dict[str, set[str]]:
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    return {k: {re.match(r"[A-Za-z0-9._-]+", r).group(0).lower().replace("_", "-") for r in v}
-            for k, v in extras.items()}
+    return {
+        k: {re.match(r"[A-Za-z0-9._-]+", r).group(0).lower().replace("_", "-") for r in v}
+        for k, v in extras.items()
+    }
 
 
 def test_dockerfile_installs_cpu_torch_before_the_extra():
@@ -262,11 +289,16 @@ def test_dockerfile_runtime_contract():
     assert "/var/lib/rpnt" in get("VOLUME")[0]
     assert sorted(get("EXPOSE")[0].split()) == ["5555", "5556", "8000"]
     assert "urllib" in get("HEALTHCHECK")[0] and "http://127.0.0.1:8000/health" in get("HEALTHCHECK")[0]
-    assert get("ENTRYPOINT") == ['["rpnt", "serve"]'] and get("CMD") == ['["--config", "/etc/rpnt/rpnt.toml"]']
+    assert get("ENTRYPOINT") == ['["rpnt", "serve"]'] and get("CMD") == [
+        '["--config", "/etc/rpnt/rpnt.toml"]'
+    ]
     assert "deploy/rpnt.example.toml /etc/rpnt/rpnt.toml" in get("COPY")
     # every COPY source exists and is not excluded by .dockerignore
-    ignored = {ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-               if ln.strip() and not ln.startswith("#")}
+    ignored = {
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    }
     for c in get("COPY"):
         for src in c.split()[:-1]:
             assert (REPO / src).exists(), src
@@ -275,8 +307,14 @@ def test_dockerfile_runtime_contract():
     env = {}
     for rest in get("ENV"):
         env.update(tok.split("=", 1) for tok in shlex.split(rest))
-    for key in ("RPNT_HTTP__HOST", "RPNT_HTTP__ALLOW_REMOTE", "RPNT_DAEMON__INGEST", "RPNT_DAEMON__PUBLISH",
-                "RPNT_DAEMON__ALLOW_REMOTE", "RPNT_REGISTRY__ROOT"):
+    for key in (
+        "RPNT_HTTP__HOST",
+        "RPNT_HTTP__ALLOW_REMOTE",
+        "RPNT_DAEMON__INGEST",
+        "RPNT_DAEMON__PUBLISH",
+        "RPNT_DAEMON__ALLOW_REMOTE",
+        "RPNT_REGISTRY__ROOT",
+    ):
         assert key in env, key
     s = load_settings(EXAMPLE, env=env)
     assert (s.http.host, s.http.allow_remote, s.daemon.allow_remote) == ("0.0.0.0", True, True)
@@ -313,7 +351,9 @@ def test_dockerfile_builds_offline_or_behind_a_proxy_and_runs_as_a_user_with_a_h
     assert home and home not in ("/", "/root"), "a writable HOME for the service user"
     useradd = next(r for r in runs if "useradd" in r)
     assert f"--home-dir {home} --create-home" in useradd and re.search(rf"useradd .*\b{user}\b", useradd)
-    assert "--format docker" in DOCKERFILE.read_text(), "podman/buildah drop HEALTHCHECK without --format docker"
+    assert "--format docker" in DOCKERFILE.read_text(), (
+        "podman/buildah drop HEALTHCHECK without --format docker"
+    )
 
 
 # ------------------------------------------------------------------ README and CI
@@ -333,8 +373,10 @@ def test_readme_first_commands_use_their_own_fresh_venvs_and_ci_runs_the_test_co
         if ignored.returncode == 128:
             pytest.skip("not a git checkout")
         assert ignored.returncode == 0, f".gitignore does not ignore {venv}/"
-    ci = [ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    assert test[venvs[1].end():] == ci[-1], "the README's test command and .ci/run are out of step"
+    ci = [
+        ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
+    assert test[venvs[1].end() :] == ci[-1], "the README's test command and .ci/run are out of step"
 
 
 # ------------------------------------------------------------------ building the image (where a builder exists)
@@ -352,8 +394,9 @@ def _builder() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_builder() is None, reason="no working container builder here (docker with its daemon, "
-                                               "podman or buildah)")
+@pytest.mark.skipif(
+    _builder() is None, reason="no working container builder here (docker with its daemon, podman or buildah)"
+)
 def test_image_builds_and_its_healthcheck_passes(tmp_path_factory):
     """Build the image, start it on a tiny model and run the image's own HEALTHCHECK command in it
     until it passes (liveness-bounded, never a timing assertion)."""
@@ -378,7 +421,11 @@ def _image_healthcheck(builder: str, tag: str) -> list[str]:
     """The HEALTHCHECK test of the built image, e.g. ["CMD", "python", "-c", "..."].  The builders
     keep it in different places of their inspect output (docker: Config.Healthcheck, podman:
     Healthcheck, buildah: Docker.config.Healthcheck), so it is looked up by key."""
-    cmd = [builder, "inspect", "--type", "image", tag] if builder == "buildah" else [builder, "image", "inspect", tag]
+    cmd = (
+        [builder, "inspect", "--type", "image", tag]
+        if builder == "buildah"
+        else [builder, "image", "inspect", tag]
+    )
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=LIVE)
     assert r.returncode == 0, r.stderr
     found = _find_healthcheck(json.loads(r.stdout))
@@ -403,20 +450,30 @@ def _find_healthcheck(node) -> list[str] | None:
 def _run_until_healthy(builder: str, tag: str, model, check: list[str]) -> None:
     serve = ["rpnt", "serve", "--config", "/etc/rpnt/rpnt.toml", "--model", "/model"]
     probe = shlex.join(check)
-    script = (f"{shlex.join(serve)} & for i in $(seq {int(LIVE)}); do {probe} && exit 0; sleep 1; done; "
-              "echo 'health check never passed' >&2; exit 1")
+    script = (
+        f"{shlex.join(serve)} & for i in $(seq {int(LIVE)}); do {probe} && exit 0; sleep 1; done; "
+        "echo 'health check never passed' >&2; exit 1"
+    )
     mount = f"{model}:/model:ro,z"  # z: relabelled where SELinux is on
     if builder == "buildah":
         name = f"rpnt-test-{uuid.uuid4().hex[:8]}"
         subprocess.run([builder, "from", "--name", name, tag], check=True, capture_output=True, timeout=LIVE)
         try:
-            r = subprocess.run([builder, "run", "--volume", mount, name, "--", "sh", "-c", script],
-                               capture_output=True, text=True, timeout=2 * LIVE)
+            r = subprocess.run(
+                [builder, "run", "--volume", mount, name, "--", "sh", "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=2 * LIVE,
+            )
         finally:
             subprocess.run([builder, "rm", name], capture_output=True, timeout=LIVE)
     else:
-        r = subprocess.run([builder, "run", "--rm", "-v", mount, "--entrypoint", "sh", tag, "-c", script],
-                           capture_output=True, text=True, timeout=2 * LIVE)
+        r = subprocess.run(
+            [builder, "run", "--rm", "-v", mount, "--entrypoint", "sh", tag, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=2 * LIVE,
+        )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
@@ -436,6 +493,9 @@ def test_serve_flags_and_daemon_settings_build_the_same_daemon_options():
 
     flags = build_serve_parser().parse_args(["--model", "m"])
     assert DaemonOptions.from_fields(flags) == DaemonOptions.from_fields(load_settings(None).daemon)
-    set_ = DaemonOptions.from_fields(build_serve_parser().parse_args(["--model", "m", "--affinity", "0,1",
-                                                                      "--stall-ms", "5", "--busy-poll-us", "100"]))
+    set_ = DaemonOptions.from_fields(
+        build_serve_parser().parse_args(
+            ["--model", "m", "--affinity", "0,1", "--stall-ms", "5", "--busy-poll-us", "100"]
+        )
+    )
     assert (set_.affinity, set_.stall_timeout_s, set_.busy_poll_us) == ((0, 1), 0.005, 100)

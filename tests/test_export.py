@@ -41,9 +41,24 @@ CHANNEL_MAP = (0, 2, 4, 5, 6, 7, 9, 10, 12, 13)
 
 
 def tiny_config(**kw) -> RPNTConfig:
-    base = dict(n_channels=10, input_channels=N_IN, channel_map=CHANNEL_MAP, n_outputs=2, d_model=16, n_layers=2,
-                n_heads=2, window=8, kernel_q=3, kernel_k=3, kernel_hidden=8, ff_mult=2, bin_s=0.05,
-                subjects=("s1", "s2"), sessions=("a",), tasks=("reach",))
+    base = dict(
+        n_channels=10,
+        input_channels=N_IN,
+        channel_map=CHANNEL_MAP,
+        n_outputs=2,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        window=8,
+        kernel_q=3,
+        kernel_k=3,
+        kernel_hidden=8,
+        ff_mult=2,
+        bin_s=0.05,
+        subjects=("s1", "s2"),
+        sessions=("a",),
+        tasks=("reach",),
+    )
     base.update(kw)
     return RPNTConfig(**base)
 
@@ -65,16 +80,39 @@ def tiny(tmp_path_factory):
     # A behaviour target the model can "decode": its own fp32 output plus noise, so R² vs the
     # target is meaningful (≈0.9) and the int8 gate is decided by quantisation error only.
     with torch.no_grad():
-        pred = model.predict_stream(torch.from_numpy(counts.astype(np.float32))[None],
-                                    model.metadata_for(subject="s1"))["velocity"][0].numpy()
+        pred = model.predict_stream(
+            torch.from_numpy(counts.astype(np.float32))[None], model.metadata_for(subject="s1")
+        )["velocity"][0].numpy()
     rng = np.random.default_rng(3)
     target = (pred + 0.3 * pred.std(0) * rng.standard_normal(pred.shape)).astype(np.float32)
     npz = save_npz(Session(counts=counts, bin_s=0.05, velocity=target), root / "session.npz")
     out = root / "export"
-    rc = cli.main([str(ckpt), "--out", str(out), "--int8", "--fp16", "--parity-data", str(npz),
-                   "--parity-bins", "120", "--subject", "s1", "-q"])
-    return {"root": root, "ckpt": ckpt, "meta": meta, "model": model, "out": out, "rc": rc, "npz": npz,
-            "counts": counts}
+    rc = cli.main(
+        [
+            str(ckpt),
+            "--out",
+            str(out),
+            "--int8",
+            "--fp16",
+            "--parity-data",
+            str(npz),
+            "--parity-bins",
+            "120",
+            "--subject",
+            "s1",
+            "-q",
+        ]
+    )
+    return {
+        "root": root,
+        "ckpt": ckpt,
+        "meta": meta,
+        "model": model,
+        "out": out,
+        "rc": rc,
+        "npz": npz,
+        "counts": counts,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +131,17 @@ def test_cli_help_is_for_newcomers(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for needle in ("rpnt export", "--out", "--int8", "--fp16", "--window-bins", "--parity-data", "--tolerance",
-                   "rpnt_step.onnx", "exit status"):
+    for needle in (
+        "rpnt export",
+        "--out",
+        "--int8",
+        "--fp16",
+        "--window-bins",
+        "--parity-data",
+        "--tolerance",
+        "rpnt_step.onnx",
+        "exit status",
+    ):
         assert needle in text
 
 
@@ -142,7 +189,9 @@ def test_graph_is_static_with_tensorrt_ops(tiny, name):
     ops = op_types(model)
     assert set(ops) <= TENSORRT_OPS, set(ops) - TENSORRT_OPS
     assert not set(ops) & CONTROL_FLOW
-    assert [(i.domain, i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")] == [("", EXPORT_OPSET)]
+    assert [(i.domain, i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")] == [
+        ("", EXPORT_OPSET)
+    ]
     assert check_graph(model) == []
 
 
@@ -161,8 +210,9 @@ def test_graph_check_catches_dynamic_dims_and_foreign_ops(tiny, tmp_path):
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     problems = check_graph(model)
     assert any("non-static" in p for p in problems)
-    assert any("custom domain" in p for p in check_graph(tiny["out"] / step_file("int8"))) or \
-        any("allow-list" in p for p in check_graph(tiny["out"] / step_file("int8")))
+    assert any("custom domain" in p for p in check_graph(tiny["out"] / step_file("int8"))) or any(
+        "allow-list" in p for p in check_graph(tiny["out"] / step_file("int8"))
+    )
 
 
 # ---------------------------------------------------------------------- contract
@@ -230,7 +280,11 @@ def test_int8_gate_rejects_a_model_past_the_limit(tmp_path, tiny):
     assert rep["written"] is False and rep["gate"]["passed"] is False and rep["gate"]["value"] > 0
     assert "NOT written" in (out / "rpnt_step.int8.parity.txt").read_text()
     manifest = json.loads((out / "export.json").read_text())
-    assert "int8" in manifest["rejected"] and "step.int8" not in manifest["files"] and "step" in manifest["files"]
+    assert (
+        "int8" in manifest["rejected"]
+        and "step.int8" not in manifest["files"]
+        and "step" in manifest["files"]
+    )
     with pytest.raises(FileNotFoundError, match="int8"):
         load_engine(out, precision="int8")
     # with the default gate the same model passes and is written again
@@ -282,7 +336,9 @@ def test_step_engine_equals_torch_and_window_graph(tiny):
     np.testing.assert_allclose(c, ref, atol=1e-4, rtol=0)
     for eng in (onnx_eng, torch_eng):
         assert isinstance(eng, Decoder) and isinstance(eng.info, DecoderInfo)
-        assert eng.info.n_channels == N_IN and eng.info.n_outputs == 2 and eng.info.bin_s == pytest.approx(0.05)
+        assert (
+            eng.info.n_channels == N_IN and eng.info.n_outputs == 2 and eng.info.bin_s == pytest.approx(0.05)
+        )
         assert eng.info.version == tiny["meta"]["weights_sha"]
     assert onnx_eng.info.fingerprint == "fp-tiny-0001"
 
@@ -332,7 +388,9 @@ def test_engine_state_round_trip_with_torch(tiny):
     np.testing.assert_allclose(eng.step(counts[10]), ref[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [np.ones(N_IN - 1), np.ones((1, N_IN)), -np.ones(N_IN), np.full(N_IN, np.nan)])
+@pytest.mark.parametrize(
+    "bad", [np.ones(N_IN - 1), np.ones((1, N_IN)), -np.ones(N_IN), np.full(N_IN, np.nan)]
+)
 def test_engine_rejects_bad_counts(tiny, bad):
     eng = load_engine(tiny["out"])
     with pytest.raises(ValueError, match="counts"):
@@ -385,16 +443,20 @@ def test_engine_module_does_not_import_torch(tiny):
         "import rpnt_core\n"  # the package imported later still sees the same decoder module
         "assert rpnt_core.decoder.DecoderInfo is type(e.info)\n"
         "assert isinstance(e, rpnt_core.Decoder)\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 
 
-@pytest.mark.parametrize("backend,provider", [("onnx-cuda", "CUDAExecutionProvider"),
-                                              ("onnx-tensorrt", "TensorrtExecutionProvider")])
+@pytest.mark.parametrize(
+    "backend,provider",
+    [("onnx-cuda", "CUDAExecutionProvider"), ("onnx-tensorrt", "TensorrtExecutionProvider")],
+)
 def test_missing_gpu_provider_is_a_clear_error(tiny, backend, provider):
     if provider in ort.get_available_providers():
         pytest.skip(f"{provider} is available on this host")

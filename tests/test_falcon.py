@@ -57,10 +57,20 @@ class Layout:
 
 
 LAYOUTS = {
-    "m2": Layout(task="m2", dandiset="000953", folder="sub-MonkeyN-held-in-minival", container="finger_vel",
-                 bin_start=True),
-    "m1": Layout(task="m1", dandiset="000941", folder="sub-MonkeyL-held-in-minival", container="preprocessed_emg",
-                 bin_start=False),
+    "m2": Layout(
+        task="m2",
+        dandiset="000953",
+        folder="sub-MonkeyN-held-in-minival",
+        container="finger_vel",
+        bin_start=True,
+    ),
+    "m1": Layout(
+        task="m1",
+        dandiset="000941",
+        folder="sub-MonkeyL-held-in-minival",
+        container="preprocessed_emg",
+        bin_start=False,
+    ),
 }
 
 
@@ -87,8 +97,15 @@ def tiny_falcon_model(task: str, seed: int = 0, **kw) -> RPNT:
     return model
 
 
-def write_falcon_nwb(path: Path, *, counts: np.ndarray, target: np.ndarray, eval_mask: np.ndarray,
-                     layout: Layout, start_s: float) -> None:
+def write_falcon_nwb(
+    path: Path,
+    *,
+    counts: np.ndarray,
+    target: np.ndarray,
+    eval_mask: np.ndarray,
+    layout: Layout,
+    start_s: float,
+) -> None:
     """One file as FALCON's ``load_nwb`` reads it: each count becomes spikes inside its bin."""
     from pynwb import NWBHDF5IO, NWBFile, TimeSeries
     from pynwb.behavior import BehavioralTimeSeries
@@ -96,8 +113,11 @@ def write_falcon_nwb(path: Path, *, counts: np.ndarray, target: np.ndarray, eval
     n_bins = counts.shape[0]
     stamps = start_s + np.arange(n_bins) * BIN_S  # the target's timestamps
     centres = stamps + (BIN_S / 2 if layout.bin_start else -BIN_S / 2)
-    nwb = NWBFile(session_description="rpnt FALCON test", identifier=path.stem,
-                  session_start_time=dt.datetime(2020, 10, 19, tzinfo=dt.timezone.utc))
+    nwb = NWBFile(
+        session_description="rpnt FALCON test",
+        identifier=path.stem,
+        session_start_time=dt.datetime(2020, 10, 19, tzinfo=dt.timezone.utc),
+    )
     for ch in range(counts.shape[1]):
         nwb.add_unit(spike_times=np.repeat(centres, counts[:, ch]))
     series = BehavioralTimeSeries(name=layout.container)
@@ -129,16 +149,26 @@ def write_minival(root: Path, model: RPNT, layout: Layout, keys: list[str], seed
     recordings = []
     for i, key in enumerate(keys):
         n_bins = 70 + 9 * i
-        counts = rng.poisson(rng.uniform(0.2, 3.0, model.config.n_channels), (n_bins, model.config.n_channels))
+        counts = rng.poisson(
+            rng.uniform(0.2, 3.0, model.config.n_channels), (n_bins, model.config.n_channels)
+        )
         session = Session(counts=counts.astype(np.int64), bin_s=BIN_S, session=SESSION)
         predicted = predict_session(model, session)
         noise = rng.normal(size=predicted.shape) * predicted.std(axis=0) * rng.uniform(0.3, 1.5)
         target = (predicted + noise).astype(np.float64)
         eval_mask = rng.random(n_bins) < 0.8
         eval_mask[:5] = False  # FALCON masks e.g. trial starts; at least some bins are left out
-        write_falcon_nwb(folder / layout.file_name(key), counts=counts, target=target, eval_mask=eval_mask,
-                         layout=layout, start_s=2.0 + 0.37 * i)
-        recordings.append(Recording(key=key, counts=counts, target=target, eval_mask=eval_mask, predicted=predicted))
+        write_falcon_nwb(
+            folder / layout.file_name(key),
+            counts=counts,
+            target=target,
+            eval_mask=eval_mask,
+            layout=layout,
+            start_s=2.0 + 0.37 * i,
+        )
+        recordings.append(
+            Recording(key=key, counts=counts, target=target, eval_mask=eval_mask, predicted=predicted)
+        )
     return recordings
 
 
@@ -148,8 +178,10 @@ def harness_r2_by_day(layout: Layout, recordings: list[Recording]) -> dict[str, 
     out = {}
     for day in days:
         mine = [r for r in recordings if layout.day(r.key) == day]
-        out[day] = r2_score(np.concatenate([r.target[r.eval_mask] for r in mine]),
-                            np.concatenate([r.predicted[r.eval_mask] for r in mine]))
+        out[day] = r2_score(
+            np.concatenate([r.target[r.eval_mask] for r in mine]),
+            np.concatenate([r.predicted[r.eval_mask] for r in mine]),
+        )
     return out
 
 
@@ -198,8 +230,9 @@ def test_falcon_scores_the_onnx_step_engine_like_the_checkpoint(falcon, tmp_path
 
     layout = LAYOUTS["m2"]
     model = tiny_falcon_model("m2", seed=1)
-    recordings = write_minival(tmp_path / "data", model, layout, falcon.DATASET_HELDINOUT_MAP["m2"]["held_in"],
-                               seed=1)
+    recordings = write_minival(
+        tmp_path / "data", model, layout, falcon.DATASET_HELDINOUT_MAP["m2"]["held_in"], seed=1
+    )
     expected = harness_r2_by_day(layout, recordings)
     with torch.no_grad():  # the step graph only, with the metadata baked in as an export does
         meta_bias = model.metadata_bias(model.metadata_for(batch_size=1, session=SESSION), 1)[0].numpy()
@@ -222,7 +255,9 @@ def test_metadata_reaches_the_model(falcon, tmp_path):
 
     def stream(decoder: FalconDecoder) -> np.ndarray:
         decoder.reset(dataset_tags=[Path("x.nwb")])
-        return np.concatenate([decoder.predict(counts[t:t + 1].astype(np.uint8)) for t in range(len(counts))])
+        return np.concatenate(
+            [decoder.predict(counts[t : t + 1].astype(np.uint8)) for t in range(len(counts))]
+        )
 
     stored = stream(FalconDecoder.from_checkpoint(ckpt, task="m2"))
     unknown = stream(FalconDecoder.from_checkpoint(ckpt, task="m2", metadata={"session": "elsewhere"}))
@@ -245,11 +280,14 @@ def test_reset_starts_a_new_stream(falcon, tmp_path):
     assert not np.allclose(carried_on, first[0])
 
 
-@pytest.mark.parametrize("kw, task, field", [
-    ({"bin_s": 0.05}, "m2", "bin_s"),
-    ({"n_channels": 64}, "m2", "n_channels"),
-    ({"n_outputs": 7}, "m2", "n_outputs"),
-])
+@pytest.mark.parametrize(
+    "kw, task, field",
+    [
+        ({"bin_s": 0.05}, "m2", "bin_s"),
+        ({"n_channels": 64}, "m2", "n_channels"),
+        ({"n_outputs": 7}, "m2", "n_outputs"),
+    ],
+)
 def test_a_decoder_that_does_not_fit_the_task_is_refused(falcon, tmp_path, kw, task, field):
     from rpnt_core.falcon import FalconDecoder
 

@@ -34,13 +34,25 @@ def test_ridge_by_validation_recovers_a_linear_map_and_shrinks_noise():
 
 @pytest.fixture(scope="module")
 def session():
-    return simulate_sessions(SimulationSpec(n_subjects=1, sessions_per_subject=1, bins_per_session=(1500, 1500),
-                                            n_multisite_subjects=0), seed=0)[0]
+    return simulate_sessions(
+        SimulationSpec(
+            n_subjects=1, sessions_per_subject=1, bins_per_session=(1500, 1500), n_multisite_subjects=0
+        ),
+        seed=0,
+    )[0]
 
 
 def test_a_finetuned_decoder_keeps_its_head_and_is_the_first_candidate(session, tmp_path):
-    opts = FinetuneOptions(epochs=2, steps_per_epoch=3, batch_size=4, window_len=40, progress=False, device="cpu",
-                           train_fraction=0.3, config_overrides=TINY)
+    opts = FinetuneOptions(
+        epochs=2,
+        steps_per_epoch=3,
+        batch_size=4,
+        window_len=40,
+        progress=False,
+        device="cpu",
+        train_fraction=0.3,
+        config_overrides=TINY,
+    )
     base = tmp_path / "day1.safetensors"
     finetune(session, init=None, options=opts, out=base)
     assert is_decoder(read_header(base)[1])
@@ -48,8 +60,7 @@ def test_a_finetuned_decoder_keeps_its_head_and_is_the_first_candidate(session, 
     assert prov["head"] == "pretrained" and not fresh
     # a run that cannot improve on validation (lr ≈ 0) returns the decoder it started from
     splits = contiguous_splits(session.n_bins, train_fraction=0.3)
-    still, fit = fit_decoder(session, init=base, splits=splits,
-                             options=replace(opts, lr=1e-12, epochs=1))
+    still, fit = fit_decoder(session, init=base, splits=splits, options=replace(opts, lr=1e-12, epochs=1))
     assert fit["best_epoch"] == -1 and fit["core_lr_scale"] == 0.1  # a kept head: the core moves gently
     start, _, _ = build_model(session, base, opts)
     assert fit["val_r2"] == pytest.approx(evaluate_model(still, session, splits, split="val")["r2"], abs=1e-6)
@@ -59,8 +70,16 @@ def test_a_finetuned_decoder_keeps_its_head_and_is_the_first_candidate(session, 
 
 
 def test_a_decoder_of_another_target_width_starts_a_fresh_head(session, tmp_path):
-    opts = FinetuneOptions(epochs=1, steps_per_epoch=2, batch_size=4, window_len=40, progress=False, device="cpu",
-                           train_fraction=0.3, config_overrides=TINY)
+    opts = FinetuneOptions(
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=4,
+        window_len=40,
+        progress=False,
+        device="cpu",
+        train_fraction=0.3,
+        config_overrides=TINY,
+    )
     base = tmp_path / "two_dims.safetensors"
     finetune(session, init=None, options=opts, out=base)
     one_dim = replace(session, velocity=session.velocity[:, :1])

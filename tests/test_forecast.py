@@ -14,14 +14,20 @@ from rpnt_core.evaluate.forecast import forecast_gain, hidden_bin_log_rates, hid
 
 def _session(t: int = 400, n: int = 6, seed: int = 0) -> Session:
     rng = np.random.default_rng(seed)
-    return Session(counts=rng.poisson(rng.uniform(0.2, 2.0, size=n), size=(t, n)).astype(np.int64), bin_s=0.02,
-                   velocity=rng.normal(size=(t, 2)).astype(np.float32))
+    return Session(
+        counts=rng.poisson(rng.uniform(0.2, 2.0, size=n), size=(t, n)).astype(np.int64),
+        bin_s=0.02,
+        velocity=rng.normal(size=(t, 2)).astype(np.float32),
+    )
 
 
 def _model(n: int, seed: int = 0) -> RPNT:
     torch.manual_seed(seed)
-    return RPNT(RPNTConfig.preset("small", n_channels=n, d_model=16, n_layers=1, n_heads=2, window=8,
-                                  kernel_q=3, kernel_hidden=8)).eval()
+    return RPNT(
+        RPNTConfig.preset(
+            "small", n_channels=n, d_model=16, n_layers=1, n_heads=2, window=8, kernel_q=3, kernel_hidden=8
+        )
+    ).eval()
 
 
 def test_a_model_that_predicts_the_mean_rates_gains_nothing():

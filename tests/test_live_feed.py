@@ -21,9 +21,21 @@ LIVE = 60.0  # liveness guard for waits; never a timing assertion
 
 
 def prediction(k: int, y: tuple[float, float], *, epoch: int = 1) -> list[bytes]:
-    return encode_prediction(bin=k, bin_ns=20_000_000, velocity_bytes=np.asarray(y, np.float32).tobytes(),
-                             n_outputs=2, model_version=b"v1", flags=0, epoch=epoch, generation=1, t_recv_ns=0,
-                             t_close_ns=0, t_infer_ns=0, t_publish_ns=0, n_spikes=0)
+    return encode_prediction(
+        bin=k,
+        bin_ns=20_000_000,
+        velocity_bytes=np.asarray(y, np.float32).tobytes(),
+        n_outputs=2,
+        model_version=b"v1",
+        flags=0,
+        epoch=epoch,
+        generation=1,
+        t_recv_ns=0,
+        t_close_ns=0,
+        t_infer_ns=0,
+        t_publish_ns=0,
+        n_spikes=0,
+    )
 
 
 def wait_until(cond, what: str) -> None:
@@ -53,7 +65,9 @@ def test_the_feed_pages_predictions_keeps_the_last_ones_and_subscribes_only_whil
         assert feed.since(0) == ([], 0)
         feed.open()
 
-        def joined() -> bool:  # a SUB gets only what is published after it joined: markers (epoch 0) until one arrives
+        def joined() -> (
+            bool
+        ):  # a SUB gets only what is published after it joined: markers (epoch 0) until one arrives
             pub.send_multipart(prediction(0, (0.0, 0.0), epoch=0))
             time.sleep(0.02)
             return bool(feed.since(0)[0])
@@ -91,7 +105,9 @@ def test_static_assets_ship_as_package_data():
 
     from conftest import REPO
 
-    pkg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
+    pkg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "service"
+    ]
     static = REPO / "service" / "static"
     shipped = {p.name for p in static.iterdir() if p.is_file()}
     assert {"index.html", "live.js", "live.css", "favicon.svg"} <= shipped

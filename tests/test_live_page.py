@@ -37,7 +37,9 @@ from test_service_http import LIVE, Server  # noqa: E402
 from test_streaming_support import tiny_export  # noqa: E402
 
 LIVE_MS = LIVE * 1000
-REPLAY_BINS = 150  # bins per replayed stream (3 s at 20 ms, real-time pace); replays repeat until the test ends
+REPLAY_BINS = (
+    150  # bins per replayed stream (3 s at 20 ms, real-time pace); replays repeat until the test ends
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,15 @@ def served(tmp_path_factory):
         counts, vel = tiny["counts"][:REPLAY_BINS], tiny["velocity"][:REPLAY_BINS]
         while not stop.is_set():
             try:
-                run_replay(counts=counts, labels={"velocity": vel}, bin_ns=20_000_000, ingest=srv.ingest,
-                           publish=srv.publish, realtime=True, handshake_timeout_s=LIVE)
+                run_replay(
+                    counts=counts,
+                    labels={"velocity": vel},
+                    bin_ns=20_000_000,
+                    ingest=srv.ingest,
+                    publish=srv.publish,
+                    realtime=True,
+                    handshake_timeout_s=LIVE,
+                )
             except BaseException as exc:  # noqa: BLE001 - reported by the test
                 if not stop.is_set():
                     errors.append(exc)
@@ -61,6 +70,7 @@ def served(tmp_path_factory):
 
     feeder = threading.Thread(target=replays, name="replay-feed", daemon=True)
     feeder.start()
+
     def stop_feed() -> None:
         stop.set()
         feeder.join(LIVE)
@@ -113,16 +123,22 @@ def test_the_live_page_moves_with_the_stream(served, browser, tmp_path):
     try:
         page.goto(srv.url + "/", wait_until="load")
         page.wait_for_function("document.getElementById('conn').textContent === 'live'", timeout=LIVE_MS)
-        page.wait_for_function("/^[0-9,]+$/.test(document.getElementById('bins').textContent)", timeout=LIVE_MS)
+        page.wait_for_function(
+            "/^[0-9,]+$/.test(document.getElementById('bins').textContent)", timeout=LIVE_MS
+        )
         first = bins_on_page(page)
-        page.wait_for_function(f"Number(document.getElementById('bins').textContent.replace(/,/g, '')) > {first}",
-                               timeout=LIVE_MS)
+        page.wait_for_function(
+            f"Number(document.getElementById('bins').textContent.replace(/,/g, '')) > {first}",
+            timeout=LIVE_MS,
+        )
         second = bins_on_page(page)
         with srv.client() as c:
             st = c.get("/status").json()
         assert first < second <= st["counters"]["bins"]
         # the trajectory: points drawn, and pixels of the path's colour on the canvas
-        page.wait_for_function("Number(document.getElementById('traj').dataset.points || 0) >= 2", timeout=LIVE_MS)
+        page.wait_for_function(
+            "Number(document.getElementById('traj').dataset.points || 0) >= 2", timeout=LIVE_MS
+        )
         painted = page.evaluate("""() => {
             const c = document.getElementById('traj');
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
@@ -156,15 +172,17 @@ def test_events_are_json_state_events_without_a_token(served):
         event = None
         for line in r.iter_lines():
             if line.startswith("event: "):
-                event = line[len("event: "):]
+                event = line[len("event: ") :]
             elif line.startswith("data: ") and event == "state":
-                states.append(json.loads(line[len("data: "):]))
+                states.append(json.loads(line[len("data: ") :]))
                 if len(states) == 2:
                     break
     s = states[-1]
     assert {"model", "counters", "rejected", "latency_ms", "calibration", "points", "trajectory"} <= set(s)
     assert s["trajectory"] is True and s["n_outputs"] == 2
-    assert {"succeeded", "rejected", "failed"} == set(s["calibration"]["totals"]) and "jobs" in states[0]["calibration"]
+    assert {"succeeded", "rejected", "failed"} == set(s["calibration"]["totals"]) and "jobs" in states[0][
+        "calibration"
+    ]
     for p in (p for st in states for p in st["points"]):
         assert len(p) == 3 + 2 and all(isinstance(v, int) for v in p[:3])
 

@@ -120,12 +120,8 @@ def test_matches_direct_formula(pair: tuple[np.ndarray, np.ndarray]) -> None:
     assert r2_score(y, yhat) == pytest.approx(expected, rel=1e-9, abs=1e-9)
     # variance weighting: pooled R² is the SST-weighted average of the per-dim R².
     per_dim = r2_per_dim(y, yhat)
-    np.testing.assert_allclose(
-        per_dim, 1.0 - np.sum((y - yhat) ** 2, axis=0) / sst_d, rtol=1e-9, atol=1e-9
-    )
-    assert r2_score(y, yhat) == pytest.approx(
-        np.sum(sst_d * per_dim) / np.sum(sst_d), rel=1e-9, abs=1e-9
-    )
+    np.testing.assert_allclose(per_dim, 1.0 - np.sum((y - yhat) ** 2, axis=0) / sst_d, rtol=1e-9, atol=1e-9)
+    assert r2_score(y, yhat) == pytest.approx(np.sum(sst_d * per_dim) / np.sum(sst_d), rel=1e-9, abs=1e-9)
 
 
 # --- errors --------------------------------------------------------------------------------------

@@ -17,25 +17,36 @@ from rpnt_core.decoder import decode_stream
 
 from conftest import randomise_kernels, tiny_config
 
-configs = st.fixed_dictionaries({
-    "n_heads": st.sampled_from([1, 2, 4]),
-    "head_dim": st.sampled_from([2, 4, 8]),
-    "n_layers": st.integers(1, 3),
-    "window": st.integers(1, 9),
-    "kernel_q": st.integers(1, 4),
-    "kernel_k": st.sampled_from([1, 3, 5]),
-    "kernel_mode": st.sampled_from(["add", "replace", "none"]),
-    "n_channels": st.integers(1, 9),
-    "seed": st.integers(0, 2**16),
-})
+configs = st.fixed_dictionaries(
+    {
+        "n_heads": st.sampled_from([1, 2, 4]),
+        "head_dim": st.sampled_from([2, 4, 8]),
+        "n_layers": st.integers(1, 3),
+        "window": st.integers(1, 9),
+        "kernel_q": st.integers(1, 4),
+        "kernel_k": st.sampled_from([1, 3, 5]),
+        "kernel_mode": st.sampled_from(["add", "replace", "none"]),
+        "n_channels": st.integers(1, 9),
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 def build(p: dict) -> RPNT:
     torch.manual_seed(p["seed"])
     kq = min(p["kernel_q"], p["window"])
-    model = RPNT(tiny_config(n_channels=p["n_channels"], d_model=p["n_heads"] * p["head_dim"], n_heads=p["n_heads"],
-                             n_layers=p["n_layers"], window=p["window"], kernel_q=kq, kernel_k=p["kernel_k"],
-                             kernel_mode=p["kernel_mode"])).eval()
+    model = RPNT(
+        tiny_config(
+            n_channels=p["n_channels"],
+            d_model=p["n_heads"] * p["head_dim"],
+            n_heads=p["n_heads"],
+            n_layers=p["n_layers"],
+            window=p["window"],
+            kernel_q=kq,
+            kernel_k=p["kernel_k"],
+            kernel_mode=p["kernel_mode"],
+        )
+    ).eval()
     randomise_kernels(model)
     return model
 
@@ -48,13 +59,15 @@ def test_changing_the_future_leaves_the_past_bit_identical(p, t_len, data):
     g = torch.Generator().manual_seed(p["seed"])
     x = torch.poisson(torch.rand(2, t_len, p["n_channels"], generator=g) * 4, generator=g)
     y = x.clone()
-    y[:, t + 1:] = torch.poisson(torch.rand(2, t_len - t - 1, p["n_channels"], generator=g) * 9, generator=g) + 1
+    y[:, t + 1 :] = (
+        torch.poisson(torch.rand(2, t_len - t - 1, p["n_channels"], generator=g) * 9, generator=g) + 1
+    )
     with torch.no_grad():
         a, b = model(x), model(y)
     for key in ("velocity", "log_rates", "latent"):
         assert torch.equal(a[key][:, : t + 1], b[key][:, : t + 1]), key
     # and the test is not vacuous: the future inputs do reach later outputs
-    assert not torch.equal(a["latent"][:, t + 1:], b["latent"][:, t + 1:])
+    assert not torch.equal(a["latent"][:, t + 1 :], b["latent"][:, t + 1 :])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -90,8 +103,19 @@ def test_step_equals_forward_paper_preset_long_stream():
 
 
 def test_same_window_at_stream_position_zero_and_ten_million():
-    model = build(dict(n_heads=2, head_dim=8, n_layers=2, window=8, kernel_q=3, kernel_k=3, kernel_mode="add",
-                       n_channels=5, seed=3))
+    model = build(
+        dict(
+            n_heads=2,
+            head_dim=8,
+            n_layers=2,
+            window=8,
+            kernel_q=3,
+            kernel_k=3,
+            kernel_mode="add",
+            n_channels=5,
+            seed=3,
+        )
+    )
     x = torch.poisson(torch.rand(2, 40, 5) * 4)
     with torch.no_grad():
         at0 = model(x, start_position=0)["velocity"]
@@ -115,8 +139,19 @@ def test_rotary_angles_keep_their_phase_at_ten_million():
 
 def test_step_does_not_depend_on_how_long_the_stream_has_run():
     """After a warm-up longer than the receptive field, outputs depend only on the recent window."""
-    model = build(dict(n_heads=2, head_dim=4, n_layers=2, window=5, kernel_q=2, kernel_k=3, kernel_mode="add",
-                       n_channels=4, seed=5))
+    model = build(
+        dict(
+            n_heads=2,
+            head_dim=4,
+            n_layers=2,
+            window=5,
+            kernel_q=2,
+            kernel_k=3,
+            kernel_mode="add",
+            n_channels=4,
+            seed=5,
+        )
+    )
     r = model.receptive_field
     tail = torch.poisson(torch.rand(1, r + 10, 4) * 3)
     short = torch.cat([torch.poisson(torch.rand(1, 50, 4) * 3), tail], dim=1)
@@ -129,8 +164,19 @@ def test_step_does_not_depend_on_how_long_the_stream_has_run():
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 def test_predict_stream_equals_step(chunk):
-    model = build(dict(n_heads=2, head_dim=4, n_layers=3, window=6, kernel_q=3, kernel_k=3, kernel_mode="add",
-                       n_channels=6, seed=11))
+    model = build(
+        dict(
+            n_heads=2,
+            head_dim=4,
+            n_layers=3,
+            window=6,
+            kernel_q=3,
+            kernel_k=3,
+            kernel_mode="add",
+            n_channels=6,
+            seed=11,
+        )
+    )
     x = np.random.default_rng(0).poisson(3, (300, 6))
     dec = TorchDecoder(model)
     stepped = decode_stream(dec, x)
@@ -152,7 +198,9 @@ def naive_context_conv(S: torch.Tensor, K: torch.Tensor, window: int) -> torch.T
     out = torch.zeros(t_len, t_len, dtype=torch.float64)
     for t in range(t_len):
         for s in range(max(0, t - window + 1), t + 1):
-            out[t, s] = sum(float(K[t, i, j + r]) * s_at(t - i, s + j) for i in range(kq) for j in range(-r, r + 1))
+            out[t, s] = sum(
+                float(K[t, i, j + r]) * s_at(t - i, s + j) for i in range(kq) for j in range(-r, r + 1)
+            )
     return out
 
 
@@ -169,8 +217,9 @@ def test_conv_band_is_the_spec_formula(kq, kk, window):
             if t - a >= 0:
                 band[t, a] = S[t, t - a]
     zero = torch.zeros(window, dtype=torch.float64)
-    rows = torch.stack([torch.stack([band[t - i] if t - i >= 0 else zero for i in range(kq)])
-                        for t in range(t_len)])  # (T, kq, W): rows[t, i] = band row t − i
+    rows = torch.stack(
+        [torch.stack([band[t - i] if t - i >= 0 else zero for i in range(kq)]) for t in range(t_len)]
+    )  # (T, kq, W): rows[t, i] = band row t − i
     got = conv_band(rows, K)  # (T, W)
     want = naive_context_conv(S, K, window)
     for t in range(t_len):
@@ -195,8 +244,19 @@ def test_context_kernel_rows_only_look_backwards():
 def test_step_writes_one_ring_slot_and_shifts_nothing():
     """The k/v/pooling caches are ring buffers: a step changes exactly the slot at ``write_index``
     (which then advances modulo W); entries already written never move."""
-    model = build(dict(n_heads=2, head_dim=4, n_layers=2, window=4, kernel_q=2, kernel_k=3, kernel_mode="add",
-                       n_channels=5, seed=3))
+    model = build(
+        dict(
+            n_heads=2,
+            head_dim=4,
+            n_layers=2,
+            window=4,
+            kernel_q=2,
+            kernel_k=3,
+            kernel_mode="add",
+            n_channels=5,
+            seed=3,
+        )
+    )
     w = model.config.window
     x = torch.poisson(torch.rand(1, 2 * w + 1, 5) * 3)
     with torch.no_grad():

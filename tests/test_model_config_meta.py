@@ -20,20 +20,23 @@ def test_presets_match_the_paper_and_the_cpu_target():
         RPNTConfig.preset("huge", n_channels=3)
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(d_model=30, n_heads=4), "d_model"),
-    (dict(d_model=12, n_heads=4), "n_heads"),  # head dim 3 is odd
-    (dict(kernel_k=2), "kernel_k"),
-    (dict(kernel_q=9, window=4), "kernel_q"),
-    (dict(kernel_mode="sideways"), "kernel_mode"),
-    (dict(dropout=1.5), "dropout"),
-    (dict(n_channels=0), "n_channels"),
-    (dict(bin_s=0.0), "bin_s"),
-    (dict(window=0), "window"),
-    (dict(channel_map=(0, 1), input_channels=3), "channel_map"),
-    (dict(input_channels=9), "input_channels"),
-    (dict(subjects=("a", "a")), "subjects"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(d_model=30, n_heads=4), "d_model"),
+        (dict(d_model=12, n_heads=4), "n_heads"),  # head dim 3 is odd
+        (dict(kernel_k=2), "kernel_k"),
+        (dict(kernel_q=9, window=4), "kernel_q"),
+        (dict(kernel_mode="sideways"), "kernel_mode"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(n_channels=0), "n_channels"),
+        (dict(bin_s=0.0), "bin_s"),
+        (dict(window=0), "window"),
+        (dict(channel_map=(0, 1), input_channels=3), "channel_map"),
+        (dict(input_channels=9), "input_channels"),
+        (dict(subjects=("a", "a")), "subjects"),
+    ],
+)
 def test_impossible_configs_fail_at_construction_naming_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         tiny_config(**kw)
@@ -54,7 +57,9 @@ def test_wrong_input_shape_is_a_clear_error():
         model.step(torch.zeros(1, 5, 7), model.init_state(1))
 
 
-@pytest.mark.parametrize("field,a,b", [("subject", "m1", "m2"), ("session", "s1", "s2"), ("task", "co", "rt")])
+@pytest.mark.parametrize(
+    "field,a,b", [("subject", "m1", "m2"), ("session", "s1", "s2"), ("task", "co", "rt")]
+)
 def test_metadata_reaches_the_output(field, a, b):
     torch.manual_seed(0)
     model = RPNT(tiny_config(subjects=("m1", "m2"), sessions=("s1", "s2"), tasks=("co", "rt"))).eval()

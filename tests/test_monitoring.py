@@ -29,14 +29,35 @@ from test_streaming_support import tiny_export  # noqa: E402
 DASHBOARD = REPO / "deploy" / "grafana" / "rpnt-dashboard.json"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 PROMETHEUS_SERIES = {"up"}  # made by Prometheus itself for every scrape target, not by the daemon
-ALERT_NAMES = {"RpntDaemonDown", "RpntLatencyP99OverBin", "RpntBinsLost", "RpntRejectsRising", "RpntCalibrationFailed"}
+ALERT_NAMES = {
+    "RpntDaemonDown",
+    "RpntLatencyP99OverBin",
+    "RpntBinsLost",
+    "RpntRejectsRising",
+    "RpntCalibrationFailed",
+}
 
 
 # ---------------------------------------------------------------------------- PromQL → metric names
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
-             "offset", "inf", "nan", "atan2"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+    "atan2",
+}
 _STRIP = [
-    r'"(?:[^"\\]|\\.)*"', r"'(?:[^'\\]|\\.)*'",  # string literals
+    r'"(?:[^"\\]|\\.)*"',
+    r"'(?:[^'\\]|\\.)*'",  # string literals
     r"\{[^{}]*\}",  # label matchers
     r"\[[^\[\]]*\]",  # range / subquery selectors
     r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)",  # label lists
@@ -57,17 +78,21 @@ def metric_names(expr: str) -> set[str]:
         expr = re.sub(pattern, " ", expr)
     names = set()
     for m in re.finditer(r"[A-Za-z_:][\w:]*", expr):
-        if re.match(r"\s*\(", expr[m.end():]) or m.group(0).lower() in _KEYWORDS:
+        if re.match(r"\s*\(", expr[m.end() :]) or m.group(0).lower() in _KEYWORDS:
             continue
         names.add(m.group(0))
     return names
 
 
 def test_metric_names_parser_finds_names_and_only_names():
-    assert metric_names('histogram_quantile(0.99, sum by (le, stage) (rate(rpnt_x_bucket{stage="a b",'
-                        'instance=~"$instance"}[$__rate_interval]))) > on (instance, job) rpnt_bin_seconds') \
-        == {"rpnt_x_bucket", "rpnt_bin_seconds"}
-    assert metric_names("up == 0 or rpnt_bogus_total offset 5m unless on() vector(1)") == {"up", "rpnt_bogus_total"}
+    assert metric_names(
+        'histogram_quantile(0.99, sum by (le, stage) (rate(rpnt_x_bucket{stage="a b",'
+        'instance=~"$instance"}[$__rate_interval]))) > on (instance, job) rpnt_bin_seconds'
+    ) == {"rpnt_x_bucket", "rpnt_bin_seconds"}
+    assert metric_names("up == 0 or rpnt_bogus_total offset 5m unless on() vector(1)") == {
+        "up",
+        "rpnt_bogus_total",
+    }
     assert metric_names("increase(a[1h:5m]) * 1e3 + b") == {"a", "b"}
     assert metric_names("label_values(rpnt_uptime_seconds, instance)") == {"rpnt_uptime_seconds"}
 
@@ -116,11 +141,18 @@ def test_every_dashboard_query_names_only_exported_metrics(exported):
     for where, expr in exprs:
         names = metric_names(expr)
         assert names, f"{where}: no metric in {expr!r}"
-        assert names <= exported["names"] | PROMETHEUS_SERIES, f"{where}: {sorted(names - exported['names'])} " \
-                                                              f"not exported; {expr!r}"
+        assert names <= exported["names"] | PROMETHEUS_SERIES, (
+            f"{where}: {sorted(names - exported['names'])} not exported; {expr!r}"
+        )
     used = set().union(*(metric_names(e) for _, e in exprs))
-    for key in ("rpnt_stage_latency_seconds_bucket", "rpnt_bins_stalled_total", "rpnt_sequence_gaps_total",
-                "rpnt_rejected_messages_total", "rpnt_calibration_jobs_total", "rpnt_model_info"):
+    for key in (
+        "rpnt_stage_latency_seconds_bucket",
+        "rpnt_bins_stalled_total",
+        "rpnt_sequence_gaps_total",
+        "rpnt_rejected_messages_total",
+        "rpnt_calibration_jobs_total",
+        "rpnt_model_info",
+    ):
         assert key in used, key
 
 
@@ -137,6 +169,7 @@ def test_the_server_exports_rejects_by_reason_and_the_bin_width(exported):
     fams = {f.name: f for f in text_string_to_metric_families(exported["text"])}
     reasons = {s.labels["reason"] for s in fams["rpnt_rejected_messages"].samples}
     from streaming.protocol import REJECT_REASONS
+
     assert reasons == set(REJECT_REASONS)
     assert [s.value for s in fams["rpnt_bin_seconds"].samples] == [0.02]
     assert [s.value for s in fams["rpnt_daemon_running"].samples] == [1.0]
@@ -148,7 +181,9 @@ PROMTOOL = shutil.which("promtool")
 
 @pytest.mark.skipif(PROMTOOL is None, reason="needs promtool (Debian package prometheus)")
 def test_promtool_loads_the_rules_and_they_fire_on_synthetic_series(tmp_path):
-    r = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], check=False, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [PROMTOOL, "check", "rules", str(ALERTS)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     # the rules as shipped, less their annotations (promtool compares annotations exactly; their
     # templates were checked above): what fires, when, with which labels
@@ -176,33 +211,71 @@ def test_promtool_loads_the_rules_and_they_fire_on_synthetic_series(tmp_path):
         (f'rpnt_calibration_jobs_total{{{base}, state="failed"}}', "0 0 1x18"),
     ]
     common = {"instance": "rig1", "job": "rpnt", "severity": "warning"}
-    test = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": [{
-        "interval": "1m",
-        "input_series": [{"series": s, "values": v} for s, v in series],
-        "alert_rule_test": [
-            {"eval_time": "15m", "alertname": "RpntDaemonDown",
-             "exp_alerts": [{"exp_labels": common | {"severity": "critical"}}]},
-            {"eval_time": "15m", "alertname": "RpntLatencyP99OverBin", "exp_alerts": [{"exp_labels": common}]},
-            {"eval_time": "15m", "alertname": "RpntBinsLost", "exp_alerts": [{"exp_labels": common}]},
-            {"eval_time": "15m", "alertname": "RpntRejectsRising",
-             "exp_alerts": [{"exp_labels": common | {"reason": "channel_count"}}]},
-            {"eval_time": "15m", "alertname": "RpntCalibrationFailed",
-             "exp_alerts": [{"exp_labels": common | {"state": "failed"}}]},
-            {"eval_time": "3m", "alertname": "RpntDaemonDown", "exp_alerts": []},  # running, scraped: quiet
+    test = {
+        "rule_files": ["alerts.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "15m",
+                        "alertname": "RpntDaemonDown",
+                        "exp_alerts": [{"exp_labels": common | {"severity": "critical"}}],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "RpntLatencyP99OverBin",
+                        "exp_alerts": [{"exp_labels": common}],
+                    },
+                    {"eval_time": "15m", "alertname": "RpntBinsLost", "exp_alerts": [{"exp_labels": common}]},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "RpntRejectsRising",
+                        "exp_alerts": [{"exp_labels": common | {"reason": "channel_count"}}],
+                    },
+                    {
+                        "eval_time": "15m",
+                        "alertname": "RpntCalibrationFailed",
+                        "exp_alerts": [{"exp_labels": common | {"state": "failed"}}],
+                    },
+                    {
+                        "eval_time": "3m",
+                        "alertname": "RpntDaemonDown",
+                        "exp_alerts": [],
+                    },  # running, scraped: quiet
+                ],
+            }
         ],
-    }]}
+    }
     (tmp_path / "test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
-    r = subprocess.run([PROMTOOL, "test", "rules", "test.yml"], check=False, cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [PROMTOOL, "test", "rules", "test.yml"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 # ---------------------------------------------------------------------------- the collector
 def _input(bins: int, version: str) -> dict:
-    return {"snapshot": {"latency_ms": {}, "counters": {"bins": bins}, "rejected": {}, "uptime_s": 1.0,
-                         "running": True},
-            "status": {"generation": 1, "model_version": version, "fingerprint": None, "bin_s": 0.02},
-            "calibration_totals": {}, "calibration_running": False, "registry_version": None}
+    return {
+        "snapshot": {
+            "latency_ms": {},
+            "counters": {"bins": bins},
+            "rejected": {},
+            "uptime_s": 1.0,
+            "running": True,
+        },
+        "status": {"generation": 1, "model_version": version, "fingerprint": None, "bin_s": 0.02},
+        "calibration_totals": {},
+        "calibration_running": False,
+        "registry_version": None,
+    }
 
 
 def test_each_app_has_its_own_collector_and_nothing_goes_to_the_global_registry():

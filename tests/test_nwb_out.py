@@ -31,8 +31,24 @@ def replayed(tiny, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("nwb-replay")
     nwb, report = out / "decoded.nwb", out / "report"
-    assert replay_main(["--data", str(tiny["npz"]), "--model", str(tiny["export"]), "--nwb", str(nwb),
-                        "--report", str(report), "--json", "--log-level", "error"]) == 0
+    assert (
+        replay_main(
+            [
+                "--data",
+                str(tiny["npz"]),
+                "--model",
+                str(tiny["export"]),
+                "--nwb",
+                str(nwb),
+                "--report",
+                str(report),
+                "--json",
+                "--log-level",
+                "error",
+            ]
+        )
+        == 0
+    )
     return nwb, report, json.loads((report / "report.json").read_text())
 
 
@@ -46,8 +62,11 @@ def assert_valid_nwb(path: Path) -> None:
     errors = pynwb.validate(path=str(path))
     assert errors == [], errors
     messages = [m for m in nwbinspector.inspect_nwbfile(nwbfile_path=str(path)) if m is not None]
-    other = [f"{m.check_function_name}: {m.message}" for m in messages
-             if m.check_function_name not in LAB_METADATA_CHECKS]
+    other = [
+        f"{m.check_function_name}: {m.message}"
+        for m in messages
+        if m.check_function_name not in LAB_METADATA_CHECKS
+    ]
     assert other == []
 
 
@@ -57,16 +76,24 @@ def _read(path: Path) -> dict:
         f = io.read()
         misc = f.processing["misc"]
         bins = misc["decoder_bins"]
-        decoded = {n: (np.asarray(o.data[:]), o.comments) for n, o in misc.data_interfaces.items()
-                   if isinstance(o, pynwb.TimeSeries)}
-        return {"counts": np.asarray(f.processing["ecephys"]["binned_counts"].data[:]),
-                "rate": f.processing["ecephys"]["binned_counts"].rate,
-                "behavior": {n: np.asarray(o.data[:]) for n, o in f.processing["behavior"].data_interfaces.items()}
-                if "behavior" in f.processing else {},
-                "decoded": decoded,
-                "bins": {c: np.asarray(bins[c].data[:]) for c in bins.colnames},
-                "notes": f.notes,
-                "module_description": misc.description}
+        decoded = {
+            n: (np.asarray(o.data[:]), o.comments)
+            for n, o in misc.data_interfaces.items()
+            if isinstance(o, pynwb.TimeSeries)
+        }
+        return {
+            "counts": np.asarray(f.processing["ecephys"]["binned_counts"].data[:]),
+            "rate": f.processing["ecephys"]["binned_counts"].rate,
+            "behavior": {
+                n: np.asarray(o.data[:]) for n, o in f.processing["behavior"].data_interfaces.items()
+            }
+            if "behavior" in f.processing
+            else {},
+            "decoded": decoded,
+            "bins": {c: np.asarray(bins[c].data[:]) for c in bins.colnames},
+            "notes": f.notes,
+            "module_description": misc.description,
+        }
 
 
 def test_replay_nwb_validates_and_holds_what_the_replay_decoded(tiny, replayed):
@@ -77,7 +104,7 @@ def test_replay_nwb_validates_and_holds_what_the_replay_decoded(tiny, replayed):
     assert got["rate"] == pytest.approx(1e9 / BIN_NS)
     np.testing.assert_array_equal(got["counts"], tiny["counts"])
     # the decoded target under its own name, with its dims; equal to the replay's own output, bit for bit
-    (name, (decoded, comments)), = got["decoded"].items()
+    ((name, (decoded, comments)),) = got["decoded"].items()
     assert name == rep["target"] == "velocity" and "dims=2" in comments
     assert decoded.dtype == np.float32 and decoded.shape == (400, 2)
     np.testing.assert_array_equal(decoded, arrays["velocity"])
@@ -123,8 +150,12 @@ def test_a_replayed_nwb_replays_again_to_the_same_predictions(tiny, replayed, tm
 
     nwb, report, _ = replayed
     again = tmp_path / "again.nwb"
-    assert replay_main(["--data", str(nwb), "--model", str(tiny["export"]), "--nwb", str(again),
-                        "--log-level", "error"]) == 0
+    assert (
+        replay_main(
+            ["--data", str(nwb), "--model", str(tiny["export"]), "--nwb", str(again), "--log-level", "error"]
+        )
+        == 0
+    )
     first, second = _read(nwb), _read(again)
     np.testing.assert_array_equal(second["counts"], first["counts"])
     np.testing.assert_array_equal(second["decoded"]["velocity"][0], first["decoded"]["velocity"][0])
@@ -134,9 +165,13 @@ def test_a_replayed_nwb_replays_again_to_the_same_predictions(tiny, replayed, tm
 def test_replay_nwb_usage_errors_exit_2_before_replaying(tiny, tmp_path, capsys):
     from streaming.cli import replay_main
 
-    for path, says in ((tmp_path / "missing" / "x.nwb", "--nwb: no such directory"),
-                       (tmp_path / "x.h5", "--nwb: expected a file name ending in .nwb")):
-        assert replay_main(["--data", str(tiny["npz"]), "--model", str(tiny["export"]), "--nwb", str(path)]) == 2
+    for path, says in (
+        (tmp_path / "missing" / "x.nwb", "--nwb: no such directory"),
+        (tmp_path / "x.h5", "--nwb: expected a file name ending in .nwb"),
+    ):
+        assert (
+            replay_main(["--data", str(tiny["npz"]), "--model", str(tiny["export"]), "--nwb", str(path)]) == 2
+        )
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -162,12 +197,29 @@ def test_rpnt_serve_records_the_session_to_nwb_at_stop(tiny, tmp_path):
     out = tmp_path / "session.nwb"
     d = short_ipc_dir()
     ingest, publish = f"ipc://{d}/in", f"ipc://{d}/out"
-    srv = Serve("--model", str(tiny["export"]), "--registry", str(tmp_path / "registry"), "--no-http",
-                "--record-nwb", str(out), "--ingest", ingest, "--publish", publish)
+    srv = Serve(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(tmp_path / "registry"),
+        "--no-http",
+        "--record-nwb",
+        str(out),
+        "--ingest",
+        ingest,
+        "--publish",
+        publish,
+    )
     try:
         srv.wait_for("rpnt serve: ready")
-        res = run_replay(counts=tiny["counts"], labels={"velocity": tiny["velocity"]}, bin_ns=BIN_NS,
-                         ingest=ingest, publish=publish, realtime=False)
+        res = run_replay(
+            counts=tiny["counts"],
+            labels={"velocity": tiny["velocity"]},
+            bin_ns=BIN_NS,
+            ingest=ingest,
+            publish=publish,
+            realtime=False,
+        )
         assert not out.exists()  # written at stop
     finally:
         rc = srv.stop()
@@ -196,9 +248,19 @@ def test_record_nwb_that_cannot_be_written_exits_2_before_start(tiny, tmp_path):
     from test_serve_startup import _fails
 
     d = short_ipc_dir()
-    line = _fails("--model", str(tiny["export"]), "--registry", str(tmp_path / "registry"), "--no-http",
-                  "--record-nwb", str(tmp_path / "nope" / "s.nwb"), "--ingest", f"ipc://{d}/in",
-                  "--publish", f"ipc://{d}/out")
+    line = _fails(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(tmp_path / "registry"),
+        "--no-http",
+        "--record-nwb",
+        str(tmp_path / "nope" / "s.nwb"),
+        "--ingest",
+        f"ipc://{d}/in",
+        "--publish",
+        f"ipc://{d}/out",
+    )
     assert line == f"rpnt serve: error: daemon.record_nwb: no such directory: {tmp_path / 'nope'}"
     assert not (tmp_path / "registry").exists()
 
@@ -241,8 +303,10 @@ def test_the_daemon_does_not_import_pynwb_unless_it_writes(tmp_path):
 
     from conftest import REPO
 
-    code = ("import sys; from streaming.daemon import Daemon, DaemonOptions; import streaming.recording, "
-            "streaming.nwb_out, streaming.cli, service.cli; print('pynwb' in sys.modules, 'h5py' in sys.modules)")
+    code = (
+        "import sys; from streaming.daemon import Daemon, DaemonOptions; import streaming.recording, "
+        "streaming.nwb_out, streaming.cli, service.cli; print('pynwb' in sys.modules, 'h5py' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "False"]
@@ -270,11 +334,20 @@ def _small_session(T: int):
     from streaming.nwb_out import DecodedSession
 
     rng = np.random.default_rng(0)
-    return DecodedSession(bin_ns=BIN_NS, target="position", counts=rng.poisson(1.0, (T, 3)),
-                          decoded=rng.standard_normal((T, 2)).astype(np.float32), received=np.ones(T, bool),
-                          flags=np.zeros(T, np.int64), n_spikes=np.zeros(T, np.int64), epoch=np.ones(T, np.int64),
-                          bin=np.arange(T), generation=np.ones(T, np.int64), model_versions={1: "v1"},
-                          labels={"position": rng.standard_normal((T, 2)).astype(np.float32)})
+    return DecodedSession(
+        bin_ns=BIN_NS,
+        target="position",
+        counts=rng.poisson(1.0, (T, 3)),
+        decoded=rng.standard_normal((T, 2)).astype(np.float32),
+        received=np.ones(T, bool),
+        flags=np.zeros(T, np.int64),
+        n_spikes=np.zeros(T, np.int64),
+        epoch=np.ones(T, np.int64),
+        bin=np.arange(T),
+        generation=np.ones(T, np.int64),
+        model_versions={1: "v1"},
+        labels={"position": rng.standard_normal((T, 2)).astype(np.float32)},
+    )
 
 
 def test_the_decoded_series_is_named_by_the_target_and_position_labels_load_as_position(tmp_path):

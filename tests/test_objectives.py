@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from rpnt_core.train.objectives import (apply_mask, masked_poisson_nll, sample_mask, site_contrastive_loss,
-                                        velocity_mse)
+from rpnt_core.train.objectives import (
+    apply_mask,
+    masked_poisson_nll,
+    sample_mask,
+    site_contrastive_loss,
+    velocity_mse,
+)
 
 
 def test_masked_poisson_nll_closed_form():
@@ -104,8 +109,12 @@ def test_mean_rate_reference_loss_closed_form():
 
     c = 3.0
     s = Session(counts=np.full((400, 6), c, dtype=np.int64), velocity=None, bin_s=0.02, session="flat")
-    streams = prepare_streams([s], val_fraction=0.2, channels="readin", n_max=6, split_sites=True, seed=0, min_bins=40)
-    assert mean_rate_val_loss(streams, window_len=40, seed=0) == pytest.approx(c - c * math.log(c + 1e-6), rel=1e-5)
+    streams = prepare_streams(
+        [s], val_fraction=0.2, channels="readin", n_max=6, split_sites=True, seed=0, min_bins=40
+    )
+    assert mean_rate_val_loss(streams, window_len=40, seed=0) == pytest.approx(
+        c - c * math.log(c + 1e-6), rel=1e-5
+    )
 
 
 def test_poisson_read_outs_start_at_the_mean_rates():
@@ -119,14 +128,27 @@ def test_poisson_read_outs_start_at_the_mean_rates():
     from conftest import tiny_config
 
     rng = np.random.default_rng(0)
-    sessions = [Session(counts=rng.poisson(lam, (300, n)), velocity=None, bin_s=0.02, session=f"s{i}")
-                for i, (lam, n) in enumerate([(0.5, 4), (2.0, 6)])]
+    sessions = [
+        Session(counts=rng.poisson(lam, (300, n)), velocity=None, bin_s=0.02, session=f"s{i}")
+        for i, (lam, n) in enumerate([(0.5, 4), (2.0, 6)])
+    ]
     cfg = tiny_config()
     for channels in ("readin", "resample"):
-        streams = prepare_streams(sessions, val_fraction=0.2, channels=channels, n_max=cfg.n_channels,
-                                  split_sites=True, seed=0, min_bins=20)
+        streams = prepare_streams(
+            sessions,
+            val_fraction=0.2,
+            channels=channels,
+            n_max=cfg.n_channels,
+            split_sites=True,
+            seed=0,
+            min_bins=20,
+        )
         core = RPNT(cfg)
-        adapters = {st.key: SessionAdapter(st.n_channels, cfg.d_model) for st in streams} if channels == "readin" else None
+        adapters = (
+            {st.key: SessionAdapter(st.n_channels, cfg.d_model) for st in streams}
+            if channels == "readin"
+            else None
+        )
         init_rate_biases(core, streams, adapters)
         want = [torch.log(st.counts[: st.train[1]].mean(0) + 1e-3) for st in streams]
         if adapters:
@@ -134,4 +156,3 @@ def test_poisson_read_outs_start_at_the_mean_rates():
                 assert torch.allclose(adapters[st.key].rate_out.bias, w)
         else:
             assert torch.allclose(core.rate_out.bias, torch.stack(want).mean(0))
-

@@ -39,10 +39,15 @@ def ov_compiles(step_graph):
     2026.4 segfaults compiling it at f32 inference precision (the fallback on CPUs without bf16),
     which must not take the test run down with it."""
     pytest.importorskip("openvino")
-    probe = ("import sys; from exporters.openvino_engine import OpenVinoStepEngine; "
-             "OpenVinoStepEngine(sys.argv[1], warmup_bins=1)")
-    rc = subprocess.run([sys.executable, "-c", probe, str(step_graph / "rpnt_step.onnx")], capture_output=True,
-                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).returncode
+    probe = (
+        "import sys; from exporters.openvino_engine import OpenVinoStepEngine; "
+        "OpenVinoStepEngine(sys.argv[1], warmup_bins=1)"
+    )
+    rc = subprocess.run(
+        [sys.executable, "-c", probe, str(step_graph / "rpnt_step.onnx")],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    ).returncode
     if rc != 0:
         pytest.skip(f"OpenVINO cannot compile the step graph on this CPU (child exit status {rc})")
 

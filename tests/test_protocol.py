@@ -66,14 +66,30 @@ def test_header_layouts_are_the_documented_sizes():
 def test_doc_examples_match_the_encoder_byte_for_byte():
     frames = encode_spikes(source=7, seq=42, channels=[3, 17], times=[1_250_000, 4_000_000], clock=5_000_000)
     assert frames == _doc_frames("A SPIKES packet from source 7")
-    pred = encode_prediction(bin=12, bin_ns=20_000_000, velocity_bytes=np.array([0.5, -1.25], "<f4").tobytes(),
-                             n_outputs=2, model_version=b"3f2a9c01b7e4", flags=int(PredFlag.FIRST), epoch=1,
-                             generation=1, t_recv_ns=1000, t_close_ns=1100, t_infer_ns=1400, t_publish_ns=1450,
-                             n_spikes=5)
+    pred = encode_prediction(
+        bin=12,
+        bin_ns=20_000_000,
+        velocity_bytes=np.array([0.5, -1.25], "<f4").tobytes(),
+        n_outputs=2,
+        model_version=b"3f2a9c01b7e4",
+        flags=int(PredFlag.FIRST),
+        epoch=1,
+        generation=1,
+        t_recv_ns=1000,
+        t_close_ns=1100,
+        t_infer_ns=1400,
+        t_publish_ns=1450,
+        n_spikes=5,
+    )
     assert pred == _doc_frames("A PREDICTION for bin 12")
     p = parse_output(pred)
-    assert (p.bin, p.bin_start_ns, p.bin_end_ns, p.flags, p.model_version) == (12, 240_000_000, 260_000_000, 8,
-                                                                              "3f2a9c01b7e4")
+    assert (p.bin, p.bin_start_ns, p.bin_end_ns, p.flags, p.model_version) == (
+        12,
+        240_000_000,
+        260_000_000,
+        8,
+        "3f2a9c01b7e4",
+    )
     np.testing.assert_array_equal(p.velocity, [0.5, -1.25])
 
 
@@ -105,7 +121,9 @@ def test_sample_clock_converts_exactly():
         assert sample_to_ns(s, 30_000) == (s * 10**9) // 30_000
     arr = np.array([0, 1, 2, 29_999, 30_000, 10**12 + 7], dtype=np.int64)
     np.testing.assert_array_equal(samples_to_ns(arr, 30_000), [sample_to_ns(int(x), 30_000) for x in arr])
-    m = parse_ingest(encode_spikes(source=0, seq=0, channels=[0, 1], times=[600, 601], clock=1200, rate_hz=30_000))
+    m = parse_ingest(
+        encode_spikes(source=0, seq=0, channels=[0, 1], times=[600, 601], clock=1200, rate_hz=30_000)
+    )
     np.testing.assert_array_equal(m.times_ns, [20_000_000, 20_033_333])
     assert m.clock_ns == 40_000_000
 
@@ -120,9 +138,21 @@ def test_sample_conversion_matches_big_integers(s, rate):
 
 
 def test_output_round_trips():
-    frames = encode_prediction(bin=-3, bin_ns=50_000_000, velocity_bytes=np.zeros(3, np.float32).tobytes(),
-                               n_outputs=3, model_version=b"v", flags=5, epoch=2**32 + 1, generation=7, t_recv_ns=1,
-                               t_close_ns=2, t_infer_ns=3, t_publish_ns=4, n_spikes=2**40)
+    frames = encode_prediction(
+        bin=-3,
+        bin_ns=50_000_000,
+        velocity_bytes=np.zeros(3, np.float32).tobytes(),
+        n_outputs=3,
+        model_version=b"v",
+        flags=5,
+        epoch=2**32 + 1,
+        generation=7,
+        t_recv_ns=1,
+        t_close_ns=2,
+        t_infer_ns=3,
+        t_publish_ns=4,
+        n_spikes=2**40,
+    )
     p = parse_output(frames)
     assert isinstance(p, Prediction)
     assert (p.bin, p.bin_start_ns, p.epoch, p.generation, p.n_spikes) == (-3, -150_000_000, 1, 7, 2**32 - 1)
@@ -130,7 +160,9 @@ def test_output_round_trips():
     assert isinstance(pong, Pong) and (pong.token, pong.source, pong.status["bin_ns"]) == (99, 4, 20_000_000)
 
 
-def _hdr(t, *, version=PROTOCOL_VERSION, magic=MAGIC, source=1, flags=0, seq=0, time=0, rate=0, n=0, m=0, aux=0):
+def _hdr(
+    t, *, version=PROTOCOL_VERSION, magic=MAGIC, source=1, flags=0, seq=0, time=0, rate=0, n=0, m=0, aux=0
+):
     return INGEST_HEADER.pack(magic, version, t, source, flags, seq, time, rate, n, m, aux)
 
 
@@ -143,21 +175,36 @@ BAD = {
     "version": [[_hdr(MsgType.TICK, version=2)], [_hdr(MsgType.TICK, version=0)]],
     "msg_type": [[_hdr(99)], [_hdr(MsgType.PREDICTION)], [_hdr(MsgType.PONG)]],
     "flags": [[_hdr(MsgType.TICK, flags=1)], [_hdr(MsgType.RESET, flags=4)]],
-    "payload_size": [[_hdr(MsgType.SPIKES, n=3), ch2, tm2], [_hdr(MsgType.COUNTS, n=1, m=2), b"\0\0"],
-                     [_hdr(MsgType.COUNTS, n=0, m=0), b""]],
+    "payload_size": [
+        [_hdr(MsgType.SPIKES, n=3), ch2, tm2],
+        [_hdr(MsgType.COUNTS, n=1, m=2), b"\0\0"],
+        [_hdr(MsgType.COUNTS, n=0, m=0), b""],
+    ],
     "oversized": [[_hdr(MsgType.SPIKES, n=10**6), b"", b""], [_hdr(MsgType.KINEMATICS, n=5000, m=1), b""]],
-    "time_range": [[_hdr(MsgType.TICK, time=-1)], [_hdr(MsgType.TICK, time=(1 << 62) + 1)],
-                   [_hdr(MsgType.SPIKES, n=2, time=-7), ch2, tm2],
-                   [_hdr(MsgType.SPIKES, n=2), ch2, np.array([-1, 6], "<i8").tobytes()],
-                   [_hdr(MsgType.COUNTS, n=1, m=1, time=-2), b"\0\0"]],
-    "time_order": [[_hdr(MsgType.SPIKES, n=2, time=-1), ch2, np.array([6, 5], "<i8").tobytes()],
-                   [_hdr(MsgType.SPIKES, n=2, time=5), ch2, tm2]],
-    "reserved": [[_hdr(MsgType.TICK, time=5, n=1)], [_hdr(MsgType.TICK, time=5, aux=20_000_000)],
-                 [_hdr(MsgType.SPIKES, n=2, m=1, time=-1), ch2, tm2], [_hdr(MsgType.SPIKES, aux=1, time=-1), b"", b""],
-                 [_hdr(MsgType.KINEMATICS, n=1, m=1, aux=1), b"\0\0\0\0"], [_hdr(MsgType.RESET, m=3)],
-                 [_hdr(MsgType.PING, n=1)]],
-    "non_finite": [[_hdr(MsgType.KINEMATICS, n=1, m=2), np.array([1.0, np.nan], "<f4").tobytes()],
-                   [_hdr(MsgType.KINEMATICS, n=1, m=1), np.array([np.inf], "<f4").tobytes()]],
+    "time_range": [
+        [_hdr(MsgType.TICK, time=-1)],
+        [_hdr(MsgType.TICK, time=(1 << 62) + 1)],
+        [_hdr(MsgType.SPIKES, n=2, time=-7), ch2, tm2],
+        [_hdr(MsgType.SPIKES, n=2), ch2, np.array([-1, 6], "<i8").tobytes()],
+        [_hdr(MsgType.COUNTS, n=1, m=1, time=-2), b"\0\0"],
+    ],
+    "time_order": [
+        [_hdr(MsgType.SPIKES, n=2, time=-1), ch2, np.array([6, 5], "<i8").tobytes()],
+        [_hdr(MsgType.SPIKES, n=2, time=5), ch2, tm2],
+    ],
+    "reserved": [
+        [_hdr(MsgType.TICK, time=5, n=1)],
+        [_hdr(MsgType.TICK, time=5, aux=20_000_000)],
+        [_hdr(MsgType.SPIKES, n=2, m=1, time=-1), ch2, tm2],
+        [_hdr(MsgType.SPIKES, aux=1, time=-1), b"", b""],
+        [_hdr(MsgType.KINEMATICS, n=1, m=1, aux=1), b"\0\0\0\0"],
+        [_hdr(MsgType.RESET, m=3)],
+        [_hdr(MsgType.PING, n=1)],
+    ],
+    "non_finite": [
+        [_hdr(MsgType.KINEMATICS, n=1, m=2), np.array([1.0, np.nan], "<f4").tobytes()],
+        [_hdr(MsgType.KINEMATICS, n=1, m=1), np.array([np.inf], "<f4").tobytes()],
+    ],
 }
 
 
@@ -204,13 +251,13 @@ def _mutated(draw):
                 j = draw(st.integers(0, len(f) - 1))
                 f[j] ^= 1 << draw(st.integers(0, 7))
             elif op == "truncate":
-                del f[draw(st.integers(0, len(f))):]
+                del f[draw(st.integers(0, len(f))) :]
             elif op == "extend":
                 f.extend(draw(st.binary(min_size=1, max_size=16)))
             elif op == "field" and len(f) == 48:
                 off = draw(st.sampled_from([4, 6, 12, 24, 32, 36, 40, 44]))
                 size = 2 if off in (4, 6) else 8 if off == 24 else 4
-                f[off:off + size] = draw(st.binary(min_size=size, max_size=size))
+                f[off : off + size] = draw(st.binary(min_size=size, max_size=size))
     return [bytes(f) for f in frames]
 
 

@@ -24,8 +24,9 @@ def clean(seed: int = 0) -> Session:
     rates = np.geomspace(2.0, 40.0, N)  # Hz
     t = np.arange(T) * BIN_S
     velocity = np.stack([np.sin(t), np.cos(0.7 * t)], axis=1) + 0.1 * rng.normal(size=(T, 2))
-    return Session(counts=rng.poisson(rates * BIN_S, size=(T, N)), bin_s=BIN_S, velocity=velocity,
-                   session=f"clean{seed}")
+    return Session(
+        counts=rng.poisson(rates * BIN_S, size=(T, N)), bin_s=BIN_S, velocity=velocity, session=f"clean{seed}"
+    )
 
 
 def with_counts(s: Session, counts: np.ndarray, name: str) -> Session:
@@ -82,10 +83,14 @@ def test_channels_switching_on_late_are_flagged():
     late = int(0.8 * T)
     counts[:late, :5] = rng.poisson(0.1 * BIN_S, size=(late, 5))
     counts[late:, :5] = rng.poisson(30 * BIN_S, size=(T - late, 5))
-    counts[:, 5] = np.concatenate([rng.poisson(10 * BIN_S, size=T // 2), rng.poisson(60 * BIN_S, size=T - T // 2)])
+    counts[:, 5] = np.concatenate(
+        [rng.poisson(10 * BIN_S, size=T // 2), rng.poisson(60 * BIN_S, size=T - T // 2)]
+    )
     q = assess_session(with_counts(s, counts, "late"))
     assert q.shifted == (0, 1, 2, 3, 4, 5) and q.on_off == (0, 1, 2, 3, 4)  # channel 5 rises 6×, never silent
-    assert q.flags == ("6 of 20 channels (30 %) change rate more than 4× within the session (5 turn on or off)",)
+    assert q.flags == (
+        "6 of 20 channels (30 %) change rate more than 4× within the session (5 turn on or off)",
+    )
     counts[:, 1:6] = s.counts[:, 1:6]  # one channel of 20 drifting is a unit, not the recording
     q = assess_session(with_counts(s, counts, "one"))
     assert q.shifted == (0,) and not q.flagged
@@ -97,8 +102,10 @@ def test_an_idle_target_is_flagged_and_glitch_bins_are_counted():
     velocity[: int(0.6 * T)] = 0.0  # the cursor did not move for 60 % of the session
     q = assess_session(replace(s, velocity=velocity, session="idle"))
     assert q.target_idle_fraction == pytest.approx(0.6)
-    assert q.flags == ("target velocity sits at one value in 60 % of bins (not recorded or not performed "
-                       "for most of the session)",)
+    assert q.flags == (
+        "target velocity sits at one value in 60 % of bins (not recorded or not performed "
+        "for most of the session)",
+    )
     glitchy = s.velocity.copy()
     glitchy[[100, 500, 501, 900, 1300, 1301, 1302, 1900], 0] = 5000.0  # 8 glitch bins
     q = assess_session(replace(s, velocity=glitchy, session="glitch"))
@@ -132,8 +139,19 @@ def test_split_flagged_and_table():
 
 # ------------------------------------------------------------------------------------ commands
 
-FAST = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--window-len", "40", "--quiet",
-        "--device", "cpu"]
+FAST = [
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "2",
+    "--batch-size",
+    "4",
+    "--window-len",
+    "40",
+    "--quiet",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +163,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
     late = int(0.8 * T)
     counts[:late, :8] = 0
     counts[late:, :8] = rng.poisson(30 * BIN_S, size=(T - late, 8))
-    return {"good": save_npz(clean(0), root / "good.npz"), "also": save_npz(clean(1), root / "also.npz"),
-            "late": save_npz(with_counts(replace(s, position=rng.normal(size=(T, 2))), counts, "late"),
-                             root / "late.npz")}
+    return {
+        "good": save_npz(clean(0), root / "good.npz"),
+        "also": save_npz(clean(1), root / "also.npz"),
+        "late": save_npz(
+            with_counts(replace(s, position=rng.normal(size=(T, 2))), counts, "late"), root / "late.npz"
+        ),
+    }
 
 
 def test_inspect_has_help(capsys):
@@ -163,14 +185,20 @@ def test_inspect_prints_a_table_and_json(files, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[0] == "clean0" and out[1].endswith("ok")
     assert out[2].split()[0] == "late" and out[2].endswith("FLAGGED")
-    assert out[3] == "late: 8 of 20 channels (40 %) change rate more than 4× within the session (8 turn on or off)"
+    assert (
+        out[3]
+        == "late: 8 of 20 channels (40 %) change rate more than 4× within the session (8 turn on or off)"
+    )
     assert rpnt(["inspect", str(files["good"]), str(files["late"]), "--json", "--target", "position"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["flagged"] == ["late"] and [r["session"] for r in rep["sessions"]] == ["clean0", "late"]
     assert rep["sessions"][1]["shifted"] == list(range(8)) and rep["sessions"][1]["target"] == "position"
     assert rep["sessions"][0]["target"] is None  # clean0 has no position: its counts are still assessed
     assert rpnt(["inspect", str(files["good"]), "--target", "force"]) == 2
-    assert capsys.readouterr().err == "rpnt inspect: error: target: no session has 'force' (they have velocity)\n"
+    assert (
+        capsys.readouterr().err
+        == "rpnt inspect: error: target: no session has 'force' (they have velocity)\n"
+    )
 
 
 def test_pretrain_skips_flagged_sessions_unless_allowed(files, tmp_path, capsys):
@@ -180,24 +208,32 @@ def test_pretrain_skips_flagged_sessions_unless_allowed(files, tmp_path, capsys)
     data = [str(files["good"]), str(files["late"]), str(files["also"])]
     assert rpnt(["pretrain", "--data", *data, "--out", str(out), *FAST]) == 0
     err = capsys.readouterr().err
-    assert "rpnt pretrain: skipping late: 8 of 20 channels (40 %) change rate more than 4× within the session " \
-           "(8 turn on or off) (--allow-flagged keeps it)" in err.splitlines()
+    assert (
+        "rpnt pretrain: skipping late: 8 of 20 channels (40 %) change rate more than 4× within the session "
+        "(8 turn on or off) (--allow-flagged keeps it)" in err.splitlines()
+    )
     assert read_header(out)[1]["sessions"] == [str(files["good"]), str(files["also"])]
     assert rpnt(["pretrain", "--data", *data, "--out", str(out), "--allow-flagged", *FAST]) == 0
     assert "skipping" not in capsys.readouterr().err
     assert read_header(out)[1]["sessions"] == data
-    assert rpnt(["pretrain", "--data", str(files["late"]), "--out", str(tmp_path / "none.safetensors"), *FAST]) == 2
+    assert (
+        rpnt(["pretrain", "--data", str(files["late"]), "--out", str(tmp_path / "none.safetensors"), *FAST])
+        == 2
+    )
     assert capsys.readouterr().err.splitlines()[-1] == (
         "rpnt pretrain: error: data: every session is flagged unfit to train on (reasons above); "
-        "--allow-flagged keeps them")
+        "--allow-flagged keeps them"
+    )
 
 
 def test_finetune_refuses_a_flagged_session(files, tmp_path, capsys):
     out = tmp_path / "ft.safetensors"
     assert rpnt(["finetune", "--data", str(files["late"]), "--out", str(out), *FAST]) == 2
     err = capsys.readouterr().err
-    assert err == ("rpnt finetune: error: data: late is flagged unfit to train on: 8 of 20 channels (40 %) change "
-                   "rate more than 4× within the session (8 turn on or off) (--allow-flagged uses it anyway)\n")
+    assert err == (
+        "rpnt finetune: error: data: late is flagged unfit to train on: 8 of 20 channels (40 %) change "
+        "rate more than 4× within the session (8 turn on or off) (--allow-flagged uses it anyway)\n"
+    )
     assert not out.exists()
     assert rpnt(["finetune", "--data", str(files["late"]), "--out", str(out), "--allow-flagged", *FAST]) == 0
     assert out.is_file()
@@ -209,5 +245,11 @@ def test_an_unknown_mat_file_is_one_line_and_exit_2(tmp_path, capsys):
     savemat(tmp_path / "odd.mat", {"rates": np.ones((3, 4))})
     assert rpnt(["inspect", str(tmp_path / "odd.mat")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("rpnt inspect: error: layout: no known MAT layout matches odd.mat, which holds rates 3×4 "
-                          "double; known layouts: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert (
+        err.startswith(
+            "rpnt inspect: error: layout: no known MAT layout matches odd.mat, which holds rates 3×4 "
+            "double; known layouts: "
+        )
+        and err.count("\n") == 1
+        and "Traceback" not in err
+    )

@@ -24,9 +24,22 @@ def test_real_session_finetune_and_stream_evaluate(path, channels, tmp_path):
     assert session.n_channels == channels and session.bin_s == pytest.approx(0.05)
     # a 4-minute slice keeps the test quick; splits are contiguous in time
     session = session.slice_bins(0, 4800)
-    res = finetune(session, init=None, options=FinetuneOptions(
-        epochs=5, steps_per_epoch=20, batch_size=8, window_len=64, train_fraction=0.5, progress=False, device="cpu",
-        lr=2e-3, config_overrides=(("d_model", 64), ("n_heads", 4), ("n_layers", 1))), out=tmp_path / "m.safetensors")
+    res = finetune(
+        session,
+        init=None,
+        options=FinetuneOptions(
+            epochs=5,
+            steps_per_epoch=20,
+            batch_size=8,
+            window_len=64,
+            train_fraction=0.5,
+            progress=False,
+            device="cpu",
+            lr=2e-3,
+            config_overrides=(("d_model", 64), ("n_heads", 4), ("n_layers", 1)),
+        ),
+        out=tmp_path / "m.safetensors",
+    )
     splits = Splits.from_dict(res["splits"])
     model = load_checkpoint(tmp_path / "m.safetensors")
     again = evaluate_model(model, session, splits)

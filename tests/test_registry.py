@@ -31,7 +31,11 @@ def test_versions_activation_history_and_start_order(tmp_path):
     for v in ("1", "3", "2", "3"):
         reg.activate(v, reason="test")
     assert reg.active() == "3"
-    assert reg.candidates_for_start() == ["3", "2", "1"]  # active first, then earlier active ones, newest first
+    assert reg.candidates_for_start() == [
+        "3",
+        "2",
+        "1",
+    ]  # active first, then earlier active ones, newest first
     assert [r["version"] for r in reg.activation_history()] == ["1", "3", "2", "3"]
     listing = {m["version"]: m["active"] for m in reg.listing()}
     assert listing == {"1": False, "2": False, "3": True}

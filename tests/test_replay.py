@@ -33,8 +33,13 @@ def torch_reference(tiny):
 
 def _daemon(decoder, **opt):
     tmp = short_ipc_dir()
-    return Daemon(decoder=decoder, bin_s=0.02, ingest=f"ipc://{tmp}/i", publish=f"ipc://{tmp}/o",
-                  options=DaemonOptions(**opt)).start()
+    return Daemon(
+        decoder=decoder,
+        bin_s=0.02,
+        ingest=f"ipc://{tmp}/i",
+        publish=f"ipc://{tmp}/o",
+        options=DaemonOptions(**opt),
+    ).start()
 
 
 def test_replayed_predictions_equal_offline_evaluate_and_counts_are_rebuilt_exactly(tiny, torch_reference):
@@ -42,8 +47,14 @@ def test_replayed_predictions_equal_offline_evaluate_and_counts_are_rebuilt_exac
 
     d = _daemon(load_engine(tiny["export"]), history_s=60.0)
     try:
-        res = run_replay(counts=tiny["counts"], labels={"velocity": tiny["velocity"]}, bin_ns=BIN_NS,
-                         ingest=d.endpoints["ingest"], publish=d.endpoints["publish"], realtime=False)
+        res = run_replay(
+            counts=tiny["counts"],
+            labels={"velocity": tiny["velocity"]},
+            bin_ns=BIN_NS,
+            ingest=d.endpoints["ingest"],
+            publish=d.endpoints["publish"],
+            realtime=False,
+        )
         counts_back, vel_back = d.recent_training_data(60.0)
     finally:
         d.stop()
@@ -65,12 +76,25 @@ def test_rpnt_replay_report_matches_rpnt_evaluate(tiny, torch_reference, tmp_pat
     from streaming.cli import replay_main
 
     out = tmp_path / "report"
-    assert replay_main(["--data", str(tiny["npz"]), "--model", str(tiny["export"]), "--report", str(out),
-                        "--json"]) == 0
+    assert (
+        replay_main(
+            ["--data", str(tiny["npz"]), "--model", str(tiny["export"]), "--report", str(out), "--json"]
+        )
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert rep["bins"] == rep["bins_received"] == 400 and rep["bins_lost"] == 0
     assert rep["score"]["r2"] == pytest.approx(r2_score(tiny["velocity"], torch_reference), abs=1e-4)
-    for stage in ("ingest", "parse", "infer", "publish", "deliver", "daemon", "daemon_overhead", "end_to_end"):
+    for stage in (
+        "ingest",
+        "parse",
+        "infer",
+        "publish",
+        "deliver",
+        "daemon",
+        "daemon_overhead",
+        "end_to_end",
+    ):
         s = rep["latency_ms"][stage]
         assert s["count"] == 400 and s["p50_ms"] <= s["p99_ms"] <= s["p99.9_ms"] <= s["max_ms"]
     assert rep["daemon_snapshot"]["counters"]["bins"] == 400
@@ -95,10 +119,27 @@ def test_replay_connects_to_a_running_daemon_and_checks_it_matches(tiny, capsys)
         ep = ["--ingest", d.endpoints["ingest"], "--publish", d.endpoints["publish"]]
         assert replay_main(["--data", str(tiny["npz"]), "--connect", *ep, "--stop", "100", "--json"]) == 0
         rep = json.loads(capsys.readouterr().out)
-        assert rep["bins_lost"] == 0 and rep["model_versions"] == ["fir-a"] and rep["daemon_mode"] == "connect"
+        assert (
+            rep["bins_lost"] == 0 and rep["model_versions"] == ["fir-a"] and rep["daemon_mode"] == "connect"
+        )
         # a second replay on the same daemon starts its own stream (RESET) and decodes it from scratch
-        assert replay_main(["--data", str(tiny["npz"]), "--connect", *ep, "--start", "100", "--stop", "150",
-                            "--realtime", "--json"]) == 0
+        assert (
+            replay_main(
+                [
+                    "--data",
+                    str(tiny["npz"]),
+                    "--connect",
+                    *ep,
+                    "--start",
+                    "100",
+                    "--stop",
+                    "150",
+                    "--realtime",
+                    "--json",
+                ]
+            )
+            == 0
+        )
         rep2 = json.loads(capsys.readouterr().out)
         assert rep2["bins_lost"] == 0 and rep2["pace"] == "realtime"
         assert replay_main(["--data", str(tiny["npz"]), "--connect", *ep, "--bin-ms", "50"]) == 1
@@ -115,8 +156,14 @@ def test_realtime_replay_equals_offline(tiny):
     d = _daemon(FIRDecoder(), stall_timeout_s=10.0)  # a busy machine must not turn into stalled bins
     try:
         counts = tiny["counts"][:30]
-        res = run_replay(counts=counts, bin_ns=BIN_NS, ingest=d.endpoints["ingest"], publish=d.endpoints["publish"],
-                         realtime=True, labels={"velocity": tiny["velocity"][:30]})
+        res = run_replay(
+            counts=counts,
+            bin_ns=BIN_NS,
+            ingest=d.endpoints["ingest"],
+            publish=d.endpoints["publish"],
+            realtime=True,
+            labels={"velocity": tiny["velocity"][:30]},
+        )
     finally:
         d.stop()
         d.join(30)
@@ -130,8 +177,26 @@ def test_replay_with_a_child_process_daemon(tiny, tmp_path, capsys):
     from streaming.cli import replay_main
 
     out = tmp_path / "rt"
-    assert replay_main(["--data", str(tiny["npz"]), "--model", str(tiny["export"]), "--daemon", "process",
-                        "--realtime", "--stop", "25", "--stall-ms", "5000", "--report", str(out)]) == 0
+    assert (
+        replay_main(
+            [
+                "--data",
+                str(tiny["npz"]),
+                "--model",
+                str(tiny["export"]),
+                "--daemon",
+                "process",
+                "--realtime",
+                "--stop",
+                "25",
+                "--stall-ms",
+                "5000",
+                "--report",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "25 predictions, 0 lost" in text and "end_to_end" in text
     rep = json.loads((out / "report.json").read_text())
@@ -145,15 +210,43 @@ def test_replay_connect_says_what_it_waits_for_and_gives_up_at_the_timeout(tiny,
 
     tmp = short_ipc_dir()
     ingest, publish = f"ipc://{tmp}/nobody-in", f"ipc://{tmp}/nobody-out"
-    assert replay_main(["--data", str(tiny["npz"]), "--connect", "--ingest", ingest, "--publish", publish,
-                        "--timeout", "0.5"]) == 1
+    assert (
+        replay_main(
+            [
+                "--data",
+                str(tiny["npz"]),
+                "--connect",
+                "--ingest",
+                ingest,
+                "--publish",
+                publish,
+                "--timeout",
+                "0.5",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.splitlines()
     waiting = [ln for ln in err if ln.startswith("rpnt replay: waiting")]
     assert len(waiting) == 1 and ingest in waiting[0] and publish in waiting[0] and "0.5 s" in waiting[0], err
     assert err.index(waiting[0]) < len(err) - 1
     assert err[-1].startswith("rpnt replay: FAILED: no PONG from the daemon within 0.5 s"), err
-    assert replay_main(["--data", str(tiny["npz"]), "--connect", "--ingest", ingest, "--publish", publish,
-                        "--timeout", "0"]) == 2
+    assert (
+        replay_main(
+            [
+                "--data",
+                str(tiny["npz"]),
+                "--connect",
+                "--ingest",
+                ingest,
+                "--publish",
+                publish,
+                "--timeout",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err == "rpnt replay: error: --timeout: must be > 0 seconds, got 0\n"
 
 
@@ -181,11 +274,23 @@ def test_replay_scores_and_streams_the_series_the_daemons_model_decodes(tiny):
     pos = np.cumsum(vel, axis=0).astype(np.float32)
     d = _daemon(dec, history_s=60.0)
     try:
-        res = run_replay(counts=counts, labels={"velocity": vel, "position": pos}, bin_ns=BIN_NS,
-                         ingest=d.endpoints["ingest"], publish=d.endpoints["publish"], realtime=False)
+        res = run_replay(
+            counts=counts,
+            labels={"velocity": vel, "position": pos},
+            bin_ns=BIN_NS,
+            ingest=d.endpoints["ingest"],
+            publish=d.endpoints["publish"],
+            realtime=False,
+        )
         _, kin_back = d.recent_training_data(60.0)
-        missing = run_replay(counts=counts, labels={"velocity": vel}, bin_ns=BIN_NS,
-                             ingest=d.endpoints["ingest"], publish=d.endpoints["publish"], realtime=False)
+        missing = run_replay(
+            counts=counts,
+            labels={"velocity": vel},
+            bin_ns=BIN_NS,
+            ingest=d.endpoints["ingest"],
+            publish=d.endpoints["publish"],
+            realtime=False,
+        )
     finally:
         d.stop()
         d.join(30)

@@ -47,8 +47,15 @@ def _serve_cmd(*args: str) -> list[str]:
 def _fails(*args: str, env: dict | None = None) -> str:
     """Run ``rpnt serve`` expecting a start-up error: asserts exit 2, a single stderr line, no
     traceback; returns that line."""
-    r = subprocess.run(_serve_cmd(*args), cwd=REPO, env=env or _env(), stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=LIVE)
+    r = subprocess.run(
+        _serve_cmd(*args),
+        cwd=REPO,
+        env=env or _env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=LIVE,
+    )
     lines = r.stderr.splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and lines[0].startswith("rpnt serve: error: "), r.stderr
@@ -83,9 +90,17 @@ def test_a_model_that_does_not_fit_the_stream_exits_2_and_leaves_no_registry(tmp
     """Errors found only once the model is loaded (here: a 20 ms model asked to decode 50 ms bins)
     happen after the registry was created and seeded: a registry this start created is removed."""
     reg = tmp_path / "registry"
-    r = subprocess.run(_serve_cmd("--model", str(tiny["export"]), "--registry", str(reg), "--bin-ms", "50",
-                                  "--http-port", "0", *ipc), cwd=REPO, env=_env(), stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=LIVE)
+    r = subprocess.run(
+        _serve_cmd(
+            "--model", str(tiny["export"]), "--registry", str(reg), "--bin-ms", "50", "--http-port", "0", *ipc
+        ),
+        cwd=REPO,
+        env=_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=LIVE,
+    )
     last = r.stderr.splitlines()[-1]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert last.startswith("rpnt serve: error: bin width") and "50 ms" in last and "20 ms" in last, r.stderr
@@ -95,8 +110,18 @@ def test_a_model_that_does_not_fit_the_stream_exits_2_and_leaves_no_registry(tmp
 def test_busy_zeromq_port_exits_2_naming_the_endpoint(tmp_path, tiny, busy_port):
     reg = tmp_path / "registry"
     ingest = f"tcp://127.0.0.1:{busy_port}"
-    line = _fails("--model", str(tiny["export"]), "--registry", str(reg), "--http-port", "0",
-                  "--ingest", ingest, "--publish", f"ipc://{short_ipc_dir()}/out")
+    line = _fails(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(reg),
+        "--http-port",
+        "0",
+        "--ingest",
+        ingest,
+        "--publish",
+        f"ipc://{short_ipc_dir()}/out",
+    )
     assert f"daemon.ingest: cannot bind {ingest}: Address already in use" in line, line
     assert not reg.exists()
 
@@ -107,26 +132,58 @@ def test_http_port_on_a_zeromq_endpoint_of_the_same_daemon_exits_2(tmp_path, tin
     port = s.getsockname()[1]
     s.close()  # a free port, named twice below
     reg = tmp_path / "registry"
-    line = _fails("--model", str(tiny["export"]), "--registry", str(reg), "--http-port", str(port),
-                  "--ingest", f"tcp://127.0.0.1:{port}", "--publish", f"ipc://{short_ipc_dir()}/out")
+    line = _fails(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(reg),
+        "--http-port",
+        str(port),
+        "--ingest",
+        f"tcp://127.0.0.1:{port}",
+        "--publish",
+        f"ipc://{short_ipc_dir()}/out",
+    )
     assert str(port) in line and ("http.port" in line or "daemon.ingest" in line), line
     assert not reg.exists()
 
 
 def test_non_loopback_endpoint_without_opt_in_exits_2_and_writes_nothing(tmp_path, tiny):
     reg = tmp_path / "registry"
-    line = _fails("--model", str(tiny["export"]), "--registry", str(reg), "--http-port", "0",
-                  "--ingest", "tcp://0.0.0.0:5599", "--publish", f"ipc://{short_ipc_dir()}/out")
-    assert line == ("rpnt serve: error: daemon.ingest: tcp://0.0.0.0:5599 is not a loopback address; set "
-                    "daemon.allow_remote = true (--allow-remote) to bind other interfaces"), line
+    line = _fails(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(reg),
+        "--http-port",
+        "0",
+        "--ingest",
+        "tcp://0.0.0.0:5599",
+        "--publish",
+        f"ipc://{short_ipc_dir()}/out",
+    )
+    assert line == (
+        "rpnt serve: error: daemon.ingest: tcp://0.0.0.0:5599 is not a loopback address; set "
+        "daemon.allow_remote = true (--allow-remote) to bind other interfaces"
+    ), line
     assert not reg.exists()
     assert list(tmp_path.iterdir()) == []
 
 
 def test_same_endpoint_twice_exits_2(tmp_path, tiny):
     ep = f"ipc://{short_ipc_dir()}/both"
-    line = _fails("--model", str(tiny["export"]), "--registry", str(tmp_path / "registry"), "--http-port", "0",
-                  "--ingest", ep, "--publish", ep)
+    line = _fails(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(tmp_path / "registry"),
+        "--http-port",
+        "0",
+        "--ingest",
+        ep,
+        "--publish",
+        ep,
+    )
     assert f"daemon.publish: {ep} is also daemon.ingest" in line, line
     assert not (tmp_path / "registry").exists()
 
@@ -141,8 +198,18 @@ def test_ipc_endpoint_of_a_running_daemon_is_not_taken_over(tmp_path, tiny):
     other = ctx.socket(zmq.PULL)
     other.bind(f"ipc://{d}/in")
     try:
-        line = _fails("--model", str(tiny["export"]), "--registry", str(tmp_path / "registry"), "--http-port", "0",
-                      "--ingest", f"ipc://{d}/in", "--publish", f"ipc://{d}/out")
+        line = _fails(
+            "--model",
+            str(tiny["export"]),
+            "--registry",
+            str(tmp_path / "registry"),
+            "--http-port",
+            "0",
+            "--ingest",
+            f"ipc://{d}/in",
+            "--publish",
+            f"ipc://{d}/out",
+        )
         assert f"daemon.ingest: ipc://{d}/in is in use" in line, line
         push = ctx.socket(zmq.PUSH)
         push.connect(f"ipc://{d}/in")
@@ -159,8 +226,16 @@ def test_missing_model_and_unreadable_token_file_exit_2_before_the_registry(tmp_
     reg = tmp_path / "registry"
     line = _fails("--model", str(tmp_path / "nope"), "--registry", str(reg), "--http-port", "0", *ipc)
     assert line == f"rpnt serve: error: model.path: no such file or directory: {tmp_path / 'nope'}"
-    line = _fails("--model", str(tiny["export"]), "--registry", str(reg), "--http-port", "0", *ipc,
-                  env=_env(RPNT_AUTH__TOKEN_FILE=str(tmp_path / "no-token")))
+    line = _fails(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(reg),
+        "--http-port",
+        "0",
+        *ipc,
+        env=_env(RPNT_AUTH__TOKEN_FILE=str(tmp_path / "no-token")),
+    )
     assert line.startswith("rpnt serve: error: auth.token_file: cannot read") and "Errno" not in line, line
     assert not reg.exists()
 
@@ -175,10 +250,16 @@ def test_a_missing_model_path_matters_only_when_it_would_be_imported(tmp_path, t
     reg = ModelRegistry(root=tmp_path / "registry")
     reg.activate(reg.import_model(tiny["export"]), reason="test")
     d = short_ipc_dir()
-    settings = load_settings(env={}, overrides={
-        "model": {"path": str(tmp_path / "deleted")}, "registry": {"root": str(reg.root)},
-        "daemon": {"ingest": f"ipc://{d}/in", "publish": f"ipc://{d}/out"}, "http": {"port": 0},
-        "auth": {"token": "t"}})
+    settings = load_settings(
+        env={},
+        overrides={
+            "model": {"path": str(tmp_path / "deleted")},
+            "registry": {"root": str(reg.root)},
+            "daemon": {"ingest": f"ipc://{d}/in", "publish": f"ipc://{d}/out"},
+            "http": {"port": 0},
+            "auth": {"token": "t"},
+        },
+    )
     check_startup(settings, replace_active=False)
     with pytest.raises(SettingsError, match="model.path: no such file or directory"):
         check_startup(settings, replace_active=True)
@@ -191,8 +272,16 @@ class Serve:
     def __init__(self, *args: str, env: dict | None = None) -> None:
         self.lines: list[str] = []
         self._got = threading.Condition()
-        self.proc = subprocess.Popen(_serve_cmd(*args), cwd=REPO, env=env or _env(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            _serve_cmd(*args),
+            cwd=REPO,
+            env=env or _env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -207,6 +296,7 @@ class Serve:
 
     def wait_for(self, prefix: str, then: int = 0) -> int:
         """Index of the first line starting with ``prefix`` once ``then`` more lines followed it."""
+
         def found():
             for i, ln in enumerate(self.lines):
                 if ln is None:
@@ -236,11 +326,21 @@ def test_start_prints_a_three_line_summary_without_reprs_or_json(tmp_path, tiny)
     reg = tmp_path / "registry"
     d = short_ipc_dir()
     ingest, publish = f"ipc://{d}/in", f"ipc://{d}/out"
-    srv = Serve("--model", str(tiny["export"]), "--registry", str(reg), "--http-port", "0",
-                "--ingest", ingest, "--publish", publish)
+    srv = Serve(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(reg),
+        "--http-port",
+        "0",
+        "--ingest",
+        ingest,
+        "--publish",
+        publish,
+    )
     try:
         i = srv.wait_for("rpnt serve: ready", then=2)
-        head, http, zmq_ = srv.lines[i:i + 3]
+        head, http, zmq_ = srv.lines[i : i + 3]
         assert "registry version 1" in head and "8 channels" in head and "20 ms bins" in head, head
         url = http.split()[1]
         assert http.split()[0] == "HTTP" and url.startswith("http://127.0.0.1:"), http
@@ -261,8 +361,16 @@ def test_start_prints_a_three_line_summary_without_reprs_or_json(tmp_path, tiny)
 def test_log_format_json_prints_the_event_lines(tmp_path, tiny, ipc):
     import json
 
-    srv = Serve("--model", str(tiny["export"]), "--registry", str(tmp_path / "registry"), "--http-port", "0",
-                *ipc, env=_env(RPNT_LOG_FORMAT="json", RPNT_API_TOKEN="t0k3n"))
+    srv = Serve(
+        "--model",
+        str(tiny["export"]),
+        "--registry",
+        str(tmp_path / "registry"),
+        "--http-port",
+        "0",
+        *ipc,
+        env=_env(RPNT_LOG_FORMAT="json", RPNT_API_TOKEN="t0k3n"),
+    )
     try:
         ready = json.loads(srv.lines[srv.wait_for('{"event": "ready"')])
     finally:
@@ -286,7 +394,9 @@ def test_log_format_is_one_setting_with_its_flag_derived():
     assert load_settings(env={}).log_format == "text"
     assert load_settings(env={"RPNT_LOG_FORMAT": "json"}).log_format == "json"
     a = build_parser().parse_args(["--log-format", "json"])
-    assert load_settings(env={"RPNT_LOG_FORMAT": "text"}, overrides=overrides_from_args(a)).log_format == "json"
+    assert (
+        load_settings(env={"RPNT_LOG_FORMAT": "text"}, overrides=overrides_from_args(a)).log_format == "json"
+    )
     assert "log_format" not in overrides_from_args(build_parser().parse_args([]))  # not given: no override
     with pytest.raises(SettingsError, match="log_format"):
         load_settings(env={"RPNT_LOG_FORMAT": "xml"})
@@ -298,11 +408,20 @@ def test_log_format_is_one_setting_with_its_flag_derived():
 def test_ready_summary_notes_habits_that_were_not_applied():
     from streaming.cli import ready_summary
 
-    ready = {"model_version": "abc", "n_channels": 8, "n_outputs": 2, "bin_s": 0.05, "ingest": "tcp://127.0.0.1:1",
-             "publish": "tcp://127.0.0.1:2", "http": None,
-             "startup": {"affinity": {"requested": [3], "applied": False, "detail": "CPU 3 does not exist"},
-                         "gc_freeze": {"requested": False, "applied": False, "detail": "not requested"},
-                         "warmup": {"requested": 32, "applied": True, "detail": "32 steps"}}}
+    ready = {
+        "model_version": "abc",
+        "n_channels": 8,
+        "n_outputs": 2,
+        "bin_s": 0.05,
+        "ingest": "tcp://127.0.0.1:1",
+        "publish": "tcp://127.0.0.1:2",
+        "http": None,
+        "startup": {
+            "affinity": {"requested": [3], "applied": False, "detail": "CPU 3 does not exist"},
+            "gc_freeze": {"requested": False, "applied": False, "detail": "not requested"},
+            "warmup": {"requested": 32, "applied": True, "detail": "32 steps"},
+        },
+    }
     lines = ready_summary(ready)
     assert lines[0] == "rpnt serve: ready: model abc, 8 channels in, 2 outputs out, 50 ms bins"
     assert lines[1].split() == ["HTTP", "off", "(the", "decode", "loop", "alone)"]

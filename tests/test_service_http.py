@@ -46,8 +46,12 @@ MAX_UPLOAD_MB = 4.0  # the 400-bin session (~4 KB) and the 2.3 MB zip bomb fit; 
 # The test's workers run at the decode loop's priority (niceness 0): a test must never wait on a
 # low-priority process getting CPU on a busy host.  The niceness itself is tested in
 # test_calibration_jobs.py, where the worker's progress records it.
-CAL_ENV = {"RPNT_CALIBRATION__EPOCHS": "3", "RPNT_CALIBRATION__STEPS_PER_EPOCH": "4",
-           "RPNT_CALIBRATION__PATIENCE": "3", "RPNT_CALIBRATION__NICE": "0"}
+CAL_ENV = {
+    "RPNT_CALIBRATION__EPOCHS": "3",
+    "RPNT_CALIBRATION__STEPS_PER_EPOCH": "4",
+    "RPNT_CALIBRATION__PATIENCE": "3",
+    "RPNT_CALIBRATION__NICE": "0",
+}
 FINAL = ("succeeded", "rejected", "failed")
 
 
@@ -59,19 +63,52 @@ class Server:
         self.registry = Path(registry)
         self.ipc = short_ipc_dir()  # unix socket paths are short
         e = {k: v for k, v in os.environ.items() if not k.startswith("RPNT_")}
-        e.update({"RPNT_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                  "OPENBLAS_NUM_THREADS": "1", **CAL_ENV, **(env or {})})
+        e.update(
+            {
+                "RPNT_API_TOKEN": TOKEN,
+                "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1",
+                "OPENBLAS_NUM_THREADS": "1",
+                **CAL_ENV,
+                **(env or {}),
+            }
+        )
         e["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
-        cmd = [sys.executable, "-m", "rpnt_core.cli", "serve", "--registry", str(self.registry), "--http-port", "0",
-               "--ingest", f"ipc://{self.ipc}/in", "--publish", f"ipc://{self.ipc}/out", "--stats-interval", "0",
-               "--log-level", "warning", "--log-format", "json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rpnt_core.cli",
+            "serve",
+            "--registry",
+            str(self.registry),
+            "--http-port",
+            "0",
+            "--ingest",
+            f"ipc://{self.ipc}/in",
+            "--publish",
+            f"ipc://{self.ipc}/out",
+            "--stats-interval",
+            "0",
+            "--log-level",
+            "warning",
+            "--log-format",
+            "json",
+        ]
         if model is not None:
             cmd += ["--model", str(model)]
         self.lines: list[str] = []
         self.ready: dict | None = None
         self._ready_evt = threading.Event()
-        self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=e, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=str(REPO),
+            env=e,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         self._reader = threading.Thread(target=self._read, name="rpnt-serve-stderr", daemon=True)
         self._reader.start()
 
@@ -146,8 +183,9 @@ def registry_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny, registry_dir):
-    srv = Server(registry=registry_dir, model=tiny["export"],
-                 env={"RPNT_HTTP__MAX_UPLOAD_MB": str(MAX_UPLOAD_MB)}).wait_ready()
+    srv = Server(
+        registry=registry_dir, model=tiny["export"], env={"RPNT_HTTP__MAX_UPLOAD_MB": str(MAX_UPLOAD_MB)}
+    ).wait_ready()
     state = {"server": srv}  # the restart tests replace it
     yield state
     s = state["server"]
@@ -232,8 +270,9 @@ def engine(registry: Path, version: str):
     return _ENGINES[key]
 
 
-def stream(srv: Server, counts: np.ndarray, *, source_id: int, kinematics: np.ndarray | None = None,
-           block: int = 50) -> list[Prediction]:
+def stream(
+    srv: Server, counts: np.ndarray, *, source_id: int, kinematics: np.ndarray | None = None, block: int = 50
+) -> list[Prediction]:
     """A new stream (RESET at 0, free-running) of ``counts`` as COUNTS blocks (+ KINEMATICS), then
     PING/PONG: returns every prediction of it, everything sent having been handled."""
     rig = RigClient(endpoint=srv.ingest, source_id=source_id)
@@ -242,17 +281,25 @@ def stream(srv: Server, counts: np.ndarray, *, source_id: int, kinematics: np.nd
         wait_for_daemon(rig, sub, timeout=LIVE)
         rig.send_reset(start=0, free_run=True)
         for a in range(0, counts.shape[0], block):
-            rig.send_counts(a, counts[a:a + block].astype(np.uint16))
+            rig.send_counts(a, counts[a : a + block].astype(np.uint16))
             if kinematics is not None:
-                rig.send_kinematics(a, np.asarray(kinematics[a:a + block], np.float32))
+                rig.send_kinematics(a, np.asarray(kinematics[a : a + block], np.float32))
         return barrier(rig, sub, timeout=LIVE)
     finally:
         rig.close()
         sub.close()
 
 
-def session_npz(path: Path, *, T: int = 400, N: int = 8, D: int = 2, bin_s: float = 0.02, seed: int = 3,
-                velocity: np.ndarray | None | bool = True) -> Path:
+def session_npz(
+    path: Path,
+    *,
+    T: int = 400,
+    N: int = 8,
+    D: int = 2,
+    bin_s: float = 0.02,
+    seed: int = 3,
+    velocity: np.ndarray | None | bool = True,
+) -> Path:
     rng = np.random.default_rng(seed)
     counts = rng.poisson(1.5, size=(T, N)).astype(np.int64)
     t = np.arange(T) * bin_s
@@ -283,7 +330,9 @@ def test_health_ready_status_metrics_and_openapi(server, http, tiny):
     st = status(http)
     assert st["model"]["registry_version"] == "1" == srv.ready["registry_version"]
     assert st["n_channels"] == 8 and st["n_outputs"] == 2 and st["bin_s"] == 0.02 and st["running"] is True
-    assert st["model"]["model_version"] == srv.ready["model_version"] == engine(srv.registry, "1").info.version
+    assert (
+        st["model"]["model_version"] == srv.ready["model_version"] == engine(srv.registry, "1").info.version
+    )
     assert st["endpoints"] == {"ingest": srv.ingest, "publish": srv.publish}
     bins0 = st["counters"]["bins"]
 
@@ -306,22 +355,41 @@ def test_health_ready_status_metrics_and_openapi(server, http, tiny):
     assert samples[("rpnt_bins_total", ())] == bins
     daemon = (("stage", "daemon"),)
     assert samples[("rpnt_stage_latency_seconds_count", daemon)] == bins
-    buckets = sorted(((float(dict(k[1])["le"]), v) for k, v in samples.items()
-                      if k[0] == "rpnt_stage_latency_seconds_bucket" and dict(k[1])["stage"] == "daemon"))
+    buckets = sorted(
+        (
+            (float(dict(k[1])["le"]), v)
+            for k, v in samples.items()
+            if k[0] == "rpnt_stage_latency_seconds_bucket" and dict(k[1])["stage"] == "daemon"
+        )
+    )
     assert len(buckets) > 5 and buckets[-1] == (float("inf"), bins)
     assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))  # cumulative
     assert samples[("rpnt_stage_latency_seconds_sum", daemon)] > 0
     info = [dict(k[1]) for k in samples if k[0] == "rpnt_model_info"]
-    assert info == [{"version": st["model"]["model_version"], "fingerprint": st["model"]["fingerprint"],
-                     "registry_version": "1"}]
+    assert info == [
+        {
+            "version": st["model"]["model_version"],
+            "fingerprint": st["model"]["fingerprint"],
+            "registry_version": "1",
+        }
+    ]
     assert {dict(k[1])["state"] for k in samples if k[0] == "rpnt_calibration_jobs_total"} == set(FINAL)
 
     r = http.get("/openapi.json")
     assert r.status_code == 200
     paths = r.json()["paths"]
-    for path, method in [("/health", "get"), ("/ready", "get"), ("/status", "get"), ("/metrics", "get"),
-                         ("/calibrate", "post"), ("/calibrate", "get"), ("/calibrate/{job_id}", "get"),
-                         ("/calibrate/{job_id}", "delete"), ("/models", "get"), ("/models/{version}/activate", "post")]:
+    for path, method in [
+        ("/health", "get"),
+        ("/ready", "get"),
+        ("/status", "get"),
+        ("/metrics", "get"),
+        ("/calibrate", "post"),
+        ("/calibrate", "get"),
+        ("/calibrate/{job_id}", "get"),
+        ("/calibrate/{job_id}", "delete"),
+        ("/models", "get"),
+        ("/models/{version}/activate", "post"),
+    ]:
         assert method in paths.get(path, {}), (path, method)
 
 
@@ -354,13 +422,18 @@ def _bad_inputs(tmp: Path, tiny: dict) -> tuple[dict, Path]:
     nan_vel[17, 1] = np.nan
     np.savez(tmp / "nan.npz", counts=counts, velocity=nan_vel, bin_s=np.float64(0.02))
     marker = tmp / "UNPICKLED"
-    np.savez(tmp / "pickle.npz", counts=counts, velocity=np.array([[Unpickled(marker)] * 2] * 400, dtype=object),
-             bin_s=np.float64(0.02))
+    np.savez(
+        tmp / "pickle.npz",
+        counts=counts,
+        velocity=np.array([[Unpickled(marker)] * 2] * 400, dtype=object),
+        bin_s=np.float64(0.02),
+    )
     const = vel.copy()
     const[:, 1] = 0.25
     np.savez(tmp / "typo.npz", counts=counts, velocities=vel, bin_s=np.float64(0.02))
-    multisite = Session(counts=np.stack([counts, counts]), bin_s=0.02, velocity=vel,
-                        site_xy=np.zeros((2, 2), np.float32))
+    multisite = Session(
+        counts=np.stack([counts, counts]), bin_s=0.02, velocity=vel, site_xy=np.zeros((2, 2), np.float32)
+    )
 
     def f(path_or_bytes, name="data.npz"):
         data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
@@ -376,13 +449,23 @@ def _bad_inputs(tmp: Path, tiny: dict) -> tuple[dict, Path]:
         "garbage_after_hdf5_magic": (f(b"\x89HDF\r\n\x1a\n" + rng.bytes(500), "x.nwb"), {}, ["file:"]),
         "pickle_object_array": (f(tmp / "pickle.npz"), {}, ["velocity: object arrays are not accepted"]),
         "unknown_key": (f(tmp / "typo.npz"), {}, ["npz: unknown keys velocities;"]),
-        "hdf5_bomb": (f(crafted.hdf5_bomb(tmp / "bomb.nwb"), "bomb.nwb"), {},
-                      ["acquisition/bomb/data: declares 16 GB uncompressed, over the 512 MB limit"]),
+        "hdf5_bomb": (
+            f(crafted.hdf5_bomb(tmp / "bomb.nwb"), "bomb.nwb"),
+            {},
+            ["acquisition/bomb/data: declares 16 GB uncompressed, over the 512 MB limit"],
+        ),
         "velocity_width_3": (f(session_npz(tmp / "d3.npz", D=3)), {}, ["velocity", "3 dimensions", "2"]),
-        "constant_velocity_dim": (f(save_npz(Session(counts=counts, bin_s=0.02, velocity=const), tmp / "k.npz")),
-                                  {}, ["velocity", "[1]", "constant"]),
+        "constant_velocity_dim": (
+            f(save_npz(Session(counts=counts, bin_s=0.02, velocity=const), tmp / "k.npz")),
+            {},
+            ["velocity", "[1]", "constant"],
+        ),
         "bin_width_50ms": (f(session_npz(tmp / "b50.npz", bin_s=0.05)), {}, ["bin_s", "50 ms", "20 ms"]),
-        "no_velocity": (f(session_npz(tmp / "nov.npz", velocity=False)), {}, ["velocity", "live model's target"]),
+        "no_velocity": (
+            f(session_npz(tmp / "nov.npz", velocity=False)),
+            {},
+            ["velocity", "live model's target"],
+        ),
         "multisite_counts": (f(save_npz(multisite, tmp / "ms.npz")), {}, ["counts", "single-site"]),
         "recent_without_kinematics": ({}, {"source": "recent"}, ["source=recent", "KINEMATICS"]),
         "recent_with_a_file": (f(good), {"source": "recent"}, ["source=recent takes no file"]),
@@ -390,17 +473,43 @@ def _bad_inputs(tmp: Path, tiny: dict) -> tuple[dict, Path]:
     }, marker
 
 
-BAD = ["five_channels", "too_short", "nan_velocity", "random_bytes", "empty_file", "truncated_npz",
-       "garbage_after_hdf5_magic", "pickle_object_array", "unknown_key", "hdf5_bomb", "velocity_width_3",
-       "constant_velocity_dim", "bin_width_50ms", "no_velocity", "multisite_counts", "recent_without_kinematics",
-       "recent_with_a_file", "upload_without_a_file"]
+BAD = [
+    "five_channels",
+    "too_short",
+    "nan_velocity",
+    "random_bytes",
+    "empty_file",
+    "truncated_npz",
+    "garbage_after_hdf5_magic",
+    "pickle_object_array",
+    "unknown_key",
+    "hdf5_bomb",
+    "velocity_width_3",
+    "constant_velocity_dim",
+    "bin_width_50ms",
+    "no_velocity",
+    "multisite_counts",
+    "recent_without_kinematics",
+    "recent_with_a_file",
+    "upload_without_a_file",
+]
 
 
 def unclean(detail: str, srv: Server) -> list[str]:
     """What an error line must not carry: a server path (registry, staging, the upload's name
     there), a Python exception or repr, more than one line."""
-    marks = [str(srv.registry), str(srv.registry.parent), "staging", "upload.", "Error", "Traceback", "0x", "\n",
-             "PosixPath", "object at"]
+    marks = [
+        str(srv.registry),
+        str(srv.registry.parent),
+        "staging",
+        "upload.",
+        "Error",
+        "Traceback",
+        "0x",
+        "\n",
+        "PosixPath",
+        "object at",
+    ]
     return [m for m in marks if m in detail]
 
 
@@ -414,7 +523,11 @@ def test_bad_calibration_inputs_are_422_and_change_nothing(server, http, tiny, t
     for name in BAD:
         files, data, words = cases[name]
         r = http.post("/calibrate", headers=AUTH, files=files or None, data=data)
-        detail = r.json().get("detail") if r.headers.get("content-type", "").startswith("application/json") else None
+        detail = (
+            r.json().get("detail")
+            if r.headers.get("content-type", "").startswith("application/json")
+            else None
+        )
         if r.status_code != 422 or not isinstance(detail, str) or not all(w in detail for w in words):
             failures.append(f"{name}: {r.status_code} {r.text[:300]} (want 422 naming {words})")
         elif unclean(detail, srv):
@@ -439,8 +552,12 @@ def test_oversized_chunked_and_unknown(server, http, tiny):
     r = http.post("/calibrate", headers=AUTH | {"Content-Type": "application/octet-stream"}, content=chunks())
     assert r.status_code == 411 and "Content-Length" in r.json()["detail"], r.text
     # a normal upload fits the same limit (it is checked, then refused for another reason)
-    r = http.post("/calibrate", headers=AUTH, files={"file": ("s.npz", tiny["npz"].read_bytes())},
-                  data={"source": "recent"})
+    r = http.post(
+        "/calibrate",
+        headers=AUTH,
+        files={"file": ("s.npz", tiny["npz"].read_bytes())},
+        data={"source": "recent"},
+    )
     assert r.status_code == 422, r.text
 
     for job in ("0123456789ab", "nope", "..%2F..%2Factive.json"):
@@ -466,8 +583,10 @@ def test_a_zip_bomb_is_refused_without_inflating_it_in_the_server(server, http, 
     bomb = crafted.npz_zip_bomb(tmp_path / "bomb.npz", 2253)  # counts: 2.2 GB of zeros in 2.3 MB
     lying = crafted.npz_lying_zip_size(tmp_path / "lying.npz", 2253)  # says 4 KB, inflates to 2.2 GB
     before_models, before_model, before_peak = models(http), status(http)["model"], peak_rss(srv.proc.pid)
-    for path, message in ((bomb, "counts: declares 2.2 GB uncompressed, over the 512 MB limit"),
-                          (lying, "counts: damaged data in the archive")):
+    for path, message in (
+        (bomb, "counts: declares 2.2 GB uncompressed, over the 512 MB limit"),
+        (lying, "counts: damaged data in the archive"),
+    ):
         r = http.post("/calibrate", headers=AUTH, files={"file": ("session.npz", path.read_bytes())})
         assert r.status_code == 422 and r.json() == {"detail": message}, r.text
     # the serve process (the decode thread's) never held the inflated data: its peak barely moved
@@ -544,8 +663,11 @@ def test_swap_lands_at_a_bin_boundary_while_streaming_then_rollback(server, http
     _flush(srv, http, 21)
     live = models(http)["active"]
     old = engine(srv.registry, live)
-    others = [v for v in models(http)["versions"] if v["version"] != live
-              and engine(srv.registry, v["version"]).info.version != old.info.version]
+    others = [
+        v
+        for v in models(http)["versions"]
+        if v["version"] != live and engine(srv.registry, v["version"]).info.version != old.info.version
+    ]
     assert others, "no other model version to swap to"
     target = next((v["version"] for v in others if v["version"] != "1"), others[0]["version"])
     new = engine(srv.registry, target)
@@ -563,7 +685,7 @@ def test_swap_lands_at_a_bin_boundary_while_streaming_then_rollback(server, http
                 rig.send_reset(start=0, free_run=True)
                 after = None
                 for k in range(T_MAX):
-                    rig.send_counts(k, counts[k:k + 1].astype(np.uint16))
+                    rig.send_counts(k, counts[k : k + 1].astype(np.uint16))
                     sent["n"] = k + 1
                     if activated.is_set():
                         after = k if after is None else after
@@ -591,7 +713,9 @@ def test_swap_lands_at_a_bin_boundary_while_streaming_then_rollback(server, http
         assert not t.is_alive() and not errors, errors
         assert r.status_code == 200, r.text
         ans = r.json()
-        assert ans["version"] == target and ans["previous"] == live and ans["model_version"] == new.info.version
+        assert (
+            ans["version"] == target and ans["previous"] == live and ans["model_version"] == new.info.version
+        )
         preds = until_pong(sub, token, timeout=LIVE)  # everything the sender thread sent, then its PING
     finally:
         pinger.close()
@@ -701,8 +825,18 @@ def test_restart_comes_back_on_the_active_version_and_fails_interrupted_jobs(ser
 
     ghost = srv.registry / "jobs" / "abcdef012345"  # a job a crash cut off
     ghost.mkdir()
-    (ghost / "status.json").write_text(json.dumps({"id": "abcdef012345", "state": "running", "created": time.time(),
-                                                   "source": "upload", "version": None, "live": False}))
+    (ghost / "status.json").write_text(
+        json.dumps(
+            {
+                "id": "abcdef012345",
+                "state": "running",
+                "created": time.time(),
+                "source": "upload",
+                "version": None,
+                "live": False,
+            }
+        )
+    )
     (srv.registry / "jobs" / "NOTES.txt").write_text("not a job\n")  # a stray file must not stop the start
     srv2 = Server(registry=srv.registry).wait_ready()  # no --model
     server["server"] = srv2
@@ -715,7 +849,9 @@ def test_restart_comes_back_on_the_active_version_and_fails_interrupted_jobs(ser
         assert after["active"] == before["active"]
         assert [v["version"] for v in after["versions"]] == [v["version"] for v in before["versions"]]
         r = c.get("/calibrate/abcdef012345")
-        assert r.status_code == 200 and r.json()["state"] == "failed" and "interrupted" in r.json()["error"], r.text
+        assert (
+            r.status_code == 200 and r.json()["state"] == "failed" and "interrupted" in r.json()["error"]
+        ), r.text
         assert c.get("/ready").json()["ready"] is True
         jobs = c.get("/calibrate").json()["jobs"]
         assert "abcdef012345" in [j["id"] for j in jobs] and all(j["state"] in FINAL for j in jobs)
@@ -804,8 +940,11 @@ FUZZ_EXAMPLES = 25  # per operation and generation mode
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny, tmp_path_factory):
-    srv = Server(registry=tmp_path_factory.mktemp("fuzz") / "registry", model=tiny["export"],
-                 env={"RPNT_HTTP__MAX_UPLOAD_MB": str(MAX_UPLOAD_MB)}).wait_ready()
+    srv = Server(
+        registry=tmp_path_factory.mktemp("fuzz") / "registry",
+        model=tiny["export"],
+        env={"RPNT_HTTP__MAX_UPLOAD_MB": str(MAX_UPLOAD_MB)},
+    ).wait_ready()
     yield srv
     if srv.running():
         srv.stop()
@@ -816,23 +955,34 @@ def test_fuzzed_requests_never_get_a_server_error(fuzz_server):
     schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
     operations = [r.ok() for r in schema.get_all_operations()]
     labels = {op.label for op in operations}
-    assert {"POST /calibrate", "POST /models/{version}/activate", "GET /calibrate/{job_id}",
-            "DELETE /calibrate/{job_id}"} <= labels, labels
+    assert {
+        "POST /calibrate",
+        "POST /models/{version}/activate",
+        "GET /calibrate/{job_id}",
+        "DELETE /calibrate/{job_id}",
+    } <= labels, labels
     seen: dict[str, set[int]] = {}
     errors: list[str] = []
     with httpx.Client(base_url=fuzz_server.url, timeout=60.0) as c:
         for op in operations:
             for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
 
-                @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
-                          derandomize=True, database=None)
+                @settings(
+                    max_examples=FUZZ_EXAMPLES,
+                    deadline=None,
+                    suppress_health_check=list(HealthCheck),
+                    derandomize=True,
+                    database=None,
+                )
                 @given(case=op.as_strategy(generation_mode=mode))
                 def run(case):
                     for headers in (AUTH, {}):
                         r = case.call(headers=headers, timeout=60)
                         seen.setdefault(op.label, set()).add(r.status_code)
                         if r.status_code >= 500:
-                            errors.append(f"{case.method} {case.formatted_path}: {r.status_code} {r.text[:300]}")
+                            errors.append(
+                                f"{case.method} {case.formatted_path}: {r.status_code} {r.text[:300]}"
+                            )
                             raise AssertionError(errors[-1])
 
                 try:
@@ -840,7 +990,9 @@ def test_fuzzed_requests_never_get_a_server_error(fuzz_server):
                 except AssertionError:
                     pass  # recorded; go on with the other operations
                 except Unsatisfiable:
-                    assert mode is schemathesis.GenerationMode.NEGATIVE, op.label  # nothing to get wrong (no inputs)
+                    assert mode is schemathesis.GenerationMode.NEGATIVE, (
+                        op.label
+                    )  # nothing to get wrong (no inputs)
         running = c.get("/calibrate").json()["running"]  # a fuzzed request may have started a job: end it
         if running is not None:
             c.delete(f"/calibrate/{running}", headers=AUTH)

@@ -30,8 +30,13 @@ def test_metrics_export_every_reject_reason_with_the_daemons_counts():
         rig.send_tick(-1 & 0x7FFF_FFFF_FFFF_FFFF)  # beyond 2^62 ns: time_range (and it consumes a seq)
         barrier(rig, sub)
         snap = d.snapshot(buckets_ms=BUCKETS_MS)
-        text = render(snapshot=snap, status=d.status(), calibration_totals={}, calibration_running=False,
-                      registry_version=None)
+        text = render(
+            snapshot=snap,
+            status=d.status(),
+            calibration_totals={},
+            calibration_running=False,
+            registry_version=None,
+        )
     got = _rejected_samples(text)
     assert snap["rejected"] == {"header_size": 3, "time_range": 1}
     assert set(got) == set(REJECT_REASONS)  # zeros included: a rate sees the first reject of a kind

@@ -46,8 +46,12 @@ def test_deterministic_given_seed() -> None:
             np.testing.assert_array_equal(x.extra[k], y.extra[k])
     assert all(x.fingerprint() != z.fingerprint() for x, z in zip(a, c))
     # a subject's sessions do not depend on how many subjects are simulated
-    more = simulate_sessions(SimulationSpec(n_subjects=3, n_multisite_subjects=0, sessions_per_subject=2,
-                                            bins_per_session=(200, 300)), seed=7)
+    more = simulate_sessions(
+        SimulationSpec(
+            n_subjects=3, n_multisite_subjects=0, sessions_per_subject=2, bins_per_session=(200, 300)
+        ),
+        seed=7,
+    )
     assert [s.fingerprint() for s in more[:2]] == [s.fingerprint() for s in a[:2]]
 
 
@@ -77,8 +81,10 @@ def test_many_subjects_sessions_and_channel_sets(sessions: list[Session]) -> Non
         by_subject.setdefault(s.subject, []).append(s)
     for group in by_subject.values():
         first = group[0].extra["neuron_ids"]
-        assert any(g.extra["neuron_ids"].shape != first.shape or (g.extra["neuron_ids"] != first).any()
-                   for g in group[1:])
+        assert any(
+            g.extra["neuron_ids"].shape != first.shape or (g.extra["neuron_ids"] != first).any()
+            for g in group[1:]
+        )
 
 
 def test_realistic_rates(sessions: list[Session]) -> None:
@@ -98,9 +104,14 @@ def test_drift_grows_with_date(sessions: list[Session]) -> None:
 
         def pd_change(a: Session, b: Session) -> float:
             """Mean |Δ preferred direction| over neurons (site, id) recorded in both sessions."""
+
             def table(x: Session) -> dict:
                 ids, pref = np.atleast_2d(x.extra["neuron_ids"]), np.atleast_2d(x.extra["pref_dir"])
-                return {(site, int(i)): float(p) for site in range(len(ids)) for i, p in zip(ids[site], pref[site])}
+                return {
+                    (site, int(i)): float(p)
+                    for site in range(len(ids))
+                    for i, p in zip(ids[site], pref[site])
+                }
 
             ta, tb = table(a), table(b)
             common = sorted(ta.keys() & tb.keys())
@@ -183,15 +194,18 @@ def test_write_simulated(tmp_path: Path) -> None:
         np.testing.assert_array_equal(back.extra["latents"], s.extra["latents"])
 
 
-@pytest.mark.parametrize(("kw", "field"), [
-    ({"n_subjects": 0}, "n_subjects"),
-    ({"bins_per_session": (300, 200)}, "bins_per_session"),
-    ({"channels_per_session": (40, 500)}, "channels_per_session"),
-    ({"latent_dim": 5}, "latent_dim"),
-    ({"tasks": ("juggling",)}, "tasks"),
-    ({"bin_s": 0.0}, "bin_s"),
-    ({"n_multisite_subjects": 9}, "n_multisite_subjects"),
-])
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"n_subjects": 0}, "n_subjects"),
+        ({"bins_per_session": (300, 200)}, "bins_per_session"),
+        ({"channels_per_session": (40, 500)}, "channels_per_session"),
+        ({"latent_dim": 5}, "latent_dim"),
+        ({"tasks": ("juggling",)}, "tasks"),
+        ({"bin_s": 0.0}, "bin_s"),
+        ({"n_multisite_subjects": 9}, "n_multisite_subjects"),
+    ],
+)
 def test_spec_validation(kw: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}:"):
         SimulationSpec(**kw)

@@ -58,28 +58,34 @@ def test_splits_json_round_trip_and_cut() -> None:
         sp.cut(s.slice_bins(0, 900))
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"n_bins": 100, "train_fraction": 0.0}, "train_fraction"),
-    ({"n_bins": 100, "train_fraction": 1.0}, "train_fraction"),
-    ({"n_bins": 100, "train_fraction": 0.8}, "train_fraction"),  # 0.8 + 0.1 + 0.2 > 1
-    ({"n_bins": 100, "train_fraction": 0.5, "val_fraction": 0.0}, "val_fraction"),
-    ({"n_bins": 100, "train_fraction": 0.5, "test_fraction": 1.5}, "test_fraction"),
-    ({"n_bins": 5, "train_fraction": 0.5}, "val_fraction"),  # floor(0.1 * 5) = 0 bins
-    ({"n_bins": 2, "train_fraction": 0.5}, "n_bins"),
-    ({"n_bins": 10.0, "train_fraction": 0.5}, "n_bins"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"n_bins": 100, "train_fraction": 0.0}, "train_fraction"),
+        ({"n_bins": 100, "train_fraction": 1.0}, "train_fraction"),
+        ({"n_bins": 100, "train_fraction": 0.8}, "train_fraction"),  # 0.8 + 0.1 + 0.2 > 1
+        ({"n_bins": 100, "train_fraction": 0.5, "val_fraction": 0.0}, "val_fraction"),
+        ({"n_bins": 100, "train_fraction": 0.5, "test_fraction": 1.5}, "test_fraction"),
+        ({"n_bins": 5, "train_fraction": 0.5}, "val_fraction"),  # floor(0.1 * 5) = 0 bins
+        ({"n_bins": 2, "train_fraction": 0.5}, "n_bins"),
+        ({"n_bins": 10.0, "train_fraction": 0.5}, "n_bins"),
+    ],
+)
 def test_contiguous_splits_errors(kwargs: dict, field: str) -> None:
     n = kwargs.pop("n_bins")
     with pytest.raises(ValueError, match=f"^{field}:"):
         contiguous_splits(n, **kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"train": (0, 10), "val": (5, 20), "test": (20, 30)}, "val"),
-    ({"train": (0, 10), "val": (10, 20), "test": (15, 30)}, "test"),
-    ({"train": (5, 5), "val": (10, 20), "test": (20, 30)}, "train"),
-    ({"train": (0, 10), "val": (10, 20), "test": (20,)}, "test"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"train": (0, 10), "val": (5, 20), "test": (20, 30)}, "val"),
+        ({"train": (0, 10), "val": (10, 20), "test": (15, 30)}, "test"),
+        ({"train": (5, 5), "val": (10, 20), "test": (20, 30)}, "train"),
+        ({"train": (0, 10), "val": (10, 20), "test": (20,)}, "test"),
+    ],
+)
 def test_splits_validation(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}:"):
         Splits(**kwargs)
@@ -132,9 +138,17 @@ def test_resampler_deterministic_and_serialisable() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(n_bins=st.integers(1, 5000), length=st.integers(1, 300), stride=st.integers(1, 300),
-       a=st.integers(0, 5000), b=st.integers(1, 5000), include_end=st.booleans())
-def test_make_windows_stay_inside(n_bins: int, length: int, stride: int, a: int, b: int, include_end: bool) -> None:
+@given(
+    n_bins=st.integers(1, 5000),
+    length=st.integers(1, 300),
+    stride=st.integers(1, 300),
+    a=st.integers(0, 5000),
+    b=st.integers(1, 5000),
+    include_end=st.booleans(),
+)
+def test_make_windows_stay_inside(
+    n_bins: int, length: int, stride: int, a: int, b: int, include_end: bool
+) -> None:
     start, stop = min(a, n_bins - 1), min(max(b, a + 1), n_bins)
     if not start < stop:
         return

@@ -66,7 +66,9 @@ def test_events_in_any_packetisation_rebuild_the_counts_exactly(data):
 def test_clock_closes_empty_bins_and_boundary_event_belongs_to_the_next_bin():
     binner, sink = make()
     binner.reset(start_ns=0, wall_ns=0)
-    binner.add_events(np.array([1], np.uint16), np.array([D], np.int64), None, 0)  # exactly at the end of bin 0
+    binner.add_events(
+        np.array([1], np.uint16), np.array([D], np.int64), None, 0
+    )  # exactly at the end of bin 0
     assert sink.bins == [0] and sink.counts[0].sum() == 0
     binner.advance(4 * D - 1, 0)
     assert sink.bins == [0, 1, 2]  # bin 3 still open: the clock has not reached its end
@@ -93,7 +95,9 @@ def test_late_packets_count_messages_for_events_and_counts_alike():
     binner.advance(3 * D, 0)  # bins 0..2 decoded
     binner.add_events(np.array([0], np.uint16), np.array([3 * D], np.int64), None, 0)  # on time: not late
     assert binner.late_packets == 0
-    binner.add_counts(0, np.array([[1, 2], [0, 0], [4, 0], [5, 5]], np.uint16), 0)  # rows 0..2 late, row 3 on time
+    binner.add_counts(
+        0, np.array([[1, 2], [0, 0], [4, 0], [5, 5]], np.uint16), 0
+    )  # rows 0..2 late, row 3 on time
     assert binner.late_packets == 1 and binner.late_events == 7  # one message; the late rows' spikes
     binner.add_counts(1, np.zeros((1, 2), np.uint16), 0)  # an all-zero late row is still a late message
     assert binner.late_packets == 2 and binner.late_events == 7
@@ -212,7 +216,9 @@ def test_history_ring_kinematics_before_and_after_their_bins_and_wraparound():
     h.add_kinematics(1, 0, np.array([[10.0]], np.float32))  # before the stream's first bin
     for k in range(4):
         h.append(1, k, np.array([k, k + 1]))
-    h.add_kinematics(1, 2, np.array([[12.0], [13.0], [14.0]], np.float32))  # bins 2, 3 (present) and 4 (pending)
+    h.add_kinematics(
+        1, 2, np.array([[12.0], [13.0], [14.0]], np.float32)
+    )  # bins 2, 3 (present) and 4 (pending)
     h.append(1, 4, np.array([4, 5]))
     counts, vel = h.training_data(100)
     np.testing.assert_array_equal(counts[:, 0], [0, 2, 3, 4])
@@ -277,8 +283,9 @@ def test_replay_events_rebuild_counts_exactly(data):
         assert (np.diff(times[k]) >= 0).all()
         if times[k].size:
             assert times[k].min() >= (first + k) * bin_ns and times[k].max() < (first + k + 1) * bin_ns
-    got = bin_events(np.concatenate(chans), np.concatenate(times), bin_ns=bin_ns, n_channels=N, first_bin=first,
-                     n_bins=T)
+    got = bin_events(
+        np.concatenate(chans), np.concatenate(times), bin_ns=bin_ns, n_channels=N, first_bin=first, n_bins=T
+    )
     np.testing.assert_array_equal(got, counts)
     again = events_from_counts(counts, bin_ns, first_bin=first)
     assert all((a == b).all() for a, b in zip(again[1], times))  # deterministic

@@ -89,7 +89,9 @@ def test_fastest_source_closes_bins_and_the_slow_ones_events_are_late_not_merged
         for k in range(5):
             fast.send_spikes(chans[k], times[k], clock=(k + 1) * BIN_NS)
         preds = barrier(fast, sub)  # bins 0..4 decoded
-        slow.send_spikes([0, 1, 2], [BIN_NS + 5, 3 * BIN_NS, 5 * BIN_NS + 1])  # two late, one for the open bin 5
+        slow.send_spikes(
+            [0, 1, 2], [BIN_NS + 5, 3 * BIN_NS, 5 * BIN_NS + 1]
+        )  # two late, one for the open bin 5
         preds += barrier(slow, sub)
         for k in range(5, 10):
             fast.send_spikes(chans[k], times[k], clock=(k + 1) * BIN_NS)
@@ -111,7 +113,9 @@ def test_sequence_gaps_are_counted_exactly_and_duplicates_rejected():
         chans, times = events_from_counts(counts, BIN_NS)
         lost = {4, 5, 6, 11}
         for k in range(20):
-            frames = encode_spikes(source=3, seq=rig.seq, channels=chans[k], times=times[k], clock=(k + 1) * BIN_NS)
+            frames = encode_spikes(
+                source=3, seq=rig.seq, channels=chans[k], times=times[k], clock=(k + 1) * BIN_NS
+            )
             rig.seq += 1
             if k not in lost:
                 rig.send_frames(frames)
@@ -164,7 +168,11 @@ def test_a_slow_or_absent_subscriber_never_blocks_the_loop():
 
 def test_swap_decoder_takes_effect_exactly_at_a_bin_boundary_warm_and_fresh():
     counts = poisson(200, seed=7)
-    a, b, c = FIRDecoder(seed=0, version="A"), FIRDecoder(seed=1, version="B", taps=4), FIRDecoder(seed=2, version="C")
+    a, b, c = (
+        FIRDecoder(seed=0, version="A"),
+        FIRDecoder(seed=1, version="B", taps=4),
+        FIRDecoder(seed=2, version="C"),
+    )
     with live_daemon(a) as (d, rig, sub):
         send_stream(rig, counts[:80])
         first = collect(sub, 80)
@@ -273,8 +281,13 @@ def test_bad_semantic_input_is_rejected_with_reasons_and_decoding_continues():
             rig.send_spikes(chans[k], times[k], clock=(k + 1) * BIN_NS)
         preds = collect(sub, 30)[10:]
         snap = d.snapshot()
-    assert snap["rejected"] == {"channel_range": 1, "channel_count": 1, "bin_width": 1, "time_jump": 1,
-                                "time_regression": 1}
+    assert snap["rejected"] == {
+        "channel_range": 1,
+        "channel_count": 1,
+        "bin_width": 1,
+        "time_jump": 1,
+        "time_regression": 1,
+    }
     assert preds[0].bin == 10 and preds[0].flags & PredFlag.REJECTED
     np.testing.assert_array_equal(np.stack([p.velocity for p in preds]), offline(FIRDecoder(), counts)[10:])
 
@@ -316,8 +329,13 @@ def test_construction_guards():
     assert check_endpoint("ipc:///tmp/x") and check_endpoint("tcp://127.0.0.1:*")
     with pytest.raises(ValueError, match="trained at 50 ms"):
         Daemon(decoder=FIRDecoder(bin_s=0.05), bin_s=0.02, ingest="ipc:///tmp/a", publish="ipc:///tmp/b")
-    Daemon(decoder=FIRDecoder(bin_s=0.05), bin_s=0.02, ingest="ipc:///tmp/a", publish="ipc:///tmp/b",
-           options=DaemonOptions(allow_bin_mismatch=True))
+    Daemon(
+        decoder=FIRDecoder(bin_s=0.05),
+        bin_s=0.02,
+        ingest="ipc:///tmp/a",
+        publish="ipc:///tmp/b",
+        options=DaemonOptions(allow_bin_mismatch=True),
+    )
     with pytest.raises(ValueError, match="bin_s"):
         Daemon(decoder=FIRDecoder(), bin_s=-1.0)
 
@@ -413,7 +431,10 @@ def _raw(rig, msg_type, *frames, version=1, flags=0, time=0, n=0, m=0, aux=0, se
     if seq is None:
         seq = rig.seq
         rig.seq += 1
-    return [INGEST_HEADER.pack(MAGIC, version, msg_type, rig.source_id, flags, seq, time, 0, n, m, aux), *frames]
+    return [
+        INGEST_HEADER.pack(MAGIC, version, msg_type, rig.source_id, flags, seq, time, 0, n, m, aux),
+        *frames,
+    ]
 
 
 def _pong_status(rig, sub, token):
@@ -424,7 +445,6 @@ def _pong_status(rig, sub, token):
         assert m is not None, "no PONG"
         if isinstance(m, Pong) and m.token == token:
             return m.status
-
 
 
 def test_a_rejected_message_consumes_its_seq_and_is_not_counted_as_lost():
@@ -477,13 +497,17 @@ def test_every_reject_after_a_readable_header_consumes_its_seq():
             rig.send_frames(make_bad(rig))
         rig.send_counts(len(bad), ones)
         rig.send_frames([b"RPNT"])  # no readable header: no seq to account (the rig numbered nothing)
-        rig.send_frames([INGEST_HEADER.pack(b"XXXX", 1, MsgType.TICK, 6, 0, 10**9, 0, 0, 0, 0, 0)])  # nor here
+        rig.send_frames(
+            [INGEST_HEADER.pack(b"XXXX", 1, MsgType.TICK, 6, 0, 10**9, 0, 0, 0, 0, 0)]
+        )  # nor here
         rig.send_counts(len(bad) + 1, ones)
         preds = collect(sub, len(bad) + 1)
         status = _pong_status(rig, sub, 77)
         snap = d.snapshot()
     assert [p.bin for p in preds] == list(range(len(bad) + 1))
-    assert all(p.flags & PredFlag.REJECTED for p in preds[1:]) and not any(p.flags & PredFlag.GAP for p in preds)
+    assert all(p.flags & PredFlag.REJECTED for p in preds[1:]) and not any(
+        p.flags & PredFlag.GAP for p in preds
+    )
     assert snap["rejected"] == {**dict.fromkeys(bad, 1), "header_size": 1, "magic": 1}
     seq = snap["sequence"]["per_source"]["6"]
     assert seq["missing"] == 0 and seq["duplicates"] == 0 and seq["rejected"] == len(bad)
@@ -516,7 +540,10 @@ def test_a_rejected_seq_0_still_restarts_the_sources_numbering():
 def test_one_message_closes_at_most_the_jump_cap_of_bins():
     """max_jump_s = 0.14 s at Δ = 20 ms: J = 7 bins exactly (0.14 / 0.02 is 7.000000000000001 in
     floating point), for an open stream and for a message that starts one."""
-    assert max_jump_bins(max_jump_s=0.14, bin_ns=BIN_NS) == 7 and max_jump_bins(max_jump_s=0.09, bin_ns=BIN_NS) == 5
+    assert (
+        max_jump_bins(max_jump_s=0.14, bin_ns=BIN_NS) == 7
+        and max_jump_bins(max_jump_s=0.09, bin_ns=BIN_NS) == 5
+    )
     with live_daemon(FIRDecoder(), max_jump_s=0.14) as (d, rig, sub):
         rig.send_reset(start=0, free_run=True)
         rig.send_tick(8 * BIN_NS - 1)  # the latest time is in bin 7: 7 past the open bin 0, closes 0..6

@@ -45,23 +45,29 @@ def _valid(rng: np.random.Generator) -> list[bytes]:
         if rng.random() < 0.1 and n > 1:
             tm = tm[::-1]  # decreasing
         clock = None if rng.random() < 0.3 else int(tm[-1] if n else t0) + int(rng.integers(0, BIN_NS))
-        return encode_spikes(source=src, seq=seq, channels=ch, times=tm, clock=clock,
-                             rate_hz=int(rng.choice([0, 0, 30_000])))
+        return encode_spikes(
+            source=src, seq=seq, channels=ch, times=tm, clock=clock, rate_hz=int(rng.choice([0, 0, 30_000]))
+        )
     if kind == 3:
         return encode_tick(source=src, seq=seq, clock=int(rng.choice([t0, rng.integers(0, 1 << 62)])))
     if kind == 4:
         m = int(rng.choice([N, N, N - 1, 1]))
-        return encode_counts(source=src, seq=seq, first=int(rng.integers(0, 100)),
-                             counts=rng.integers(0, 5, (int(rng.integers(1, 4)), m)),
-                             bin_ns=int(rng.choice([0, BIN_NS, 7])))
+        return encode_counts(
+            source=src,
+            seq=seq,
+            first=int(rng.integers(0, 100)),
+            counts=rng.integers(0, 5, (int(rng.integers(1, 4)), m)),
+            bin_ns=int(rng.choice([0, BIN_NS, 7])),
+        )
     if kind == 5:
         v = rng.standard_normal((int(rng.integers(1, 4)), int(rng.choice([2, 2, 3]))))
         if rng.random() < 0.2:
             v[0, 0] = rng.choice([np.nan, np.inf])
         return encode_kinematics(source=src, seq=seq, first=int(rng.integers(0, 10**6)), values=v)
     if kind == 6:
-        return encode_reset(source=src, seq=seq, start=None if rng.random() < 0.5 else t0,
-                            free_run=bool(rng.random() < 0.5))
+        return encode_reset(
+            source=src, seq=seq, start=None if rng.random() < 0.5 else t0, free_run=bool(rng.random() < 0.5)
+        )
     return encode_ping(source=src, seq=seq, token=int(rng.integers(0, 1 << 40)))
 
 
@@ -74,7 +80,7 @@ def _mutate(frames: list[bytes], rng: np.random.Generator) -> list[bytes]:
             j = int(rng.integers(0, len(fr[i])))
             fr[i][j] ^= 1 << int(rng.integers(0, 8))
         elif op == 1 and fr:
-            del fr[i][int(rng.integers(0, len(fr[i]) + 1)):]
+            del fr[i][int(rng.integers(0, len(fr[i]) + 1)) :]
         elif op == 2 and fr:
             fr[i].extend(rng.bytes(int(rng.integers(1, 24))))
         elif op == 3 and fr:
@@ -82,10 +88,19 @@ def _mutate(frames: list[bytes], rng: np.random.Generator) -> list[bytes]:
         elif op == 4 and fr:
             fr.append(bytearray(fr[i]))
         elif op == 5 and fr and len(fr[0]) == INGEST_HEADER.size:
-            off, fmt = [(4, "<H"), (6, "<H"), (12, "<I"), (16, "<Q"), (24, "<q"), (32, "<I"), (36, "<I"),
-                        (40, "<I"), (44, "<I")][int(rng.integers(0, 9))]
+            off, fmt = [
+                (4, "<H"),
+                (6, "<H"),
+                (12, "<I"),
+                (16, "<Q"),
+                (24, "<q"),
+                (32, "<I"),
+                (36, "<I"),
+                (40, "<I"),
+                (44, "<I"),
+            ][int(rng.integers(0, 9))]
             size = struct.calcsize(fmt)
-            fr[0][off:off + size] = rng.bytes(size)
+            fr[0][off : off + size] = rng.bytes(size)
         elif op == 6:
             fr.insert(0, bytearray(MAGIC + rng.bytes(int(rng.integers(0, 60)))))
     return [bytes(f) for f in fr] or [b""]  # ZeroMQ cannot send a message of zero frames
@@ -96,10 +111,19 @@ def _random_frames(rng: np.random.Generator) -> list[bytes]:
     if r < 0.15:
         return [rng.bytes(int(rng.integers(0, 120))) for _ in range(int(rng.integers(1, 5)))]
     if r < 0.25:  # a header with random fields and random payload frames
-        h = INGEST_HEADER.pack(MAGIC, int(rng.choice([1, 1, 0, 2])), int(rng.integers(0, 20)),
-                               int(rng.integers(0, 1 << 32)), int(rng.integers(0, 4)), int(rng.integers(0, 1 << 63)),
-                               int(rng.integers(-(1 << 63), 1 << 63)), int(rng.integers(0, 1 << 32)),
-                               int(rng.integers(0, 1 << 32)), int(rng.integers(0, 1 << 32)), int(rng.integers(0, 1 << 32)))
+        h = INGEST_HEADER.pack(
+            MAGIC,
+            int(rng.choice([1, 1, 0, 2])),
+            int(rng.integers(0, 20)),
+            int(rng.integers(0, 1 << 32)),
+            int(rng.integers(0, 4)),
+            int(rng.integers(0, 1 << 63)),
+            int(rng.integers(-(1 << 63), 1 << 63)),
+            int(rng.integers(0, 1 << 32)),
+            int(rng.integers(0, 1 << 32)),
+            int(rng.integers(0, 1 << 32)),
+            int(rng.integers(0, 1 << 32)),
+        )
         return [h] + [rng.bytes(int(rng.integers(0, 64))) for _ in range(int(rng.integers(0, 3)))]
     if r < 0.27:  # oversized: more events than the limit, with a real payload
         n = 262_145
@@ -115,7 +139,9 @@ def _ping_barrier(push: zmq.Socket, sub) -> dict:
     """PING through the fuzzing socket itself: everything sent before it has been handled."""
     token = next(_TOKENS)  # fresh per call: a late PONG of an earlier barrier must not count
     while True:
-        push.send_multipart(encode_ping(source=4_000_000_000, seq=0, token=token))  # seq 0: a 'restart', never a dup
+        push.send_multipart(
+            encode_ping(source=4_000_000_000, seq=0, token=token)
+        )  # seq 0: a 'restart', never a dup
         for _ in range(200):
             m = sub.recv(0.05)
             if isinstance(m, Pong) and m.token == token and m.source == 4_000_000_000:
@@ -164,8 +190,10 @@ def fuzz_target():
         push.close(0)
 
 
-@given(batch=st.lists(st.lists(st.binary(max_size=64), min_size=1, max_size=4), min_size=50, max_size=120),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    batch=st.lists(st.lists(st.binary(max_size=64), min_size=1, max_size=4), min_size=50, max_size=120),
+    seed=st.integers(0, 2**32 - 1),
+)
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 def test_property_any_batch_of_frames_leaves_the_daemon_decoding_exactly(fuzz_target, batch, seed):
     d, rig, sub, push = fuzz_target
@@ -201,7 +229,9 @@ def test_hostile_messages_from_an_honestly_numbered_source_are_rejected_never_lo
     expected: dict[str, int] = {}  # the reasons the parser alone gives, counted here
     sent = []
     while len(sent) < 3000:
-        frames = _honest(_mutate(_valid(rng), rng) if rng.random() < 0.6 else _valid(rng), source=src, seq=len(sent))
+        frames = _honest(
+            _mutate(_valid(rng), rng) if rng.random() < 0.6 else _valid(rng), source=src, seq=len(sent)
+        )
         if frames is None:
             continue
         try:
@@ -232,5 +262,7 @@ def test_hostile_messages_from_an_honestly_numbered_source_are_rejected_never_lo
     # time_jump, …) come on top from the daemon's stream checks, and time_range from both
     assert len(expected) >= 9, expected
     for reason, n in expected.items():
-        assert snap["rejected"][reason] == n if reason != "time_range" else snap["rejected"][reason] >= n, reason
+        assert snap["rejected"][reason] == n if reason != "time_range" else snap["rejected"][reason] >= n, (
+            reason
+        )
     assert seq["rejected"] == sum(snap["rejected"].values())

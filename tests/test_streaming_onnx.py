@@ -46,14 +46,20 @@ def test_daemon_start_up_path_does_not_import_torch(tiny):
         import streaming.daemon, streaming.cli, streaming.client, streaming.protocol, streaming.launch
         from streaming.launch import load_decoder
         from streaming.daemon import Daemon
-        dec = load_decoder({str(tiny['export'])!r})
+        dec = load_decoder({str(tiny["export"])!r})
         d = Daemon(decoder=dec, bin_s=0.02, ingest="ipc://{tmp}/i", publish="ipc://{tmp}/o").start()
         d.stop(); d.join(30)
         print(json.dumps({{"torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")),
                           "ort": "onnxruntime" in sys.modules}}))
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=REPO,
-                         timeout=LIVE_TIMEOUT)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=LIVE_TIMEOUT,
+    )
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"torch": [], "ort": True}
@@ -102,11 +108,33 @@ def test_swap_between_two_onnx_engines_warm(tiny):
 def test_rpnt_serve_process(tiny):
     tmp = short_ipc_dir()
     ingest, publish = f"ipc://{tmp}/in", f"ipc://{tmp}/out"
-    proc = subprocess.Popen([sys.executable, "-m", "rpnt_core.cli", "serve", "--model", str(tiny["export"]),
-                             "--registry", f"{tmp}/registry", "--no-http",
-                             "--ingest", ingest, "--publish", publish, "--stats-interval", "0", "--gc-freeze",
-                             "--log-format", "json"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_env(), cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rpnt_core.cli",
+            "serve",
+            "--model",
+            str(tiny["export"]),
+            "--registry",
+            f"{tmp}/registry",
+            "--no-http",
+            "--ingest",
+            ingest,
+            "--publish",
+            publish,
+            "--stats-interval",
+            "0",
+            "--gc-freeze",
+            "--log-format",
+            "json",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+    )
     try:
         rig = RigClient(endpoint=ingest, source_id=5)
         sub = PredictionSubscriber(endpoint=publish)

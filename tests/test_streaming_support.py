@@ -29,14 +29,30 @@ LIVE_TIMEOUT = 60.0  # liveness only: generous, never a timing assertion
 class FIRDecoder:
     """velocity_t = Σ_{i<R} W_i · counts_{t−i} + b: causal, stateful, receptive field R."""
 
-    def __init__(self, n_channels: int = 8, n_outputs: int = 2, *, taps: int = 3, seed: int = 0,
-                 version: str = "fir-a", bin_s: float = 0.02, fail_on: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        n_channels: int = 8,
+        n_outputs: int = 2,
+        *,
+        taps: int = 3,
+        seed: int = 0,
+        version: str = "fir-a",
+        bin_s: float = 0.02,
+        fail_on: set[int] | None = None,
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.W = rng.standard_normal((taps, n_outputs, n_channels)).astype(np.float32)  # (R, D, N)
         self.b = rng.standard_normal(n_outputs).astype(np.float32)
         self.fail_on = fail_on or set()
-        self._info = DecoderInfo(n_channels=n_channels, n_outputs=n_outputs, bin_s=bin_s, name="fir",
-                                 version=version, fingerprint=f"fp-{version}", extra={"receptive_field": taps})
+        self._info = DecoderInfo(
+            n_channels=n_channels,
+            n_outputs=n_outputs,
+            bin_s=bin_s,
+            name="fir",
+            version=version,
+            fingerprint=f"fp-{version}",
+            extra={"receptive_field": taps},
+        )
         self.reset()
 
     @property
@@ -90,8 +106,16 @@ def live_daemon(decoder, *, bin_s: float = 0.02, transport: str = "ipc", source_
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def send_stream(rig: RigClient, counts: np.ndarray, *, bin_ns: int = BIN_NS, first_bin: int = 0,
-                reset: bool = True, free_run: bool = True, kinematics: np.ndarray | None = None) -> None:
+def send_stream(
+    rig: RigClient,
+    counts: np.ndarray,
+    *,
+    bin_ns: int = BIN_NS,
+    first_bin: int = 0,
+    reset: bool = True,
+    free_run: bool = True,
+    kinematics: np.ndarray | None = None,
+) -> None:
     """RESET at bin ``first_bin`` then one SPIKES packet per bin (events + clock at the bin's end)."""
     if reset:
         rig.send_reset(start=first_bin * bin_ns, free_run=free_run)
@@ -102,8 +126,9 @@ def send_stream(rig: RigClient, counts: np.ndarray, *, bin_ns: int = BIN_NS, fir
             rig.send_kinematics(first_bin + i, kinematics[i])
 
 
-def collect(sub: PredictionSubscriber, n: int, *, timeout: float = LIVE_TIMEOUT,
-            where=lambda p: True) -> list[Prediction]:
+def collect(
+    sub: PredictionSubscriber, n: int, *, timeout: float = LIVE_TIMEOUT, where=lambda p: True
+) -> list[Prediction]:
     """The next ``n`` predictions satisfying ``where`` (PONGs skipped), or fewer on timeout."""
     out: list[Prediction] = []
     deadline = time.monotonic() + timeout
@@ -158,8 +183,17 @@ def _tiny_export_impl(root: Path) -> dict:
     from rpnt_core.data import Session, save_npz
 
     torch.manual_seed(0)
-    cfg = RPNTConfig(n_channels=8, d_model=16, n_layers=1, n_heads=2, window=8, kernel_q=2, kernel_hidden=8,
-                     dropout=0.0, bin_s=0.02)
+    cfg = RPNTConfig(
+        n_channels=8,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        window=8,
+        kernel_q=2,
+        kernel_hidden=8,
+        dropout=0.0,
+        bin_s=0.02,
+    )
     model = RPNT(cfg).eval()
     for blk in model.blocks:  # context kernels start near zero ('add' mode): make them matter
         if hasattr(blk.attn, "kernel_mlp"):
@@ -178,8 +212,16 @@ def _tiny_export_impl(root: Path) -> dict:
     # the step graph only (what the daemon runs): the exporters' own tests cover the window graph and
     # parity reports, and ours compare the daemon's output with the torch model anyway
     export_step_graph(load_checkpoint(ckpt), out / "rpnt_step.onnx", checkpoint=str(ckpt.resolve()))
-    return {"root": root, "ckpt": ckpt, "meta": meta, "export": out, "npz": Path(npz), "counts": counts,
-            "velocity": velocity, "config": cfg}
+    return {
+        "root": root,
+        "ckpt": ckpt,
+        "meta": meta,
+        "export": out,
+        "npz": Path(npz),
+        "counts": counts,
+        "velocity": velocity,
+        "config": cfg,
+    }
 
 
 def seeded_registry(tiny: dict, root: Path):

@@ -23,8 +23,19 @@ from rpnt_core.data.session import check_bin_width
 from rpnt_core.evaluate.harness import target_labels
 
 T, N = 1200, 7
-FAST = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--window-len", "40", "--quiet",
-        "--device", "cpu"]
+FAST = [
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "2",
+    "--batch-size",
+    "4",
+    "--window-len",
+    "40",
+    "--quiet",
+    "--device",
+    "cpu",
+]
 
 
 def session(*, bin_s: float = 0.05, seed: int = 0, **kw) -> Session:
@@ -54,9 +65,13 @@ def test_behaviour_series_are_validated():
 
     with pytest.raises(ValueError, match=r"^emg: length 5 does not match counts length 1200$"):
         validate_session(session(behaviour={"emg": np.ones((5, 2))}))
-    with pytest.raises(ValueError, match=r"^behaviour: names must be identifiers other than velocity/position"):
+    with pytest.raises(
+        ValueError, match=r"^behaviour: names must be identifiers other than velocity/position"
+    ):
         validate_session(session(behaviour={"velocity": np.ones((T, 2))}))
-    assert validate_session(session(behaviour={"force": np.ones((T, 2))})).behaviour["force"].dtype == np.float32
+    assert (
+        validate_session(session(behaviour={"force": np.ones((T, 2))})).behaviour["force"].dtype == np.float32
+    )
 
 
 def test_model_labels_need_the_models_target_and_width():
@@ -64,15 +79,32 @@ def test_model_labels_need_the_models_target_and_width():
     with pytest.raises(ValueError, match=r"^target: day1 has no 'emg' \(it has velocity, position\)$"):
         target_labels(model, session())
     with pytest.raises(ValueError, match=r"^target: day1's emg has 2 dimensions, the model decodes 3$"):
-        target_labels(model, session(behaviour={"emg": np.ones((T, 2))}))  # e.g. 14 muscles on a 16-muscle model
+        target_labels(
+            model, session(behaviour={"emg": np.ones((T, 2))})
+        )  # e.g. 14 muscles on a 16-muscle model
     assert target_labels(model, session(behaviour={"emg": np.ones((T, 3))})).shape == (T, 3)
 
 
 def test_finetune_position_then_evaluate_uses_the_checkpoints_target(tmp_path, capsys):
     data = save_npz(session(), tmp_path / "day1.npz")
     ft = tmp_path / "ft.safetensors"
-    assert rpnt(["finetune", "--data", str(data), "--target", "position", "--out", str(ft), "--train-fraction",
-                 "0.5", *FAST]) == 0
+    assert (
+        rpnt(
+            [
+                "finetune",
+                "--data",
+                str(data),
+                "--target",
+                "position",
+                "--out",
+                str(ft),
+                "--train-fraction",
+                "0.5",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["target"] == "position"
     cfg = load_checkpoint(ft).config
@@ -82,17 +114,38 @@ def test_finetune_position_then_evaluate_uses_the_checkpoints_target(tmp_path, c
     assert res["target"] == "position" and res["splits_source"] == "checkpoint"  # the fingerprint matched
     assert res["r2"] == pytest.approx(summary["test_r2"], abs=1e-6)
     assert rpnt(["evaluate", "--ckpt", str(ft), "--data", str(data), "--target", "velocity"]) == 2
-    assert capsys.readouterr().err == "rpnt evaluate: error: target: the checkpoint decodes 'position', not 'velocity'\n"
+    assert (
+        capsys.readouterr().err
+        == "rpnt evaluate: error: target: the checkpoint decodes 'position', not 'velocity'\n"
+    )
     no_position = save_npz(replace(session(), position=None), tmp_path / "day2.npz")
     assert rpnt(["evaluate", "--ckpt", str(ft), "--data", str(no_position)]) == 2
-    assert capsys.readouterr().err == "rpnt evaluate: error: target: day1 has no 'position' (it has velocity)\n"
+    assert (
+        capsys.readouterr().err == "rpnt evaluate: error: target: day1 has no 'position' (it has velocity)\n"
+    )
 
 
 def test_finetune_on_a_missing_target_is_one_line(tmp_path, capsys):
     data = save_npz(session(), tmp_path / "day1.npz")
-    assert rpnt(["finetune", "--data", str(data), "--target", "force", "--out", str(tmp_path / "x.safetensors"),
-                 *FAST]) == 2
-    assert capsys.readouterr().err == "rpnt finetune: error: target: day1 has no 'force' (it has velocity, position)\n"
+    assert (
+        rpnt(
+            [
+                "finetune",
+                "--data",
+                str(data),
+                "--target",
+                "force",
+                "--out",
+                str(tmp_path / "x.safetensors"),
+                *FAST,
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr().err
+        == "rpnt finetune: error: target: day1 has no 'force' (it has velocity, position)\n"
+    )
 
 
 # ------------------------------------------------------------------------------------ bin width

@@ -16,16 +16,32 @@ from rpnt_core import load_checkpoint, read_header
 from rpnt_core.cli import main as rpnt
 from rpnt_core.data import SimulationSpec, write_simulated
 
-FAST = ["--epochs", "1", "--steps-per-epoch", "3", "--batch-size", "4", "--window-len", "40", "--quiet",
-        "--device", "cpu"]
+FAST = [
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "3",
+    "--batch-size",
+    "4",
+    "--window-len",
+    "40",
+    "--quiet",
+    "--device",
+    "cpu",
+]
 MASKED = ["--objective", "masked"]  # the simulated sessions are labelled: supervised would be the default
 
 
 @pytest.fixture(scope="module")
 def simdir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sim")
-    write_simulated(out, SimulationSpec(n_subjects=3, sessions_per_subject=2, bins_per_session=(500, 700),
-                                        n_multisite_subjects=1), seed=0)
+    write_simulated(
+        out,
+        SimulationSpec(
+            n_subjects=3, sessions_per_subject=2, bins_per_session=(500, 700), n_multisite_subjects=1
+        ),
+        seed=0,
+    )
     return out
 
 
@@ -44,14 +60,39 @@ def test_pretrain_finetune_evaluate_round_trip(simdir, tmp_path, capsys):
     target = labelled(simdir)
     ft = tmp_path / "ft.safetensors"
     capsys.readouterr()
-    assert rpnt(["finetune", "--init", str(pre), "--data", str(target), "--train-fraction", "0.3", "--out", str(ft),
-                 "--epochs", "2", "--batch-size", "4", "--window-len", "40", "--quiet", "--device", "cpu"]) == 0
+    assert (
+        rpnt(
+            [
+                "finetune",
+                "--init",
+                str(pre),
+                "--data",
+                str(target),
+                "--train-fraction",
+                "0.3",
+                "--out",
+                str(ft),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--window-len",
+                "40",
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     ft_summary = json.loads(capsys.readouterr().out)
     assert ft_summary["head"] == "fresh"  # a self-supervised checkpoint's head never saw a label
     model = load_checkpoint(ft)
     assert model.checkpoint_meta["parent_weights_sha"] == meta["weights_sha"]
 
-    assert rpnt(["evaluate", "--ckpt", str(ft), "--data", str(target), "--json", "--baselines", "wiener"]) == 0
+    assert (
+        rpnt(["evaluate", "--ckpt", str(ft), "--data", str(target), "--json", "--baselines", "wiener"]) == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert set(res["splits"]) == {"train", "val", "test"} and res["splits_source"] == "checkpoint"
     assert res["splits"] == ft_summary["splits"]
@@ -72,18 +113,39 @@ def test_a_recording_too_short_for_validation_still_trains(tmp_path):
     rng = np.random.default_rng(0)
     long = Session(counts=rng.poisson(0.5, (800, 7)), bin_s=0.02, session="long")
     short = Session(counts=rng.poisson(0.5, (150, 5)), bin_s=0.02, session="short")  # val part 15 < window 37
-    streams = prepare_streams([long, short], val_fraction=0.1, channels="readin", n_max=7, split_sites=True,
-                              seed=0, min_bins=37)
+    streams = prepare_streams(
+        [long, short], val_fraction=0.1, channels="readin", n_max=7, split_sites=True, seed=0, min_bins=37
+    )
     assert [st.session for st in streams] == ["long", "short"]
     assert streams[1].train == (0, 150) and streams[1].val == (150, 150)
     with pytest.raises(ValueError, match="'short' has 150 bins"):
-        prepare_streams([long, short], val_fraction=0.1, channels="readin", n_max=7, split_sites=True, seed=0,
-                        min_bins=151)
+        prepare_streams(
+            [long, short],
+            val_fraction=0.1,
+            channels="readin",
+            n_max=7,
+            split_sites=True,
+            seed=0,
+            min_bins=151,
+        )
     with pytest.raises(ValueError, match="validation"):
-        prepare_streams([short], val_fraction=0.1, channels="readin", n_max=7, split_sites=True, seed=0, min_bins=37)
+        prepare_streams(
+            [short], val_fraction=0.1, channels="readin", n_max=7, split_sites=True, seed=0, min_bins=37
+        )
     pre = tmp_path / "pre.safetensors"
-    res = pretrain([long, short], options=PretrainOptions(epochs=1, steps_per_epoch=3, batch_size=4, window_len=30,
-                                                          channels="readin", device="cpu", progress=False), out=pre)
+    res = pretrain(
+        [long, short],
+        options=PretrainOptions(
+            epochs=1,
+            steps_per_epoch=3,
+            batch_size=4,
+            window_len=30,
+            channels="readin",
+            device="cpu",
+            progress=False,
+        ),
+        out=pre,
+    )
     assert np.isfinite(res["best_val_loss"]) and res["streams"] == 2
     assert seen_in_pretraining(short, read_header(pre)[1]) == {"mode": "readin", "n_channels": 5}
 
@@ -93,8 +155,24 @@ def test_per_session_read_ins_learn_at_their_own_rate(simdir, tmp_path):
     from safetensors import safe_open
 
     pre = tmp_path / "pre.safetensors"
-    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), "--channels", "readin",
-                 "--adapter-lr-scale", "4", *FAST, *MASKED]) == 0
+    assert (
+        rpnt(
+            [
+                "pretrain",
+                "--data",
+                str(simdir),
+                "--out",
+                str(pre),
+                "--channels",
+                "readin",
+                "--adapter-lr-scale",
+                "4",
+                *FAST,
+                *MASKED,
+            ]
+        )
+        == 0
+    )
     with safe_open(str(pre.with_suffix(".resume.safetensors")), "pt") as f:
         groups = json.loads(f.metadata()["param_groups"])
     assert len(groups) == 2
@@ -111,13 +189,19 @@ def test_batch_shares_closed_form():
     from rpnt_core.train.pretrain import PretrainOptions, batch_shares
 
     # session 0: one stream of 300 bins; session 1: two site streams of 100 + 300; session 2 (target): 100
-    streams = [NS(key="0", train=(0, 300)), NS(key="1:0", train=(0, 100)), NS(key="1:1", train=(0, 300)),
-               NS(key="2", train=(50, 150))]
+    streams = [
+        NS(key="0", train=(0, 300)),
+        NS(key="1:0", train=(0, 100)),
+        NS(key="1:1", train=(0, 300)),
+        NS(key="2", train=(50, 150)),
+    ]
     np.testing.assert_allclose(batch_shares(streams, n_sessions=3), [0.375, 0.125, 0.375, 0.125])
-    np.testing.assert_allclose(batch_shares(streams, n_sessions=3, target_share=0.4),
-                               [0.6 * 3 / 7, 0.6 * 1 / 7, 0.6 * 3 / 7, 0.4])
-    np.testing.assert_allclose(batch_shares(streams, n_sessions=3, weights=[1, 2, 1]),
-                               [0.25, 0.5 * 0.25, 0.5 * 0.75, 0.25])
+    np.testing.assert_allclose(
+        batch_shares(streams, n_sessions=3, target_share=0.4), [0.6 * 3 / 7, 0.6 * 1 / 7, 0.6 * 3 / 7, 0.4]
+    )
+    np.testing.assert_allclose(
+        batch_shares(streams, n_sessions=3, weights=[1, 2, 1]), [0.25, 0.5 * 0.25, 0.5 * 0.75, 0.25]
+    )
     np.testing.assert_allclose(batch_shares(streams[:1], n_sessions=1, target_share=0.4), [1.0])  # alone: all
     with pytest.raises(ValueError, match="target_share"):
         PretrainOptions(target_share=1.0)
@@ -141,14 +225,46 @@ def test_target_share_reaches_the_sampler(simdir, tmp_path):
     steps = {}
     for share in ("0", "0.9"):
         pre = tmp_path / f"pre-{share}.safetensors"
-        assert rpnt(["pretrain", "--data", *files, "--out", str(pre), "--channels", "readin",
-                     "--target-share", share, *FAST, *MASKED, "--steps-per-epoch", "20"]) == 0
+        assert (
+            rpnt(
+                [
+                    "pretrain",
+                    "--data",
+                    *files,
+                    "--out",
+                    str(pre),
+                    "--channels",
+                    "readin",
+                    "--target-share",
+                    share,
+                    *FAST,
+                    *MASKED,
+                    "--steps-per-epoch",
+                    "20",
+                ]
+            )
+            == 0
+        )
         with safe_open(str(pre.with_suffix(".resume.safetensors")), "pt") as f:
             last = json.loads(f.metadata()["param_groups"])[1]["params"][-1]
             steps[share] = int(f.get_tensor(f"opt.{last}.step")) if f"opt.{last}.step" in f.keys() else 0
     assert steps["0.9"] >= 12 and steps["0.9"] > 2 * steps["0"], steps
-    assert rpnt(["pretrain", "--data", *files, "--out", str(tmp_path / "x.safetensors"), "--target-share", "1",
-                 *FAST, *MASKED]) != 0
+    assert (
+        rpnt(
+            [
+                "pretrain",
+                "--data",
+                *files,
+                "--out",
+                str(tmp_path / "x.safetensors"),
+                "--target-share",
+                "1",
+                *FAST,
+                *MASKED,
+            ]
+        )
+        != 0
+    )
 
 
 @pytest.mark.parametrize("channels", ["resample", "readin"])
@@ -157,13 +273,27 @@ def test_finetune_onto_a_session_with_a_different_channel_count(simdir, tmp_path
     from rpnt_core.train.finetune import FinetuneOptions, finetune
 
     pre = tmp_path / "pre.safetensors"
-    assert rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), "--channels", channels, *FAST, *MASKED]) == 0
+    assert (
+        rpnt(["pretrain", "--data", str(simdir), "--out", str(pre), "--channels", channels, *FAST, *MASKED])
+        == 0
+    )
     sessions = [load_session(p) for p in sorted(simdir.glob("*.npz"))]
     pre_cfg, _ = read_header(pre)
     target = next(s for s in sessions if not s.multisite and s.n_channels != pre_cfg.n_channels)
-    res = finetune(target, init=pre, options=FinetuneOptions(epochs=1, batch_size=4, window_len=40, channels=channels,
-                                                             progress=False, device="cpu", train_fraction=0.3),
-                   out=tmp_path / "ft.safetensors")
+    res = finetune(
+        target,
+        init=pre,
+        options=FinetuneOptions(
+            epochs=1,
+            batch_size=4,
+            window_len=40,
+            channels=channels,
+            progress=False,
+            device="cpu",
+            train_fraction=0.3,
+        ),
+        out=tmp_path / "ft.safetensors",
+    )
     model = load_checkpoint(tmp_path / "ft.safetensors")
     assert model.config.n_input_channels == target.n_channels
     assert np.isfinite(res["test_r2"])
@@ -188,14 +318,31 @@ def test_a_session_seen_in_pretraining_keeps_its_channel_alignment(simdir, tmp_p
     sessions = [s for s in (load_session(p) for p in sorted(simdir.glob("*.npz"))) if not s.multisite]
     widest = max(s.n_channels for s in sessions)
     target = next(s for s in sessions if s.n_channels < widest)
-    pool = [s for s in sessions if s is not target] + [replace(target.slice_bins(0, 480), velocity=None, position=None)]
+    pool = [s for s in sessions if s is not target] + [
+        replace(target.slice_bins(0, 480), velocity=None, position=None)
+    ]
     pre = tmp_path / "pre.safetensors"
-    pretrain(pool, options=PretrainOptions(epochs=1, steps_per_epoch=2, batch_size=4, window_len=40, channels=channels,
-                                           seed=3, device="cpu", progress=False), out=pre)
+    pretrain(
+        pool,
+        options=PretrainOptions(
+            epochs=1,
+            steps_per_epoch=2,
+            batch_size=4,
+            window_len=40,
+            channels=channels,
+            seed=3,
+            device="cpu",
+            progress=False,
+        ),
+        out=pre,
+    )
     _, meta = read_header(pre)
     seen = meta["session_channels"][target.session]
-    assert seen == {"mode": channels, "n_channels": target.n_channels, **({"seed": 3 + len(pool) - 1}
-                                                                          if channels == "resample" else {})}
+    assert seen == {
+        "mode": channels,
+        "n_channels": target.n_channels,
+        **({"seed": 3 + len(pool) - 1} if channels == "resample" else {}),
+    }
     opts = FinetuneOptions(channels=channels, seed=0, device="cpu", progress=False)
     model, fresh, prov = build_model(target, pre, opts)
     assert not fresh and prov["read_in"] == "pretrained, this session"
@@ -204,18 +351,25 @@ def test_a_session_seen_in_pretraining_keeps_its_channel_alignment(simdir, tmp_p
 
         rs = ChannelResampler(n_channels=target.n_channels, n_max=widest, seed=seen["seed"])
         assert model.config.channel_map == tuple(int(i) for i in rs.index)
-        assert rs.index.tolist() != ChannelResampler(n_channels=target.n_channels, n_max=widest, seed=0).index.tolist()
+        assert (
+            rs.index.tolist()
+            != ChannelResampler(n_channels=target.n_channels, n_max=widest, seed=0).index.tolist()
+        )
     else:
         stored = read_extra_tensors(pre, f"readin.{target.session}.")
-        assert set(stored) == {f"readin.{target.session}.{k}" for k in
-                               ("read_in.weight", "read_in.bias", "rate_out.weight", "rate_out.bias")}
+        assert set(stored) == {
+            f"readin.{target.session}.{k}"
+            for k in ("read_in.weight", "read_in.bias", "rate_out.weight", "rate_out.bias")
+        }
         assert torch.equal(model.read_in.weight, stored[f"readin.{target.session}.read_in.weight"])
         assert torch.equal(model.rate_out.bias, stored[f"readin.{target.session}.rate_out.bias"])
     stranger = replace(target, session=target.session + "-unseen")
     _, fresh, prov = build_model(stranger, pre, opts)
     assert prov["read_in"] == ("fresh" if channels == "readin" else "pretrained, shared")
     assert fresh == (channels == "readin")
-    assert not any(k.startswith("extra") for k in load_checkpoint(pre).state_dict())  # extras are not the model
+    assert not any(
+        k.startswith("extra") for k in load_checkpoint(pre).state_dict()
+    )  # extras are not the model
 
 
 def test_finetune_from_scratch_learns_and_reports_best_validation_epoch(simdir, tmp_path):
@@ -223,10 +377,22 @@ def test_finetune_from_scratch_learns_and_reports_best_validation_epoch(simdir, 
     from rpnt_core.train.finetune import FinetuneOptions, finetune
 
     s = load_session(labelled(simdir))
-    res = finetune(s, init=None, options=FinetuneOptions(epochs=6, steps_per_epoch=15, batch_size=8, window_len=50, progress=False,
-                                                         device="cpu", train_fraction=0.5, lr=3e-3,
-                                                         config_overrides=(("d_model", 32), ("n_heads", 2))),
-                   out=None)
+    res = finetune(
+        s,
+        init=None,
+        options=FinetuneOptions(
+            epochs=6,
+            steps_per_epoch=15,
+            batch_size=8,
+            window_len=50,
+            progress=False,
+            device="cpu",
+            train_fraction=0.5,
+            lr=3e-3,
+            config_overrides=(("d_model", 32), ("n_heads", 2)),
+        ),
+        out=None,
+    )
     best = max(res["history"], key=lambda h: h["val_r2"])
     assert res["best_epoch"] == best["epoch"] and res["val_r2"] == best["val_r2"]
     assert res["test_r2"] > 0.2  # it learned something real about velocity
@@ -241,15 +407,31 @@ def test_pretraining_defaults_to_supervised_only_when_every_session_is_labelled(
     files = sorted(simdir.glob("*.npz"))[:2]
     pre = tmp_path / "labelled.safetensors"
     capsys.readouterr()
-    assert rpnt(["pretrain", "--data", *map(str, files), "--out", str(pre), *FAST[:-3], "--device", "cpu"]) == 0
+    assert (
+        rpnt(["pretrain", "--data", *map(str, files), "--out", str(pre), *FAST[:-3], "--device", "cpu"]) == 0
+    )
     assert "objective supervised" in capsys.readouterr().err
     assert read_header(pre)[1]["supervised"] is True
     unlabelled = tmp_path / "unlabelled.npz"
     s = load_session(files[1])
     save_npz(replace(s, velocity=None, position=None), unlabelled)
     pre2 = tmp_path / "mixed.safetensors"
-    assert rpnt(["pretrain", "--data", str(files[0]), str(unlabelled), "--out", str(pre2), *FAST[:-3],
-                 "--device", "cpu"]) == 0
+    assert (
+        rpnt(
+            [
+                "pretrain",
+                "--data",
+                str(files[0]),
+                str(unlabelled),
+                "--out",
+                str(pre2),
+                *FAST[:-3],
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "objective masked" in capsys.readouterr().err
     assert not read_header(pre2)[1].get("supervised")
 
@@ -292,9 +474,13 @@ def test_a_file_that_is_not_npz_gets_one_line_not_numpys(tmp_path, capsys):
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(RPNT(tiny_config()).eval(), ckpt)
     bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"\x80\x04K\x01.")  # a pickle: numpy.load would say "Cannot load file containing pickled data"
-    for argv in (["evaluate", "--ckpt", str(ckpt), "--data", str(bad)],
-                 ["finetune", "--data", str(bad), "--out", str(tmp_path / "x.safetensors"), "--quiet"]):
+    bad.write_bytes(
+        b"\x80\x04K\x01."
+    )  # a pickle: numpy.load would say "Cannot load file containing pickled data"
+    for argv in (
+        ["evaluate", "--ckpt", str(ckpt), "--data", str(bad)],
+        ["finetune", "--data", str(bad), "--out", str(tmp_path / "x.safetensors"), "--quiet"],
+    ):
         assert rpnt(argv) == 2
         assert capsys.readouterr().err == f"rpnt {argv[0]}: error: {NOT_NPZ}\n"  # the line an upload gets
 
@@ -310,8 +496,25 @@ def test_every_subcommand_has_help(cmd, capsys):
 def test_distributed_pretraining_with_two_gloo_processes(simdir, tmp_path):
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "rpnt_core.cli", "pretrain", "--data", str(simdir), "--out", str(out), *FAST, *MASKED, "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "rpnt_core.cli",
+        "pretrain",
+        "--data",
+        str(simdir),
+        "--out",
+        str(out),
+        *FAST,
+        *MASKED,
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_header(out)[1]["kind"] == "pretrained"

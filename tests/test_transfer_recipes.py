@@ -25,8 +25,15 @@ TINY = (("d_model", 16), ("n_heads", 2), ("window", 8), ("kernel_hidden", 8), ("
 @pytest.fixture(scope="module")
 def days():
     """Four days of one simulated array (the same 20 channels), 50 ms bins, position labels."""
-    spec = SimulationSpec(n_subjects=1, sessions_per_subject=4, bins_per_session=(800, 800), bin_s=0.05,
-                          channels_per_session=(20, 20), population_size=(20, 20), n_multisite_subjects=0)
+    spec = SimulationSpec(
+        n_subjects=1,
+        sessions_per_subject=4,
+        bins_per_session=(800, 800),
+        bin_s=0.05,
+        channels_per_session=(20, 20),
+        population_size=(20, 20),
+        n_multisite_subjects=0,
+    )
     return [s.with_target("position") for s in simulate_sessions(spec, seed=5)]
 
 
@@ -83,8 +90,15 @@ def test_fit_decoder_takes_input_statistics_from_the_bins_before_the_test_part_o
     splits = Splits(train=(0, 200), val=(200, 260), test=(640, 800))
     wild = replace(day, counts=day.counts.copy())
     wild.counts[640:] = 50  # the test part: must not move the statistics
-    opts = FinetuneOptions(epochs=1, steps_per_epoch=1, batch_size=2, window_len=16, device="cpu", progress=False,
-                           config_overrides=TINY)
+    opts = FinetuneOptions(
+        epochs=1,
+        steps_per_epoch=1,
+        batch_size=2,
+        window_len=16,
+        device="cpu",
+        progress=False,
+        config_overrides=TINY,
+    )
     model, _ = fit_decoder(wild, init=None, options=opts, splits=splits)
     mean, scale = sqrt_count_stats(day.counts[:640])
     np.testing.assert_allclose(model.input_mean.numpy(), mean, rtol=1e-6)
@@ -94,9 +108,22 @@ def test_fit_decoder_takes_input_statistics_from_the_bins_before_the_test_part_o
 @pytest.fixture(scope="module")
 def supervised_ckpt(days, tmp_path_factory):
     out = tmp_path_factory.mktemp("sup") / "sup.safetensors"
-    res = pretrain(days[:3], out=out, options=PretrainOptions(
-        epochs=3, steps_per_epoch=6, batch_size=4, window_len=40, warmup_steps=2, objective="supervised", seed=0,
-        device="cpu", progress=False, config_overrides=TINY))
+    res = pretrain(
+        days[:3],
+        out=out,
+        options=PretrainOptions(
+            epochs=3,
+            steps_per_epoch=6,
+            batch_size=4,
+            window_len=40,
+            warmup_steps=2,
+            objective="supervised",
+            seed=0,
+            device="cpu",
+            progress=False,
+            config_overrides=TINY,
+        ),
+    )
     return out, res
 
 
@@ -122,8 +149,19 @@ def test_a_supervised_head_is_not_kept_for_another_unit_set(days, supervised_ckp
 
 def test_masked_pretraining_leaves_the_head_fresh(days, tmp_path):
     out = tmp_path / "ssl.safetensors"
-    pretrain(days[:2], out=out, options=PretrainOptions(epochs=1, steps_per_epoch=2, batch_size=2, window_len=32,
-                                                        device="cpu", progress=False, config_overrides=TINY))
+    pretrain(
+        days[:2],
+        out=out,
+        options=PretrainOptions(
+            epochs=1,
+            steps_per_epoch=2,
+            batch_size=2,
+            window_len=32,
+            device="cpu",
+            progress=False,
+            config_overrides=TINY,
+        ),
+    )
     assert read_header(out)[1]["supervised"] is False
     assert build_model(days[3], out, FinetuneOptions(device="cpu"))[2]["head"] == "fresh"
 
@@ -131,16 +169,25 @@ def test_masked_pretraining_leaves_the_head_fresh(days, tmp_path):
 def test_supervised_pretraining_needs_labels(days, tmp_path):
     bare = [replace(d, position=None, velocity=None, behaviour={}) for d in days[:2]]
     with pytest.raises(ValueError, match="^objective: supervised pretraining needs sessions with labels"):
-        pretrain(bare, out=tmp_path / "x.safetensors", options=PretrainOptions(
-            objective="supervised", device="cpu", progress=False, config_overrides=TINY))
+        pretrain(
+            bare,
+            out=tmp_path / "x.safetensors",
+            options=PretrainOptions(
+                objective="supervised", device="cpu", progress=False, config_overrides=TINY
+            ),
+        )
 
 
 def test_realign_refits_only_the_read_in_and_lowers_the_masked_loss(days, supervised_ckpt):
     path, _ = supervised_ckpt
     model = load_checkpoint(path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    shuffled = days[3].counts[:, np.random.default_rng(0).permutation(20)]  # the units moved to other channels
-    info = realign_input(model, shuffled, options=RealignOptions(steps=60, batch_size=8, window_len=40, lr=3e-3))
+    shuffled = days[3].counts[
+        :, np.random.default_rng(0).permutation(20)
+    ]  # the units moved to other channels
+    info = realign_input(
+        model, shuffled, options=RealignOptions(steps=60, batch_size=8, window_len=40, lr=3e-3)
+    )
     assert info["nll_after"] < info["nll_before"]
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and changed <= {"read_in.weight", "read_in.bias", "input_mean", "input_scale"}, changed
@@ -162,19 +209,75 @@ def test_cli_supervised_pretraining_with_input_norm_then_finetuning(days, tmp_pa
 
     files = [str(save_npz(d, tmp_path / f"day{i}.npz")) for i, d in enumerate(days)]
     pre = tmp_path / "pre.safetensors"
-    fast = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--window-len", "40", "--quiet",
-            "--device", "cpu"]
-    assert rpnt(["pretrain", "--data", *files[:3], "--out", str(pre), "--objective", "supervised", "--target",
-                 "position", *fast]) == 0
+    fast = [
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "2",
+        "--window-len",
+        "40",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        rpnt(
+            [
+                "pretrain",
+                "--data",
+                *files[:3],
+                "--out",
+                str(pre),
+                "--objective",
+                "supervised",
+                "--target",
+                "position",
+                *fast,
+            ]
+        )
+        == 0
+    )
     cfg, meta = read_header(pre)
     assert meta["supervised"] and cfg.input_norm and cfg.target == "position"
     capsys.readouterr()
-    assert rpnt(["finetune", "--init", str(pre), "--data", files[3], "--target", "position",
-                 "--out", str(tmp_path / "ft.safetensors"), *fast]) == 0
+    assert (
+        rpnt(
+            [
+                "finetune",
+                "--init",
+                str(pre),
+                "--data",
+                files[3],
+                "--target",
+                "position",
+                "--out",
+                str(tmp_path / "ft.safetensors"),
+                *fast,
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["head"] == "pretrained" and res["mode"] == "full"
-    assert rpnt(["pretrain", "--data", *files[:2], "--out", str(pre), "--objective", "supervised", "--target",
-                 "force", *fast]) == 2
+    assert (
+        rpnt(
+            [
+                "pretrain",
+                "--data",
+                *files[:2],
+                "--out",
+                str(pre),
+                "--objective",
+                "supervised",
+                "--target",
+                "force",
+                *fast,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "target:" in err[0] and "Traceback" not in err[0]
 

@@ -85,8 +85,12 @@ class ChannelResampler:
 
     def to_dict(self) -> dict:
         """JSON-ready record (the index is stored so a reload never depends on numpy's RNG)."""
-        return {"n_channels": self.n_channels, "n_max": self.n_max, "seed": int(self.seed),
-                "index": self.index.tolist()}
+        return {
+            "n_channels": self.n_channels,
+            "n_max": self.n_max,
+            "seed": int(self.seed),
+            "index": self.index.tolist(),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChannelResampler":

@@ -100,7 +100,9 @@ NWB_BEHAVIOUR = "behavior"
 def _numeric(name: str, value: Any) -> np.ndarray:
     """``value`` as a real numeric ndarray (bool and object/string arrays are rejected)."""
     arr = np.asarray(value)
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    if arr.dtype == bool or not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
         raise ValueError(f"{name}: must be a real numeric array, got dtype {arr.dtype}")
     return arr
 
@@ -236,7 +238,9 @@ def _validate_behaviour(behaviour: Any, n_bins: int) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name, value in behaviour.items():
         if not isinstance(name, str) or not name.isidentifier() or name in ("velocity", "position"):
-            raise ValueError(f"behaviour: names must be identifiers other than velocity/position, got {name!r}")
+            raise ValueError(
+                f"behaviour: names must be identifiers other than velocity/position, got {name!r}"
+            )
         out[name] = _validate_series(name, value, n_bins, np.float32)
     return out
 
@@ -270,7 +274,10 @@ def save_npz(session: Session, path: str | Path, *, include_extra: bool = False)
     """
     s = validate_session(session)
     path = Path(path)
-    out: dict[str, np.ndarray] = {"counts": _compact_counts(s.counts), "bin_s": np.asarray(s.bin_s, dtype=np.float64)}
+    out: dict[str, np.ndarray] = {
+        "counts": _compact_counts(s.counts),
+        "bin_s": np.asarray(s.bin_s, dtype=np.float64),
+    }
     for name in _NPZ_ARRAYS:
         value = getattr(s, name)
         if value is not None:
@@ -301,11 +308,21 @@ def _scalar_str(name: str, arr: np.ndarray) -> str:
 
 
 NPZ_MAGIC = b"PK\x03\x04"  # a zip archive's first bytes
-NOT_NPZ = "file: not an NPZ file (a zip archive of .npy arrays) — see the NPZ interchange format in the README"
+NOT_NPZ = (
+    "file: not an NPZ file (a zip archive of .npy arrays) — see the NPZ interchange format in the README"
+)
 _NPY_SUFFIX = ".npy"
 _NPZ_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what numpy.savez / savez_compressed write
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError, ValueError,
-               struct.error)
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    NotImplementedError,
+    RuntimeError,
+    ValueError,
+    struct.error,
+)
 
 
 def describe_bytes(n: int) -> str:
@@ -320,7 +337,9 @@ def _over_limit(field: str, n: int, max_bytes: int | None, what: str = "declares
     """``ValueError`` naming ``field`` when ``n`` bytes exceed ``max_bytes`` (``None``: no limit);
     ``what`` says what the bytes are, ``{}`` standing for their amount."""
     if max_bytes is not None and n > max_bytes:
-        raise ValueError(f"{field}: {what.format(describe_bytes(n))}, over the {describe_bytes(max_bytes)} limit")
+        raise ValueError(
+            f"{field}: {what.format(describe_bytes(n))}, over the {describe_bytes(max_bytes)} limit"
+        )
 
 
 def _open_npz(path: Path) -> zipfile.ZipFile:
@@ -347,20 +366,27 @@ def _npz_members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
         if key in members:
             raise ValueError(f"{key}: stored twice in the archive")
         members[key] = info
-    unknown = sorted(k for k in members
-                     if k not in _NPZ_KEYS and not k.startswith((_EXTRA_PREFIX, _BEHAVIOUR_PREFIX)))
+    unknown = sorted(
+        k for k in members if k not in _NPZ_KEYS and not k.startswith((_EXTRA_PREFIX, _BEHAVIOUR_PREFIX))
+    )
     if unknown:
-        raise ValueError(f"npz: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(_NPZ_KEYS))}, "
-                         "behaviour_<name> and extra_<name>")
+        raise ValueError(
+            f"npz: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(_NPZ_KEYS))}, "
+            "behaviour_<name> and extra_<name>"
+        )
     for key, info in members.items():
         if info.flag_bits & 0x1:
             raise ValueError(f"{key}: encrypted; NPZ arrays are stored in the clear")
         if info.compress_type not in _NPZ_METHODS:
-            raise ValueError(f"{key}: compressed with an unsupported method (NPZ arrays are stored or deflated)")
+            raise ValueError(
+                f"{key}: compressed with an unsupported method (NPZ arrays are stored or deflated)"
+            )
     return members
 
 
-def _npy_header(zf: zipfile.ZipFile, key: str, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
+def _npy_header(
+    zf: zipfile.ZipFile, key: str, info: zipfile.ZipInfo
+) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, header length) of one member, read from its first bytes only."""
     fmt = np.lib.format
     try:
@@ -397,7 +423,9 @@ def _check_headers(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], max
     array it says it holds)."""
     for key, info in members.items():
         _over_limit(key, info.file_size, max_bytes)
-    _over_limit("file", sum(i.file_size for i in members.values()), max_bytes, "its arrays declare {} uncompressed")
+    _over_limit(
+        "file", sum(i.file_size for i in members.values()), max_bytes, "its arrays declare {} uncompressed"
+    )
     sizes: dict[str, int] = {}
     for key, info in members.items():
         shape, dtype, header = _npy_header(zf, key, info)
@@ -452,8 +480,8 @@ def load_npz(path: str | Path, *, max_bytes: int | None = None) -> Session:
     meta: dict[str, Any] = {name: _scalar_str(name, data[name]) for name in _NPZ_STRINGS if name in data}
     if "date_days" in data:
         meta["date_days"] = _scalar_float("date_days", data["date_days"])
-    extra = {k[len(_EXTRA_PREFIX):]: v for k, v in data.items() if k.startswith(_EXTRA_PREFIX)}
-    behaviour = {k[len(_BEHAVIOUR_PREFIX):]: v for k, v in data.items() if k.startswith(_BEHAVIOUR_PREFIX)}
+    extra = {k[len(_EXTRA_PREFIX) :]: v for k, v in data.items() if k.startswith(_EXTRA_PREFIX)}
+    behaviour = {k[len(_BEHAVIOUR_PREFIX) :]: v for k, v in data.items() if k.startswith(_BEHAVIOUR_PREFIX)}
     session = Session(
         counts=data["counts"],
         bin_s=data["bin_s"],
@@ -554,13 +582,17 @@ class MatLayout:
     def __post_init__(self) -> None:
         sources = (self.bin_s_key is not None) + (self.bin_s is not None) + bool(self.bin_s_from_timestamps)
         if sources != 1:
-            raise ValueError(f"bin_s: layout {self.name!r} needs exactly one of bin_s_key, bin_s or "
-                             "bin_s_from_timestamps")
+            raise ValueError(
+                f"bin_s: layout {self.name!r} needs exactly one of bin_s_key, bin_s or bin_s_from_timestamps"
+            )
         if self.bin_s_from_timestamps and self.timestamps_key is None:
-            raise ValueError(f"bin_s: layout {self.name!r} takes the bin width from time stamps but has no "
-                             "timestamps_key")
+            raise ValueError(
+                f"bin_s: layout {self.name!r} takes the bin width from time stamps but has no timestamps_key"
+            )
         if (self.datetime_key is None) != (not self.datetime_format):
-            raise ValueError(f"datetime_format: layout {self.name!r} needs it exactly when datetime_key is set")
+            raise ValueError(
+                f"datetime_format: layout {self.name!r} needs it exactly when datetime_key is set"
+            )
 
     @property
     def array_keys(self) -> frozenset[str]:
@@ -572,7 +604,11 @@ class MatLayout:
     def all_keys(self) -> frozenset[str]:
         """Every variable the layout may read (the first part of a dotted path), required or not."""
         optional = [s.key for s in self.behaviour] + [
-            self.channel_names_key, self.trials_key, self.session_key, self.datetime_key]
+            self.channel_names_key,
+            self.trials_key,
+            self.session_key,
+            self.datetime_key,
+        ]
         return self.array_keys | {k.split(".")[0] for k in optional if k}
 
     @property
@@ -582,7 +618,11 @@ class MatLayout:
 
     def describe(self) -> str:
         fields = ", ".join(sorted(self.array_keys))
-        return f"{self.name} (struct {self.struct_key}: {fields})" if self.struct_key else f"{self.name} ({fields})"
+        return (
+            f"{self.name} (struct {self.struct_key}: {fields})"
+            if self.struct_key
+            else f"{self.name} ({fields})"
+        )
 
 
 # The Miller Limb Lab's file names: <monkey>_<MM-DD-YY>[_<task code>]_<NNN>, e.g. Spike_07-18-12_WF_001.
@@ -634,8 +674,10 @@ MAT_LAYOUTS: dict[str, MatLayout] = {
         velocity_key="velocbin",  # (T, 3): x, y velocity and speed
         velocity_dims=(0, 1),
         position_key="cursorposbin",  # (T, 2)
-        behaviour=(MatSeries(name="force", key="forcedatabin"),  # (T, 2), or empty when not recorded
-                   MatSeries(name="emg", key="emgdatabin")),  # (T, muscles), or empty
+        behaviour=(
+            MatSeries(name="force", key="forcedatabin"),  # (T, 2), or empty when not recorded
+            MatSeries(name="emg", key="emgdatabin"),
+        ),  # (T, muscles), or empty
         timestamps_key="timeframe",  # (T, 1) seconds
         bin_s_from_timestamps=True,
         session_key="meta.filename",  # the original .nev path
@@ -682,10 +724,13 @@ def _detect_layout(found: dict[str, tuple[tuple[int, ...], str]], path: Path) ->
     if not fits:
         raise ValueError(
             f"layout: no known MAT layout matches {path.name}, which holds {_describe_variables(found) or 'nothing'}; "
-            f"known layouts: {_describe_layouts()}")
+            f"known layouts: {_describe_layouts()}"
+        )
     fits.sort(key=lambda lay: len(lay.required_keys), reverse=True)
     if len(fits) > 1 and len(fits[0].required_keys) == len(fits[1].required_keys):
-        raise ValueError(f"layout: {path.name} matches several layouts {[f.name for f in fits]}; pass layout=")
+        raise ValueError(
+            f"layout: {path.name} matches several layouts {[f.name for f in fits]}; pass layout="
+        )
     return fits[0]
 
 
@@ -718,8 +763,10 @@ def _read_root(path: Path, layout: MatLayout, found: dict) -> dict[str, Any]:
         return {k: v for k, v in m.items() if not k.startswith("__")}
     root = _unwrap(m[layout.struct_key])
     if not isinstance(root, mat_struct):
-        raise ValueError(f"layout: {_describe_variable(layout.struct_key, *found[layout.struct_key])} in "
-                         f"{path.name} is not the single struct that layout {layout.name!r} reads")
+        raise ValueError(
+            f"layout: {_describe_variable(layout.struct_key, *found[layout.struct_key])} in "
+            f"{path.name} is not the single struct that layout {layout.name!r} reads"
+        )
     return {f: getattr(root, f) for f in root._fieldnames}
 
 
@@ -728,8 +775,10 @@ def _check_keys(root: dict[str, Any], layout: MatLayout, path: Path) -> None:
     if not missing:
         return
     if layout.struct_key:
-        raise ValueError(f"layout: the struct {layout.struct_key} in {path.name} lacks fields {missing} that layout "
-                         f"{layout.name!r} needs (it has {sorted(root)})")
+        raise ValueError(
+            f"layout: the struct {layout.struct_key} in {path.name} lacks fields {missing} that layout "
+            f"{layout.name!r} needs (it has {sorted(root)})"
+        )
     raise ValueError(f"layout: {path.name} lacks variables {missing} required by layout {layout.name!r}")
 
 
@@ -766,7 +815,9 @@ def _take(name: str, raw: np.ndarray, layout: MatLayout, dims: tuple[int, ...] |
     if dims is not None:
         bad = [d for d in dims if not -arr.shape[1] <= d < arr.shape[1]]
         if bad:
-            raise ValueError(f"{name}: layout {layout.name!r} asks for dims {dims} but the array has {arr.shape[1]}")
+            raise ValueError(
+                f"{name}: layout {layout.name!r} asks for dims {dims} but the array has {arr.shape[1]}"
+            )
         arr = arr[:, list(dims)]
     return arr  # (T, D)
 
@@ -798,8 +849,10 @@ def _uniform_step(name: str, raw: Any) -> float:
     steps = np.diff(t64)
     step = (t64[-1] - t64[0]) / (t.size - 1)
     if not step > 0 or np.abs(steps - step).max() > 2 * ulp:
-        raise ValueError(f"{name}: bins are not uniform (steps from {steps.min() * 1e3:.4g} ms to "
-                         f"{steps.max() * 1e3:.4g} ms): a gap in the recording or a change of bin width")
+        raise ValueError(
+            f"{name}: bins are not uniform (steps from {steps.min() * 1e3:.4g} ms to "
+            f"{steps.max() * 1e3:.4g} ms): a gap in the recording or a change of bin width"
+        )
     return round(step, min(15, int(np.floor(-np.log10(ulp / (t.size - 1))))))
 
 
@@ -818,8 +871,10 @@ def _counts_from_rates(name: str, rates: np.ndarray, bin_s: float) -> np.ndarray
     whole = np.rint(counts)
     frac = float(np.abs(counts - whole).max()) if counts.size else 0.0
     if frac > 1e-3:  # float32 rates of whole counts are exact to ~1e-6
-        raise ValueError(f"{name}: rate × bin width ({bin_s * 1e3:g} ms) is not a whole spike count (off by up "
-                         f"to {frac:.3g}): these are smoothed rates, not binned counts")
+        raise ValueError(
+            f"{name}: rate × bin width ({bin_s * 1e3:g} ms) is not a whole spike count (off by up "
+            f"to {frac:.3g}): these are smoothed rates, not binned counts"
+        )
     return whole
 
 
@@ -840,8 +895,9 @@ def _recording_start(root: dict[str, Any], layout: MatLayout) -> datetime | None
     try:
         return datetime.strptime(text.strip(), layout.datetime_format)
     except ValueError:
-        raise ValueError(f"{layout.datetime_key}: {text!r} is not a date in the format "
-                         f"{layout.datetime_format!r}") from None
+        raise ValueError(
+            f"{layout.datetime_key}: {text!r} is not a date in the format {layout.datetime_format!r}"
+        ) from None
 
 
 def _named_groups(layout: MatLayout, names: tuple[str, ...]) -> dict[str, str]:
@@ -978,8 +1034,12 @@ def _check_hdf5(path: Path, max_bytes: int | None) -> None:
     except OSError:
         raise ValueError("file: not a readable HDF5 (NWB) file") from None
     with f:  # the visitors only collect: an exception raised inside one breaks h5py's lock
-        f.visititems_links(lambda name, info: links.append(name) if isinstance(info, h5py.ExternalLink) else None)
-        f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        f.visititems_links(
+            lambda name, info: links.append(name) if isinstance(info, h5py.ExternalLink) else None
+        )
+        f.visititems(
+            lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
+        )
         if links:
             raise ValueError(f"{_hdf5_field(links[0])}: links to another file, which is not accepted")
         total = 0
@@ -997,8 +1057,13 @@ def _hdf5_field(name: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in name)[:120]
 
 
-def load_nwb(path: str | Path, *, bin_s: float | None = None, velocity_series: str | None = None,
-             max_bytes: int | None = None) -> Session:
+def load_nwb(
+    path: str | Path,
+    *,
+    bin_s: float | None = None,
+    velocity_series: str | None = None,
+    max_bytes: int | None = None,
+) -> Session:
     """Bin the ``Units`` spike times of an NWB file and attach a behaviour series as velocity -- or,
     for a file that holds binned counts (:data:`NWB_COUNTS`), read those (:func:`_read_binned`).
 
@@ -1043,14 +1108,19 @@ def load_nwb(path: str | Path, *, bin_s: float | None = None, velocity_series: s
         meta = _nwb_metadata(nwb, path)
         binned = _binned_counts_series(nwb)
         if binned is not None:
-            return validate_session(Session(**_read_binned(nwb, binned, bin_s=bin_s, velocity_series=velocity_series),
-                                            **meta))
+            return validate_session(
+                Session(**_read_binned(nwb, binned, bin_s=bin_s, velocity_series=velocity_series), **meta)
+            )
         if bin_s is None:
-            raise ValueError("bin_s: the file holds spike times (Units), which need a bin width to be binned at")
+            raise ValueError(
+                "bin_s: the file holds spike times (Units), which need a bin width to be binned at"
+            )
         units = nwb.units
         if units is None or len(units) == 0:
             raise ValueError("units: the file has no Units table (or it is empty)")
-        spikes = [np.asarray(units.get_unit_spike_times(i), dtype=np.float64).ravel() for i in range(len(units))]
+        spikes = [
+            np.asarray(units.get_unit_spike_times(i), dtype=np.float64).ravel() for i in range(len(units))
+        ]
 
         series = _behaviour_series(nwb)
         chosen = None
@@ -1064,7 +1134,9 @@ def load_nwb(path: str | Path, *, bin_s: float | None = None, velocity_series: s
         else:
             cands = sorted(n for n in series if "vel" in n.lower())
             if len(cands) > 1:
-                raise ValueError(f"velocity_series: several candidates ({', '.join(cands)}); pass velocity_series=")
+                raise ValueError(
+                    f"velocity_series: several candidates ({', '.join(cands)}); pass velocity_series="
+                )
             if cands:
                 chosen = series[cands[0]]
 
@@ -1075,10 +1147,11 @@ def load_nwb(path: str | Path, *, bin_s: float | None = None, velocity_series: s
             if beh_x.ndim == 1:
                 beh_x = beh_x[:, None]
             if beh_x.ndim != 2 or beh_x.shape[0] != beh_t.shape[0]:
-                raise ValueError(f"velocity: series {chosen.name!r} has data {beh_x.shape} for {beh_t.shape[0]} times")
+                raise ValueError(
+                    f"velocity: series {chosen.name!r} has data {beh_x.shape} for {beh_t.shape[0]} times"
+                )
             if beh_t.shape[0] < 2 or not (np.diff(beh_t) > 0).all():
                 raise ValueError(f"velocity: series {chosen.name!r} needs ≥ 2 strictly increasing timestamps")
-
 
     if beh_t is not None:
         t0 = float(beh_t[0])
@@ -1091,9 +1164,15 @@ def load_nwb(path: str | Path, *, bin_s: float | None = None, velocity_series: s
         n_bins = int(np.floor((max(s.max() for s in nonempty) - t0) / bin_s)) + 1
     if n_bins < 1:
         raise ValueError(f"bin_s: {bin_s} s is longer than the recording")
-    per_bin = 4 * len(spikes) + 16 + (8 * beh_x.shape[1] if beh_x is not None else 0)  # counts, edges, velocity
-    _over_limit("units", n_bins * per_bin, max_bytes,
-                f"{n_bins} bins of {bin_s * 1e3:g} ms × {len(spikes)} units come to {{}}")
+    per_bin = (
+        4 * len(spikes) + 16 + (8 * beh_x.shape[1] if beh_x is not None else 0)
+    )  # counts, edges, velocity
+    _over_limit(
+        "units",
+        n_bins * per_bin,
+        max_bytes,
+        f"{n_bins} bins of {bin_s * 1e3:g} ms × {len(spikes)} units come to {{}}",
+    )
     edges = t0 + bin_s * np.arange(n_bins + 1, dtype=np.float64)  # (T+1,)
     counts = np.zeros((n_bins, len(spikes)), dtype=np.int32)  # (T, N)
     for j, st in enumerate(spikes):
@@ -1116,8 +1195,12 @@ def _nwb_metadata(nwb: Any, path: Path) -> dict[str, Any]:
     if nwb.subject is not None and nwb.subject.subject_id is not None:
         subject = str(nwb.subject.subject_id)
     start = nwb.session_start_time.isoformat() if nwb.session_start_time is not None else ""
-    return {"subject": subject, "session": str(nwb.session_id or nwb.identifier), "source": str(path),
-            "extra": {"session_start_time": start, "session_description": str(nwb.session_description or "")}}
+    return {
+        "subject": subject,
+        "session": str(nwb.session_id or nwb.identifier),
+        "source": str(path),
+        "extra": {"session_start_time": start, "session_description": str(nwb.session_description or "")},
+    }
 
 
 def _binned_counts_series(nwb: Any) -> Any | None:
@@ -1128,7 +1211,9 @@ def _binned_counts_series(nwb: Any) -> Any | None:
     return nwb.processing[module].data_interfaces[name]
 
 
-def _read_binned(nwb: Any, counts_ts: Any, *, bin_s: float | None, velocity_series: str | None) -> dict[str, Any]:
+def _read_binned(
+    nwb: Any, counts_ts: Any, *, bin_s: float | None, velocity_series: str | None
+) -> dict[str, Any]:
     """Counts, bin width, bin start times and behaviour of a file holding binned counts.
 
     The counts are read exactly; the bin width is ``1 / rate`` in whole nanoseconds (the daemon's
@@ -1140,24 +1225,38 @@ def _read_binned(nwb: Any, counts_ts: Any, *, bin_s: float | None, velocity_seri
         raise ValueError(f"{'/'.join(NWB_COUNTS)}: needs a sampling rate (1 / bin width), not timestamps")
     file_bin_s = round(1e9 / float(counts_ts.rate)) / 1e9
     if bin_s is not None and abs(bin_s - file_bin_s) > 1e-9:
-        raise ValueError(f"bin_s: the file holds counts binned at {file_bin_s * 1e3:g} ms, not {bin_s * 1e3:g} ms")
+        raise ValueError(
+            f"bin_s: the file holds counts binned at {file_bin_s * 1e3:g} ms, not {bin_s * 1e3:g} ms"
+        )
     counts = np.asarray(counts_ts.data[:])  # (T, N)
     t0 = float(counts_ts.starting_time or 0.0)
     n_bins = counts.shape[0] if counts.ndim else 0
     series: dict[str, np.ndarray] = {}
     if NWB_BEHAVIOUR in nwb.processing:
         for name, ts in nwb.processing[NWB_BEHAVIOUR].data_interfaces.items():
-            if (getattr(ts, "rate", None) is not None and abs(float(ts.rate) - float(counts_ts.rate)) < 1e-9
-                    and float(ts.starting_time or 0.0) == t0 and len(ts.data) == n_bins):
+            if (
+                getattr(ts, "rate", None) is not None
+                and abs(float(ts.rate) - float(counts_ts.rate)) < 1e-9
+                and float(ts.starting_time or 0.0) == t0
+                and len(ts.data) == n_bins
+            ):
                 x = np.asarray(ts.data[:])
                 series[name] = x[:, None] if x.ndim == 1 else x
     if velocity_series is not None:
         if velocity_series not in series:
-            raise ValueError(f"velocity_series: no series {velocity_series!r} on the binned counts' time base in "
-                             f"processing/{NWB_BEHAVIOUR}; found {sorted(series)}")
+            raise ValueError(
+                f"velocity_series: no series {velocity_series!r} on the binned counts' time base in "
+                f"processing/{NWB_BEHAVIOUR}; found {sorted(series)}"
+            )
         series["velocity"] = series.pop(velocity_series)
-    return {"counts": counts, "bin_s": file_bin_s, "timestamps": t0 + file_bin_s * np.arange(n_bins, dtype=np.float64),
-            "velocity": series.pop("velocity", None), "position": series.pop("position", None), "behaviour": series}
+    return {
+        "counts": counts,
+        "bin_s": file_bin_s,
+        "timestamps": t0 + file_bin_s * np.arange(n_bins, dtype=np.float64),
+        "velocity": series.pop("velocity", None),
+        "position": series.pop("position", None),
+        "behaviour": series,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1176,7 +1275,9 @@ def load_session(path: str | Path, **kw: Any) -> Session:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _LOADERS:
-        raise ValueError(f"path: unknown suffix {path.suffix!r} for {path.name}; expected one of {sorted(_LOADERS)}")
+        raise ValueError(
+            f"path: unknown suffix {path.suffix!r} for {path.name}; expected one of {sorted(_LOADERS)}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file: {path}")
     return _LOADERS[suffix](path, **kw)

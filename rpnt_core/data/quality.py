@@ -137,9 +137,11 @@ def _target_facts(labels: np.ndarray) -> dict:
     scale = 1.4826 * np.median(dev, axis=0)  # (D,)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(dev > 0, dev / scale, 0.0)  # inf where the robust scale is 0
-    return {"target_idle_fraction": float(idle.mean()),
-            "target_outlier_bins": int((z > OUTLIER_Z).any(axis=1).sum()),
-            "target_max_abs": float(np.abs(y).max())}
+    return {
+        "target_idle_fraction": float(idle.mean()),
+        "target_outlier_bins": int((z > OUTLIER_Z).any(axis=1).sum()),
+        "target_max_abs": float(np.abs(y).max()),
+    }
 
 
 def _share(idx: tuple[int, ...], n: int) -> str:
@@ -153,11 +155,15 @@ def _flags(q: SessionQuality) -> tuple[str, ...]:
     if len(q.saturated) > CHANNEL_SHARE * n:
         out.append(f"{_share(q.saturated, n)} are saturated (≥ {SATURATED_HZ:g} Hz or stuck at one count)")
     if len(q.shifted) > CHANNEL_SHARE * n:
-        out.append(f"{_share(q.shifted, n)} change rate more than {SHIFT_RATIO:g}× within the session "
-                   f"({len(q.on_off)} turn on or off)")
+        out.append(
+            f"{_share(q.shifted, n)} change rate more than {SHIFT_RATIO:g}× within the session "
+            f"({len(q.on_off)} turn on or off)"
+        )
     if q.target_idle_fraction is not None and q.target_idle_fraction >= IDLE_SHARE:
-        out.append(f"target {q.target} sits at one value in {100 * q.target_idle_fraction:.0f} % of bins "
-                   "(not recorded or not performed for most of the session)")
+        out.append(
+            f"target {q.target} sits at one value in {100 * q.target_idle_fraction:.0f} % of bins "
+            "(not recorded or not performed for most of the session)"
+        )
     return tuple(out)
 
 
@@ -174,28 +180,55 @@ def assess_session(session: Session, *, labels: bool = True) -> SessionQuality:
     if labels and session.labels is not None:
         target = {"target": session.target, "target_dims": session.n_outputs, **_target_facts(session.labels)}
     q = SessionQuality(
-        session=session.name, n_bins=int(n_bins), n_channels=int(n), bin_s=float(session.bin_s),
-        duration_s=float(n_bins * session.bin_s), rate_hz_median=float(np.median(rates)),
-        rate_hz_min=float(rates.min()), rate_hz_max=float(rates.max()),
+        session=session.name,
+        n_bins=int(n_bins),
+        n_channels=int(n),
+        bin_s=float(session.bin_s),
+        duration_s=float(n_bins * session.bin_s),
+        rate_hz_median=float(np.median(rates)),
+        rate_hz_min=float(rates.min()),
+        rate_hz_max=float(rates.max()),
         silent=tuple(np.flatnonzero(rates < SILENT_HZ).tolist()),
         saturated=tuple(np.flatnonzero((rates >= SATURATED_HZ) | _stuck(counts)).tolist()),
-        shifted=tuple(np.flatnonzero(shifted).tolist()), on_off=tuple(np.flatnonzero(on_off).tolist()),
-        **target)
+        shifted=tuple(np.flatnonzero(shifted).tolist()),
+        on_off=tuple(np.flatnonzero(on_off).tolist()),
+        **target,
+    )
     return SessionQuality(**{**asdict(q), "flags": _flags(q)})
 
 
-_COLUMNS = ("session", "bins", "ch", "minutes", "Hz median [range]", "silent", "satur.", "shifted", "target",
-            "idle %", "outliers", "flag")
+_COLUMNS = (
+    "session",
+    "bins",
+    "ch",
+    "minutes",
+    "Hz median [range]",
+    "silent",
+    "satur.",
+    "shifted",
+    "target",
+    "idle %",
+    "outliers",
+    "flag",
+)
 
 
 def _row(q: SessionQuality) -> tuple[str, ...]:
     has_target = q.target is not None
-    return (q.session, str(q.n_bins), str(q.n_channels), f"{q.duration_s / 60:.1f}",
-            f"{q.rate_hz_median:.1f} [{q.rate_hz_min:.1f}–{q.rate_hz_max:.1f}]", str(len(q.silent)),
-            str(len(q.saturated)), f"{len(q.shifted)} ({len(q.on_off)} on/off)",
-            f"{q.target}×{q.target_dims}" if has_target else "-",
-            f"{100 * q.target_idle_fraction:.0f}" if has_target else "-",
-            str(q.target_outlier_bins) if has_target else "-", "FLAGGED" if q.flagged else "ok")
+    return (
+        q.session,
+        str(q.n_bins),
+        str(q.n_channels),
+        f"{q.duration_s / 60:.1f}",
+        f"{q.rate_hz_median:.1f} [{q.rate_hz_min:.1f}–{q.rate_hz_max:.1f}]",
+        str(len(q.silent)),
+        str(len(q.saturated)),
+        f"{len(q.shifted)} ({len(q.on_off)} on/off)",
+        f"{q.target}×{q.target_dims}" if has_target else "-",
+        f"{100 * q.target_idle_fraction:.0f}" if has_target else "-",
+        str(q.target_outlier_bins) if has_target else "-",
+        "FLAGGED" if q.flagged else "ok",
+    )
 
 
 def format_table(reports: list[SessionQuality]) -> str:
@@ -209,11 +242,14 @@ def format_table(reports: list[SessionQuality]) -> str:
 
 def format_json(reports: list[SessionQuality]) -> str:
     """One JSON object: ``{"sessions": [facts...], "flagged": [names...]}``."""
-    return json.dumps({"sessions": [q.to_dict() for q in reports],
-                       "flagged": [q.session for q in reports if q.flagged]})
+    return json.dumps(
+        {"sessions": [q.to_dict() for q in reports], "flagged": [q.session for q in reports if q.flagged]}
+    )
 
 
-def split_flagged(sessions: list[Session], *, labels: bool = False) -> tuple[list[Session], list[SessionQuality]]:
+def split_flagged(
+    sessions: list[Session], *, labels: bool = False
+) -> tuple[list[Session], list[SessionQuality]]:
     """(the sessions fit to train on, in order; the reports of the flagged ones).
 
     ``labels``: judge the chosen targets too (supervised use); pretraining reads only counts."""

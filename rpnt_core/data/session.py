@@ -97,6 +97,7 @@ class Session:
 
     def slice_bins(self, start: int, stop: int) -> "Session":
         """The same session restricted to bins [start, stop) (a view, no copy)."""
+
         def cut(a: np.ndarray | None, axis: int = 0) -> np.ndarray | None:
             if a is None:
                 return None
@@ -140,7 +141,9 @@ def check_bin_width(*, data_bin_s: float, model_bin_s: float) -> None:
 
     Raises ``ValueError``: "bin_s: data bin width 50 ms does not match the model's 20 ms"."""
     if not math.isclose(float(data_bin_s), float(model_bin_s), rel_tol=1e-6):
-        raise ValueError(f"bin_s: data bin width {_ms(data_bin_s)} does not match the model's {_ms(model_bin_s)}")
+        raise ValueError(
+            f"bin_s: data bin width {_ms(data_bin_s)} does not match the model's {_ms(model_bin_s)}"
+        )
 
 
 def _ms(bin_s: float) -> str:

@@ -81,9 +81,18 @@ class SimulationSpec:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.n_multisite_subjects <= self.n_subjects:
-            raise ValueError(f"n_multisite_subjects: must be in [0, n_subjects], got {self.n_multisite_subjects}")
-        for name in ("bins_per_session", "population_size", "channels_per_session", "sites_per_multisite_subject",
-                     "session_gap_days", "baseline_hz", "modulation"):
+            raise ValueError(
+                f"n_multisite_subjects: must be in [0, n_subjects], got {self.n_multisite_subjects}"
+            )
+        for name in (
+            "bins_per_session",
+            "population_size",
+            "channels_per_session",
+            "sites_per_multisite_subject",
+            "session_gap_days",
+            "baseline_hz",
+            "modulation",
+        ):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
                 raise ValueError(f"{name}: expected 0 <= low <= high, got {(lo, hi)}")
@@ -95,7 +104,9 @@ class SimulationSpec:
                 f"got {self.channels_per_session}"
             )
         if self.sites_per_multisite_subject[0] < 2:
-            raise ValueError(f"sites_per_multisite_subject: need >= 2 sites, got {self.sites_per_multisite_subject}")
+            raise ValueError(
+                f"sites_per_multisite_subject: need >= 2 sites, got {self.sites_per_multisite_subject}"
+            )
         if self.bin_s <= 0 or not np.isfinite(self.bin_s):
             raise ValueError(f"bin_s: must be > 0, got {self.bin_s}")
         if self.latent_dim < 2 or self.latent_dim % 2:
@@ -204,7 +215,11 @@ def _make_subject(j: int, spec: SimulationSpec, seed: int) -> _Subject:
         B[i : i + 2] = (1.0 - rho) * 2.0 * rng.normal(size=(2, 2))
 
     multisite = j >= spec.n_subjects - spec.n_multisite_subjects
-    n_sites = int(rng.integers(spec.sites_per_multisite_subject[0], spec.sites_per_multisite_subject[1] + 1)) if multisite else 1
+    n_sites = (
+        int(rng.integers(spec.sites_per_multisite_subject[0], spec.sites_per_multisite_subject[1] + 1))
+        if multisite
+        else 1
+    )
     M = int(rng.integers(spec.population_size[0], spec.population_size[1] + 1))
     site_xy = rng.uniform(-4.0, 4.0, size=(n_sites, 2)) if multisite else None
 
@@ -228,8 +243,18 @@ def _make_subject(j: int, spec: SimulationSpec, seed: int) -> _Subject:
     first = int(rng.integers(len(spec.tasks)))
     tasks = tuple(spec.tasks[(first + k) % len(spec.tasks)] for k in range(spec.sessions_per_subject))
     return _Subject(
-        name=f"sim{j:02d}", A=A, B=B, site_xy=site_xy, pref_dir=pref, pd_drift=pd_drift, log_base=log_base,
-        base_drift=base_drift, modulation=modulation, rot_loading=rot_loading, dates=dates, tasks=tasks,
+        name=f"sim{j:02d}",
+        A=A,
+        B=B,
+        site_xy=site_xy,
+        pref_dir=pref,
+        pd_drift=pd_drift,
+        log_base=log_base,
+        base_drift=base_drift,
+        modulation=modulation,
+        rot_loading=rot_loading,
+        dates=dates,
+        tasks=tasks,
     )
 
 
@@ -262,8 +287,15 @@ def _simulate_session(subj: _Subject, k: int, j: int, spec: SimulationSpec, seed
     ids = np.stack([rng.permutation(M)[:N] for _ in range(S)])  # (S, N)
     take = np.take_along_axis
     pref = take(subj.pref_dir + subj.pd_drift * day, ids, axis=1)  # (S, N)
-    log_base = take(np.clip(subj.log_base + subj.base_drift * day, np.log(spec.baseline_hz[0]) - 0.3,
-                            np.log(spec.baseline_hz[1]) + 0.3), ids, axis=1)  # (S, N)
+    log_base = take(
+        np.clip(
+            subj.log_base + subj.base_drift * day,
+            np.log(spec.baseline_hz[0]) - 0.3,
+            np.log(spec.baseline_hz[1]) + 0.3,
+        ),
+        ids,
+        axis=1,
+    )  # (S, N)
     mod = take(subj.modulation, ids, axis=1)  # (S, N)
     rot = subj.rot_loading[np.arange(S)[:, None], ids]  # (S, N, K-2)
 
@@ -314,8 +346,9 @@ def simulate_sessions(spec: SimulationSpec | None = None, *, seed: int) -> list[
     return out
 
 
-def write_simulated(out_dir: str | Path, spec: SimulationSpec | None = None, *, seed: int,
-                    include_ground_truth: bool = True) -> list[Path]:
+def write_simulated(
+    out_dir: str | Path, spec: SimulationSpec | None = None, *, seed: int, include_ground_truth: bool = True
+) -> list[Path]:
     """Simulate and write one NPZ per session plus ``manifest.json`` into ``out_dir``.
 
     The manifest records the spec, the seed and one entry per session (file, subject, session,
@@ -331,12 +364,25 @@ def write_simulated(out_dir: str | Path, spec: SimulationSpec | None = None, *, 
     for s in simulate_sessions(spec, seed=seed):
         p = save_npz(s, out / f"{s.session}.npz", include_extra=include_ground_truth)
         paths.append(p)
-        entries.append({
-            "file": p.name, "subject": s.subject, "session": s.session, "task": s.task,
-            "date_days": s.date_days, "n_bins": s.n_bins, "n_channels": s.n_channels,
-            "n_sites": int(s.counts.shape[0]) if s.multisite else 1, "bin_s": s.bin_s,
-            "fingerprint": s.fingerprint(),
-        })
-    manifest = {"generator": "rpnt_core.data.simulate", "seed": seed, "spec": asdict(spec), "sessions": entries}
+        entries.append(
+            {
+                "file": p.name,
+                "subject": s.subject,
+                "session": s.session,
+                "task": s.task,
+                "date_days": s.date_days,
+                "n_bins": s.n_bins,
+                "n_channels": s.n_channels,
+                "n_sites": int(s.counts.shape[0]) if s.multisite else 1,
+                "bin_s": s.bin_s,
+                "fingerprint": s.fingerprint(),
+            }
+        )
+    manifest = {
+        "generator": "rpnt_core.data.simulate",
+        "seed": seed,
+        "spec": asdict(spec),
+        "sessions": entries,
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return paths

@@ -91,8 +91,9 @@ def _bins(name: str, fraction: float, n_bins: int) -> int:
     return n
 
 
-def contiguous_splits(n_bins: int, *, train_fraction: float, val_fraction: float = 0.1,
-                      test_fraction: float = 0.2) -> Splits:
+def contiguous_splits(
+    n_bins: int, *, train_fraction: float, val_fraction: float = 0.1, test_fraction: float = 0.2
+) -> Splits:
     """Split ``n_bins`` bins into train prefix, then val, then test at the end (see module doc).
 
     Raises ``ValueError`` naming the field when ``n_bins`` < 3, a fraction is outside (0, 1),
@@ -114,8 +115,9 @@ def contiguous_splits(n_bins: int, *, train_fraction: float, val_fraction: float
     return Splits(train=(0, n_train), val=(val_start, test_start), test=(test_start, n_bins))
 
 
-def label_budget_splits(n_bins: int, *, bin_s: float, seconds: float, test_fraction: float = 0.2,
-                        val_share: float = 0.2) -> Splits:
+def label_budget_splits(
+    n_bins: int, *, bin_s: float, seconds: float, test_fraction: float = 0.2, val_share: float = 0.2
+) -> Splits:
     """Splits of a day calibrated from its first ``seconds`` of labels: train = the first
     (1 − ``val_share``) of the labelled bins, val = the rest of them (early stopping and model
     selection spend the same budget), test = the last ``test_fraction`` of the day.
@@ -126,7 +128,9 @@ def label_budget_splits(n_bins: int, *, bin_s: float, seconds: float, test_fract
     test_start = n_bins - int(math.floor(test_fraction * n_bins + 1e-9))
     n_val = max(2, int(round(val_share * n_lab)))
     if n_lab > test_start:
-        raise ValueError(f"seconds: {seconds:g} s of labels reach into the test part ({test_start * bin_s:g} s on)")
+        raise ValueError(
+            f"seconds: {seconds:g} s of labels reach into the test part ({test_start * bin_s:g} s on)"
+        )
     if n_lab - n_val < 2:
         raise ValueError(f"seconds: {seconds:g} s of labels is too few bins to train and validate on")
     return Splits(train=(0, n_lab - n_val), val=(n_lab - n_val, n_lab), test=(test_start, n_bins))
@@ -139,7 +143,7 @@ def calibration_view(session: "Session", splits: Splits) -> "Session":
 
     view = session.slice_bins(0, splits.test[0])
     labels = np.array(view.labels, dtype=np.float32)
-    labels[splits.val[1]:] = np.nan
+    labels[splits.val[1] :] = np.nan
     series: dict = {"velocity": None, "position": None, "behaviour": {}}
     if view.target in ("velocity", "position"):
         series[view.target] = labels

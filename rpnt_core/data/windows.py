@@ -20,8 +20,15 @@ def _check_int(name: str, v: object, *, minimum: int) -> int:
     return int(v)
 
 
-def make_windows(n_bins: int, *, length: int, stride: int, start: int = 0, stop: int | None = None,
-                 include_end: bool = False) -> np.ndarray:
+def make_windows(
+    n_bins: int,
+    *,
+    length: int,
+    stride: int,
+    start: int = 0,
+    stop: int | None = None,
+    include_end: bool = False,
+) -> np.ndarray:
     """Start indices (W,) int64 of windows of ``length`` bins every ``stride`` bins in ``[start, stop)``.
 
     ``stop`` defaults to ``n_bins``.  With ``include_end`` a last window ending exactly at
@@ -34,7 +41,9 @@ def make_windows(n_bins: int, *, length: int, stride: int, start: int = 0, stop:
     start = _check_int("start", start, minimum=0)
     stop = n_bins if stop is None else _check_int("stop", stop, minimum=1)
     if not start < stop <= n_bins:
-        raise ValueError(f"stop: expected start < stop <= n_bins, got start={start} stop={stop} n_bins={n_bins}")
+        raise ValueError(
+            f"stop: expected start < stop <= n_bins, got start={start} stop={stop} n_bins={n_bins}"
+        )
     last = stop - length
     if last < start:
         return np.zeros(0, dtype=np.int64)

@@ -58,9 +58,7 @@ def _check_split(
     if v.ndim != 2:
         raise ValueError(f"{name}_velocity: expected (T, D), got shape {v.shape}")
     if v.shape[0] != c.shape[0]:
-        raise ValueError(
-            f"{name}: counts have {c.shape[0]} bins but velocity has {v.shape[0]}"
-        )
+        raise ValueError(f"{name}: counts have {c.shape[0]} bins but velocity has {v.shape[0]}")
     if c.shape[0] < 2 or v.shape[1] == 0:
         raise ValueError(f"{name}: need at least 2 bins and 1 output dim, got {v.shape}")
     if not np.all(np.isfinite(v)):
@@ -139,8 +137,13 @@ class WienerFilter(_Baseline):
         self.weights, self.bias = w, b
         self._w_flat = w.reshape(-1, w.shape[2])  # (L·N, D), lag-major like the ring buffer
         self._info = DecoderInfo(
-            n_channels=w.shape[1], n_outputs=w.shape[2], bin_s=float(bin_s), name=self.name,
-            version="1", fingerprint=_fingerprint(w, b), extra=dict(extra or {}),
+            n_channels=w.shape[1],
+            n_outputs=w.shape[2],
+            bin_s=float(bin_s),
+            name=self.name,
+            version="1",
+            fingerprint=_fingerprint(w, b),
+            extra=dict(extra or {}),
         )
         self._hist = np.zeros((w.shape[0], w.shape[1]))  # (L, N), row l = sqrt counts of bin t−l
         self.reset()
@@ -233,8 +236,12 @@ class WienerFilter(_Baseline):
         assert best is not None
         score, r, w, b = best
         extra = {
-            "n_lags": n_lags, "rel_alpha": r, "alpha": r * scale, "val_r2": score,
-            "val_r2_by_rel_alpha": scores, "n_train_bins": t_train,
+            "n_lags": n_lags,
+            "rel_alpha": r,
+            "alpha": r * scale,
+            "val_r2": score,
+            "val_r2_by_rel_alpha": scores,
+            "n_train_bins": t_train,
         }
         return cls(weights=w.reshape(n_lags, n, -1), bias=b, bin_s=bin_s, extra=extra)
 
@@ -289,9 +296,7 @@ class KalmanFilter(_Baseline):
         self.H, self.c, self.Q = f64(H), f64(c), f64(Q)  # (N, D), (N,), (N, N)
         self.x0, self.P0 = f64(x0), f64(P0)  # (D,), (D, D)
         n, d = self.H.shape
-        shapes = {
-            "A": (d, d), "a": (d,), "W": (d, d), "c": (n,), "Q": (n, n), "x0": (d,), "P0": (d, d)
-        }
+        shapes = {"A": (d, d), "a": (d,), "W": (d, d), "c": (n,), "Q": (n, n), "x0": (d,), "P0": (d, d)}
         for key, shape in shapes.items():
             if getattr(self, key).shape != shape:
                 raise ValueError(f"{key}: expected shape {shape}, got {getattr(self, key).shape}")
@@ -299,10 +304,12 @@ class KalmanFilter(_Baseline):
         self._M = self._HtQi @ self.H  # (D, D) = Hᵀ Q⁻¹ H
         self._eye = np.eye(d)
         self._info = DecoderInfo(
-            n_channels=n, n_outputs=d, bin_s=float(bin_s), name=self.name, version="1",
-            fingerprint=_fingerprint(
-                self.A, self.a, self.W, self.H, self.c, self.Q, self.x0, self.P0
-            ),
+            n_channels=n,
+            n_outputs=d,
+            bin_s=float(bin_s),
+            name=self.name,
+            version="1",
+            fingerprint=_fingerprint(self.A, self.a, self.W, self.H, self.c, self.Q, self.x0, self.P0),
             extra=dict(extra or {}),
         )
         self.reset()
@@ -385,10 +392,15 @@ class KalmanFilter(_Baseline):
         x0 = x.mean(axis=0)
         P0 = np.atleast_2d(np.cov(x, rowvar=False, bias=True))
         model = cls(A=A, a=a, W=W, H=H, c=c, Q=Q, x0=x0, P0=P0, bin_s=bin_s)
-        model._info = replace(model._info, extra={
-            "q_ridge": q_ridge, "w_ridge": w_ridge, "n_train_bins": t_train,
-            "val_r2": r2_score(vv, model._predict_sqrt(_sqrt_features(vc))),
-        })
+        model._info = replace(
+            model._info,
+            extra={
+                "q_ridge": q_ridge,
+                "w_ridge": w_ridge,
+                "n_train_bins": t_train,
+                "val_r2": r2_score(vv, model._predict_sqrt(_sqrt_features(vc))),
+            },
+        )
         return model
 
 
@@ -418,9 +430,7 @@ class _GRUNet(nn.Module):
         self.gru = nn.GRU(n_in, hidden, num_layers=layers, batch_first=True)
         self.readout = nn.Linear(hidden, n_out)
 
-    def forward(
-        self, x: torch.Tensor, h: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         y, h = self.gru(x, h)  # (B, T, hidden), (layers, B, hidden)
         return self.readout(y), h  # (B, T, D)
 
@@ -469,8 +479,11 @@ class GRUDecoder(_Baseline):
         self.out_std = np.asarray(out_std, dtype=np.float64)  # (D,)
         params = [p.detach().numpy() for p in net.state_dict().values()]
         self._info = DecoderInfo(
-            n_channels=self.in_mean.shape[0], n_outputs=self.out_mean.shape[0], bin_s=float(bin_s),
-            name=self.name, version="1",
+            n_channels=self.in_mean.shape[0],
+            n_outputs=self.out_mean.shape[0],
+            bin_s=float(bin_s),
+            name=self.name,
+            version="1",
             fingerprint=_fingerprint(self.in_mean, self.in_std, self.out_mean, self.out_std, *params),
             extra=dict(extra or {}),
         )
@@ -523,15 +536,28 @@ class GRUDecoder(_Baseline):
     ) -> Self:
         tc, tv, vc, vv = _check_fit_inputs(train_counts, train_velocity, val_counts, val_velocity, bin_s)
         if min(hidden, layers, window, batch_size, max_epochs, steps_per_epoch, patience) < 1:
-            raise ValueError("hidden, layers, window, batch_size, max_epochs, steps_per_epoch, "
-                             "patience must all be ≥ 1")
+            raise ValueError(
+                "hidden, layers, window, batch_size, max_epochs, steps_per_epoch, patience must all be ≥ 1"
+            )
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be ≥ 1 or None, got {num_threads}")
         with _torch_threads(num_threads):
             return cls._fit(
-                tc, tv, vc, vv, bin_s=bin_s, seed=seed, hidden=hidden, layers=layers,
-                window=window, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                grad_clip=grad_clip, max_epochs=max_epochs, steps_per_epoch=steps_per_epoch,
+                tc,
+                tv,
+                vc,
+                vv,
+                bin_s=bin_s,
+                seed=seed,
+                hidden=hidden,
+                layers=layers,
+                window=window,
+                batch_size=batch_size,
+                lr=lr,
+                weight_decay=weight_decay,
+                grad_clip=grad_clip,
+                max_epochs=max_epochs,
+                steps_per_epoch=steps_per_epoch,
                 patience=patience,
             )
 
@@ -569,8 +595,7 @@ class GRUDecoder(_Baseline):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             net = _GRUNet(n_in=n, hidden=hidden, layers=layers, n_out=tv.shape[1])
-        model = cls(net=net, in_mean=in_mean, in_std=in_std, out_mean=out_mean, out_std=out_std,
-                    bin_s=bin_s)
+        model = cls(net=net, in_mean=in_mean, in_std=in_std, out_mean=out_mean, out_std=out_std, bin_s=bin_s)
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
         offsets = torch.arange(win)
         best_r2, best_epoch, history = -math.inf, 0, []
@@ -598,15 +623,33 @@ class GRUDecoder(_Baseline):
                 break
         net.load_state_dict(best_state)
         extra = {
-            "hidden": hidden, "layers": layers, "window": win, "batch_size": batch_size, "lr": lr,
-            "weight_decay": weight_decay, "max_epochs": max_epochs,
-            "steps_per_epoch": steps_per_epoch, "patience": patience, "seed": seed,
-            "val_r2": best_r2, "best_epoch": best_epoch, "epochs_run": len(history),
-            "val_r2_history": history, "fit_seconds": time.perf_counter() - t0,
-            "n_train_bins": t_train, "torch_threads": torch.get_num_threads(),
+            "hidden": hidden,
+            "layers": layers,
+            "window": win,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "max_epochs": max_epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "patience": patience,
+            "seed": seed,
+            "val_r2": best_r2,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "val_r2_history": history,
+            "fit_seconds": time.perf_counter() - t0,
+            "n_train_bins": t_train,
+            "torch_threads": torch.get_num_threads(),
         }
-        return cls(net=net, in_mean=in_mean, in_std=in_std, out_mean=out_mean, out_std=out_std,
-                   bin_s=bin_s, extra=extra)
+        return cls(
+            net=net,
+            in_mean=in_mean,
+            in_std=in_std,
+            out_mean=out_mean,
+            out_std=out_std,
+            bin_s=bin_s,
+            extra=extra,
+        )
 
 
 BASELINES: dict[str, type[_Baseline]] = {

@@ -53,7 +53,9 @@ def hidden_bin_log_rates(model: RPNT, session: Session, bins: np.ndarray) -> np.
     counts = np.array(session.counts, copy=True)  # (T, N)
     counts[bins] = 0
     stop = int(bins.max()) + 1
-    log_rates = predict_session(model, replace(session, counts=counts), stop=stop, output="log_rates")  # (stop, N)
+    log_rates = predict_session(
+        model, replace(session, counts=counts), stop=stop, output="log_rates"
+    )  # (stop, N)
     return log_rates[bins]
 
 
@@ -65,7 +67,9 @@ def forecast_gain(model: RPNT, session: Session, splits: Splits, *, every: int =
     try:
         log_rates = hidden_bin_log_rates(model, session, bins).astype(np.float64)  # (B, N)
         with torch.no_grad():
-            target = model.units(torch.from_numpy(np.asarray(session.counts, dtype=np.float32))).numpy()  # (T, N)
+            target = model.units(
+                torch.from_numpy(np.asarray(session.counts, dtype=np.float32))
+            ).numpy()  # (T, N)
     finally:
         model.train(was)
     lo, hi = splits.train

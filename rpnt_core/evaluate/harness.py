@@ -24,42 +24,56 @@ def target_labels(model: RPNT, session: Session) -> np.ndarray:
     width differs from the model's outputs (e.g. 14 EMG channels on a day the model had 16)."""
     labels = session.with_target(model.config.target).labels
     if labels.shape[1] != model.config.n_outputs:
-        raise ValueError(f"target: {session.name}'s {model.config.target} has {labels.shape[1]} dimensions, the "
-                         f"model decodes {model.config.n_outputs}")
+        raise ValueError(
+            f"target: {session.name}'s {model.config.target} has {labels.shape[1]} dimensions, the "
+            f"model decodes {model.config.n_outputs}"
+        )
     return labels
 
 
 def session_metadata(model: RPNT, session: Session) -> dict[str, torch.Tensor]:
-    return model.metadata_for(subject=session.subject, session=session.session, task=session.task,
-                              date_days=session.date_days)
+    return model.metadata_for(
+        subject=session.subject, session=session.session, task=session.task, date_days=session.date_days
+    )
 
 
 @torch.no_grad()
-def predict_session(model: RPNT, session: Session, *, stop: int | None = None, output: str = "velocity") -> np.ndarray:
+def predict_session(
+    model: RPNT, session: Session, *, stop: int | None = None, output: str = "velocity"
+) -> np.ndarray:
     """The decoded target (T', D) — output ``"velocity"``, whatever ``config.target`` names — or
     another of the model's outputs, e.g. ``"latent"`` (T', d), for bins [0, stop), streamed
     causally from bin 0."""
     stop = session.n_bins if stop is None else stop
     counts = torch.from_numpy(np.asarray(session.counts[:stop], dtype=np.float32))[None]  # (1, T', N)
     dev = next(model.parameters()).device
-    out = model.predict_stream(counts.to(dev), {k: v.to(dev) for k, v in session_metadata(model, session).items()})
+    out = model.predict_stream(
+        counts.to(dev), {k: v.to(dev) for k, v in session_metadata(model, session).items()}
+    )
     return out[output][0].cpu().numpy()
 
 
 @torch.no_grad()
-def predict_range(model: RPNT, session: Session, start: int, stop: int, *, output: str = "velocity") -> np.ndarray:
+def predict_range(
+    model: RPNT, session: Session, start: int, stop: int, *, output: str = "velocity"
+) -> np.ndarray:
     """The decoded target (or another output, e.g. ``"latent"``) for bins [start, stop) — identical to
     streaming from bin 0, computed from ``receptive_field − 1`` bins of history only (no output
     depends on anything older)."""
     lo = max(0, start - (model.receptive_field - 1))
     counts = torch.from_numpy(np.asarray(session.counts[lo:stop], dtype=np.float32))[None]
     dev = next(model.parameters()).device
-    out = model.predict_stream(counts.to(dev), {k: v.to(dev) for k, v in session_metadata(model, session).items()})
-    return out[output][0, start - lo:].cpu().numpy()
+    out = model.predict_stream(
+        counts.to(dev), {k: v.to(dev) for k, v in session_metadata(model, session).items()}
+    )
+    return out[output][0, start - lo :].cpu().numpy()
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
-    return {"r2": float(r2_score(y_true, y_pred)), "r2_per_dim": [float(x) for x in r2_per_dim(y_true, y_pred)]}
+    return {
+        "r2": float(r2_score(y_true, y_pred)),
+        "r2_per_dim": [float(x) for x in r2_per_dim(y_true, y_pred)],
+    }
 
 
 def evaluate_model(model: RPNT, session: Session, splits: Splits, *, split: str = "test") -> dict:
@@ -68,8 +82,13 @@ def evaluate_model(model: RPNT, session: Session, splits: Splits, *, split: str 
     labels = target_labels(model, session)
     lo, hi = getattr(splits, split)
     pred = predict_session(model, session, stop=hi)[lo:hi]
-    return {**score(labels[lo:hi], pred), "split": split, "splits": splits.as_dict(),
-            "n_bins": session.n_bins, "target": model.config.target}
+    return {
+        **score(labels[lo:hi], pred),
+        "split": split,
+        "splits": splits.as_dict(),
+        "n_bins": session.n_bins,
+        "target": model.config.target,
+    }
 
 
 def evaluate_baseline(name: str, session: Session, splits: Splits, *, seed: int = 0, **hyper) -> dict:
@@ -81,10 +100,20 @@ def evaluate_baseline(name: str, session: Session, splits: Splits, *, seed: int 
         raise ValueError(f"baseline: unknown {name!r}; choose from {sorted(BASELINES)}")
     session = session.with_target(None)  # a clear error when the session lacks its target
     parts = splits.cut(session)
-    dec = BASELINES[name].fit(train_counts=parts["train"].counts, train_velocity=parts["train"].labels,
-                              val_counts=parts["val"].counts, val_velocity=parts["val"].labels,
-                              bin_s=session.bin_s, seed=seed, **hyper)
+    dec = BASELINES[name].fit(
+        train_counts=parts["train"].counts,
+        train_velocity=parts["train"].labels,
+        val_counts=parts["val"].counts,
+        val_velocity=parts["val"].labels,
+        bin_s=session.bin_s,
+        seed=seed,
+        **hyper,
+    )
     lo, hi = splits.test
     pred = dec.predict(np.asarray(session.counts[:hi]))[lo:hi]  # streamed from bin 0, like RPNT
-    return {**score(session.labels[lo:hi], pred), "split": "test", "splits": splits.as_dict(),
-            "target": session.target}
+    return {
+        **score(session.labels[lo:hi], pred),
+        "split": "test",
+        "splits": splits.as_dict(),
+        "target": session.target,
+    }

@@ -42,9 +42,7 @@ def _as_2d(name: str, a: np.ndarray) -> np.ndarray:
 def _sse_sst(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Validated per-dimension sums: SSE_d = Σ_t (y−ŷ)², SST_d = Σ_t (y−ȳ_d)², both (D,) float64."""
     if np.shape(y_true) != np.shape(y_pred):  # compared as given: (T,) vs (T, 1) is a mismatch
-        raise ValueError(
-            f"y_true and y_pred differ in shape: {np.shape(y_true)} vs {np.shape(y_pred)}"
-        )
+        raise ValueError(f"y_true and y_pred differ in shape: {np.shape(y_true)} vs {np.shape(y_pred)}")
     yt = _as_2d("y_true", y_true)  # (T, D)
     yp = _as_2d("y_pred", y_pred)  # (T, D)
     if yt.shape[0] == 0 or yt.shape[1] == 0:

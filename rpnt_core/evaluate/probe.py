@@ -25,12 +25,18 @@ def _lagged(f: np.ndarray, n_lags: int) -> np.ndarray:
     """(T, d) → (T, L·d): row t holds f_t, f_{t-1}, ..., zeros before bin 0."""
     out = np.zeros((f.shape[0], n_lags * f.shape[1]))
     for lag in range(n_lags):
-        out[lag:, lag * f.shape[1]:(lag + 1) * f.shape[1]] = f[: f.shape[0] - lag]
+        out[lag:, lag * f.shape[1] : (lag + 1) * f.shape[1]] = f[: f.shape[0] - lag]
     return out
 
 
-def ridge_by_validation(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
-                        rel_alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> dict:
+def ridge_by_validation(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    rel_alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+) -> dict:
     """Ridge regression y ≈ x·W + b (intercept unpenalised: both centred on the train rows), the
     penalty alpha = r · tr(XᵀX)/p with r from ``rel_alphas`` chosen by validation R².
 
@@ -51,8 +57,14 @@ def ridge_by_validation(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndar
     return best
 
 
-def linear_probe_r2(features: np.ndarray, velocity: np.ndarray, splits: Splits, *, n_lags: int = 5,
-                    rel_alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> dict:
+def linear_probe_r2(
+    features: np.ndarray,
+    velocity: np.ndarray,
+    splits: Splits,
+    *,
+    n_lags: int = 5,
+    rel_alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+) -> dict:
     """Test R² of a causal ridge read-out of ``velocity`` (T, D) from ``features`` (T, d)."""
     f = np.asarray(features, dtype=np.float64)
     v = np.asarray(velocity, dtype=np.float64)
@@ -63,5 +75,9 @@ def linear_probe_r2(features: np.ndarray, velocity: np.ndarray, splits: Splits, 
     x = _lagged(f, n_lags)  # (T, L·d)
     (lo, hi), (vlo, vhi), (tlo, thi) = splits.train, splits.val, splits.test
     fit = ridge_by_validation(x[lo:hi], v[lo:hi], x[vlo:vhi], v[vlo:vhi], rel_alphas=rel_alphas)
-    return {"test_r2": r2_score(v[tlo:thi], x[tlo:thi] @ fit["weights"] + fit["bias"]), "val_r2": fit["val_r2"],
-            "rel_alpha": fit["rel_alpha"], "n_lags": n_lags}
+    return {
+        "test_r2": r2_score(v[tlo:thi], x[tlo:thi] @ fit["weights"] + fit["bias"]),
+        "val_r2": fit["val_r2"],
+        "rel_alpha": fit["rel_alpha"],
+        "n_lags": n_lags,
+    }

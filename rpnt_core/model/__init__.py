@@ -5,4 +5,11 @@ from .encoder import SpatialEncoder, TemporalBlock
 from .rotary import MultiAxisRotary
 from .rpnt import RPNT
 
-__all__ = ["RPNT", "ContextKernelAttention", "conv_band", "MultiAxisRotary", "SpatialEncoder", "TemporalBlock"]
+__all__ = [
+    "RPNT",
+    "ContextKernelAttention",
+    "conv_band",
+    "MultiAxisRotary",
+    "SpatialEncoder",
+    "TemporalBlock",
+]

@@ -90,8 +90,19 @@ def _conv_index(kq: int, kk: int, w: int, device: torch.device) -> Tensor:
 class ContextKernelAttention(nn.Module):
     """Multi-head causal band attention over the last ``window`` bins with context kernels."""
 
-    def __init__(self, *, d_model: int, n_heads: int, window: int, kernel_q: int, kernel_k: int,
-                 kernel_mode: str, kernel_hidden: int, rope_base: float, dropout: float) -> None:
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_heads: int,
+        window: int,
+        kernel_q: int,
+        kernel_k: int,
+        kernel_mode: str,
+        kernel_hidden: int,
+        rope_base: float,
+        dropout: float,
+    ) -> None:
         super().__init__()
         self.d_model, self.n_heads, self.window = d_model, n_heads, window
         self.head_dim = d_model // n_heads
@@ -119,8 +130,10 @@ class ContextKernelAttention(nn.Module):
         if kernel_mode != "none":
             self.pool_score = nn.Linear(d_model, 1)
             self.kernel_mlp = nn.Sequential(
-                nn.Linear(d_model, kernel_hidden), nn.GELU(),
-                nn.Linear(kernel_hidden, n_heads * kernel_q * kernel_k))
+                nn.Linear(d_model, kernel_hidden),
+                nn.GELU(),
+                nn.Linear(kernel_hidden, n_heads * kernel_q * kernel_k),
+            )
             last = self.kernel_mlp[-1]
             if kernel_mode == "add":
                 nn.init.normal_(last.weight, std=1e-3)
@@ -178,8 +191,13 @@ class ContextKernelAttention(nn.Module):
         if self.kernel_mode != "none":
             # rows[:, :, t, i, :] = scores[:, :, t − i, :], zero before the stream start
             padded = F.pad(scores, (0, 0, self.kernel_q - 1, 0))  # (B, H, T+kq−1, W)
-            rows = torch.stack([padded[:, :, self.kernel_q - 1 - i: self.kernel_q - 1 - i + t]
-                                for i in range(self.kernel_q)], dim=3)  # (B, H, T, kq, W)
+            rows = torch.stack(
+                [
+                    padded[:, :, self.kernel_q - 1 - i : self.kernel_q - 1 - i + t]
+                    for i in range(self.kernel_q)
+                ],
+                dim=3,
+            )  # (B, H, T, kq, W)
             # context pooling over (t−W, t]: logits of key bins in band layout, masked softmax
             logits = self.pool_score(x).squeeze(-1)  # (B, T)
             band_logits = logits[:, idx]  # (B, T, W)
@@ -227,18 +245,28 @@ class ContextKernelAttention(nn.Module):
         perm = self.ring_perm.index_select(0, p).reshape(w)  # slot of band column a = band column of slot σ
         band = self.ring_band.index_select(0, p).reshape(w)
         rows = torch.cat([p, p + w])
-        frames = (self.ring_eye * self.ring_cos.index_select(0, rows)[:, None, :]
-                  + self.ring_swap * self.ring_sin.index_select(0, rows)[:, None, :])  # (2, dh, dh)
+        frames = (
+            self.ring_eye * self.ring_cos.index_select(0, rows)[:, None, :]
+            + self.ring_swap * self.ring_sin.index_select(0, rows)[:, None, :]
+        )  # (2, dh, dh)
         query_rot = frames.permute(1, 0, 2).reshape(dh, 2 * dh) / math.sqrt(dh)
         valid_slot = valid.index_select(-1, perm)
         b = write_index.shape[0]
-        return {"kv_slot": p.expand(b, self.n_heads, 1, dh), "x_slot": p.expand(b, 1, self.d_model),
-                "logit_slot": p.expand(b, 1), "key_rot": frames[0], "query_rot": query_rot, "band": band, "perm": perm,
-                "band_valid": valid[:, None, :].to(self.ring_cos.dtype),
-                "pool_bias": torch.where(valid_slot, 0.0, NEG_INF)}
+        return {
+            "kv_slot": p.expand(b, self.n_heads, 1, dh),
+            "x_slot": p.expand(b, 1, self.d_model),
+            "logit_slot": p.expand(b, 1),
+            "key_rot": frames[0],
+            "query_rot": query_rot,
+            "band": band,
+            "perm": perm,
+            "band_valid": valid[:, None, :].to(self.ring_cos.dtype),
+            "pool_bias": torch.where(valid_slot, 0.0, NEG_INF),
+        }
 
-    def step(self, x: Tensor, cache: dict[str, Tensor], valid: Tensor,
-             ring: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def step(
+        self, x: Tensor, cache: dict[str, Tensor], valid: Tensor, ring: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """One bin.  x (B, d); ``valid`` (B, W) bool marks band columns that hold real bins
         (already including the current one); ``ring`` from :meth:`ring`.  Returns (B, d) and the
         updated cache (this bin's entries written to slot p; nothing shifted but ``rows``)."""

@@ -15,8 +15,12 @@ from .rotary import MultiAxisRotary
 class FeedForward(nn.Module):
     def __init__(self, *, d_model: int, mult: int, dropout: float) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_model, mult * d_model), nn.GELU(),
-                                 nn.Dropout(dropout), nn.Linear(mult * d_model, d_model))
+        self.net = nn.Sequential(
+            nn.Linear(d_model, mult * d_model),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mult * d_model, d_model),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -30,9 +34,16 @@ class TemporalBlock(nn.Module):
         c = config
         self.norm1 = nn.LayerNorm(c.d_model)
         self.attn = ContextKernelAttention(
-            d_model=c.d_model, n_heads=c.n_heads, window=c.window, kernel_q=c.kernel_q,
-            kernel_k=c.kernel_k, kernel_mode=c.kernel_mode, kernel_hidden=c.kernel_hidden,
-            rope_base=c.rope_base, dropout=c.dropout)
+            d_model=c.d_model,
+            n_heads=c.n_heads,
+            window=c.window,
+            kernel_q=c.kernel_q,
+            kernel_k=c.kernel_k,
+            kernel_mode=c.kernel_mode,
+            kernel_hidden=c.kernel_hidden,
+            rope_base=c.rope_base,
+            dropout=c.dropout,
+        )
         self.norm2 = nn.LayerNorm(c.d_model)
         self.ff = FeedForward(d_model=c.d_model, mult=c.ff_mult, dropout=c.dropout)
         self.drop = nn.Dropout(c.dropout)
@@ -41,8 +52,9 @@ class TemporalBlock(nn.Module):
         h = h + self.drop(self.attn(self.norm1(h), start_position=start_position))
         return h + self.drop(self.ff(self.norm2(h)))
 
-    def step(self, h: Tensor, cache: dict[str, Tensor], valid: Tensor,
-             ring: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def step(
+        self, h: Tensor, cache: dict[str, Tensor], valid: Tensor, ring: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         a, cache = self.attn.step(self.norm1(h), cache, valid, ring)  # (B, d)
         h = h + a
         return h + self.ff(self.norm2(h)), cache
@@ -54,14 +66,17 @@ class SpatialBlock(nn.Module):
     Acts on (B, S, d) — one time step — so it is causal by construction and needs no state.
     """
 
-    def __init__(self, *, d_model: int, n_heads: int, site_rope_base: float, dropout: float, ff_mult: int) -> None:
+    def __init__(
+        self, *, d_model: int, n_heads: int, site_rope_base: float, dropout: float, ff_mult: int
+    ) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.norm1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.rotary = MultiAxisRotary(dims=[self.head_dim // 2, self.head_dim // 2],
-                                      bases=[site_rope_base, site_rope_base])
+        self.rotary = MultiAxisRotary(
+            dims=[self.head_dim // 2, self.head_dim // 2], bases=[site_rope_base, site_rope_base]
+        )
         self.norm2 = nn.LayerNorm(d_model)
         self.ff = FeedForward(d_model=d_model, mult=ff_mult, dropout=dropout)
         self.drop = nn.Dropout(dropout)
@@ -87,8 +102,15 @@ class SpatialEncoder(nn.Module):
         super().__init__()
         c = config
         self.blocks = nn.ModuleList(
-            SpatialBlock(d_model=c.d_model, n_heads=c.spatial_heads, site_rope_base=c.site_rope_base,
-                         dropout=c.dropout, ff_mult=c.ff_mult) for _ in range(c.spatial_layers))
+            SpatialBlock(
+                d_model=c.d_model,
+                n_heads=c.spatial_heads,
+                site_rope_base=c.site_rope_base,
+                dropout=c.dropout,
+                ff_mult=c.ff_mult,
+            )
+            for _ in range(c.spatial_layers)
+        )
 
     def forward(self, h: Tensor, site_xy: Tensor) -> tuple[Tensor, Tensor]:
         """h (B, S, T, d) or (B, S, d); site_xy (B, S, 2).  Returns h' (same shape) and the

@@ -49,7 +49,7 @@ class MultiAxisRotary(nn.Module):
         k = 0
         for axis, (d, base) in enumerate(zip(self.dims, bases)):
             m = torch.arange(d // 2, dtype=torch.float64)
-            sel[axis, k:k + d // 2] = float(base) ** (-2.0 * m / d)
+            sel[axis, k : k + d // 2] = float(base) ** (-2.0 * m / d)
             k += d // 2
         self.register_buffer("freq_matrix", sel, persistent=False)
 

@@ -53,8 +53,9 @@ class RPNT(nn.Module):
             raise TypeError(f"config: expected RPNTConfig, got {type(config).__name__}")
         self.config = c = config
         self.read_in = nn.Linear(c.n_channels, c.d_model)
-        self.meta_embed = nn.ModuleDict({
-            f: nn.Embedding(len(getattr(c, f + "s")) + 1, c.d_model) for f in META_FIELDS})
+        self.meta_embed = nn.ModuleDict(
+            {f: nn.Embedding(len(getattr(c, f + "s")) + 1, c.d_model) for f in META_FIELDS}
+        )
         for emb in self.meta_embed.values():
             nn.init.normal_(emb.weight, std=0.02)
         self.date_proj = nn.Linear(2 * N_DATE_FEATURES, c.d_model) if c.use_date else None
@@ -70,13 +71,22 @@ class RPNT(nn.Module):
             self.register_buffer("input_mean", torch.zeros(c.n_channels))
             self.register_buffer("input_scale", torch.ones(c.n_channels))
         if c.channel_map:
-            self.register_buffer("channel_index", torch.tensor(c.channel_map, dtype=torch.long), persistent=False)
+            self.register_buffer(
+                "channel_index", torch.tensor(c.channel_map, dtype=torch.long), persistent=False
+            )
         else:
             self.channel_index = None
 
     # ------------------------------------------------------------------ metadata
-    def metadata_for(self, *, batch_size: int = 1, subject: str | None = None, session: str | None = None,
-                     task: str | None = None, date_days: float = 0.0) -> dict[str, Tensor]:
+    def metadata_for(
+        self,
+        *,
+        batch_size: int = 1,
+        subject: str | None = None,
+        session: str | None = None,
+        task: str | None = None,
+        date_days: float = 0.0,
+    ) -> dict[str, Tensor]:
         """Metadata tensors for names in this model's vocabularies (unknown names → index 0)."""
         out: dict[str, Tensor] = {}
         for f, name in zip(META_FIELDS, (subject, session, task)):
@@ -97,8 +107,10 @@ class RPNT(nn.Module):
             if ids.shape != (batch_size,):
                 raise ValueError(f"metadata[{f!r}]: expected shape ({batch_size},), got {tuple(ids.shape)}")
             if ids.numel() and (ids.min() < 0 or ids.max() >= self.meta_embed[f].num_embeddings):
-                raise ValueError(f"metadata[{f!r}]: index out of range for a vocabulary of "
-                                 f"{self.meta_embed[f].num_embeddings - 1}")
+                raise ValueError(
+                    f"metadata[{f!r}]: index out of range for a vocabulary of "
+                    f"{self.meta_embed[f].num_embeddings - 1}"
+                )
             bias = bias + self.meta_embed[f](ids)
         if self.date_proj is not None:
             date = metadata.get("date_days")
@@ -117,8 +129,9 @@ class RPNT(nn.Module):
             names = ("B", "S", "N") if c.spatial_layers else ("B", "N")
             if not step:
                 names = names[:-1] + ("T", "N")
-            raise ValueError(f"counts: expected shape ({', '.join(names)}) with N={n}, "
-                             f"got {tuple(counts.shape)}")
+            raise ValueError(
+                f"counts: expected shape ({', '.join(names)}) with N={n}, got {tuple(counts.shape)}"
+            )
 
     def _site_xy(self, site_xy: Tensor | None, b: int, s: int) -> Tensor:
         if site_xy is None:
@@ -134,8 +147,9 @@ class RPNT(nn.Module):
         """Input counts (..., N_in) as the model's Poisson targets (..., N): through the channel map."""
         return counts if self.channel_index is None else counts.index_select(-1, self.channel_index)
 
-    def _embed(self, counts: Tensor, adapter: nn.Module | None,
-               norm: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def _embed(
+        self, counts: Tensor, adapter: nn.Module | None, norm: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         """(..., N_in) counts → (..., d) token embeddings (before metadata).  With ``config.input_norm`` the sqrt counts are standardised by
         ``norm`` = (mean, scale) over the read-in's channels when given (pretraining: each
         recording's own statistics), else by the model's ``input_mean``/``input_scale``."""
@@ -153,13 +167,21 @@ class RPNT(nn.Module):
 
     def _heads(self, z: Tensor, adapter: nn.Module | None = None) -> dict[str, Tensor]:
         rate_out = self.rate_out if adapter is None else adapter.rate_out
-        return {"log_rates": rate_out(self.rate_trunk(z)),
-                "velocity": self.velocity_head(z) * self.velocity_scale + self.velocity_mean}
+        return {
+            "log_rates": rate_out(self.rate_trunk(z)),
+            "velocity": self.velocity_head(z) * self.velocity_scale + self.velocity_mean,
+        }
 
-    def forward(self, counts: Tensor, metadata: Mapping[str, Tensor] | None = None, *,
-                site_xy: Tensor | None = None, start_position: int = 0,
-                adapter: nn.Module | None = None,
-                norm: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        counts: Tensor,
+        metadata: Mapping[str, Tensor] | None = None,
+        *,
+        site_xy: Tensor | None = None,
+        start_position: int = 0,
+        adapter: nn.Module | None = None,
+        norm: tuple[Tensor, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """counts (B, T, N) [or (B, S, T, N)] → outputs for every bin; bin 0 starts the stream.
 
         ``adapter`` (pretraining with per-session read-ins): a module with ``read_in``
@@ -201,8 +223,9 @@ class RPNT(nn.Module):
         return c.n_layers * (c.window + c.kernel_q - 2) + 1
 
     @torch.no_grad()
-    def predict_stream(self, counts: Tensor, metadata: Mapping[str, Tensor] | None = None, *,
-                       chunk: int = 1024) -> dict[str, Tensor]:
+    def predict_stream(
+        self, counts: Tensor, metadata: Mapping[str, Tensor] | None = None, *, chunk: int = 1024
+    ) -> dict[str, Tensor]:
         """Outputs for a whole stream (B, T, N), equal to running ``step`` from an empty state.
 
         Runs the full forward over chunks of ``chunk`` bins, each preceded by
@@ -220,15 +243,18 @@ class RPNT(nn.Module):
             s0 = max(0, c0 - prefix)
             out = self.forward(counts[:, s0:c1], metadata)
             for k, v in out.items():
-                pieces.setdefault(k, []).append(v[:, c0 - s0:])
+                pieces.setdefault(k, []).append(v[:, c0 - s0 :])
         return {k: torch.cat(v, dim=1) for k, v in pieces.items()}
 
     # ------------------------------------------------------------------ streaming
     def state_shapes(self, batch_size: int = 1, n_sites: int = 1) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the streaming state, in a fixed order (ONNX I/O order)."""
         bb = batch_size * (n_sites if self.config.spatial_layers else 1)
-        shapes: dict[str, tuple[int, ...]] = {"meta_bias": (bb, self.config.d_model),
-                                              "valid": (bb, self.config.window), "write_index": (bb, 1)}
+        shapes: dict[str, tuple[int, ...]] = {
+            "meta_bias": (bb, self.config.d_model),
+            "valid": (bb, self.config.window),
+            "write_index": (bb, 1),
+        }
         for i, blk in enumerate(self.blocks):
             for name, shp in blk.attn.state_shapes(bb).items():
                 shapes[f"layer{i}.{name}"] = shp
@@ -237,8 +263,13 @@ class RPNT(nn.Module):
         return shapes
 
     @torch.no_grad()
-    def init_state(self, batch_size: int = 1, metadata: Mapping[str, Tensor] | None = None, *,
-                   site_xy: Tensor | None = None) -> dict[str, Tensor]:
+    def init_state(
+        self,
+        batch_size: int = 1,
+        metadata: Mapping[str, Tensor] | None = None,
+        *,
+        site_xy: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Empty history for ``batch_size`` streams.  ``valid`` (float 0/1) marks filled slots."""
         dev = self.read_in.weight.device
         n_sites = 1
@@ -253,7 +284,9 @@ class RPNT(nn.Module):
             state["site_xy"] = self._site_xy(site_xy, batch_size, n_sites)
         return state
 
-    def step(self, counts_t: Tensor, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def step(
+        self, counts_t: Tensor, state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """One bin: counts_t (B, N) [or (B, S, N)] → (outputs for this bin, next state).
 
         Outputs: ``velocity`` (B, D), ``log_rates`` (B, N) [(B, S, N)], ``latent`` (B, d).
@@ -269,11 +302,14 @@ class RPNT(nn.Module):
         h = self._embed(x, None) + state["meta_bias"]  # (B', d)
         ring = self.blocks[0].attn.ring(state["write_index"], vbool)  # shared by every layer
         nxt = state["write_index"] + 1  # the next slot, modulo W
-        new: dict[str, Tensor] = {"meta_bias": state["meta_bias"], "valid": valid,
-                                  "write_index": torch.where(nxt >= self.config.window, torch.zeros_like(nxt), nxt)}
+        new: dict[str, Tensor] = {
+            "meta_bias": state["meta_bias"],
+            "valid": valid,
+            "write_index": torch.where(nxt >= self.config.window, torch.zeros_like(nxt), nxt),
+        }
         for i, blk in enumerate(self.blocks):
             prefix = f"layer{i}."
-            cache = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            cache = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             h, cache = blk.step(h, cache, vbool, ring)
             new.update({prefix + k: v for k, v in cache.items()})
         z = self.norm(h)  # (B', d)

@@ -22,8 +22,13 @@ class TorchDecoder:
         self._metadata = metadata
         meta = getattr(model, "checkpoint_meta", {}) or {}
         self._info = DecoderInfo(
-            n_channels=model.config.n_input_channels, n_outputs=model.config.n_outputs, bin_s=model.config.bin_s,
-            name=name, version=str(meta.get("weights_sha", "")), fingerprint=str(meta.get("data_fingerprint", "")))
+            n_channels=model.config.n_input_channels,
+            n_outputs=model.config.n_outputs,
+            bin_s=model.config.bin_s,
+            name=name,
+            version=str(meta.get("weights_sha", "")),
+            fingerprint=str(meta.get("data_fingerprint", "")),
+        )
         self.reset()
 
     @property

@@ -74,7 +74,14 @@ from .objectives import velocity_mse
 # learning rate; a fresh head trains the core at the full rate (bench/results/transfer-rank-seed0:
 # a self-supervised core at 0.1× stayed far below 1×, a supervised pool decoder at 0.1× won).
 KEPT_HEAD_CORE_LR_SCALE = 0.1
-LABEL_BUDGET = {"epochs": 10, "max_steps": 10, "bins_per_step": 150, "batch_size": 8, "window_len": 64, "patience": 4}
+LABEL_BUDGET = {
+    "epochs": 10,
+    "max_steps": 10,
+    "bins_per_step": 150,
+    "batch_size": 8,
+    "window_len": 64,
+    "patience": 4,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,14 +117,24 @@ class FinetuneOptions:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
 
     @classmethod
-    def for_labels(cls, n_train_bins: int, *, budget: dict | None = None, **overrides: object) -> "FinetuneOptions":
+    def for_labels(
+        cls, n_train_bins: int, *, budget: dict | None = None, **overrides: object
+    ) -> "FinetuneOptions":
         """Options sized to ``n_train_bins`` labelled train bins (``budget``, default
         :data:`LABEL_BUDGET`): one step per ``bins_per_step`` bins, between 1 and ``max_steps`` per
         epoch; ``overrides`` win."""
         b = budget or LABEL_BUDGET
         steps = int(min(max(n_train_bins // b["bins_per_step"], 1), b["max_steps"]))
-        return cls(**{"epochs": b["epochs"], "steps_per_epoch": steps, "batch_size": b["batch_size"],
-                      "window_len": b["window_len"], "patience": b["patience"], **overrides})
+        return cls(
+            **{
+                "epochs": b["epochs"],
+                "steps_per_epoch": steps,
+                "batch_size": b["batch_size"],
+                "window_len": b["window_len"],
+                "patience": b["patience"],
+                **overrides,
+            }
+        )
 
 
 def _session_vocab(session: Session, attr: str) -> tuple[str, ...]:
@@ -135,22 +152,34 @@ def seen_in_pretraining(session: Session, meta: dict) -> dict | None:
     return info if info and int(info.get("n_channels", -1)) == session.n_channels else None
 
 
-def build_model(session: Session, init: str | Path | None, options: FinetuneOptions) -> tuple[RPNT, bool, dict]:
+def build_model(
+    session: Session, init: str | Path | None, options: FinetuneOptions
+) -> tuple[RPNT, bool, dict]:
     """The model to finetune, whether its read-in is fresh, and provenance for the metadata."""
     n_in, d_out = session.n_channels, session.n_outputs
     overrides = {"target": session.target, **dict(options.config_overrides)}
     if init is None:
-        cfg = RPNTConfig.preset(options.preset, n_channels=n_in, n_outputs=d_out, bin_s=float(session.bin_s),
-                                subjects=_session_vocab(session, "subject"), sessions=_session_vocab(session, "session"),
-                                tasks=_session_vocab(session, "task"), **overrides)
+        cfg = RPNTConfig.preset(
+            options.preset,
+            n_channels=n_in,
+            n_outputs=d_out,
+            bin_s=float(session.bin_s),
+            subjects=_session_vocab(session, "subject"),
+            sessions=_session_vocab(session, "session"),
+            tasks=_session_vocab(session, "task"),
+            **overrides,
+        )
         return RPNT(cfg), True, {"init": None, "head": "fresh"}
     base_cfg, base_meta = read_header(init)
     base = load_checkpoint(init)
     if base_cfg.spatial_layers:
         base_cfg = base_cfg.replace(spatial_layers=0)  # decode from the temporal encoder (single-site)
     check_bin_width(data_bin_s=session.bin_s, model_bin_s=base_cfg.bin_s)
-    provenance = {"init": str(init), "parent_weights_sha": base_meta.get("weights_sha", ""),
-                  "parent_kind": base_meta.get("kind", "")}
+    provenance = {
+        "init": str(init),
+        "parent_weights_sha": base_meta.get("weights_sha", ""),
+        "parent_kind": base_meta.get("kind", ""),
+    }
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("spatial.")}
     seen = seen_in_pretraining(session, base_meta)
     readin_pretrained = base_meta.get("channels") == "readin"
@@ -160,21 +189,29 @@ def build_model(session: Session, init: str | Path | None, options: FinetuneOpti
     elif options.channels == "resample" and not readin_pretrained:
         seed = seen["seed"] if seen and seen["mode"] == "resample" else options.seed
         rs = ChannelResampler(n_channels=n_in, n_max=base_cfg.n_channels, seed=seed)
-        cfg = base_cfg.replace(n_outputs=d_out, input_channels=n_in, channel_map=tuple(int(i) for i in rs.index),
-                               **overrides)
+        cfg = base_cfg.replace(
+            n_outputs=d_out, input_channels=n_in, channel_map=tuple(int(i) for i in rs.index), **overrides
+        )
         provenance["channel_seed"] = seed
     else:
-        cfg = base_cfg.replace(n_channels=n_in, n_outputs=d_out, input_channels=0, channel_map=(), **overrides)
+        cfg = base_cfg.replace(
+            n_channels=n_in, n_outputs=d_out, input_channels=0, channel_map=(), **overrides
+        )
         state = {k: v for k, v in state.items() if not k.startswith(("read_in.", "rate_out."))}
         if seen and seen["mode"] == "readin":  # the read-in this session got in pretraining
             prefix = f"readin.{session.session}."
             state.update({k.removeprefix(prefix): v for k, v in read_extra_tensors(init, prefix).items()})
         else:
             fresh_read_in = True
-    provenance["read_in"] = ("fresh" if fresh_read_in else "pretrained, this session" if seen
-                             else "pretrained, shared")
-    keep_head = (is_decoder(base_meta) and base_cfg.target == session.target
-                 and base_cfg.n_outputs == d_out and base_cfg.n_input_channels == n_in)
+    provenance["read_in"] = (
+        "fresh" if fresh_read_in else "pretrained, this session" if seen else "pretrained, shared"
+    )
+    keep_head = (
+        is_decoder(base_meta)
+        and base_cfg.target == session.target
+        and base_cfg.n_outputs == d_out
+        and base_cfg.n_input_channels == n_in
+    )
     provenance["head"] = "pretrained" if keep_head else "fresh"
     if not keep_head:
         state = {k: v for k, v in state.items() if not k.startswith("velocity_")}
@@ -222,8 +259,14 @@ def set_input_statistics(model: RPNT, counts: np.ndarray) -> None:
         model.set_input_normalisation(torch.from_numpy(mean), torch.from_numpy(scale))
 
 
-def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneOptions, splits: Splits,
-                on_epoch: Callable[[dict], None] | None = None) -> tuple[RPNT, dict]:
+def fit_decoder(
+    session: Session,
+    *,
+    init: str | Path | None,
+    options: FinetuneOptions,
+    splits: Splits,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[RPNT, dict]:
     """Train a decoder on ``splits.train`` and keep the weights of the best ``splits.val`` R².
 
     Labels are read from the train and validation ranges only.  Counts are read from the train
@@ -239,7 +282,7 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
     dev = resolve_device(options.device)
     model, fresh_read_in, provenance = build_model(session, init, options)
     lo, hi = splits.train
-    set_input_statistics(model, session.counts[:splits.test[0]])
+    set_input_statistics(model, session.counts[: splits.test[0]])
     vel = np.asarray(session.labels, dtype=np.float32)
     if provenance["head"] == "fresh":  # a pretrained head keeps the normalisation it was trained with
         mean, scale = vel[lo:hi].mean(0), vel[lo:hi].std(0) + 1e-6
@@ -257,9 +300,13 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
     head_ids = {id(p) for p in model.velocity_head.parameters()}
     if fresh_read_in or init is None:
         head_ids |= {id(p) for p in model.read_in.parameters()}
-    groups = [{"params": [p for p in params if id(p) in head_ids], "lr": options.lr},
-              {"params": [p for p in params if id(p) not in head_ids],
-               "lr": options.lr * provenance["core_lr_scale"]}]
+    groups = [
+        {"params": [p for p in params if id(p) in head_ids], "lr": options.lr},
+        {
+            "params": [p for p in params if id(p) not in head_ids],
+            "lr": options.lr * provenance["core_lr_scale"],
+        },
+    ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=options.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs * steps, eta_min=0.0)
     meta = {k: v.to(dev) for k, v in session_metadata(model, session).items()}
@@ -267,15 +314,23 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
     best = {"val_r2": -math.inf, "epoch": -1, "state": None}
     if provenance["head"] == "pretrained":  # the pretrained decoder as it is is the first candidate
         model.eval()
-        best = {"val_r2": validation_r2(model, session, splits), "epoch": -1, "state": copy.deepcopy(model.state_dict())}
+        best = {
+            "val_r2": validation_r2(model, session, splits),
+            "epoch": -1,
+            "state": copy.deepcopy(model.state_dict()),
+        }
         _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
     history = []
     t0 = time.time()
     bad = 0
     for epoch in range(options.epochs):
         losses = []
-        for _ in tqdm(range(steps), desc=f"finetune {epoch + 1}/{options.epochs}", leave=False,
-                      disable=not options.progress):
+        for _ in tqdm(
+            range(steps),
+            desc=f"finetune {epoch + 1}/{options.epochs}",
+            leave=False,
+            disable=not options.progress,
+        ):
             starts = rng.integers(lo, hi - window_len + 1, size=options.batch_size)
             idx = torch.as_tensor(starts)[:, None] + torch.arange(window_len)[None, :]
             x, y = counts_t[idx].to(dev), vel_t[idx].to(dev)  # (B, L, N), (B, L, D)
@@ -294,8 +349,11 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
         if on_epoch is not None:
             on_epoch({**history[-1], "epochs": options.epochs, "best": val_r2 > best["val_r2"]})
         if options.progress:
-            print(f"epoch {epoch + 1}/{options.epochs}  train mse {np.mean(losses):.4f}  val R² {val_r2:.4f}"
-                  + ("  *best" if val_r2 > best["val_r2"] else ""), flush=True)
+            print(
+                f"epoch {epoch + 1}/{options.epochs}  train mse {np.mean(losses):.4f}  val R² {val_r2:.4f}"
+                + ("  *best" if val_r2 > best["val_r2"] else ""),
+                flush=True,
+            )
         if val_r2 > best["val_r2"]:
             best = {"val_r2": val_r2, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
             bad = 0
@@ -307,42 +365,98 @@ def fit_decoder(session: Session, *, init: str | Path | None, options: FinetuneO
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return model, {"val_r2": best["val_r2"], "best_epoch": best["epoch"], "epochs_run": len(history),
-                   "history": history, "train_seconds": round(time.time() - t0, 2), **provenance}
+    return model, {
+        "val_r2": best["val_r2"],
+        "best_epoch": best["epoch"],
+        "epochs_run": len(history),
+        "history": history,
+        "train_seconds": round(time.time() - t0, 2),
+        **provenance,
+    }
 
 
-def finetune(session: Session, *, init: str | Path | None, options: FinetuneOptions, out: str | Path | None,
-             splits: Splits | None = None, on_epoch: Callable[[dict], None] | None = None) -> dict:
+def finetune(
+    session: Session,
+    *,
+    init: str | Path | None,
+    options: FinetuneOptions,
+    out: str | Path | None,
+    splits: Splits | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> dict:
     """Finetune on one labelled session; returns metrics (test R² of the best-validation weights).
 
     ``on_epoch``: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2", "best"}``
     (progress reporting, e.g. a calibration job's progress file)."""
     session = session.with_target(None)
-    splits = splits or contiguous_splits(session.n_bins, train_fraction=options.train_fraction,
-                                         val_fraction=options.val_fraction, test_fraction=options.test_fraction)
+    splits = splits or contiguous_splits(
+        session.n_bins,
+        train_fraction=options.train_fraction,
+        val_fraction=options.val_fraction,
+        test_fraction=options.test_fraction,
+    )
     model, fit = fit_decoder(session, init=init, options=options, splits=splits, on_epoch=on_epoch)
     history = fit.pop("history")
-    provenance = {k: v for k, v in fit.items() if k not in ("val_r2", "best_epoch", "epochs_run", "train_seconds")}
+    provenance = {
+        k: v for k, v in fit.items() if k not in ("val_r2", "best_epoch", "epochs_run", "train_seconds")
+    }
     test = evaluate_model(model, session, splits)
-    metrics = {"val_r2": fit["val_r2"], "best_epoch": fit["best_epoch"], "epochs_run": fit["epochs_run"],
-               "test_r2": test["r2"], "test_r2_per_dim": test["r2_per_dim"], "train_seconds": fit["train_seconds"]}
-    result = {"target": session.target, **metrics, "splits": splits.as_dict(), "history": history, **provenance,
-              "mode": options.mode, "channels": options.channels if provenance["init"] else "native"}
+    metrics = {
+        "val_r2": fit["val_r2"],
+        "best_epoch": fit["best_epoch"],
+        "epochs_run": fit["epochs_run"],
+        "test_r2": test["r2"],
+        "test_r2_per_dim": test["r2_per_dim"],
+        "train_seconds": fit["train_seconds"],
+    }
+    result = {
+        "target": session.target,
+        **metrics,
+        "splits": splits.as_dict(),
+        "history": history,
+        **provenance,
+        "mode": options.mode,
+        "channels": options.channels if provenance["init"] else "native",
+    }
     if out is not None:
-        save_finetuned(model, out, session=session, options=options, splits=splits, metrics=metrics,
-                       provenance=provenance)
+        save_finetuned(
+            model,
+            out,
+            session=session,
+            options=options,
+            splits=splits,
+            metrics=metrics,
+            provenance=provenance,
+        )
         Path(str(out) + ".history.json").write_text(json.dumps(history))
         result["checkpoint"] = str(out)
     return result
 
 
-def save_finetuned(model: RPNT, out: str | Path, *, session: Session, options: FinetuneOptions, splits: Splits,
-                   metrics: dict, provenance: dict) -> None:
+def save_finetuned(
+    model: RPNT,
+    out: str | Path,
+    *,
+    session: Session,
+    options: FinetuneOptions,
+    splits: Splits,
+    metrics: dict,
+    provenance: dict,
+) -> None:
     """Save a model :func:`fit_decoder` trained on ``session`` (moved to the CPU) with the metadata
     :func:`finetune` records: kind, data fingerprint, ``metrics``, splits, provenance, conditioning
     metadata, options."""
-    save_checkpoint(model.cpu(), out, meta={
-        "kind": "finetuned" if provenance["init"] else "scratch", "data_fingerprint": session.fingerprint(),
-        "metrics": metrics, "splits": splits.as_dict(), "source": session.source, **provenance,
-        "metadata": conditioning_metadata(session),
-        "finetune_options": asdict(options) | {"config_overrides": dict(options.config_overrides)}})
+    save_checkpoint(
+        model.cpu(),
+        out,
+        meta={
+            "kind": "finetuned" if provenance["init"] else "scratch",
+            "data_fingerprint": session.fingerprint(),
+            "metrics": metrics,
+            "splits": splits.as_dict(),
+            "source": session.source,
+            **provenance,
+            "metadata": conditioning_metadata(session),
+            "finetune_options": asdict(options) | {"config_overrides": dict(options.config_overrides)},
+        },
+    )

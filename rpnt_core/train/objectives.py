@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sample_mask(shape: tuple[int, ...], *, generator: torch.Generator, groups: Tensor | None = None) -> Tensor:
+def sample_mask(
+    shape: tuple[int, ...], *, generator: torch.Generator, groups: Tensor | None = None
+) -> Tensor:
     """Boolean mask of ``shape`` (..., T, N) — True = hidden from the model, scored by the loss."""
     *lead, t, n = shape
     b = 1

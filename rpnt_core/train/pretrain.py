@@ -80,8 +80,12 @@ class PretrainOptions:
     val_fraction: float = 0.1
     spatial: bool = False  # train the multi-site spatial encoder (multi-site recordings only)
     contrastive_weight: float = 0.1
-    adapter_lr_scale: float = 10.0  # learning-rate multiplier for the per-session read-ins/read-outs ("readin")
-    target_share: float = 0.0  # share of the batches drawn from the LAST session (0 = by length, like the rest)
+    adapter_lr_scale: float = (
+        10.0  # learning-rate multiplier for the per-session read-ins/read-outs ("readin")
+    )
+    target_share: float = (
+        0.0  # share of the batches drawn from the LAST session (0 = by length, like the rest)
+    )
     objective: str = "masked"  # "masked" (self-supervised) or "supervised" (labels of the pool)
     seed: int = 0
     device: str = "auto"
@@ -144,9 +148,16 @@ def build_config(sessions: list[Session], options: PretrainOptions) -> RPNTConfi
         overrides.setdefault("spatial_layers", 2)
     if options.supervised:
         overrides.setdefault("target", _pool_target(sessions))
-    return RPNTConfig.preset(options.preset, n_channels=n_max, n_outputs=outputs[0] if outputs else 2,
-                             bin_s=float(sessions[0].bin_s), subjects=names("subject"),
-                             sessions=names("session"), tasks=names("task"), **overrides)
+    return RPNTConfig.preset(
+        options.preset,
+        n_channels=n_max,
+        n_outputs=outputs[0] if outputs else 2,
+        bin_s=float(sessions[0].bin_s),
+        subjects=names("subject"),
+        sessions=names("session"),
+        tasks=names("task"),
+        **overrides,
+    )
 
 
 def _pool_target(sessions: list[Session]) -> str:
@@ -157,8 +168,10 @@ def _pool_target(sessions: list[Session]) -> str:
     names = {s.target for s in labelled}
     widths = {s.n_outputs for s in labelled}
     if len(names) > 1 or len(widths) > 1:
-        raise ValueError(f"target: supervised pretraining needs one target of one width, got "
-                         f"{sorted(names)} with {sorted(widths)} dimensions")
+        raise ValueError(
+            f"target: supervised pretraining needs one target of one width, got "
+            f"{sorted(names)} with {sorted(widths)} dimensions"
+        )
     return names.pop()
 
 
@@ -166,7 +179,7 @@ def _pool_target(sessions: list[Session]) -> str:
 def init_target_normalisation(core: RPNT, streams: list[Stream]) -> None:
     """Set the head's normalisation to the pooled mean and standard deviation of the target over the
     labelled streams' training bins (one scale for the pool: the units are the same every day)."""
-    ys = [st.labels[st.train[0]:st.train[1]] for st in streams if st.labels is not None]
+    ys = [st.labels[st.train[0] : st.train[1]] for st in streams if st.labels is not None]
     y = torch.cat(ys).double()
     core.set_velocity_normalisation(y.mean(0).float(), (y.std(0) + 1e-6).float())
 
@@ -194,14 +207,26 @@ def session_alignment(streams: list[Stream], adapters: nn.ModuleDict) -> tuple[d
     return {"session_channels": info}, extra
 
 
-def _loss(net: nn.Module, core: RPNT, stream: Stream, counts: torch.Tensor, *, gen: torch.Generator,
-          device: torch.device, contrastive_weight: float, labels: torch.Tensor | None = None,
-          objective: str = "masked") -> torch.Tensor:
+def _loss(
+    net: nn.Module,
+    core: RPNT,
+    stream: Stream,
+    counts: torch.Tensor,
+    *,
+    gen: torch.Generator,
+    device: torch.device,
+    contrastive_weight: float,
+    labels: torch.Tensor | None = None,
+    objective: str = "masked",
+) -> torch.Tensor:
     """The pretraining loss of one batch: masked Poisson NLL (+ site contrast), or (``objective``
     "supervised") the target's MSE in the pool's z-scored units on a labelled stream's ``labels``
     (B, L, D)."""
-    meta = {} if core is None else {
-        k: v.to(device) for k, v in metadata_batch(core, stream.metadata, counts.shape[0]).items()}
+    meta = (
+        {}
+        if core is None
+        else {k: v.to(device) for k, v in metadata_batch(core, stream.metadata, counts.shape[0]).items()}
+    )
     counts = counts.to(device)
     loss = torch.zeros((), device=device)
     if objective == "masked":
@@ -212,13 +237,24 @@ def _loss(net: nn.Module, core: RPNT, stream: Stream, counts: torch.Tensor, *, g
             loss = loss + contrastive_weight * site_contrastive_loss(out["site_latent"])
     if objective == "supervised" and labels is not None:
         pred = net(counts, meta, stream.key, site_xy=stream.site_xy, norm=stream.norm)["velocity"]
-        loss = loss + velocity_mse(pred, labels.to(device), mean=core.velocity_mean, scale=core.velocity_scale)
+        loss = loss + velocity_mse(
+            pred, labels.to(device), mean=core.velocity_mean, scale=core.velocity_scale
+        )
     return loss
 
 
 @torch.no_grad()
-def validation_loss(net: nn.Module, core: RPNT, streams: list[Stream], *, window_len: int, seed: int,
-                    device: torch.device, contrastive_weight: float, objective: str = "masked") -> float:
+def validation_loss(
+    net: nn.Module,
+    core: RPNT,
+    streams: list[Stream],
+    *,
+    window_len: int,
+    seed: int,
+    device: torch.device,
+    contrastive_weight: float,
+    objective: str = "masked",
+) -> float:
     """The pretraining loss (``objective``, see :func:`_loss`) on fixed validation windows and masks."""
     was = net.training
     net.eval()
@@ -229,9 +265,22 @@ def validation_loss(net: nn.Module, core: RPNT, streams: list[Stream], *, window
             continue
         starts = st.fixed_windows(length=window_len, split="val", max_windows=16)
         for i in range(0, len(starts), 8):
-            counts, labels = st.window(starts[i:i + 8], window_len)
-            losses.append(float(_loss(net, core, st, counts, gen=gen, device=device, labels=labels,
-                                      contrastive_weight=contrastive_weight, objective=objective)))
+            counts, labels = st.window(starts[i : i + 8], window_len)
+            losses.append(
+                float(
+                    _loss(
+                        net,
+                        core,
+                        st,
+                        counts,
+                        gen=gen,
+                        device=device,
+                        labels=labels,
+                        contrastive_weight=contrastive_weight,
+                        objective=objective,
+                    )
+                )
+            )
     net.train(was)
     return float(np.mean(losses))
 
@@ -272,12 +321,20 @@ def mean_rate_val_loss(streams: list[Stream], *, window_len: int, seed: int) -> 
     """:func:`validation_loss` (same windows, same masks) of a predictor that knows only each
     channel's mean rate: the level a pretrained model must get below to have learned anything
     about the population's dynamics rather than its firing rates."""
-    return validation_loss(_MeanRateNet(streams), None, streams, window_len=window_len, seed=seed,
-                           device=torch.device("cpu"), contrastive_weight=0.0)
+    return validation_loss(
+        _MeanRateNet(streams),
+        None,
+        streams,
+        window_len=window_len,
+        seed=seed,
+        device=torch.device("cpu"),
+        contrastive_weight=0.0,
+    )
 
 
-def batch_shares(streams: list[Stream], *, n_sessions: int, weights: list[float] | None = None,
-                 target_share: float = 0.0) -> np.ndarray:
+def batch_shares(
+    streams: list[Stream], *, n_sessions: int, weights: list[float] | None = None, target_share: float = 0.0
+) -> np.ndarray:
     """Probability that a training batch is drawn from each stream (sums to 1).
 
     By default proportional to each stream's training bins.  ``weights`` (one per session) fixes
@@ -304,8 +361,14 @@ def batch_shares(streams: list[Stream], *, n_sessions: int, weights: list[float]
     return share / share.sum()
 
 
-def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Path,
-             config: RPNTConfig | None = None, weights: list[float] | None = None) -> dict:
+def pretrain(
+    sessions: list[Session],
+    *,
+    options: PretrainOptions,
+    out: str | Path,
+    config: RPNTConfig | None = None,
+    weights: list[float] | None = None,
+) -> dict:
     """Pretrain on ``sessions``; returns a summary (best validation loss, epochs, paths).
 
     ``weights``: relative sampling weight of each session's batches (default: proportional to its
@@ -320,16 +383,32 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
     rng = np.random.default_rng(options.seed + 1000 * dist.rank)
     config = config or build_config(sessions, options)
     window_len = min(options.window_len, max(8, min(s.n_bins for s in sessions) // 4))
-    streams = prepare_streams(sessions, val_fraction=options.val_fraction, channels=options.channels,
-                              n_max=config.n_channels, split_sites=not config.spatial_layers,
-                              seed=options.seed, min_bins=window_len, input_norm=config.input_norm)
+    streams = prepare_streams(
+        sessions,
+        val_fraction=options.val_fraction,
+        channels=options.channels,
+        n_max=config.n_channels,
+        split_sites=not config.spatial_layers,
+        seed=options.seed,
+        min_bins=window_len,
+        input_norm=config.input_norm,
+    )
     if config.spatial_layers:
         streams = [s for s in streams if s.counts.dim() == 3]
         if not streams:
             raise ValueError("data: --spatial needs multi-site recordings (counts (S, T, N) with site_xy)")
     core = RPNT(config)
-    adapters = ({s.key: SessionAdapter(s.n_channels, config.d_model, ) for s in streams}
-                if options.channels == "readin" else None)
+    adapters = (
+        {
+            s.key: SessionAdapter(
+                s.n_channels,
+                config.d_model,
+            )
+            for s in streams
+        }
+        if options.channels == "readin"
+        else None
+    )
     init_rate_biases(core, streams, adapters)  # (a resumed run loads its own weights over this)
     if options.supervised:
         init_target_normalisation(core, streams)
@@ -337,11 +416,15 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
     train_net: nn.Module = net
     if dist.enabled:
         train_net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
-            find_unused_parameters=True)
+            net,
+            device_ids=[dist.local_rank] if dist.device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
     groups = [{"params": list(net.core.parameters())}]
     if len(net.adapters):
-        groups.append({"params": list(net.adapters.parameters()), "lr": options.lr * options.adapter_lr_scale})
+        groups.append(
+            {"params": list(net.adapters.parameters()), "lr": options.lr * options.adapter_lr_scale}
+        )
     opt = torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay)
     total = options.epochs * options.steps_per_epoch
 
@@ -363,7 +446,9 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
         if dist.rank:  # rank 0 saved its own generator; the others derive theirs from the step
             rng = np.random.default_rng(options.seed + 1000 * dist.rank + info["step"])
     gen = torch.Generator().manual_seed(options.seed * 7919 + dist.rank + info["step"])
-    share = batch_shares(streams, n_sessions=len(sessions), weights=weights, target_share=options.target_share)
+    share = batch_shares(
+        streams, n_sessions=len(sessions), weights=weights, target_share=options.target_share
+    )
     if options.objective == "supervised":  # batches only from recordings with labels
         share = share * np.array([st.labels is not None for st in streams])
         share = share / share.sum()
@@ -371,8 +456,14 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
     t_start = time.time()
     first_epoch = info["epoch"]
     # one bar over the whole run: its ETA is the run's (validation passes between epochs included)
-    bar = tqdm(total=options.epochs * options.steps_per_epoch, initial=info["step"], desc="pretrain", unit="step",
-               disable=not (options.progress and dist.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=options.epochs * options.steps_per_epoch,
+        initial=info["step"],
+        desc="pretrain",
+        unit="step",
+        disable=not (options.progress and dist.is_main),
+        dynamic_ncols=True,
+    )
     try:
         for epoch in range(info["epoch"], options.epochs):
             train_net.train()
@@ -380,8 +471,17 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
             for _ in range(options.steps_per_epoch):
                 st = streams[int(rng.choice(len(streams), p=share))]
                 counts, labels = st.sample(rng, batch_size=options.batch_size, length=window_len)
-                loss = _loss(train_net, core, st, counts, gen=gen, device=dist.device, labels=labels,
-                             contrastive_weight=options.contrastive_weight, objective=options.objective)
+                loss = _loss(
+                    train_net,
+                    core,
+                    st,
+                    counts,
+                    gen=gen,
+                    device=dist.device,
+                    labels=labels,
+                    contrastive_weight=options.contrastive_weight,
+                    objective=options.objective,
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(net.parameters(), options.grad_clip)
@@ -391,8 +491,16 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
                 running.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(epoch=f"{epoch + 1}/{options.epochs}", loss=f"{running[-1]:.4f}")
-            val = validation_loss(net, core, streams, window_len=window_len, seed=options.seed, device=dist.device,
-                                  contrastive_weight=options.contrastive_weight, objective=options.objective)
+            val = validation_loss(
+                net,
+                core,
+                streams,
+                window_len=window_len,
+                seed=options.seed,
+                device=dist.device,
+                contrastive_weight=options.contrastive_weight,
+                objective=options.objective,
+            )
             train_loss = D.mean_across(float(np.mean(running)), dist)
             improved = val < info["best_val"]
             if improved:
@@ -401,30 +509,64 @@ def pretrain(sessions: list[Session], *, options: PretrainOptions, out: str | Pa
             if dist.is_main:
                 if improved:
                     alignment, extra = session_alignment(streams, net.adapters)
-                    save_checkpoint(core, out, extra=extra, meta={**alignment,
-                        "kind": "pretrained", "data_fingerprint": fingerprint, "channels": options.channels,
-                        "supervised": options.supervised,
-                        "metrics": {"val_poisson_nll": val, "epoch": epoch},
-                        "pretrain_options": asdict(options) | {"config_overrides": dict(options.config_overrides)},
-                        "sessions": [s.source or s.session for s in sessions]})
+                    save_checkpoint(
+                        core,
+                        out,
+                        extra=extra,
+                        meta={
+                            **alignment,
+                            "kind": "pretrained",
+                            "data_fingerprint": fingerprint,
+                            "channels": options.channels,
+                            "supervised": options.supervised,
+                            "metrics": {"val_poisson_nll": val, "epoch": epoch},
+                            "pretrain_options": asdict(options)
+                            | {"config_overrides": dict(options.config_overrides)},
+                            "sessions": [s.source or s.session for s in sessions],
+                        },
+                    )
                 with log_path.open("a") as f:
-                    f.write(json.dumps({"epoch": epoch, "step": info["step"], "train_loss": train_loss,
-                                        "val_loss": val, "lr": sched.get_last_lr()[0], "best": improved,
-                                        "elapsed_s": round(time.time() - t_start, 2)}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "epoch": epoch,
+                                "step": info["step"],
+                                "train_loss": train_loss,
+                                "val_loss": val,
+                                "lr": sched.get_last_lr()[0],
+                                "best": improved,
+                                "elapsed_s": round(time.time() - t_start, 2),
+                            }
+                        )
+                        + "\n"
+                    )
                 save_training_state(resume_path, module=net, optimizer=opt, info=info, rng=rng)
                 if options.progress:
                     elapsed = time.time() - t_start
                     eta = elapsed / (epoch + 1 - first_epoch) * (options.epochs - epoch - 1)
-                    bar.write(f"epoch {epoch + 1}/{options.epochs}  train {train_loss:.4f}  val {val:.4f}"
-                              + ("  *best" if improved else "") + f"  ({elapsed:.0f} s, ETA {eta:.0f} s)",
-                              file=sys.stdout)
+                    bar.write(
+                        f"epoch {epoch + 1}/{options.epochs}  train {train_loss:.4f}  val {val:.4f}"
+                        + ("  *best" if improved else "")
+                        + f"  ({elapsed:.0f} s, ETA {eta:.0f} s)",
+                        file=sys.stdout,
+                    )
                     sys.stdout.flush()  # a pipe reader sees each epoch's line as it ends
             D.barrier(dist)
     finally:  # the bar ends before anything the caller prints (an interrupt's message)
         bar.close()
     D.teardown(dist)
-    floor = (mean_rate_val_loss(streams, window_len=window_len, seed=options.seed)
-             if options.objective == "masked" and not config.spatial_layers else None)
-    return {"checkpoint": str(out), "best_val_loss": info["best_val"], "val_loss_mean_rate": floor, "best_epoch": info["best_epoch"],
-            "epochs": info["epoch"], "log": str(log_path), "streams": len(streams),
-            "data_fingerprint": fingerprint}
+    floor = (
+        mean_rate_val_loss(streams, window_len=window_len, seed=options.seed)
+        if options.objective == "masked" and not config.spatial_layers
+        else None
+    )
+    return {
+        "checkpoint": str(out),
+        "best_val_loss": info["best_val"],
+        "val_loss_mean_rate": floor,
+        "best_epoch": info["best_epoch"],
+        "epochs": info["epoch"],
+        "log": str(log_path),
+        "streams": len(streams),
+        "data_fingerprint": fingerprint,
+    }

@@ -41,8 +41,13 @@ def _read_in_params(model: RPNT) -> list[torch.nn.Parameter]:
     return list(model.read_in.parameters())
 
 
-def realign_input(model: RPNT, counts: np.ndarray, *, options: RealignOptions,
-                  metadata: dict[str, torch.Tensor] | None = None) -> dict:
+def realign_input(
+    model: RPNT,
+    counts: np.ndarray,
+    *,
+    options: RealignOptions,
+    metadata: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Re-fit ``model``'s read-in (in place) to unlabelled ``counts`` (T, N_in) of a new recording.
 
     Returns ``{"nll_before", "nll_after"}``: the masked Poisson loss of the first and the last

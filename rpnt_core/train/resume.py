@@ -15,21 +15,32 @@ from ..checkpoint import atomic_save_tensors
 FORMAT = "rpnt-train-state/1"
 
 
-def save_training_state(path: Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        info: dict[str, Any], rng: np.random.Generator) -> None:
+def save_training_state(
+    path: Path,
+    *,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
+    rng: np.random.Generator,
+) -> None:
     tensors = {f"net.{k}": v for k, v in module.state_dict().items()}
     opt = optimizer.state_dict()
     for pid, st in opt["state"].items():
         for name, val in st.items():
             tensors[f"opt.{pid}.{name}"] = torch.as_tensor(val)
     tensors["rng.torch"] = torch.get_rng_state()
-    header = {"format": FORMAT, "info": json.dumps(info), "param_groups": json.dumps(opt["param_groups"]),
-              "numpy_rng": json.dumps(rng.bit_generator.state)}
+    header = {
+        "format": FORMAT,
+        "info": json.dumps(info),
+        "param_groups": json.dumps(opt["param_groups"]),
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+    }
     atomic_save_tensors(tensors, path, header)
 
 
-def load_training_state(path: Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                        rng: np.random.Generator) -> dict[str, Any]:
+def load_training_state(
+    path: Path, *, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rng: np.random.Generator
+) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
         if header.get("format") != FORMAT:

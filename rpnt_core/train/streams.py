@@ -33,7 +33,9 @@ class Stream:
     session: str = ""  # the recording's session name ("" when unnamed or one site of several)
     channel_seed: int | None = None  # the ChannelResampler seed ("resample" streams)
     source_channels: int = 0  # the recording's own channel count (before resampling)
-    norm: tuple[Tensor, Tensor] | None = None  # (N,) mean, scale of sqrt counts over the train bins (input_norm)
+    norm: tuple[Tensor, Tensor] | None = (
+        None  # (N,) mean, scale of sqrt counts over the train bins (input_norm)
+    )
 
     @property
     def n_channels(self) -> int:
@@ -49,8 +51,9 @@ class Stream:
         v = None if self.labels is None else self.labels[idx]
         return c, v
 
-    def sample(self, rng: np.random.Generator, *, batch_size: int, length: int, split: str = "train"
-               ) -> tuple[Tensor, Tensor | None]:
+    def sample(
+        self, rng: np.random.Generator, *, batch_size: int, length: int, split: str = "train"
+    ) -> tuple[Tensor, Tensor | None]:
         lo, hi = getattr(self, split)
         starts = WindowSampler(start=lo, stop=hi, length=length).sample(rng, batch_size)
         return self.window(starts, length)
@@ -62,8 +65,17 @@ class Stream:
         return starts[:max_windows]
 
 
-def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: str, n_max: int,
-                    split_sites: bool, seed: int, min_bins: int, input_norm: bool = False) -> list[Stream]:
+def prepare_streams(
+    sessions: list[Session],
+    *,
+    val_fraction: float,
+    channels: str,
+    n_max: int,
+    split_sites: bool,
+    seed: int,
+    min_bins: int,
+    input_norm: bool = False,
+) -> list[Stream]:
     """Streams for pretraining: the last ``val_fraction`` of each recording is validation.
 
     ``channels``: "resample" maps every stream to ``n_max`` columns with a per-session
@@ -82,13 +94,18 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
     streams: list[Stream] = []
     for i, s in enumerate(sessions):
         counts = np.asarray(s.counts, dtype=np.float32)
-        parts = [(counts[k], s.session or f"s{i}", k) for k in range(counts.shape[0])] if (
-            s.multisite and split_sites) else [(counts, s.session or f"s{i}", None)]
+        parts = (
+            [(counts[k], s.session or f"s{i}", k) for k in range(counts.shape[0])]
+            if (s.multisite and split_sites)
+            else [(counts, s.session or f"s{i}", None)]
+        )
         for c, name, site in parts:
             t = c.shape[-2]
             if t < min_bins:
-                raise ValueError(f"data: recording {name!r} has {t} bins, fewer than one training window "
-                                 f"({min_bins}); leave it out or shorten the window")
+                raise ValueError(
+                    f"data: recording {name!r} has {t} bins, fewer than one training window "
+                    f"({min_bins}); leave it out or shorten the window"
+                )
             n_val = max(1, int(round(val_fraction * t)))
             if t - n_val < min_bins or n_val < min_bins:
                 n_val = 0  # too short for a validation window too: all of it trains
@@ -101,22 +118,39 @@ def prepare_streams(sessions: list[Session], *, val_fraction: float, channels: s
                 c, groups = rs.apply(c), rs.index
             norm = None
             if input_norm:
-                flat = c[..., :t - n_val, :].reshape(-1, c.shape[-1])  # train bins, sites pooled
+                flat = c[..., : t - n_val, :].reshape(-1, c.shape[-1])  # train bins, sites pooled
                 norm = tuple(torch.from_numpy(a) for a in sqrt_count_stats(flat))
-            streams.append(Stream(
-                key=key, counts=torch.from_numpy(np.ascontiguousarray(c)),
-                labels=None if s.labels is None else torch.from_numpy(np.asarray(s.labels, np.float32)),
-                groups=torch.as_tensor(np.array(groups), dtype=torch.long),
-                metadata=dict(subject=s.subject, session=s.session, task=s.task, date_days=s.date_days),
-                site_xy=None if (s.site_xy is None or site is not None) else torch.as_tensor(s.site_xy, dtype=torch.float32),
-                train=(0, t - n_val), val=(t - n_val, t), session=(s.session or "") if site is None else "",
-                channel_seed=channel_seed, source_channels=source_channels, norm=norm))
+            streams.append(
+                Stream(
+                    key=key,
+                    counts=torch.from_numpy(np.ascontiguousarray(c)),
+                    labels=None if s.labels is None else torch.from_numpy(np.asarray(s.labels, np.float32)),
+                    groups=torch.as_tensor(np.array(groups), dtype=torch.long),
+                    metadata=dict(subject=s.subject, session=s.session, task=s.task, date_days=s.date_days),
+                    site_xy=None
+                    if (s.site_xy is None or site is not None)
+                    else torch.as_tensor(s.site_xy, dtype=torch.float32),
+                    train=(0, t - n_val),
+                    val=(t - n_val, t),
+                    session=(s.session or "") if site is None else "",
+                    channel_seed=channel_seed,
+                    source_channels=source_channels,
+                    norm=norm,
+                )
+            )
     if not any(st.val[1] - st.val[0] >= min_bins for st in streams):
-        raise ValueError(f"data: no recording has enough bins ({2 * min_bins}+) for training and validation windows")
+        raise ValueError(
+            f"data: no recording has enough bins ({2 * min_bins}+) for training and validation windows"
+        )
     return streams
 
 
 def metadata_batch(model, meta: dict, batch_size: int) -> dict[str, Tensor]:
     """Vocabulary indices for a stream's metadata names, repeated over the batch."""
-    return model.metadata_for(batch_size=batch_size, subject=meta.get("subject"), session=meta.get("session"),
-                              task=meta.get("task"), date_days=float(meta.get("date_days", 0.0)))
+    return model.metadata_for(
+        batch_size=batch_size,
+        subject=meta.get("subject"),
+        session=meta.get("session"),
+        task=meta.get("task"),
+        date_days=float(meta.get("date_days", 0.0)),
+    )

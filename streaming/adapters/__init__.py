@@ -20,13 +20,30 @@ from .base import AdapterError, AdapterSpec, IngestAdapter, PublishAdapter
 #: kind → (module, ingest class, publish class, the Python package it needs, options per direction)
 _COMMON_INGEST = ("source_id", "free_run")
 KINDS: dict[str, dict] = {
-    "lsl": {"module": "lsl", "ingest": "LslIngest", "publish": "LslPublish", "package": "pylsl",
-            "options": {"ingest": _COMMON_INGEST + ("resolve_s",), "publish": ("type",)}},
-    "redis": {"module": "redis_stream", "ingest": "RedisIngest", "publish": "RedisPublish", "package": "redis",
-              "options": {"ingest": _COMMON_INGEST + ("host", "port", "db", "start"),
-                          "publish": ("host", "port", "db", "maxlen")}},
-    "openephys": {"module": "openephys", "ingest": "OpenEphysIngest", "publish": None, "package": None,
-                  "options": {"ingest": _COMMON_INGEST + ("rate", "heartbeat")}},
+    "lsl": {
+        "module": "lsl",
+        "ingest": "LslIngest",
+        "publish": "LslPublish",
+        "package": "pylsl",
+        "options": {"ingest": _COMMON_INGEST + ("resolve_s",), "publish": ("type",)},
+    },
+    "redis": {
+        "module": "redis_stream",
+        "ingest": "RedisIngest",
+        "publish": "RedisPublish",
+        "package": "redis",
+        "options": {
+            "ingest": _COMMON_INGEST + ("host", "port", "db", "start"),
+            "publish": ("host", "port", "db", "maxlen"),
+        },
+    },
+    "openephys": {
+        "module": "openephys",
+        "ingest": "OpenEphysIngest",
+        "publish": None,
+        "package": None,
+        "options": {"ingest": _COMMON_INGEST + ("rate", "heartbeat")},
+    },
 }
 
 __all__ = [
@@ -62,8 +79,9 @@ def parse_spec(text: str, *, direction: str) -> AdapterSpec:
     allowed = k["options"][direction]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise AdapterError(f"{text}: unknown option {unknown[0]} for {kind} {direction} "
-                           f"(options: {', '.join(allowed)})")
+        raise AdapterError(
+            f"{text}: unknown option {unknown[0]} for {kind} {direction} (options: {', '.join(allowed)})"
+        )
     return AdapterSpec(text=text, kind=kind, target=target, options=options)
 
 
@@ -75,8 +93,9 @@ def check_available(spec: AdapterSpec) -> None:
     try:
         importlib.import_module(pkg)
     except ImportError:
-        raise AdapterError(f"{spec.text}: the {spec.kind} adapter needs the '{pkg}' package "
-                           "(pip install 'rpnt[adapters]')") from None
+        raise AdapterError(
+            f"{spec.text}: the {spec.kind} adapter needs the '{pkg}' package (pip install 'rpnt[adapters]')"
+        ) from None
     except (RuntimeError, OSError) as exc:  # pylsl: its bundled liblsl does not load on this platform
         raise AdapterError(f"{spec.text}: the '{pkg}' package does not load here: {exc}") from None
 
@@ -102,10 +121,24 @@ def start_adapters(daemon, *, ingest: list[str], publish: list[str]) -> list:
     """Build and start the bridges for a started ``daemon`` (its bound endpoints, bin width, channel
     and output counts); each one's counters join ``daemon.snapshot()["adapters"]`` under
     ``"ingest KIND:TARGET"`` / ``"publish KIND:TARGET"``."""
-    bridges = [build_ingest(parse_spec(t, direction="ingest"), ingest=daemon.endpoints["ingest"],
-                            bin_ns=daemon.bin_ns, n_channels=daemon.n_channels) for t in ingest]
-    bridges += [build_publish(parse_spec(t, direction="publish"), publish=daemon.endpoints["publish"],
-                              n_outputs=daemon.n_outputs, bin_ns=daemon.bin_ns) for t in publish]
+    bridges = [
+        build_ingest(
+            parse_spec(t, direction="ingest"),
+            ingest=daemon.endpoints["ingest"],
+            bin_ns=daemon.bin_ns,
+            n_channels=daemon.n_channels,
+        )
+        for t in ingest
+    ]
+    bridges += [
+        build_publish(
+            parse_spec(t, direction="publish"),
+            publish=daemon.endpoints["publish"],
+            n_outputs=daemon.n_outputs,
+            bin_ns=daemon.bin_ns,
+        )
+        for t in publish
+    ]
     for b in bridges:
         daemon.attach_adapter(f"{b.direction} {b.spec.text}", b.stats.as_dict)
         b.start()

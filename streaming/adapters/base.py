@@ -109,10 +109,20 @@ class AdapterStats:
             self.last_error = f"{reason}: {detail}"
 
     def as_dict(self) -> dict:
-        return {"kind": self.spec.kind, "direction": self.direction, "target": self.spec.target,
-                "connected": self.connected, "received": self.received, "forwarded": self.forwarded,
-                "rejected": dict(self.rejected), "lost": self.lost, "disconnects": self.disconnects,
-                "reconnects": self.reconnects, "last_error": self.last_error, **dict(self.extra)}
+        return {
+            "kind": self.spec.kind,
+            "direction": self.direction,
+            "target": self.spec.target,
+            "connected": self.connected,
+            "received": self.received,
+            "forwarded": self.forwarded,
+            "rejected": dict(self.rejected),
+            "lost": self.lost,
+            "disconnects": self.disconnects,
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
+            **dict(self.extra),
+        }
 
 
 class _Bridge:

@@ -113,11 +113,18 @@ class LslIngest(IngestAdapter):
         n, rate, fmt = info.channel_count(), info.nominal_srate(), info.channel_format()
         if fmt != pylsl.cf_string and n == 1 and rate == pylsl.IRREGULAR_RATE:
             return "spikes", ""
-        if fmt != pylsl.cf_string and n == self.n_channels and rate > 0 and abs(rate * self.bin_ns / 1e9 - 1) < 1e-6:
+        if (
+            fmt != pylsl.cf_string
+            and n == self.n_channels
+            and rate > 0
+            and abs(rate * self.bin_ns / 1e9 - 1) < 1e-6
+        ):
             return "counts", ""
         kind = "text" if fmt == pylsl.cf_string else "numeric"
-        why = (f"LSL stream {info.name()}: {n} {kind} channel(s) at {rate:g} Hz; expected 1 numeric channel at "
-               f"irregular rate (spike events) or {self.n_channels} at {1e9 / self.bin_ns:g} Hz (binned counts)")
+        why = (
+            f"LSL stream {info.name()}: {n} {kind} channel(s) at {rate:g} Hz; expected 1 numeric channel at "
+            f"irregular rate (spike events) or {self.n_channels} at {1e9 / self.bin_ns:g} Hz (binned counts)"
+        )
         if info.uid() not in self._refused:
             self._refused.add(info.uid())
             self.stats.reject("stream_format", detail=why)
@@ -176,12 +183,20 @@ class LslIngest(IngestAdapter):
             ch, tm = ids[start:i], t_ns[start:i]
             clock = int(t_ns[i]) if i < ids.size else None
             if ch.size or clock is not None:
-                self.send(encode_spikes(source=self.source_id, seq=self.next_seq(), channels=ch, times=tm, clock=clock))
+                self.send(
+                    encode_spikes(
+                        source=self.source_id, seq=self.next_seq(), channels=ch, times=tm, clock=clock
+                    )
+                )
             start = i + 1
 
     def _forward_counts(self, values: np.ndarray, t_ns: np.ndarray) -> None:
-        good = np.isfinite(values).all(1) & (values == np.round(values)).all(1) & (values >= 0).all(1) & \
-            (values <= 65535).all(1)
+        good = (
+            np.isfinite(values).all(1)
+            & (values == np.round(values)).all(1)
+            & (values >= 0).all(1)
+            & (values <= 65535).all(1)
+        )
         self._drop(~good, "count_range", "counts must be integers in [0, 65535]")
         last = -1 if self._last_bin is None else self._last_bin * self.bin_ns
         keep = good & self._in_order(t_ns, last)
@@ -195,8 +210,15 @@ class LslIngest(IngestAdapter):
             return
         cuts = np.flatnonzero(np.diff(bins) != 1) + 1
         for b, r in zip(np.split(bins, cuts), np.split(rows, cuts)):
-            self.send(encode_counts(source=self.source_id, seq=self.next_seq(), first=int(b[0]),
-                                    counts=r.astype(np.uint16), bin_ns=self.bin_ns))
+            self.send(
+                encode_counts(
+                    source=self.source_id,
+                    seq=self.next_seq(),
+                    first=int(b[0]),
+                    counts=r.astype(np.uint16),
+                    bin_ns=self.bin_ns,
+                )
+            )
         self._last_bin = int(bins[-1])
 
 
@@ -214,8 +236,14 @@ class LslPublish(PublishAdapter):
 
     def _connect(self) -> None:
         labels = self.channel_labels()
-        info = pylsl.StreamInfo(self.spec.target, self.spec.options.get("type", "rpnt-predictions"), len(labels),
-                                1e9 / self.bin_ns, pylsl.cf_double64, f"rpnt-{self.spec.target}")
+        info = pylsl.StreamInfo(
+            self.spec.target,
+            self.spec.options.get("type", "rpnt-predictions"),
+            len(labels),
+            1e9 / self.bin_ns,
+            pylsl.cf_double64,
+            f"rpnt-{self.spec.target}",
+        )
         chans = info.desc().append_child("channels")
         for label in labels:
             chans.append_child("channel").append_child_value("label", label)
@@ -224,9 +252,9 @@ class LslPublish(PublishAdapter):
     def emit(self, p: Prediction) -> None:
         row = np.empty(self.n_outputs + 3, dtype=np.float64)
         d = min(self.n_outputs, p.velocity.shape[0])
-        row[:self.n_outputs] = np.nan
+        row[: self.n_outputs] = np.nan
         row[:d] = p.velocity[:d]
-        row[self.n_outputs:] = (p.flags, latency_ns(p) / 1e6, p.bin)
+        row[self.n_outputs :] = (p.flags, latency_ns(p) / 1e6, p.bin)
         self._outlet.push_sample(row.tolist())
 
     def _close_foreign(self) -> None:

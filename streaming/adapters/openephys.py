@@ -232,7 +232,9 @@ class OpenEphysIngest(IngestAdapter):
             return
         ch = electrode_channel(spike.get("electrode"))
         if ch is None or not 0 <= ch < self.n_channels:
-            self.stats.reject("electrode", detail=f"electrode without a channel number in [1, {self.n_channels}]")
+            self.stats.reject(
+                "electrode", detail=f"electrode without a channel number in [1, {self.n_channels}]"
+            )
             return
         s = spike["sample_num"]
         if s < self._tick:
@@ -272,7 +274,9 @@ class OpenEphysIngest(IngestAdapter):
     def _flush(self, clock: int | None) -> None:
         """Send the held spikes before ``clock`` (all of them when None), sorted, with that clock."""
         if self.rate is None:
-            self.stats.reject("sample_rate", len(self._held_s), "spikes before any sample rate is known (set rate=)")
+            self.stats.reject(
+                "sample_rate", len(self._held_s), "spikes before any sample rate is known (set rate=)"
+            )
             self._held_ch, self._held_s = [], []
             return
         ch = np.asarray(self._held_ch, dtype=np.int64)
@@ -286,5 +290,13 @@ class OpenEphysIngest(IngestAdapter):
         elif out_s.size:
             self._tick = int(out_s[-1])
         if out_s.size or clock is not None:
-            self.send(encode_spikes(source=self.source_id, seq=self.next_seq(), channels=out_ch, times=out_s,
-                                    clock=clock, rate_hz=self.rate))
+            self.send(
+                encode_spikes(
+                    source=self.source_id,
+                    seq=self.next_seq(),
+                    channels=out_ch,
+                    times=out_s,
+                    clock=clock,
+                    rate_hz=self.rate,
+                )
+            )

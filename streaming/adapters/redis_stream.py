@@ -63,8 +63,13 @@ class _BadEntry(ValueError):
 
 
 def _client(spec, *, timeout_s: float) -> redis.Redis:
-    return redis.Redis(host=spec.option("host", "127.0.0.1", str), port=spec.option("port", 6379, int),
-                       db=spec.option("db", 0, int), socket_connect_timeout=2.0, socket_timeout=timeout_s)
+    return redis.Redis(
+        host=spec.option("host", "127.0.0.1", str),
+        port=spec.option("port", 6379, int),
+        db=spec.option("db", 0, int),
+        socket_connect_timeout=2.0,
+        socket_timeout=timeout_s,
+    )
 
 
 def _int(fields: dict, name: str) -> int:
@@ -80,7 +85,9 @@ def _int(fields: dict, name: str) -> int:
 def _array(fields: dict, name: str, dtype: np.dtype) -> np.ndarray:
     raw = fields[name.encode()]
     if len(raw) % dtype.itemsize:
-        raise _BadEntry("payload_size", f"field {name}: {len(raw)} bytes is not a whole number of {dtype.str}")
+        raise _BadEntry(
+            "payload_size", f"field {name}: {len(raw)} bytes is not a whole number of {dtype.str}"
+        )
     return np.frombuffer(raw, dtype=dtype)
 
 
@@ -107,8 +114,10 @@ class RedisIngest(IngestAdapter):
                 self._last_id = tail[0][0] if tail else b"0-0"
         except _GONE as exc:
             r.close()
-            raise Unavailable(f"redis at {self.spec.option('host', '127.0.0.1', str)}:"
-                              f"{self.spec.option('port', 6379, int)}: {exc}") from None
+            raise Unavailable(
+                f"redis at {self.spec.option('host', '127.0.0.1', str)}:"
+                f"{self.spec.option('port', 6379, int)}: {exc}"
+            ) from None
         self._r = r
 
     def _close_foreign(self) -> None:
@@ -140,7 +149,11 @@ class RedisIngest(IngestAdapter):
         if b"reset" in fields:
             start = _int(fields, "reset")
             free = fields.get(b"free_run", b"0") == b"1" or self.free_run
-            self.send(encode_reset(source=src, seq=self.next_seq(), start=None if start < 0 else start, free_run=free))
+            self.send(
+                encode_reset(
+                    source=src, seq=self.next_seq(), start=None if start < 0 else start, free_run=free
+                )
+            )
         elif b"channels" in fields or b"times_ns" in fields:
             if b"channels" not in fields or b"times_ns" not in fields:
                 raise _BadEntry("fields", "SPIKES needs both 'channels' and 'times_ns'")
@@ -154,10 +167,18 @@ class RedisIngest(IngestAdapter):
                 raise _BadEntry("fields", "COUNTS needs 'first_bin'")
             c, first = _array(fields, "counts", COUNT_DTYPE), _int(fields, "first_bin")
             if c.size == 0 or c.size % self.n_channels:
-                raise _BadEntry("payload_size", f"{c.size} counts is not a whole number of "
-                                                f"{self.n_channels}-channel bins")
-            self.send(encode_counts(source=src, seq=self.next_seq(), first=first, counts=c.reshape(-1, self.n_channels),
-                                    bin_ns=self.bin_ns))
+                raise _BadEntry(
+                    "payload_size", f"{c.size} counts is not a whole number of {self.n_channels}-channel bins"
+                )
+            self.send(
+                encode_counts(
+                    source=src,
+                    seq=self.next_seq(),
+                    first=first,
+                    counts=c.reshape(-1, self.n_channels),
+                    bin_ns=self.bin_ns,
+                )
+            )
         elif b"clock_ns" in fields:
             clock = _int(fields, "clock_ns")
             self.send(encode_tick(source=src, seq=self.next_seq(), clock=clock))
@@ -192,8 +213,15 @@ class RedisPublish(PublishAdapter):
             self._r = None
 
     def emit(self, p: Prediction) -> None:
-        fields = {"bin": p.bin, "epoch": p.epoch, "flags": p.flags, "y": p.velocity.astype("<f4").tobytes(),
-                  "latency_ns": latency_ns(p), "t_publish_ns": p.t_publish_ns, "model_version": p.model_version}
+        fields = {
+            "bin": p.bin,
+            "epoch": p.epoch,
+            "flags": p.flags,
+            "y": p.velocity.astype("<f4").tobytes(),
+            "latency_ns": latency_ns(p),
+            "t_publish_ns": p.t_publish_ns,
+            "model_version": p.model_version,
+        }
         try:
             self._r.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
         except _GONE as exc:

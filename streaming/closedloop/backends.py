@@ -32,9 +32,15 @@ def observation_session(counts: np.ndarray, velocity: np.ndarray, *, bin_s: floa
     """A labelled :class:`~rpnt_core.data.Session` (metadata: subject ``closedloop-sim``)."""
     from rpnt_core.data import Session
 
-    return Session(counts=np.asarray(counts, dtype=np.int32), bin_s=bin_s,
-                   velocity=np.asarray(velocity, dtype=np.float32), subject="closedloop-sim", session=name,
-                   task="center_out", source="rpnt closedloop")
+    return Session(
+        counts=np.asarray(counts, dtype=np.int32),
+        bin_s=bin_s,
+        velocity=np.asarray(velocity, dtype=np.float32),
+        subject="closedloop-sim",
+        session=name,
+        task="center_out",
+        source="rpnt closedloop",
+    )
 
 
 def fit_baseline(name: str, counts: np.ndarray, velocity: np.ndarray, *, bin_s: float, seed: int = 0) -> Any:
@@ -44,12 +50,27 @@ def fit_baseline(name: str, counts: np.ndarray, velocity: np.ndarray, *, bin_s: 
     if name not in BASELINES:
         raise ValueError(f"decoder: expected one of {sorted(BASELINES)} or rpnt, got {name!r}")
     a = int(len(counts) * 0.8)
-    return BASELINES[name].fit(train_counts=counts[:a], train_velocity=velocity[:a], val_counts=counts[a:],
-                               val_velocity=velocity[a:], bin_s=bin_s, seed=seed)
+    return BASELINES[name].fit(
+        train_counts=counts[:a],
+        train_velocity=velocity[:a],
+        val_counts=counts[a:],
+        val_velocity=velocity[a:],
+        bin_s=bin_s,
+        seed=seed,
+    )
 
 
-def train_rpnt(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float, workdir: Path, preset: str = "small",
-               epochs: int = 10, steps_per_epoch: int = 20, seed: int = 0) -> dict:
+def train_rpnt(
+    counts: np.ndarray,
+    velocity: np.ndarray,
+    *,
+    bin_s: float,
+    workdir: Path,
+    preset: str = "small",
+    epochs: int = 10,
+    steps_per_epoch: int = 20,
+    seed: int = 0,
+) -> dict:
     """Train an RPNT decoder from scratch on the observation block (the finetuning recipe with
     ``init=None``), export it to ONNX (parity-checked on that block) → ``{"export", "checkpoint",
     "test_r2", "seconds"}``."""
@@ -61,12 +82,25 @@ def train_rpnt(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float, workdi
     sess = observation_session(counts, velocity, bin_s=bin_s)
     data = save_npz(sess, workdir / "observation.npz")
     t0 = time.perf_counter()
-    opts = FinetuneOptions(preset=preset, epochs=epochs, steps_per_epoch=steps_per_epoch, train_fraction=0.7,
-                           val_fraction=0.15, test_fraction=0.15, device="cpu", progress=False, seed=seed)
+    opts = FinetuneOptions(
+        preset=preset,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        train_fraction=0.7,
+        val_fraction=0.15,
+        test_fraction=0.15,
+        device="cpu",
+        progress=False,
+        seed=seed,
+    )
     r = finetune(sess, init=None, options=opts, out=workdir / "checkpoint.safetensors")
     export_checkpoint(workdir / "checkpoint.safetensors", workdir / "export", parity_data=data)
-    return {"export": workdir / "export", "checkpoint": workdir / "checkpoint.safetensors",
-            "test_r2": float(r["test_r2"]), "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "export": workdir / "export",
+        "checkpoint": workdir / "checkpoint.safetensors",
+        "test_r2": float(r["test_r2"]),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 class ThreadBackend:
@@ -101,8 +135,14 @@ def _multipart(fields: dict[str, str], files: dict[str, tuple[str, bytes]]) -> t
     for k, v in fields.items():
         out += f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
     for k, (fname, data) in files.items():
-        out += (f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{fname}"\r\n'
-                "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+        out += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{fname}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
     out += f"--{boundary}--\r\n".encode()
     return bytes(out), f"multipart/form-data; boundary={boundary}"
 
@@ -116,11 +156,19 @@ class ServeBackend:
         import tempfile
 
         Path(workdir).mkdir(parents=True, exist_ok=True)
-        run_dir = Path(tempfile.mkdtemp(prefix="rpnt-cl"))  # short: unix socket paths are limited to ~107 bytes
+        run_dir = Path(
+            tempfile.mkdtemp(prefix="rpnt-cl")
+        )  # short: unix socket paths are limited to ~107 bytes
         # --replace-active: a registry left by an earlier run in ``workdir`` must not put its last
         # (recalibrated) version live instead of ``export``
-        self.proc = ServeProcess(model=Path(export), registry=Path(workdir) / "registry", run_dir=run_dir,
-                                 token=secrets.token_urlsafe(24), env=env, extra=["--replace-active"])
+        self.proc = ServeProcess(
+            model=Path(export),
+            registry=Path(workdir) / "registry",
+            run_dir=run_dir,
+            token=secrets.token_urlsafe(24),
+            env=env,
+            extra=["--replace-active"],
+        )
         self.proc.wait_ready(timeout=300.0)
         self.ingest, self.publish = self.proc.ingest, self.proc.publish
         self.name = "rpnt"
@@ -129,8 +177,14 @@ class ServeBackend:
     def url(self) -> str:
         return self.proc.url
 
-    def request(self, method: str, path: str, *, fields: dict | None = None,
-                files: dict[str, tuple[str, bytes]] | None = None) -> tuple[int, dict]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        fields: dict | None = None,
+        files: dict[str, tuple[str, bytes]] | None = None,
+    ) -> tuple[int, dict]:
         """(status, JSON) of one HTTP call (POST and DELETE authenticated with the token)."""
         headers, body = {}, None
         if method in ("POST", "DELETE"):
@@ -145,8 +199,14 @@ class ServeBackend:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read().decode() or "{}")
 
-    def calibrate(self, *, seconds: float | None = None, upload: dict | None = None, labels: str = "recorded",
-                  force: bool = False) -> tuple[int, dict]:
+    def calibrate(
+        self,
+        *,
+        seconds: float | None = None,
+        upload: dict | None = None,
+        labels: str = "recorded",
+        force: bool = False,
+    ) -> tuple[int, dict]:
         """``POST /calibrate``: ``source=recent`` for the last ``seconds``, or an NPZ ``upload`` (arrays by
         NPZ key) with ``labels``.  Returns the answer (202 + job, or the 4xx and its detail)."""
         fields: dict = {"force": str(bool(force)).lower()}
@@ -176,4 +236,3 @@ class ServeBackend:
 
     def close(self) -> int:
         return self.proc.stop()
-

@@ -31,29 +31,48 @@ DECODERS = ("rpnt", "wiener", "kalman", "gru")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rpnt closedloop", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--decoder", choices=DECODERS, default="rpnt", help="the decoder under test (default rpnt)")
-    p.add_argument("--seconds", type=float, default=60.0, help="seconds of each closed-loop block (real time)")
+    p = argparse.ArgumentParser(
+        prog="rpnt closedloop",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--decoder", choices=DECODERS, default="rpnt", help="the decoder under test (default rpnt)"
+    )
+    p.add_argument(
+        "--seconds", type=float, default=60.0, help="seconds of each closed-loop block (real time)"
+    )
     p.add_argument("--observe-s", type=float, default=180.0, help="seconds of the observation block")
-    p.add_argument("--recalibrate", choices=("refit", "intended", "decoded", "none"), default="refit",
-                   help="labels the decoder is recalibrated from after the first block (none: one block)")
-    p.add_argument("--extra-latency-ms", type=float, default=0.0, help="added delay before a prediction moves "
-                                                                        "the cursor")
+    p.add_argument(
+        "--recalibrate",
+        choices=("refit", "intended", "decoded", "none"),
+        default="refit",
+        help="labels the decoder is recalibrated from after the first block (none: one block)",
+    )
+    p.add_argument(
+        "--extra-latency-ms", type=float, default=0.0, help="added delay before a prediction moves the cursor"
+    )
     p.add_argument("--task", choices=("center_out", "random"), default="center_out")
     p.add_argument("--radius", type=float, default=1.5, help="target radius (velocity units · s)")
     p.add_argument("--distance", type=float, default=8.0, help="target distance from the centre")
     p.add_argument("--hold-s", type=float, default=0.3)
     p.add_argument("--timeout-s", type=float, default=6.0)
     p.add_argument("--feedback-delay-ms", type=float, default=100.0, help="the participant's visual delay")
-    p.add_argument("--recording", type=Path, default=None, help="recording to fit the encoding on (default: the "
-                                                                "shared Nick center-out session, if present)")
+    p.add_argument(
+        "--recording",
+        type=Path,
+        default=None,
+        help="recording to fit the encoding on (default: the shared Nick center-out session, if present)",
+    )
     p.add_argument("--synthetic", action="store_true", help="use the documented synthetic tuning instead")
     p.add_argument("--preset", default="small", help="RPNT preset trained from scratch (small | paper)")
     p.add_argument("--rpnt-epochs", type=int, default=10)
     p.add_argument("--rpnt-steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="directory for trials.json, summary.json, closedloop.png")
+    p.add_argument(
+        "--out", type=Path, default=None, help="directory for trials.json, summary.json, closedloop.png"
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     return p
 
@@ -65,19 +84,35 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rpnt closedloop: error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
             return 2
     if a.extra_latency_ms < 0 or a.hold_s < 0 or a.feedback_delay_ms < 0:
-        print("rpnt closedloop: error: --extra-latency-ms, --hold-s and --feedback-delay-ms must be ≥ 0",
-              file=sys.stderr)
+        print(
+            "rpnt closedloop: error: --extra-latency-ms, --hold-s and --feedback-delay-ms must be ≥ 0",
+            file=sys.stderr,
+        )
         return 2
     from .session import ClosedLoopSpec, run_closedloop
 
-    spec = ClosedLoopSpec(decoder=a.decoder, seconds=a.seconds, observe_s=a.observe_s,
-                          recalibrate=None if a.recalibrate == "none" else a.recalibrate,
-                          extra_latency_s=a.extra_latency_ms / 1e3, task_kind=a.task, radius=a.radius,
-                          distance=a.distance, hold_s=a.hold_s, timeout_s=a.timeout_s,
-                          feedback_delay_s=a.feedback_delay_ms / 1e3, recording=a.recording,
-                          synthetic=a.synthetic, preset=a.preset, rpnt_epochs=a.rpnt_epochs,
-                          rpnt_steps=a.rpnt_steps, seed=a.seed)
-    log = (lambda *x: print(*x, file=sys.stderr, flush=True)) if a.json else (lambda *x: print(*x, flush=True))
+    spec = ClosedLoopSpec(
+        decoder=a.decoder,
+        seconds=a.seconds,
+        observe_s=a.observe_s,
+        recalibrate=None if a.recalibrate == "none" else a.recalibrate,
+        extra_latency_s=a.extra_latency_ms / 1e3,
+        task_kind=a.task,
+        radius=a.radius,
+        distance=a.distance,
+        hold_s=a.hold_s,
+        timeout_s=a.timeout_s,
+        feedback_delay_s=a.feedback_delay_ms / 1e3,
+        recording=a.recording,
+        synthetic=a.synthetic,
+        preset=a.preset,
+        rpnt_epochs=a.rpnt_epochs,
+        rpnt_steps=a.rpnt_steps,
+        seed=a.seed,
+    )
+    log = (
+        (lambda *x: print(*x, file=sys.stderr, flush=True)) if a.json else (lambda *x: print(*x, flush=True))
+    )
     try:
         workdir = Path(tempfile.mkdtemp(prefix="rpnt-closedloop-")) if a.out is None else a.out
         result = run_closedloop(spec, workdir=workdir, log=log)
@@ -85,15 +120,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rpnt closedloop: error: {exc}", file=sys.stderr)
         return 2
     last = result["blocks"][-1]
-    headline = {"decoder": a.decoder, **{k: last[k] for k in ("success_rate", "median_time_to_target_s",
-                                                              "median_dial_in_s", "median_path_efficiency",
-                                                              "bitrate_bps", "bins_lost", "n_trials", "swaps")},
-                "block": last["name"], "extra_latency_ms": a.extra_latency_ms, "seed": a.seed,
-                "encoding": result["encoding"]["source"], "out": str(workdir)}
+    headline = {
+        "decoder": a.decoder,
+        **{
+            k: last[k]
+            for k in (
+                "success_rate",
+                "median_time_to_target_s",
+                "median_dial_in_s",
+                "median_path_efficiency",
+                "bitrate_bps",
+                "bins_lost",
+                "n_trials",
+                "swaps",
+            )
+        },
+        "block": last["name"],
+        "extra_latency_ms": a.extra_latency_ms,
+        "seed": a.seed,
+        "encoding": result["encoding"]["source"],
+        "out": str(workdir),
+    }
     for b in result["blocks"]:
-        log(f"[closedloop] {b['name']}: success {b['success_rate']:.1%} of {b['n_trials']} trials, median time to "
+        log(
+            f"[closedloop] {b['name']}: success {b['success_rate']:.1%} of {b['n_trials']} trials, median time to "
             f"target {_f(b['median_time_to_target_s'])} s, dial-in {_f(b['median_dial_in_s'])} s, path efficiency "
-            f"{_f(b['median_path_efficiency'])}, bitrate {_f(b['bitrate_bps'])} bits/s, bins lost {b['bins_lost']}")
+            f"{_f(b['median_path_efficiency'])}, bitrate {_f(b['bitrate_bps'])} bits/s, bins lost {b['bins_lost']}"
+        )
     if a.json:
         print(json.dumps(headline))
     return 0

@@ -29,8 +29,16 @@ def _entries(inside: np.ndarray) -> np.ndarray:
     return np.flatnonzero(inside & ~prev)
 
 
-def trial_metrics(*, times: np.ndarray, path: np.ndarray, target: np.ndarray, radius: float,
-                  start_t: float, end_t: float, success: bool) -> dict:
+def trial_metrics(
+    *,
+    times: np.ndarray,
+    path: np.ndarray,
+    target: np.ndarray,
+    radius: float,
+    start_t: float,
+    end_t: float,
+    success: bool,
+) -> dict:
     """The per-trial metrics of the module docstring for one trial's samples ``times`` (T,),
     cursor ``path`` (T, 2)."""
     times = np.asarray(times, dtype=np.float64)
@@ -41,10 +49,16 @@ def trial_metrics(*, times: np.ndarray, path: np.ndarray, target: np.ndarray, ra
     inside = np.linalg.norm(path - target, axis=1) <= radius if len(path) else np.zeros(0, bool)
     entries = _entries(inside)
     steps = np.linalg.norm(np.diff(path, axis=0), axis=1) if len(path) > 1 else np.zeros(0)
-    out = {"success": bool(success), "duration_s": float(end_t - start_t), "distance": dist0,
-           "fitts_id_bits": math.log2((dist0 + width) / width) if width > 0 else float("nan"),
-           "time_to_target_s": None, "dial_in_s": None, "path_efficiency": None,
-           "n_entries": int(entries.size)}
+    out = {
+        "success": bool(success),
+        "duration_s": float(end_t - start_t),
+        "distance": dist0,
+        "fitts_id_bits": math.log2((dist0 + width) / width) if width > 0 else float("nan"),
+        "time_to_target_s": None,
+        "dial_in_s": None,
+        "path_efficiency": None,
+        "n_entries": int(entries.size),
+    }
     if entries.size:
         first = int(entries[0])
         travelled = float(steps[:first].sum())
@@ -68,8 +82,13 @@ def summarise(trials: list[dict]) -> dict:
     ok = [t for t in trials if t["success"]]
     total = float(sum(t["duration_s"] for t in trials))
     bits = float(sum(t["fitts_id_bits"] for t in ok))
-    return {"n_trials": n, "n_success": len(ok), "success_rate": (len(ok) / n) if n else None,
-            "median_time_to_target_s": _median([t["time_to_target_s"] for t in ok]),
-            "median_dial_in_s": _median([t["dial_in_s"] for t in ok]),
-            "median_path_efficiency": _median([t["path_efficiency"] for t in trials]),
-            "bitrate_bps": (bits / total) if total > 0 else None, "task_time_s": total}
+    return {
+        "n_trials": n,
+        "n_success": len(ok),
+        "success_rate": (len(ok) / n) if n else None,
+        "median_time_to_target_s": _median([t["time_to_target_s"] for t in ok]),
+        "median_dial_in_s": _median([t["dial_in_s"] for t in ok]),
+        "median_path_efficiency": _median([t["path_efficiency"] for t in trials]),
+        "bitrate_bps": (bits / total) if total > 0 else None,
+        "task_time_s": total,
+    }

@@ -63,9 +63,15 @@ class EncodingModel:
         rate = root * root / self.fit_bin_s
         return rate if self.alive is None else rate * self.alive
 
-    def drifted(self, *, rotation_deg: float = 0.0, rate_scale: np.ndarray | float = 1.0,
-                lost: np.ndarray | None = None, gained: np.ndarray | None = None,
-                seed: int = 0) -> "EncodingModel":
+    def drifted(
+        self,
+        *,
+        rotation_deg: float = 0.0,
+        rate_scale: np.ndarray | float = 1.0,
+        lost: np.ndarray | None = None,
+        gained: np.ndarray | None = None,
+        seed: int = 0,
+    ) -> "EncodingModel":
         """A drifted copy: every preferred direction rotated by ``rotation_deg``, rates scaled by
         ``rate_scale`` (scalar or (N,)), ``lost`` channels silenced and ``gained`` channels (bool
         (N,)) replaced by new units with a random preferred direction and this model's median
@@ -109,7 +115,9 @@ class Participant:
         return self._rng.poisson(lam).astype(np.int64)
 
     @staticmethod
-    def spike_times(counts: np.ndarray, *, start_ns: int, bin_ns: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def spike_times(
+        counts: np.ndarray, *, start_ns: int, bin_ns: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(channels, times) events for one bin's ``counts``: times uniform in [start, start + bin), sorted."""
         ch = np.repeat(np.arange(counts.shape[0], dtype=np.uint16), counts)
         t = start_ns + rng.integers(0, bin_ns, ch.size, dtype=np.int64)
@@ -117,7 +125,9 @@ class Participant:
         return ch[order], t[order]
 
 
-def fit_encoding(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float, source: str = "") -> EncodingModel:
+def fit_encoding(
+    counts: np.ndarray, velocity: np.ndarray, *, bin_s: float, source: str = ""
+) -> EncodingModel:
     """Fit the LNP model of the module docstring on a recording: ``counts`` (T, N) at ``bin_s``,
     ``velocity`` (T, 2)."""
     c = np.asarray(counts, dtype=np.float64)
@@ -130,7 +140,7 @@ def fit_encoding(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float, sour
         X = np.column_stack([np.ones(len(x)), x])
         coef, *_ = np.linalg.lstsq(X, y, rcond=None)  # (3, N)
         resid = y - X @ coef
-        r2 = 1.0 - float((resid ** 2).sum()) / float(((y - y.mean(0)) ** 2).sum())
+        r2 = 1.0 - float((resid**2).sum()) / float(((y - y.mean(0)) ** 2).sum())
         if best is None or r2 > best[0]:
             best = (r2, lag, coef, resid)
     r2, lag, coef, resid = best
@@ -139,9 +149,19 @@ def fit_encoding(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float, sour
     chunk = resid[: n_chunks * TRIAL_BINS].reshape(n_chunks, TRIAL_BINS, -1).mean(1)  # (chunks, N)
     extra_var = np.maximum(chunk.var(0) - 0.25 / TRIAL_BINS, 0.0)
     sigma = np.minimum(2.0 * np.sqrt(extra_var) / np.maximum(root, 0.05), MAX_GAIN_SIGMA)
-    return EncodingModel(baseline=coef[0], weights=coef[1:].T.copy(), gain_sigma=sigma, fit_bin_s=float(bin_s),
-                         source=source, fit={"r2_sqrt_counts": round(r2, 4), "lag_bins": int(lag),
-                                             "bin_s": float(bin_s), "n_bins": int(len(c))})
+    return EncodingModel(
+        baseline=coef[0],
+        weights=coef[1:].T.copy(),
+        gain_sigma=sigma,
+        fit_bin_s=float(bin_s),
+        source=source,
+        fit={
+            "r2_sqrt_counts": round(r2, 4),
+            "lag_bins": int(lag),
+            "bin_s": float(bin_s),
+            "n_bins": int(len(c)),
+        },
+    )
 
 
 def synthetic_encoding(*, n_channels: int = 96, seed: int = 0, fit_bin_s: float = 0.05) -> EncodingModel:
@@ -151,9 +171,13 @@ def synthetic_encoding(*, n_channels: int = 96, seed: int = 0, fit_bin_s: float 
     base = np.sqrt(rate * fit_bin_s)
     depth = rng.uniform(0.2, 0.8, n_channels) * base / 10.0
     ang = rng.uniform(0, 2 * np.pi, n_channels)
-    return EncodingModel(baseline=base, weights=depth[:, None] * np.stack([np.cos(ang), np.sin(ang)], 1),
-                         gain_sigma=np.full(n_channels, 0.1), fit_bin_s=fit_bin_s,
-                         source=f"synthetic cosine tuning (seed {seed})")
+    return EncodingModel(
+        baseline=base,
+        weights=depth[:, None] * np.stack([np.cos(ang), np.sin(ang)], 1),
+        gain_sigma=np.full(n_channels, 0.1),
+        fit_bin_s=fit_bin_s,
+        source=f"synthetic cosine tuning (seed {seed})",
+    )
 
 
 def default_encoding(path: str | Path | None = None, *, seed: int = 0) -> EncodingModel:

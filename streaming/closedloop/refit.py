@@ -37,21 +37,27 @@ def _series(name: str, value, n_bins: int) -> np.ndarray:
     return a
 
 
-def check_task_streams(streams: dict, *, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def check_task_streams(
+    streams: dict, *, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(decoded, cursor, target, radius (T,)) validated against ``n_bins`` bins of counts; keys as
     :data:`TASK_FIELDS`.  A target stream without a cursor stream, or any stream shorter or longer
     than the counts, non-finite or mis-shaped, raises :class:`TaskStreamError`."""
     if "task_target" not in streams:
         raise TaskStreamError("task_target: missing; labels=refit needs the target positions per bin")
     if "task_cursor" not in streams:
-        raise TaskStreamError("task_cursor: missing; the targets need the cursor positions per bin to rotate toward")
+        raise TaskStreamError(
+            "task_cursor: missing; the targets need the cursor positions per bin to rotate toward"
+        )
     if "task_decoded" not in streams:
         raise TaskStreamError("task_decoded: missing; labels=refit needs the decoded velocity per bin")
     decoded = _series("task_decoded", streams["task_decoded"], n_bins)
     cursor = _series("task_cursor", streams["task_cursor"], n_bins)
     target = _series("task_target", streams["task_target"], n_bins)
     if "task_radius" not in streams:
-        raise TaskStreamError("task_radius: missing; the target radius (a number, or one per bin) tells holding apart")
+        raise TaskStreamError(
+            "task_radius: missing; the target radius (a number, or one per bin) tells holding apart"
+        )
     r = np.asarray(streams["task_radius"])
     if r.dtype.kind not in "iuf" or r.ndim > 1 or (r.ndim == 1 and r.shape[0] != n_bins):
         raise TaskStreamError(f"task_radius: expected a number or ({n_bins},) numbers, got shape {r.shape}")
@@ -61,8 +67,9 @@ def check_task_streams(streams: dict, *, n_bins: int) -> tuple[np.ndarray, np.nd
     return decoded, cursor, target, r
 
 
-def refit_labels(*, decoded: np.ndarray, cursor: np.ndarray, target: np.ndarray,
-                 radius: np.ndarray | float) -> np.ndarray:
+def refit_labels(
+    *, decoded: np.ndarray, cursor: np.ndarray, target: np.ndarray, radius: np.ndarray | float
+) -> np.ndarray:
     """(T, 2) float32 labels: ``|decoded_t| · (target_t − cursor_t) / |target_t − cursor_t|``, and 0
     where ``|target_t − cursor_t| ≤ radius_t`` (holding).  Inputs (T, 2) (radius scalar or (T,))."""
     d = np.asarray(decoded, dtype=np.float64)

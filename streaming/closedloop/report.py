@@ -35,8 +35,14 @@ def plot_blocks(path: Path, blocks: list[dict], *, radius: float, window_s: floa
             k0, k1 = int(tr["start_s"] / b["bin_s"]), int(tr["end_s"] / b["bin_s"])
             seg = cur[k0:k1]
             if len(seg):
-                ax.plot(seg[:, 0], seg[:, 1], "-" if tr["success"] else ":", lw=0.7,
-                        color="tab:blue" if tr["success"] else "tab:red", alpha=0.6)
+                ax.plot(
+                    seg[:, 0],
+                    seg[:, 1],
+                    "-" if tr["success"] else ":",
+                    lw=0.7,
+                    color="tab:blue" if tr["success"] else "tab:red",
+                    alpha=0.6,
+                )
         for t in {tuple(tr["target"]) for tr in b["trials"]}:
             ax.add_patch(plt.Circle(t, radius, fill=False, color="k", lw=0.8))
         ax.set_aspect("equal")

@@ -91,8 +91,17 @@ class BinRecord:
 class ClosedLoop:
     """See the module docstring.  ``start()`` → thread; ``join()``; then ``record``, ``trials``, ``summary()``."""
 
-    def __init__(self, *, ingest: str, publish: str, encoding: EncodingModel, task: TaskConfig,
-                 controller: ControllerConfig, config: LoopConfig, radius_for_labels: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ingest: str,
+        publish: str,
+        encoding: EncodingModel,
+        task: TaskConfig,
+        controller: ControllerConfig,
+        config: LoopConfig,
+        radius_for_labels: float | None = None,
+    ) -> None:
         self.ingest, self.publish = ingest, publish
         self.config = config
         c = config
@@ -169,8 +178,10 @@ class ClosedLoop:
         if int(st.get("bin_ns", -1)) != self.bin_ns:
             raise RuntimeError(f"the daemon bins at {st.get('bin_ns')} ns, the loop at {self.bin_ns} ns")
         if int(st.get("n_channels", -1)) != self.participant.encoding.n_channels:
-            raise RuntimeError(f"the daemon's model takes {st.get('n_channels')} channels, the participant has "
-                               f"{self.participant.encoding.n_channels}")
+            raise RuntimeError(
+                f"the daemon's model takes {st.get('n_channels')} channels, the participant has "
+                f"{self.participant.encoding.n_channels}"
+            )
 
     def _loop(self, rig: RigClient, sub: PredictionSubscriber, *, epoch: int) -> None:
         """``epoch``: the stream number our RESET starts (a previous stream's late predictions are ignored)."""
@@ -249,8 +260,12 @@ class ClosedLoop:
         if kind is None:
             return
         if kind == "refit":
-            lab = refit_labels(decoded=rec.decoded[b:b + 1], cursor=rec.cursor_at_apply[b:b + 1],
-                               target=rec.target_at_apply[b:b + 1], radius=self.task.config.radius)[0]
+            lab = refit_labels(
+                decoded=rec.decoded[b : b + 1],
+                cursor=rec.cursor_at_apply[b : b + 1],
+                target=rec.target_at_apply[b : b + 1],
+                radius=self.task.config.radius,
+            )[0]
         elif kind == "intended":
             lab = rec.intent[b]
         else:
@@ -263,8 +278,12 @@ class ClosedLoop:
         deadline = time.monotonic() + self.config.drain_s
         while not rec.received.all() and time.monotonic() < deadline:
             m = sub.recv(max(0.0, deadline - time.monotonic()))
-            if isinstance(m, Prediction) and m.epoch == epoch and 0 <= m.bin < self.n_bins \
-                    and not rec.received[m.bin]:
+            if (
+                isinstance(m, Prediction)
+                and m.epoch == epoch
+                and 0 <= m.bin < self.n_bins
+                and not rec.received[m.bin]
+            ):
                 rec.received[m.bin], rec.flags[m.bin], rec.generation[m.bin] = True, m.flags, m.generation
                 rec.decoded[m.bin] = m.velocity[:2]
                 rec.recv_lag_s[m.bin] = time.monotonic() - (t0 + (m.bin + 1) * self.config.bin_s)
@@ -280,16 +299,30 @@ class ClosedLoop:
         rows = []
         radius = self.task.config.radius
         for tr in self.task.trials:
-            m = trial_metrics(times=np.asarray(tr.times), path=np.asarray(tr.path), target=tr.target, radius=radius,
-                              start_t=tr.start_t, end_t=tr.end_t, success=tr.success)
+            m = trial_metrics(
+                times=np.asarray(tr.times),
+                path=np.asarray(tr.path),
+                target=tr.target,
+                radius=radius,
+                start_t=tr.start_t,
+                end_t=tr.end_t,
+                success=tr.success,
+            )
             k0 = min(int(round(tr.start_t / self.config.bin_s)), self.n_bins - 1)
             k1 = min(int(round(tr.end_t / self.config.bin_s)), self.n_bins) - 1
-            gens = self.record.generation[k0:k1 + 1]
+            gens = self.record.generation[k0 : k1 + 1]
             gens = gens[gens >= 0]
-            rows.append({"trial": tr.index, "target": [round(float(x), 3) for x in tr.target],
-                         "start_s": round(tr.start_t, 3), "end_s": round(tr.end_t, 3),
-                         "generation": int(gens.max()) if gens.size else None,
-                         "encoding_stage": int(self.record.encoding_stage[k0]), **m})
+            rows.append(
+                {
+                    "trial": tr.index,
+                    "target": [round(float(x), 3) for x in tr.target],
+                    "start_s": round(tr.start_t, 3),
+                    "end_s": round(tr.end_t, 3),
+                    "generation": int(gens.max()) if gens.size else None,
+                    "encoding_stage": int(self.record.encoding_stage[k0]),
+                    **m,
+                }
+            )
         return rows
 
     def swaps(self) -> list[int]:
@@ -300,11 +333,17 @@ class ClosedLoop:
         rec = self.record
         lag = rec.recv_lag_s[np.isfinite(rec.recv_lag_s)]
         out = summarise(self.trial_rows())
-        out.update(bins=self.n_bins, bins_lost=self.bins_lost, swaps=self.swaps(),
-                   loop_overruns=int(rec.overrun.sum()),
-                   recv_lag_ms={"median": float(np.median(lag) * 1e3) if lag.size else None,
-                                "p99": float(np.percentile(lag, 99) * 1e3) if lag.size else None},
-                   extra_latency_ms=self.config.extra_latency_s * 1e3)
+        out.update(
+            bins=self.n_bins,
+            bins_lost=self.bins_lost,
+            swaps=self.swaps(),
+            loop_overruns=int(rec.overrun.sum()),
+            recv_lag_ms={
+                "median": float(np.median(lag) * 1e3) if lag.size else None,
+                "p99": float(np.percentile(lag, 99) * 1e3) if lag.size else None,
+            },
+            extra_latency_ms=self.config.extra_latency_s * 1e3,
+        )
         return out
 
     def refit_streams(self, lo: int = 0, hi: int | None = None) -> dict:
@@ -313,13 +352,24 @@ class ClosedLoop:
         rec = self.record
         sl = slice(lo, self.n_bins if hi is None else hi)
         ok = rec.received[sl] & np.all(np.isfinite(rec.cursor_at_apply[sl]), axis=1)
-        return {"counts": rec.counts[sl][ok], "extra_task_decoded": rec.decoded[sl][ok],
-                "extra_task_cursor": rec.cursor_at_apply[sl][ok], "extra_task_target": rec.target_at_apply[sl][ok],
-                "extra_task_radius": np.float64(self.task.config.radius)}
+        return {
+            "counts": rec.counts[sl][ok],
+            "extra_task_decoded": rec.decoded[sl][ok],
+            "extra_task_cursor": rec.cursor_at_apply[sl][ok],
+            "extra_task_target": rec.target_at_apply[sl][ok],
+            "extra_task_radius": np.float64(self.task.config.radius),
+        }
 
 
-def simulate_observation(*, encoding: EncodingModel, task: TaskConfig, controller: ControllerConfig,
-                         seconds: float, bin_s: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def simulate_observation(
+    *,
+    encoding: EncodingModel,
+    task: TaskConfig,
+    controller: ControllerConfig,
+    seconds: float,
+    bin_s: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """An open-loop observation block without a decoder (as in clinical calibration, the cursor
     moves by the participant's intention): (counts (T, N), intended velocity (T, 2)), seeded.
     No sockets and no real time: nothing here is decoded."""

@@ -50,8 +50,13 @@ class ClosedLoopSpec:
 
     @property
     def task(self) -> TaskConfig:
-        return TaskConfig(kind=self.task_kind, radius=self.radius, distance=self.distance, hold_s=self.hold_s,
-                          timeout_s=self.timeout_s)
+        return TaskConfig(
+            kind=self.task_kind,
+            radius=self.radius,
+            distance=self.distance,
+            hold_s=self.hold_s,
+            timeout_s=self.timeout_s,
+        )
 
     @property
     def controller(self) -> ControllerConfig:
@@ -59,21 +64,42 @@ class ClosedLoopSpec:
 
 
 def make_participant(spec: ClosedLoopSpec) -> EncodingModel:
-    return synthetic_encoding(seed=spec.seed) if spec.synthetic else default_encoding(spec.recording, seed=spec.seed)
+    return (
+        synthetic_encoding(seed=spec.seed)
+        if spec.synthetic
+        else default_encoding(spec.recording, seed=spec.seed)
+    )
 
 
 def initial_stamp(spec: ClosedLoopSpec, enc: EncodingModel) -> str:
     """What identifies an initial RPNT: the participant, the observation block and the recipe."""
-    return json.dumps({"encoding": enc.source, "fit": enc.fit, "observe_s": spec.observe_s, "seed": spec.seed,
-                       "preset": spec.preset, "epochs": spec.rpnt_epochs, "steps": spec.rpnt_steps,
-                       "task": asdict(spec.task), "controller": asdict(spec.controller)}, sort_keys=True)
+    return json.dumps(
+        {
+            "encoding": enc.source,
+            "fit": enc.fit,
+            "observe_s": spec.observe_s,
+            "seed": spec.seed,
+            "preset": spec.preset,
+            "epochs": spec.rpnt_epochs,
+            "steps": spec.rpnt_steps,
+            "task": asdict(spec.task),
+            "controller": asdict(spec.controller),
+        },
+        sort_keys=True,
+    )
 
 
 def fit_initial(spec: ClosedLoopSpec, enc: EncodingModel, *, workdir: Path, log: Callable = print) -> dict:
     """The observation block and the decoder fitted on it: ``{"decoder"|"export", "fit_s", ...}``.
     An RPNT trained in ``workdir`` before on the same observation block and recipe is reused."""
-    counts, intent = simulate_observation(encoding=enc, task=spec.task, controller=spec.controller,
-                                          seconds=spec.observe_s, bin_s=BIN_S, seed=spec.seed + 100)
+    counts, intent = simulate_observation(
+        encoding=enc,
+        task=spec.task,
+        controller=spec.controller,
+        seconds=spec.observe_s,
+        bin_s=BIN_S,
+        seed=spec.seed + 100,
+    )
     t0 = time.perf_counter()
     if spec.decoder == "rpnt":
         stamp = initial_stamp(spec, enc)
@@ -82,10 +108,20 @@ def fit_initial(spec: ClosedLoopSpec, enc: EncodingModel, *, workdir: Path, log:
             log(f"[closedloop] reusing the RPNT trained on this observation block ({workdir / 'initial'})")
             prev = json.loads((workdir / "initial" / "result.json").read_text())
             return {"export": workdir / "initial" / "export", **prev, "reused": True}
-        log(f"[closedloop] training RPNT ({spec.preset}) from scratch on the {spec.observe_s:g} s observation "
-            "block and exporting it to ONNX …")
-        r = train_rpnt(counts, intent, bin_s=BIN_S, workdir=workdir / "initial", preset=spec.preset,
-                       epochs=spec.rpnt_epochs, steps_per_epoch=spec.rpnt_steps, seed=spec.seed)
+        log(
+            f"[closedloop] training RPNT ({spec.preset}) from scratch on the {spec.observe_s:g} s observation "
+            "block and exporting it to ONNX …"
+        )
+        r = train_rpnt(
+            counts,
+            intent,
+            bin_s=BIN_S,
+            workdir=workdir / "initial",
+            preset=spec.preset,
+            epochs=spec.rpnt_epochs,
+            steps_per_epoch=spec.rpnt_steps,
+            seed=spec.seed,
+        )
         out = {"fit_s": r["seconds"], "offline_test_r2": r["test_r2"]}
         (workdir / "initial" / "result.json").write_text(json.dumps(out))
         cached.write_text(stamp)
@@ -100,28 +136,54 @@ def start_backend(spec: ClosedLoopSpec, initial: dict, *, workdir: Path, env: di
     return ThreadBackend(decoder=initial["decoder"], bin_s=BIN_S)
 
 
-def run_block(backend, enc: EncodingModel, spec: ClosedLoopSpec, *, seconds: float, seed: int, labels: str | None,
-              extra_latency_s: float | None = None, during: Callable[[ClosedLoop], Any] | None = None) -> ClosedLoop:
+def run_block(
+    backend,
+    enc: EncodingModel,
+    spec: ClosedLoopSpec,
+    *,
+    seconds: float,
+    seed: int,
+    labels: str | None,
+    extra_latency_s: float | None = None,
+    during: Callable[[ClosedLoop], Any] | None = None,
+) -> ClosedLoop:
     """One real-time block against ``backend``; ``during(loop)`` runs in this thread while the loop
     runs in its own (e.g. a recalibration or a drift schedule)."""
-    cfg = LoopConfig(seconds=seconds, bin_s=BIN_S, seed=seed, labels=labels,
-                     extra_latency_s=spec.extra_latency_s if extra_latency_s is None else extra_latency_s)
-    loop = ClosedLoop(ingest=backend.ingest, publish=backend.publish, encoding=enc, task=spec.task,
-                      controller=spec.controller, config=cfg).start()
+    cfg = LoopConfig(
+        seconds=seconds,
+        bin_s=BIN_S,
+        seed=seed,
+        labels=labels,
+        extra_latency_s=spec.extra_latency_s if extra_latency_s is None else extra_latency_s,
+    )
+    loop = ClosedLoop(
+        ingest=backend.ingest,
+        publish=backend.publish,
+        encoding=enc,
+        task=spec.task,
+        controller=spec.controller,
+        config=cfg,
+    ).start()
     if during is not None:
         during(loop)
     loop.join()
     return loop
 
 
-def labels_of(loop: ClosedLoop, kind: str, lo: int = 0, hi: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def labels_of(
+    loop: ClosedLoop, kind: str, lo: int = 0, hi: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(counts, labels) of bins [lo, hi) that had a prediction, labelled by ``kind``."""
     rec = loop.record
     sl = slice(lo, loop.n_bins if hi is None else hi)
     ok = rec.received[sl] & np.all(np.isfinite(rec.cursor_at_apply[sl]), axis=1)
     if kind == "refit":
-        lab = refit_labels(decoded=rec.decoded[sl][ok], cursor=rec.cursor_at_apply[sl][ok],
-                           target=rec.target_at_apply[sl][ok], radius=loop.task.config.radius)
+        lab = refit_labels(
+            decoded=rec.decoded[sl][ok],
+            cursor=rec.cursor_at_apply[sl][ok],
+            target=rec.target_at_apply[sl][ok],
+            radius=loop.task.config.radius,
+        )
     elif kind == "intended":
         lab = rec.intent[sl][ok]
     else:
@@ -129,8 +191,17 @@ def labels_of(loop: ClosedLoop, kind: str, lo: int = 0, hi: int | None = None) -
     return rec.counts[sl][ok].astype(np.int64), np.asarray(lab, dtype=np.float64)
 
 
-def recalibrate(backend, loop: ClosedLoop, kind: str, *, seconds: float | None = None, upload: bool = False,
-                force: bool = False, seed: int = 0, log: Callable = print) -> dict:
+def recalibrate(
+    backend,
+    loop: ClosedLoop,
+    kind: str,
+    *,
+    seconds: float | None = None,
+    upload: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    log: Callable = print,
+) -> dict:
     """Recalibrate ``backend``'s decoder from ``loop``'s last ``seconds`` (all: None) labelled by ``kind``.
 
     RPNT: ``POST /calibrate`` — ``source=recent`` (the labels the loop streamed as KINEMATICS;
@@ -146,16 +217,27 @@ def recalibrate(backend, loop: ClosedLoop, kind: str, *, seconds: float | None =
         counts, lab = labels_of(loop, kind, lo, hi)
         dec = fit_baseline(backend.name, counts, lab, bin_s=BIN_S, seed=seed)
         out = backend.swap(dec)
-        return {"state": "succeeded", "labels": kind, "n_bins": int(len(counts)), **out,
-                "seconds": round(time.perf_counter() - t0, 2)}
+        return {
+            "state": "succeeded",
+            "labels": kind,
+            "n_bins": int(len(counts)),
+            **out,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
     if upload:
         if kind == "refit":
             payload = {**loop.refit_streams(lo, hi), "bin_s": np.float64(BIN_S)}
             code, job = backend.calibrate(upload=payload, labels="refit", force=force)
         else:
             counts, lab = labels_of(loop, kind, lo, hi)
-            code, job = backend.calibrate(upload={"counts": counts.astype(np.int32), "bin_s": np.float64(BIN_S),
-                                                  "velocity": lab.astype(np.float32)}, force=force)
+            code, job = backend.calibrate(
+                upload={
+                    "counts": counts.astype(np.int32),
+                    "bin_s": np.float64(BIN_S),
+                    "velocity": lab.astype(np.float32),
+                },
+                force=force,
+            )
     else:
         code, job = backend.calibrate(seconds=(hi - lo) * BIN_S, force=force)
     if code != 202:
@@ -163,10 +245,16 @@ def recalibrate(backend, loop: ClosedLoop, kind: str, *, seconds: float | None =
     log(f"[closedloop] POST /calibrate ({kind} labels, {job.get('n_bins')} bins) → job {job['job_id']}")
     st = backend.wait_job(job["job_id"])
     res = st.get("result") or {}
-    return {"state": st.get("state"), "labels": kind, "n_bins": job.get("n_bins"),
-            "candidate_holdout_r2": res.get("candidate_holdout_r2"), "live_holdout_r2": res.get("live_holdout_r2"),
-            "swap": st.get("swap") or st.get("activation"), "error": st.get("error"),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "state": st.get("state"),
+        "labels": kind,
+        "n_bins": job.get("n_bins"),
+        "candidate_holdout_r2": res.get("candidate_holdout_r2"),
+        "live_holdout_r2": res.get("live_holdout_r2"),
+        "swap": st.get("swap") or st.get("activation"),
+        "error": st.get("error"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def block_summary(name: str, loop: ClosedLoop) -> dict:
@@ -178,13 +266,17 @@ def run_closedloop(spec: ClosedLoopSpec, *, workdir: Path, log: Callable = print
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     enc = make_participant(spec)
-    log(f"[closedloop] participant: {enc.n_channels} channels, encoding from {enc.source or 'synthetic'} "
-        f"(mean rate at rest {float(enc.rates_hz(np.zeros(2)).mean()):.1f} Hz)")
+    log(
+        f"[closedloop] participant: {enc.n_channels} channels, encoding from {enc.source or 'synthetic'} "
+        f"(mean rate at rest {float(enc.rates_hz(np.zeros(2)).mean()):.1f} Hz)"
+    )
     initial = fit_initial(spec, enc, workdir=workdir, log=log)
     backend = start_backend(spec, initial, workdir=workdir)
     blocks, loops, cal = [], [], None
     try:
-        log(f"[closedloop] block 1: {spec.seconds:g} s closed loop, {spec.decoder} fitted on the observation block")
+        log(
+            f"[closedloop] block 1: {spec.seconds:g} s closed loop, {spec.decoder} fitted on the observation block"
+        )
         loop = run_block(backend, enc, spec, seconds=spec.seconds, seed=spec.seed, labels=spec.recalibrate)
         blocks.append(block_summary("observation-fit", loop))
         loops.append(loop)
@@ -192,20 +284,35 @@ def run_closedloop(spec: ClosedLoopSpec, *, workdir: Path, log: Callable = print
             cal = recalibrate(backend, loop, spec.recalibrate, seed=spec.seed, log=log)
             log(f"[closedloop] recalibration from {spec.recalibrate} labels: {cal}")
             log(f"[closedloop] block 2: {spec.seconds:g} s closed loop on the recalibrated decoder")
-            loop2 = run_block(backend, enc, spec, seconds=spec.seconds, seed=spec.seed + 1, labels=spec.recalibrate)
+            loop2 = run_block(
+                backend, enc, spec, seconds=spec.seconds, seed=spec.seed + 1, labels=spec.recalibrate
+            )
             blocks.append(block_summary(f"recalibrated ({spec.recalibrate})", loop2))
             loops.append(loop2)
     finally:
         backend.close()
     rows = [{"block": b["name"], **r} for b, lp in zip(blocks, loops) for r in lp.trial_rows()]
     write_trials(workdir / "trials.json", rows)
-    plot_blocks(workdir / "closedloop.png",
-                [{"name": f"{spec.decoder} — {b['name']}", "cursor": lp.record.cursor, "trials": lp.trial_rows(),
-                  "bin_s": BIN_S, "swaps_s": [s * BIN_S for s in lp.swaps()]} for b, lp in zip(blocks, loops)],
-                radius=spec.radius)
-    result = {"spec": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()},
-              "encoding": {"source": enc.source or "synthetic", "n_channels": enc.n_channels, **enc.fit},
-              "initial": {k: v for k, v in initial.items() if k in ("fit_s", "offline_test_r2")},
-              "recalibration": cal, "blocks": blocks}
+    plot_blocks(
+        workdir / "closedloop.png",
+        [
+            {
+                "name": f"{spec.decoder} — {b['name']}",
+                "cursor": lp.record.cursor,
+                "trials": lp.trial_rows(),
+                "bin_s": BIN_S,
+                "swaps_s": [s * BIN_S for s in lp.swaps()],
+            }
+            for b, lp in zip(blocks, loops)
+        ],
+        radius=spec.radius,
+    )
+    result = {
+        "spec": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()},
+        "encoding": {"source": enc.source or "synthetic", "n_channels": enc.n_channels, **enc.fit},
+        "initial": {k: v for k, v in initial.items() if k in ("fit_s", "offline_test_r2")},
+        "recalibration": cal,
+        "blocks": blocks,
+    }
     (workdir / "summary.json").write_text(json.dumps(result, indent=1, default=str))
     return result
