@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_service import make_model
     from bench_streaming import recorded_stream
+
     from rpnt_core.data.formats import load_session
     from service.demo import ServeProcess, http_call
     from streaming.latency import percentiles_ms

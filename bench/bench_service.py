@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     from bench_streaming import recorded_stream  # this directory: the same recording, the same way
+
     from rpnt_core.data.formats import load_session
     from service.demo import ServeProcess, http_call
     from streaming.protocol import PredFlag

@@ -11,7 +11,6 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 from test_serve_startup import Serve, _env, _serve_cmd
 from test_streaming_support import BIN_NS, short_ipc_dir, tiny_export, wait_until

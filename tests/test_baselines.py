@@ -76,7 +76,7 @@ NAMES = list(BASELINES)
 
 
 def test_registry() -> None:
-    assert BASELINES == {"wiener": WienerFilter, "kalman": KalmanFilter, "gru": GRUDecoder}
+    assert {"wiener": WienerFilter, "kalman": KalmanFilter, "gru": GRUDecoder} == BASELINES
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_streaming_support import seeded_registry, tiny_export
 
 from service.calibration import CalibrationManager
 from service.cpu_share import CpuShare, process_cpu_seconds
 from service.settings import CalibrationSettings
-from test_streaming_support import seeded_registry, tiny_export
 
 LIVE = 120.0  # liveness guard, never a timing assertion
 linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")

@@ -6,11 +6,10 @@ import pickle
 
 import pytest
 import torch
+from conftest import randomise_kernels, tiny_config
 
 from rpnt_core import RPNT, load_checkpoint, read_header, save_checkpoint
 from rpnt_core.checkpoint import CheckpointError
-
-from conftest import randomise_kernels, tiny_config
 
 
 def test_round_trip_gives_identical_outputs_and_metadata(tmp_path):

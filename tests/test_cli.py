@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from rpnt_core.cli import COMMANDS, main
 
 LIVE = 300.0  # liveness guard for the child process (torch import + a first epoch); never a timing assertion

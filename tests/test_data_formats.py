@@ -10,6 +10,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import crafted
 import numpy as np
 import pytest
 
@@ -25,8 +26,6 @@ from rpnt_core.data import (
     validate_session,
 )
 from rpnt_core.data.formats import NOT_NPZ
-
-import crafted
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STEVENSON = SHARED_DATA / "stevenson2011_m1_centerout" / "StevensonV2.mat"
@@ -345,7 +344,7 @@ def test_stevenson_mat_loads() -> None:
     assert s.velocity.shape == (15536, 2) and s.position.shape == (15536, 2)
     assert s.timestamps.shape == (15536,) and s.timestamps[0] == pytest.approx(12.591)
     assert s.bin_s == pytest.approx(0.05)
-    assert 0 <= s.counts.min() and s.counts.max() == 26
+    assert s.counts.min() >= 0 and s.counts.max() == 26
     assert 0.04 < s.velocity[:, 0].std() < 0.07  # m/s, as documented
     assert s.task == "center-out" and s.session == "StevensonV2"
 

@@ -18,7 +18,6 @@ import tomllib
 import uuid
 
 import pytest
-
 from conftest import REPO
 
 pytest.importorskip("pydantic")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from exporters import cli
-from exporters.contract import ContractError, ModelContract, STEP_FILE, WINDOW_FILE, step_file
+from exporters.contract import STEP_FILE, WINDOW_FILE, ContractError, ModelContract, step_file
 from exporters.graph_checks import CONTROL_FLOW, EXPORT_OPSET, TENSORRT_OPS, check_graph, op_types
 from exporters.onnx_export import ExportError, add_reduced_precision, export_model
 from exporters.parity import ParityError, r2_gate, random_counts, torch_stream

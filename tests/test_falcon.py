@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomise_kernels, tiny_config
 
 from rpnt_core import RPNT, save_checkpoint
 from rpnt_core.data.session import Session
 from rpnt_core.evaluate.harness import predict_session
 from rpnt_core.evaluate.metrics import r2_score
-
-from conftest import randomise_kernels, tiny_config
 
 BIN_S = 0.02
 SESSION = "falcon-day"  # in the tiny model's session vocabulary: the checkpoint's finetuning metadata

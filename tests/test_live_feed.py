@@ -13,9 +13,10 @@ import pytest
 zmq = pytest.importorskip("zmq")
 pytest.importorskip("starlette")
 
+from test_streaming_support import short_ipc_dir  # noqa: E402
+
 from service.live import PredictionFeed, connect_endpoint  # noqa: E402
 from streaming.protocol import encode_prediction  # noqa: E402
-from test_streaming_support import short_ipc_dir  # noqa: E402
 
 LIVE = 60.0  # liveness guard for waits; never a timing assertion
 

@@ -32,9 +32,10 @@ def chromium_path() -> str | None:
 CHROMIUM = chromium_path()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (Debian package chromium)")
 
-from streaming.replay import run_replay  # noqa: E402
 from test_service_http import LIVE, Server  # noqa: E402
 from test_streaming_support import tiny_export  # noqa: E402
+
+from streaming.replay import run_replay  # noqa: E402
 
 LIVE_MS = LIVE * 1000
 REPLAY_BINS = (

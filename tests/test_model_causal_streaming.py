@@ -7,15 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import randomise_kernels, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rpnt_core import RPNT
+from rpnt_core.decoder import decode_stream
 from rpnt_core.model.attention import conv_band
 from rpnt_core.model.torch_decoder import TorchDecoder
-from rpnt_core.decoder import decode_stream
-
-from conftest import randomise_kernels, tiny_config
 
 configs = st.fixed_dictionaries(
     {

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomise_kernels, tiny_config
 
 from rpnt_core import RPNT, ConfigError, RPNTConfig
 from rpnt_core.model.rotary import MultiAxisRotary
-
-from conftest import randomise_kernels, tiny_config
 
 
 def test_presets_match_the_paper_and_the_cpu_target():

@@ -19,12 +19,12 @@ for _mod in ("fastapi", "uvicorn", "zmq", "onnxruntime", "httpx", "prometheus_cl
 
 import prometheus_client  # noqa: E402
 import yaml  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from conftest import REPO  # noqa: E402
-from service.metrics import new_registry, render  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from test_service_http import Server, stream  # noqa: E402
 from test_streaming_support import tiny_export  # noqa: E402
+
+from service.metrics import new_registry, render  # noqa: E402
 
 DASHBOARD = REPO / "deploy" / "grafana" / "rpnt-dashboard.json"
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"

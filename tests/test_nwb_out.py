@@ -190,9 +190,10 @@ def test_rpnt_serve_records_the_session_to_nwb_at_stop(tiny, tmp_path):
     """`rpnt serve --record-nwb` (a child process, real sockets), fed by a replay: at SIGTERM the
     file holds exactly the counts the rig sent, the predictions the replay received, the rig's
     kinematics and the model version; it validates and loads back."""
+    from test_serve_startup import Serve
+
     from rpnt_core.data import load_session
     from streaming.replay import run_replay
-    from test_serve_startup import Serve
 
     out = tmp_path / "session.nwb"
     d = short_ipc_dir()
@@ -268,9 +269,10 @@ def test_record_nwb_that_cannot_be_written_exits_2_before_start(tiny, tmp_path):
 def test_recording_follows_swaps_leaves_out_gappy_kinematics_and_stops_at_its_limit(tmp_path):
     """In-process daemon: a decoder swap shows in the generation / model_version columns; kinematics
     for only some bins are not written as a label; bins past record_s are counted, not kept."""
+    from test_streaming_support import barrier, live_daemon, send_stream
+
     from rpnt_core.data import load_session
     from streaming.nwb_out import write_nwb
-    from test_streaming_support import barrier, live_daemon, send_stream
 
     rng = np.random.default_rng(3)
     counts = rng.poisson(1.0, size=(60, 8))

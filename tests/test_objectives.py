@@ -119,13 +119,12 @@ def test_mean_rate_reference_loss_closed_form():
 
 def test_poisson_read_outs_start_at_the_mean_rates():
     import numpy as np
+    from conftest import tiny_config
 
     from rpnt_core import RPNT
     from rpnt_core.data.session import Session
     from rpnt_core.train.pretrain import SessionAdapter, init_rate_biases
     from rpnt_core.train.streams import prepare_streams
-
-    from conftest import tiny_config
 
     rng = np.random.default_rng(0)
     sessions = [

@@ -13,14 +13,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import randomise_kernels, tiny_config
 
 from exporters.onnx_export import export_step_graph
 from exporters.parity import random_counts
 from exporters.runtime import OnnxStepEngine, ProviderUnavailableError, load_engine
 from rpnt_core import RPNT
 from rpnt_core.evaluate.metrics import r2_score
-
-from conftest import randomise_kernels, tiny_config
 
 
 @pytest.fixture(scope="module")

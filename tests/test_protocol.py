@@ -23,9 +23,9 @@ from streaming.protocol import (
     IngestMessage,
     Limits,
     MsgType,
+    Pong,
     PredFlag,
     Prediction,
-    Pong,
     ProtocolError,
     encode_counts,
     encode_kinematics,
@@ -57,7 +57,7 @@ def test_header_layouts_are_the_documented_sizes():
     assert PREDICTION_HEADER.size == 88 and PREDICTION_HEADER.format == "<4sHHIIqqqIIqqqqII"
     text = DOC.read_text()
     assert "<4sHHIIQqIIII" in text and "<4sHHIIqqqIIqqqqII" in text
-    assert PREDICTION_TOPIC == bytes.fromhex("52504e5401001000")
+    assert bytes.fromhex("52504e5401001000") == PREDICTION_TOPIC
     assert "52 50 4e 54 01 00 10 00" in text
     for reason in REJECT_REASONS:  # every reason the daemon can count is documented
         assert f"| `{reason}` |" in text, reason

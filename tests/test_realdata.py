@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import CONTDATA, SPIKE_WF, STEVENSON
 
 pytestmark = pytest.mark.realdata
@@ -15,9 +14,8 @@ def test_real_session_finetune_and_stream_evaluate(path, channels, tmp_path):
     if not path.exists():
         pytest.skip(f"{path} not present")
     from rpnt_core import load_checkpoint
-    from rpnt_core.data import load_session
+    from rpnt_core.data import Splits, load_session
     from rpnt_core.evaluate.harness import evaluate_baseline, evaluate_model
-    from rpnt_core.data import Splits
     from rpnt_core.train.finetune import FinetuneOptions, finetune
 
     session = load_session(path)

@@ -8,10 +8,10 @@ import json
 
 import numpy as np
 import pytest
+from test_streaming_support import BIN_NS, FIRDecoder, offline, short_ipc_dir, tiny_export
 
 from streaming.daemon import Daemon, DaemonOptions
 from streaming.replay import run_replay
-from test_streaming_support import BIN_NS, FIRDecoder, offline, short_ipc_dir, tiny_export
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

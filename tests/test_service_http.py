@@ -28,15 +28,15 @@ import pytest
 for _mod in ("fastapi", "uvicorn", "zmq", "onnxruntime", "httpx", "prometheus_client"):
     pytest.importorskip(_mod)
 
-import httpx  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 import crafted  # noqa: E402
+import httpx  # noqa: E402
 from conftest import REPO  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from test_streaming_support import barrier, short_ipc_dir, tiny_export, until_pong  # noqa: E402
+
 from rpnt_core.data import Session, save_npz  # noqa: E402
 from streaming.client import PredictionSubscriber, RigClient, wait_for_daemon  # noqa: E402
 from streaming.protocol import PredFlag, Prediction  # noqa: E402
-from test_streaming_support import barrier, short_ipc_dir, tiny_export, until_pong  # noqa: E402
 
 TOKEN = "svc-test-token-8c1f"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -8,10 +8,10 @@ import pytest
 pytest.importorskip("prometheus_client")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from test_streaming_support import FIRDecoder, barrier, live_daemon  # noqa: E402
 
 from service.metrics import BUCKETS_MS, render  # noqa: E402
 from streaming.protocol import REJECT_REASONS  # noqa: E402
-from test_streaming_support import FIRDecoder, barrier, live_daemon  # noqa: E402
 
 
 def _rejected_samples(text: str) -> dict[str, float]:

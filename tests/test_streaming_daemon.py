@@ -11,11 +11,6 @@ import tracemalloc
 import numpy as np
 import pytest
 import zmq
-
-from streaming.client import PredictionSubscriber, RigClient
-from streaming.daemon import Daemon, DaemonOptions, check_endpoint, max_jump_bins
-from streaming.protocol import INGEST_HEADER, MAGIC, MsgType, Pong, PredFlag, encode_spikes
-from streaming.replay import events_from_counts
 from test_streaming_support import (
     BIN_NS,
     LIVE_TIMEOUT,
@@ -28,6 +23,11 @@ from test_streaming_support import (
     short_ipc_dir,
     wait_until,
 )
+
+from streaming.client import PredictionSubscriber, RigClient
+from streaming.daemon import Daemon, DaemonOptions, check_endpoint, max_jump_bins
+from streaming.protocol import INGEST_HEADER, MAGIC, MsgType, Pong, PredFlag, encode_spikes
+from streaming.replay import events_from_counts
 
 RNG = np.random.default_rng(11)
 
@@ -206,9 +206,8 @@ def test_swap_decoder_takes_effect_exactly_at_a_bin_boundary_warm_and_fresh():
 
 
 def test_swap_rejects_a_decoder_for_other_channels():
-    with live_daemon(FIRDecoder()) as (d, rig, sub):
-        with pytest.raises(ValueError, match="channels"):
-            d.swap_decoder(FIRDecoder(n_channels=9))
+    with live_daemon(FIRDecoder()) as (d, rig, sub), pytest.raises(ValueError, match="channels"):
+        d.swap_decoder(FIRDecoder(n_channels=9))
 
 
 def test_kinematics_ring_gives_recent_training_data():

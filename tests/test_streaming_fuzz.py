@@ -11,6 +11,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_streaming_support import BIN_NS, FIRDecoder, collect, live_daemon, offline, send_stream, until_pong
 
 from streaming.protocol import (
     INGEST_HEADER,
@@ -27,7 +28,6 @@ from streaming.protocol import (
     encode_tick,
     parse_ingest,
 )
-from test_streaming_support import BIN_NS, FIRDecoder, collect, live_daemon, offline, send_stream, until_pong
 
 N = 8
 CLEAN = 3_000_000_000  # the clean stream's source id: outside the fuzzer's (else its seqs could clash)

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from streaming.client import PredictionSubscriber, RigClient, wait_for_daemon
 from test_streaming_support import (
-    LIVE_TIMEOUT,
     BIN_NS,
+    LIVE_TIMEOUT,
     collect,
     live_daemon,
     send_stream,
     short_ipc_dir,
     tiny_export,
 )
+
+from streaming.client import PredictionSubscriber, RigClient, wait_for_daemon
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from rpnt_core import RPNT, load_checkpoint, save_checkpoint
 from rpnt_core.cli import main as rpnt
 from rpnt_core.data import Session, save_npz

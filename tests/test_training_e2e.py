@@ -468,6 +468,7 @@ def test_user_errors_exit_2_with_a_clear_message(tmp_path, capsys):
 
 def test_a_file_that_is_not_npz_gets_one_line_not_numpys(tmp_path, capsys):
     from conftest import tiny_config
+
     from rpnt_core import RPNT, save_checkpoint
     from rpnt_core.data.formats import NOT_NPZ
 

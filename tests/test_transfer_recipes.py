@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from rpnt_core import RPNT, load_checkpoint, read_header, save_checkpoint
 from rpnt_core.data import SimulationSpec, simulate_sessions
@@ -16,8 +17,6 @@ from rpnt_core.data.splits import Splits
 from rpnt_core.train.finetune import FinetuneOptions, build_model, fit_decoder
 from rpnt_core.train.pretrain import PretrainOptions, pretrain
 from rpnt_core.train.realign import RealignOptions, realign_input
-
-from conftest import tiny_config
 
 TINY = (("d_model", 16), ("n_heads", 2), ("window", 8), ("kernel_hidden", 8), ("input_norm", True))
 

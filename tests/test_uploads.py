@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import crafted
 import numpy as np
 import pytest
-
-import crafted
 from conftest import REPO
+
 from rpnt_core.data import Session, load_npz, save_npz
 from rpnt_core.data.formats import NOT_NPZ
 from service.upload_parse import BASE_ADDRESS_SPACE, ParseLimits, parse_upload

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, ClassVar, Self, Sequence
+from typing import ClassVar, Self, Sequence
 
 import numpy as np
 import torch

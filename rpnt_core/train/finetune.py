@@ -67,7 +67,6 @@ from .choices import FINETUNE_MODES
 from .distributed import resolve_device
 from .objectives import velocity_mse
 
-
 # Training sized to a short block of labels (a new day's calibration): the budget the cross-day
 # transfer benchmark measured (bench/bench_transfer.py), see FinetuneOptions.for_labels.
 # A kept head (the checkpoint already decodes the target) moves its core at this fraction of the

@@ -151,9 +151,9 @@ class ServeBackend:
     """``rpnt serve`` in a child process serving ``export`` (see the module docstring)."""
 
     def __init__(self, *, export: Path, workdir: Path, env: dict | None = None) -> None:
-        from service.demo import ServeProcess  # the one way this project runs `rpnt serve` as a child
-
         import tempfile
+
+        from service.demo import ServeProcess  # the one way this project runs `rpnt serve` as a child
 
         Path(workdir).mkdir(parents=True, exist_ok=True)
         run_dir = Path(

@@ -26,7 +26,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 DECODERS = ("rpnt", "wiener", "kalman", "gru")
 
 

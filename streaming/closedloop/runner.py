@@ -31,7 +31,7 @@ import numpy as np
 import zmq
 
 from ..client import PredictionSubscriber, RigClient, wait_for_daemon
-from ..protocol import Prediction, PredFlag
+from ..protocol import PredFlag, Prediction
 from .controller import Controller, ControllerConfig
 from .metrics import summarise, trial_metrics
 from .participant import EncodingModel, Participant
