@@ -223,6 +223,15 @@ def build_replay_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not stream the recorded target series (the daemon's: velocity, position, …) as KINEMATICS",
     )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default 30)")
+    p.add_argument("--log-level", default="warning")
+    _add_replay_outputs(p)
+    add_daemon_options(p)
+    return p
+
+
+def _add_replay_outputs(p: argparse.ArgumentParser) -> None:
+    """What ``rpnt replay`` writes: a report directory, an NWB file, JSON on stdout."""
     p.add_argument(
         "--report",
         metavar="DIR",
@@ -238,10 +247,6 @@ def build_replay_parser() -> argparse.ArgumentParser:
         "rpnt evaluate and rpnt replay read it back",
     )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the daemon (default 30)")
-    p.add_argument("--log-level", default="warning")
-    add_daemon_options(p)
-    return p
 
 
 @dataclass

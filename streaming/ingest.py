@@ -104,7 +104,8 @@ class IngestHandlers:
                 "gap", logging.WARNING, f"source {source}: {gap} message(s) lost before seq {seq}"
             )
         try:
-            self._handlers[head[2]](parse_body(head, frames, self._limits), t_recv)
+            msg = parse_body(head, frames, self._limits)  # before the lookup: an unknown type is msg_type
+            self._handlers[head[2]](msg, t_recv)
         except ProtocolError as exc:
             self._sources.note_reject(source)
             self._reject(exc.reason, exc.detail, source)
