@@ -184,7 +184,7 @@ def check_startup(settings: "Settings", *, replace_active: bool) -> None:
         raise SettingsError(f"model.path: no such file or directory: {path}")
     d = settings.daemon
     if d.record_nwb:
-        from streaming.cli import nwb_output_problem
+        from streaming.serving import nwb_output_problem
 
         problem = nwb_output_problem(d.record_nwb)
         if problem:

@@ -23,7 +23,7 @@ from typing import Any
 
 from .flags import add_flags, as_argv, config_from_args
 from .options import LOG_FORMATS, TUNING, DaemonConfig, EngineConfig
-from .serving import EXIT_FAILED, EXIT_OK, EXIT_USAGE, serve_until_stopped
+from .serving import EXIT_FAILED, EXIT_OK, EXIT_USAGE, nwb_output_problem, serve_until_stopped
 
 SERVE_DESCRIPTION = """\
 Run the real-time decoder daemon: spike events (or binned counts) in over ZeroMQ, one velocity
@@ -481,21 +481,6 @@ def _print_replay(a: argparse.Namespace, rep: dict) -> None:
         print(f"report: {Path(a.report) / 'report.json'} (+ velocity.png, latency.png, predictions.npz)")
     if a.nwb is not None:
         print(f"NWB: {a.nwb}")
-
-
-def nwb_output_problem(path: str) -> str | None:
-    """Why an NWB output file could not be written at ``path`` (checked before a run, so that a
-    session is not decoded for nothing), or None: pynwb missing, no such folder, not ``.nwb``."""
-    import importlib.util
-
-    p = Path(path)
-    if p.suffix.lower() != ".nwb":
-        return f"expected a file name ending in .nwb, got {p.name or path}"
-    if not p.parent.is_dir():
-        return f"no such directory: {p.parent}"
-    if importlib.util.find_spec("pynwb") is None:
-        return "NWB output needs pynwb: pip install 'rpnt[nwb]'"
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 :func:`serve_until_stopped` is the one serve loop of ``rpnt serve`` (:mod:`service.cli`) and
 ``python -m streaming.cli serve``: start, announce (a summary for people, or a ``{"event":
 "ready"}`` JSON line), log a stats line every few seconds, stop on SIGINT/SIGTERM, announce the
-final counters.  :func:`write_recording` writes the session recording after the stop.  Every
+final counters.  :func:`write_recording` writes the session recording after the stop
+(:func:`nwb_output_problem` checks its path before the start).  Every
 announcement is written to stderr in a single write (:func:`emit_lines`), so that log lines never
 land inside one.
 """
@@ -15,6 +16,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from .options import LOG_FORMATS
 
@@ -232,3 +234,18 @@ def write_recording(daemon, path: str, *, log_format: str = "text") -> int:
         )
         emit_lines([f"rpnt serve: recording: {event['bins']} bins written to {path}{more}"])
     return EXIT_OK
+
+
+def nwb_output_problem(path: str) -> str | None:
+    """Why an NWB output file could not be written at ``path`` (checked before a run, so that a
+    session is not decoded for nothing), or None: pynwb missing, no such folder, not ``.nwb``."""
+    import importlib.util
+
+    p = Path(path)
+    if p.suffix.lower() != ".nwb":
+        return f"expected a file name ending in .nwb, got {p.name or path}"
+    if not p.parent.is_dir():
+        return f"no such directory: {p.parent}"
+    if importlib.util.find_spec("pynwb") is None:
+        return "NWB output needs pynwb: pip install 'rpnt[nwb]'"
+    return None
