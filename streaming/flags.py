@@ -18,7 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from .options import described
+from .options import described, extra
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,9 @@ def flag_kwargs(
     f = model.model_fields[spec.field]
     kind = _base(f.annotation)
     if spec.invert:
-        words = f"do not {f.description}"
+        words = f"do not {described(f)}"
     elif default is not None and default != f.default:  # this command's own default
-        words = f.description + _default_words(default)
+        words = (f.description or "") + _default_words(default)
     else:
         words = described(f) + _default_words(f.default)
     kw: dict[str, Any] = {"default": None if default == [] else default}
@@ -93,7 +93,7 @@ def flag_kwargs(
         kw["action"] = "append"
     elif kind in (int, float):
         kw["type"] = kind
-    metavar = (f.json_schema_extra or {}).get("metavar")
+    metavar = extra(f, "metavar")
     if metavar and kw.get("action") != "store_true":
         kw["metavar"] = metavar
     kw["help"] = (words + (f" [{setting}]" if setting else "")).replace("%", "%%")
@@ -147,11 +147,11 @@ def config_from_args(model: type[BaseModel], args: argparse.Namespace, specs: It
     Raises:
         ValueError: ``"--flag: what is wrong"`` for each flag out of its field's bounds.
     """
-    specs = [Flag(s) if isinstance(s, str) else s for s in specs]
+    flags = [Flag(s) if isinstance(s, str) else s for s in specs]
     try:
-        return model.model_validate(given(args, specs))
+        return model.model_validate(given(args, flags))
     except ValidationError as exc:
-        names = {s.field: s.name for s in specs}
+        names = {f.field: f.name for f in flags}
         raise ValueError(
             "; ".join(
                 f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg'].removeprefix('Value error, ')}"

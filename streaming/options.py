@@ -39,14 +39,21 @@ def option(
     """A settings field: ``default``, ``description`` (the help text and the example-config comment)
     and pydantic ``bounds`` (``gt``, ``ge``, ``le``, ...).  ``metavar``: the flag's value name;
     ``unset``: what a ``None`` default means (said after the description)."""
-    extra = {k: v for k, v in (("metavar", metavar), ("unset", unset)) if v is not None}
+    extra: dict[str, Any] = {k: v for k, v in (("metavar", metavar), ("unset", unset)) if v is not None}
     return Field(default, description=description, json_schema_extra=extra or None, **bounds)
+
+
+def extra(field: Any, key: str) -> Any:
+    """``key`` of a field's :func:`option` extras (``metavar``, ``unset``), or None."""
+    more = field.json_schema_extra
+    return more.get(key) if isinstance(more, dict) else None
 
 
 def described(field: Any) -> str:
     """A field's description, with what leaving it unset means (``unset``) when it says."""
-    unset = (field.json_schema_extra or {}).get("unset")
-    return f"{field.description} (default: {unset})" if unset else field.description
+    unset = extra(field, "unset")
+    text = field.description or ""
+    return f"{text} (default: {unset})" if unset else text
 
 
 class EngineConfig(BaseModel):
