@@ -12,6 +12,10 @@ Everything is validated once, at start: an unknown key, a wrong type or an impos
 raises :class:`SettingsError` naming the field (``daemon.bin_ms: must be > 0``), before any
 socket is bound.  ``deploy/rpnt.example.toml`` lists every setting with its default; a test
 keeps the two in step.
+
+The ``[daemon]`` and ``[model]`` sections extend :class:`streaming.options.DaemonConfig` and
+:class:`~streaming.options.EngineConfig`, where the daemon's options are declared once (the same
+declarations give the command-line flags and the daemon's run-time options).
 """
 
 from __future__ import annotations
