@@ -39,12 +39,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING
+
+from streaming.flags import Flag, add_flags, given
+from streaming.options import TUNING
+from streaming.serving import EXIT_USAGE
 
 if TYPE_CHECKING:
     from .settings import Settings
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 EPILOG = """\
 examples:
@@ -60,9 +62,35 @@ POST /calibrate and POST /models/{version}/activate need 'Authorization: Bearer 
 """
 
 
+#: the flags that set a setting: (section, flag) — section "" for a top-level setting; help, type,
+#: choices and metavar come from the setting's field (:mod:`service.settings`)
+SETTING_FLAGS: tuple[tuple[str, Flag], ...] = (
+    ("model", Flag("path", "--model")),
+    ("model", Flag("backend")),
+    ("model", Flag("precision")),
+    ("registry", Flag("root", "--registry")),
+    ("daemon", Flag("bin_ms")),
+    ("daemon", Flag("ingest")),
+    ("daemon", Flag("publish")),
+    ("daemon", Flag("record_nwb")),
+    ("daemon", Flag("ingest_adapters", "--ingest-adapter")),
+    ("daemon", Flag("publish_adapters", "--publish-adapter")),
+    ("http", Flag("host", "--http-host")),
+    ("http", Flag("port", "--http-port")),
+    ("http", Flag("enabled", "--no-http", invert=True)),
+    ("", Flag("log_level")),
+    ("", Flag("log_format")),
+) + tuple(("daemon", Flag(name)) for name in TUNING)
+
+
+def _model_of(section: str) -> type:
+    from .settings import SECTIONS, Settings
+
+    return SECTIONS[section] if section else Settings
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from streaming.cli import SERVE_DESCRIPTION, add_daemon_options
-    from streaming.launch import BACKENDS
+    from streaming.cli import SERVE_DESCRIPTION, add_stats_interval
 
     p = argparse.ArgumentParser(
         prog="rpnt serve",
@@ -76,101 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML settings file (default: $RPNT_CONFIG; every setting: deploy/rpnt.example.toml)",
     )
     p.add_argument(
-        "--model",
-        metavar="DIR_OR_CKPT",
-        help="export directory or .safetensors checkpoint that seeds an empty registry [model.path]",
-    )
-    p.add_argument(
         "--replace-active",
         action="store_true",
         help="import --model as a new version and make it active even if the registry has one",
     )
-    p.add_argument("--registry", metavar="DIR", help="model registry directory [registry.root]")
-    p.add_argument("--backend", choices=BACKENDS, help="inference engine [model.backend]")
-    p.add_argument(
-        "--precision", choices=("fp32", "int8", "fp16"), help="step graph to run [model.precision]"
-    )
-    p.add_argument("--bin-ms", type=float, help="bin width in ms (default: the model's) [daemon.bin_ms]")
-    p.add_argument("--ingest", help="PULL endpoint for rig messages [daemon.ingest]")
-    p.add_argument("--publish", help="PUB endpoint for predictions [daemon.publish]")
-    p.add_argument(
-        "--record-nwb",
-        metavar="OUT.nwb",
-        help="record the session: every decoded bin (counts, decoded target, flags, per-stage latencies, "
-        "model version, the rig's kinematics) written to this NWB file at stop (docs/nwb.md) "
-        "[daemon.record_nwb]",
-    )
-    p.add_argument(
-        "--ingest-adapter",
-        action="append",
-        metavar="KIND:TARGET",
-        help="also take rig data from a foreign source, e.g. lsl:STREAM, redis:KEY, "
-        "openephys:tcp://HOST:PORT (repeatable; docs/adapters.md) [daemon.ingest_adapters]",
-    )
-    p.add_argument(
-        "--publish-adapter",
-        action="append",
-        metavar="KIND:TARGET",
-        help="also republish predictions, e.g. lsl:NAME, redis:KEY (repeatable) [daemon.publish_adapters]",
-    )
-    p.add_argument("--http-host", help="HTTP bind address [http.host]")
-    p.add_argument("--http-port", type=int, help="HTTP port, 0 = any free one [http.port]")
-    p.add_argument(
-        "--no-http", action="store_true", help="do not serve the HTTP control plane [http.enabled]"
-    )
-    p.add_argument(
-        "--stats-interval",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="log a one-line summary every S seconds (0: never; default 10)",
-    )
-    p.add_argument("--log-level", choices=_choices("log_level"), help="[log_level]")
-    p.add_argument(
-        "--log-format",
-        choices=_choices("log_format"),
-        help="start/stop messages: a summary for people, or JSON event lines [log_format]",
-    )
-    add_daemon_options(p, defaults=False)
+    add_stats_interval(p)
+    tuning = p.add_argument_group("daemon options")
+    for section, flag in SETTING_FLAGS:
+        where = tuning if section == "daemon" and flag.field in TUNING else p
+        add_flags(where, _model_of(section), (flag,), defaults=False, section=section)
     return p
-
-
-def _choices(field: str) -> tuple[str, ...]:
-    """The values a top-level ``Literal`` setting accepts (so the flag and the setting agree)."""
-    from .settings import Settings
-
-    return get_args(Settings.model_fields[field].annotation)
 
 
 def overrides_from_args(a: argparse.Namespace) -> dict:
     """The flags that were given, as a nested settings dict (flags not given do not override)."""
-    table = {
-        "model": {"path": a.model, "backend": a.backend, "precision": a.precision},
-        "registry": {"root": a.registry},
-        "daemon": {
-            "bin_ms": a.bin_ms,
-            "ingest": a.ingest,
-            "publish": a.publish,
-            "stall_ms": a.stall_ms,
-            "record_nwb": a.record_nwb,
-            "max_jump_s": a.max_jump_s,
-            "history_s": a.history_s,
-            "warmup_bins": a.warmup_bins,
-            "affinity": list(a.affinity) if a.affinity else None,
-            "busy_poll_us": a.busy_poll_us,
-            "prewarm_lead_us": a.prewarm_lead_us,
-            "rt_priority": a.rt_priority,
-            "gc_freeze": a.gc_freeze or None,
-            "allow_bin_mismatch": a.allow_bin_mismatch or None,
-            "allow_remote": a.allow_remote or None,
-            "ingest_adapters": a.ingest_adapter,
-            "publish_adapters": a.publish_adapter,
-        },
-        "http": {"host": a.http_host, "port": a.http_port, "enabled": False if a.no_http else None},
-    }
-    out: dict = {k: {f: v for f, v in sec.items() if v is not None} for k, sec in table.items()}
-    out = {k: v for k, v in out.items() if v}
-    out.update({k: v for k, v in (("log_level", a.log_level), ("log_format", a.log_format)) if v})
+    out: dict = {}
+    for section, flag in SETTING_FLAGS:
+        for field, value in given(a, (flag,)).items():
+            (out.setdefault(section, {}) if section else out)[field] = value
     return out
 
 
@@ -233,7 +184,7 @@ def check_startup(settings: "Settings", *, replace_active: bool) -> None:
         raise SettingsError(f"model.path: no such file or directory: {path}")
     d = settings.daemon
     if d.record_nwb:
-        from streaming.cli import nwb_output_problem
+        from streaming.serving import nwb_output_problem
 
         problem = nwb_output_problem(d.record_nwb)
         if problem:
@@ -301,15 +252,121 @@ def open_live_model(registry, settings, *, replace_active: bool, log: logging.Lo
     raise RegistryError("no registry version loads: " + "; ".join(failures))
 
 
+class _Sidecars:
+    """What ``rpnt serve`` runs beside the decode loop: the adapters (each in a thread), then the
+    HTTP control plane (uvicorn in a thread).  :meth:`start` is ``after_start``, :meth:`stop` is
+    ``before_stop`` of :func:`~streaming.serving.serve_until_stopped`."""
+
+    def __init__(self, *, daemon, control, settings: Settings, token: str) -> None:
+        self.daemon = daemon
+        self.control = control
+        self.settings = settings
+        self.token = token
+        self.bridges: list = []
+        self.server = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, stop: threading.Event) -> dict:
+        """Start the adapters, then HTTP; returns what the ready event adds (``http``, ``adapters``)."""
+        from streaming.adapters import start_adapters
+
+        d = self.settings.daemon
+        self.bridges.extend(start_adapters(self.daemon, ingest=d.ingest_adapters, publish=d.publish_adapters))
+        out = self._start_http(stop)
+        if self.bridges:
+            out["adapters"] = [f"{b.direction} {b.spec.text}" for b in self.bridges]
+        return out
+
+    def _start_http(self, stop: threading.Event) -> dict:
+        """Serve the control plane; ``RuntimeError`` if uvicorn did not start (unless told to stop)."""
+        h = self.settings.http
+        if not h.enabled:
+            return {"http": None}
+        import uvicorn
+
+        from .app import create_app
+
+        config = uvicorn.Config(
+            create_app(self.control, token=self.token),
+            host=h.host,
+            port=h.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        self.server = server = uvicorn.Server(config)
+        self.thread = thread = threading.Thread(target=server.run, name="rpnt-http", daemon=True)
+        thread.start()
+        while not server.started and thread.is_alive() and not stop.is_set():
+            time.sleep(0.01)
+        if not server.started and not stop.is_set():
+            raise RuntimeError(f"the HTTP server did not start on {h.host}:{h.port} (port in use?)")
+        if not server.started:  # SIGINT/SIGTERM while it started: a normal stop
+            return {"http": None}
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        return {"http": f"http://{host}:{port}"}
+
+    def stop(self) -> None:
+        """Stop the adapters, end the /events streams, stop uvicorn, shut the calibration worker down."""
+        from streaming.adapters import stop_adapters
+
+        stop_adapters(self.bridges)
+        self.control.closing.set()  # /events streams end, so uvicorn's graceful shutdown does not wait on them
+        if self.server is not None:
+            self.server.should_exit = True
+            self.thread.join(10.0)
+        self.control.calibration.shutdown()
+
+
+def _settings_from(a: argparse.Namespace) -> Settings:
+    """Step 1: the settings and the checks that need no model (``SettingsError`` / ``EndpointError``)."""
+    from .settings import load_settings
+
+    settings = load_settings(a.config, overrides=overrides_from_args(a))
+    check_startup(settings, replace_active=a.replace_active)
+    return settings
+
+
+def _open_daemon(settings: Settings, *, replace_active: bool, log: logging.Logger) -> tuple:
+    """Steps 2–3 and the daemon: (registry, live version, daemon, (token, where it came from)).
+    A registry this start created is removed again when it fails."""
+    from streaming.daemon import Daemon
+
+    from .registry import ModelRegistry
+    from .settings import resolve_token
+
+    root = Path(settings.registry.root)
+    fresh = not root.exists()
+    try:
+        registry = ModelRegistry(root=root)
+        version, engine = open_live_model(registry, settings, replace_active=replace_active, log=log)
+        d = settings.daemon
+        daemon = Daemon(
+            decoder=engine,
+            bin_s=d.bin_s(engine.info.bin_s),
+            ingest=d.ingest,
+            publish=d.publish,
+            options=d.options(),
+        )
+        token = resolve_token(settings) if settings.http.enabled else ("", "")
+    except BaseException:
+        if fresh:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    return registry, version, daemon, token
+
+
 def serve_main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     from streaming.launch import EndpointError
+    from streaming.serving import serve_until_stopped, write_recording
 
-    from .settings import SettingsError, load_settings, resolve_token
+    from .control import ControlPlane
+    from .registry import RegistryError
+    from .settings import SettingsError
 
     try:
-        settings = load_settings(a.config, overrides=overrides_from_args(a))
-        check_startup(settings, replace_active=a.replace_active)
+        settings = _settings_from(a)
     except (SettingsError, EndpointError) as exc:
         print(f"rpnt serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -319,31 +376,12 @@ def serve_main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     log = logging.getLogger("rpnt.serve")
-
-    from streaming.cli import serve_until_stopped
-    from streaming.daemon import Daemon, DaemonOptions
-
-    from .control import ControlPlane
-    from .registry import ModelRegistry, RegistryError
-
     t0 = time.perf_counter()
-    root = Path(settings.registry.root)
-    fresh = not root.exists()  # a registry this start creates is removed again if the start fails
     try:
-        registry = ModelRegistry(root=root)
-        version, engine = open_live_model(registry, settings, replace_active=a.replace_active, log=log)
-        bin_s = settings.daemon.bin_ms / 1e3 if settings.daemon.bin_ms else float(engine.info.bin_s)
-        daemon = Daemon(
-            decoder=engine,
-            bin_s=bin_s,
-            ingest=settings.daemon.ingest,
-            publish=settings.daemon.publish,
-            options=DaemonOptions.from_fields(settings.daemon),
+        registry, version, daemon, (token, token_source) = _open_daemon(
+            settings, replace_active=a.replace_active, log=log
         )
-        token, token_source = resolve_token(settings) if settings.http.enabled else ("", "")
     except (RegistryError, SettingsError, FileNotFoundError, ValueError, OSError) as exc:
-        if fresh:
-            shutil.rmtree(root, ignore_errors=True)
         print(f"rpnt serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     load_s = time.perf_counter() - t0
@@ -351,67 +389,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     # the decode thread and the HTTP thread share one interpreter: a short switch interval bounds how
     # long a request handler can keep the decode loop waiting for the GIL
     sys.setswitchinterval(settings.daemon.switch_interval_ms / 1e3)
-
-    http: dict = {}  # the uvicorn server and its thread, once started
-
-    def start_http(stop: threading.Event) -> dict:
-        if not settings.http.enabled:
-            return {"http": None}
-        import uvicorn
-
-        from .app import create_app
-
-        config = uvicorn.Config(
-            create_app(control, token=token),
-            host=settings.http.host,
-            port=settings.http.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="rpnt-http", daemon=True)
-        thread.start()
-        http.update(server=server, thread=thread)
-        while not server.started and thread.is_alive() and not stop.is_set():
-            time.sleep(0.01)
-        if not server.started and not stop.is_set():
-            raise RuntimeError(
-                f"the HTTP server did not start on {settings.http.host}:{settings.http.port} (port in use?)"
-            )
-        if not server.started:  # SIGINT/SIGTERM while it started: a normal stop
-            return {"http": None}
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
-        return {"http": f"http://{host}:{port}"}
-
-    bridges: list = []  # the adapters, once started
-
-    def start_all(stop: threading.Event) -> dict:
-        from streaming.adapters import start_adapters
-
-        bridges.extend(
-            start_adapters(
-                daemon, ingest=settings.daemon.ingest_adapters, publish=settings.daemon.publish_adapters
-            )
-        )
-        out = start_http(stop)
-        if bridges:
-            out["adapters"] = [f"{b.direction} {b.spec.text}" for b in bridges]
-        return out
-
-    def stop_all() -> None:
-        from streaming.adapters import stop_adapters
-
-        stop_adapters(bridges)
-        stop_http()
-
-    def stop_http() -> None:
-        control.closing.set()  # /events streams end, so uvicorn's graceful shutdown does not wait on them
-        if http:
-            http["server"].should_exit = True
-            http["thread"].join(10.0)
-        control.calibration.shutdown()
-
+    sidecars = _Sidecars(daemon=daemon, control=control, settings=settings, token=token)
     rc = serve_until_stopped(
         daemon,
         ready_fields={
@@ -424,11 +402,9 @@ def serve_main(argv: list[str] | None = None) -> int:
         stats_interval=a.stats_interval,
         log=log,
         log_format=settings.log_format,
-        after_start=start_all,
-        before_stop=stop_all,
+        after_start=sidecars.start,
+        before_stop=sidecars.stop,
     )
     if settings.daemon.record_nwb:
-        from streaming.cli import write_recording
-
         rc = max(rc, write_recording(daemon, settings.daemon.record_nwb, log_format=settings.log_format))
     return rc

@@ -12,6 +12,10 @@ Everything is validated once, at start: an unknown key, a wrong type or an impos
 raises :class:`SettingsError` naming the field (``daemon.bin_ms: must be > 0``), before any
 socket is bound.  ``deploy/rpnt.example.toml`` lists every setting with its default; a test
 keeps the two in step.
+
+The ``[daemon]`` and ``[model]`` sections extend :class:`streaming.options.DaemonConfig` and
+:class:`~streaming.options.EngineConfig`, where the daemon's options are declared once (the same
+declarations give the command-line flags and the daemon's run-time options).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from pydantic import (
     model_validator,
 )
 
+from streaming.options import LOG_FORMATS, DaemonConfig, EngineConfig, described
+
 ENV_PREFIX = "RPNT_"
 TOKEN_ENV = "RPNT_API_TOKEN"
 CONFIG_ENV = "RPNT_CONFIG"
@@ -46,7 +52,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSettings(_Section):
+class ModelSettings(EngineConfig):
     """Which decoder the daemon runs, and how."""
 
     path: str | None = Field(
@@ -54,70 +60,23 @@ class ModelSettings(_Section):
         description="model that seeds an empty registry: an export directory "
         "(rpnt export --out DIR) or a checkpoint (.safetensors, exported on "
         "import); ignored once the registry has an active version",
-    )
-    backend: Literal["onnx-cpu", "onnx-cuda", "onnx-tensorrt", "torch"] = Field(
-        "onnx-cpu",
-        description="inference engine (onnx-cuda/onnx-tensorrt need the [gpu] extra on a GPU host)",
-    )
-    precision: Literal["fp32", "int8", "fp16"] = Field(
-        "fp32", description="which step graph of an export to run"
-    )
-    intra_op_threads: int = Field(
-        1, ge=1, le=64, description="ONNX Runtime intra-op threads of the decode engine"
+        json_schema_extra={"metavar": "DIR_OR_CKPT"},
     )
 
 
 class RegistrySettings(_Section):
     """Where model versions live on disk (every version is kept)."""
 
-    root: str = Field("rpnt-registry", description="registry directory (created if missing)")
+    root: str = Field(
+        "rpnt-registry",
+        description="registry directory (created if missing)",
+        json_schema_extra={"metavar": "DIR"},
+    )
 
 
-class DaemonSettings(_Section):
+class DaemonSettings(DaemonConfig):
     """The real-time path (see ``rpnt serve --help`` and docs/protocol.md)."""
 
-    bin_ms: float | None = Field(
-        None, gt=0, description="bin width in ms (default: the model's training bin width)"
-    )
-    ingest: str = Field("tcp://127.0.0.1:5555", description="PULL endpoint for rig messages")
-    publish: str = Field("tcp://127.0.0.1:5556", description="PUB endpoint for predictions")
-    stall_ms: float | None = Field(
-        None,
-        gt=0,
-        description="wall-clock grace past a bin's due time before it "
-        "closes flagged STALLED (default: one bin width)",
-    )
-    max_jump_s: float = Field(10.0, gt=0, description="reject times this far ahead of the open bin")
-    history_s: float = Field(
-        300.0, gt=0, description="seconds of (counts, kinematics) kept for closed-loop calibration"
-    )
-    record_nwb: str | None = Field(
-        None,
-        description="session recording: write every decoded bin (counts, decoded "
-        "target, flags, per-stage latencies, model version, the rig's "
-        "kinematics) to this NWB file when the daemon stops "
-        "(docs/nwb.md; needs the [nwb] extra)",
-    )
-    record_max_s: float = Field(
-        14400.0,
-        gt=0,
-        description="the session recording keeps at most this many seconds "
-        "of bins (memory: 4·(channels + outputs) + 72 bytes "
-        "per bin); later bins are counted, not kept",
-    )
-    warmup_bins: int = Field(32, ge=0, description="engine steps run before the first bin")
-    affinity: list[int] | None = Field(None, description="CPU ids to pin the decode thread to")
-    gc_freeze: bool = Field(False, description="gc.freeze() after warm-up")
-    busy_poll_us: int = Field(0, ge=0, description="spin this long after each message before blocking")
-    prewarm_lead_us: int = Field(
-        0,
-        ge=0,
-        description="run the engine once, without advancing the stream, this "
-        "long before each bin is due (0 = off)",
-    )
-    rt_priority: int | None = Field(None, ge=1, le=99, description="SCHED_FIFO priority (needs privileges)")
-    allow_bin_mismatch: bool = Field(False, description="decode at a bin width other than the model's")
-    allow_remote: bool = Field(False, description="allow non-loopback TCP endpoints")
     switch_interval_ms: float = Field(
         0.5,
         gt=0,
@@ -129,12 +88,15 @@ class DaemonSettings(_Section):
     )
     ingest_adapters: list[str] = Field(
         [],
+        json_schema_extra={"metavar": "KIND:TARGET"},
         description="foreign sources bridged into the ingest socket, each "
         "KIND:TARGET[?opt=value&...]: lsl:STREAM, redis:KEY, "
         "openephys:tcp://HOST:PORT (docs/adapters.md)",
     )
     publish_adapters: list[str] = Field(
-        [], description="sinks every prediction is republished to: lsl:NAME, redis:KEY (docs/adapters.md)"
+        [],
+        json_schema_extra={"metavar": "KIND:TARGET"},
+        description="sinks every prediction is republished to: lsl:NAME, redis:KEY (docs/adapters.md)",
     )
 
     @field_validator("ingest_adapters", "publish_adapters")
@@ -273,7 +235,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
-    log_format: Literal["text", "json"] = Field(
+    log_format: Literal[LOG_FORMATS] = Field(  # type: ignore[valid-type]
         "text",
         description="start and stop messages on stderr: 'text' (a "
         "short summary for people) or 'json' (one JSON "
@@ -289,10 +251,10 @@ class Settings(_Section):
         return self
 
 
-SECTIONS: dict[str, type[_Section]] = {
+SECTIONS: dict[str, type[BaseModel]] = {
     name: f.annotation
     for name, f in Settings.model_fields.items()
-    if isinstance(f.annotation, type) and issubclass(f.annotation, _Section)
+    if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
 }
 TOP_LEVEL: tuple[str, ...] = tuple(name for name in Settings.model_fields if name not in SECTIONS)
 
@@ -448,13 +410,13 @@ def example_toml(settings: Settings | None = None) -> str:
 
     top = [(n, f) for n, f in Settings.model_fields.items() if n not in SECTIONS]
     for name, f in top:
-        lines.append(f"# {f.description}")
+        lines.append(f"# {described(f)}")
         lines.append(f"{name} = {val(getattr(s, name))}")
     for section, cls in SECTIONS.items():
         lines += ["", f"[{section}]  # {(cls.__doc__ or '').strip().splitlines()[0]}"]
         obj = getattr(s, section)
         for name, f in cls.model_fields.items():
             v = getattr(obj, name)
-            lines.append(f"# {f.description}")
+            lines.append(f"# {described(f)}")
             lines.append(f"# {name} = ..." if v is None else f"{name} = {val(v)}")
     return "\n".join(lines) + "\n"

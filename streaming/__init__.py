@@ -9,7 +9,13 @@ Modules (one job each)::
     latency    fixed-size latency histograms (hot path) and exact percentiles (reports)
     logsink    logging off the hot path, rate-limited per reason
     realtime   optional real-time habits: CPU affinity, SCHED_FIFO, gc.freeze
-    daemon     Daemon / DaemonOptions: ZeroMQ ingest → binner → decoder.step → PUB, in one loop thread
+    options    DaemonConfig: the operator options, declared once (settings, flags, DaemonOptions)
+    flags      command-line flags generated from settings fields
+    daemon     Daemon: ZeroMQ ingest → binner → decoder.step → PUB, in one loop thread
+    ingest     the loop's message handlers: checks, then the binner (one dispatch table)
+    publish    one closed bin → decoder.step → PUB (and the swaps that land on it)
+    swap       the model-swap decision (fresh / warm / catch-up), pure functions
+    threads    the one background-thread-with-stop-flag shape (daemon, adapter bridges)
     client     reference client: RigClient (send), PredictionSubscriber (receive), wait_for_daemon
     replay     recorded sessions → events (deterministic) → daemon → predictions
     report     replay report: R², per-stage latency, bins lost, PNG plots, JSON
@@ -25,8 +31,8 @@ from rpnt_core.lazy import lazy_exports
 
 _EXPORTS = {
     "Daemon": "streaming.daemon",
-    "DaemonOptions": "streaming.daemon",
-    "SwapTicket": "streaming.daemon",
+    "DaemonOptions": "streaming.options",
+    "SwapTicket": "streaming.swap",
     "RigClient": "streaming.client",
     "PredictionSubscriber": "streaming.client",
     "wait_for_daemon": "streaming.client",

@@ -20,16 +20,17 @@ from typing import Any
 
 from rpnt_core.child_env import ROOT, child_env
 
-ONNX_BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt")
-BACKENDS = ONNX_BACKENDS + ("openvino-cpu", "torch")
+from .options import BACKENDS, EngineConfig, check_endpoint
+
+_ENGINE = EngineConfig()  # the declared engine defaults
 
 
 def load_decoder(
     model: str | os.PathLike,
     *,
-    backend: str = "onnx-cpu",
-    precision: str = "fp32",
-    intra_op_threads: int = 1,
+    backend: str = _ENGINE.backend,
+    precision: str = _ENGINE.precision,
+    intra_op_threads: int = _ENGINE.intra_op_threads,
     allow_spinning: bool = False,
 ) -> Any:
     """An engine implementing the decoder contract, from an export directory / .onnx file (ONNX
@@ -69,8 +70,8 @@ def spawn_daemon(
     bin_ms: float,
     ingest: str,
     publish: str,
-    backend: str = "onnx-cpu",
-    precision: str = "fp32",
+    backend: str = _ENGINE.backend,
+    precision: str = _ENGINE.precision,
     extra: list[str] | None = None,
     log_path: str | os.PathLike | None = None,
     env: dict | None = None,
@@ -101,13 +102,9 @@ def spawn_daemon(
         "json",
         *(extra or []),
     ]
-    out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
-    e = child_env(env)
-    try:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=e, cwd=str(ROOT))
-    finally:
-        if out is not subprocess.DEVNULL:
-            out.close()
+    with ExitStack() as stack:
+        out = stack.enter_context(open(log_path, "ab")) if log_path is not None else subprocess.DEVNULL
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=child_env(env), cwd=str(ROOT))
 
 
 class EndpointError(ValueError):
@@ -127,8 +124,6 @@ def held_endpoints(
     ``inproc://`` needs nothing.  Raises :class:`EndpointError` ``"<name>: <what is wrong>"``;
     ``remote_option`` is what the message tells the user to set to allow a non-loopback address."""
     import zmq
-
-    from .daemon import check_endpoint
 
     seen: dict[str, str] = {}
     with ExitStack() as stack:

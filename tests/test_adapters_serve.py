@@ -126,7 +126,7 @@ def test_rpnt_serve_fed_through_redis_decodes_like_the_native_replay(tmp_path, t
 
 
 def test_the_start_up_summary_names_the_adapters():
-    from streaming.cli import ready_summary
+    from streaming.serving import ready_summary
 
     ready = {
         "model_version": "abc",

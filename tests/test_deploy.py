@@ -484,17 +484,18 @@ def test_dockerignore_excludes_local_state():
 
 
 def test_serve_flags_and_daemon_settings_build_the_same_daemon_options():
-    """One builder (DaemonOptions.from_fields) serves `rpnt serve` flags and the [daemon] section;
-    their defaults agree, and a set value arrives converted (ms → s, CPU list → tuple)."""
+    """One declaration (streaming.options.DaemonConfig) serves `rpnt serve` flags, the [daemon]
+    section and DaemonOptions; their defaults agree, and a set value arrives converted (ms → s, CPU
+    list → tuple)."""
     from service.settings import load_settings
-    from streaming.cli import build_serve_parser
-    from streaming.daemon import DaemonOptions
+    from streaming.cli import SERVE_FLAGS, build_serve_parser
+    from streaming.flags import config_from_args
+    from streaming.options import DaemonConfig, DaemonOptions
 
-    flags = build_serve_parser().parse_args(["--model", "m"])
-    assert DaemonOptions.from_fields(flags) == DaemonOptions.from_fields(load_settings(None).daemon)
-    set_ = DaemonOptions.from_fields(
-        build_serve_parser().parse_args(
-            ["--model", "m", "--affinity", "0,1", "--stall-ms", "5", "--busy-poll-us", "100"]
-        )
-    )
+    def from_flags(*argv: str) -> DaemonOptions:
+        a = build_serve_parser().parse_args(["--model", "m", *argv])
+        return config_from_args(DaemonConfig, a, SERVE_FLAGS).options()
+
+    assert from_flags() == load_settings(None, env={}).daemon.options() == DaemonOptions()
+    set_ = from_flags("--affinity", "0,1", "--stall-ms", "5", "--busy-poll-us", "100")
     assert (set_.affinity, set_.stall_timeout_s, set_.busy_poll_us) == ((0, 1), 0.005, 100)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from test_streaming_support import BIN_NS, FIRDecoder, offline, short_ipc_dir, tiny_export
 
-from streaming.daemon import Daemon, DaemonOptions
+from streaming.daemon import Daemon
+from streaming.options import DaemonOptions
 from streaming.replay import run_replay
 
 PNG = b"\x89PNG\r\n\x1a\n"

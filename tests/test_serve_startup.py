@@ -406,7 +406,7 @@ def test_log_format_is_one_setting_with_its_flag_derived():
 
 
 def test_ready_summary_notes_habits_that_were_not_applied():
-    from streaming.cli import ready_summary
+    from streaming.serving import ready_summary
 
     ready = {
         "model_version": "abc",

@@ -25,7 +25,8 @@ from test_streaming_support import (
 )
 
 from streaming.client import PredictionSubscriber, RigClient
-from streaming.daemon import Daemon, DaemonOptions, check_endpoint, max_jump_bins
+from streaming.daemon import Daemon
+from streaming.options import DaemonOptions, check_endpoint, max_jump_bins
 from streaming.protocol import INGEST_HEADER, MAGIC, MsgType, Pong, PredFlag, encode_spikes
 from streaming.replay import events_from_counts
 

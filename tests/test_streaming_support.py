@@ -18,7 +18,8 @@ import numpy as np
 
 from rpnt_core.decoder import DecoderInfo
 from streaming.client import PredictionSubscriber, RigClient, wait_for_daemon
-from streaming.daemon import Daemon, DaemonOptions
+from streaming.daemon import Daemon
+from streaming.options import DaemonOptions
 from streaming.protocol import Prediction
 from streaming.replay import events_from_counts
 

@@ -27,7 +27,6 @@ Counters (:meth:`AdapterStats.as_dict`, in the daemon's snapshot under ``adapter
 from __future__ import annotations
 
 import logging
-import threading
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +35,7 @@ import zmq
 
 from ..client import RigClient
 from ..protocol import PREDICTION_TOPIC, Prediction, ProtocolError, parse_output
+from ..threads import LoopThread
 
 log = logging.getLogger("rpnt.adapters")
 
@@ -125,37 +125,24 @@ class AdapterStats:
         }
 
 
-class _Bridge:
+class _Bridge(LoopThread):
     """A thread that keeps one foreign connection alive: connect (retrying while unavailable), poll
-    until disconnected or stopped, count disconnects and reconnects."""
+    until disconnected or stopped, count disconnects and reconnects.  ``start()`` starts it;
+    ``stop()`` / ``join()`` as :class:`~streaming.threads.LoopThread`."""
 
     direction = ""
     #: send a native RESET (a new stream) after a reconnect too, not only after the first connect
     reset_on_reconnect = True
 
     def __init__(self, *, spec: AdapterSpec) -> None:
+        super().__init__()
         self.spec = spec
         self.stats = AdapterStats(spec=spec, direction=self.direction)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._ever_connected = False
 
-    # ------------------------------------------------------------------ lifecycle (any thread)
     def start(self) -> _Bridge:
-        if self._thread is not None:
-            raise RuntimeError(f"adapter {self.spec.text} already started")
-        self._thread = threading.Thread(target=self._run, name=f"rpnt-adapter-{self.spec.kind}", daemon=True)
-        self._thread.start()
+        self._start_thread(self._run, name=f"rpnt-adapter-{self.spec.kind}", what=f"adapter {self.spec.text}")
         return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float | None = None) -> bool:
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
