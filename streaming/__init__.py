@@ -19,6 +19,9 @@ Modules (one job each)::
     client     reference client: RigClient (send), PredictionSubscriber (receive), wait_for_daemon
     replay     recorded sessions → events (deterministic) → daemon → predictions
     report     replay report: R², per-stage latency, bins lost, PNG plots, JSON
+    nwb_out    a decoded session as an NWB file (``rpnt replay --nwb``, the daemon's recording)
+    recording  the daemon's session recording: every decoded bin, kept until stop
+    adapters   bridges to the stacks labs run: LSL, Redis streams, Open Ephys
     launch     load a decoder (ONNX Runtime without torch, or torch), start a daemon process
     cli        ``rpnt serve`` and ``rpnt replay``
 

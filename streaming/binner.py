@@ -70,7 +70,6 @@ class Binner:
         self._flags = 0  # flags for the next emitted bin
         self._next_free_run = False
         # counters (cumulative over streams)
-        self.bins_emitted = 0
         self.bins_stalled = 0
         self.bins_discarded = 0  # open bins thrown away by a reset
         self.late_events = 0
@@ -128,10 +127,8 @@ class Binner:
         if n:
             bin_ns = self.bin_ns
             b0, b1 = int(times_ns[0]) // bin_ns, int(times_ns[-1]) // bin_ns
-            if b0 < self.k_open:
-                self.late_packets += (
-                    1  # events are sorted: only a packet whose first event is late has late ones
-                )
+            if b0 < self.k_open:  # events are sorted: only a packet whose first event is late has late ones
+                self.late_packets += 1
             if b0 == b1:
                 self._segment(b0, channels)
             else:
@@ -214,7 +211,6 @@ class Binner:
         self._flags = 0
         n = self._n_open
         self.k_open = k + 1  # advance first: emit may look at the binner
-        self.bins_emitted += 1
         self.spikes += n
         try:
             self._emit(k, self._acc, n, flags)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import zmq
@@ -70,10 +70,12 @@ class RigClient:
         self._sock.setsockopt(zmq.SNDHWM, int(sndhwm))
         self._sock.connect(endpoint)
 
-    def _next(self) -> int:
-        s = self.seq
+    def _send(self, encode: Callable[..., list[bytes]], **fields: Any) -> int:
+        """Encode one message with this source's id and next sequence number, send it; its number."""
+        seq = self.seq
         self.seq += 1
-        return s
+        self._sock.send_multipart(encode(source=self.source_id, seq=seq, **fields))
+        return seq
 
     def send_frames(self, frames: list[bytes], *, flags: int = 0) -> None:
         """Send raw frames (no sequence number is consumed: the frames carry their own)."""
@@ -87,73 +89,39 @@ class RigClient:
         clock: int | None = None,
     ) -> int:
         """Events sorted by time (non-decreasing); ``clock``: every event before it has been sent."""
-        seq = self._next()
-        self._sock.send_multipart(
-            encode_spikes(
-                source=self.source_id,
-                seq=seq,
-                channels=channels,
-                times=times,
-                clock=clock,
-                rate_hz=self.rate_hz,
-            )
-        )
-        return seq
+        return self._send(encode_spikes, channels=channels, times=times, clock=clock, rate_hz=self.rate_hz)
 
     def send_tick(self, clock: int) -> int:
         """Heartbeat: the acquisition clock reached ``clock`` (closes bins that end at or before it)."""
-        seq = self._next()
-        self._sock.send_multipart(
-            encode_tick(source=self.source_id, seq=seq, clock=clock, rate_hz=self.rate_hz)
-        )
-        return seq
+        return self._send(encode_tick, clock=clock, rate_hz=self.rate_hz)
 
     def send_counts(
         self, first: int, counts: np.ndarray, *, time_is_clock: bool = False, bin_ns: int = 0
     ) -> int:
         """Already-binned counts (n_bins, n_channels) for bins ``first …`` (a bin index, or a time)."""
-        seq = self._next()
-        self._sock.send_multipart(
-            encode_counts(
-                source=self.source_id,
-                seq=seq,
-                first=first,
-                counts=counts,
-                time_is_clock=time_is_clock,
-                rate_hz=self.rate_hz,
-                bin_ns=bin_ns,
-            )
+        return self._send(
+            encode_counts,
+            first=first,
+            counts=counts,
+            time_is_clock=time_is_clock,
+            rate_hz=self.rate_hz,
+            bin_ns=bin_ns,
         )
-        return seq
 
     def send_kinematics(self, first: int, values: np.ndarray, *, time_is_clock: bool = False) -> int:
         """Behaviour (n_bins, D) (or (D,)) for bins ``first …``: what calibration learns from."""
-        seq = self._next()
-        self._sock.send_multipart(
-            encode_kinematics(
-                source=self.source_id,
-                seq=seq,
-                first=first,
-                values=values,
-                time_is_clock=time_is_clock,
-                rate_hz=self.rate_hz,
-            )
+        return self._send(
+            encode_kinematics, first=first, values=values, time_is_clock=time_is_clock, rate_hz=self.rate_hz
         )
-        return seq
 
     def send_reset(self, start: int | None = None, *, free_run: bool = False) -> int:
         """Start a new stream (at ``start``, or at the next reported time).  ``free_run``: no
         wall-clock deadline for this stream (replaying faster than real time)."""
-        seq = self._next()
-        self._sock.send_multipart(
-            encode_reset(source=self.source_id, seq=seq, start=start, free_run=free_run, rate_hz=self.rate_hz)
-        )
-        return seq
+        return self._send(encode_reset, start=start, free_run=free_run, rate_hz=self.rate_hz)
 
     def ping(self, token: int) -> int:
-        seq = self._next()
-        self._sock.send_multipart(encode_ping(source=self.source_id, seq=seq, token=token))
-        return seq
+        """PING with ``token``: the daemon answers with a PONG echoing it (:func:`wait_for_daemon`)."""
+        return self._send(encode_ping, token=token)
 
     def close(self) -> None:
         self._sock.close()

@@ -42,9 +42,8 @@ class HistoryRing:
         self._epoch = 0
         self._epoch_first_bin = 0
         self._epoch_first_serial = 0
-        self._pending: dict[
-            tuple[int, int], np.ndarray
-        ] = {}  # (epoch, bin) → (D,) kinematics that came early
+        # (epoch, bin) → (D,) kinematics that came early
+        self._pending: dict[tuple[int, int], np.ndarray] = {}
         self.kinematics_stored = 0
         self.kinematics_stale = 0  # named a bin no longer in the ring (or of a past stream)
         self.kinematics_dropped = 0  # pending map overflow

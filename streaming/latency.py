@@ -54,6 +54,7 @@ class Histogram:
         self.max = 0
 
     def record(self, v: int) -> None:
+        """Count one value ``v`` in ns (the writer thread only; :func:`bucket_of`, inlined)."""
         if v < 64:
             i = v if v > 0 else 0
         else:

@@ -1,7 +1,7 @@
 """Logging off the hot path: the loop enqueues, a background thread writes; rate-limited per key.
 
 The loop thread never formats through handlers or touches a file: :meth:`LogSink.log` puts a
-``(level, message)`` tuple on a queue (sub-microsecond), and a daemon thread hands it to
+``(level, message)`` tuple on a queue (no formatting, no I/O), and a daemon thread hands it to
 :mod:`logging`.  :meth:`LogSink.limited` lets one line per key through per ``interval_s``
 and appends how many were suppressed in between, so a flood of bad packets costs a counter
 increment each, not a log line each.  Keys must come from a fixed set (e.g. reject reasons),
@@ -10,6 +10,7 @@ never from packet contents, so the limiter's table stays bounded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -68,7 +69,5 @@ class LogSink:
             if item is _STOP:
                 return
             level, msg = item
-            try:
+            with contextlib.suppress(Exception):  # a broken handler must not kill the writer
                 self.logger.log(level, msg)
-            except Exception:  # a broken handler must not kill the writer  # noqa: BLE001
-                pass

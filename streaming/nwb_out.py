@@ -120,41 +120,15 @@ def _packed(data):
 
 
 def _build(ds: DecodedSession):
-    from hdmf.common import DynamicTable, VectorData
-    from pynwb import NWBFile, TimeSeries
-    from pynwb.file import Subject
-
-    rate = 1e9 / ds.bin_ns
+    """The in-memory NWBFile of ``ds`` (the layout in the module docstring)."""
+    nwb = _new_file(ds)
     bin_ms = f"{ds.bin_ns / 1e6:g} ms"
-    nwb = NWBFile(
-        session_description=ds.description,
-        identifier=str(uuid.uuid4()),
-        session_start_time=datetime.now(timezone.utc),
-        session_id=ds.session_id or None,
-        source_script="rpnt",
-        source_script_file_name="streaming/nwb_out.py",
-        notes=f"decoded by rpnt; model version(s): {_versions_text(ds)}",
-        keywords=KEYWORDS,
-        experiment_description=f"real-time decoding of {ds.target} from binned spike counts by rpnt",
-        subject=Subject(subject_id=ds.subject) if ds.subject else None,
-    )
-
-    def series(name: str, data: np.ndarray, *, unit: str, description: str, **kw) -> TimeSeries:
-        return TimeSeries(
-            name=name,
-            data=data,
-            unit=unit,
-            rate=rate,
-            starting_time=float(ds.starting_time),
-            description=description,
-            **kw,
-        )
-
     ecephys = nwb.create_processing_module(
         NWB_COUNTS[0], f"spike counts per {bin_ms} bin, as the decoder saw them"
     )
     ecephys.add(
-        series(
+        _series(
+            ds,
             NWB_COUNTS[1],
             _packed(np.asarray(ds.counts, dtype=np.int32)),
             unit="spikes",
@@ -167,14 +141,19 @@ def _build(ds: DecodedSession):
         for name, v in ds.labels.items():
             v = np.asarray(v, dtype=np.float32)
             beh.add(
-                series(
-                    name, _packed(v), unit="a.u.", description=f"recorded {name} ({v.shape[1]} dims) per bin"
+                _series(
+                    ds,
+                    name,
+                    _packed(v),
+                    unit="a.u.",
+                    description=f"recorded {name} ({v.shape[1]} dims) per bin",
                 )
             )
     misc = nwb.create_processing_module(MISC, f"rpnt decoder output; model version(s): {_versions_text(ds)}")
     D = ds.decoded.shape[1]
     misc.add(
-        series(
+        _series(
+            ds,
             ds.target,
             _packed(np.asarray(ds.decoded, dtype=np.float32)),
             unit="a.u.",
@@ -182,6 +161,47 @@ def _build(ds: DecodedSession):
             comments=f"target={ds.target}; dims={D}",
         )
     )
+    misc.add(_bins_table(ds))
+    return nwb
+
+
+def _new_file(ds: DecodedSession):
+    from pynwb import NWBFile
+    from pynwb.file import Subject
+
+    return NWBFile(
+        session_description=ds.description,
+        identifier=str(uuid.uuid4()),
+        session_start_time=datetime.now(timezone.utc),
+        session_id=ds.session_id or None,
+        source_script="rpnt",
+        source_script_file_name="streaming/nwb_out.py",
+        notes=f"decoded by rpnt; model version(s): {_versions_text(ds)}",
+        keywords=KEYWORDS,
+        experiment_description=f"real-time decoding of {ds.target} from binned spike counts by rpnt",
+        subject=Subject(subject_id=ds.subject) if ds.subject else None,
+    )
+
+
+def _series(ds: DecodedSession, name: str, data, *, unit: str, description: str, **kw):
+    """A TimeSeries with one row per bin of ``ds``: rate 1/Δ from ``ds.starting_time``."""
+    from pynwb import TimeSeries
+
+    return TimeSeries(
+        name=name,
+        data=data,
+        unit=unit,
+        rate=1e9 / ds.bin_ns,
+        starting_time=float(ds.starting_time),
+        description=description,
+        **kw,
+    )
+
+
+def _bins_table(ds: DecodedSession):
+    """The ``decoder_bins`` DynamicTable: per bin its epoch, bin, flags, generation, version, latencies."""
+    from hdmf.common import DynamicTable, VectorData
+
     flag_doc = ", ".join(f"{f.name}={int(f)}" for f in PredFlag)
     cols = [
         ("epoch", ds.epoch, np.int64, "stream (the daemon's epoch; a RESET starts the next)"),
@@ -206,17 +226,14 @@ def _build(ds: DecodedSession):
         (f"{stage}_ns", v, np.int64, f"latency of stage {stage} in ns (−1: no value)")
         for stage, v in ds.latency_ns.items()
     ]
-    misc.add(
-        DynamicTable(
-            name=BINS_TABLE,
-            description="one row per decoded bin: flags, latencies, generation",
-            columns=[
-                VectorData(name=n, data=_packed(v if dt is None else np.asarray(v, dtype=dt)), description=d)
-                for n, v, dt, d in cols
-            ],
-        )
+    return DynamicTable(
+        name=BINS_TABLE,
+        description="one row per decoded bin: flags, latencies, generation",
+        columns=[
+            VectorData(name=n, data=_packed(v if dt is None else np.asarray(v, dtype=dt)), description=d)
+            for n, v, dt, d in cols
+        ],
     )
-    return nwb
 
 
 def from_replay(

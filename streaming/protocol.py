@@ -1,5 +1,7 @@
 """The rpnt streaming wire protocol, version 1: bytes ⇄ typed messages.  No sockets here.
 
+(Over 500 lines on purpose: the whole wire format in one file, to read side by side with its doc.)
+
 The normative description (byte layouts, semantics, examples) is ``docs/protocol.md``; this
 module is its executable twin and the two must agree (``tests/test_protocol.py`` checks the
 layouts byte for byte).
@@ -37,7 +39,7 @@ import json
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -285,46 +287,41 @@ def encode_counts(
     c = np.ascontiguousarray(counts, dtype=COUNT_DTYPE)
     if c.ndim != 2:
         raise ValueError(f"counts: expected (n_bins, n_channels), got {c.shape}")
-    flags = int(IngestFlag.TIME_IS_CLOCK) if time_is_clock else 0
-    return [
-        _hdr(
-            MsgType.COUNTS,
-            source=source,
-            seq=seq,
-            flags=flags,
-            time=first,
-            rate_hz=rate_hz,
-            n=c.shape[0],
-            m=c.shape[1],
-            aux=bin_ns,
-        ),
-        c.tobytes(),
-    ]
+    return _binned_frames(
+        MsgType.COUNTS, c, first, time_is_clock, source=source, seq=seq, rate_hz=rate_hz, aux=bin_ns
+    )
 
 
 def encode_kinematics(
     *, source: int, seq: int, first: int, values: np.ndarray, time_is_clock: bool = False, rate_hz: int = 0
 ) -> list[bytes]:
-    """KINEMATICS: behaviour ``values`` (n_bins, D) for consecutive bins from ``first``."""
+    """KINEMATICS: behaviour ``values`` (n_bins, D) (or (D,): one bin) for consecutive bins from ``first``."""
     v = np.ascontiguousarray(values, dtype=KIN_DTYPE)
     if v.ndim == 1:
         v = v[None]
     if v.ndim != 2:
         raise ValueError(f"values: expected (n_bins, D), got {v.shape}")
+    return _binned_frames(
+        MsgType.KINEMATICS, v, first, time_is_clock, source=source, seq=seq, rate_hz=rate_hz
+    )
+
+
+def _binned_frames(
+    msg_type: MsgType,
+    arr: np.ndarray,
+    first: int,
+    time_is_clock: bool,
+    *,
+    source: int,
+    seq: int,
+    rate_hz: int,
+    aux: int = 0,
+) -> list[bytes]:
+    """COUNTS / KINEMATICS frames: the header for ``arr`` (n, m) from ``first``, then its bytes."""
     flags = int(IngestFlag.TIME_IS_CLOCK) if time_is_clock else 0
-    return [
-        _hdr(
-            MsgType.KINEMATICS,
-            source=source,
-            seq=seq,
-            flags=flags,
-            time=first,
-            rate_hz=rate_hz,
-            n=v.shape[0],
-            m=v.shape[1],
-        ),
-        v.tobytes(),
-    ]
+    n, m = arr.shape
+    hdr = _hdr(msg_type, source=source, seq=seq, flags=flags, time=first, rate_hz=rate_hz, n=n, m=m, aux=aux)
+    return [hdr, arr.tobytes()]
 
 
 def encode_reset(
@@ -373,36 +370,9 @@ def read_header(frames: Sequence[bytes | memoryview]) -> tuple:
     return h
 
 
-# plain-int tables for the hot path (IntEnum/IntFlag arithmetic and hashing run Python code)
-_INGEST_BY_INT = {int(t): t for t in INGEST_TYPES}
-_FLAGS_OK = {int(t): v for t, v in INGEST_FLAGS_ALLOWED.items()}
-_N_FRAMES = {
-    int(MsgType.SPIKES): 3,
-    int(MsgType.TICK): 1,
-    int(MsgType.COUNTS): 2,
-    int(MsgType.KINEMATICS): 2,
-    int(MsgType.RESET): 1,
-    int(MsgType.PING): 1,
-}
-#: per type: whether the header fields (n, m, aux) must be 0 (§4.1 of docs/protocol.md: unused → 0)
-_MUST_BE_ZERO = {
-    int(MsgType.SPIKES): (False, True, True),
-    int(MsgType.TICK): (True, True, True),
-    int(MsgType.COUNTS): (False, False, False),
-    int(MsgType.KINEMATICS): (False, False, True),
-    int(MsgType.RESET): (True, True, True),
-    int(MsgType.PING): (True, True, True),
-}
+# plain ints on the hot path (IntEnum / IntFlag arithmetic and hashing run Python code)
 _TIME_IS_CLOCK = int(IngestFlag.TIME_IS_CLOCK)
-_T_SPIKES, _T_TICK, _T_COUNTS, _T_KIN, _T_RESET = 1, 2, 3, 4, 5
 _FREE_RUN = int(IngestFlag.FREE_RUN)
-
-
-def _reserved_detail(t: MsgType, n: int, m: int, aux: int) -> str:
-    """The reject detail: the header fields that must be 0 on this type but are not, with their values."""
-    zn, zm, za = _MUST_BE_ZERO[int(t)]
-    bad = [f"{name}={v}" for name, v, zero in (("n", n, zn), ("m", m, zm), ("aux", aux, za)) if zero and v]
-    return f"{', '.join(bad)} on {t.name}: must be 0"
 
 
 def parse_ingest(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> IngestMessage:
@@ -416,106 +386,146 @@ def parse_body(
 ) -> IngestMessage:
     """A readable header (from :func:`read_header`) and the message's frames → :class:`IngestMessage`,
     or :class:`ProtocolError` for anything else that is not protocol v1 (version, type, flags,
-    reserved fields, frame count, array sizes, limits, stateless value rules)."""
-    _, version, mtype, source, flags, seq, time, rate, n, m, aux = header
+    reserved fields, frame count, array sizes, limits, stateless value rules).
+
+    The checks every type shares run here, in this order; then the type's own parser (:data:`_KINDS`)
+    checks its arrays and values."""
+    _, version, mtype, source, flags, seq, _, _, n, m, aux = header
     if version != PROTOCOL_VERSION:
         raise ProtocolError("version", f"protocol version {version}, this daemon speaks {PROTOCOL_VERSION}")
-    t = _INGEST_BY_INT.get(mtype)
-    if t is None:
+    kind = _KINDS.get(mtype)
+    if kind is None:
         if mtype in (MsgType.PREDICTION, MsgType.PONG):
             raise ProtocolError(
                 "msg_type", f"{MsgType(mtype).name} is an output message, not accepted on ingest"
             )
         raise ProtocolError("msg_type", f"unknown message type {mtype}")
-    if flags & ~_FLAGS_OK[mtype]:
-        raise ProtocolError("flags", f"reserved flag bits {flags:#x} set on {t.name}")
-    zn, zm, za = _MUST_BE_ZERO[mtype]
+    if flags & ~kind.flags_ok:
+        raise ProtocolError("flags", f"reserved flag bits {flags:#x} set on {kind.type.name}")
+    zn, zm, za = kind.zero
     if (zn and n) or (zm and m) or (za and aux):
-        raise ProtocolError("reserved", _reserved_detail(t, n, m, aux))
-    want_frames = _N_FRAMES[mtype]
-    if len(frames) != want_frames:
-        raise ProtocolError("frames", f"{t.name} has {want_frames} frame(s), got {len(frames)}")
-    max_time = _max_wire_time(rate)
+        raise ProtocolError("reserved", _reserved_detail(kind, n, m, aux))
+    if len(frames) != kind.n_frames:
+        raise ProtocolError("frames", f"{kind.type.name} has {kind.n_frames} frame(s), got {len(frames)}")
+    msg = IngestMessage(type=kind.type, source=source, seq=seq, flags=flags)
+    kind.parse(msg, header, frames, limits)
+    return msg
 
-    if mtype == _T_SPIKES:
-        if n > limits.max_events:
-            raise ProtocolError("oversized", f"{n} events > {limits.max_events}")
-        b1, b2 = _frame(frames, 1), _frame(frames, 2)
-        if len(b1) != 2 * n or len(b2) != 8 * n:
-            raise ProtocolError(
-                "payload_size",
-                f"n={n}: channels {len(b1)} B (want {2 * n}), times {len(b2)} B (want {8 * n})",
-            )
-        clock: int | None = None
-        if time != NO_TIME:
-            if time < 0 or time > max_time:
-                raise ProtocolError("time_range", f"clock {time}")
-            clock = sample_to_ns(time, rate)
-        ch = np.frombuffer(b1, dtype=CHANNEL_DTYPE)
-        tm = np.frombuffer(b2, dtype=TIME_DTYPE)
-        if n:
-            lo, hi = int(tm[0]), int(tm[-1])
-            if n > 1 and bool((tm[1:] < tm[:-1]).any()):
-                raise ProtocolError("time_order", "event times must be non-decreasing within a packet")
-            if lo < 0 or hi > max_time:
-                raise ProtocolError("time_range", f"event times span [{lo}, {hi}]")
-            tm = samples_to_ns(tm, rate)
-            if clock is not None and clock < int(tm[-1]):
-                raise ProtocolError("time_order", "clock is earlier than the packet's last event")
-        # (an empty SPIKES without a clock carries nothing but its sequence number)
-        return IngestMessage(
-            type=t, source=source, seq=seq, flags=flags, clock_ns=clock, channels=ch, times_ns=tm
+
+def _reserved_detail(kind: _Kind, n: int, m: int, aux: int) -> str:
+    """The reject detail: the header fields that must be 0 on this type but are not, with their values."""
+    zn, zm, za = kind.zero
+    bad = [f"{name}={v}" for name, v, zero in (("n", n, zn), ("m", m, zm), ("aux", aux, za)) if zero and v]
+    return f"{', '.join(bad)} on {kind.type.name}: must be 0"
+
+
+def _wire_clock(time: int, rate: int, what: str) -> int:
+    """A header time (a clock, a stream start) → ns; ``time_range`` unless 0 ≤ time ≤ the largest."""
+    if time < 0 or time > _max_wire_time(rate):
+        raise ProtocolError("time_range", f"{what} {time}")
+    return sample_to_ns(time, rate)
+
+
+# ---------------------------------------------------------------------------- one parser per type
+# Each fills in the type's fields of ``msg`` (type, source, seq and flags are set) from the header
+# tuple ``h`` (``h[6:]`` = time, rate_hz, n, m, aux) and the frames, once parse_body's checks passed.
+def _parse_spikes(msg: IngestMessage, h: tuple, frames: Sequence[Any], limits: Limits) -> None:
+    time, rate, n, _, _ = h[6:]
+    if n > limits.max_events:
+        raise ProtocolError("oversized", f"{n} events > {limits.max_events}")
+    b1, b2 = _frame(frames, 1), _frame(frames, 2)
+    if len(b1) != 2 * n or len(b2) != 8 * n:
+        raise ProtocolError(
+            "payload_size",
+            f"n={n}: channels {len(b1)} B (want {2 * n}), times {len(b2)} B (want {8 * n})",
         )
+    msg.clock_ns = None if time == NO_TIME else _wire_clock(time, rate, "clock")
+    msg.channels = np.frombuffer(b1, dtype=CHANNEL_DTYPE)
+    tm = np.frombuffer(b2, dtype=TIME_DTYPE)
+    # (an empty SPIKES without a clock carries nothing but its sequence number)
+    msg.times_ns = _event_times_ns(tm, rate, msg.clock_ns) if n else tm
 
-    if mtype == _T_TICK:
-        if time < 0 or time > max_time:
-            raise ProtocolError("time_range", f"tick clock {time}")
-        return IngestMessage(type=t, source=source, seq=seq, flags=flags, clock_ns=sample_to_ns(time, rate))
 
-    if mtype == _T_COUNTS or mtype == _T_KIN:
-        if n > limits.max_bins or m > limits.max_width:
-            raise ProtocolError(
-                "oversized", f"{n} bins × {m} > limits ({limits.max_bins} × {limits.max_width})"
-            )
-        if n == 0 or m == 0:
-            raise ProtocolError("payload_size", f"{t.name} needs n ≥ 1 and m ≥ 1, got n={n}, m={m}")
-        dtype = COUNT_DTYPE if mtype == _T_COUNTS else KIN_DTYPE
-        b1 = _frame(frames, 1)
-        if len(b1) != dtype.itemsize * n * m:
-            raise ProtocolError("payload_size", f"{len(b1)} B for {n}×{m} {dtype.str}")
-        by_clock = bool(flags & _TIME_IS_CLOCK)
-        if time < 0 or time > (max_time if by_clock else MAX_TIME_NS):
-            raise ProtocolError("time_range", f"first {'time' if by_clock else 'bin'} {time}")
-        first = sample_to_ns(time, rate) if by_clock else int(time)
-        arr = np.frombuffer(b1, dtype=dtype).reshape(n, m)
-        if mtype == _T_KIN:
-            if not bool(np.isfinite(arr).all()):
-                raise ProtocolError("non_finite", "kinematics contain NaN or inf")
-            return IngestMessage(
-                type=t, source=source, seq=seq, flags=flags, first=first, time_is_clock=by_clock, values=arr
-            )
-        return IngestMessage(
-            type=t,
-            source=source,
-            seq=seq,
-            flags=flags,
-            first=first,
-            time_is_clock=by_clock,
-            counts=arr,
-            aux=aux,
-        )
+def _event_times_ns(tm: np.ndarray, rate: int, clock: int | None) -> np.ndarray:
+    """A SPIKES packet's wire times (n ≥ 1,) int64 → ns (n,) int64, after checking that they are
+    non-decreasing (``time_order``), in range (``time_range``) and not after ``clock`` (``time_order``)."""
+    lo, hi = int(tm[0]), int(tm[-1])
+    if tm.shape[0] > 1 and bool((tm[1:] < tm[:-1]).any()):
+        raise ProtocolError("time_order", "event times must be non-decreasing within a packet")
+    if lo < 0 or hi > _max_wire_time(rate):
+        raise ProtocolError("time_range", f"event times span [{lo}, {hi}]")
+    tm = samples_to_ns(tm, rate)
+    if clock is not None and clock < int(tm[-1]):
+        raise ProtocolError("time_order", "clock is earlier than the packet's last event")
+    return tm
 
-    if mtype == _T_RESET:
-        start: int | None = None
-        if time != NO_TIME:
-            if time < 0 or time > max_time:
-                raise ProtocolError("time_range", f"reset start {time}")
-            start = sample_to_ns(time, rate)
-        return IngestMessage(
-            type=t, source=source, seq=seq, flags=flags, clock_ns=start, free_run=bool(flags & _FREE_RUN)
-        )
 
-    return IngestMessage(type=t, source=source, seq=seq, flags=flags, token=time)  # PING
+def _parse_tick(msg: IngestMessage, h: tuple, frames: Sequence[Any], limits: Limits) -> None:
+    msg.clock_ns = _wire_clock(h[6], h[7], "tick clock")
+
+
+def _parse_binned(msg: IngestMessage, h: tuple, frames: Sequence[Any], limits: Limits) -> None:
+    """COUNTS (``counts`` uint16, ``aux``) and KINEMATICS (``values`` float32, all finite): (n, m)
+    rows from ``first``, a bin index or (``time_is_clock``) the first bin's start in ns."""
+    time, rate, n, m, aux = h[6:]
+    if n > limits.max_bins or m > limits.max_width:
+        raise ProtocolError("oversized", f"{n} bins × {m} > limits ({limits.max_bins} × {limits.max_width})")
+    if n == 0 or m == 0:
+        raise ProtocolError("payload_size", f"{msg.type.name} needs n ≥ 1 and m ≥ 1, got n={n}, m={m}")
+    is_counts = msg.type is MsgType.COUNTS
+    dtype = COUNT_DTYPE if is_counts else KIN_DTYPE
+    b1 = _frame(frames, 1)
+    if len(b1) != dtype.itemsize * n * m:
+        raise ProtocolError("payload_size", f"{len(b1)} B for {n}×{m} {dtype.str}")
+    by_clock = msg.time_is_clock = bool(msg.flags & _TIME_IS_CLOCK)
+    if time < 0 or time > (_max_wire_time(rate) if by_clock else MAX_TIME_NS):
+        raise ProtocolError("time_range", f"first {'time' if by_clock else 'bin'} {time}")
+    msg.first = sample_to_ns(time, rate) if by_clock else int(time)
+    arr = np.frombuffer(b1, dtype=dtype).reshape(n, m)
+    if is_counts:
+        msg.counts, msg.aux = arr, aux
+    elif not bool(np.isfinite(arr).all()):
+        raise ProtocolError("non_finite", "kinematics contain NaN or inf")
+    else:
+        msg.values = arr
+
+
+def _parse_reset(msg: IngestMessage, h: tuple, frames: Sequence[Any], limits: Limits) -> None:
+    msg.clock_ns = None if h[6] == NO_TIME else _wire_clock(h[6], h[7], "reset start")
+    msg.free_run = bool(msg.flags & _FREE_RUN)
+
+
+def _parse_ping(msg: IngestMessage, h: tuple, frames: Sequence[Any], limits: Limits) -> None:
+    msg.token = h[6]
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind:
+    """How :func:`parse_body` checks and parses one ingest message type."""
+
+    type: MsgType
+    n_frames: int
+    zero: tuple[bool, bool, bool]  # whether header n, m, aux must be 0 (docs/protocol.md §4.1: unused → 0)
+    parse: Callable[[IngestMessage, tuple, Sequence[Any], Limits], None]
+    flags_ok: int  # the flag bits this type may set (INGEST_FLAGS_ALLOWED)
+
+
+def _kind(t: MsgType, n_frames: int, zero: tuple[bool, bool, bool], parse: Callable) -> _Kind:
+    return _Kind(type=t, n_frames=n_frames, zero=zero, parse=parse, flags_ok=int(INGEST_FLAGS_ALLOWED[t]))
+
+
+#: the dispatch table of :func:`parse_body`, keyed by the plain-int message type
+_KINDS = {
+    int(k.type): k
+    for k in (
+        _kind(MsgType.SPIKES, 3, (False, True, True), _parse_spikes),
+        _kind(MsgType.TICK, 1, (True, True, True), _parse_tick),
+        _kind(MsgType.COUNTS, 2, (False, False, False), _parse_binned),
+        _kind(MsgType.KINEMATICS, 2, (False, False, True), _parse_binned),
+        _kind(MsgType.RESET, 1, (True, True, True), _parse_reset),
+        _kind(MsgType.PING, 1, (True, True, True), _parse_ping),
+    )
+}
 
 
 # ---------------------------------------------------------------------------- output messages
@@ -588,6 +598,7 @@ def encode_prediction(
 
 
 def encode_pong(*, token: int, source: int, seq: int, status: dict) -> list[bytes]:
+    """The PONG frames: the ingest header layout echoing the PING's ``token``, then ``status`` as JSON."""
     hdr = _hdr(MsgType.PONG, source=source, seq=seq, time=token)
     return [hdr, json.dumps(status, sort_keys=True, default=str).encode()]
 

@@ -126,7 +126,7 @@ class SessionRecorder:
         if not self._kinematics:
             return None
         D = self._kinematics[0][2].shape[1]
-        row_of = {(int(e), int(b)): i for i, (e, b) in enumerate(zip(epochs, bins))}
+        row_of = {(int(e), int(b)): i for i, (e, b) in enumerate(zip(epochs, bins, strict=True))}
         out = np.full((epochs.shape[0], D), np.nan, np.float32)
         have = np.zeros(epochs.shape[0], bool)
         for epoch, first, values in self._kinematics:

@@ -77,6 +77,24 @@ def _r2(recorded: np.ndarray, pred: np.ndarray) -> dict:
         return {"r2": None, "r2_error": str(exc)}
 
 
+#: the daemon status fields a report repeats
+_DAEMON_FIELDS = (
+    "model_version",
+    "fingerprint",
+    "decoder",
+    "n_channels",
+    "n_outputs",
+    "bin_ns",
+    "ingest",
+    "publish",
+)
+_LATENCY_NOTE = (
+    "ingest/deliver compare the client's and the daemon's CLOCK_MONOTONIC (same host); "
+    "end_to_end is one clock: client send of the bin-closing packet → client receipt of "
+    "the prediction; STALLED bins are not in the latency statistics (see flags)"
+)
+
+
 def build_report(
     res: ReplayResult,
     *,
@@ -85,8 +103,16 @@ def build_report(
     daemon_snapshot: dict | None = None,
     test_range: tuple[int, int] | None = None,
 ) -> dict:
-    """The report as a plain dict (what ``report.json`` holds).  ``test_range``: also score bins
-    [lo, hi) of the replayed range alone (``rpnt evaluate``'s test split when replaying from bin 0)."""
+    """The report as a plain dict (what ``report.json`` holds).
+
+    Args:
+        res: the replay's result.
+        recorded_velocity: (T, D) the recorded series to score the predictions against (``score``).
+        meta: entries copied in first (what was replayed, how the daemon ran).
+        daemon_snapshot: the daemon's snapshot after the replay, kept as ``daemon_snapshot``.
+        test_range: also score bins [lo, hi) of the replayed range alone (``score_test``;
+            ``rpnt evaluate``'s test split when replaying from bin 0).
+    """
     r = res.received
     flags = res.flags[r]
     rep: dict = {
@@ -102,57 +128,50 @@ def build_report(
         "flags": {f.name.lower(): int(((flags & f) != 0).sum()) for f in PredFlag},
         "model_versions": res.model_versions,
         "decoder_generations": res.generations,
-        "daemon": {
-            k: res.status.get(k)
-            for k in (
-                "model_version",
-                "fingerprint",
-                "decoder",
-                "n_channels",
-                "n_outputs",
-                "bin_ns",
-                "ingest",
-                "publish",
-            )
-        },
+        "daemon": {k: res.status.get(k) for k in _DAEMON_FIELDS},
         "latency_ms": {k: percentiles_ms(v) for k, v in stage_arrays(res).items()},
-        "latency_note": (
-            "ingest/deliver compare the client's and the daemon's CLOCK_MONOTONIC (same host); "
-            "end_to_end is one clock: client send of the bin-closing packet → client receipt of "
-            "the prediction; STALLED bins are not in the latency statistics (see flags)"
-        ),
+        "latency_note": _LATENCY_NOTE,
         "notes": list(res.notes),
     }
     if res.extra_predictions:
         rep["extra_predictions_ignored"] = int(res.extra_predictions)
     if recorded_velocity is not None and r.any():
-        rec = np.asarray(recorded_velocity, dtype=np.float64)
-        d = min(rec.shape[1], res.velocity.shape[1])
-        rep["score"] = {
-            **_r2(rec[r, :d], res.velocity[r, :d]),
-            "bins_scored": int(r.sum()),
-            "convention": "pooled over the received bins, variance-weighted across dims "
-            "(rpnt_core.evaluate.metrics.r2_score)",
-        }
-        if test_range is not None:
-            lo, hi = test_range
-            m = np.zeros_like(r)
-            m[lo:hi] = True
-            m &= r
-            if m.any():
-                rep["score_test"] = {
-                    **_r2(rec[m, :d], res.velocity[m, :d]),
-                    "bins": [int(lo), int(hi)],
-                    "bins_scored": int(m.sum()),
-                }
+        rep.update(_scores(res, np.asarray(recorded_velocity, dtype=np.float64), test_range))
     if daemon_snapshot is not None:
         rep["daemon_snapshot"] = daemon_snapshot
     return rep
 
 
+def _scores(res: ReplayResult, rec: np.ndarray, test_range: tuple[int, int] | None) -> dict:
+    """``score``: R² of the received bins against ``rec`` (T, D); ``score_test``: of those in ``test_range``."""
+    r = res.received
+    d = min(rec.shape[1], res.velocity.shape[1])
+    out = {
+        "score": {
+            **_r2(rec[r, :d], res.velocity[r, :d]),
+            "bins_scored": int(r.sum()),
+            "convention": "pooled over the received bins, variance-weighted across dims "
+            "(rpnt_core.evaluate.metrics.r2_score)",
+        }
+    }
+    if test_range is not None:
+        lo, hi = test_range
+        m = np.zeros_like(r)
+        m[lo:hi] = True
+        m &= r
+        if m.any():
+            out["score_test"] = {
+                **_r2(rec[m, :d], res.velocity[m, :d]),
+                "bins": [int(lo), int(hi)],
+                "bins_scored": int(m.sum()),
+            }
+    return out
+
+
 def plot_velocity(
     path: Path, res: ReplayResult, recorded: np.ndarray | None, *, max_seconds: float = 60.0
 ) -> None:
+    """PNG at ``path``: per output dimension, decoded vs ``recorded`` (T, D) over the first ``max_seconds``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,6 +197,7 @@ def plot_velocity(
 
 
 def plot_latency(path: Path, res: ReplayResult) -> None:
+    """PNG at ``path``: histograms (log counts) of the main stages' per-bin latency, over the timed bins."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -34,27 +34,20 @@ if not _discovery_works():
         "LSL stream discovery does not work on this host (no multicast/broadcast)", allow_module_level=True
     )
 
-from test_streaming_support import (
-    BIN_NS,
-    LIVE_TIMEOUT,
-    FIRDecoder,
-    collect,
-    live_daemon,
-    offline,
-    send_stream,
-    wait_until,
+from adapter_support import (
+    N_CH,
+    adapter_stats,
+    bridges,
+    native_predictions,
+    poisson_counts,
+    velocities,
+    wait_connected,
 )
+from test_streaming_support import BIN_NS, LIVE_TIMEOUT, FIRDecoder, collect, live_daemon, offline, wait_until
 
-from streaming.adapters import parse_spec, start_adapters, stop_adapters
+from streaming.adapters import parse_spec
 from streaming.adapters.lsl import clock_offset_ns
-from streaming.protocol import Prediction
 from streaming.replay import events_from_counts
-
-N_CH = 8
-
-
-def _counts(T: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).poisson(1.5, (T, N_CH))
 
 
 def _name() -> str:
@@ -80,31 +73,19 @@ def spike_outlet(name: str) -> pylsl.StreamOutlet:
     return pylsl.StreamOutlet(pylsl.StreamInfo(name, "spikes", 1, pylsl.IRREGULAR_RATE, pylsl.cf_int32, name))
 
 
-def native_reference(sub, rig, counts) -> list[Prediction]:
-    send_stream(rig, counts)
-    preds = collect(sub, counts.shape[0])
-    assert len(preds) == counts.shape[0]
-    return preds
-
-
-def adapter_stats(d, key: str) -> dict:
-    return d.snapshot()["adapters"][key]
-
-
 def test_spike_stream_and_outlet_equal_the_native_replay_bit_for_bit():
-    counts = _counts(120, seed=1)
+    counts = poisson_counts(120, seed=1)
     name, out_name = _name(), _name()
+    key = f"ingest lsl:{name}?free_run=1"
     with live_daemon(FIRDecoder()) as (d, rig, sub):
-        native = native_reference(sub, rig, counts)
+        native = native_predictions(rig, sub, counts)
         outlet = spike_outlet(name)
-        bridges = start_adapters(d, ingest=[f"lsl:{name}?free_run=1"], publish=[f"lsl:{out_name}"])
-        try:
-            key = f"ingest lsl:{name}?free_run=1"
-            assert wait_until(lambda: adapter_stats(d, key)["connected"], timeout=LIVE_TIMEOUT)
+        with bridges(d, ingest=[f"lsl:{name}?free_run=1"], publish=[f"lsl:{out_name}"]):
+            wait_connected(d, key)
             found = pylsl.resolve_byprop("name", out_name, 1, LIVE_TIMEOUT)
             inlet = pylsl.StreamInlet(found[0])
             inlet.open_stream(timeout=LIVE_TIMEOUT)
-            assert wait_until(lambda: adapter_stats(d, f"publish lsl:{out_name}")["connected"])
+            wait_connected(d, f"publish lsl:{out_name}")
             ids, ts = spike_samples(counts, _base_ns())
             outlet.push_chunk(ids, ts)
             got = collect(sub, counts.shape[0])
@@ -114,10 +95,8 @@ def test_spike_stream_and_outlet_equal_the_native_replay_bit_for_bit():
                 assert row is not None, "the prediction outlet stopped short"
                 rows.append(row)
             st = adapter_stats(d, key)
-        finally:
-            stop_adapters(bridges)
-    vel_native = np.stack([p.velocity for p in native])
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), vel_native)
+    vel_native = velocities(native)
+    np.testing.assert_array_equal(velocities(got), vel_native)
     np.testing.assert_array_equal([p.n_spikes for p in got], counts.sum(1))
     assert [p.bin - got[0].bin for p in got] == list(range(counts.shape[0]))
     assert got[0].flags == 8 and not any(p.flags for p in got[1:])  # FIRST, then nothing to report
@@ -135,37 +114,33 @@ def test_spike_stream_and_outlet_equal_the_native_replay_bit_for_bit():
 
 
 def test_counts_stream_equals_the_native_replay_bit_for_bit():
-    counts = _counts(80, seed=2)
+    counts = poisson_counts(80, seed=2)
     name = _name()
+    key = f"ingest lsl:{name}?free_run=1"
     with live_daemon(FIRDecoder()) as (d, rig, sub):
-        native = native_reference(sub, rig, counts)
+        native = native_predictions(rig, sub, counts)
         outlet = pylsl.StreamOutlet(
             pylsl.StreamInfo(name, "counts", N_CH, 1e9 / BIN_NS, pylsl.cf_int32, name)
         )
-        bridges = start_adapters(d, ingest=[f"lsl:{name}?free_run=1"], publish=[])
-        try:
-            key = f"ingest lsl:{name}?free_run=1"
-            assert wait_until(lambda: adapter_stats(d, key)["connected"])
+        with bridges(d, ingest=[f"lsl:{name}?free_run=1"]):
+            wait_connected(d, key)
             base = _base_ns()
             outlet.push_chunk(counts.tolist(), [(base + k * BIN_NS) / 1e9 for k in range(counts.shape[0])])
             got = collect(sub, counts.shape[0])
             st = adapter_stats(d, key)
-        finally:
-            stop_adapters(bridges)
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), np.stack([p.velocity for p in native]))
+    np.testing.assert_array_equal(velocities(got), velocities(native))
     assert [p.bin - got[0].bin for p in got] == list(range(counts.shape[0]))  # consecutive bins, none twice
     assert st["mode"] == "counts" and st["rejected"] == {} and st["forwarded"] >= 2  # RESET + COUNTS
 
 
 def test_lost_outlet_is_a_disconnect_and_a_new_one_a_reconnect_that_starts_a_fresh_stream():
-    c1, c2 = _counts(30, seed=3), _counts(40, seed=4)
+    c1, c2 = poisson_counts(30, seed=3), poisson_counts(40, seed=4)
     name = _name()
+    key = f"ingest lsl:{name}?free_run=1"
     with live_daemon(FIRDecoder()) as (d, rig, sub):
         outlet = spike_outlet(name)
-        bridges = start_adapters(d, ingest=[f"lsl:{name}?free_run=1"], publish=[])
-        key = f"ingest lsl:{name}?free_run=1"
-        try:
-            assert wait_until(lambda: adapter_stats(d, key)["connected"])
+        with bridges(d, ingest=[f"lsl:{name}?free_run=1"]):
+            wait_connected(d, key)
             outlet.push_chunk(*spike_samples(c1, _base_ns()))
             first = collect(sub, c1.shape[0])
             del outlet  # the rig's LSL outlet goes away
@@ -177,26 +152,21 @@ def test_lost_outlet_is_a_disconnect_and_a_new_one_a_reconnect_that_starts_a_fre
             outlet.push_chunk(*spike_samples(c2, _base_ns() + 1000 * BIN_NS))
             second = collect(sub, c2.shape[0])
             st = adapter_stats(d, key)
-        finally:
-            stop_adapters(bridges)
-    np.testing.assert_array_equal(np.stack([p.velocity for p in first]), offline(FIRDecoder(), c1))
-    np.testing.assert_array_equal(
-        np.stack([p.velocity for p in second]), offline(FIRDecoder(), c2)
-    )  # fresh state
+    np.testing.assert_array_equal(velocities(first), offline(FIRDecoder(), c1))
+    np.testing.assert_array_equal(velocities(second), offline(FIRDecoder(), c2))  # fresh state
     assert second[0].epoch == first[0].epoch + 1 and second[0].flags & 8
     assert st["disconnects"] == 1 and st["reconnects"] == 1 and st["connected"]
 
 
 def test_malformed_samples_are_dropped_and_counted_by_reason_and_the_stream_goes_on():
-    counts = _counts(40, seed=5)
+    counts = poisson_counts(40, seed=5)
     name = _name()
+    key = f"ingest lsl:{name}?free_run=1"
     with live_daemon(FIRDecoder()) as (d, rig, sub):
-        native = native_reference(sub, rig, counts)
+        native = native_predictions(rig, sub, counts)
         outlet = spike_outlet(name)
-        bridges = start_adapters(d, ingest=[f"lsl:{name}?free_run=1"], publish=[])
-        key = f"ingest lsl:{name}?free_run=1"
-        try:
-            assert wait_until(lambda: adapter_stats(d, key)["connected"])
+        with bridges(d, ingest=[f"lsl:{name}?free_run=1"]):
+            wait_connected(d, key)
             ids, ts = spike_samples(counts, _base_ns())
             at = len(ids) // 2
             bad_ids = [[N_CH], [-5], [70_000], [1]]  # beyond the model's channels, not an id, too large, late
@@ -204,24 +174,19 @@ def test_malformed_samples_are_dropped_and_counted_by_reason_and_the_stream_goes
             outlet.push_chunk(ids[:at] + bad_ids + ids[at:], ts[:at] + bad_ts + ts[at:])
             got = collect(sub, counts.shape[0])
             st = adapter_stats(d, key)
-        finally:
-            stop_adapters(bridges)
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), np.stack([p.velocity for p in native]))
+    np.testing.assert_array_equal(velocities(got), velocities(native))
     assert st["rejected"] == {"channel_range": 3, "time_order": 1} and st["received"] == len(ids) + 4
     assert "channel" in st["last_error"] or "timestamp" in st["last_error"]
 
 
 def test_a_stream_of_another_shape_is_refused_once_with_a_reason():
     name = _name()
+    key = f"ingest lsl:{name}"
     with live_daemon(FIRDecoder()) as (d, rig, sub):
         outlet = pylsl.StreamOutlet(pylsl.StreamInfo(name, "eeg", 3, 250.0, pylsl.cf_float32, name))  # noqa: F841
-        bridges = start_adapters(d, ingest=[f"lsl:{name}"], publish=[])
-        key = f"ingest lsl:{name}"
-        try:
+        with bridges(d, ingest=[f"lsl:{name}"]):
             assert wait_until(lambda: adapter_stats(d, key)["rejected"].get("stream_format") == 1)
             st = adapter_stats(d, key)
-        finally:
-            stop_adapters(bridges)
     assert not st["connected"] and "3 numeric channel(s) at 250 Hz" in st["last_error"]
 
 

@@ -14,22 +14,20 @@ import socket
 import numpy as np
 import pytest
 import zmq
-from test_streaming_support import (
-    BIN_NS,
-    LIVE_TIMEOUT,
-    FIRDecoder,
-    collect,
-    live_daemon,
-    offline,
-    send_stream,
-    wait_until,
+from adapter_support import (
+    N_CH,
+    adapter_stats,
+    bridges,
+    native_predictions,
+    poisson_counts,
+    velocities,
+    wait_connected,
 )
+from test_streaming_support import BIN_NS, LIVE_TIMEOUT, FIRDecoder, collect, live_daemon, offline, wait_until
 
-from streaming.adapters import start_adapters, stop_adapters
 from streaming.adapters.openephys import electrode_channel
 from streaming.replay import events_from_counts
 
-N_CH = 8
 RATE = 30_000
 PER_BIN = RATE * BIN_NS // 1_000_000_000  # 600 samples per 20 ms bin
 
@@ -157,14 +155,6 @@ class FakeGui:
         assert wait_until(live, timeout=LIVE_TIMEOUT, interval=0.05)
 
 
-def stats(d, key: str) -> dict:
-    return d.snapshot()["adapters"][key]
-
-
-def _counts(T: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).poisson(1.5, (T, N_CH))
-
-
 @pytest.fixture
 def gui():
     g = FakeGui(_free_port_pair()).open()
@@ -175,22 +165,18 @@ def gui():
 
 
 def test_replay_through_the_zmq_interface_format_equals_the_native_replay_bit_for_bit(gui):
-    counts = _counts(100, seed=1)
+    counts = poisson_counts(100, seed=1)
     spec = f"openephys:tcp://127.0.0.1:{gui.port}?free_run=1"
     key = f"ingest {spec}"
     with live_daemon(FIRDecoder()) as (d, rig, sub):
-        send_stream(rig, counts)
-        native = collect(sub, counts.shape[0])
-        bridges = start_adapters(d, ingest=[spec], publish=[])
-        try:
-            assert wait_until(lambda: stats(d, key)["connected"])
+        native = native_predictions(rig, sub, counts)
+        with bridges(d, ingest=[spec]):
+            wait_connected(d, key)
             gui.handshake(d, key)
             gui.replay(counts)
             got = collect(sub, counts.shape[0])
-            st = stats(d, key)
-        finally:
-            stop_adapters(bridges)
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), np.stack([p.velocity for p in native]))
+            st = adapter_stats(d, key)
+    np.testing.assert_array_equal(velocities(got), velocities(native))
     np.testing.assert_array_equal([p.n_spikes for p in got], counts.sum(1))
     assert [p.bin for p in got] == list(range(counts.shape[0])) and got[0].flags == 8
     assert st["rejected"] == {} and st["lost"] == 0 and st["disconnects"] == 0
@@ -202,56 +188,48 @@ def test_replay_through_the_zmq_interface_format_equals_the_native_replay_bit_fo
 
 
 def test_dropped_connection_is_a_disconnect_and_its_return_a_reconnect_with_a_fresh_stream(gui):
-    c1, c2 = _counts(30, seed=2), _counts(40, seed=3)
+    c1, c2 = poisson_counts(30, seed=2), poisson_counts(40, seed=3)
     spec = f"openephys:tcp://127.0.0.1:{gui.port}?free_run=1&heartbeat=0"
     key = f"ingest {spec}"
-    with live_daemon(FIRDecoder()) as (d, rig, sub):
-        bridges = start_adapters(d, ingest=[spec], publish=[])
-        try:
-            assert wait_until(lambda: stats(d, key)["connected"])
-            gui.handshake(d, key)
-            gui.replay(c1)
-            first = collect(sub, c1.shape[0])
-            gui.close()  # the GUI goes away ...
-            assert wait_until(lambda: stats(d, key)["disconnects"] == 1)
-            gui.open()  # ... and comes back: acquisition restarts at sample 0
-            assert wait_until(lambda: stats(d, key)["reconnects"] == 1)
-            gui.handshake(d, key)
-            gui.replay(c2, seed=1)
-            second = collect(sub, c2.shape[0])
-            st = stats(d, key)
-        finally:
-            stop_adapters(bridges)
-    np.testing.assert_array_equal(np.stack([p.velocity for p in first]), offline(FIRDecoder(), c1))
-    np.testing.assert_array_equal(np.stack([p.velocity for p in second]), offline(FIRDecoder(), c2))
+    with live_daemon(FIRDecoder()) as (d, rig, sub), bridges(d, ingest=[spec]):
+        wait_connected(d, key)
+        gui.handshake(d, key)
+        gui.replay(c1)
+        first = collect(sub, c1.shape[0])
+        gui.close()  # the GUI goes away ...
+        assert wait_until(lambda: adapter_stats(d, key)["disconnects"] == 1)
+        gui.open()  # ... and comes back: acquisition restarts at sample 0
+        assert wait_until(lambda: adapter_stats(d, key)["reconnects"] == 1)
+        gui.handshake(d, key)
+        gui.replay(c2, seed=1)
+        second = collect(sub, c2.shape[0])
+        st = adapter_stats(d, key)
+    np.testing.assert_array_equal(velocities(first), offline(FIRDecoder(), c1))
+    np.testing.assert_array_equal(velocities(second), offline(FIRDecoder(), c2))
     assert second[0].epoch == first[0].epoch + 1 and second[0].flags & 8
     assert st["disconnects"] == 1 and st["reconnects"] == 1 and st["connected"]
 
 
 def test_acquisition_restarted_in_the_gui_starts_a_fresh_stream_without_a_reconnect(gui):
-    c1, c2 = _counts(30, seed=5), _counts(30, seed=6)
+    c1, c2 = poisson_counts(30, seed=5), poisson_counts(30, seed=6)
     spec = f"openephys:tcp://127.0.0.1:{gui.port}?free_run=1&heartbeat=0"
     key = f"ingest {spec}"
-    with live_daemon(FIRDecoder()) as (d, rig, sub):
-        bridges = start_adapters(d, ingest=[spec], publish=[])
-        try:
-            assert wait_until(lambda: stats(d, key)["connected"])
-            gui.handshake(d, key)
-            gui.replay(c1)
-            first = collect(sub, c1.shape[0])
-            gui.replay(c2, seed=2)  # stop / start in the GUI: sample numbers begin at 0 again
-            second = collect(sub, c2.shape[0])
-            st = stats(d, key)
-        finally:
-            stop_adapters(bridges)
-    np.testing.assert_array_equal(np.stack([p.velocity for p in first]), offline(FIRDecoder(), c1))
-    np.testing.assert_array_equal(np.stack([p.velocity for p in second]), offline(FIRDecoder(), c2))
+    with live_daemon(FIRDecoder()) as (d, rig, sub), bridges(d, ingest=[spec]):
+        wait_connected(d, key)
+        gui.handshake(d, key)
+        gui.replay(c1)
+        first = collect(sub, c1.shape[0])
+        gui.replay(c2, seed=2)  # stop / start in the GUI: sample numbers begin at 0 again
+        second = collect(sub, c2.shape[0])
+        st = adapter_stats(d, key)
+    np.testing.assert_array_equal(velocities(first), offline(FIRDecoder(), c1))
+    np.testing.assert_array_equal(velocities(second), offline(FIRDecoder(), c2))
     assert second[0].epoch == first[0].epoch + 1 and second[0].flags & 8
     assert st["restarts"] == 1 and st["disconnects"] == 0 and st["rejected"] == {}
 
 
 def test_malformed_messages_are_counted_by_reason_and_the_stream_goes_on(gui):
-    counts = _counts(40, seed=4)
+    counts = poisson_counts(40, seed=4)
     spec = f"openephys:tcp://127.0.0.1:{gui.port}?free_run=1&heartbeat=0"
     key = f"ingest {spec}"
 
@@ -272,18 +250,14 @@ def test_malformed_messages_are_counted_by_reason_and_the_stream_goes_on(gui):
         g.num += 2  # two messages the bridge never sees
 
     with live_daemon(FIRDecoder()) as (d, rig, sub):
-        send_stream(rig, counts)
-        native = collect(sub, counts.shape[0])
-        bridges = start_adapters(d, ingest=[spec], publish=[])
-        try:
-            assert wait_until(lambda: stats(d, key)["connected"])
+        native = native_predictions(rig, sub, counts)
+        with bridges(d, ingest=[spec]):
+            wait_connected(d, key)
             gui.handshake(d, key)
             gui.replay(counts, bad=bad)
             got = collect(sub, counts.shape[0])
-            st = stats(d, key)
-        finally:
-            stop_adapters(bridges)
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), np.stack([p.velocity for p in native]))
+            st = adapter_stats(d, key)
+    np.testing.assert_array_equal(velocities(got), velocities(native))
     assert st["rejected"] == {
         "header_json": 1,
         "frames": 1,

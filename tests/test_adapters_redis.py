@@ -18,6 +18,14 @@ redis = pytest.importorskip("redis")
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not installed (Debian package redis-server)", allow_module_level=True)
 
+from adapter_support import (
+    adapter_stats,
+    bridges,
+    native_predictions,
+    poisson_counts,
+    velocities,
+    wait_connected,
+)
 from test_streaming_support import (
     BIN_NS,
     LIVE_TIMEOUT,
@@ -29,10 +37,7 @@ from test_streaming_support import (
     wait_until,
 )
 
-from streaming.adapters import start_adapters, stop_adapters
 from streaming.replay import events_from_counts
-
-N_CH = 8
 
 
 class RedisServer:
@@ -92,10 +97,6 @@ def server():
         srv.stop()
 
 
-def _counts(T: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).poisson(1.5, (T, N_CH))
-
-
 def spike_entries(counts: np.ndarray, *, first_bin: int = 0, seq0: int = 0) -> list[dict]:
     """The native replay's packets as stream entries: per bin its events and the bin's end as clock."""
     chans, times = events_from_counts(counts, BIN_NS, first_bin=first_bin)
@@ -117,34 +118,21 @@ def xadd_all(client, key: str, entries: list[dict]) -> None:
     pipe.execute()
 
 
-def stats(d, key: str) -> dict:
-    return d.snapshot()["adapters"][key]
-
-
 def test_spike_entries_and_the_prediction_stream_equal_the_native_replay_bit_for_bit(server):
-    counts = _counts(120, seed=1)
+    counts = poisson_counts(120, seed=1)
     client = redis.Redis(port=server.port)
     spec_in = f"redis:rig:spikes?port={server.port}&free_run=1"
     spec_out = f"redis:rpnt:predictions?port={server.port}"
     with live_daemon(FIRDecoder()) as (d, rig, sub):
-        send_stream(rig, counts)
-        native = collect(sub, counts.shape[0])
-        bridges = start_adapters(d, ingest=[spec_in], publish=[spec_out])
-        try:
-            assert wait_until(
-                lambda: (
-                    stats(d, f"ingest {spec_in}")["connected"]
-                    and stats(d, f"publish {spec_out}")["connected"]
-                )
-            )
+        native = native_predictions(rig, sub, counts)
+        with bridges(d, ingest=[spec_in], publish=[spec_out]):
+            wait_connected(d, f"ingest {spec_in}", f"publish {spec_out}")
             xadd_all(client, "rig:spikes", spike_entries(counts))
             got = collect(sub, counts.shape[0])
             assert wait_until(lambda: client.xlen("rpnt:predictions") >= counts.shape[0])
-            st_in, st_out = stats(d, f"ingest {spec_in}"), stats(d, f"publish {spec_out}")
-        finally:
-            stop_adapters(bridges)
-    vel = np.stack([p.velocity for p in native])
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), vel)
+            st_in, st_out = adapter_stats(d, f"ingest {spec_in}"), adapter_stats(d, f"publish {spec_out}")
+    vel = velocities(native)
+    np.testing.assert_array_equal(velocities(got), vel)
     np.testing.assert_array_equal([p.n_spikes for p in got], counts.sum(1))
     assert [p.bin for p in got] == list(range(counts.shape[0])) and got[0].flags == 8
     out = client.xrange("rpnt:predictions")[-counts.shape[0] :]
@@ -156,15 +144,13 @@ def test_spike_entries_and_the_prediction_stream_equal_the_native_replay_bit_for
 
 
 def test_count_entries_equal_the_native_replay_bit_for_bit(server):
-    counts = _counts(60, seed=2)
+    counts = poisson_counts(60, seed=2)
     client = redis.Redis(port=server.port)
     spec = f"redis:rig:counts?port={server.port}&free_run=1"
     with live_daemon(FIRDecoder()) as (d, rig, sub):
-        send_stream(rig, counts)
-        native = collect(sub, counts.shape[0])
-        bridges = start_adapters(d, ingest=[spec], publish=[])
-        try:
-            assert wait_until(lambda: stats(d, f"ingest {spec}")["connected"])
+        native = native_predictions(rig, sub, counts)
+        with bridges(d, ingest=[spec]):
+            wait_connected(d, f"ingest {spec}")
             xadd_all(
                 client,
                 "rig:counts",
@@ -174,44 +160,39 @@ def test_count_entries_equal_the_native_replay_bit_for_bit(server):
                 ],
             )
             got = collect(sub, counts.shape[0])
-        finally:
-            stop_adapters(bridges)
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), np.stack([p.velocity for p in native]))
+    np.testing.assert_array_equal(velocities(got), velocities(native))
 
 
 def test_server_restart_is_a_disconnect_and_reconnect_and_a_seq_jump_is_lost(server):
-    c = _counts(70, seed=3)
+    c = poisson_counts(70, seed=3)
     spec = f"redis:rig:spikes?port={server.port}&free_run=1"
     entries = spike_entries(c)
-    with live_daemon(FIRDecoder()) as (d, rig, sub):
-        bridges = start_adapters(d, ingest=[spec], publish=[])
-        try:
-            assert wait_until(lambda: stats(d, f"ingest {spec}")["connected"])
-            xadd_all(redis.Redis(port=server.port), "rig:spikes", entries[:30])
-            first = collect(sub, 30)
-            server.stop()
-            assert wait_until(lambda: stats(d, f"ingest {spec}")["disconnects"] == 1)
-            assert not stats(d, f"ingest {spec}")["connected"]
-            server.start()
-            assert wait_until(lambda: stats(d, f"ingest {spec}")["reconnects"] == 1)
-            # the writer goes on where it was (same stream, no RESET); one entry never made it
-            del entries[45]
-            xadd_all(redis.Redis(port=server.port), "rig:spikes", entries[30:])
-            second = collect(sub, 40)
-            st = stats(d, f"ingest {spec}")
-        finally:
-            stop_adapters(bridges)
+    key = f"ingest {spec}"
+    with live_daemon(FIRDecoder()) as (d, rig, sub), bridges(d, ingest=[spec]):
+        wait_connected(d, key)
+        xadd_all(redis.Redis(port=server.port), "rig:spikes", entries[:30])
+        first = collect(sub, 30)
+        server.stop()
+        assert wait_until(lambda: adapter_stats(d, key)["disconnects"] == 1)
+        assert not adapter_stats(d, key)["connected"]
+        server.start()
+        assert wait_until(lambda: adapter_stats(d, key)["reconnects"] == 1)
+        # the writer goes on where it was (same stream, no RESET); one entry never made it
+        del entries[45]
+        xadd_all(redis.Redis(port=server.port), "rig:spikes", entries[30:])
+        second = collect(sub, 40)
+        st = adapter_stats(d, key)
     got = first + second
     assert [p.bin for p in got] == list(range(70))  # bin 45 closed empty by bin 46's events, not lost
     ref = c.copy()
     ref[45] = 0
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), offline(FIRDecoder(), ref))
+    np.testing.assert_array_equal(velocities(got), offline(FIRDecoder(), ref))
     assert {p.epoch for p in got} == {first[0].epoch}  # one stream across the outage
     assert st["disconnects"] == 1 and st["reconnects"] == 1 and st["lost"] == 1 and st["connected"]
 
 
 def test_malformed_entries_are_counted_by_reason_and_the_stream_goes_on(server):
-    counts = _counts(40, seed=4)
+    counts = poisson_counts(40, seed=4)
     client = redis.Redis(port=server.port)
     spec = f"redis:rig:spikes?port={server.port}&free_run=1"
     entries = spike_entries(counts)
@@ -224,36 +205,29 @@ def test_malformed_entries_are_counted_by_reason_and_the_stream_goes_on(server):
         {"hello": "world"},
     ]  # nothing the adapter knows
     with live_daemon(FIRDecoder()) as (d, rig, sub):
-        send_stream(rig, counts)
-        native = collect(sub, counts.shape[0])
-        bridges = start_adapters(d, ingest=[spec], publish=[])
-        try:
-            assert wait_until(lambda: stats(d, f"ingest {spec}")["connected"])
+        native = native_predictions(rig, sub, counts)
+        with bridges(d, ingest=[spec]):
+            wait_connected(d, f"ingest {spec}")
             xadd_all(client, "rig:spikes", entries[:20] + bad + entries[20:])
             got = collect(sub, counts.shape[0])
-            st = stats(d, f"ingest {spec}")
-        finally:
-            stop_adapters(bridges)
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), np.stack([p.velocity for p in native]))
+            st = adapter_stats(d, f"ingest {spec}")
+    np.testing.assert_array_equal(velocities(got), velocities(native))
     assert st["rejected"] == {"fields": 2, "payload_size": 2, "number": 2}
     assert st["received"] == counts.shape[0] + len(bad) and "'" not in st["last_error"]
 
 
 def test_an_adapter_connecting_does_not_cut_the_stream_another_source_is_sending(server):
-    c = _counts(60, seed=6)
+    c = poisson_counts(60, seed=6)
     spec = f"redis:rig:spikes?port={server.port}&free_run=1"
     with live_daemon(FIRDecoder()) as (d, rig, sub):
         send_stream(rig, c[:30])
         first = collect(sub, 30)
-        bridges = start_adapters(d, ingest=[spec], publish=[])
-        try:
-            assert wait_until(lambda: stats(d, f"ingest {spec}")["connected"])
+        with bridges(d, ingest=[spec]):
+            wait_connected(d, f"ingest {spec}")
             send_stream(rig, c[30:], first_bin=30, reset=False)
             second = collect(sub, 30)
-            st = stats(d, f"ingest {spec}")
-        finally:
-            stop_adapters(bridges)
+            st = adapter_stats(d, f"ingest {spec}")
     got = first + second
     assert [p.bin for p in got] == list(range(60)) and {p.epoch for p in got} == {first[0].epoch}
-    np.testing.assert_array_equal(np.stack([p.velocity for p in got]), offline(FIRDecoder(), c))
+    np.testing.assert_array_equal(velocities(got), offline(FIRDecoder(), c))
     assert st["forwarded"] == 0  # its RESET waits for its first data

@@ -209,7 +209,7 @@ class LslIngest(IngestAdapter):
         if not bins.size:
             return
         cuts = np.flatnonzero(np.diff(bins) != 1) + 1
-        for b, r in zip(np.split(bins, cuts), np.split(rows, cuts)):
+        for b, r in zip(np.split(bins, cuts), np.split(rows, cuts), strict=True):
             self.send(
                 encode_counts(
                     source=self.source_id,
