@@ -158,6 +158,8 @@ def _torch_export(
             report=False,
             verify=False,
         )
+    if prog is None:  # only the legacy exporter (dynamo=False) returns nothing
+        raise ExportError("export: torch.onnx.export returned no ONNX program")
     proto = prog.model_proto
     got_in = [i.name for i in proto.graph.input]
     got_out = [o.name for o in proto.graph.output]

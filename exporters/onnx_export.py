@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -347,12 +347,13 @@ def export_checkpoint(
     :func:`export_model`."""
     checkpoint = Path(checkpoint)
     model = load_checkpoint(checkpoint)
+    meta = cast("dict[str, Any]", model.checkpoint_meta)  # set by load_checkpoint
     try:
-        require_trained_head(model.checkpoint_meta, checkpoint)
+        require_trained_head(meta, checkpoint)
     except CheckpointError as exc:
         raise ExportError(str(exc)) from None
     if metadata is None:
-        metadata = model.checkpoint_meta.get("metadata") or {}
+        metadata = meta.get("metadata") or {}
     counts, target, source = None, None, ""
     if parity_data is not None:
         counts, target, source = _parity_session(parity_data, model)

@@ -35,7 +35,8 @@ from rpnt_core.model.rpnt import RPNT
 from .contract import LOG_RATES, VELOCITY
 
 if TYPE_CHECKING:
-    from .runtime import OnnxStepEngine, OnnxWindowEngine
+    from .engine_base import StepEngineBase
+    from .runtime import OnnxWindowEngine
 
 #: A parity report (JSON-ready): model, graph, precision, checked_on, tolerance, streams (one
 #: :func:`compare` dict each), passed, written; reduced precision adds gate and note.
@@ -84,8 +85,8 @@ def torch_stream(
     return {VELOCITY: torch.stack(vel).numpy(), LOG_RATES: torch.stack(rates).numpy()}
 
 
-def engine_stream(engine: OnnxStepEngine, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """An :class:`~exporters.runtime.OnnxStepEngine` stepped over ``counts`` (T, N) from ``reset()``.
+def engine_stream(engine: StepEngineBase, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """A step engine (ONNX Runtime, OpenVINO) stepped over ``counts`` (T, N) from ``reset()``.
 
     Returns:
         ``{"velocity": (T, D), "log_rates": (T, N_model)}``.
@@ -165,7 +166,7 @@ def r2_gate(streams: list[dict[str, Any]], limit: float) -> dict[str, Any]:
     return out
 
 
-def device_note(engine: OnnxStepEngine | OnnxWindowEngine) -> str:
+def device_note(engine: StepEngineBase | OnnxWindowEngine) -> str:
     """What checked a graph: runtime, version, provider and CPU (the report's ``checked_on``)."""
     import onnxruntime as ort
 
@@ -181,7 +182,7 @@ def device_note(engine: OnnxStepEngine | OnnxWindowEngine) -> str:
 def step_report(
     name: str,
     precision: str,
-    engine: OnnxStepEngine,
+    engine: StepEngineBase,
     streams: Sequence[Stream],
     refs: Sequence[Mapping[str, np.ndarray]],
     *,
