@@ -67,6 +67,13 @@ WINDOW_FILE = "rpnt_window.onnx"
 MANIFEST_FILE = "export.json"
 PRECISIONS = ("fp32", "int8", "fp16")
 
+#: Export defaults, declared once for ``rpnt export`` and :func:`exporters.onnx_export.export_model`
+#: (``export.json`` records the values an export used): max abs error allowed for a float32 graph,
+#: max R² drop for a reduced-precision one, bins per parity stream.
+DEFAULT_TOLERANCE = 1e-4
+DEFAULT_R2_GATE = 0.005
+DEFAULT_PARITY_BINS = 300
+
 _T = TypeVar("_T")
 
 COUNTS = "counts"

@@ -41,7 +41,7 @@ from rpnt_core.config import RPNTConfig
 from rpnt_core.data.session import METADATA_FIELDS
 from rpnt_core.model.rpnt import RPNT
 
-from .contract import step_file
+from .contract import DEFAULT_PARITY_BINS, DEFAULT_R2_GATE, DEFAULT_TOLERANCE, step_file
 from .graphs import (
     ExportError,
     default_window_bins,
@@ -65,10 +65,6 @@ __all__ = [
     "resolve_metadata",
     "weights_into_template",
 ]
-
-DEFAULT_TOLERANCE = 1e-4
-DEFAULT_R2_GATE = 0.005
-DEFAULT_PARITY_BINS = 300
 
 
 def _no_log(msg: str) -> None:
