@@ -6,7 +6,9 @@ Modules (import what you need; this package imports nothing heavy by itself):
 - :mod:`exporters.runtime` — ``load_engine``, ``OnnxStepEngine``, ``OnnxWindowEngine`` (numpy +
   onnxruntime only: the daemon imports this without torch);
 - :mod:`exporters.contract` — the model contract stored in each ONNX file's metadata;
-- :mod:`exporters.onnx_export` — ``export_checkpoint``, ``export_model`` (torch);
+- :mod:`exporters.onnx_export` — ``export_checkpoint``, ``export_model`` (torch), over
+  :mod:`exporters.graphs` (tracing), :mod:`exporters.stages` (each graph checked) and
+  :mod:`exporters.publish` (staging, publishing, manifest);
 - :mod:`exporters.parity` — ``ParityError`` and the parity report;
 - :mod:`exporters.quantize` — int8 / fp16 variants;
 - :mod:`exporters.graph_checks` — static-shape and TensorRT op allow-list checks;

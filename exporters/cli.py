@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
+
+from .contract import DEFAULT_PARITY_BINS, DEFAULT_R2_GATE, DEFAULT_TOLERANCE
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # parity or graph check failed: nothing written
@@ -53,6 +56,7 @@ exit status: 0 exported; 1 parity/graph check failed (nothing written);
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``rpnt export`` argument parser."""
     p = argparse.ArgumentParser(
         prog="rpnt export",
         description=DESCRIPTION,
@@ -85,21 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
         "used for the parity check; its channel count and bin width must match the model",
     )
     p.add_argument(
-        "--parity-bins", metavar="N", type=int, default=300, help="bins per parity stream (default 300)"
+        "--parity-bins",
+        metavar="N",
+        type=int,
+        default=DEFAULT_PARITY_BINS,
+        help="bins per parity stream (default %(default)s)",
     )
     p.add_argument(
         "--tolerance",
         metavar="X",
         type=float,
-        default=1e-4,
-        help="max abs error allowed for the float32 graphs (default 1e-4)",
+        default=DEFAULT_TOLERANCE,
+        help="max abs error allowed for the float32 graphs (default %(default)g)",
     )
     p.add_argument(
         "--r2-gate",
         metavar="X",
         type=float,
-        default=0.005,
-        help="max R² drop vs fp32 for --int8/--fp16 models to be written (default 0.005)",
+        default=DEFAULT_R2_GATE,
+        help="max R² drop vs fp32 for --int8/--fp16 models to be written (default %(default)g)",
     )
     meta = p.add_argument_group(
         "metadata (baked into the export as the metadata bias; default: the metadata of the session the "
@@ -119,26 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments before anything is loaded, or None."""
+    if not Path(args.checkpoint).is_file():
+        return f"checkpoint not found: {args.checkpoint}"
+    if args.parity_data is not None and not Path(args.parity_data).is_file():
+        return f"parity data not found: {args.parity_data}"
+    if args.window_bins is not None and args.window_bins < 1:
+        return "--window-bins must be ≥ 1"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``rpnt export``; returns the exit status (``EXIT_*``)."""
     args = build_parser().parse_args(argv)
 
     def log(msg: str) -> None:
         if not args.quiet:
             print(msg, file=sys.stderr, flush=True)
 
-    from pathlib import Path
-
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        print(f"rpnt export: error: checkpoint not found: {ckpt}", file=sys.stderr)
+    problem = _usage_error(args)
+    if problem:
+        print(f"rpnt export: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    if args.parity_data is not None and not Path(args.parity_data).is_file():
-        print(f"rpnt export: error: parity data not found: {args.parity_data}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.window_bins is not None and args.window_bins < 1:
-        print("rpnt export: error: --window-bins must be ≥ 1", file=sys.stderr)
-        return EXIT_USAGE
-
     log("loading torch and the exporter ...")
     try:
         from rpnt_core.checkpoint import CheckpointError, read_header
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rpnt export: error: {exc} (install the extra: pip install 'rpnt[export]')", file=sys.stderr)
         return EXIT_USAGE
 
+    ckpt = Path(args.checkpoint)
     given = {"subject": args.subject, "session": args.session, "task": args.task, "date_days": args.date_days}
     try:
         metadata = resolve_metadata(read_header(ckpt)[1].get("metadata"), given, force=args.force)
@@ -174,16 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rpnt export: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(result.summary())
-    if result.rejected:
-        print(
-            textwrap.fill(
-                "note: requested reduced-precision model(s) not written: "
-                + "; ".join(f"{k} ({v})" for k, v in result.rejected.items())
-            ),
-            file=sys.stderr,
-        )
-        return EXIT_REJECTED
-    return EXIT_OK
+    if not result.rejected:
+        return EXIT_OK
+    rejected = "; ".join(f"{k} ({v})" for k, v in result.rejected.items())
+    print(
+        textwrap.fill(f"note: requested reduced-precision model(s) not written: {rejected}"), file=sys.stderr
+    )
+    return EXIT_REJECTED
 
 
 if __name__ == "__main__":  # python -m exporters.cli

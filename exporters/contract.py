@@ -53,8 +53,9 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -65,6 +66,15 @@ STEP_FILE = "rpnt_step.onnx"
 WINDOW_FILE = "rpnt_window.onnx"
 MANIFEST_FILE = "export.json"
 PRECISIONS = ("fp32", "int8", "fp16")
+
+#: Export defaults, declared once for ``rpnt export`` and :func:`exporters.onnx_export.export_model`
+#: (``export.json`` records the values an export used): max abs error allowed for a float32 graph,
+#: max R² drop for a reduced-precision one, bins per parity stream.
+DEFAULT_TOLERANCE = 1e-4
+DEFAULT_R2_GATE = 0.005
+DEFAULT_PARITY_BINS = 300
+
+_T = TypeVar("_T")
 
 COUNTS = "counts"
 VELOCITY = "velocity"
@@ -92,15 +102,19 @@ def step_file(precision: str = "fp32") -> str:
 
 
 def state_input(key: str) -> str:
+    """Graph input name of the state entry ``key``."""
     return f"state.{key}"
 
 
 def state_output(key: str) -> str:
+    """Graph output name of the next value of the state entry ``key``."""
     return f"next_state.{key}"
 
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One graph input or output: name, static shape, dtype, units (``rpnt.inputs``/``outputs``)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
@@ -110,7 +124,7 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "units": self.units}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "TensorSpec":
+    def from_json(cls, d: Mapping[str, Any]) -> TensorSpec:
         return cls(
             name=str(d["name"]),
             shape=tuple(int(x) for x in d["shape"]),
@@ -121,6 +135,8 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class StateEntry:
+    """One entry of the step graph's state layout (``rpnt.state``)."""
+
     key: str  # the model's state key (RPNT.state_shapes)
     input: str  # graph input name
     output: str | None  # graph output with the next value; None = constant per stream
@@ -139,7 +155,7 @@ class StateEntry:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "StateEntry":
+    def from_json(cls, d: Mapping[str, Any]) -> StateEntry:
         init = str(d.get("init", "zeros"))
         if init not in ("zeros", META_BIAS):
             raise ContractError(f"rpnt.state: entry {d.get('key')!r} has unknown init {init!r}")
@@ -156,6 +172,11 @@ class StateEntry:
 
 @dataclass(frozen=True)
 class ModelContract:
+    """The contract of one exported graph: the ``rpnt.*`` keys of the module docstring, typed.
+
+    :meth:`to_props` / :meth:`from_props` convert to and from ``metadata_props``.
+    """
+
     graph: str
     precision: str
     n_channels: int
@@ -170,7 +191,7 @@ class ModelContract:
     state: tuple[StateEntry, ...] = ()
     window_bins: int = 0
     opset: int = 0
-    metadata: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
     weights_sha: str = ""
     data_fingerprint: str = ""
     rpnt_version: str = ""
@@ -183,6 +204,7 @@ class ModelContract:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_props(self) -> dict[str, str]:
+        """The contract as ``metadata_props`` (``rpnt.``-prefixed string keys and values)."""
         bias = np.ascontiguousarray(self.meta_bias, dtype="<f4").reshape(-1)
         props = {
             "format": FORMAT,
@@ -214,7 +236,13 @@ class ModelContract:
         return {PREFIX + k: v for k, v in props.items()}
 
     @classmethod
-    def from_props(cls, props: Mapping[str, str], *, source: str = "model") -> "ModelContract":
+    def from_props(cls, props: Mapping[str, str], *, source: str = "model") -> ModelContract:
+        """Read a contract from ``metadata_props``; ``source`` names the file in errors.
+
+        Raises:
+            ContractError: a missing or unreadable key, another format, graph or precision.
+        """
+
         def get(key: str) -> str:
             full = PREFIX + key
             if full not in props:
@@ -224,7 +252,7 @@ class ModelContract:
                 )
             return props[full]
 
-        def parse(key: str, fn):
+        def parse(key: str, fn: Callable[[str], _T]) -> _T:
             raw = get(key)
             try:
                 return fn(raw)
@@ -274,17 +302,6 @@ class ModelContract:
         )
 
     # ------------------------------------------------------------------ helpers
-    def with_(self, **changes: Any) -> "ModelContract":
-        from dataclasses import replace
-
-        return replace(self, **changes)
-
-    def input_spec(self, name: str) -> TensorSpec:
-        for t in self.inputs:
-            if t.name == name:
-                return t
-        raise ContractError(f"rpnt.inputs: no input named {name!r}")
-
     def initial_state(self, meta_bias: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Fresh state keyed by graph input name: zeros, except ``meta_bias`` entries."""
         bias = self.meta_bias if meta_bias is None else np.asarray(meta_bias, dtype=np.float32).reshape(-1)

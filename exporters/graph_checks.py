@@ -21,6 +21,7 @@ Runtime CPU artefact and is *not* TensorRT-compatible; :func:`check_graph` is fo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import onnx
 from onnx import TensorProto
@@ -151,6 +152,7 @@ def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
 
 
 def ai_onnx_opset(model: onnx.ModelProto) -> int:
+    """The graph's ai.onnx opset (0 when it imports none)."""
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)
@@ -167,7 +169,8 @@ def op_types(model: onnx.ModelProto | str | Path) -> dict[str, int]:
     return out
 
 
-def _dims(vi: onnx.ValueInfoProto) -> list | None:
+def _dims(vi: onnx.ValueInfoProto) -> list[int | str] | None:
+    """A value's dims (ints, or the symbolic name / ``?``), or None when its rank is unknown."""
     t = vi.type.tensor_type
     if not t.HasField("shape"):
         return None
@@ -177,10 +180,12 @@ def _dims(vi: onnx.ValueInfoProto) -> list | None:
 def check_graph(
     model: onnx.ModelProto | str | Path, *, tensorrt: bool = True, allow_dynamic: tuple[str, ...] = ()
 ) -> list[str]:
-    """Problems with ``model`` (empty list = OK).
+    """Problems with ``model`` (empty list = OK), in the order of the module docstring's checks.
 
-    ``tensorrt``: also apply the op allow-list and the constant-argument rules.
-    ``allow_dynamic``: names of symbolic dims that are tolerated (none for a step graph).
+    Args:
+        model: the graph, or its file.
+        tensorrt: also apply the op allow-list and the constant-argument rules.
+        allow_dynamic: names of symbolic dims that are tolerated (none for a step graph).
     """
     model = _load(model)
     problems: list[str] = []
@@ -194,57 +199,70 @@ def check_graph(
         inferred = model
     g = inferred.graph
     init_names = {i.name for i in g.initializer}
-    const_outputs = {o for n in g.node if n.op_type == "Constant" for o in n.output}
-
+    constants = init_names | {o for n in g.node if n.op_type == "Constant" for o in n.output}
     for node in g.node:
-        where = f"node {node.name or '?'} ({node.op_type})"
-        if node.op_type in CONTROL_FLOW:
-            problems.append(f"{where}: control flow is not allowed")
-        if node.domain not in ("", "ai.onnx"):
-            if tensorrt:
-                problems.append(f"{where}: custom domain {node.domain!r} is not TensorRT-parsable")
-            continue
-        if tensorrt and node.op_type not in TENSORRT_OPS and node.op_type not in CONTROL_FLOW:
-            problems.append(f"{where}: op not in the TensorRT allow-list (exporters/graph_checks.py)")
-        if tensorrt and node.op_type == "LayerNormalization" and len([o for o in node.output if o]) > 1:
-            problems.append(f"{where}: TensorRT supports only the first output (Y) of LayerNormalization")
-        if tensorrt:
-            for idx in _CONSTANT_INPUTS.get(node.op_type, ()):
-                if idx < len(node.input) and node.input[idx]:
-                    name = node.input[idx]
-                    if name not in init_names and name not in const_outputs:
-                        problems.append(f"{where}: input {idx} ({name}) must be a constant")
-
-    values = list(g.input) + list(g.output) + list(g.value_info)
-    seen = set()
-    for vi in values:
-        if vi.name in seen:
-            continue
-        seen.add(vi.name)
-        if not vi.type.HasField("tensor_type"):
-            problems.append(f"value {vi.name}: not a tensor")
-            continue
-        if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
-            problems.append(f"value {vi.name}: float64")
-        dims = _dims(vi)
-        if dims is None:
-            problems.append(f"value {vi.name}: unknown rank")
-            continue
-        bad = [d for d in dims if not (isinstance(d, int) and d > 0) and d not in allow_dynamic]
-        if bad:
-            problems.append(f"value {vi.name}: non-static shape {dims}")
+        problems += _node_problems(node, tensorrt=tensorrt, constants=constants)
+    seen: set[str] = set()
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if vi.name not in seen:
+            seen.add(vi.name)
+            problems += _value_problems(vi, allow_dynamic)
     # every node output should have received a shape
     for node in g.node:
-        for o in node.output:
-            if o and o not in seen and o not in init_names:
-                problems.append(f"value {o} (from {node.op_type}): shape not inferred")
-    for init in g.initializer:
-        if init.data_type == TensorProto.DOUBLE:
-            problems.append(f"initializer {init.name}: float64")
+        problems += [
+            f"value {o} (from {node.op_type}): shape not inferred"
+            for o in node.output
+            if o and o not in seen and o not in init_names
+        ]
+    problems += [f"initializer {i.name}: float64" for i in g.initializer if i.data_type == TensorProto.DOUBLE]
     return problems
 
 
-def assert_graph_ok(model: onnx.ModelProto | str | Path, *, what: str = "graph", **kw) -> None:
+def _node_problems(node: onnx.NodeProto, *, tensorrt: bool, constants: set[str]) -> list[str]:
+    """One node's problems: control flow, custom domain, and with ``tensorrt`` the allow-list,
+    LayerNormalization's outputs and the inputs that must be in ``constants``."""
+    where = f"node {node.name or '?'} ({node.op_type})"
+    problems = []
+    if node.op_type in CONTROL_FLOW:
+        problems.append(f"{where}: control flow is not allowed")
+    if node.domain not in ("", "ai.onnx"):
+        if tensorrt:
+            problems.append(f"{where}: custom domain {node.domain!r} is not TensorRT-parsable")
+        return problems
+    if not tensorrt:
+        return problems
+    if node.op_type not in TENSORRT_OPS and node.op_type not in CONTROL_FLOW:
+        problems.append(f"{where}: op not in the TensorRT allow-list (exporters/graph_checks.py)")
+    if node.op_type == "LayerNormalization" and len([o for o in node.output if o]) > 1:
+        problems.append(f"{where}: TensorRT supports only the first output (Y) of LayerNormalization")
+    for idx in _CONSTANT_INPUTS.get(node.op_type, ()):
+        if idx < len(node.input) and node.input[idx] and node.input[idx] not in constants:
+            problems.append(f"{where}: input {idx} ({node.input[idx]}) must be a constant")
+    return problems
+
+
+def _value_problems(vi: onnx.ValueInfoProto, allow_dynamic: tuple[str, ...]) -> list[str]:
+    """One value's problems: not a tensor, float64, unknown rank, a dim not static and not allowed."""
+    if not vi.type.HasField("tensor_type"):
+        return [f"value {vi.name}: not a tensor"]
+    problems = []
+    if vi.type.tensor_type.elem_type == TensorProto.DOUBLE:
+        problems.append(f"value {vi.name}: float64")
+    dims = _dims(vi)
+    if dims is None:
+        return [*problems, f"value {vi.name}: unknown rank"]
+    bad = [d for d in dims if not (isinstance(d, int) and d > 0) and d not in allow_dynamic]
+    if bad:
+        problems.append(f"value {vi.name}: non-static shape {dims}")
+    return problems
+
+
+def assert_graph_ok(model: onnx.ModelProto | str | Path, *, what: str = "graph", **kw: Any) -> None:
+    """:func:`check_graph` (``kw`` are its options), raising instead of returning the problems.
+
+    Raises:
+        GraphCheckError: listing the first 20 problems, named after ``what``.
+    """
     problems = check_graph(model, **kw)
     if problems:
         shown = "\n  ".join(problems[:20])

@@ -1,20 +1,20 @@
 """The ``openvino-cpu`` back-end of :func:`exporters.runtime.load_engine`: OpenVINO's CPU runtime
 on the same exported ONNX step graph (``pip install 'rpnt[openvino]'``).
 
-Same file, same contract, same state layout as :class:`~exporters.runtime.OnnxStepEngine`, whose
-state handling it inherits (``reset``, ``state``, ``set_state``, counts checks); only the runner
-differs.  Like the ORT engine it runs double-buffered: two OpenVINO infer requests, request i
+Same file, same contract, same state layout as :class:`~exporters.runtime.OnnxStepEngine`: both
+are a :class:`~exporters.engine_base.StepEngineBase` (``reset``, ``state``, ``set_state``, counts
+checks); only the runner differs.  Like the ORT engine it runs double-buffered: two OpenVINO infer requests, request i
 reading the state from bank i and writing the next state into bank 1 − i, all buffers the
 engine's own numpy arrays (shared with OpenVINO, no copies), swapped every step.
 
 One inference thread, no CPU pinning (the binner and the HTTP server keep the other core), bf16
 inference precision unless asked otherwise (``inference_precision="f32"``).  bf16 is a reduced
 precision that the export's parity gate does not see (it runs ONNX Runtime): its R² loss vs fp32
-is measured in ``bench/bench_engines.py`` and checked in ``tests/test_openvino_engine.py``.
-Known problem: OpenVINO 2026.4.1 segfaults compiling the step graph at f32 inference precision
-(seen on an AMD EPYC with AVX-512 bf16), so the default here is ``bf16``; on a CPU without bf16
-OpenVINO falls back to f32 — check that the engine loads (``rpnt serve --backend openvino-cpu``
-once) before relying on it.
+is reported by ``bench/bench_engines.py`` and held to the gate's bar in
+``tests/test_openvino_engine.py``.  Known problem: OpenVINO 2026.4.1 can crash compiling the step
+graph at f32 inference precision (``docs/engines.md``), so the default here is ``bf16``; on a CPU
+without bf16 OpenVINO falls back to f32 — check that the engine loads
+(``rpnt serve --backend openvino-cpu`` once) before relying on it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 
 from .contract import COUNTS, LOG_RATES, VELOCITY, ContractError
-from .runtime import OnnxStepEngine, ProviderUnavailableError, _info, _out_shape, read_contract
+from .engine_base import StepEngineBase, engine_info
+from .model_files import read_contract
+from .ort_sessions import ProviderUnavailableError
 
 INSTALL_HINT = "install OpenVINO: pip install 'rpnt[openvino]'"
 
@@ -40,7 +42,7 @@ def openvino_available() -> bool:
     return True
 
 
-class OpenVinoStepEngine(OnnxStepEngine):
+class OpenVinoStepEngine(StepEngineBase):
     """``reset()`` / ``step(counts (N,)) -> velocity (D,)`` with OpenVINO's CPU plugin.
 
     Args:
@@ -49,12 +51,16 @@ class OpenVinoStepEngine(OnnxStepEngine):
         inference_precision: ``bf16`` (default) or ``f32``.
         warmup_bins, meta_bias, name: as :class:`~exporters.runtime.OnnxStepEngine`.
         allow_spinning: accepted for the common loader signature; OpenVINO's CPU plugin has no
-            such switch.
+            such switch.  Other ``OnnxStepEngine`` options are accepted and ignored likewise.
+
+    Raises:
+        ProviderUnavailableError: the openvino package is not installed.
+        ContractError: not a step graph, or graph inputs that do not match its contract.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         *,
         intra_op_threads: int = 1,
         inference_precision: str = "bf16",
@@ -88,29 +94,13 @@ class OpenVinoStepEngine(OnnxStepEngine):
             "INFERENCE_PRECISION_HINT": inference_precision,
         }
         self.compiled = core.compile_model(core.read_model(str(self.path)), "CPU", cfg)
-        self._info = _info(c, name or f"rpnt-openvino-{c.precision}", self.backend)
+        self._info = engine_info(c, name or f"rpnt-openvino-{c.precision}", self.backend)
         self._info.extra["inference_precision"] = inference_precision
-        self._n = c.n_channels
-        self._init = c.initial_state(meta_bias)
-        self._carried = [s for s in c.state if s.output]
-        self._const = [s for s in c.state if not s.output]
-        self._on_device = False
-        self._io_binding = True
-        self._counts = np.zeros((1, self._n), dtype=np.float32)
-        self._vel = np.zeros(_out_shape(c, VELOCITY), dtype=np.float32)
-        self._rates = np.zeros(_out_shape(c, LOG_RATES), dtype=np.float32)
-        self._banks = [
-            {s.input: np.zeros(s.shape, dtype=np.float32) for s in self._carried} for _ in range(2)
-        ]
-        self._const_vals = {s.input: np.zeros(s.shape, dtype=np.float32) for s in self._const}
-        self._cur = 0
+        self._init_layout(meta_bias)
+        self._host_banks()
         self._requests = [self._bind(ov, i) for i in range(2)]
         self.reset()
-        if warmup_bins > 0:
-            zero = np.zeros(self._n, dtype=np.float32)
-            for _ in range(int(warmup_bins)):
-                self.step(zero)
-            self.reset()
+        self._warm_up(warmup_bins)
 
     def _bind(self, ov: Any, i: int) -> Any:
         """Infer request ``i``: state in from bank i, next state out into bank 1 − i."""
@@ -119,7 +109,7 @@ class OpenVinoStepEngine(OnnxStepEngine):
         outs = {
             VELOCITY: self._vel,
             LOG_RATES: self._rates,
-            **{s.output: self._banks[1 - i][s.input] for s in self._carried},
+            **{s.output: self._banks[1 - i][s.input] for s in self._carried if s.output},
         }
         names_in = {p.get_any_name() for p in self.compiled.inputs}
         if names_in != set(ins):
@@ -138,8 +128,5 @@ class OpenVinoStepEngine(OnnxStepEngine):
         self._cur ^= 1
 
     def prewarm(self) -> None:
-        """As :meth:`OnnxStepEngine.prewarm`: one run on the current state, the stream not advanced."""
+        """One run on the current state, the stream not advanced (see :meth:`StepEngineBase.prewarm`)."""
         self._requests[self._cur].infer()
-
-    def end_profiling(self) -> str:
-        raise NotImplementedError("profiling: ORT engines only")

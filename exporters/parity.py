@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +33,14 @@ from rpnt_core.evaluate.metrics import r2_score
 from rpnt_core.model.rpnt import RPNT
 
 from .contract import LOG_RATES, VELOCITY
+
+if TYPE_CHECKING:
+    from .engine_base import StepEngineBase
+    from .runtime import OnnxWindowEngine
+
+#: A parity report (JSON-ready): model, graph, precision, checked_on, tolerance, streams (one
+#: :func:`compare` dict each), passed, written; reduced precision adds gate and note.
+Report = dict[str, Any]
 
 
 class ParityError(RuntimeError):
@@ -76,8 +85,12 @@ def torch_stream(
     return {VELOCITY: torch.stack(vel).numpy(), LOG_RATES: torch.stack(rates).numpy()}
 
 
-def engine_stream(engine: Any, counts: np.ndarray) -> dict[str, np.ndarray]:
-    """An :class:`~exporters.runtime.OnnxStepEngine` stepped over ``counts`` from ``reset()``."""
+def engine_stream(engine: StepEngineBase, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """A step engine (ONNX Runtime, OpenVINO) stepped over ``counts`` (T, N) from ``reset()``.
+
+    Returns:
+        ``{"velocity": (T, D), "log_rates": (T, N_model)}``.
+    """
     engine.reset()
     vel, rates = [], []
     for t in range(counts.shape[0]):
@@ -153,7 +166,8 @@ def r2_gate(streams: list[dict[str, Any]], limit: float) -> dict[str, Any]:
     return out
 
 
-def device_note(engine: Any) -> str:
+def device_note(engine: StepEngineBase | OnnxWindowEngine) -> str:
+    """What checked a graph: runtime, version, provider and CPU (the report's ``checked_on``)."""
     import onnxruntime as ort
 
     cpu = platform.processor() or platform.machine()
@@ -163,6 +177,81 @@ def device_note(engine: Any) -> str:
         return f"openvino {openvino.__version__} CPU on {cpu} ({platform.system()})"
     provs = engine.session.get_providers() if hasattr(engine, "session") else ["torch"]
     return f"onnxruntime {ort.__version__} {provs[0]} on {cpu} ({platform.system()})"
+
+
+def step_report(
+    name: str,
+    precision: str,
+    engine: StepEngineBase,
+    streams: Sequence[Stream],
+    refs: Sequence[Mapping[str, np.ndarray]],
+    *,
+    tolerance: float | None,
+) -> Report:
+    """The step graph in ``engine`` stepped over each stream vs the torch reference ``refs``.
+
+    Args:
+        name: the graph's file name (the report's ``model``).
+        precision: ``fp32`` | ``int8`` | ``fp16``.
+        engine: the graph loaded (its state is reset per stream).
+        streams, refs: the parity streams and :func:`torch_stream` over each, in the same order.
+        tolerance: max abs error of velocity and log-rates for ``passed``; None: not held to one
+            (reduced precision, gated by :func:`r2_gate` instead).
+    """
+    per = [compare(s, ref, engine_stream(engine, s.counts)) for s, ref in zip(streams, refs, strict=True)]
+    passed = True
+    if tolerance is not None:
+        passed = all(p["max_abs_velocity"] <= tolerance and p["max_abs_log_rates"] <= tolerance for p in per)
+    return {
+        "model": name,
+        "graph": "step",
+        "precision": precision,
+        "checked_on": device_note(engine),
+        "tolerance": tolerance,
+        "streams": per,
+        "passed": bool(passed),
+        "written": bool(passed),
+    }
+
+
+def window_report(
+    name: str,
+    engine: OnnxWindowEngine,
+    streams: Sequence[Stream],
+    refs: Sequence[Mapping[str, np.ndarray]],
+    *,
+    tolerance: float,
+) -> Report:
+    """The window graph vs the torch *step* reference, as :func:`step_report` (fp32 only).
+
+    Exact chunked ``predict`` when T ≥ receptive field, else the first T bins of each stream (one
+    window from the stream start).
+    """
+    c = engine.contract
+    exact = c.window_bins >= c.receptive_field
+    per = []
+    for s, ref in zip(streams, refs, strict=True):
+        if exact:
+            got = engine.predict_outputs(s.counts, outputs=(VELOCITY, LOG_RATES))
+        else:
+            n = min(c.window_bins, len(s.counts))
+            win = np.zeros((c.window_bins, c.n_channels), np.float32)
+            win[:n] = s.counts[:n]
+            got = {k: v[:n] for k, v in engine.run(win).items()}
+        per.append(compare(s, ref, got))
+    passed = all(p["max_abs_velocity"] <= tolerance and p["max_abs_log_rates"] <= tolerance for p in per)
+    how = "chunked exact predict over each stream" if exact else "first T bins of each stream"
+    return {
+        "model": name,
+        "graph": "window",
+        "precision": "fp32",
+        "checked_on": device_note(engine),
+        "tolerance": tolerance,
+        "streams": per,
+        "passed": bool(passed),
+        "written": bool(passed),
+        "note": f"window T={c.window_bins}; {how}",
+    }
 
 
 def write_report(report: Mapping[str, Any], stem: Path) -> tuple[Path, Path]:
@@ -179,6 +268,7 @@ def _f(x: Any, fmt: str = ".3g") -> str:
 
 
 def format_report(r: Mapping[str, Any]) -> str:
+    """A parity report as a few human-readable lines."""
     lines = [
         f"{r['model']}: {r['graph']} graph, {r['precision']} — "
         f"{'PASSED' if r['passed'] else 'FAILED'}" + ("" if r.get("written", True) else " (NOT written)"),

@@ -75,7 +75,7 @@ def load_torch_engine(
     ``threads``: if given, ``torch.set_num_threads(threads)`` (process-wide)."""
     p = Path(path_or_dir)
     if p.is_dir() or p.suffix == ".onnx":
-        from .runtime import read_contract, resolve_model_path
+        from .model_files import read_contract, resolve_model_path  # onnxruntime only on this path
 
         contract = read_contract(resolve_model_path(p))
         ckpt = Path(contract.checkpoint) if contract.checkpoint else None
