@@ -25,7 +25,7 @@ from rpnt_core.data import (
     save_npz,
     validate_session,
 )
-from rpnt_core.data.formats import NOT_NPZ
+from rpnt_core.data.npz import NOT_NPZ
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STEVENSON = SHARED_DATA / "stevenson2011_m1_centerout" / "StevensonV2.mat"

@@ -235,7 +235,7 @@ def format_table(reports: list[SessionQuality]) -> str:
     """A compact fixed-width table, one row per session, then one line per flag reason."""
     rows = [_COLUMNS] + [_row(q) for q in reports]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines += [f"{q.session}: {reason}" for q in reports for reason in q.flags]
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,9 +54,9 @@ class Splits:
 
     def __post_init__(self) -> None:
         ranges = [_check_range(n, getattr(self, n)) for n in _NAMES]
-        for n, r in zip(_NAMES, ranges):
+        for n, r in zip(_NAMES, ranges, strict=True):
             object.__setattr__(self, n, r)
-        for (a, ra), (b, rb) in zip(zip(_NAMES, ranges), zip(_NAMES[1:], ranges[1:])):
+        for (a, ra), (b, rb) in pairwise(zip(_NAMES, ranges, strict=True)):
             if ra[1] > rb[0]:
                 raise ValueError(f"{b}: range {rb} overlaps or precedes {a} range {ra}")
 
