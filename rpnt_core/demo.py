@@ -64,6 +64,19 @@ def demo_data(
     seed: int,
     train_fraction: float,
 ) -> DemoData:
+    """The demo's sessions: real days (:func:`days_data`), else simulated ones (module docstring).
+
+    Args:
+        data: a recording to decode instead of a simulated session (``--data``).
+        days: a folder of recording days; used when ``data`` is not given.
+        pool_days: real days: clean days before the new day to pretrain on.
+        label_seconds: real days: the new day's label budget.
+        seed: the simulator's seed.
+        train_fraction: simulated or ``data``: the few-shot train split.
+    Returns:
+        The target, its splits and the pretraining pool; a simulated pool also holds the target's
+        unlabelled training bins (never its validation or test bins).
+    """
     if days and not data:
         return days_data(days=days, pool_days=pool_days, label_seconds=label_seconds)
     from .data import SimulationSpec, contiguous_splits, load_session, simulate_sessions
@@ -91,9 +104,18 @@ def demo_data(
 
 
 def days_data(*, days: str, pool_days: int, label_seconds: float) -> DemoData:
-    """The newest clean day of ``days`` as the new day, the ``pool_days`` clean days before it as the pool.
+    """The newest clean day of a folder as the new day, the clean days before it as the pool.
 
-    Raises ``ValueError`` naming ``days`` when fewer than ``pool_days`` + 1 clean recordings are there."""
+    Args:
+        days: the folder (its recordings: :func:`~rpnt_core.data.formats.session_files`), ordered
+            by recording date.
+        pool_days: how many clean days before the new day to pretrain on.
+        label_seconds: the new day's label budget (:func:`~rpnt_core.data.splits.label_budget_splits`).
+    Returns:
+        The demo data, with the days quality control dropped and why.
+    Raises:
+        ValueError: naming ``days`` when fewer than ``pool_days`` + 1 clean recordings are there.
+    """
     from .data import load_session, session_files
     from .data.quality import fit_for_target
     from .data.splits import label_budget_splits
@@ -331,6 +353,7 @@ def interpretation(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
+    """:func:`run_demo`'s result as a text table, the pretraining loss and the interpretation."""
     lines = [
         f"target: {result['target']}   splits: {result['splits']}",
         f"{'decoder':<28} {'test R²':>8} {'val R²':>8} {'seconds':>8}",
@@ -352,6 +375,7 @@ def format_table(result: dict) -> str:
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The offline half's options (shared by ``rpnt demo`` and ``python -m rpnt_core.demo``)."""
     p.add_argument(
         "--data", default=None, help="a real labelled session to decode instead of a simulated one"
     )
@@ -432,6 +456,7 @@ def offline_part(a: argparse.Namespace) -> tuple[dict, DemoData, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m rpnt_core.demo``: the offline half; exit code 2 on a user error."""
     p = argparse.ArgumentParser(
         prog="python -m rpnt_core.demo",
         description=(
