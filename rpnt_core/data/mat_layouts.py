@@ -124,6 +124,7 @@ class MatLayout:
         return frozenset((self.struct_key,)) if self.struct_key else self.array_keys
 
     def describe(self) -> str:
+        """One line for error messages: the name and the variables (or struct fields) it reads."""
         fields = ", ".join(sorted(self.array_keys))
         return (
             f"{self.name} (struct {self.struct_key}: {fields})"
