@@ -56,6 +56,13 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand.
+
+    Args:
+        argv: the arguments after ``rpnt`` (``None``: ``sys.argv[1:]``).
+    Returns:
+        The subcommand's exit code; 2 for an unknown command or one whose package is not installed.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

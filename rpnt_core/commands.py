@@ -88,12 +88,12 @@ def _drop_flagged(cmd: str, sessions: list) -> list:
 
 
 def _load_many(paths: list[str]):
-    from .data import load_session
+    from .data import load_session, session_files
 
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(p.glob("*.npz")) + sorted(p.glob("*.mat")) + sorted(p.glob("*.nwb"))
+            found = session_files(p)
             if not found:
                 raise ValueError(f"data: directory {p} holds no .npz/.mat/.nwb files")
             files += found

@@ -26,6 +26,18 @@ import numpy as np
 
 @dataclass(frozen=True, kw_only=True)
 class DecoderInfo:
+    """Static facts about a decoder.
+
+    Args:
+        n_channels: N, the counts per bin ``step`` reads.
+        n_outputs: D, the values per bin ``step`` returns.
+        bin_s: the bin width in seconds the decoder was trained at.
+        name: what kind of decoder (``"rpnt"``, ``"wiener"``, …).
+        version: the decoder's format or model version.
+        fingerprint: identifies the weights (equal weights, equal fingerprint).
+        extra: anything else worth reporting (hyper-parameters, validation scores).
+    """
+
     n_channels: int
     n_outputs: int
     bin_s: float
@@ -37,6 +49,8 @@ class DecoderInfo:
 
 @runtime_checkable
 class Decoder(Protocol):
+    """The decoder contract (module docstring): ``info``, ``reset()``, ``step(counts)``."""
+
     @property
     def info(self) -> DecoderInfo: ...
 
@@ -46,9 +60,15 @@ class Decoder(Protocol):
 
 
 def check_counts(counts: np.ndarray, n_channels: int) -> np.ndarray:
-    """Validate one bin of counts for a decoder; return it as float32 (N,).
+    """Validate one bin of counts for a decoder.
 
-    Raises ``ValueError`` naming the problem: wrong shape, non-finite or negative values.
+    Args:
+        counts: (N,) counts, any real dtype.
+        n_channels: the N the decoder reads.
+    Returns:
+        The counts as float32, shape (N,).
+    Raises:
+        ValueError: ``counts: …`` for a wrong shape, non-finite or negative values.
     """
     arr = np.asarray(counts)
     if arr.shape != (n_channels,):
@@ -57,7 +77,10 @@ def check_counts(counts: np.ndarray, n_channels: int) -> np.ndarray:
 
 
 def check_count_block(counts: np.ndarray, n_channels: int) -> np.ndarray:
-    """Validate a block of bins (T, N) exactly as :func:`check_counts` does one bin → float32 (T, N)."""
+    """Validate a block of bins exactly as :func:`check_counts` does one bin.
+
+    Shape: (T, N) → (T, N) float32.
+    """
     arr = np.asarray(counts)
     if arr.ndim != 2 or arr.shape[1] != n_channels:
         raise ValueError(f"counts: expected shape (T, {n_channels}), got {arr.shape}")
@@ -74,7 +97,15 @@ def _finite_non_negative(arr: np.ndarray) -> np.ndarray:
 
 
 def decode_stream(decoder: Decoder, counts: np.ndarray, *, reset: bool = True) -> np.ndarray:
-    """Run ``decoder`` causally over ``counts`` (T, N), one ``step`` per bin → (T, D) float32."""
+    """Run ``decoder`` causally over a block of bins, one ``step`` per bin.
+
+    Args:
+        decoder: any :class:`Decoder`.
+        counts: (T, N) counts.
+        reset: start a new stream first (else continue from the decoder's state).
+    Returns:
+        (T, D) float32, row t the output of bin t's ``step``.
+    """
     counts = np.asarray(counts)
     if counts.ndim != 2:
         raise ValueError(f"counts: expected (T, N), got shape {counts.shape}")

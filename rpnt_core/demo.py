@@ -28,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,19 @@ def demo_data(
     seed: int,
     train_fraction: float,
 ) -> DemoData:
+    """The demo's sessions: real days (:func:`days_data`), else simulated ones (module docstring).
+
+    Args:
+        data: a recording to decode instead of a simulated session (``--data``).
+        days: a folder of recording days; used when ``data`` is not given.
+        pool_days: real days: clean days before the new day to pretrain on.
+        label_seconds: real days: the new day's label budget.
+        seed: the simulator's seed.
+        train_fraction: simulated or ``data``: the few-shot train split.
+    Returns:
+        The target, its splits and the pretraining pool; a simulated pool also holds the target's
+        unlabelled training bins (never its validation or test bins).
+    """
     if days and not data:
         return days_data(days=days, pool_days=pool_days, label_seconds=label_seconds)
     from .data import SimulationSpec, contiguous_splits, load_session, simulate_sessions
@@ -90,15 +104,23 @@ def demo_data(
 
 
 def days_data(*, days: str, pool_days: int, label_seconds: float) -> DemoData:
-    """The newest clean day of ``days`` as the new day, the ``pool_days`` clean days before it as the pool.
+    """The newest clean day of a folder as the new day, the clean days before it as the pool.
 
-    Raises ``ValueError`` naming ``days`` when fewer than ``pool_days`` + 1 clean recordings are there."""
-    from .data import load_session
+    Args:
+        days: the folder (its recordings: :func:`~rpnt_core.data.formats.session_files`), ordered
+            by recording date.
+        pool_days: how many clean days before the new day to pretrain on.
+        label_seconds: the new day's label budget (:func:`~rpnt_core.data.splits.label_budget_splits`).
+    Returns:
+        The demo data, with the days quality control dropped and why.
+    Raises:
+        ValueError: naming ``days`` when fewer than ``pool_days`` + 1 clean recordings are there.
+    """
+    from .data import load_session, session_files
     from .data.quality import fit_for_target
     from .data.splits import label_budget_splits
 
-    files = sorted(Path(days).glob("*.mat")) + sorted(Path(days).glob("*.npz"))
-    sessions = sorted((load_session(f) for f in files), key=lambda s: s.date_days)
+    sessions = sorted((load_session(f) for f in session_files(days)), key=lambda s: s.date_days)
     kept, dropped = fit_for_target(sessions, DAYS_TARGET)
     if len(kept) < pool_days + 1:
         raise ValueError(
@@ -131,89 +153,47 @@ def run_demo(
     device: str,
     progress: bool,
 ) -> dict:
-    from .evaluate.harness import evaluate_baseline
-    from .train.choices import pretraining_objective
-    from .train.finetune import FinetuneOptions, finetune
-    from .train.pretrain import PretrainOptions, pretrain
+    """Pretrain on the pool, calibrate the target twice (pretrained, from scratch), fit the baselines.
 
+    Args:
+        workdir: where the checkpoints and ``results.json`` are written (made if absent).
+        data: the sessions and splits (:func:`demo_data`).
+        seed: for pretraining, finetuning and the baselines.
+        preset: the RPNT model size.
+        pretrain_epochs, steps_per_epoch: the pretraining budget.
+        finetune_epochs: the finetuning budget when ``data`` has no label budget (simulated or
+            ``--data``); real days use the calibration budget for their labels.
+        baselines: names in :data:`rpnt_core.evaluate.baselines.BASELINES`, scored on the same splits.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        progress: print what is happening.
+    Returns:
+        The result written to ``workdir / "results.json"``: one row per decoder (test and
+        validation R², seconds), the pretraining summary, the splits and :func:`interpretation`.
+    """
     t0 = time.time()
     workdir.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
-    target, splits = data.target, data.splits
-    train_fraction = (splits.train[1] - splits.train[0]) / target.n_bins
-    for name, why in data.dropped:
-        log(f"[demo] quality control dropped {name}: {why}")
-    log(
-        f"[demo] target: {data.source} ({target.n_bins} bins, {target.n_channels} channels, "
-        f"{target.bin_s * 1000:.0f} ms bins, decoding {target.target})"
-        + (f"; {data.n_simulated} simulated sessions" if data.n_simulated else "")
-    )
-    objective = pretraining_objective(data.pool, target.target)
-    pool = [s.with_target(target.target) for s in data.pool] if objective == "supervised" else data.pool
+    _log_target(data, log)
     pre_path = workdir / "pretrained.safetensors"
-    log(
-        f"[demo] pretraining ({objective}, {pretrain_epochs} epochs × {steps_per_epoch} steps) on "
-        f"{len(pool)} recordings …"
-    )
-    pre = pretrain(
-        pool,
-        options=PretrainOptions(
-            preset=preset,
-            epochs=pretrain_epochs,
-            steps_per_epoch=steps_per_epoch,
-            objective=objective,
-            seed=seed,
-            device=device,
-            progress=progress,
-        ),
+    objective, pool, pre = _pretrain_pool(
+        data,
         out=pre_path,
+        seed=seed,
+        preset=preset,
+        epochs=pretrain_epochs,
+        steps_per_epoch=steps_per_epoch,
+        device=device,
+        progress=progress,
+        log=log,
     )
-    rows = []
-    n_train = splits.train[1] - splits.train[0]
-    ft_opts = (
-        FinetuneOptions.for_labels(n_train, preset=preset, seed=seed, device=device, progress=False)
-        if data.label_seconds
-        else FinetuneOptions(
-            epochs=finetune_epochs,
-            train_fraction=train_fraction,
-            preset=preset,
-            seed=seed,
-            device=device,
-            progress=False,
-        )
-    )
-    for label, init in (("RPNT from scratch", None), ("RPNT pretrained + finetuned", pre_path)):
-        log(f"[demo] finetuning: {label} …")
-        out = workdir / ("scratch.safetensors" if init is None else "finetuned.safetensors")
-        r = finetune(target, init=init, options=ft_opts, out=out, splits=splits)
-        rows.append(
-            {
-                "decoder": label,
-                "test_r2": r["test_r2"],
-                "val_r2": r["val_r2"],
-                "test_r2_per_dim": r["test_r2_per_dim"],
-                "seconds": r["train_seconds"],
-                "checkpoint": str(out),
-            }
-        )
-    for name in baselines:
-        log(f"[demo] baseline: {name} …")
-        t = time.time()
-        r = evaluate_baseline(name, target, splits, seed=seed)
-        rows.append(
-            {
-                "decoder": f"baseline: {name}",
-                "test_r2": r["r2"],
-                "val_r2": None,
-                "test_r2_per_dim": r["r2_per_dim"],
-                "seconds": round(time.time() - t, 2),
-            }
-        )
+    ft_opts = _finetune_options(data, epochs=finetune_epochs, preset=preset, seed=seed, device=device)
+    rows = _finetune_rows(data, init=pre_path, options=ft_opts, workdir=workdir, log=log)
+    rows += _baseline_rows(data, baselines, seed=seed, log=log)
     result = {
         "target": data.source,
-        "decoded": target.target,
-        "splits": splits.as_dict(),
-        "train_fraction": train_fraction,
+        "decoded": data.target.target,
+        "splits": data.splits.as_dict(),
+        "train_fraction": _train_fraction(data),
         "label_seconds": data.label_seconds,
         "preset": preset,
         "pretrain": {
@@ -228,6 +208,123 @@ def run_demo(
     result["interpretation"] = interpretation(result)
     (workdir / "results.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+Log = Callable[..., None]
+
+
+def _train_fraction(data: DemoData) -> float:
+    return (data.splits.train[1] - data.splits.train[0]) / data.target.n_bins
+
+
+def _log_target(data: DemoData, log: Log) -> None:
+    """Say what quality control dropped and what the demo decodes."""
+    target = data.target
+    for name, why in data.dropped:
+        log(f"[demo] quality control dropped {name}: {why}")
+    log(
+        f"[demo] target: {data.source} ({target.n_bins} bins, {target.n_channels} channels, "
+        f"{target.bin_s * 1000:.0f} ms bins, decoding {target.target})"
+        + (f"; {data.n_simulated} simulated sessions" if data.n_simulated else "")
+    )
+
+
+def _pretrain_pool(
+    data: DemoData,
+    *,
+    out: Path,
+    seed: int,
+    preset: str,
+    epochs: int,
+    steps_per_epoch: int,
+    device: str,
+    progress: bool,
+    log: Log,
+) -> tuple[str, list, dict]:
+    """Pretrain on the pool: supervised on the target's series when every pool session has it.
+
+    Returns:
+        (objective, the pool as pretrained on, :func:`~rpnt_core.train.pretrain.pretrain`'s result).
+    """
+    from .train.choices import pretraining_objective
+    from .train.pretrain import PretrainOptions, pretrain
+
+    decoded = data.target.target
+    objective = pretraining_objective(data.pool, decoded)
+    pool = [s.with_target(decoded) for s in data.pool] if objective == "supervised" else data.pool
+    log(
+        f"[demo] pretraining ({objective}, {epochs} epochs × {steps_per_epoch} steps) on {len(pool)} recordings …"
+    )
+    options = PretrainOptions(
+        preset=preset,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        objective=objective,
+        seed=seed,
+        device=device,
+        progress=progress,
+    )
+    return objective, pool, pretrain(pool, options=options, out=out)
+
+
+def _finetune_options(data: DemoData, *, epochs: int, preset: str, seed: int, device: str) -> Any:
+    """The calibration budget for a label budget in seconds (real days), else ``epochs`` epochs."""
+    from .train.finetune import FinetuneOptions
+
+    if data.label_seconds:
+        n_train = data.splits.train[1] - data.splits.train[0]
+        return FinetuneOptions.for_labels(n_train, preset=preset, seed=seed, device=device, progress=False)
+    return FinetuneOptions(
+        epochs=epochs,
+        train_fraction=_train_fraction(data),
+        preset=preset,
+        seed=seed,
+        device=device,
+        progress=False,
+    )
+
+
+def _finetune_rows(data: DemoData, *, init: Path, options: Any, workdir: Path, log: Log) -> list[dict]:
+    """Finetune RPNT on the target from scratch and from the pretrained ``init``: one row each."""
+    from .train.finetune import finetune
+
+    rows = []
+    for label, start in (("RPNT from scratch", None), ("RPNT pretrained + finetuned", init)):
+        log(f"[demo] finetuning: {label} …")
+        out = workdir / ("scratch.safetensors" if start is None else "finetuned.safetensors")
+        r = finetune(data.target, init=start, options=options, out=out, splits=data.splits)
+        rows.append(
+            {
+                "decoder": label,
+                "test_r2": r["test_r2"],
+                "val_r2": r["val_r2"],
+                "test_r2_per_dim": r["test_r2_per_dim"],
+                "seconds": r["train_seconds"],
+                "checkpoint": str(out),
+            }
+        )
+    return rows
+
+
+def _baseline_rows(data: DemoData, baselines: tuple[str, ...], *, seed: int, log: Log) -> list[dict]:
+    """Fit and score each classic baseline on the target's splits: one row each."""
+    from .evaluate.harness import evaluate_baseline
+
+    rows = []
+    for name in baselines:
+        log(f"[demo] baseline: {name} …")
+        t = time.time()
+        r = evaluate_baseline(name, data.target, data.splits, seed=seed)
+        rows.append(
+            {
+                "decoder": f"baseline: {name}",
+                "test_r2": r["r2"],
+                "val_r2": None,
+                "test_r2_per_dim": r["r2_per_dim"],
+                "seconds": round(time.time() - t, 2),
+            }
+        )
+    return rows
 
 
 def interpretation(result: dict) -> str:
@@ -256,6 +353,7 @@ def interpretation(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
+    """:func:`run_demo`'s result as a text table, the pretraining loss and the interpretation."""
     lines = [
         f"target: {result['target']}   splits: {result['splits']}",
         f"{'decoder':<28} {'test R²':>8} {'val R²':>8} {'seconds':>8}",
@@ -277,6 +375,7 @@ def format_table(result: dict) -> str:
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The offline half's options (shared by ``rpnt demo`` and ``python -m rpnt_core.demo``)."""
     p.add_argument(
         "--data", default=None, help="a real labelled session to decode instead of a simulated one"
     )
@@ -357,6 +456,7 @@ def offline_part(a: argparse.Namespace) -> tuple[dict, DemoData, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m rpnt_core.demo``: the offline half; exit code 2 on a user error."""
     p = argparse.ArgumentParser(
         prog="python -m rpnt_core.demo",
         description=(

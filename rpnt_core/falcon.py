@@ -59,9 +59,15 @@ _REFUSED = {
 
 
 def falcon_config(task: str) -> FalconConfig:
-    """FALCON's own config for ``task`` (``h1`` | ``m1`` | ``m2``).
+    """FALCON's own config for a task.
 
-    Raises ``ValueError`` starting with ``task:`` for any other name."""
+    Args:
+        task: ``h1`` | ``m1`` | ``m2``.
+    Returns:
+        ``falcon_challenge``'s ``FalconConfig`` for it.
+    Raises:
+        ValueError: starting with ``task:`` for any other name.
+    """
     if task in _REFUSED:
         raise ValueError(
             f"task: {_REFUSED[task]}; rpnt decodes continuous targets — "
@@ -73,8 +79,15 @@ def falcon_config(task: str) -> FalconConfig:
 
 
 def check_fits_task(info: DecoderInfo, config: FalconConfig) -> None:
-    """Raise ``ValueError`` naming the field when a decoder with ``info`` cannot run ``config``'s
-    task: bin width (``bin_s``), input channels (``n_channels``) or outputs (``n_outputs``)."""
+    """Check that a decoder can run a FALCON task.
+
+    Args:
+        info: the decoder's :class:`~rpnt_core.decoder.DecoderInfo`.
+        config: the task's ``FalconConfig`` (:func:`falcon_config`).
+    Raises:
+        ValueError: naming the field that does not match: bin width (``bin_s``), input channels
+            (``n_channels``) or outputs (``n_outputs``).
+    """
     task = config.task.name
     check_bin_width(data_bin_s=config.bin_size_ms / 1000.0, model_bin_s=info.bin_s)
     if info.n_channels != config.n_channels:
@@ -92,8 +105,14 @@ def check_fits_task(info: DecoderInfo, config: FalconConfig) -> None:
 class FalconDecoder(BCIDecoder):
     """A FALCON ``BCIDecoder`` (batch size 1) that streams bins through an rpnt ``decoder``.
 
-    ``decoder``: any :class:`~rpnt_core.decoder.Decoder` (``info``, ``reset()``, ``step``).
-    ``task``: ``h1`` | ``m1`` | ``m2``.  See the module docstring for the contract."""
+    See the module docstring for the contract.
+
+    Args:
+        decoder: any :class:`~rpnt_core.decoder.Decoder` (``info``, ``reset()``, ``step``).
+        task: ``h1`` | ``m1`` | ``m2``.
+    Raises:
+        ValueError: an unsupported task, or a decoder that does not fit it (:func:`check_fits_task`).
+    """
 
     def __init__(self, *, decoder: Decoder, task: str) -> None:
         config = falcon_config(task)
@@ -106,8 +125,17 @@ class FalconDecoder(BCIDecoder):
     def from_checkpoint(
         cls, path: str | os.PathLike, *, task: str, metadata: Mapping[str, Any] | None = None
     ) -> FalconDecoder:
-        """The torch model of a checkpoint, conditioned on ``metadata`` (fields ``subject``,
-        ``session``, ``task``, ``date_days``; ``None``: the checkpoint's finetuning metadata)."""
+        """The torch model of a finetuned checkpoint behind FALCON's interface.
+
+        Args:
+            path: the checkpoint.
+            task: ``h1`` | ``m1`` | ``m2``.
+            metadata: conditioning fields ``subject``, ``session``, ``task``, ``date_days``;
+                ``None``: the checkpoint's finetuning metadata.
+        Raises:
+            CheckpointError: a pretraining checkpoint (its head never saw a label).
+            ValueError: an unknown metadata field, or a model that does not fit the task.
+        """
         from .checkpoint import load_checkpoint, require_trained_head
         from .model.torch_decoder import TorchDecoder
 
@@ -129,7 +157,10 @@ class FalconDecoder(BCIDecoder):
         self.decoder.reset()
 
     def predict(self, neural_observations: np.ndarray) -> np.ndarray:
-        """One bin of counts (1, N) → this bin's decoded target (1, D) float32, causally."""
+        """Decode one bin causally.
+
+        Shape: neural_observations (1, N) → (1, D) float32.
+        """
         obs = np.asarray(neural_observations)
         want = (self.batch_size, self.decoder.info.n_channels)
         if obs.shape != want:

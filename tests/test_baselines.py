@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rpnt_core.decoder import Decoder, decode_stream
-from rpnt_core.evaluate.baselines import BASELINES, GRUDecoder, KalmanFilter, WienerFilter
+from rpnt_core.evaluate.baselines import BASELINES, GRUDecoder, GRUOptions, KalmanFilter, WienerFilter
 from rpnt_core.evaluate.metrics import r2_score
 
 BIN_S = 0.02
@@ -348,3 +348,24 @@ def test_gru_num_threads_is_scoped_to_fit(data) -> None:
     assert torch.get_num_threads() == threads
     with pytest.raises(ValueError, match="num_threads"):
         GRUDecoder.fit(**{**kwargs, "num_threads": 0})
+
+
+def test_gru_options_object_and_keyword_overrides_fit_the_same_weights(data) -> None:
+    (tc, tv), (vc, vv) = data["train"], data["val"]
+    common = dict(
+        train_counts=tc[:300],
+        train_velocity=tv[:300],
+        val_counts=vc[:100],
+        val_velocity=vv[:100],
+        bin_s=BIN_S,
+    )
+    tiny = {**_TINY, "max_epochs": 1}
+    by_options = GRUDecoder.fit(**common, options=GRUOptions(**tiny))
+    by_keywords = GRUDecoder.fit(**common, **tiny)
+    mixed = GRUDecoder.fit(**common, options=GRUOptions(**{**tiny, "hidden": 99}), hidden=tiny["hidden"])
+    assert by_options.info.fingerprint == by_keywords.info.fingerprint == mixed.info.fingerprint
+    assert GRUOptions().hidden == 128 and GRUOptions().num_threads is None
+    with pytest.raises(ValueError, match="hidden"):
+        GRUOptions(hidden=0)
+    with pytest.raises(TypeError):
+        GRUDecoder.fit(**common, hiddn=8)

@@ -23,9 +23,10 @@ from rpnt_core.data import (
     load_nwb,
     load_session,
     save_npz,
+    session_files,
     validate_session,
 )
-from rpnt_core.data.formats import NOT_NPZ
+from rpnt_core.data.npz import NOT_NPZ
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STEVENSON = SHARED_DATA / "stevenson2011_m1_centerout" / "StevensonV2.mat"
@@ -297,6 +298,15 @@ def test_load_session_errors(tmp_path: Path) -> None:
         load_session(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError):
         load_npz(tmp_path / "missing.npz")
+
+
+def test_session_files_lists_what_load_session_reads(tmp_path: Path) -> None:
+    for name in ("b.npz", "a.npz", "c.mat", "d.nwb", "e.csv", "sub/f.npz"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    assert [f.name for f in session_files(tmp_path)] == ["a.npz", "b.npz", "c.mat", "d.nwb"]
+    assert session_files(tmp_path / "sub") == [tmp_path / "sub" / "f.npz"]
+    assert session_files(tmp_path / "missing") == []
 
 
 # ------------------------------------------------------------------------------------ MAT

@@ -177,7 +177,7 @@ def test_replay_nwb_usage_errors_exit_2_before_replaying(tiny, tmp_path, capsys)
 
 
 def test_loader_refuses_a_bin_width_the_binned_file_does_not_have(replayed):
-    from rpnt_core.data.formats import load_nwb
+    from rpnt_core.data.nwb import load_nwb
 
     nwb, _, _ = replayed
     assert load_nwb(nwb, bin_s=0.02).n_bins == 400

@@ -402,7 +402,7 @@ def test_pretraining_defaults_to_supervised_only_when_every_session_is_labelled(
     from dataclasses import replace
 
     from rpnt_core.data import load_session
-    from rpnt_core.data.formats import save_npz
+    from rpnt_core.data.npz import save_npz
 
     files = sorted(simdir.glob("*.npz"))[:2]
     pre = tmp_path / "labelled.safetensors"
@@ -470,7 +470,7 @@ def test_a_file_that_is_not_npz_gets_one_line_not_numpys(tmp_path, capsys):
     from conftest import tiny_config
 
     from rpnt_core import RPNT, save_checkpoint
-    from rpnt_core.data.formats import NOT_NPZ
+    from rpnt_core.data.npz import NOT_NPZ
 
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(RPNT(tiny_config()).eval(), ckpt)

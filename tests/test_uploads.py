@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 
 from rpnt_core.data import Session, load_npz, save_npz
-from rpnt_core.data.formats import NOT_NPZ
+from rpnt_core.data.npz import NOT_NPZ
 from service.upload_parse import BASE_ADDRESS_SPACE, ParseLimits, parse_upload
 from service.uploads import CalibrationInputError
 

@@ -74,7 +74,13 @@ class ChannelResampler:
         return out
 
     def apply(self, counts: np.ndarray) -> np.ndarray:
-        """(..., N) -> (..., N_max); raises ``ValueError`` if the last axis is not ``n_channels``."""
+        """Map a session's channels to the model's ``n_max`` columns.
+
+        Shape: (..., N) → (..., N_max).
+
+        Raises:
+            ValueError: the last axis is not ``n_channels``.
+        """
         arr = np.asarray(counts)
         if arr.ndim < 1 or arr.shape[-1] != self.n_channels:
             raise ValueError(
@@ -94,6 +100,7 @@ class ChannelResampler:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChannelResampler":
+        """The resampler :meth:`to_dict` recorded; ``ValueError`` naming a missing field."""
         for k in ("n_channels", "n_max"):
             if k not in d:
                 raise ValueError(f"{k}: missing from resampler dict")

@@ -170,8 +170,13 @@ def _flags(q: SessionQuality) -> tuple[str, ...]:
 def assess_session(session: Session, *, labels: bool = True) -> SessionQuality:
     """Quality facts and flags of ``session`` (rules in the module docstring).
 
-    ``labels``: also assess the chosen target (``session.target``) when the session has it;
-    ``False`` for uses that read only the counts (pretraining)."""
+    Args:
+        session: the session.
+        labels: also assess the chosen target (``session.target``) when the session has it;
+            ``False`` for uses that read only the counts (pretraining).
+    Returns:
+        Its :class:`SessionQuality`; ``flags`` says why it is unfit to train on, if it is.
+    """
     counts = _channels_last(session.counts)
     n_bins, n = counts.shape
     rates = counts.mean(axis=0, dtype=np.float64) / session.bin_s  # (N,) Hz
@@ -235,7 +240,7 @@ def format_table(reports: list[SessionQuality]) -> str:
     """A compact fixed-width table, one row per session, then one line per flag reason."""
     rows = [_COLUMNS] + [_row(q) for q in reports]
     widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines += [f"{q.session}: {reason}" for q in reports for reason in q.flags]
     return "\n".join(lines)
 
@@ -250,9 +255,14 @@ def format_json(reports: list[SessionQuality]) -> str:
 def split_flagged(
     sessions: list[Session], *, labels: bool = False
 ) -> tuple[list[Session], list[SessionQuality]]:
-    """(the sessions fit to train on, in order; the reports of the flagged ones).
+    """Separate the sessions quality control flags.
 
-    ``labels``: judge the chosen targets too (supervised use); pretraining reads only counts."""
+    Args:
+        sessions: the sessions.
+        labels: judge the chosen targets too (supervised use); pretraining reads only counts.
+    Returns:
+        (the sessions fit to train on, in order; the reports of the flagged ones).
+    """
     kept: list[Session] = []
     flagged: list[SessionQuality] = []
     for s in sessions:
@@ -265,8 +275,13 @@ def split_flagged(
 
 
 def fit_for_target(sessions: list[Session], target: str) -> tuple[list[Session], list[tuple[str, str]]]:
-    """The sessions, decoding ``target``, that quality control passes with their labels judged
-    too (in order), and (session, reason) of those it flags.  Raises ``ValueError`` starting with
-    ``target:`` for a session without that series."""
+    """The sessions fit to decode ``target``: quality control with their labels judged too.
+
+    Returns:
+        (the passing sessions with ``target`` chosen, in order; (session name, reason) of each
+        flagged one).
+    Raises:
+        ValueError: starting with ``target:`` for a session without that series.
+    """
     kept, flagged = split_flagged([s.with_target(target) for s in sessions], labels=True)
     return kept, [(q.session, q.reason) for q in flagged]

@@ -1,7 +1,7 @@
 """The in-memory session record that every loader returns and every trainer consumes.
 
 A :class:`Session` is one continuous recording binned at ``bin_s`` seconds.  It is the
-Python twin of the NPZ interchange format (see :mod:`rpnt_core.data.formats`).
+Python twin of the NPZ interchange format (see :mod:`rpnt_core.data.npz`).
 
 Shapes
 ------

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rpnt_core.data.formats import save_npz, validate_session
+from rpnt_core.data.npz import save_npz
 from rpnt_core.data.session import Session
+from rpnt_core.data.validate import validate_session
 
 __all__ = ["SimulationSpec", "TASKS", "simulate_sessions", "write_simulated"]
 
@@ -264,6 +265,7 @@ def _make_subject(j: int, spec: SimulationSpec, seed: int) -> _Subject:
 
 
 def _simulate_session(subj: _Subject, k: int, j: int, spec: SimulationSpec, seed: int) -> Session:
+    """Session ``k`` of subject ``j``, drawn from its own ``SeedSequence([seed, j, 1 + k])``."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, j, 1 + k]))
     bin_s, v0 = spec.bin_s, spec.speed_scale_cm_s
     T = int(rng.integers(spec.bins_per_session[0], spec.bins_per_session[1] + 1))
@@ -271,51 +273,25 @@ def _simulate_session(subj: _Subject, k: int, j: int, spec: SimulationSpec, seed
     task = subj.tasks[k]
 
     u, onsets, targets = _intent(task, T, spec, rng)  # (T, 2) cm/s
-    drive = (u / v0) @ subj.B.T  # (T, K)
-    noise = spec.latent_noise * rng.normal(size=drive.shape)  # (T, K)
-    x = np.zeros_like(drive)  # (T, K) latents
-    A = subj.A
-    state = np.zeros(A.shape[0])
-    for t in range(T):
-        x[t] = state
-        state = A @ state + drive[t] + noise[t]
+    x = _latents(u, subj, spec, rng)  # (T, K)
     velocity = v0 * x[:, :2]  # (T, 2) cm/s
     position = np.cumsum(velocity, axis=0) * bin_s  # (T, 2) cm
-
-    S, M = subj.pref_dir.shape
-    N = int(rng.integers(spec.channels_per_session[0], spec.channels_per_session[1] + 1))
-    ids = np.stack([rng.permutation(M)[:N] for _ in range(S)])  # (S, N)
-    take = np.take_along_axis
-    pref = take(subj.pref_dir + subj.pd_drift * day, ids, axis=1)  # (S, N)
-    log_base = take(
-        np.clip(
-            subj.log_base + subj.base_drift * day,
-            np.log(spec.baseline_hz[0]) - 0.3,
-            np.log(spec.baseline_hz[1]) + 0.3,
-        ),
-        ids,
-        axis=1,
-    )  # (S, N)
-    mod = take(subj.modulation, ids, axis=1)  # (S, N)
-    rot = subj.rot_loading[np.arange(S)[:, None], ids]  # (S, N, K-2)
-
-    tuning = mod[..., None] * np.stack([np.cos(pref), np.sin(pref)], axis=-1)  # (S, N, 2)
-    loading = np.concatenate([tuning, rot], axis=-1)  # (S, N, K)
-    log_rate = log_base[:, None, :] + np.einsum("tk,snk->stn", x, loading)  # (S, T, N)
-    rates = np.exp(np.minimum(log_rate, np.log(spec.max_rate_hz)))  # (S, T, N) Hz
+    rec = _recorded_neurons(subj, day, spec, rng)
+    rates = _rates_hz(x, rec, spec)  # (S, T, N) Hz
     counts = rng.poisson(rates * bin_s)  # (S, T, N)
 
     multisite = subj.site_xy is not None
     if not multisite:
-        counts, rates, ids, pref, log_base, mod = counts[0], rates[0], ids[0], pref[0], log_base[0], mod[0]
+        counts, rates = counts[0], rates[0]
+        rec = {name: value[0] for name, value in rec.items()}
     extra = {
         "latents": x.astype(np.float32),
         "intent": u.astype(np.float32),
         "rates_hz": rates.astype(np.float32),
-        "neuron_ids": ids.astype(np.int32),
-        "pref_dir": pref.astype(np.float32),
-        "baseline_hz": np.exp(log_base).astype(np.float32),
-        "modulation": mod.astype(np.float32),
+        "neuron_ids": rec["ids"].astype(np.int32),
+        "pref_dir": rec["pref"].astype(np.float32),
+        "baseline_hz": np.exp(rec["log_base"]).astype(np.float32),
+        "modulation": rec["mod"].astype(np.float32),
         "move_onsets": onsets,
         "targets": targets,
     }
@@ -334,6 +310,60 @@ def _simulate_session(subj: _Subject, k: int, j: int, spec: SimulationSpec, seed
         extra=extra,
     )
     return validate_session(session)
+
+
+def _latents(u: np.ndarray, subj: _Subject, spec: SimulationSpec, rng: np.random.Generator) -> np.ndarray:
+    """The latent state driven by the intent ``u`` (T, 2) cm/s, from a zero state.
+
+    Shape: (T, K); ``x[t]`` is the state before bin t's drive and noise are applied.
+    """
+    drive = (u / spec.speed_scale_cm_s) @ subj.B.T  # (T, K)
+    noise = spec.latent_noise * rng.normal(size=drive.shape)  # (T, K)
+    x = np.zeros_like(drive)  # (T, K) latents
+    A = subj.A
+    state = np.zeros(A.shape[0])
+    for t in range(x.shape[0]):
+        x[t] = state
+        state = A @ state + drive[t] + noise[t]
+    return x
+
+
+def _recorded_neurons(
+    subj: _Subject, day: float, spec: SimulationSpec, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """The N channels a session records per site and their tuning on ``day``.
+
+    Returns:
+        ``ids``, ``pref`` (radians), ``log_base`` (log Hz), ``mod``: each (S, N); ``rot`` (S, N, K-2).
+    """
+    S, M = subj.pref_dir.shape
+    N = int(rng.integers(spec.channels_per_session[0], spec.channels_per_session[1] + 1))
+    ids = np.stack([rng.permutation(M)[:N] for _ in range(S)])  # (S, N)
+    take = np.take_along_axis
+    log_base = np.clip(
+        subj.log_base + subj.base_drift * day,
+        np.log(spec.baseline_hz[0]) - 0.3,
+        np.log(spec.baseline_hz[1]) + 0.3,
+    )  # (S, M)
+    return {
+        "ids": ids,
+        "pref": take(subj.pref_dir + subj.pd_drift * day, ids, axis=1),  # (S, N)
+        "log_base": take(log_base, ids, axis=1),  # (S, N)
+        "mod": take(subj.modulation, ids, axis=1),  # (S, N)
+        "rot": subj.rot_loading[np.arange(S)[:, None], ids],  # (S, N, K-2)
+    }
+
+
+def _rates_hz(x: np.ndarray, rec: dict[str, np.ndarray], spec: SimulationSpec) -> np.ndarray:
+    """Firing rates of the recorded neurons given the latents ``x`` (T, K).
+
+    Shape: (S, T, N) Hz, log-rates clipped at ``spec.max_rate_hz``.
+    """
+    pref = rec["pref"]
+    tuning = rec["mod"][..., None] * np.stack([np.cos(pref), np.sin(pref)], axis=-1)  # (S, N, 2)
+    loading = np.concatenate([tuning, rec["rot"]], axis=-1)  # (S, N, K)
+    log_rate = rec["log_base"][:, None, :] + np.einsum("tk,snk->stn", x, loading)  # (S, T, N)
+    return np.exp(np.minimum(log_rate, np.log(spec.max_rate_hz)))  # (S, T, N) Hz
 
 
 def simulate_sessions(spec: SimulationSpec | None = None, *, seed: int) -> list[Session]:

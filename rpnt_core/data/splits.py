@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,9 +54,9 @@ class Splits:
 
     def __post_init__(self) -> None:
         ranges = [_check_range(n, getattr(self, n)) for n in _NAMES]
-        for n, r in zip(_NAMES, ranges):
+        for n, r in zip(_NAMES, ranges, strict=True):
             object.__setattr__(self, n, r)
-        for (a, ra), (b, rb) in zip(zip(_NAMES, ranges), zip(_NAMES[1:], ranges[1:])):
+        for (a, ra), (b, rb) in pairwise(zip(_NAMES, ranges, strict=True)):
             if ra[1] > rb[0]:
                 raise ValueError(f"{b}: range {rb} overlaps or precedes {a} range {ra}")
 
@@ -96,8 +97,14 @@ def contiguous_splits(
 ) -> Splits:
     """Split ``n_bins`` bins into train prefix, then val, then test at the end (see module doc).
 
-    Raises ``ValueError`` naming the field when ``n_bins`` < 3, a fraction is outside (0, 1),
-    the fractions sum past 1, or any split would be empty.
+    Args:
+        n_bins: the session length, ≥ 3.
+        train_fraction, val_fraction, test_fraction: each in (0, 1), together ≤ 1.
+    Returns:
+        The :class:`Splits`; sizes are ``floor(fraction * n_bins)``.
+    Raises:
+        ValueError: naming the field when ``n_bins`` < 3, a fraction is outside (0, 1), the
+            fractions sum past 1, or any split would be empty.
     """
     if not isinstance(n_bins, (int, np.integer)) or isinstance(n_bins, bool) or n_bins < 3:
         raise ValueError(f"n_bins: must be an int >= 3, got {n_bins!r}")
@@ -118,12 +125,22 @@ def contiguous_splits(
 def label_budget_splits(
     n_bins: int, *, bin_s: float, seconds: float, test_fraction: float = 0.2, val_share: float = 0.2
 ) -> Splits:
-    """Splits of a day calibrated from its first ``seconds`` of labels: train = the first
-    (1 − ``val_share``) of the labelled bins, val = the rest of them (early stopping and model
-    selection spend the same budget), test = the last ``test_fraction`` of the day.
+    """Splits of a day calibrated from its first ``seconds`` of labels.
 
-    Raises ``ValueError`` naming ``seconds`` when the budget reaches into the test part or leaves
-    the train or validation part under 2 bins."""
+    Args:
+        n_bins: the day's length in bins.
+        bin_s: its bin width in seconds.
+        seconds: the label budget, from the day's start.
+        test_fraction: the last part of the day, scored.
+        val_share: the share of the labelled bins held out for early stopping and model selection
+            (they spend the same budget).
+    Returns:
+        train = the first (1 − ``val_share``) of the labelled bins, val = the rest of them,
+        test = the last ``test_fraction`` of the day.
+    Raises:
+        ValueError: naming ``seconds`` when the budget reaches into the test part or leaves the
+            train or validation part under 2 bins.
+    """
     n_lab = int(round(seconds / bin_s))
     test_start = n_bins - int(math.floor(test_fraction * n_bins + 1e-9))
     n_val = max(2, int(round(val_share * n_lab)))
@@ -137,8 +154,12 @@ def label_budget_splits(
 
 
 def calibration_view(session: "Session", splits: Splits) -> "Session":
-    """What a decoder may see of ``session`` while it is fitted for ``splits``: the bins before the
-    test part, and only the chosen target's series, NaN after the labelled bins (``splits.val`` end)."""
+    """What a decoder may see of ``session`` while it is fitted for ``splits``.
+
+    Returns:
+        The bins before the test part, with only the chosen target's series, NaN after the
+        labelled bins (the end of ``splits.val``).
+    """
     from dataclasses import replace
 
     view = session.slice_bins(0, splits.test[0])

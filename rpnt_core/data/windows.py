@@ -29,11 +29,19 @@ def make_windows(
     stop: int | None = None,
     include_end: bool = False,
 ) -> np.ndarray:
-    """Start indices (W,) int64 of windows of ``length`` bins every ``stride`` bins in ``[start, stop)``.
+    """Start indices of windows of ``length`` bins every ``stride`` bins in ``[start, stop)``.
 
-    ``stop`` defaults to ``n_bins``.  With ``include_end`` a last window ending exactly at
-    ``stop`` is added when the stride leaves a tail uncovered.  Returns an empty array when the
-    range is shorter than ``length``.
+    Args:
+        n_bins: the session length.
+        length: bins per window.
+        stride: bins between window starts.
+        start, stop: the range to cover (``stop`` ``None``: ``n_bins``).
+        include_end: add a last window ending exactly at ``stop`` when the stride leaves a tail
+            uncovered.
+    Returns:
+        (W,) int64 starts; empty when the range is shorter than ``length``.
+    Raises:
+        ValueError: naming the argument that is out of range.
     """
     n_bins = _check_int("n_bins", n_bins, minimum=1)
     length = _check_int("length", length, minimum=1)
@@ -70,6 +78,7 @@ class WindowSampler:
 
     @property
     def n_positions(self) -> int:
+        """How many distinct window starts there are."""
         return self.stop - self.length - self.start + 1
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:

@@ -6,8 +6,8 @@ scores the model's Poisson rates on exactly those bins: each is forecast from a 
 (1 − 1/every) visible, never from the bin itself.  The reference is a predictor that knows only
 each channel's mean count over the train split.  ``gain = (nll_mean_rate − nll) / nll_mean_rate``:
 0 means the model has learned nothing beyond firing rates (its output may as well ignore its
-input); on the 10-minute synthetic benchmark session a causal Poisson GLM on the smoothed past
-population reaches 2.07 %, its true rates 2.78 % (measured 2026-12-02).
+input).  Reference gains on the synthetic benchmark session (a causal Poisson GLM, the true rates)
+are in ``docs/benchmarks.md``.
 
 Unlike the pretraining validation loss (random neuron *and* time masks, most inputs hidden), this
 asks the question downstream decoding cares about — what the model infers from an intact past —
@@ -42,10 +42,13 @@ def hidden_bins(splits: Splits, *, every: int = 10) -> np.ndarray:
 
 @torch.no_grad()
 def hidden_bin_log_rates(model: RPNT, session: Session, bins: np.ndarray) -> np.ndarray:
-    """(len(bins), N) log-rates at ``bins`` with the input at those bins zeroed, streamed from bin 0.
+    """Log-rates at ``bins`` with the input at those bins zeroed, streamed from bin 0.
 
     Nothing at a hidden bin reaches its own prediction: changing ``session.counts`` there leaves
-    the result unchanged (tested)."""
+    the result unchanged.
+
+    Shape: (len(bins), N).
+    """
     from .harness import predict_session
 
     if session.counts.ndim != 2:
@@ -60,7 +63,16 @@ def hidden_bin_log_rates(model: RPNT, session: Session, bins: np.ndarray) -> np.
 
 
 def forecast_gain(model: RPNT, session: Session, splits: Splits, *, every: int = 10) -> dict:
-    """``{"nll", "nll_mean_rate", "gain", "bins"}`` for the hidden test bins (see the module docstring)."""
+    """How much better than mean rates the model forecasts hidden test bins (module docstring).
+
+    Args:
+        model: the model; its train/eval mode is restored after.
+        session: a single-site session.
+        splits: the mean rates come from ``train``; every ``every``-th ``test`` bin is hidden.
+        every: the spacing of hidden bins, ≥ 2.
+    Returns:
+        ``{"nll", "nll_mean_rate", "gain", "bins"}``.
+    """
     bins = hidden_bins(splits, every=every)
     was = model.training
     model.eval()

@@ -18,10 +18,14 @@ from .metrics import r2_per_dim, r2_score
 
 
 def target_labels(model: RPNT, session: Session) -> np.ndarray:
-    """(T, D) the session's series of the behaviour the model decodes (``config.target``).
+    """The session's series of the behaviour the model decodes (``config.target``).
 
-    Raises ``ValueError`` starting with ``target:`` when the session lacks that series or its
-    width differs from the model's outputs (e.g. 14 EMG channels on a day the model had 16)."""
+    Returns:
+        (T, D) labels.
+    Raises:
+        ValueError: starting with ``target:`` when the session lacks that series or its width
+            differs from the model's outputs (e.g. 14 EMG channels on a day the model had 16).
+    """
     labels = session.with_target(model.config.target).labels
     if labels.shape[1] != model.config.n_outputs:
         raise ValueError(
@@ -32,6 +36,7 @@ def target_labels(model: RPNT, session: Session) -> np.ndarray:
 
 
 def session_metadata(model: RPNT, session: Session) -> dict[str, torch.Tensor]:
+    """The model's conditioning tensors for the session's subject, session, task and date."""
     return model.metadata_for(
         subject=session.subject, session=session.session, task=session.task, date_days=session.date_days
     )
@@ -41,9 +46,17 @@ def session_metadata(model: RPNT, session: Session) -> dict[str, torch.Tensor]:
 def predict_session(
     model: RPNT, session: Session, *, stop: int | None = None, output: str = "velocity"
 ) -> np.ndarray:
-    """The decoded target (T', D) — output ``"velocity"``, whatever ``config.target`` names — or
-    another of the model's outputs, e.g. ``"latent"`` (T', d), for bins [0, stop), streamed
-    causally from bin 0."""
+    """One of the model's outputs for bins [0, stop), streamed causally from bin 0.
+
+    Args:
+        model: the model.
+        session: the session to decode.
+        stop: the end bin (``None``: the whole session).
+        output: ``"velocity"`` is the decoded target, whatever ``config.target`` names; or another
+            output, e.g. ``"latent"``.
+    Returns:
+        (T', D) for the decoded target, (T', d) for ``"latent"``, with T' = ``stop``.
+    """
     stop = session.n_bins if stop is None else stop
     counts = torch.from_numpy(np.asarray(session.counts[:stop], dtype=np.float32))[None]  # (1, T', N)
     dev = next(model.parameters()).device
@@ -57,9 +70,14 @@ def predict_session(
 def predict_range(
     model: RPNT, session: Session, start: int, stop: int, *, output: str = "velocity"
 ) -> np.ndarray:
-    """The decoded target (or another output, e.g. ``"latent"``) for bins [start, stop) — identical to
-    streaming from bin 0, computed from ``receptive_field − 1`` bins of history only (no output
-    depends on anything older)."""
+    """:func:`predict_session`'s output for bins [start, stop) only.
+
+    Identical to streaming from bin 0, computed from ``receptive_field − 1`` bins of history only
+    (no output depends on anything older).
+
+    Returns:
+        (stop − start, D) (or (stop − start, d) for ``"latent"``).
+    """
     lo = max(0, start - (model.receptive_field - 1))
     counts = torch.from_numpy(np.asarray(session.counts[lo:stop], dtype=np.float32))[None]
     dev = next(model.parameters()).device
@@ -70,6 +88,7 @@ def predict_range(
 
 
 def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """``{"r2": pooled R², "r2_per_dim": [R² per column]}`` of (T, D) predictions."""
     return {
         "r2": float(r2_score(y_true, y_pred)),
         "r2_per_dim": [float(x) for x in r2_per_dim(y_true, y_pred)],
@@ -77,8 +96,19 @@ def score(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
 
 
 def evaluate_model(model: RPNT, session: Session, splits: Splits, *, split: str = "test") -> dict:
-    """R² of ``model`` on one split of ``session``, streaming the whole session from bin 0, against
-    the session's series of the model's target (:func:`target_labels`)."""
+    """R² of ``model`` on one split of ``session``.
+
+    The session is streamed from bin 0 and scored against its series of the model's target
+    (:func:`target_labels`).
+
+    Args:
+        model: the model.
+        session: the session.
+        splits: its splits.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+    Returns:
+        :func:`score`'s ``r2``/``r2_per_dim`` plus ``split``, ``splits``, ``n_bins``, ``target``.
+    """
     labels = target_labels(model, session)
     lo, hi = getattr(splits, split)
     pred = predict_session(model, session, stop=hi)[lo:hi]
@@ -92,8 +122,19 @@ def evaluate_model(model: RPNT, session: Session, splits: Splits, *, split: str 
 
 
 def evaluate_baseline(name: str, session: Session, splits: Splits, *, seed: int = 0, **hyper) -> dict:
-    """Fit baseline ``name`` to the session's chosen target on the train split (selecting on val)
-    and score the test split."""
+    """Fit a classic baseline to the session's chosen target and score the test split.
+
+    Args:
+        name: a key of :data:`~rpnt_core.evaluate.baselines.BASELINES`.
+        session: the session; its ``target`` is decoded.
+        splits: fit on ``train``, select on ``val``, score ``test`` (streamed from bin 0).
+        seed: passed to the baseline's ``fit``.
+        **hyper: the baseline's own hyper-parameters (e.g. :class:`~rpnt_core.evaluate.baselines.GRUOptions` fields).
+    Returns:
+        :func:`score`'s ``r2``/``r2_per_dim`` plus ``split``, ``splits``, ``target``.
+    Raises:
+        ValueError: an unknown baseline, or a session without its target.
+    """
     from .baselines import BASELINES
 
     if name not in BASELINES:

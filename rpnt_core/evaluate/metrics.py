@@ -63,21 +63,30 @@ def _sse_sst(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Per-dimension R²_d = 1 − SSE_d / SST_d over the evaluated bins → (D,) float64.
+    """Per-dimension R²_d = 1 − SSE_d / SST_d over the evaluated bins.
 
-    ``y_true``, ``y_pred``: (T, D) or (T,).  Raises ``ValueError`` as described in the module
-    docstring (shape mismatch, empty, non-finite, zero-variance target dimension).
+    Args:
+        y_true, y_pred: (T, D) or (T,).
+    Returns:
+        (D,) float64.
+    Raises:
+        ValueError: as described in the module docstring (shape mismatch, empty, non-finite,
+            zero-variance target dimension).
     """
     sse, sst = _sse_sst(y_true, y_pred)
     return 1.0 - sse / sst
 
 
 def r2_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Pooled, variance-weighted R² = 1 − Σ_d SSE_d / Σ_d SST_d (FALCON's convention) → float.
+    """Pooled, variance-weighted R² = 1 − Σ_d SSE_d / Σ_d SST_d (FALCON's convention).
 
-    ``y_true``, ``y_pred``: (T, D) or (T,), the evaluated bins of one session.  1 is perfect,
-    0 is "as good as predicting each dimension's evaluated-bin mean", and it is unbounded below.
-    Raises ``ValueError`` as described in the module docstring.
+    Args:
+        y_true, y_pred: (T, D) or (T,), the evaluated bins of one session.
+    Returns:
+        1 for perfect, 0 for "as good as predicting each dimension's evaluated-bin mean";
+        unbounded below.
+    Raises:
+        ValueError: as described in the module docstring.
     """
     sse, sst = _sse_sst(y_true, y_pred)
     return float(1.0 - sse.sum() / sst.sum())

@@ -37,10 +37,18 @@ def ridge_by_validation(
     *,
     rel_alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
 ) -> dict:
-    """Ridge regression y ≈ x·W + b (intercept unpenalised: both centred on the train rows), the
-    penalty alpha = r · tr(XᵀX)/p with r from ``rel_alphas`` chosen by validation R².
+    """Ridge regression y ≈ x·W + b, the penalty chosen by validation R².
 
-    Returns ``{"weights": W (p, D), "bias": b (D,), "val_r2", "rel_alpha"}``."""
+    The intercept is unpenalised (both sides centred on the train rows); the penalty is
+    alpha = r · tr(XᵀX)/p with r from ``rel_alphas``.
+
+    Args:
+        x_train, x_val: (T, p) features.
+        y_train, y_val: (T, D) targets.
+        rel_alphas: the relative penalties tried.
+    Returns:
+        ``{"weights": W (p, D), "bias": b (D,), "val_r2", "rel_alpha"}`` of the best penalty.
+    """
     x, y = np.asarray(x_train, np.float64), np.asarray(y_train, np.float64)  # (T, p), (T, D)
     mu_x, mu_y = x.mean(0), y.mean(0)
     xc = x - mu_x
@@ -65,7 +73,19 @@ def linear_probe_r2(
     n_lags: int = 5,
     rel_alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
 ) -> dict:
-    """Test R² of a causal ridge read-out of ``velocity`` (T, D) from ``features`` (T, d)."""
+    """Test R² of a causal ridge read-out of ``velocity`` from ``features`` (module docstring).
+
+    Args:
+        features: (T, d), causal themselves.
+        velocity: (T, D).
+        splits: fit on ``train``, choose the penalty on ``val``, score ``test``.
+        n_lags: L, the bins of history read (zeros before bin 0).
+        rel_alphas: the relative penalties tried (:func:`ridge_by_validation`).
+    Returns:
+        ``{"test_r2", "val_r2", "rel_alpha", "n_lags"}``.
+    Raises:
+        ValueError: misshapen or non-finite inputs.
+    """
     f = np.asarray(features, dtype=np.float64)
     v = np.asarray(velocity, dtype=np.float64)
     if f.ndim != 2 or v.ndim != 2 or f.shape[0] != v.shape[0]:
