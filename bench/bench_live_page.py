@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         served = Served(export=export, run_dir=tmp, log=log)
         with served as serve:
             log(
-                f"replaying {a.bins} bins at {a.bin_ms:g} ms real-time pace (≈ {a.bins * bin_s:.0f} s), windows of "
-                f"{a.window_s:g} s alternating page closed / open ({a.clients} /events readers)"
+                f"replaying {a.bins} bins at {a.bin_ms:g} ms real-time pace (≈ {a.bins * bin_s:.0f} s), "
+                f"windows of {a.window_s:g} s alternating page closed / open ({a.clients} /events readers)"
             )
             th = ReplayThread(
                 counts=counts,
