@@ -152,7 +152,7 @@ def decoding_detail(r: Results) -> list[str]:
     rc = res.get("recipe", {})
     return [
         "Test R² on the last 20 % of each session (streamed causally), every decoder trained on the first "
-        f'{res.get("train_fraction", 0.2):.0%} of the session (validation 70–80 %). "Pretrained" = '
+        f'{100 * res.get("train_fraction", 0.2):g} % of the session (validation 70–80 %). "Pretrained" = '
         "self-supervised on the other real session, synthetic sessions at the same bin width and the "
         "target's own training bins (no labels; a fixed share of the pretraining batches, "
         f"`--target-share {rc.get('target_share', '—')}`), then few-shot finetuned. The synthetic held-out "
@@ -216,7 +216,9 @@ def streaming_detail(r: Results) -> list[str]:
         "the daemon's time minus the engine step's.",
         "",
     ]
-    for name in sorted(p.name for p in r.folder.glob("streaming*.json")):
+    for name in sorted(
+        (p.name for p in r.folder.glob("streaming*.json")), key=lambda n: (n != "streaming.json", n)
+    ):
         if not r.has(name):
             continue
         res = r(name)
@@ -236,7 +238,9 @@ def streaming_detail(r: Results) -> list[str]:
         "per-message work for a bin — parse, checks, binning, bin close, prediction encoding, history.",
         "",
     ]
-    for name in sorted(p.name for p in r.folder.glob("hotpath*.json")):
+    for name in sorted(
+        (p.name for p in r.folder.glob("hotpath*.json")), key=lambda n: (n != "hotpath.json", n)
+    ):
         res = r(name)
         out += [f"{_doc_link(name)} ({res.get('channels', '?')} channels, {T.load_note(res)}):", ""]
         out += [*T.hotpath_table(res), ""]
@@ -265,7 +269,7 @@ def service_detail(r: Results) -> list[str]:
     for name in ("service.json", "service-ab-no-idle.json"):
         if r.has(name):
             res = r(name)
-            env = f"; settings {res['serve_env']}" if res.get("serve_env") else ""
+            env = f"; settings {', '.join(res['serve_env'])}" if res.get("serve_env") else ""
             out += [
                 f"### {_doc_link(name)}",
                 "",
@@ -283,7 +287,7 @@ def service_detail(r: Results) -> list[str]:
         out += [
             f"### What an open live page costs: {_doc_link('live_page.json')}",
             "",
-            f"Windows of {res.get('window_s', '—')} s alternating no client and "
+            f"Windows of {T.fmt(res.get('window_s'), 'g')} s alternating no client and "
             f"{res.get('clients_when_open')} "
             f"`/events` readers; ms; {T.load_note(res)}; p99 open / closed: "
             f"{T.ratios(res, 'p99_ratio_open_vs_closed')}.",
@@ -322,7 +326,7 @@ def adapters_compact(r: Results) -> list[str]:
     res = r("adapters.json")
     return [
         f"Bin-closing message sent → prediction received, {res.get('bins_per_path', '—')} bins per path at "
-        f"{res.get('bin_ms', '—')} ms in one `rpnt serve` run; {T.load_note(res)}.",
+        f"{T.fmt(res.get('bin_ms'), 'g')} ms in one `rpnt serve` run; {T.load_note(res)}.",
         "",
         *T.adapters_table(res),
     ]
