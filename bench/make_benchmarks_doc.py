@@ -223,7 +223,8 @@ def streaming_detail(r: Results) -> list[str]:
             continue
         res = r(name)
         flags = res.get("daemon_flags")
-        extra = f"; daemon flags {flags}" if flags else ""
+        shown = ", ".join(f"{k} {v}" for k, v in flags.items()) if isinstance(flags, dict) else flags
+        extra = f"; daemon flags: {shown}" if flags else ""
         prec = f"; step graph {res['precision']}" if res.get("precision") else ""
         out += [
             f"### {_doc_link(name)}",
