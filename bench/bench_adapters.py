@@ -134,6 +134,7 @@ class Bench:
         import redis
         import zmq
 
+        from rpnt_core.child_env import child_env
         from streaming.client import PredictionSubscriber, RigClient
 
         self.pylsl, self.zmq = pylsl, zmq
@@ -205,14 +206,14 @@ class Bench:
             args += ["--ingest-adapter", s]
         for s in self.specs_out:
             args += ["--publish-adapter", s]
-        self.log = open(workdir / "serve.log", "w+")
+        self.log = open(workdir / "serve.log", "w+")  # noqa: SIM115 - open while the daemon runs; closed in close()
         self.serve = subprocess.Popen(
             args,
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self.log,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
+            env=child_env(),
         )
         self.rig = RigClient(endpoint=self.ingest, source_id=7)
         self.sub = PredictionSubscriber(endpoint=self.publish, predictions_only=False)
@@ -248,7 +249,7 @@ class Bench:
             t = time.monotonic_ns()
             self.r.xadd("rig", fields)
         elif path == "openephys":  # the spikes, then the next buffer: the clock that closes the bin
-            for c, s in zip(ch.tolist(), tm.tolist()):
+            for c, s in zip(ch.tolist(), tm.tolist(), strict=True):
                 self._oe(
                     "spike",
                     {
@@ -375,6 +376,7 @@ class Bench:
             self.serve.kill()
         self.log.seek(0)
         stopped = [json.loads(ln) for ln in self.log if ln.startswith('{"event": "stopped"')]
+        self.log.close()
         self.redis_proc.terminate()
         self.redis_proc.wait(30)
         return stopped[-1]["snapshot"]["adapters"] if stopped else {}

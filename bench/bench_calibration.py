@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -249,25 +248,15 @@ def run_arm(
     a,
     log,
 ) -> dict:
-    from service.demo import ServeProcess
+    from _serve import Served
 
-    env = {"PYTHONPATH": str(src)} if src is not None else {}
     run_dir = tmp / name
     run_dir.mkdir()
-    # run from the code's own directory: ``python -m`` puts the working directory first on sys.path
-    serve = ServeProcess(
-        model=export,
-        registry=run_dir / "registry",
-        run_dir=run_dir,
-        token=secrets.token_urlsafe(16),
-        extra=["--gc-freeze"],
-        env=env,
-        cwd=src or REPO,
+    served = Served(
+        export=export, run_dir=run_dir, log=lambda m: log(f"[{name}] {m}"), code=src, ready_timeout=300.0
     )
     jobs: list[dict] = []
-    try:
-        ready = serve.wait_ready(timeout=300.0)
-        log(f"[{name}] rpnt serve up ({ready['decoder']}, {ready['n_channels']} channels) from {src or REPO}")
+    with served as serve:
         rep = Replayer(
             counts=counts,
             velocity=velocity,
@@ -301,8 +290,7 @@ def run_arm(
         rep.stop()
         if rep.error is not None:
             raise RuntimeError(f"replay failed: {rep.error}")
-    finally:
-        rc = serve.stop()
+    rc = served.exit_code
     bins = rep.bins()
     secs = [j["post_to_live_s"] for j in jobs if j["post_to_live_s"] is not None]
     phases = {

@@ -274,8 +274,9 @@ def reusable(args, paths: list[str]) -> dict[tuple[int, str], tuple[str, list[di
     A file counts only if it was made with this run's recipe, split, data seed, model and
     budget (else SystemExit naming the difference).  A cell's numbers depend only on those and
     the seed — on one machine and install a rerun is identical; on another, float round-off
-    amplified by training moved a rerun cell by ≤ 3e-4 R² (README), far below the seed-to-seed
-    spread.  Its wall-clock ``seconds`` are the earlier run's."""
+    amplified by training moved a rerun cell by ≤ 3e-4 R²
+    (docs/experiments/2026-12-02-single-session-decoding.md), far below the seed-to-seed spread.  Its
+    wall-clock ``seconds`` are the earlier run's."""
     here = run_identity(args)
     cells: dict[tuple[int, str], tuple[str, list[dict], list[dict]]] = {}
     for path in paths:

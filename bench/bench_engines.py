@@ -421,6 +421,8 @@ def baseline_step_graphs(ref: str, model, preset: str, out: Path) -> dict[str, P
 
     import torch
 
+    from rpnt_core.child_env import child_env
+
     src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
@@ -430,7 +432,7 @@ def baseline_step_graphs(ref: str, model, preset: str, out: Path) -> dict[str, P
     weights = out / "weights.pt"
     torch.save(model.state_dict(), weights)
     files = {"fp32": out / "step.onnx", "int8": out / "step.int8.onnx"}
-    env = {**os.environ, "PYTHONPATH": str(src)}
+    env = child_env(PYTHONPATH=str(src))  # the archived code, not this checkout
     subprocess.run(
         [
             sys.executable,
@@ -448,6 +450,28 @@ def baseline_step_graphs(ref: str, model, preset: str, out: Path) -> dict[str, P
         capture_output=True,
     )
     return files
+
+
+def _add_speedups(results: dict[str, dict]) -> None:
+    """Each row's median and p99 speedup over the torch full-window recompute, in place."""
+    base, base99 = results["torch window"]["median_us"], results["torch window"]["p99_us"]
+    for st in results.values():
+        st["speedup_vs_torch_window"] = base / st["median_us"]
+        st["p99_speedup_vs_torch_window"] = base99 / st["p99_us"]
+
+
+def _graph_analysis(graphs: dict[str, Path], stream: np.ndarray) -> dict[str, dict]:
+    """Per step graph: ONNX nodes and ops after ORT's optimisation, weight bytes, kernel-time profile."""
+    analysis = {}
+    for key, path in graphs.items():
+        nodes, ops = optimized_node_count(path)
+        analysis[f"ort step {key}"] = {
+            "onnx_nodes_after_ort_optimisation": nodes,
+            "ops_after_optimisation": ops,
+            "weight_bytes": weight_bytes(path),
+            "profile": profile_by_op(path, stream, n=200),
+        }
+    return analysis
 
 
 def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -> dict:
@@ -613,23 +637,8 @@ def run_preset(preset: str, counts: np.ndarray, args, root: Path, roofs: dict) -
         "torch step", lambda t: te.step(stream[t]), args.extra_bins, floor="fp32", paced=True, reset=te.reset
     )
 
-    base = results["torch window"]["median_us"]
-    base99 = results["torch window"]["p99_us"]
-    for st in results.values():
-        st["speedup_vs_torch_window"] = base / st["median_us"]
-        st["p99_speedup_vs_torch_window"] = base99 / st["p99_us"]
-
-    analysis = {}
-    if not args.no_profile:
-        for key, path in graphs.items():
-            name = f"ort step {key}"
-            nodes, ops = optimized_node_count(path)
-            analysis[name] = {
-                "onnx_nodes_after_ort_optimisation": nodes,
-                "ops_after_optimisation": ops,
-                "weight_bytes": weight_bytes(path),
-                "profile": profile_by_op(path, stream, n=200),
-            }
+    _add_speedups(results)
+    analysis = {} if args.no_profile else _graph_analysis(graphs, stream)
     return {
         "config": {
             "d_model": c.d_model,

@@ -5,8 +5,8 @@ clients, interleaved in one run, one command:
     python bench/bench_live_page.py --bins 3000     # shorter
 
 1. A random-weight ``small`` RPNT (channels of the recording, 2 outputs, 20 ms bins; the model of
-   bench_service.py) is exported; ``rpnt serve`` (one child process, ``--gc-freeze``) is seeded
-   with it on a fresh registry.
+   bench_service.py, ``_serve.random_export``) is exported; ``rpnt serve`` (one child process,
+   ``--gc-freeze``) is seeded with it on a fresh registry.
 2. This process replays ``--bins`` bins of the real counts of StevensonV2.mat (recorded at 50 ms,
    re-timed to 20 ms, as in bench_streaming.py) at real-time pace.
 3. Time is cut into windows of ``--window-s`` seconds, alternating: **page closed** (no client on
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import secrets
 import sys
 import tempfile
 import threading
@@ -102,14 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    from bench_service import make_model
+    from _serve import ReplayThread, Served, random_export
     from bench_streaming import recorded_stream
 
     from rpnt_core.data.formats import load_session
-    from service.demo import ServeProcess, http_call
+    from service.demo import http_call
     from streaming.latency import percentiles_ms
     from streaming.protocol import PredFlag
-    from streaming.replay import run_replay
     from streaming.report import stage_arrays
 
     sess = load_session(a.data)
@@ -122,38 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     reader_errors: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rpnt-bench-live-") as tmp:
         tmp = Path(tmp)
-        export = make_model(counts.shape[1], bin_s, tmp / "model")
-        serve = ServeProcess(
-            model=export,
-            registry=tmp / "registry",
-            run_dir=tmp,
-            token=secrets.token_urlsafe(16),
-            extra=["--gc-freeze"],
-        )
-        try:
-            ready = serve.wait_ready()
+        export = random_export(counts.shape[1], bin_s, tmp / "model")
+        served = Served(export=export, run_dir=tmp, log=log)
+        with served as serve:
             log(
-                f"rpnt serve up ({ready['decoder']}, {ready['n_channels']} channels); replaying {a.bins} bins at "
-                f"{a.bin_ms:g} ms real-time pace (≈ {a.bins * bin_s:.0f} s), windows of {a.window_s:g} s "
-                f"alternating page closed / open ({a.clients} /events readers)"
+                f"replaying {a.bins} bins at {a.bin_ms:g} ms real-time pace (≈ {a.bins * bin_s:.0f} s), "
+                f"windows of {a.window_s:g} s alternating page closed / open ({a.clients} /events readers)"
             )
-            box: dict = {}
-
-            def replay() -> None:
-                try:
-                    box["res"] = run_replay(
-                        counts=counts,
-                        bin_ns=round(bin_s * 1e9),
-                        ingest=serve.ingest,
-                        publish=serve.publish,
-                        realtime=True,
-                        send_kinematics=False,
-                        drain_timeout_s=10.0,
-                    )
-                except BaseException as exc:  # noqa: BLE001
-                    box["error"] = exc
-
-            th = threading.Thread(target=replay)
+            th = ReplayThread(
+                counts=counts,
+                bin_ns=round(bin_s * 1e9),
+                ingest=serve.ingest,
+                publish=serve.publish,
+                realtime=True,
+                send_kinematics=False,
+                drain_timeout_s=10.0,
+            )
             th.start()
             is_open = False
             while th.is_alive():
@@ -166,12 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                     reader_errors += readers.errors
                 windows.append((w0, time.monotonic_ns() / 1e9, is_open))
                 is_open = not is_open
-            if "error" in box:
-                raise RuntimeError(f"replay failed: {box['error']}")
-            res = box["res"]
+            res = th.result()
             status = http_call(serve.url + "/status")[1]
-        finally:
-            rc = serve.stop()
+    rc = served.exit_code
     stages = stage_arrays(res)
     ok = res.received & ((res.flags & int(PredFlag.STALLED)) == 0)
     t_send = res.t_send[ok] / 1e9  # stage_arrays holds the ok bins only, in bin order

@@ -34,10 +34,8 @@ import argparse
 import json
 import os
 import platform
-import secrets
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -50,21 +48,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "stevenson2011_m1_centerout" / "StevensonV2.mat"
 BAR_RATIO = 1.5
-
-
-def make_model(n_channels: int, bin_s: float, out: Path) -> Path:
-    import torch
-
-    from exporters.onnx_export import export_step_graph
-    from rpnt_core import RPNT, RPNTConfig, save_checkpoint
-
-    torch.manual_seed(0)
-    model = RPNT(RPNTConfig.preset("small", n_channels=n_channels, n_outputs=2, bin_s=bin_s)).eval()
-    (out / "export").mkdir(parents=True, exist_ok=True)
-    ckpt = out / "live.safetensors"
-    save_checkpoint(model, ckpt, meta={"kind": "scratch", "data_fingerprint": "bench-random"})
-    export_step_graph(model, out / "export" / "rpnt_step.onnx", checkpoint=str(ckpt.resolve()))
-    return out / "export"
 
 
 def phase_stats(values_ns: np.ndarray, mask: np.ndarray) -> dict:
@@ -105,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    from _serve import ReplayThread, Served, random_export
     from bench_streaming import recorded_stream  # this directory: the same recording, the same way
 
     from rpnt_core.data.formats import load_session
-    from service.demo import ServeProcess, http_call
+    from service.demo import http_call
     from streaming.protocol import PredFlag
-    from streaming.replay import run_replay
     from streaming.report import stage_arrays
 
     sess = load_session(a.data)
@@ -120,46 +103,35 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="rpnt-bench-svc-") as tmp:
         tmp = Path(tmp)
-        export = make_model(counts.shape[1], bin_s, tmp / "model")
-        extra = ["--gc-freeze"] + (["--affinity", a.affinity] if a.affinity else [])
+        export = random_export(counts.shape[1], bin_s, tmp / "model")
         env = (
             {"RPNT_CALIBRATION__AFFINITY": json.dumps([int(c) for c in a.calibration_affinity.split(",")])}
             if a.calibration_affinity
             else {}
         )
         env.update(kv.split("=", 1) for kv in a.serve_env)
-        serve = ServeProcess(
-            model=export,
-            registry=tmp / "registry",
+        served = Served(
+            export=export,
             run_dir=tmp,
-            token=secrets.token_urlsafe(16),
-            extra=extra,
+            log=log,
             env=env,
+            extra=["--affinity", a.affinity] if a.affinity else [],
         )
-        try:
-            ready = serve.wait_ready()
+        with served as serve:
             log(
-                f"rpnt serve up ({ready['decoder']}, {ready['n_channels']} channels); replaying {a.bins} bins at "
-                f"{a.bin_ms:g} ms real-time pace (≈ {a.bins * bin_s:.0f} s); POST /calibrate after {a.rest_s:g} s"
+                f"replaying {a.bins} bins at {a.bin_ms:g} ms real-time pace (≈ {a.bins * bin_s:.0f} s); "
+                f"POST /calibrate after {a.rest_s:g} s"
             )
-            box: dict = {}
             wall0, mono0 = time.time(), time.monotonic_ns()
-
-            def replay() -> None:
-                try:
-                    box["res"] = run_replay(
-                        counts=counts,
-                        labels={"velocity": velocity},
-                        bin_ns=round(bin_s * 1e9),
-                        ingest=serve.ingest,
-                        publish=serve.publish,
-                        realtime=True,
-                        drain_timeout_s=10.0,
-                    )
-                except BaseException as exc:  # noqa: BLE001
-                    box["error"] = exc
-
-            th = threading.Thread(target=replay)
+            th = ReplayThread(
+                counts=counts,
+                labels={"velocity": velocity},
+                bin_ns=round(bin_s * 1e9),
+                ingest=serve.ingest,
+                publish=serve.publish,
+                realtime=True,
+                drain_timeout_s=10.0,
+            )
             th.start()
             job: dict = {}
             st: dict = {}
@@ -187,12 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not th.is_alive() and time.time() - t_post > 900:
                     break
             th.join()
-            if "error" in box:
-                raise RuntimeError(f"replay failed: {box['error']}")
-            res = box["res"]
+            res = th.result()
             status = http_call(serve.url + "/status")[1]
-        finally:
-            rc = serve.stop()
+    rc = served.exit_code
     stages = stage_arrays(res)
     wall_send = wall0 + (res.t_send - mono0) / 1e9
     t_job0 = st.get("created", t_post)

@@ -85,6 +85,16 @@ RECIPES: dict[str, dict] = {
 }
 SCRATCH = {"RPNT from scratch +norm": True}
 ZERO_LABEL_PRETRAIN = "supervised+norm"  # the last day's decoder starts from this pretraining
+# the finetuning sizes of budget(), under the names result files record them (their identity) →
+# the names of rpnt_core's LABEL_BUDGET, which sizes `rpnt finetune --label-seconds` the same way
+FT_BUDGET_KEYS = {
+    "batch": "batch_size",
+    "window": "window_len",
+    "ft_epochs": "epochs",
+    "ft_steps_max": "max_steps",
+    "ft_bins_per_step": "bins_per_step",
+    "patience": "patience",
+}
 
 
 def budget(quick: bool) -> dict:
@@ -103,17 +113,12 @@ def budget(quick: bool) -> dict:
             gru_epochs=2,
             preset="small",
         )
-    from rpnt_core.train.finetune import LABEL_BUDGET as L
+    from rpnt_core.train.finetune import LABEL_BUDGET
 
     return dict(
         pre_epochs=8,
         pre_steps=50,
-        batch=L["batch_size"],
-        window=L["window_len"],
-        ft_epochs=L["epochs"],
-        ft_steps_max=L["max_steps"],
-        ft_bins_per_step=L["bins_per_step"],
-        patience=L["patience"],
+        **{ours: LABEL_BUDGET[theirs] for ours, theirs in FT_BUDGET_KEYS.items()},
         realign_steps=100,
         gru_epochs=25,
         preset="small",
@@ -265,17 +270,9 @@ def _ft_options(args, *, n_train: int, seed: int, mode: str = "full", input_norm
 
     b = budget(args.quick)
     over = () if input_norm is None else (("input_norm", input_norm),)
-    sizes = {
-        "epochs": b["ft_epochs"],
-        "max_steps": b["ft_steps_max"],
-        "bins_per_step": b["ft_bins_per_step"],
-        "batch_size": b["batch"],
-        "window_len": b["window"],
-        "patience": b["patience"],
-    }
     return FinetuneOptions.for_labels(
         n_train,
-        budget=sizes,
+        budget={theirs: b[ours] for ours, theirs in FT_BUDGET_KEYS.items()},
         mode=mode,
         preset=b["preset"],
         seed=seed,
@@ -323,12 +320,49 @@ def _last_day_decoder(args, sc: Scenario, seed: int):
     return fit_decoder(last, init=init, options=opts, splits=splits)[0]
 
 
-def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]:
-    """Every wanted decoder at every label budget on one test day, one training seed."""
+def _zero_label_rows(args, sc: Scenario, day, seed: int, record) -> None:
+    """The wanted :data:`ZERO_LABEL` rows of one test day, each passed to ``record``."""
     from rpnt_core.checkpoint import load_checkpoint
     from rpnt_core.evaluate.harness import session_metadata
-    from rpnt_core.train.finetune import fit_decoder, set_input_statistics
+    from rpnt_core.train.finetune import set_input_statistics
     from rpnt_core.train.realign import RealignOptions, realign_input
+
+    if sc.pool[-1].n_channels != day.n_channels:
+        print(
+            f"  {sc.name} {day.name}: no zero-label rows (its {day.n_channels} channels are not the pool's last "
+            f"day's {sc.pool[-1].n_channels}: another unit set, a decoder of it cannot be applied as is)",
+            flush=True,
+        )
+        return
+    splits = label_split(day.n_bins, bin_s=day.bin_s, seconds=min(args.budgets))  # the test part only
+    t = time.time()
+    model = _last_day_decoder(args, sc, seed)
+    if ZERO_LABEL[0] in args.only:
+        record(ZERO_LABEL[0], 0.0, _score_model(model, day, splits), t)
+    if ZERO_LABEL[1] in args.only:
+        t = time.time()
+        info = realign_input(
+            model,
+            day.counts[: splits.test[0]],
+            metadata=session_metadata(model, day),
+            options=RealignOptions(
+                steps=budget(args.quick)["realign_steps"],
+                batch_size=budget(args.quick)["batch"],
+                window_len=budget(args.quick)["window"],
+                seed=seed,
+            ),
+        )
+        record(ZERO_LABEL[1], 0.0, _score_model(model, day, splits), t, **info)
+    if ZERO_LABEL[2] in args.only:
+        t = time.time()
+        model = load_checkpoint(_pretrain_path(args, sc.name, ZERO_LABEL_PRETRAIN, seed, len(sc.pool)))
+        set_input_statistics(model, day.counts[: splits.test[0]])
+        record(ZERO_LABEL[2], 0.0, _score_model(model, day, splits), t)
+
+
+def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]:
+    """Every wanted decoder at every label budget on one test day, one training seed."""
+    from rpnt_core.train.finetune import fit_decoder
 
     torch.set_num_threads(1)
     sc = scenarios(args)[scenario_index]
@@ -354,37 +388,8 @@ def day_unit(args, scenario_index: int, day_index: int, seed: int) -> list[dict]
         )
 
     full_pool = len(sc.pool)
-    if any(d in args.only for d in ZERO_LABEL) and sc.pool[-1].n_channels != day.n_channels:
-        print(
-            f"  {sc.name} {day.name}: no zero-label rows (its {day.n_channels} channels are not the pool's last "
-            f"day's {sc.pool[-1].n_channels}: another unit set, a decoder of it cannot be applied as is)",
-            flush=True,
-        )
-    elif any(d in args.only for d in ZERO_LABEL):
-        splits = label_split(day.n_bins, bin_s=day.bin_s, seconds=min(args.budgets))  # the test part only
-        t = time.time()
-        model = _last_day_decoder(args, sc, seed)
-        if ZERO_LABEL[0] in args.only:
-            record(ZERO_LABEL[0], 0.0, _score_model(model, day, splits), t)
-        if ZERO_LABEL[1] in args.only:
-            t = time.time()
-            info = realign_input(
-                model,
-                day.counts[: splits.test[0]],
-                metadata=session_metadata(model, day),
-                options=RealignOptions(
-                    steps=budget(args.quick)["realign_steps"],
-                    batch_size=budget(args.quick)["batch"],
-                    window_len=budget(args.quick)["window"],
-                    seed=seed,
-                ),
-            )
-            record(ZERO_LABEL[1], 0.0, _score_model(model, day, splits), t, **info)
-        if ZERO_LABEL[2] in args.only:
-            t = time.time()
-            model = load_checkpoint(_pretrain_path(args, sc.name, ZERO_LABEL_PRETRAIN, seed, full_pool))
-            set_input_statistics(model, day.counts[: splits.test[0]])
-            record(ZERO_LABEL[2], 0.0, _score_model(model, day, splits), t)
+    if any(d in args.only for d in ZERO_LABEL):
+        _zero_label_rows(args, sc, day, seed, record)
     for seconds in args.budgets:
         try:
             splits = label_split(day.n_bins, bin_s=day.bin_s, seconds=seconds)
@@ -673,7 +678,7 @@ def plot(result: dict, path: Path) -> None:
     scs = [sc["name"] for sc in result["scenarios"]]
     fig, axes = plt.subplots(1, len(scs), figsize=(7 * len(scs), 5), squeeze=False)
     styles = iter([("black", ":"), ("grey", "--"), ("tab:olive", "-."), ("tab:cyan", ":")] * len(scs))
-    for ax, sc in zip(axes[0], scs):
+    for ax, sc in zip(axes[0], scs, strict=True):
         for (scn, dec), cells in summary.items():
             secs = [s for s in cells if s > 0]
             if scn != sc:
