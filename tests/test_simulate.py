@@ -40,11 +40,11 @@ def test_deterministic_given_seed() -> None:
     b = simulate_sessions(SMALL, seed=7)
     c = simulate_sessions(SMALL, seed=8)
     assert [s.fingerprint() for s in a] == [s.fingerprint() for s in b]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.extra.keys() == y.extra.keys()
         for k in x.extra:
             np.testing.assert_array_equal(x.extra[k], y.extra[k])
-    assert all(x.fingerprint() != z.fingerprint() for x, z in zip(a, c))
+    assert all(x.fingerprint() != z.fingerprint() for x, z in zip(a, c, strict=True))
     # a subject's sessions do not depend on how many subjects are simulated
     more = simulate_sessions(
         SimulationSpec(
@@ -110,7 +110,7 @@ def test_drift_grows_with_date(sessions: list[Session]) -> None:
                 return {
                     (site, int(i)): float(p)
                     for site in range(len(ids))
-                    for i, p in zip(ids[site], pref[site])
+                    for i, p in zip(ids[site], pref[site], strict=True)
                 }
 
             ta, tb = table(a), table(b)
@@ -187,7 +187,7 @@ def test_write_simulated(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "sim" / "manifest.json").read_text())
     assert manifest["seed"] == 3 and manifest["spec"]["n_subjects"] == 2
     again = simulate_sessions(SMALL, seed=3)
-    for p, entry, s in zip(paths, manifest["sessions"], again):
+    for p, entry, s in zip(paths, manifest["sessions"], again, strict=True):
         back = load_npz(p)
         assert entry["file"] == p.name and entry["fingerprint"] == s.fingerprint() == back.fingerprint()
         assert (back.subject, back.task, back.date_days) == (s.subject, s.task, s.date_days)

@@ -288,4 +288,4 @@ def test_replay_events_rebuild_counts_exactly(data):
     )
     np.testing.assert_array_equal(got, counts)
     again = events_from_counts(counts, bin_ns, first_bin=first)
-    assert all((a == b).all() for a, b in zip(again[1], times))  # deterministic
+    assert all((a == b).all() for a, b in zip(again[1], times, strict=True))  # deterministic
