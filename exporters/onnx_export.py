@@ -64,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from rpnt_core.checkpoint import CheckpointError, load_checkpoint, package_version, require_trained_head
+from rpnt_core.config import same_config
 from rpnt_core.data.session import METADATA_FIELDS
 from rpnt_core.model.rpnt import RPNT
 
@@ -357,14 +358,10 @@ def weights_into_template(
     except Exception:  # noqa: BLE001 - a missing or damaged template just means: trace
         return None
     props = {p.key: p.value for p in proto.metadata_props}
-    try:
-        same_config = json.loads(props.get("rpnt.config", "null")) == json.loads(model.config.to_json())
-    except json.JSONDecodeError:
-        return None
     if (
         props.get("rpnt.graph") != "step"
         or props.get("rpnt.precision") != "fp32"
-        or not same_config
+        or not same_config(props.get("rpnt.config", "null"), model.config)
         or [i.name for i in proto.graph.input] != input_names
         or [o.name for o in proto.graph.output] != output_names
     ):
@@ -839,7 +836,7 @@ def add_reduced_precision(
     if not fp32.is_file():
         raise ExportError(f"{out_dir}: no {fp32.name}; run the fp32 export first")
     contract = read_contract(fp32)
-    if json.loads(contract.config_json) != json.loads(model.config.to_json()):
+    if not same_config(contract.config_json, model.config):
         raise ExportError(f"{fp32}: exported from a model with another config than the one given")
     streams = _parity_streams(
         model.config, parity_counts, parity_target, parity_source, parity_bins, seed, log

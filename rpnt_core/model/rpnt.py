@@ -89,7 +89,7 @@ class RPNT(nn.Module):
     ) -> dict[str, Tensor]:
         """Metadata tensors for names in this model's vocabularies (unknown names → index 0)."""
         out: dict[str, Tensor] = {}
-        for f, name in zip(META_FIELDS, (subject, session, task)):
+        for f, name in zip(META_FIELDS, (subject, session, task), strict=True):
             vocab = getattr(self.config, f + "s")
             i = vocab.index(name) + 1 if name in vocab else 0
             out[f] = torch.full((batch_size,), i, dtype=torch.long)
