@@ -9,28 +9,17 @@
 - Splits the session in time with :func:`contiguous_splits`: test = last ``test_fraction``,
   validation just before it, train = the first ``train_fraction`` (a few-shot split is a short
   prefix; the test bins do not depend on ``train_fraction``).
-- Builds the model: from scratch (``init=None``, preset sized to the session), or from a
-  checkpoint.  A pretrained model of a different width meets the session either through channel
-  resampling (``channels="resample"``: a fixed channel map stored in the config, all weights
-  kept) or a per-session read-in (``channels="readin"``: read-in and Poisson read-out sized to
-  the session's channel count).  A session the pretraining run already saw (its unlabelled bins,
-  matched by session name and channel count, see :func:`seen_in_pretraining`) meets the model
-  the way it did then: the same channel map, or its own pretrained read-in from the checkpoint.
-  Otherwise the map is drawn with ``seed`` and a read-in is fresh (and always trained).  A
-  checkpoint pretrained with per-session read-ins has no trained shared read-in, so it is always
-  met through a read-in.  A checkpoint trained at another bin width is refused
-  (:func:`~rpnt_core.data.session.check_bin_width`).
+- Builds the model with :func:`~rpnt_core.train.finetune_model.build_model`: from scratch
+  (``init=None``) or from a checkpoint, meeting the session's channels and keeping a decoder's
+  head where it fits (the rules are in that module).
 - Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
   norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
   train split, AdamW with cosine decay.
-- A checkpoint that is already a decoder (:func:`~rpnt_core.checkpoint.is_decoder`: supervised
-  pretraining, or a finetuned / from-scratch decoder such as the live model ``POST /calibrate``
-  starts from) of the same target, output width and input width (the same array) keeps its head
-  and the target normalisation it was trained with (a head is tied to the units it read, so another
-  input width means a fresh head); the decoder as it is is the first
-  candidate for the best-validation weights, and the core learns at
-  :data:`KEPT_HEAD_CORE_LR_SCALE` × ``lr`` (the head and a fresh read-in at ``lr``).  Otherwise
-  the head is fresh, the target is z-scored by the train split and everything learns at ``lr``.
+- A kept head (the checkpoint already decodes the target) keeps the target normalisation it was
+  trained with, the decoder as it is is the first candidate for the best-validation weights, and
+  the core learns at :data:`KEPT_HEAD_CORE_LR_SCALE` × ``lr`` (the head and a fresh read-in at
+  ``lr``).  Otherwise the head is fresh, the target is z-scored by the train split and everything
+  learns at ``lr``.
 - An ``input_norm`` model takes its input statistics from the session's bins before the test
   split (counts only; :func:`set_input_statistics`).
 - :func:`fit_decoder` is the training alone (model + summary, no test score, no file), for
@@ -55,15 +44,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import is_decoder, load_checkpoint, read_extra_tensors, read_header, save_checkpoint
-from ..config import RPNTConfig
-from ..data.channels import ChannelResampler
+from ..checkpoint import save_checkpoint
 from ..data.normalise import sqrt_count_stats
-from ..data.session import Session, check_bin_width, conditioning_metadata
+from ..data.session import Session, conditioning_metadata
 from ..data.splits import Splits, contiguous_splits
 from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata, target_labels
 from ..model.rpnt import RPNT
 from .distributed import resolve_device
+from .finetune_model import build_model
 from .objectives import velocity_mse
 from .options import FinetuneOptions
 
@@ -72,125 +60,9 @@ from .options import FinetuneOptions
 KEPT_HEAD_CORE_LR_SCALE = 0.1
 
 
-def _session_vocab(session: Session, attr: str) -> tuple[str, ...]:
-    v = getattr(session, attr)
-    return (v,) if v else ()
-
-
-def seen_in_pretraining(session: Session, meta: dict) -> dict | None:
-    """How a pretraining run presented ``session`` (same name and channel count), if it did.
-
-    ``{"mode": "resample", "seed": S, ...}``: its channel map (reused, so its columns mean what
-    they meant in pretraining); ``{"mode": "readin", ...}``: its per-session read-in is stored in
-    the checkpoint (reused instead of a fresh one).  See ``pretrain.session_alignment``."""
-    info = (meta.get("session_channels") or {}).get(session.session) if session.session else None
-    return info if info and int(info.get("n_channels", -1)) == session.n_channels else None
-
-
-def build_model(
-    session: Session, init: str | Path | None, options: FinetuneOptions
-) -> tuple[RPNT, bool, dict]:
-    """The model to finetune on ``session`` (see the module docstring for the rules).
-
-    Args:
-        session: the labelled session, with its chosen target.
-        init: the checkpoint to start from, or None for a model from scratch.
-        options: ``preset`` (from scratch), ``channels`` and ``seed`` (another width),
-            ``config_overrides``.
-
-    Returns:
-        The model, whether its read-in is fresh (and so always trained), and provenance for the
-        checkpoint metadata (``init``, ``head``, ``read_in``, parent, channel seed).
-
-    Raises:
-        ValueError: a checkpoint trained at another bin width.
-    """
-    overrides = {"target": session.target, **dict(options.config_overrides)}
-    if init is None:
-        cfg = RPNTConfig.preset(
-            options.preset,
-            n_channels=session.n_channels,
-            n_outputs=session.n_outputs,
-            bin_s=float(session.bin_s),
-            subjects=_session_vocab(session, "subject"),
-            sessions=_session_vocab(session, "session"),
-            tasks=_session_vocab(session, "task"),
-            **overrides,
-        )
-        return RPNT(cfg), True, {"init": None, "head": "fresh"}
-    base_cfg, base_meta = read_header(init)
-    base_state = load_checkpoint(init).state_dict()
-    if base_cfg.spatial_layers:
-        base_cfg = base_cfg.replace(spatial_layers=0)  # decode from the temporal encoder (single-site)
-    check_bin_width(data_bin_s=session.bin_s, model_bin_s=base_cfg.bin_s)
-    provenance = {
-        "init": str(init),
-        "parent_weights_sha": base_meta.get("weights_sha", ""),
-        "parent_kind": base_meta.get("kind", ""),
-    }
-    state = {k: v for k, v in base_state.items() if not k.startswith("spatial.")}
-    cfg, state, fresh_read_in = _meet_channels(
-        session, init, base_cfg, base_meta, state, options, overrides, provenance
-    )
-    keep_head = (
-        is_decoder(base_meta)
-        and base_cfg.target == session.target
-        and base_cfg.n_outputs == session.n_outputs
-        and base_cfg.n_input_channels == session.n_channels
-    )
-    provenance["head"] = "pretrained" if keep_head else "fresh"
-    dropped = () if keep_head else ("velocity_",)
-    if base_cfg.input_norm:  # the new recording's statistics are set by fit_decoder, not the pool's
-        dropped += ("input_",)
-    model = RPNT(cfg)
-    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(dropped)}, strict=False)
-    return model, fresh_read_in, provenance
-
-
-def _meet_channels(
-    session: Session,
-    init: str | Path,
-    base_cfg: RPNTConfig,
-    base_meta: dict,
-    state: dict[str, torch.Tensor],
-    options: FinetuneOptions,
-    overrides: dict,
-    provenance: dict,
-) -> tuple[RPNTConfig, dict[str, torch.Tensor], bool]:
-    """How the checkpoint's model meets ``session``'s channels: as it is (same width), through a
-    channel map, or through a read-in (its own from pretraining, else fresh).  Returns the config,
-    the weights to load and whether the read-in is fresh; records ``read_in`` (and a channel map's
-    seed) in ``provenance``."""
-    n_in, d_out = session.n_channels, session.n_outputs
-    seen = seen_in_pretraining(session, base_meta)
-    readin_pretrained = base_meta.get("channels") == "readin"
-    fresh_read_in = False
-    if base_cfg.n_input_channels == n_in and not readin_pretrained:
-        cfg = base_cfg.replace(n_outputs=d_out, **overrides)
-    elif options.channels == "resample" and not readin_pretrained:
-        seed = seen["seed"] if seen and seen["mode"] == "resample" else options.seed
-        rs = ChannelResampler(n_channels=n_in, n_max=base_cfg.n_channels, seed=seed)
-        cfg = base_cfg.replace(
-            n_outputs=d_out, input_channels=n_in, channel_map=tuple(int(i) for i in rs.index), **overrides
-        )
-        provenance["channel_seed"] = seed
-    else:
-        cfg = base_cfg.replace(
-            n_channels=n_in, n_outputs=d_out, input_channels=0, channel_map=(), **overrides
-        )
-        state = {k: v for k, v in state.items() if not k.startswith(("read_in.", "rate_out."))}
-        if seen and seen["mode"] == "readin":  # the read-in this session got in pretraining
-            prefix = f"readin.{session.session}."
-            state.update({k.removeprefix(prefix): v for k, v in read_extra_tensors(init, prefix).items()})
-        else:
-            fresh_read_in = True
-    provenance["read_in"] = (
-        "fresh" if fresh_read_in else "pretrained, this session" if seen else "pretrained, shared"
-    )
-    return cfg, state, fresh_read_in
-
-
 def _set_train_modes(model: RPNT, mode: str, last_layers: int, fresh_read_in: bool) -> list[nn.Parameter]:
+    """Make the parameters of finetuning ``mode`` the only trainable ones and put the modules that
+    own them in training mode (frozen parts stay in eval mode: no dropout); returns them."""
     params = model.trainable_for(mode, last_layers=last_layers, read_in=fresh_read_in)
     ids = {id(p) for p in params}
     for p in model.parameters():
@@ -461,10 +333,22 @@ def finetune(
     splits: Splits | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Finetune on one labelled session; returns metrics (test R² of the best-validation weights).
+    """Finetune on one labelled session and score the best-validation weights on its test split.
 
-    ``on_epoch``: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2", "best"}``
-    (progress reporting, e.g. a calibration job's progress file)."""
+    Args:
+        session: the labelled session, with its chosen target.
+        init: the checkpoint to start from, or None for a model from scratch.
+        options: how to train (and, without ``splits``, the split fractions).
+        out: checkpoint path to write (with ``<out>.history.json``), or None to write nothing.
+        splits: the splits (default: :func:`contiguous_splits` with the options' fractions).
+        on_epoch: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2",
+            "best"}`` (progress reporting, e.g. a calibration job's progress file).
+
+    Returns:
+        ``target``, the metrics (``val_r2``, ``best_epoch``, ``epochs_run``, ``test_r2``,
+        ``test_r2_per_dim``, ``train_seconds``), ``splits``, ``history``, the provenance, ``mode``,
+        ``channels`` and, with ``out``, ``checkpoint``.
+    """
     session = session.with_target(None)
     splits = splits or contiguous_splits(
         session.n_bins,

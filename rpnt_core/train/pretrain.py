@@ -26,6 +26,9 @@ Per-session read-ins (``channels="readin"``) learn at ``adapter_lr_scale`` × ``
 sees its own stream's batches (a share proportional to its length).  ``target_share`` gives the
 last session a fixed share of the batches (a new session's few minutes of unlabelled bins are
 otherwise a few percent of a pool's batches).
+
+The network and its starting points are in :mod:`~rpnt_core.train.pretrain_net`, the losses in
+:mod:`~rpnt_core.train.pretrain_loss`; this module runs the loop.
 """
 
 from __future__ import annotations
@@ -48,242 +51,39 @@ from ..config import RPNTConfig
 from ..data.session import Session, fingerprint_sessions
 from ..model.rpnt import RPNT
 from . import distributed as D
-from .objectives import apply_mask, masked_poisson_nll, sample_mask, site_contrastive_loss, velocity_mse
 from .options import PretrainOptions
+from .pretrain_loss import batch_loss, mean_rate_val_loss, validation_loss
+from .pretrain_net import (
+    PretrainNet,
+    SessionAdapter,
+    build_config,
+    init_rate_biases,
+    init_target_normalisation,
+    session_alignment,
+)
 from .resume import load_training_state, save_training_state
-from .streams import Stream, metadata_batch, prepare_streams
-
-
-class SessionAdapter(nn.Module):
-    """Per-session read-in / Poisson read-out for pretraining with native channel counts."""
-
-    def __init__(self, n_channels: int, d_model: int) -> None:
-        super().__init__()
-        self.read_in = nn.Linear(n_channels, d_model)
-        self.rate_out = nn.Linear(d_model, n_channels)
-
-
-class PretrainNet(nn.Module):
-    """The RPNT core plus, in "readin" mode, one adapter per stream (a DDP-wrappable unit)."""
-
-    def __init__(self, core: RPNT, adapters: dict[str, SessionAdapter] | None) -> None:
-        super().__init__()
-        self.core = core
-        self.adapters = nn.ModuleDict({_safe(k): v for k, v in (adapters or {}).items()})
-
-    def forward(self, counts, metadata, key: str, site_xy=None, norm=None):
-        adapter = self.adapters[_safe(key)] if len(self.adapters) else None
-        return self.core(counts, metadata, site_xy=site_xy, adapter=adapter, norm=norm)
-
-
-def _safe(key: str) -> str:
-    return key.replace(".", "_").replace(":", "__")
-
-
-def build_config(sessions: list[Session], options: PretrainOptions) -> RPNTConfig:
-    n_max = options.n_max or max(s.n_channels for s in sessions)
-    outputs = [s.n_outputs for s in sessions if s.n_outputs]
-    names = lambda attr: tuple(sorted({getattr(s, attr) for s in sessions if getattr(s, attr)}))  # noqa: E731
-    overrides = dict(options.config_overrides)
-    if options.spatial:
-        overrides.setdefault("spatial_layers", 2)
-    if options.supervised:
-        overrides.setdefault("target", _pool_target(sessions))
-    return RPNTConfig.preset(
-        options.preset,
-        n_channels=n_max,
-        n_outputs=outputs[0] if outputs else 2,
-        bin_s=float(sessions[0].bin_s),
-        subjects=names("subject"),
-        sessions=names("session"),
-        tasks=names("task"),
-        **overrides,
-    )
-
-
-def _pool_target(sessions: list[Session]) -> str:
-    """The one target every labelled session decodes (supervised pretraining needs one)."""
-    labelled = [s for s in sessions if s.labels is not None]
-    if not labelled:
-        raise ValueError("objective: supervised pretraining needs sessions with labels of their target")
-    names = {s.target for s in labelled}
-    widths = {s.n_outputs for s in labelled}
-    if len(names) > 1 or len(widths) > 1:
-        raise ValueError(
-            f"target: supervised pretraining needs one target of one width, got "
-            f"{sorted(names)} with {sorted(widths)} dimensions"
-        )
-    return names.pop()
-
-
-@torch.no_grad()
-def init_target_normalisation(core: RPNT, streams: list[Stream]) -> None:
-    """Set the head's normalisation to the pooled mean and standard deviation of the target over the
-    labelled streams' training bins (one scale for the pool: the units are the same every day)."""
-    ys = [st.labels[st.train[0] : st.train[1]] for st in streams if st.labels is not None]
-    y = torch.cat(ys).double()
-    core.set_velocity_normalisation(y.mean(0).float(), (y.std(0) + 1e-6).float())
-
-
-def session_alignment(streams: list[Stream], adapters: nn.ModuleDict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """How each named session met the model in pretraining, for finetuning to reuse.
-
-    Returns checkpoint metadata ``{"session_channels": {name: {"n_channels", "mode", "seed"?}}}``
-    and, for per-session read-ins, their weights as checkpoint extras
-    (``readin.<name>.read_in.weight`` ...).  Sessions without a name, sites of multi-site
-    recordings and names that occur more than once are left out (ambiguous)."""
-    names = [st.session for st in streams]
-    info: dict[str, dict] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for st in streams:
-        if not st.session or names.count(st.session) > 1:
-            continue
-        n = st.source_channels
-        if st.channel_seed is not None:
-            info[st.session] = {"mode": "resample", "n_channels": n, "seed": int(st.channel_seed)}
-        elif _safe(st.key) in adapters:
-            info[st.session] = {"mode": "readin", "n_channels": n}
-            for k, v in adapters[_safe(st.key)].state_dict().items():
-                extra[f"readin.{st.session}.{k}"] = v
-    return {"session_channels": info}, extra
-
-
-def _loss(
-    net: nn.Module,
-    core: RPNT,
-    stream: Stream,
-    counts: torch.Tensor,
-    *,
-    gen: torch.Generator,
-    device: torch.device,
-    contrastive_weight: float,
-    labels: torch.Tensor | None = None,
-    objective: str = "masked",
-) -> torch.Tensor:
-    """The pretraining loss of one batch: masked Poisson NLL (+ site contrast), or (``objective``
-    "supervised") the target's MSE in the pool's z-scored units on a labelled stream's ``labels``
-    (B, L, D)."""
-    meta = (
-        {}
-        if core is None
-        else {k: v.to(device) for k, v in metadata_batch(core, stream.metadata, counts.shape[0]).items()}
-    )
-    counts = counts.to(device)
-    loss = torch.zeros((), device=device)
-    if objective == "masked":
-        mask = sample_mask(tuple(counts.shape), generator=gen, groups=stream.groups).to(device)
-        out = net(apply_mask(counts, mask), meta, stream.key, site_xy=stream.site_xy, norm=stream.norm)
-        loss = loss + masked_poisson_nll(out["log_rates"], counts, mask)
-        if "site_latent" in out and contrastive_weight > 0 and counts.shape[0] > 1:
-            loss = loss + contrastive_weight * site_contrastive_loss(out["site_latent"])
-    if objective == "supervised" and labels is not None:
-        pred = net(counts, meta, stream.key, site_xy=stream.site_xy, norm=stream.norm)["velocity"]
-        loss = loss + velocity_mse(
-            pred, labels.to(device), mean=core.velocity_mean, scale=core.velocity_scale
-        )
-    return loss
-
-
-@torch.no_grad()
-def validation_loss(
-    net: nn.Module,
-    core: RPNT,
-    streams: list[Stream],
-    *,
-    window_len: int,
-    seed: int,
-    device: torch.device,
-    contrastive_weight: float,
-    objective: str = "masked",
-) -> float:
-    """The pretraining loss (``objective``, see :func:`_loss`) on fixed validation windows and masks."""
-    was = net.training
-    net.eval()
-    gen = torch.Generator().manual_seed(seed + 12345)
-    losses = []
-    for st in streams:
-        if objective == "supervised" and st.labels is None:
-            continue
-        starts = st.fixed_windows(length=window_len, split="val", max_windows=16)
-        for i in range(0, len(starts), 8):
-            counts, labels = st.window(starts[i : i + 8], window_len)
-            losses.append(
-                float(
-                    _loss(
-                        net,
-                        core,
-                        st,
-                        counts,
-                        gen=gen,
-                        device=device,
-                        labels=labels,
-                        contrastive_weight=contrastive_weight,
-                        objective=objective,
-                    )
-                )
-            )
-    net.train(was)
-    return float(np.mean(losses))
-
-
-def _train_mean_counts(st: Stream) -> torch.Tensor:
-    """([S,] 1, N) each column's mean count per bin over the stream's training bins."""
-    lo, hi = st.train
-    return st.counts[..., lo:hi, :].mean(dim=-2, keepdim=True)
-
-
-@torch.no_grad()
-def init_rate_biases(core: RPNT, streams: list[Stream], adapters: dict[str, SessionAdapter] | None) -> None:
-    """Start every Poisson read-out at its channels' mean rates (log mean count per bin): per
-    session for per-session read-outs, the average over sessions for the shared one.  The mean
-    rates are most of what the masked loss can explain (see :func:`mean_rate_val_loss`); starting
-    there leaves the training steps for the dynamics."""
-    # (N,) per stream, sites pooled; + 1e-3 keeps a silent channel's bias finite
-    logs = {st.key: torch.log(_train_mean_counts(st).flatten(0, -2).mean(0) + 1e-3) for st in streams}
-    if adapters:
-        for key, ad in adapters.items():
-            ad.rate_out.bias.copy_(logs[key])
-    else:
-        core.rate_out.bias.copy_(torch.stack(list(logs.values())).mean(0))
-
-
-class _MeanRateNet(nn.Module):
-    """Predicts every masked entry by its channel's mean count over the stream's training bins."""
-
-    def __init__(self, streams: list[Stream]) -> None:
-        super().__init__()
-        self.log_mean = {st.key: torch.log(_train_mean_counts(st) + 1e-6) for st in streams}
-
-    def forward(self, counts, metadata, key: str, site_xy=None, norm=None):
-        return {"log_rates": self.log_mean[key].expand_as(counts).to(counts.device)}
-
-
-def mean_rate_val_loss(streams: list[Stream], *, window_len: int, seed: int) -> float:
-    """:func:`validation_loss` (same windows, same masks) of a predictor that knows only each
-    channel's mean rate: the level a pretrained model must get below to have learned anything
-    about the population's dynamics rather than its firing rates."""
-    return validation_loss(
-        _MeanRateNet(streams),
-        None,
-        streams,
-        window_len=window_len,
-        seed=seed,
-        device=torch.device("cpu"),
-        contrastive_weight=0.0,
-    )
+from .streams import Stream, prepare_streams
 
 
 def batch_shares(
     streams: list[Stream], *, n_sessions: int, weights: list[float] | None = None, target_share: float = 0.0
 ) -> np.ndarray:
-    """Probability that a training batch is drawn from each stream (sums to 1).
+    """Probability that a training batch is drawn from each stream.
 
-    By default proportional to each stream's training bins.  ``weights`` (one per session) fixes
-    each session's relative share instead, split over its streams by length.  ``target_share`` > 0
-    gives the last session that fraction of the batches and the others the rest, by length (a new
-    session's few minutes of unlabelled bins would otherwise be a few percent of a large pool's
-    batches, too few for its own read-in to learn — see the README's decoding section).  Giving
-    both is an error (one would silently override the other).
+    Args:
+        streams: the training streams (a stream's key starts with its session's index).
+        n_sessions: how many sessions the streams come from.
+        weights: each session's relative share (default: its training bins), split over its
+            streams by length.
+        target_share: when > 0, the last session's share of the batches; the others share the rest
+            by length (a new session's few minutes of unlabelled bins would otherwise be a few
+            percent of a large pool's batches, too few for its own read-in to learn).
+
+    Returns:
+        (n_streams,) probabilities that sum to 1.
+
+    Raises:
+        ValueError: both ``weights`` and ``target_share`` (one would silently override the other).
     """
     if weights is not None and target_share > 0:
         raise ValueError("weights and target_share: give one or the other, not both")
@@ -582,7 +382,7 @@ def _train_epoch(run: _Run, epoch: int, bar: tqdm) -> list[float]:
     for _ in range(o.steps_per_epoch):
         st = run.streams[int(run.rng.choice(len(run.streams), p=run.share))]
         counts, labels = st.sample(run.rng, batch_size=o.batch_size, length=run.window_len)
-        loss = _loss(
+        loss = batch_loss(
             run.train_net,
             run.core,
             st,
