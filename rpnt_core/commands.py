@@ -1,7 +1,10 @@
 """Command-line front ends of rpnt_core: ``rpnt simulate | inspect | pretrain | finetune | evaluate``.
 
 Each ``*_main(argv) -> int`` parses its own arguments; errors in the user's input (a bad file, a
-channel-count mismatch, an impossible option) print one clear line and exit with status 2.
+channel-count mismatch, an impossible option) print one clear line and exit with status 2.  The
+pretrain and finetune flags are derived from the fields of ``PretrainOptions`` / ``FinetuneOptions``
+(:mod:`rpnt_core.flags`), so an option's default and help are declared once.  Importing this
+module does not import torch (``--help`` stays fast); a command imports it when it runs.
 """
 
 from __future__ import annotations
