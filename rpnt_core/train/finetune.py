@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -149,7 +149,7 @@ def fit_decoder(
     )
     retrain = partial(_set_train_modes, model, options.mode, options.last_layers, fresh_read_in)
     validate = partial(_val_r2, model, session, splits, retrain)
-    best = {"val_r2": -math.inf, "epoch": -1, "state": None}
+    best: dict[str, Any] = {"val_r2": -math.inf, "epoch": -1, "state": None}
     if provenance["head"] == "pretrained":  # the pretrained decoder as it is is the first candidate
         best = {"val_r2": validate(), "epoch": -1, "state": copy.deepcopy(model.state_dict())}
     t0 = time.time()

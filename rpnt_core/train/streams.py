@@ -151,10 +151,11 @@ def _stream(
     if channel_seed is not None:
         rs = ChannelResampler(n_channels=c.shape[-1], n_max=n_max, seed=channel_seed)
         c, groups = rs.apply(c), rs.index
-    norm = None
+    norm: tuple[Tensor, Tensor] | None = None
     if input_norm:
         flat = c[..., : t - n_val, :].reshape(-1, c.shape[-1])  # train bins, sites pooled
-        norm = tuple(torch.from_numpy(a) for a in sqrt_count_stats(flat))
+        mean, scale = sqrt_count_stats(flat)
+        norm = (torch.from_numpy(mean), torch.from_numpy(scale))
     return Stream(
         key=key,
         counts=torch.from_numpy(np.ascontiguousarray(c)),
