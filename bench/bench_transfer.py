@@ -113,7 +113,7 @@ def budget(quick: bool) -> dict:
             gru_epochs=2,
             preset="small",
         )
-    from rpnt_core.train.finetune import LABEL_BUDGET
+    from rpnt_core.train.options import LABEL_BUDGET
 
     return dict(
         pre_epochs=8,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
-import json
 import logging
 import os
 import warnings
@@ -50,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from rpnt_core.checkpoint import package_version
+from rpnt_core.config import same_config
 from rpnt_core.model.rpnt import RPNT
 
 from . import graph_checks, graph_opt
@@ -397,14 +397,10 @@ def weights_into_template(
     except Exception:  # noqa: BLE001 - a missing or damaged template just means: trace
         return None
     props = {p.key: p.value for p in proto.metadata_props}
-    try:
-        same_config = json.loads(props.get("rpnt.config", "null")) == json.loads(model.config.to_json())
-    except json.JSONDecodeError:
-        return None
     if (
         props.get("rpnt.graph") != "step"
         or props.get("rpnt.precision") != "fp32"
-        or not same_config
+        or not same_config(props.get("rpnt.config", "null"), model.config)
         or [i.name for i in proto.graph.input] != input_names
         or [o.name for o in proto.graph.output] != output_names
     ):

@@ -26,7 +26,6 @@ engines use it as the initial ``state.meta_bias`` on ``reset()`` and may be give
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 
 from rpnt_core.checkpoint import CheckpointError, load_checkpoint, require_trained_head
-from rpnt_core.config import RPNTConfig
+from rpnt_core.config import RPNTConfig, same_config
 from rpnt_core.data.session import METADATA_FIELDS
 from rpnt_core.model.rpnt import RPNT
 
@@ -254,7 +253,7 @@ def add_reduced_precision(
     if not fp32.is_file():
         raise ExportError(f"{out_dir}: no {fp32.name}; run the fp32 export first")
     contract = read_contract(fp32)
-    if json.loads(contract.config_json) != json.loads(model.config.to_json()):
+    if not same_config(contract.config_json, model.config):
         raise ExportError(f"{fp32}: exported from a model with another config than the one given")
     streams = _parity_streams(
         model.config, parity_counts, parity_target, parity_source, parity_bins, seed, log

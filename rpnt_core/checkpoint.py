@@ -137,7 +137,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     model = RPNT(config)
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 - a safetensors handle: keys(), no iteration
             if not k.startswith(EXTRA):
                 tensors[k] = f.get_tensor(k)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -154,4 +154,4 @@ def read_extra_tensors(path: str | Path, prefix: str = "") -> dict[str, torch.Te
     """The ``extra.*`` tensors of a checkpoint whose name starts with ``prefix`` (names without ``extra.``)."""
     read_header(path)  # a clear error for a file that is not a checkpoint
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k[len(EXTRA) :]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA + prefix)}
+        return {k[len(EXTRA) :]: f.get_tensor(k) for k in f.keys() if k.startswith(EXTRA + prefix)}  # noqa: SIM118 - see above

@@ -1,7 +1,10 @@
 """Command-line front ends of rpnt_core: ``rpnt simulate | inspect | pretrain | finetune | evaluate``.
 
 Each ``*_main(argv) -> int`` parses its own arguments; errors in the user's input (a bad file, a
-channel-count mismatch, an impossible option) print one clear line and exit with status 2.
+channel-count mismatch, an impossible option) print one clear line and exit with status 2.  The
+pretrain and finetune flags are derived from the fields of ``PretrainOptions`` / ``FinetuneOptions``
+(:mod:`rpnt_core.flags`), so an option's default and help are declared once.  Importing this
+module does not import torch (``--help`` stays fast); a command imports it when it runs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
-from .train.choices import FINETUNE_MODES, OBJECTIVES, pretraining_objective
+from .flags import add_option_flags, option_values
+from .train.choices import pretraining_objective
+from .train.options import FinetuneOptions, PretrainOptions
 
 
 def _threads(n: int) -> None:
@@ -22,23 +27,7 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def _common(p: argparse.ArgumentParser, *, preset: bool = True, epochs: int | None = None) -> None:
-    if preset:
-        p.add_argument(
-            "--preset",
-            choices=["small", "paper"],
-            default="small",
-            help="model size: 'small' (d_model 128, 2 layers; CPU deployment) or 'paper' "
-            "(d_model 512, 4 layers, 16 heads). Default: small",
-        )
-    if epochs is not None:
-        p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
-    p.add_argument(
-        "--seed", type=int, default=0, help="random seed; runs are reproducible on CPU (default 0)"
-    )
-    p.add_argument(
-        "--device", default="auto", help="'cpu', 'cuda', 'cuda:1' or 'auto' (default: cuda if available)"
-    )
+def _threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
 
 
@@ -151,15 +140,14 @@ def simulate_main(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- pretrain
-def pretrain_main(argv: list[str]) -> int:
+def _pretrain_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rpnt pretrain",
         description=(
             "Pretraining on earlier recordings of the array. Where every session has the --target series it "
-            "is supervised (core and head learn the earlier days' decoder; the cross-day benchmark's winner, "
-            "best from the most recent few days: bench/results/transfer-pooldays.md); otherwise "
-            "self-supervised: random neuron and time masks with ratios drawn from U(0,1) per batch, the "
-            "causal encoder forecasts the hidden counts (Poisson NLL). Sessions quality control flags are "
+            "is supervised (core and head learn the earlier days' decoder, which finetuning starts from); "
+            "otherwise self-supervised: random neuron and time masks with ratios drawn from U(0,1) per batch, "
+            "the causal encoder forecasts the hidden counts (Poisson NLL). Sessions quality control flags are "
             "skipped. Keeps the checkpoint with the best validation loss (last 10% of each recording), logs "
             "one JSON line per epoch to OUT.log.jsonl, shows one progress bar with the run's ETA, and can "
             "resume. Runs under torchrun for multi-GPU."
@@ -170,53 +158,17 @@ def pretrain_main(argv: list[str]) -> int:
         "--data", nargs="+", required=True, help="session files (.npz/.mat/.nwb) or directories of them"
     )
     p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
-    _common(p, epochs=10)
-    p.add_argument("--steps-per-epoch", type=int, default=50, help="optimizer steps per epoch (default 50)")
-    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (per process) (default 16)")
-    p.add_argument("--window-len", type=int, default=100, help="bins per training window (default 100)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    p.add_argument(
-        "--channels",
-        choices=["resample", "readin"],
-        default="resample",
-        help="how sessions with different channel counts meet the model: 'resample' to a fixed "
-        "width (the paper's recipe) or 'readin' (a per-session read-in). Default: resample",
-    )
-    p.add_argument(
-        "--adapter-lr-scale",
-        type=float,
-        default=10.0,
-        help="with --channels readin: learning-rate multiplier for the per-session read-ins/read-outs "
-        "(default 10; at 1 a pool of many short sessions stays at the mean-rate loss)",
-    )
-    p.add_argument(
-        "--target-share",
-        type=float,
-        default=0.0,
-        help="fraction of the batches drawn from the LAST --data session (e.g. a new session's "
-        "unlabelled bins, 0.25 in the benchmark recipe); the others share the rest by length. "
-        "Default 0: every session by its length",
-    )
-    p.add_argument(
-        "--objective",
-        choices=list(OBJECTIVES),
-        default=None,
-        help="'supervised': the sessions' labels of --target train the core and the head together (a "
-        "decoder of the pool that finetuning starts from; the cross-day benchmark's winner); "
-        "'masked': self-supervised, no labels. Default: supervised when every session has "
-        "--target, else masked",
+    add_option_flags(
+        p, PretrainOptions, unset={"objective": "supervised when every session has --target, else masked"}
     )
     _target_arg(p, default="velocity", what="that --objective supervised learns")
-    p.add_argument("--n-max", type=int, default=0, help="resample width (default: largest channel count)")
-    p.add_argument(
-        "--spatial",
-        action="store_true",
-        help="train the multi-site spatial encoder + site contrast (multi-site recordings only)",
-    )
-    p.add_argument("--resume", action="store_true", help="continue from OUT.resume.safetensors if present")
+    _threads_arg(p)
     _allow_flagged_arg(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
+    return p
+
+
+def pretrain_main(argv: list[str]) -> int:
+    a = _pretrain_parser().parse_args(argv)
     out = Path(a.out)
     files = (out, _resume_state_path(out))
     before = [_stamp(f) for f in files]
@@ -224,10 +176,11 @@ def pretrain_main(argv: list[str]) -> int:
         return _run_pretrain(a)
     except KeyboardInterrupt:
         fresh = [
-            now is not None and (a.resume or now != then) for now, then in zip(map(_stamp, files), before)
+            now is not None and (a.resume or now != then)
+            for now, then in zip(map(_stamp, files), before, strict=True)
         ]
         print(
-            ("\n" if not a.quiet else "")
+            ("\n" if a.progress else "")
             + _pretrain_interrupted(out, best_saved=fresh[0], resumable=fresh[1]),
             file=sys.stderr,
         )
@@ -236,7 +189,7 @@ def pretrain_main(argv: list[str]) -> int:
 
 def _run_pretrain(a: argparse.Namespace) -> int:
     _threads(a.threads)
-    from .train.pretrain import PretrainOptions, pretrain
+    from .train.pretrain import pretrain
 
     try:
         sessions = _load_many(a.data)
@@ -245,39 +198,24 @@ def _run_pretrain(a: argparse.Namespace) -> int:
             sessions = [s.with_target(a.target) for s in sessions]
         if not a.allow_flagged:
             sessions = _drop_flagged("pretrain", sessions)
-        if a.objective is None and not a.quiet:
+        if a.objective is None and a.progress:
             print(
-                f"rpnt pretrain: objective {objective} ("
-                + (
-                    f"every session has {a.target!r} labels)"
-                    if objective == "supervised"
-                    else f"not every session has {a.target!r} labels; self-supervised)"
-                ),
+                f"rpnt pretrain: objective {objective} ({_objective_reason(objective, a.target)})",
                 file=sys.stderr,
             )
-        opts = PretrainOptions(
-            preset=a.preset,
-            epochs=a.epochs,
-            steps_per_epoch=a.steps_per_epoch,
-            batch_size=a.batch_size,
-            window_len=a.window_len,
-            lr=a.lr,
-            channels=a.channels,
-            adapter_lr_scale=a.adapter_lr_scale,
-            target_share=a.target_share,
-            n_max=a.n_max,
-            spatial=a.spatial,
-            seed=a.seed,
-            objective=objective,
-            device=a.device,
-            resume=a.resume,
-            progress=not a.quiet,
-        )
+        opts = PretrainOptions(**{**option_values(PretrainOptions, a), "objective": objective})
         res = pretrain(sessions, options=opts, out=a.out)
     except USER_ERRORS as exc:
         return _fail("pretrain", exc)
     print(json.dumps(res, indent=2))
     return 0
+
+
+def _objective_reason(objective: str, target: str) -> str:
+    """Why ``rpnt pretrain`` chose ``objective`` when no --objective was given."""
+    if objective == "supervised":
+        return f"every session has {target!r} labels"
+    return f"not every session has {target!r} labels; self-supervised"
 
 
 def _resume_state_path(out: Path) -> Path:
@@ -320,7 +258,10 @@ def _best_epoch(out: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------- finetune
-def finetune_main(argv: list[str]) -> int:
+_BUDGETED = ("epochs", "steps_per_epoch", "batch_size", "window_len", "patience")  # sized by --label-seconds
+
+
+def _finetune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rpnt finetune",
         description=(
@@ -340,12 +281,6 @@ def finetune_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="checkpoint path to write (.safetensors)")
     split = p.add_mutually_exclusive_group()
     split.add_argument(
-        "--train-fraction",
-        type=float,
-        default=0.2,
-        help="fraction of the session used for training (from its start; default 0.2)",
-    )
-    split.add_argument(
         "--label-seconds",
         type=float,
         default=None,
@@ -354,70 +289,34 @@ def finetune_main(argv: list[str]) -> int:
         "them, validate (early stopping) on the rest, test on the last 20 %% of the session; "
         "training is sized to the labels unless the flags below say otherwise",
     )
-    p.add_argument(
-        "--mode",
-        choices=list(FINETUNE_MODES),
-        default="full",
-        help="what to train: velocity head only (encoder frozen), last layers, or full (default)",
+    add_option_flags(
+        p,
+        FinetuneOptions,
+        unset=dict.fromkeys(_BUDGETED, "{default}; with --label-seconds: sized to the labels"),
+        groups={"train_fraction": split},
     )
-    p.add_argument("--last-layers", type=int, default=1, help="blocks trained in --mode last (default 1)")
-    p.add_argument(
-        "--channels",
-        choices=["resample", "readin"],
-        default="resample",
-        help="when the session's channel count differs from the checkpoint's: resample to the "
-        "checkpoint's width, or learn a fresh per-session read-in. Default: resample",
-    )
-    _common(p)
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 40)")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="optimizer steps per epoch (default 20)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per batch (default 16)")
-    p.add_argument("--window-len", type=int, default=None, help="bins per training window (default 100)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument(
-        "--patience",
-        type=int,
-        default=None,
-        help="epochs without validation gain before stopping (default 8)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    a = p.parse_args(argv)
+    _threads_arg(p)
+    return p
+
+
+def finetune_main(argv: list[str]) -> int:
+    a = _finetune_parser().parse_args(argv)
     _threads(a.threads)
     from .data import load_session
     from .data.splits import label_budget_splits
-    from .train.finetune import FinetuneOptions, finetune
+    from .train.finetune import finetune
 
     try:
         session = load_session(a.data).with_target(a.target)
         if not a.allow_flagged:
             _refuse_flagged(session, labels=True)
-        chosen = {
-            k: v
-            for k, v in (
-                ("epochs", a.epochs),
-                ("steps_per_epoch", a.steps_per_epoch),
-                ("batch_size", a.batch_size),
-                ("window_len", a.window_len),
-                ("patience", a.patience),
-            )
-            if v is not None
-        }
-        common = dict(
-            mode=a.mode,
-            last_layers=a.last_layers,
-            lr=a.lr,
-            channels=a.channels,
-            preset=a.preset,
-            seed=a.seed,
-            device=a.device,
-            progress=not a.quiet,
-        )
+        chosen = option_values(FinetuneOptions, a)
         splits = None
         if a.label_seconds is not None:
             splits = label_budget_splits(session.n_bins, bin_s=session.bin_s, seconds=a.label_seconds)
-            opts = FinetuneOptions.for_labels(splits.train[1] - splits.train[0], **common, **chosen)
+            opts = FinetuneOptions.for_labels(splits.train[1] - splits.train[0], **chosen)
         else:
-            opts = FinetuneOptions(train_fraction=a.train_fraction, **common, **chosen)
+            opts = FinetuneOptions(**chosen)
         res = finetune(session, init=a.init, options=opts, out=a.out, splits=splits)
     except USER_ERRORS as exc:
         return _fail("finetune", exc)
@@ -427,7 +326,7 @@ def finetune_main(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- evaluate
-def evaluate_main(argv: list[str]) -> int:
+def _evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rpnt evaluate",
         description=(
@@ -457,53 +356,77 @@ def evaluate_main(argv: list[str]) -> int:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for baselines that train (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads")
-    a = p.parse_args(argv)
-    _threads(a.threads)
-    from .checkpoint import load_checkpoint, require_trained_head
-    from .data import Splits, contiguous_splits, load_session
-    from .data.session import check_bin_width
-    from .evaluate.harness import evaluate_baseline, evaluate_model
+    return p
 
+
+def evaluate_main(argv: list[str]) -> int:
+    a = _evaluate_parser().parse_args(argv)
+    _threads(a.threads)
     try:
-        model = load_checkpoint(a.ckpt)
-        require_trained_head(model.checkpoint_meta, a.ckpt)
-        target = model.config.target
-        if a.target is not None and a.target != target:
-            raise ValueError(f"target: the checkpoint decodes {target!r}, not {a.target!r}")
-        session = load_session(a.data).with_target(target)
-        check_bin_width(data_bin_s=session.bin_s, model_bin_s=model.config.bin_s)
-        if session.n_channels != model.config.n_input_channels:
-            raise ValueError(
-                f"data: the session has {session.n_channels} channels, the checkpoint expects "
-                f"{model.config.n_input_channels}"
-            )
-        meta = model.checkpoint_meta
-        if meta.get("splits") and meta.get("data_fingerprint") == session.fingerprint():
-            splits, source = Splits.from_dict(meta["splits"]), "checkpoint"
-        else:
-            splits, source = contiguous_splits(session.n_bins, train_fraction=a.train_fraction), "default"
-        res = evaluate_model(model, session, splits, split=a.split)
-        res.update(
-            checkpoint=str(a.ckpt),
-            data=str(a.data),
-            splits_source=source,
-            model_version=meta.get("weights_sha", ""),
-        )
-        names = [n for n in a.baselines.split(",") if n]
-        if names:
-            res["baselines"] = {n: evaluate_baseline(n, session, splits, seed=a.seed) for n in names}
+        res = _evaluate(a)
     except USER_ERRORS as exc:
         return _fail("evaluate", exc)
     if a.json:
         print(json.dumps(res))
-    else:
-        print(
-            f"R² {target} ({a.split}, {res['splits'][a.split]}) = {res['r2']:.4f}   per dim: "
-            + ", ".join(f"{x:.4f}" for x in res["r2_per_dim"])
-        )
-        for n, r in res.get("baselines", {}).items():
-            print(f"  {n:<8} R² = {r['r2']:.4f}")
+        return 0
+    print(
+        f"R² {res['target']} ({a.split}, {res['splits'][a.split]}) = {res['r2']:.4f}   per dim: "
+        + ", ".join(f"{x:.4f}" for x in res["r2_per_dim"])
+    )
+    for n, r in res.get("baselines", {}).items():
+        print(f"  {n:<8} R² = {r['r2']:.4f}")
     return 0
+
+
+def _evaluate(a: argparse.Namespace) -> dict:
+    """The ``rpnt evaluate`` result for parsed arguments ``a`` (raises the user's errors)."""
+    from .checkpoint import load_checkpoint, require_trained_head
+    from .evaluate.harness import evaluate_baseline, evaluate_model
+
+    model = load_checkpoint(a.ckpt)
+    require_trained_head(model.checkpoint_meta, a.ckpt)
+    session = _evaluation_session(model, a.data, a.target)
+    splits, source = _evaluation_splits(model.checkpoint_meta, session, a.train_fraction)
+    res = evaluate_model(model, session, splits, split=a.split)
+    res.update(
+        checkpoint=str(a.ckpt),
+        data=str(a.data),
+        splits_source=source,
+        model_version=model.checkpoint_meta.get("weights_sha", ""),
+    )
+    names = [n for n in a.baselines.split(",") if n]
+    if names:
+        res["baselines"] = {n: evaluate_baseline(n, session, splits, seed=a.seed) for n in names}
+    return res
+
+
+def _evaluation_session(model, data: str, target: str | None):
+    """The session at ``data`` with ``model``'s target, checked against the model (target, bin width,
+    channel count)."""
+    from .data import load_session
+    from .data.session import check_bin_width
+
+    decoded = model.config.target
+    if target is not None and target != decoded:
+        raise ValueError(f"target: the checkpoint decodes {decoded!r}, not {target!r}")
+    session = load_session(data).with_target(decoded)
+    check_bin_width(data_bin_s=session.bin_s, model_bin_s=model.config.bin_s)
+    if session.n_channels != model.config.n_input_channels:
+        raise ValueError(
+            f"data: the session has {session.n_channels} channels, the checkpoint expects "
+            f"{model.config.n_input_channels}"
+        )
+    return session
+
+
+def _evaluation_splits(meta: dict, session, train_fraction: float):
+    """(splits, source): the checkpoint's own splits when it was trained on ``session`` (same data
+    fingerprint), else contiguous splits with ``train_fraction``."""
+    from .data import Splits, contiguous_splits
+
+    if meta.get("splits") and meta.get("data_fingerprint") == session.fingerprint():
+        return Splits.from_dict(meta["splits"]), "checkpoint"
+    return contiguous_splits(session.n_bins, train_fraction=train_fraction), "default"
 
 
 # ---------------------------------------------------------------------------------------- inspect

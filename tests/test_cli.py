@@ -45,6 +45,59 @@ def test_help_of_the_development_daemon_cli_has_no_doubled_percent():
         assert "%%" not in parser.format_help()
 
 
+# ============================================================================ flags from the options
+PRETRAIN_FLAGS = {
+    "--data", "--out", "--preset", "--epochs", "--seed", "--device", "--threads", "--steps-per-epoch",
+    "--batch-size", "--window-len", "--lr", "--channels", "--adapter-lr-scale", "--target-share",
+    "--objective", "--target", "--n-max", "--spatial", "--resume", "--allow-flagged", "--quiet",
+}  # fmt: skip
+FINETUNE_FLAGS = {
+    "--data", "--target", "--allow-flagged", "--init", "--out", "--train-fraction", "--label-seconds",
+    "--mode", "--last-layers", "--channels", "--preset", "--seed", "--device", "--threads", "--epochs",
+    "--steps-per-epoch", "--batch-size", "--window-len", "--lr", "--patience", "--quiet",
+}  # fmt: skip
+
+
+def _flags(parser) -> set[str]:
+    return {s for action in parser._actions for s in action.option_strings} - {"-h", "--help"}
+
+
+def test_the_training_commands_keep_their_flags_and_take_the_options_defaults():
+    from rpnt_core.commands import _finetune_parser, _pretrain_parser
+    from rpnt_core.flags import option_values
+    from rpnt_core.train.options import FinetuneOptions, PretrainOptions
+
+    pre, ft = _pretrain_parser(), _finetune_parser()
+    assert _flags(pre) == PRETRAIN_FLAGS and _flags(ft) == FINETUNE_FLAGS
+    a = pre.parse_args(["--data", "d.npz", "--out", "p.safetensors"])
+    assert a.objective is None  # the command chooses it from the data
+    assert PretrainOptions(**option_values(PretrainOptions, a)) == PretrainOptions()
+    a = ft.parse_args(["--data", "d.npz", "--out", "f.safetensors"])
+    assert a.epochs is None and a.label_seconds is None  # sized to the labels with --label-seconds
+    assert FinetuneOptions(**option_values(FinetuneOptions, a)) == FinetuneOptions()
+    a = pre.parse_args(
+        ["--data", "d", "--out", "o", "--quiet", "--spatial", "--objective", "masked", "--lr", "2e-3"]
+    )
+    opts = PretrainOptions(**option_values(PretrainOptions, a))
+    assert (opts.progress, opts.spatial, opts.objective, opts.lr) == (False, True, "masked", 2e-3)
+    with pytest.raises(SystemExit):
+        ft.parse_args(["--data", "d", "--out", "o", "--train-fraction", "0.3", "--label-seconds", "60"])
+
+
+def test_the_training_commands_build_their_help_without_torch():
+    code = (
+        "import contextlib, io, sys\n"
+        "from rpnt_core.cli import main\n"
+        "for command in ('pretrain', 'finetune', 'evaluate', 'inspect', 'simulate'):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main([command, '--help'])\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
 # ============================================================================ Ctrl-C in rpnt pretrain
 def _session(path):
     from rpnt_core.data import Session, save_npz

@@ -64,7 +64,7 @@ def test_a_finetuned_decoder_keeps_its_head_and_is_the_first_candidate(session, 
     assert fit["best_epoch"] == -1 and fit["core_lr_scale"] == 0.1  # a kept head: the core moves gently
     start, _, _ = build_model(session, base, opts)
     assert fit["val_r2"] == pytest.approx(evaluate_model(still, session, splits, split="val")["r2"], abs=1e-6)
-    for (k, a), b in zip(still.state_dict().items(), start.state_dict().values()):
+    for (k, a), b in zip(still.state_dict().items(), start.state_dict().values(), strict=True):
         if not k.startswith("input_"):  # the input statistics are the session's
             np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=k)
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from rpnt_core import RPNT
 from rpnt_core.decoder import decode_stream
-from rpnt_core.model.attention import conv_band
+from rpnt_core.model.attention import ContextKernelAttention, conv_band
 from rpnt_core.model.torch_decoder import TorchDecoder
 
 configs = st.fixed_dictionaries(
@@ -31,23 +31,48 @@ configs = st.fixed_dictionaries(
 )
 
 
+def ablated(model: RPNT, kernel_mode: str) -> RPNT:
+    """``model`` with every temporal block's attention rebuilt as the ``kernel_mode`` ablation
+    ("replace": context scores only, "none": plain causal band attention); "add" is the model as
+    the config builds it.  The ablations are no config option: tests build them here."""
+    if kernel_mode == "add":
+        return model
+    c = model.config
+    for blk in model.blocks:
+        blk.attn = ContextKernelAttention(
+            d_model=c.d_model,
+            n_heads=c.n_heads,
+            window=c.window,
+            kernel_q=c.kernel_q,
+            kernel_k=c.kernel_k,
+            kernel_hidden=c.kernel_hidden,
+            rope_base=c.rope_base,
+            dropout=c.dropout,
+            kernel_mode=kernel_mode,
+        )
+    return model
+
+
 def build(p: dict) -> RPNT:
     torch.manual_seed(p["seed"])
     kq = min(p["kernel_q"], p["window"])
-    model = RPNT(
-        tiny_config(
-            n_channels=p["n_channels"],
-            d_model=p["n_heads"] * p["head_dim"],
-            n_heads=p["n_heads"],
-            n_layers=p["n_layers"],
-            window=p["window"],
-            kernel_q=kq,
-            kernel_k=p["kernel_k"],
-            kernel_mode=p["kernel_mode"],
-        )
-    ).eval()
+    config = tiny_config(
+        n_channels=p["n_channels"],
+        d_model=p["n_heads"] * p["head_dim"],
+        n_heads=p["n_heads"],
+        n_layers=p["n_layers"],
+        window=p["window"],
+        kernel_q=kq,
+        kernel_k=p["kernel_k"],
+    )
+    model = ablated(RPNT(config), p["kernel_mode"]).eval()
     randomise_kernels(model)
     return model
+
+
+def test_an_unknown_kernel_mode_is_refused():
+    with pytest.raises(ValueError, match="kernel_mode"):
+        ablated(RPNT(tiny_config()), "sideways")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

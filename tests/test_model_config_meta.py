@@ -26,7 +26,6 @@ def test_presets_match_the_paper_and_the_cpu_target():
         (dict(d_model=12, n_heads=4), "n_heads"),  # head dim 3 is odd
         (dict(kernel_k=2), "kernel_k"),
         (dict(kernel_q=9, window=4), "kernel_q"),
-        (dict(kernel_mode="sideways"), "kernel_mode"),
         (dict(dropout=1.5), "dropout"),
         (dict(n_channels=0), "n_channels"),
         (dict(bin_s=0.0), "bin_s"),
@@ -46,6 +45,14 @@ def test_config_json_round_trip():
     assert RPNTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown"):
         RPNTConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_a_config_of_the_removed_kernel_mode_reads_at_add_and_is_refused_otherwise():
+    old = tiny_config().to_dict()
+    assert RPNTConfig.from_dict({**old, "kernel_mode": "add"}) == RPNTConfig.from_dict(old)
+    for ablation in ("replace", "none"):
+        with pytest.raises(ConfigError, match="kernel_mode"):
+            RPNTConfig.from_dict({**old, "kernel_mode": ablation})
 
 
 def test_wrong_input_shape_is_a_clear_error():

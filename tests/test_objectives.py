@@ -104,7 +104,7 @@ def test_mean_rate_reference_loss_closed_form():
     import numpy as np
 
     from rpnt_core.data.session import Session
-    from rpnt_core.train.pretrain import mean_rate_val_loss
+    from rpnt_core.train.pretrain_loss import mean_rate_val_loss
     from rpnt_core.train.streams import prepare_streams
 
     c = 3.0
@@ -123,7 +123,7 @@ def test_poisson_read_outs_start_at_the_mean_rates():
 
     from rpnt_core import RPNT
     from rpnt_core.data.session import Session
-    from rpnt_core.train.pretrain import SessionAdapter, init_rate_biases
+    from rpnt_core.train.pretrain_net import SessionAdapter, init_rate_biases
     from rpnt_core.train.streams import prepare_streams
 
     rng = np.random.default_rng(0)
@@ -151,7 +151,7 @@ def test_poisson_read_outs_start_at_the_mean_rates():
         init_rate_biases(core, streams, adapters)
         want = [torch.log(st.counts[: st.train[1]].mean(0) + 1e-3) for st in streams]
         if adapters:
-            for st, w in zip(streams, want):
+            for st, w in zip(streams, want, strict=True):
                 assert torch.allclose(adapters[st.key].rate_out.bias, w)
         else:
             assert torch.allclose(core.rate_out.bias, torch.stack(want).mean(0))

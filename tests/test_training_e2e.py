@@ -106,7 +106,7 @@ def test_a_recording_too_short_for_validation_still_trains(tmp_path):
     """A new session's few unlabelled bins (shorter than a validation window) join pretraining as
     training data, and finetuning meets that session through its pretrained read-in."""
     from rpnt_core.data.session import Session
-    from rpnt_core.train.finetune import seen_in_pretraining
+    from rpnt_core.train.finetune_model import seen_in_pretraining
     from rpnt_core.train.pretrain import PretrainOptions, pretrain
     from rpnt_core.train.streams import prepare_streams
 
@@ -247,7 +247,7 @@ def test_target_share_reaches_the_sampler(simdir, tmp_path):
         )
         with safe_open(str(pre.with_suffix(".resume.safetensors")), "pt") as f:
             last = json.loads(f.metadata()["param_groups"])[1]["params"][-1]
-            steps[share] = int(f.get_tensor(f"opt.{last}.step")) if f"opt.{last}.step" in f.keys() else 0
+            steps[share] = int(f.get_tensor(f"opt.{last}.step")) if f"opt.{last}.step" in f.keys() else 0  # noqa: SIM118 - a safetensors handle
     assert steps["0.9"] >= 12 and steps["0.9"] > 2 * steps["0"], steps
     assert (
         rpnt(

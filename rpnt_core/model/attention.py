@@ -16,8 +16,9 @@ Per layer and head h (spec, "Temporal encoder"):
    are zero.
 5. Mask bins outside the band / before the stream start with −inf, softmax, weight the values.
 
-Kernel mode "add" uses S + Ŝ (kernel generator initialised near zero), "replace" uses Ŝ, "none"
-uses S (plain causal band attention).
+The model uses S + Ŝ (kernel generator initialised near zero).  ``kernel_mode`` "replace" (Ŝ
+only) and "none" (S only: plain causal band attention) are ablations that tests build directly;
+no config selects them.
 
 ``step`` keeps its caches as ring buffers: bin t's key, value and pooling input are written to
 slot p = t mod W (the ``write_index`` state, p advancing by one per bin) and nothing is shifted;
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from .rotary import MultiAxisRotary
 
 NEG_INF = -1e9  # finite "minus infinity": exp underflows to exactly 0, and stays ONNX/TensorRT safe
+KERNEL_MODES = ("add", "replace", "none")
 
 
 def conv_band(rows: Tensor, kernel: Tensor) -> Tensor:
@@ -88,7 +90,22 @@ def _conv_index(kq: int, kk: int, w: int, device: torch.device) -> Tensor:
 
 
 class ContextKernelAttention(nn.Module):
-    """Multi-head causal band attention over the last ``window`` bins with context kernels."""
+    """Multi-head causal band attention over the last ``window`` bins with context kernels.
+
+    Args:
+        d_model: token width d (a multiple of ``n_heads``).
+        n_heads: attention heads H; the head width d / H is even (rotary pairs).
+        window: W, bins each query attends to, the current one included.
+        kernel_q: k_q, past score rows each context kernel reads (≤ W).
+        kernel_k: k_k, odd number of key taps of a context kernel.
+        kernel_hidden: hidden width of the kernel generator MLP.
+        rope_base: base of the rotary frequencies on the time axis.
+        dropout: dropout on the attention probabilities (training only).
+        kernel_mode: "add" (the model: S + Ŝ); "replace" (Ŝ) and "none" (S) are ablations for tests.
+
+    Raises:
+        ValueError: an unknown ``kernel_mode``.
+    """
 
     def __init__(
         self,
@@ -98,12 +115,14 @@ class ContextKernelAttention(nn.Module):
         window: int,
         kernel_q: int,
         kernel_k: int,
-        kernel_mode: str,
         kernel_hidden: int,
         rope_base: float,
         dropout: float,
+        kernel_mode: str = "add",
     ) -> None:
         super().__init__()
+        if kernel_mode not in KERNEL_MODES:
+            raise ValueError(f"kernel_mode: must be one of {KERNEL_MODES}, got {kernel_mode!r}")
         self.d_model, self.n_heads, self.window = d_model, n_heads, window
         self.head_dim = d_model // n_heads
         self.kernel_q, self.kernel_k, self.kernel_mode = kernel_q, kernel_k, kernel_mode

@@ -39,7 +39,6 @@ class TemporalBlock(nn.Module):
             window=c.window,
             kernel_q=c.kernel_q,
             kernel_k=c.kernel_k,
-            kernel_mode=c.kernel_mode,
             kernel_hidden=c.kernel_hidden,
             rope_base=c.rope_base,
             dropout=c.dropout,

@@ -47,7 +47,7 @@ class MultiAxisRotary(nn.Module):
         # (n_axes, R/2): frequency of pair k on its own axis, zero elsewhere; float64 on purpose.
         sel = torch.zeros(self.n_axes, half, dtype=torch.float64)
         k = 0
-        for axis, (d, base) in enumerate(zip(self.dims, bases)):
+        for axis, (d, base) in enumerate(zip(self.dims, bases, strict=True)):
             m = torch.arange(d // 2, dtype=torch.float64)
             sel[axis, k : k + d // 2] = float(base) ** (-2.0 * m / d)
             k += d // 2

@@ -89,7 +89,7 @@ class RPNT(nn.Module):
     ) -> dict[str, Tensor]:
         """Metadata tensors for names in this model's vocabularies (unknown names → index 0)."""
         out: dict[str, Tensor] = {}
-        for f, name in zip(META_FIELDS, (subject, session, task)):
+        for f, name in zip(META_FIELDS, (subject, session, task), strict=True):
             vocab = getattr(self.config, f + "s")
             i = vocab.index(name) + 1 if name in vocab else 0
             out[f] = torch.full((batch_size,), i, dtype=torch.long)
@@ -182,12 +182,29 @@ class RPNT(nn.Module):
         adapter: nn.Module | None = None,
         norm: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """counts (B, T, N) [or (B, S, T, N)] → outputs for every bin; bin 0 starts the stream.
+        """Outputs for every bin of a stream whose first bin is ``counts``' bin 0.
 
-        ``adapter`` (pretraining with per-session read-ins): a module with ``read_in``
-        (Linear(N_s → d)) and ``rate_out`` (Linear(d → N_s)) used instead of the model's own.
-        ``norm``: (mean, scale) of
-        this recording's sqrt counts for ``config.input_norm`` models (see :meth:`_embed`).
+        Args:
+            counts: spike counts of the stream.
+            metadata: optional ``subject``/``session``/``task`` indices and ``date_days``, each (B,).
+            site_xy: site coordinates of a multi-site model, (S, 2) or (B, S, 2).
+            start_position: absolute position of bin 0 (the outputs do not depend on it beyond
+                float rounding).
+            adapter: pretraining with per-session read-ins: a module with ``read_in``
+                (Linear(N_s → d)) and ``rate_out`` (Linear(d → N_s)) used instead of the model's own.
+            norm: (mean, scale) of this recording's sqrt counts for ``config.input_norm`` models
+                (see :meth:`_embed`); default the model's own statistics.
+
+        Returns:
+            ``velocity``, ``log_rates``, ``latent`` (multi-site: also ``site_latent``,
+            ``connectivity``).
+
+        Shape:
+            counts (B, T, N) [(B, S, T, N)] → velocity (B, T, D), log_rates (B, T, N)
+            [(B, S, T, N)], latent (B, T, d).
+
+        Raises:
+            ValueError: counts or metadata of the wrong shape.
         """
         self._check_counts(counts, step=False, n=None if adapter is None else adapter.read_in.in_features)
         multisite = self.config.spatial_layers > 0
@@ -287,9 +304,17 @@ class RPNT(nn.Module):
     def step(
         self, counts_t: Tensor, state: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """One bin: counts_t (B, N) [or (B, S, N)] → (outputs for this bin, next state).
+        """One bin of the stream ``state`` continues.
 
-        Outputs: ``velocity`` (B, D), ``log_rates`` (B, N) [(B, S, N)], ``latent`` (B, d).
+        Args:
+            counts_t: this bin's counts.
+            state: the state :meth:`init_state` made or the previous ``step`` returned.
+
+        Returns:
+            (outputs for this bin, next state); the outputs equal the full forward's at this bin.
+
+        Shape:
+            counts_t (B, N) [(B, S, N)] → velocity (B, D), log_rates (B, N) [(B, S, N)], latent (B, d).
         """
         self._check_counts(counts_t, step=True)
         multisite = self.config.spatial_layers > 0

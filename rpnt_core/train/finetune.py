@@ -9,29 +9,17 @@
 - Splits the session in time with :func:`contiguous_splits`: test = last ``test_fraction``,
   validation just before it, train = the first ``train_fraction`` (a few-shot split is a short
   prefix; the test bins do not depend on ``train_fraction``).
-- Builds the model: from scratch (``init=None``, preset sized to the session), or from a
-  checkpoint.  A pretrained model of a different width meets the session either through channel
-  resampling (``channels="resample"``: a fixed channel map stored in the config, all weights
-  kept) or a per-session read-in (``channels="readin"``: read-in and Poisson read-out sized to
-  the session's channel count).  A session the pretraining run already saw (its unlabelled bins,
-  matched by session name and channel count, see :func:`seen_in_pretraining`) meets the model
-  the way it did then: the same channel map, or its own pretrained read-in from the checkpoint.
-  Otherwise the map is drawn with ``seed`` and a read-in is fresh (and always trained).  A
-  checkpoint pretrained with per-session read-ins has no trained shared read-in, so it is always
-  met through a read-in.  A checkpoint trained at another bin width is refused
-  (:func:`~rpnt_core.data.session.check_bin_width`).
+- Builds the model with :func:`~rpnt_core.train.finetune_model.build_model`: from scratch
+  (``init=None``) or from a checkpoint, meeting the session's channels and keeping a decoder's
+  head where it fits (the rules are in that module).
 - Trains ``mode`` = "head" (velocity head; encoder frozen in eval mode), "last" (head + final
   norm + last ``last_layers`` blocks) or "full", MSE on z-scored targets, random windows of the
   train split, AdamW with cosine decay.
-- A checkpoint that is already a decoder (:func:`~rpnt_core.checkpoint.is_decoder`: supervised
-  pretraining, or a finetuned / from-scratch decoder such as the live model ``POST /calibrate``
-  starts from) of the same target, output width and input width (the same array) keeps its head
-  and the target normalisation it was trained with (a head is tied to the units it read: on another unit set — Nick 2 met through a
-  channel map of a Spike-pool model — the kept head and the pool's target scale decoded far below
-  every other decoder, the transfer benchmark's Nick rows); the decoder as it is is the first
-  candidate for the best-validation weights, and the core learns at
-  :data:`KEPT_HEAD_CORE_LR_SCALE` × ``lr`` (the head and a fresh read-in at ``lr``).  Otherwise
-  the head is fresh, the target is z-scored by the train split and everything learns at ``lr``.
+- A kept head (the checkpoint already decodes the target) keeps the target normalisation it was
+  trained with, the decoder as it is is the first candidate for the best-validation weights, and
+  the core learns at :data:`KEPT_HEAD_CORE_LR_SCALE` × ``lr`` (the head and a fresh read-in at
+  ``lr``).  Otherwise the head is fresh, the target is z-scored by the train split and everything
+  learns at ``lr``.
 - An ``input_norm`` model takes its input statistics from the session's bins before the test
   split (counts only; :func:`set_input_statistics`).
 - :func:`fit_decoder` is the training alone (model + summary, no test score, no file), for
@@ -46,182 +34,35 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import is_decoder, load_checkpoint, read_extra_tensors, read_header, save_checkpoint
-from ..config import RPNTConfig
-from ..data.channels import ChannelResampler
+from ..checkpoint import save_checkpoint
 from ..data.normalise import sqrt_count_stats
-from ..data.session import Session, check_bin_width, conditioning_metadata
+from ..data.session import Session, conditioning_metadata
 from ..data.splits import Splits, contiguous_splits
 from ..evaluate.harness import evaluate_model, predict_range, score, session_metadata, target_labels
 from ..model.rpnt import RPNT
-from .choices import FINETUNE_MODES
 from .distributed import resolve_device
+from .finetune_model import build_model
 from .objectives import velocity_mse
+from .options import FinetuneOptions
 
-# Training sized to a short block of labels (a new day's calibration): the budget the cross-day
-# transfer benchmark measured (bench/bench_transfer.py), see FinetuneOptions.for_labels.
 # A kept head (the checkpoint already decodes the target) moves its core at this fraction of the
-# learning rate; a fresh head trains the core at the full rate (bench/results/transfer-rank-seed0:
-# a self-supervised core at 0.1× stayed far below 1×, a supervised pool decoder at 0.1× won).
+# learning rate; a fresh head trains the core at the full rate (CHANGELOG: encoder_lr_scale).
 KEPT_HEAD_CORE_LR_SCALE = 0.1
-LABEL_BUDGET = {
-    "epochs": 10,
-    "max_steps": 10,
-    "bins_per_step": 150,
-    "batch_size": 8,
-    "window_len": 64,
-    "patience": 4,
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinetuneOptions:
-    mode: str = "full"
-    last_layers: int = 1
-    epochs: int = 40
-    steps_per_epoch: int = 20
-    batch_size: int = 16
-    window_len: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    patience: int = 8
-    train_fraction: float = 0.2
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    channels: str = "resample"
-    preset: str = "small"  # used when training from scratch
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
-    config_overrides: tuple[tuple[str, object], ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.mode not in FINETUNE_MODES:
-            raise ValueError(f"mode: expected one of {', '.join(FINETUNE_MODES)}, got {self.mode!r}")
-        if self.channels not in ("resample", "readin"):
-            raise ValueError(f"channels: expected 'resample' or 'readin', got {self.channels!r}")
-        for name in ("epochs", "batch_size", "window_len", "patience", "last_layers"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr: must be > 0, got {self.lr}")
-
-    @classmethod
-    def for_labels(
-        cls, n_train_bins: int, *, budget: dict | None = None, **overrides: object
-    ) -> "FinetuneOptions":
-        """Options sized to ``n_train_bins`` labelled train bins (``budget``, default
-        :data:`LABEL_BUDGET`): one step per ``bins_per_step`` bins, between 1 and ``max_steps`` per
-        epoch; ``overrides`` win."""
-        b = budget or LABEL_BUDGET
-        steps = int(min(max(n_train_bins // b["bins_per_step"], 1), b["max_steps"]))
-        return cls(
-            **{
-                "epochs": b["epochs"],
-                "steps_per_epoch": steps,
-                "batch_size": b["batch_size"],
-                "window_len": b["window_len"],
-                "patience": b["patience"],
-                **overrides,
-            }
-        )
-
-
-def _session_vocab(session: Session, attr: str) -> tuple[str, ...]:
-    v = getattr(session, attr)
-    return (v,) if v else ()
-
-
-def seen_in_pretraining(session: Session, meta: dict) -> dict | None:
-    """How a pretraining run presented ``session`` (same name and channel count), if it did.
-
-    ``{"mode": "resample", "seed": S, ...}``: its channel map (reused, so its columns mean what
-    they meant in pretraining); ``{"mode": "readin", ...}``: its per-session read-in is stored in
-    the checkpoint (reused instead of a fresh one).  See ``pretrain.session_alignment``."""
-    info = (meta.get("session_channels") or {}).get(session.session) if session.session else None
-    return info if info and int(info.get("n_channels", -1)) == session.n_channels else None
-
-
-def build_model(
-    session: Session, init: str | Path | None, options: FinetuneOptions
-) -> tuple[RPNT, bool, dict]:
-    """The model to finetune, whether its read-in is fresh, and provenance for the metadata."""
-    n_in, d_out = session.n_channels, session.n_outputs
-    overrides = {"target": session.target, **dict(options.config_overrides)}
-    if init is None:
-        cfg = RPNTConfig.preset(
-            options.preset,
-            n_channels=n_in,
-            n_outputs=d_out,
-            bin_s=float(session.bin_s),
-            subjects=_session_vocab(session, "subject"),
-            sessions=_session_vocab(session, "session"),
-            tasks=_session_vocab(session, "task"),
-            **overrides,
-        )
-        return RPNT(cfg), True, {"init": None, "head": "fresh"}
-    base_cfg, base_meta = read_header(init)
-    base = load_checkpoint(init)
-    if base_cfg.spatial_layers:
-        base_cfg = base_cfg.replace(spatial_layers=0)  # decode from the temporal encoder (single-site)
-    check_bin_width(data_bin_s=session.bin_s, model_bin_s=base_cfg.bin_s)
-    provenance = {
-        "init": str(init),
-        "parent_weights_sha": base_meta.get("weights_sha", ""),
-        "parent_kind": base_meta.get("kind", ""),
-    }
-    state = {k: v for k, v in base.state_dict().items() if not k.startswith("spatial.")}
-    seen = seen_in_pretraining(session, base_meta)
-    readin_pretrained = base_meta.get("channels") == "readin"
-    fresh_read_in = False
-    if base_cfg.n_input_channels == n_in and not readin_pretrained:
-        cfg = base_cfg.replace(n_outputs=d_out, **overrides)
-    elif options.channels == "resample" and not readin_pretrained:
-        seed = seen["seed"] if seen and seen["mode"] == "resample" else options.seed
-        rs = ChannelResampler(n_channels=n_in, n_max=base_cfg.n_channels, seed=seed)
-        cfg = base_cfg.replace(
-            n_outputs=d_out, input_channels=n_in, channel_map=tuple(int(i) for i in rs.index), **overrides
-        )
-        provenance["channel_seed"] = seed
-    else:
-        cfg = base_cfg.replace(
-            n_channels=n_in, n_outputs=d_out, input_channels=0, channel_map=(), **overrides
-        )
-        state = {k: v for k, v in state.items() if not k.startswith(("read_in.", "rate_out."))}
-        if seen and seen["mode"] == "readin":  # the read-in this session got in pretraining
-            prefix = f"readin.{session.session}."
-            state.update({k.removeprefix(prefix): v for k, v in read_extra_tensors(init, prefix).items()})
-        else:
-            fresh_read_in = True
-    provenance["read_in"] = (
-        "fresh" if fresh_read_in else "pretrained, this session" if seen else "pretrained, shared"
-    )
-    keep_head = (
-        is_decoder(base_meta)
-        and base_cfg.target == session.target
-        and base_cfg.n_outputs == d_out
-        and base_cfg.n_input_channels == n_in
-    )
-    provenance["head"] = "pretrained" if keep_head else "fresh"
-    if not keep_head:
-        state = {k: v for k, v in state.items() if not k.startswith("velocity_")}
-    if base_cfg.input_norm:  # the new recording's statistics are set by fit_decoder, not the pool's
-        state = {k: v for k, v in state.items() if not k.startswith("input_")}
-    model = RPNT(cfg)
-    model.load_state_dict(state, strict=False)
-    return model, fresh_read_in, provenance
 
 
 def _set_train_modes(model: RPNT, mode: str, last_layers: int, fresh_read_in: bool) -> list[nn.Parameter]:
+    """Make the parameters of finetuning ``mode`` the only trainable ones and put the modules that
+    own them in training mode (frozen parts stay in eval mode: no dropout); returns them."""
     params = model.trainable_for(mode, last_layers=last_layers, read_in=fresh_read_in)
     ids = {id(p) for p in params}
     for p in model.parameters():
@@ -270,9 +111,23 @@ def fit_decoder(
 
     Labels are read from the train and validation ranges only.  Counts are read from the train
     windows, the validation range (with its history), and — for an ``input_norm`` model — every
-    bin before ``splits.test`` for the input statistics (counts only, no labels).  Returns the
-    model (eval mode) and ``{"val_r2", "best_epoch", "epochs_run", "history", "train_seconds",
-    **provenance}``."""
+    bin before ``splits.test`` for the input statistics (counts only, no labels).
+
+    Args:
+        session: the labelled session, with its chosen target (single-site).
+        init: the checkpoint to start from (see :func:`build_model`), or None.
+        options: how to train.
+        splits: where to train, validate and (never read here) test.
+        on_epoch: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2", "best"}``.
+
+    Returns:
+        The model (eval mode, every parameter trainable again) and ``{"val_r2", "best_epoch",
+        "epochs_run", "history", "train_seconds", **provenance}``.
+
+    Raises:
+        ValueError: a multi-site session, a session without its target, or a train split too short
+            for a window.
+    """
     session = session.with_target(None)  # "target: ... has no 'force'" when the session lacks its target
     if session.multisite:
         raise ValueError("counts: finetuning decodes single-site recordings (T, N)")
@@ -280,86 +135,32 @@ def fit_decoder(
     rng = np.random.default_rng(options.seed)
     dev = resolve_device(options.device)
     model, fresh_read_in, provenance = build_model(session, init, options)
-    lo, hi = splits.train
-    set_input_statistics(model, session.counts[: splits.test[0]])
-    vel = np.asarray(session.labels, dtype=np.float32)
-    if provenance["head"] == "fresh":  # a pretrained head keeps the normalisation it was trained with
-        mean, scale = vel[lo:hi].mean(0), vel[lo:hi].std(0) + 1e-6
-        model.set_velocity_normalisation(torch.from_numpy(mean), torch.from_numpy(scale))
-    mean, scale = model.velocity_mean.numpy().copy(), model.velocity_scale.numpy().copy()
+    _set_normalisations(model, session, splits, fresh_head=provenance["head"] == "fresh")
     model.to(dev)
     params = _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
-    counts_t = torch.from_numpy(np.asarray(session.counts, dtype=np.float32))
-    vel_t = torch.from_numpy(vel)
-    window_len = min(options.window_len, hi - lo)
-    if window_len < 4:
-        raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
-    steps = options.steps_per_epoch
+    batches = _Batches(model, session, splits, options, rng=rng, device=dev)
     provenance["core_lr_scale"] = KEPT_HEAD_CORE_LR_SCALE if provenance["head"] == "pretrained" else 1.0
-    head_ids = {id(p) for p in model.velocity_head.parameters()}
-    if fresh_read_in or init is None:
-        head_ids |= {id(p) for p in model.read_in.parameters()}
-    groups = [
-        {"params": [p for p in params if id(p) in head_ids], "lr": options.lr},
-        {
-            "params": [p for p in params if id(p) not in head_ids],
-            "lr": options.lr * provenance["core_lr_scale"],
-        },
-    ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=options.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs * steps, eta_min=0.0)
-    meta = {k: v.to(dev) for k, v in session_metadata(model, session).items()}
-    m_t, s_t = torch.from_numpy(mean).to(dev), torch.from_numpy(scale).to(dev)
-    best = {"val_r2": -math.inf, "epoch": -1, "state": None}
+    opt, sched = _optimizer(
+        model,
+        params,
+        options,
+        core_lr_scale=provenance["core_lr_scale"],
+        fresh_read_in=fresh_read_in or init is None,
+    )
+    retrain = partial(_set_train_modes, model, options.mode, options.last_layers, fresh_read_in)
+    validate = partial(_val_r2, model, session, splits, retrain)
+    best: dict[str, Any] = {"val_r2": -math.inf, "epoch": -1, "state": None}
     if provenance["head"] == "pretrained":  # the pretrained decoder as it is is the first candidate
-        model.eval()
-        best = {
-            "val_r2": validation_r2(model, session, splits),
-            "epoch": -1,
-            "state": copy.deepcopy(model.state_dict()),
-        }
-        _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
-    history = []
+        best = {"val_r2": validate(), "epoch": -1, "state": copy.deepcopy(model.state_dict())}
     t0 = time.time()
-    bad = 0
-    for epoch in range(options.epochs):
-        losses = []
-        for _ in tqdm(
-            range(steps),
-            desc=f"finetune {epoch + 1}/{options.epochs}",
-            leave=False,
-            disable=not options.progress,
-        ):
-            starts = rng.integers(lo, hi - window_len + 1, size=options.batch_size)
-            idx = torch.as_tensor(starts)[:, None] + torch.arange(window_len)[None, :]
-            x, y = counts_t[idx].to(dev), vel_t[idx].to(dev)  # (B, L, N), (B, L, D)
-            bmeta = {k: v.expand(options.batch_size) for k, v in meta.items()}
-            loss = velocity_mse(model(x, bmeta)["velocity"], y, mean=m_t, scale=s_t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        model.eval()
-        val_r2 = validation_r2(model, session, splits)
-        _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
-        history.append({"epoch": epoch, "train_mse": float(np.mean(losses)), "val_r2": val_r2})
-        if on_epoch is not None:
-            on_epoch({**history[-1], "epochs": options.epochs, "best": val_r2 > best["val_r2"]})
-        if options.progress:
-            print(
-                f"epoch {epoch + 1}/{options.epochs}  train mse {np.mean(losses):.4f}  val R² {val_r2:.4f}"
-                + ("  *best" if val_r2 > best["val_r2"] else ""),
-                flush=True,
-            )
-        if val_r2 > best["val_r2"]:
-            best = {"val_r2": val_r2, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-            bad = 0
-        else:
-            bad += 1
-            if bad >= options.patience:
-                break
+    best, history = _early_stopping(
+        model,
+        options,
+        train_epoch=partial(_train_epoch, model, opt, sched, params, batches, options),
+        validate=validate,
+        best=best,
+        on_epoch=on_epoch,
+    )
     model.load_state_dict(best["state"])
     model.eval()
     for p in model.parameters():
@@ -374,6 +175,155 @@ def fit_decoder(
     }
 
 
+def _optimizer(
+    model: RPNT,
+    params: list[nn.Parameter],
+    options: FinetuneOptions,
+    *,
+    core_lr_scale: float,
+    fresh_read_in: bool,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over ``params`` with cosine decay: the head (and a fresh read-in) at ``lr``, the rest of
+    the trained parameters at ``core_lr_scale`` × ``lr``."""
+    fresh_ids = {id(p) for p in model.velocity_head.parameters()}
+    if fresh_read_in:
+        fresh_ids |= {id(p) for p in model.read_in.parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) in fresh_ids], "lr": options.lr},
+        {"params": [p for p in params if id(p) not in fresh_ids], "lr": options.lr * core_lr_scale},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=options.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=options.epochs * options.steps_per_epoch, eta_min=0.0
+    )
+    return opt, sched
+
+
+def _early_stopping(
+    model: RPNT,
+    options: FinetuneOptions,
+    *,
+    train_epoch: Callable[[int], float],
+    validate: Callable[[], float],
+    best: dict,
+    on_epoch: Callable[[dict], None] | None,
+) -> tuple[dict, list[dict]]:
+    """Epochs until ``options.patience`` of them bring no validation gain over ``best``.
+
+    Returns:
+        The best candidate (``val_r2``, ``epoch``, ``state``: a copy of the weights) and one
+        history row per epoch run.
+    """
+    history: list[dict] = []
+    bad = 0
+    for epoch in range(options.epochs):
+        train_mse = train_epoch(epoch)
+        val_r2 = validate()
+        improved = val_r2 > best["val_r2"]
+        history.append({"epoch": epoch, "train_mse": train_mse, "val_r2": val_r2})
+        _report_epoch(history[-1], options, improved=improved, on_epoch=on_epoch)
+        if improved:
+            best, bad = {"val_r2": val_r2, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}, 0
+        else:
+            bad += 1
+            if bad >= options.patience:
+                break
+    return best, history
+
+
+def _set_normalisations(model: RPNT, session: Session, splits: Splits, *, fresh_head: bool) -> None:
+    """Input statistics from every bin before the test split (``input_norm`` models); for a fresh
+    head, the target's mean and spread over the train split (a kept head keeps its own)."""
+    set_input_statistics(model, session.counts[: splits.test[0]])
+    if fresh_head:
+        lo, hi = splits.train
+        vel = np.asarray(session.labels, dtype=np.float32)
+        mean, scale = vel[lo:hi].mean(0), vel[lo:hi].std(0) + 1e-6
+        model.set_velocity_normalisation(torch.from_numpy(mean), torch.from_numpy(scale))
+
+
+class _Batches:
+    """Random training windows of the train split, with the session's metadata and the target
+    scale of ``model`` (on ``device``, fixed for the whole run)."""
+
+    def __init__(
+        self,
+        model: RPNT,
+        session: Session,
+        splits: Splits,
+        options: FinetuneOptions,
+        *,
+        rng: np.random.Generator,
+        device: torch.device,
+    ) -> None:
+        self.lo, self.hi = splits.train
+        self.window_len = min(options.window_len, self.hi - self.lo)
+        if self.window_len < 4:
+            raise ValueError(f"train_fraction: the train split has only {self.hi - self.lo} bins")
+        self.batch_size, self.rng, self.device = options.batch_size, rng, device
+        self.counts = torch.from_numpy(np.asarray(session.counts, dtype=np.float32))  # (T, N)
+        self.labels = torch.from_numpy(np.asarray(session.labels, dtype=np.float32))  # (T, D)
+        self.meta = {k: v.to(device) for k, v in session_metadata(model, session).items()}
+        self.mean = model.velocity_mean.detach().clone()
+        self.scale = model.velocity_scale.detach().clone()
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """counts (B, L, N), labels (B, L, D) and metadata (B,) of one random batch."""
+        starts = self.rng.integers(self.lo, self.hi - self.window_len + 1, size=self.batch_size)
+        idx = torch.as_tensor(starts)[:, None] + torch.arange(self.window_len)[None, :]  # (B, L)
+        x, y = self.counts[idx].to(self.device), self.labels[idx].to(self.device)
+        return x, y, {k: v.expand(self.batch_size) for k, v in self.meta.items()}
+
+
+def _train_epoch(
+    model: RPNT,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    params: list[nn.Parameter],
+    batches: _Batches,
+    options: FinetuneOptions,
+    epoch: int,
+) -> float:
+    """One epoch's optimizer steps; returns their mean loss."""
+    losses = []
+    for _ in tqdm(
+        range(options.steps_per_epoch),
+        desc=f"finetune {epoch + 1}/{options.epochs}",
+        leave=False,
+        disable=not options.progress,
+    ):
+        x, y, meta = batches.sample()
+        loss = velocity_mse(model(x, meta)["velocity"], y, mean=batches.mean, scale=batches.scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def _val_r2(model: RPNT, session: Session, splits: Splits, retrain: Callable[[], object]) -> float:
+    """:func:`validation_r2` in eval mode, then back to the training modes (``retrain``)."""
+    model.eval()
+    r2 = validation_r2(model, session, splits)
+    retrain()
+    return r2
+
+
+def _report_epoch(
+    row: dict, options: FinetuneOptions, *, improved: bool, on_epoch: Callable[[dict], None] | None
+) -> None:
+    if on_epoch is not None:
+        on_epoch({**row, "epochs": options.epochs, "best": improved})
+    if options.progress:
+        print(
+            f"epoch {row['epoch'] + 1}/{options.epochs}  train mse {row['train_mse']:.4f}  val R² {row['val_r2']:.4f}"
+            + ("  *best" if improved else ""),
+            flush=True,
+        )
+
+
 def finetune(
     session: Session,
     *,
@@ -383,10 +333,22 @@ def finetune(
     splits: Splits | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Finetune on one labelled session; returns metrics (test R² of the best-validation weights).
+    """Finetune on one labelled session and score the best-validation weights on its test split.
 
-    ``on_epoch``: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2", "best"}``
-    (progress reporting, e.g. a calibration job's progress file)."""
+    Args:
+        session: the labelled session, with its chosen target.
+        init: the checkpoint to start from, or None for a model from scratch.
+        options: how to train (and, without ``splits``, the split fractions).
+        out: checkpoint path to write (with ``<out>.history.json``), or None to write nothing.
+        splits: the splits (default: :func:`contiguous_splits` with the options' fractions).
+        on_epoch: called after every epoch with ``{"epoch", "epochs", "train_mse", "val_r2",
+            "best"}`` (progress reporting, e.g. a calibration job's progress file).
+
+    Returns:
+        ``target``, the metrics (``val_r2``, ``best_epoch``, ``epochs_run``, ``test_r2``,
+        ``test_r2_per_dim``, ``train_seconds``), ``splits``, ``history``, the provenance, ``mode``,
+        ``channels`` and, with ``out``, ``checkpoint``.
+    """
     session = session.with_target(None)
     splits = splits or contiguous_splits(
         session.n_bins,

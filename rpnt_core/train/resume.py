@@ -45,7 +45,7 @@ def load_training_state(
         header = f.metadata() or {}
         if header.get("format") != FORMAT:
             raise ValueError(f"resume: {path} is not an rpnt training state")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle: keys(), no iteration
     module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():

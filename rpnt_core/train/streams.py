@@ -18,6 +18,7 @@ from ..data.channels import ChannelResampler
 from ..data.normalise import sqrt_count_stats
 from ..data.session import Session
 from ..data.windows import WindowSampler
+from .choices import CHANNEL_MODES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,9 +34,7 @@ class Stream:
     session: str = ""  # the recording's session name ("" when unnamed or one site of several)
     channel_seed: int | None = None  # the ChannelResampler seed ("resample" streams)
     source_channels: int = 0  # the recording's own channel count (before resampling)
-    norm: tuple[Tensor, Tensor] | None = (
-        None  # (N,) mean, scale of sqrt counts over the train bins (input_norm)
-    )
+    norm: tuple[Tensor, Tensor] | None = None  # (N,) mean, scale of sqrt counts over the train bins
 
     @property
     def n_channels(self) -> int:
@@ -44,10 +43,8 @@ class Stream:
     def window(self, starts: np.ndarray, length: int) -> tuple[Tensor, Tensor | None]:
         """counts (B, [S,] L, N) and labels (B, L, D) | None for window ``starts``."""
         idx = torch.as_tensor(starts)[:, None] + torch.arange(length)[None, :]  # (B, L)
-        if self.counts.dim() == 3:
-            c = self.counts[:, idx].permute(1, 0, 2, 3)  # (B, S, L, N)
-        else:
-            c = self.counts[idx]  # (B, L, N)
+        multisite = self.counts.dim() == 3
+        c = self.counts[:, idx].permute(1, 0, 2, 3) if multisite else self.counts[idx]  # (B, [S,] L, N)
         v = None if self.labels is None else self.labels[idx]
         return c, v
 
@@ -89,53 +86,29 @@ def prepare_streams(
     bins); one shorter than ``min_bins`` altogether cannot hold a training window: an error
     names it — nothing is dropped silently.  At least one stream must have validation windows.
     """
-    if channels not in ("resample", "readin"):
+    if channels not in CHANNEL_MODES:
         raise ValueError(f"channels: expected 'resample' or 'readin', got {channels!r}")
     streams: list[Stream] = []
     for i, s in enumerate(sessions):
         counts = np.asarray(s.counts, dtype=np.float32)
-        parts = (
-            [(counts[k], s.session or f"s{i}", k) for k in range(counts.shape[0])]
-            if (s.multisite and split_sites)
-            else [(counts, s.session or f"s{i}", None)]
-        )
-        for c, name, site in parts:
-            t = c.shape[-2]
-            if t < min_bins:
-                raise ValueError(
-                    f"data: recording {name!r} has {t} bins, fewer than one training window "
-                    f"({min_bins}); leave it out or shorten the window"
-                )
-            n_val = max(1, int(round(val_fraction * t)))
-            if t - n_val < min_bins or n_val < min_bins:
-                n_val = 0  # too short for a validation window too: all of it trains
-            key = f"{i}:{name}" + ("" if site is None else f":site{site}")
-            groups = np.arange(c.shape[-1])
-            channel_seed, source_channels = None, int(c.shape[-1])
-            if channels == "resample":
-                channel_seed = seed + i
-                rs = ChannelResampler(n_channels=c.shape[-1], n_max=n_max, seed=channel_seed)
-                c, groups = rs.apply(c), rs.index
-            norm = None
-            if input_norm:
-                flat = c[..., : t - n_val, :].reshape(-1, c.shape[-1])  # train bins, sites pooled
-                norm = tuple(torch.from_numpy(a) for a in sqrt_count_stats(flat))
+        labels = None if s.labels is None else torch.from_numpy(np.asarray(s.labels, np.float32))
+        name = s.session or f"s{i}"
+        sites = range(counts.shape[0]) if (s.multisite and split_sites) else [None]
+        for site in sites:
+            c = counts if site is None else counts[site]
+            n_val = _validation_bins(c.shape[-2], name=name, val_fraction=val_fraction, min_bins=min_bins)
+            channel_seed = seed + i if channels == "resample" else None
             streams.append(
-                Stream(
-                    key=key,
-                    counts=torch.from_numpy(np.ascontiguousarray(c)),
-                    labels=None if s.labels is None else torch.from_numpy(np.asarray(s.labels, np.float32)),
-                    groups=torch.as_tensor(np.array(groups), dtype=torch.long),
-                    metadata=dict(subject=s.subject, session=s.session, task=s.task, date_days=s.date_days),
-                    site_xy=None
-                    if (s.site_xy is None or site is not None)
-                    else torch.as_tensor(s.site_xy, dtype=torch.float32),
-                    train=(0, t - n_val),
-                    val=(t - n_val, t),
-                    session=(s.session or "") if site is None else "",
+                _stream(
+                    s,
+                    c,
+                    labels,
+                    key=f"{i}:{name}" + ("" if site is None else f":site{site}"),
+                    n_val=n_val,
+                    site=site,
+                    n_max=n_max,
                     channel_seed=channel_seed,
-                    source_channels=source_channels,
-                    norm=norm,
+                    input_norm=input_norm,
                 )
             )
     if not any(st.val[1] - st.val[0] >= min_bins for st in streams):
@@ -143,6 +116,62 @@ def prepare_streams(
             f"data: no recording has enough bins ({2 * min_bins}+) for training and validation windows"
         )
     return streams
+
+
+def _validation_bins(t: int, *, name: str, val_fraction: float, min_bins: int) -> int:
+    """Bins at the end of a recording of ``t`` bins held out for validation (0 when too short to
+    hold a validation window as well as a training one)."""
+    if t < min_bins:
+        raise ValueError(
+            f"data: recording {name!r} has {t} bins, fewer than one training window "
+            f"({min_bins}); leave it out or shorten the window"
+        )
+    n_val = max(1, int(round(val_fraction * t)))
+    if t - n_val < min_bins or n_val < min_bins:
+        return 0  # too short for a validation window too: all of it trains
+    return n_val
+
+
+def _stream(
+    s: Session,
+    c: np.ndarray,
+    labels: Tensor | None,
+    *,
+    key: str,
+    n_val: int,
+    site: int | None,
+    n_max: int,
+    channel_seed: int | None,
+    input_norm: bool,
+) -> Stream:
+    """One stream of session ``s``: counts ``c`` ((T, N), or (S, T, N) when sites stay together),
+    resampled to ``n_max`` columns when ``channel_seed`` is given, ``site`` of several or None."""
+    t, source_channels = c.shape[-2], int(c.shape[-1])
+    groups = np.arange(c.shape[-1])
+    if channel_seed is not None:
+        rs = ChannelResampler(n_channels=c.shape[-1], n_max=n_max, seed=channel_seed)
+        c, groups = rs.apply(c), rs.index
+    norm: tuple[Tensor, Tensor] | None = None
+    if input_norm:
+        flat = c[..., : t - n_val, :].reshape(-1, c.shape[-1])  # train bins, sites pooled
+        mean, scale = sqrt_count_stats(flat)
+        norm = (torch.from_numpy(mean), torch.from_numpy(scale))
+    return Stream(
+        key=key,
+        counts=torch.from_numpy(np.ascontiguousarray(c)),
+        labels=labels,
+        groups=torch.as_tensor(np.array(groups), dtype=torch.long),
+        metadata=dict(subject=s.subject, session=s.session, task=s.task, date_days=s.date_days),
+        site_xy=None
+        if (s.site_xy is None or site is not None)
+        else torch.as_tensor(s.site_xy, dtype=torch.float32),
+        train=(0, t - n_val),
+        val=(t - n_val, t),
+        session=(s.session or "") if site is None else "",
+        channel_seed=channel_seed,
+        source_channels=source_channels,
+        norm=norm,
+    )
 
 
 def metadata_batch(model, meta: dict, batch_size: int) -> dict[str, Tensor]:
