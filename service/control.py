@@ -12,6 +12,10 @@ its first output equals what it would have said had it run all along), and recor
 registry.  The swap itself lands at the next bin boundary — no bin missed or decoded twice; with
 no stream running it lands on the next stream's first bin (``pending`` in the answer).  If loading
 or checking fails, the live decoder and the registry are untouched.
+
+Calibration (:meth:`ControlPlane.calibrate`): the request's data is staged, checked against the live
+model and handed to the calibration worker by :mod:`service.intake`, which raises typed errors
+for the HTTP layer to map onto status codes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .calibration import CalibrationManager
+from .intake import CalibrationRequest, submit_calibration
 from .metrics import BUCKETS_MS, MetricsInput, exposition, new_registry
 from .registry import ModelRegistry
 from .settings import Settings
@@ -175,6 +180,13 @@ class ControlPlane:
         }
         log.info("model version %s activated (%s): %s", version, reason, out)
         return out
+
+    def calibrate(self, request: CalibrationRequest) -> dict:
+        """Stage ``request``'s calibration data and start a job on it (:mod:`service.intake`); the
+        202 body.  Raises :class:`~service.intake.UploadTooLarge`,
+        :class:`~service.uploads.CalibrationInputError`, :class:`~service.calibration.CalibrationBusy`
+        or :class:`~service.intake.CalibrationRefused`; the live model is untouched by any of them."""
+        return submit_calibration(self, request)
 
     def recent_calibration_data(self, seconds: float) -> tuple[Any, Any]:
         return self.daemon.recent_training_data(seconds)
