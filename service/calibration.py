@@ -224,6 +224,8 @@ class CalibrationManager:
         return self._current
 
     def get(self, job_id: str) -> dict | None:
+        """Job ``job_id``'s record with its phase, per-epoch losses, progress and CPU share; None
+        for an unknown (or malformed) id."""
         if not JOB_ID.match(job_id):
             return None
         d = self.registry.jobs_dir / job_id
@@ -250,6 +252,7 @@ class CalibrationManager:
         return st
 
     def jobs(self) -> list[dict]:
+        """Every job's summary (``id``, ``state``, ``created``, ``source``, ``version``, ``live``), oldest first."""
         out = []
         for d in self.registry.jobs_dir.iterdir():
             st = read_json(d / "status.json") if d.is_dir() else None

@@ -82,6 +82,7 @@ class ControlPlane:
         return self._live_version
 
     def ready(self) -> tuple[bool, str]:
+        """(ready, why): ready once the decode loop runs and the engine has warmed up."""
         d = self.daemon
         if not d.running:
             return False, "the decode loop is not running"
@@ -91,6 +92,8 @@ class ControlPlane:
         return True, f"model version {self._live_version} loaded and warmed up ({warm.get('detail')})"
 
     def status(self) -> dict:
+        """What ``GET /status`` answers: the live model, the stream's shape, uptime, counters, latency,
+        adapters, calibration, swaps and start-up record (daemon snapshots only)."""
         st = self.daemon.status()
         snap = self.daemon.snapshot()
         return {
@@ -189,9 +192,11 @@ class ControlPlane:
         return submit_calibration(self, request)
 
     def recent_calibration_data(self, seconds: float) -> tuple[Any, Any]:
+        """(counts, kinematics) of the last ``seconds`` of decoded bins the rig sent kinematics for."""
         return self.daemon.recent_training_data(seconds)
 
     def export_dir(self) -> Path:
+        """The live version's export directory."""
         return self.registry.export_dir(self._live_version)
 
     def live_contract(self):

@@ -107,6 +107,7 @@ class ServeProcess:
                 self._lines.put(line)
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
+        """Its ``ready`` event (JSON on stderr); ``RuntimeError`` if it exits or ``timeout`` passes first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -128,6 +129,7 @@ class ServeProcess:
         return {"Authorization": f"Bearer {self.token}"}
 
     def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM (then SIGKILL after ``timeout``); its exit status.  Its ``stopped`` event lands in ``self.stopped``."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -423,6 +425,7 @@ def compare_offline(export: Path, counts, res) -> dict:
 
 
 def live_lines(live: dict) -> list[str]:
+    """The live half's summary lines for the terminal, from :func:`live_part`'s answer."""
     from streaming.report import summary_lines
 
     rep = live["report"]
