@@ -252,7 +252,8 @@ class CalibrationManager:
         return st
 
     def jobs(self) -> list[dict]:
-        """Every job's summary (``id``, ``state``, ``created``, ``source``, ``version``, ``live``), oldest first."""
+        """Every job's summary (``id``, ``state``, ``created``, ``source``, ``version``, ``live``),
+        oldest first."""
         out = []
         for d in self.registry.jobs_dir.iterdir():
             st = read_json(d / "status.json") if d.is_dir() else None

@@ -170,7 +170,8 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ writing
     def new_staging(self, name: str) -> Path:
-        """A new, empty directory under ``staging/`` (``name``-pid-clock) to build a version or stage data in."""
+        """A new, empty directory under ``staging/`` (``name``-pid-clock): where a version is built or
+        calibration data is staged."""
         d = self.staging_dir / f"{name}-{os.getpid()}-{time.monotonic_ns()}"
         d.mkdir(parents=True)
         return d
