@@ -330,7 +330,7 @@ def calibration_routes(control: ControlPlane, *, auth: list) -> APIRouter:
         if not control.calibration.cancel(job_id, f"DELETE /calibrate/{job_id}"):
             raise HTTPException(409, f"calibration job {job_id} is not running (state: {st['state']})")
         control.calibration.wait_idle(30.0)
-        return control.calibration.get(job_id)
+        return _job_or_404(control, job_id)
 
     return router
 

@@ -51,6 +51,7 @@ from typing import Any, Callable
 
 from rpnt_core.child_env import ROOT, child_env
 
+from .calibration_worker import THREAD_VARS
 from .cpu_share import CpuShare, process_cpu_seconds
 from .registry import CHECKPOINT, STEP_FILE, ModelRegistry, read_json, write_json_atomic
 from .settings import CalibrationSettings
@@ -263,11 +264,9 @@ class CalibrationManager:
 
     # ------------------------------------------------------------------ submit
     def _env(self) -> dict:
-        return child_env(
-            **dict.fromkeys(
-                ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(self.settings.threads)
-            )
-        )
+        """The worker's environment: this process's, the package root on ``PYTHONPATH``, and the BLAS
+        thread counts at ``calibration.threads``."""
+        return child_env() | dict.fromkeys(THREAD_VARS, str(self.settings.threads))
 
     def _spawn_warm(self) -> WarmWorker:
         return WarmWorker(

@@ -100,6 +100,7 @@ class ServeProcess:
         self.stopped: dict = {}
 
     def _read(self) -> None:
+        assert self.proc.stderr is not None  # stderr=PIPE
         with open(self.log_path, "a") as log:
             for line in self.proc.stderr:
                 log.write(line)
