@@ -27,22 +27,23 @@ route                                  auth   answer
 Errors are JSON ``{"detail": "..."}`` saying what is wrong: 401 no bearer token, 403 wrong token,
 404 unknown job/version, 409 a calibration already runs / a version that does not fit the stream,
 411/413 a body without length / too large, 422 unusable input (wrong channel count, too short,
-NaN, corrupt or unknown file …).  A 4xx never changes the live model.  All handlers are plain
+NaN, corrupt or unknown file …).  A 4xx never changes the live model.  The routes only translate:
+the work, and the typed errors they map onto these codes (:data:`CALIBRATE_ERRORS`,
+:data:`ACTIVATE_ERRORS`), are :class:`~service.control.ControlPlane`'s.  All handlers are plain
 (threaded) functions that only read daemon snapshots or hand work to the calibration process, so
 nothing here runs on the decode loop's thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import importlib.util
 import logging
-import shutil
-import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Iterator, Literal
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import (
     FileResponse,
@@ -57,15 +58,25 @@ from fastapi.staticfiles import StaticFiles
 
 from .calibration import CalibrationBusy
 from .control import ActivationError, ControlPlane
+from .intake import CalibrationRefused, CalibrationRequest, UploadTooLarge, upload_limit_bytes
 from .live import LIVE_HZ, PredictionFeed, SharedState, event_stream
 from .registry import RegistryError
-from .upload_parse import ParseLimits, parse_upload
-from .uploads import CalibrationInputError, check_session, recent_session, save_canonical, with_live_metadata
+from .uploads import CalibrationInputError
 
 log = logging.getLogger("rpnt.http")
 _bearer = HTTPBearer(auto_error=False, description="the API token (RPNT_API_TOKEN / auth.token_file)")
 STATIC = Path(__file__).parent / "static"  # the live page's HTML/JS/CSS (package data)
 SWAGGER_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")  # served from the swagger-ui-py package
+
+# The control plane's typed errors → status codes, the first match winning (the message is the detail).
+ErrorStatuses = tuple[tuple[type[Exception], int], ...]
+CALIBRATE_ERRORS: ErrorStatuses = (
+    (UploadTooLarge, 413),
+    (CalibrationInputError, 422),
+    (CalibrationBusy, 409),
+    (CalibrationRefused, 409),
+)
+ACTIVATE_ERRORS: ErrorStatuses = ((RegistryError, 404), (ActivationError, 409))
 
 
 def swagger_ui_dir() -> Path | None:
@@ -114,9 +125,6 @@ class BodyLimit:
 
 def create_app(control: ControlPlane, *, token: str) -> FastAPI:
     """The FastAPI application for ``control``; mutating routes need ``Authorization: Bearer <token>``."""
-    settings = control.settings
-    max_bytes = int(settings.http.max_upload_mb * (1 << 20))
-    parse_limits = ParseLimits.from_settings(settings)
     app = FastAPI(
         title="rpnt control plane",
         version="1",
@@ -125,10 +133,20 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )  # /docs below serves its assets itself; ReDoc would need a CDN
-    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    app.add_middleware(BodyLimit, max_bytes=upload_limit_bytes(control.settings))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    feed = PredictionFeed(endpoint=lambda: control.daemon.endpoints["publish"])
-    shared = SharedState(control, ttl=0.5 / LIVE_HZ)
+    app.add_exception_handler(Exception, _unexpected)
+    auth = [Depends(token_check(token))]
+    app.include_router(live_page_routes(control))
+    app.include_router(docs_routes(openapi_url=app.openapi_url, title=app.title))
+    app.include_router(health_routes(control))
+    app.include_router(calibration_routes(control, auth=auth))
+    app.include_router(model_routes(control, auth=auth))
+    return app
+
+
+def token_check(token: str) -> Callable[..., None]:
+    """The dependency of the mutating routes: 401 without a bearer token, 403 with another one."""
 
     def require_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
         if cred is None or cred.scheme.lower() != "bearer":
@@ -140,17 +158,38 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
         if not hmac.compare_digest(cred.credentials.encode(), token.encode()):
             raise HTTPException(403, "wrong API token")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        # the exception's text can hold server paths: it goes to the log, not to the client
-        return JSONResponse(
-            {"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
-            status_code=500,
-        )
+    return require_token
 
-    # -------------------------------------------------------------- live page, docs
-    @app.get("/", include_in_schema=False)
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    # the exception's text can hold server paths: it goes to the log, not to the client
+    return JSONResponse(
+        {"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
+        status_code=500,
+    )
+
+
+@contextlib.contextmanager
+def http_errors(statuses: ErrorStatuses) -> Iterator[None]:
+    """Raise the control plane's typed errors as ``HTTPException(status, str(error))``: the first
+    ``(type, status)`` of ``statuses`` the error is an instance of; any other error propagates."""
+    try:
+        yield
+    except Exception as exc:
+        status = next((code for kind, code in statuses if isinstance(exc, kind)), None)
+        if status is None:
+            raise
+        raise HTTPException(status, str(exc)) from None
+
+
+def live_page_routes(control: ControlPlane) -> APIRouter:
+    """``GET /`` (the live page) and ``GET /events`` (the server-sent events feeding it)."""
+    router = APIRouter()
+    feed = PredictionFeed(endpoint=lambda: control.daemon.endpoints["publish"])
+    shared = SharedState(control, ttl=0.5 / LIVE_HZ)
+
+    @router.get("/", include_in_schema=False)
     def live_page() -> FileResponse:
         return FileResponse(
             STATIC / "index.html",
@@ -160,7 +199,7 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
 
     # not in the OpenAPI schema: a stream that never ends is no operation a client generator (or a
     # schema fuzzer) can call and read to the end
-    @app.get("/events", include_in_schema=False)
+    @router.get("/events", include_in_schema=False)
     def events() -> StreamingResponse:
         """Server-sent events for the live page (``service.live``).  Read-only; no token."""
         return StreamingResponse(
@@ -169,52 +208,77 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @app.get("/docs", include_in_schema=False)
+    return router
+
+
+def docs_routes(*, openapi_url: str | None, title: str) -> APIRouter:
+    """``GET /docs`` (Swagger UI for the schema at ``openapi_url``) and its assets, served from here."""
+    router = APIRouter()
+
+    @router.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
         if swagger_ui_dir() is None:
             raise HTTPException(
                 404, "the API docs need the swagger-ui-py package (pip install 'rpnt[serve]')"
             )
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url,
-            title=f"{app.title} — API",
+            openapi_url=openapi_url or "",
+            title=f"{title} — API",
             swagger_js_url="/docs/assets/swagger-ui-bundle.js",
             swagger_css_url="/docs/assets/swagger-ui.css",
             swagger_favicon_url="/static/favicon.svg",
         )
 
-    @app.get("/docs/assets/{name}", include_in_schema=False)
+    @router.get("/docs/assets/{name}", include_in_schema=False)
     def docs_asset(name: str) -> FileResponse:
         d = swagger_ui_dir()
         if d is None or name not in SWAGGER_ASSETS:
             raise HTTPException(404, "no such docs asset")
         return FileResponse(d / name)
 
-    # -------------------------------------------------------------- health
-    @app.get("/health", tags=["health"])
+    return router
+
+
+def health_routes(control: ControlPlane) -> APIRouter:
+    """``GET /health``, ``/ready``, ``/status`` and ``/metrics``: read-only, no token."""
+    router = APIRouter(tags=["health"])
+
+    @router.get("/health")
     def health() -> dict:
         return {"status": "alive"}
 
-    @app.get("/ready", tags=["health"], responses={503: {"description": "not ready"}})
+    @router.get("/ready", responses={503: {"description": "not ready"}})
     def ready():
         ok, detail = control.ready()
         return JSONResponse({"ready": ok, "detail": detail}, status_code=200 if ok else 503)
 
-    @app.get("/status", tags=["health"])
+    @router.get("/status")
     def status() -> dict:
         return control.status()
 
-    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    @router.get("/metrics", response_class=PlainTextResponse)
     def metrics(request: Request) -> Response:
         body, content_type = control.metrics_exposition(request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
-    # -------------------------------------------------------------- calibration
-    @app.post(
+    return router
+
+
+def _job_or_404(control: ControlPlane, job_id: str) -> dict:
+    st = control.calibration.get(job_id)
+    if st is None:
+        raise HTTPException(404, f"no calibration job {job_id!r}")
+    return st
+
+
+def calibration_routes(control: ControlPlane, *, auth: list) -> APIRouter:
+    """``POST /calibrate`` (``auth``), ``GET /calibrate``, ``GET`` and ``DELETE /calibrate/{job_id}``."""
+    router = APIRouter(tags=["calibration"])
+
+    @router.post(
         "/calibrate",
-        tags=["calibration"],
         status_code=202,
-        dependencies=[Depends(require_token)],
+        dependencies=auth,
         responses={401: {}, 403: {}, 409: {}, 411: {}, 413: {}, 422: {}},
     )
     def calibrate(
@@ -241,134 +305,49 @@ def create_app(control: ControlPlane, *, token: str) -> FastAPI:
             ),
         ] = "recorded",
     ) -> dict:
-        src = source or ("upload" if file is not None else "recent")
-        running = control.calibration.busy()
-        if running:
-            raise HTTPException(409, str(CalibrationBusy(running)))
-        daemon = control.daemon
-        cal = settings.calibration
-        reg = control.registry
-        staging = reg.new_staging("upload")
-        checks = {
-            "target": control.live_target(),
-            "n_channels": daemon.n_channels,
-            "n_outputs": daemon.n_kinematics,
-            "bin_s": daemon.bin_s,
-            "min_bins": cal.min_bins,
-            "holdout_fraction": cal.holdout_fraction,
-        }
-        data = staging / "data.npz"
-        t_arrived = time.perf_counter()  # the body has been received (FastAPI spools it before the handler)
-        try:
-            if src == "upload":
-                if file is None:
-                    raise CalibrationInputError("file: source=upload needs a file (multipart field 'file')")
-                raw = staging / "upload.bin"
-                with open(raw, "wb") as f:
-                    shutil.copyfileobj(file.file, f, 1 << 20)
-                size = raw.stat().st_size
-                if size > max_bytes:
-                    raise HTTPException(413, f"the file exceeds {max_bytes} bytes (http.max_upload_mb)")
-                # parsed and checked in a child process: this one (the decode thread's) never loads it
-                n_bins = parse_upload(
-                    raw,
-                    out=data,
-                    bin_s=daemon.bin_s,
-                    checks=checks,
-                    live_metadata=control.live_metadata(),
-                    limits=parse_limits,
-                    labels=labels,
-                )["n_bins"]
-                detail = {
-                    "filename": file.filename,
-                    "bytes": size,
-                    **({"labels": labels} if labels != "recorded" else {}),
-                }
-            else:
-                if file is not None:
-                    raise CalibrationInputError("file: source=recent takes no file")
-                if labels != "recorded":
-                    raise CalibrationInputError(
-                        "labels: refit applies to uploads; with source=recent the rig "
-                        "streams its ReFIT labels as KINEMATICS (rpnt closedloop does)"
-                    )
-                secs = float(seconds or cal.default_seconds)
-                counts, kinematics = control.recent_calibration_data(secs)
-                session = with_live_metadata(
-                    recent_session(counts, kinematics, bin_s=daemon.bin_s, target=checks["target"]),
-                    control.live_metadata(),
-                )
-                session = check_session(session, **checks)
-                save_canonical(session, data)
-                n_bins, detail = session.n_bins, {"seconds": secs}
-            job_id = control.calibration.submit(
-                data=data,
-                source=src,
-                force=force,
-                base_version=control.live_version,
-                n_bins=n_bins,
-                detail=detail,
-                timings={"input_s": round(time.perf_counter() - t_arrived, 3)},
-            )
-        except CalibrationInputError as exc:
-            raise HTTPException(422, str(exc)) from None
-        except CalibrationBusy as exc:
-            raise HTTPException(409, str(exc)) from None
-        except ValueError as exc:  # e.g. the live version has no checkpoint
-            raise HTTPException(409, str(exc)) from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return {
-            "job_id": job_id,
-            "status_url": f"/calibrate/{job_id}",
-            "source": src,
-            "n_bins": n_bins,
-            "base_version": control.live_version,
-        }
+        request = CalibrationRequest(
+            file=None if file is None else file.file,
+            filename=None if file is None else file.filename,
+            source=source,
+            seconds=seconds,
+            force=force,
+            labels=labels,
+        )
+        with http_errors(CALIBRATE_ERRORS):
+            return control.calibrate(request)
 
-    @app.get("/calibrate", tags=["calibration"])
+    @router.get("/calibrate")
     def calibration_jobs() -> dict:
         return {"running": control.calibration.busy(), "jobs": control.calibration.jobs()}
 
-    @app.get("/calibrate/{job_id}", tags=["calibration"], responses={404: {}})
+    @router.get("/calibrate/{job_id}", responses={404: {}})
     def calibration_job(job_id: str) -> dict:
-        st = control.calibration.get(job_id)
-        if st is None:
-            raise HTTPException(404, f"no calibration job {job_id!r}")
-        return st
+        return _job_or_404(control, job_id)
 
-    @app.delete(
-        "/calibrate/{job_id}",
-        tags=["calibration"],
-        dependencies=[Depends(require_token)],
-        responses={401: {}, 403: {}, 404: {}, 409: {}},
-    )
+    @router.delete("/calibrate/{job_id}", dependencies=auth, responses={401: {}, 403: {}, 404: {}, 409: {}})
     def cancel_calibration_job(job_id: str) -> dict:
-        st = control.calibration.get(job_id)
-        if st is None:
-            raise HTTPException(404, f"no calibration job {job_id!r}")
+        st = _job_or_404(control, job_id)
         if not control.calibration.cancel(job_id, f"DELETE /calibrate/{job_id}"):
             raise HTTPException(409, f"calibration job {job_id} is not running (state: {st['state']})")
         control.calibration.wait_idle(30.0)
-        return control.calibration.get(job_id)
+        return _job_or_404(control, job_id)
 
-    # -------------------------------------------------------------- models
-    @app.get("/models", tags=["models"])
+    return router
+
+
+def model_routes(control: ControlPlane, *, auth: list) -> APIRouter:
+    """``GET /models`` and ``POST /models/{version}/activate`` (``auth``; the rollback)."""
+    router = APIRouter(tags=["models"])
+
+    @router.get("/models")
     def models() -> dict:
         return {"active": control.live_version, "versions": control.registry.listing()}
 
-    @app.post(
-        "/models/{version}/activate",
-        tags=["models"],
-        dependencies=[Depends(require_token)],
-        responses={401: {}, 403: {}, 404: {}, 409: {}},
+    @router.post(
+        "/models/{version}/activate", dependencies=auth, responses={401: {}, 403: {}, 404: {}, 409: {}}
     )
     def activate(version: str) -> dict:
-        try:
+        with http_errors(ACTIVATE_ERRORS):
             return control.activate(version, f"POST /models/{version}/activate")
-        except RegistryError as exc:
-            raise HTTPException(404, str(exc)) from None
-        except ActivationError as exc:
-            raise HTTPException(409, str(exc)) from None
 
-    return app
+    return router

@@ -34,6 +34,7 @@ cut off by a crash or restart and is marked ``failed``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ from typing import Any, Callable
 
 from rpnt_core.child_env import ROOT, child_env
 
+from .calibration_worker import THREAD_VARS
 from .cpu_share import CpuShare, process_cpu_seconds
 from .registry import CHECKPOINT, STEP_FILE, ModelRegistry, read_json, write_json_atomic
 from .settings import CalibrationSettings
@@ -57,6 +59,16 @@ from .settings import CalibrationSettings
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 FINAL_STATES = ("succeeded", "rejected", "failed")
 POLL_S = 0.5  # how often the monitor samples the worker's CPU time
+# the worker's result fields a candidate version's registry metadata keeps
+RESULT_METRICS = (
+    "candidate_holdout_r2",
+    "live_holdout_r2",
+    "candidate_val_r2",
+    "best_epoch",
+    "epochs_run",
+    "splits",
+    "n_bins",
+)
 log = logging.getLogger("rpnt.calibration")
 
 
@@ -101,15 +113,15 @@ class WarmWorker:
     --serve OPTIONS``), running them one after another (the protocol: that module's docstring).
 
     Args:
-        options: the calibration settings (as ``model_dump()``) it confines itself by.
+        options: the calibration settings it confines itself by (threads, niceness, CPUs).
         env: its environment.
         log: where its output goes between jobs (during a job: the job's ``worker.log``).
     """
 
-    def __init__(self, *, options: dict, env: dict, log: Path) -> None:
+    def __init__(self, *, options: CalibrationSettings, env: dict, log: Path) -> None:
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.calibration_worker", "--serve", json.dumps(options)],
+                [sys.executable, "-m", "service.calibration_worker", "--serve", options.model_dump_json()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=out,
@@ -213,6 +225,8 @@ class CalibrationManager:
         return self._current
 
     def get(self, job_id: str) -> dict | None:
+        """Job ``job_id``'s record with its phase, per-epoch losses, progress and CPU share; None
+        for an unknown (or malformed) id."""
         if not JOB_ID.match(job_id):
             return None
         d = self.registry.jobs_dir / job_id
@@ -239,6 +253,8 @@ class CalibrationManager:
         return st
 
     def jobs(self) -> list[dict]:
+        """Every job's summary (``id``, ``state``, ``created``, ``source``, ``version``, ``live``),
+        oldest first."""
         out = []
         for d in self.registry.jobs_dir.iterdir():
             st = read_json(d / "status.json") if d.is_dir() else None
@@ -248,15 +264,13 @@ class CalibrationManager:
 
     # ------------------------------------------------------------------ submit
     def _env(self) -> dict:
-        return child_env(
-            **dict.fromkeys(
-                ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(self.settings.threads)
-            )
-        )
+        """The worker's environment: this process's, the package root on ``PYTHONPATH``, and the BLAS
+        thread counts at ``calibration.threads``."""
+        return child_env() | dict.fromkeys(THREAD_VARS, str(self.settings.threads))
 
     def _spawn_warm(self) -> WarmWorker:
         return WarmWorker(
-            options=self.settings.model_dump(),
+            options=self.settings,
             env=self._env(),
             log=self.registry.jobs_dir / "warm-worker.log",
         )
@@ -289,8 +303,22 @@ class CalibrationManager:
         timings: dict | None = None,
     ) -> str:
         """Start a job on the calibration session ``data`` (NPZ, validated by the caller; moved into
-        the job directory).  ``timings``: seconds the caller spent before (``input_s``: reading and checking the data),
-        reported with the job's.  Returns the job id; raises :class:`CalibrationBusy`."""
+        the job directory).
+
+        Args:
+            data: the session as canonical NPZ.
+            source: where it came from (``upload`` / ``recent``), for the job record.
+            force: the candidate goes live even if it misses the gate.
+            base_version: the registry version finetuned from (the live one).
+            n_bins: the session's bins, for the job record.
+            detail: what the job record says about the data (file name, seconds, …).
+            timings: seconds the caller spent before (``input_s``: reading and checking the data),
+                reported with the job's.
+
+        Returns:
+            the job id.  Raises :class:`CalibrationBusy` while a job runs, ``ValueError`` when
+            ``base_version`` has no checkpoint.
+        """
         ckpt = self.registry.checkpoint(base_version)
         if ckpt is None:
             raise ValueError(
@@ -304,23 +332,10 @@ class CalibrationManager:
             d = self.registry.jobs_dir / job_id
             d.mkdir()
             shutil.move(str(data), d / "data.npz")
-            opts = self.settings.model_dump()
-            now = time.time()
-            write_json_atomic(
-                d / "job.json",
-                {
-                    "data": "data.npz",
-                    "base_checkpoint": str(ckpt),
-                    "base_version": base_version,
-                    "submitted": now,
-                    "base_step_graph": str(self.registry.export_dir(base_version) / STEP_FILE),
-                    "options": opts,
-                },
-            )
             st = {
                 "id": job_id,
                 "state": "running",
-                "created": now,
+                "created": time.time(),
                 "source": source,
                 "force": bool(force),
                 "base_version": base_version,
@@ -330,31 +345,51 @@ class CalibrationManager:
                 "live": False,
                 "timings": dict(timings or {}),
             }
-            self._save(d, st)
-            worker: WarmWorker | _ColdWorker
-            if self.settings.warm_worker:
-                if self._warm is None or not self._warm.alive():
-                    self._warm = self._spawn_warm()
-                try:
-                    self._warm.start(d)
-                except OSError:  # it died since the check above (a broken pipe): one new worker, once
-                    self._warm = self._spawn_warm()
-                    self._warm.start(d)
-                worker = self._warm
-            else:
-                worker = _ColdWorker(job=d, env=self._env())
-            self._proc = worker.proc
-            self._current = job_id
-            self._cpu, self._cancelled = {}, None
-            t = threading.Thread(
-                target=self._monitor, args=(job_id, d, worker, st), name=f"calibration-{job_id}", daemon=True
-            )
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-            t.start()
+            self._write_job(d, st, base_checkpoint=ckpt)
+            self._start(job_id, d, st)
         log.info(
             "calibration job %s started (%s, %d bins, base version %s)", job_id, source, n_bins, base_version
         )
         return job_id
+
+    def _write_job(self, d: Path, st: dict, *, base_checkpoint: Path) -> None:
+        """The job's spec for the worker (``job.json``) and its first status record."""
+        write_json_atomic(
+            d / "job.json",
+            {
+                "data": "data.npz",
+                "base_checkpoint": str(base_checkpoint),
+                "base_version": st["base_version"],
+                "submitted": st["created"],
+                "base_step_graph": str(self.registry.export_dir(st["base_version"]) / STEP_FILE),
+                "options": self.settings.model_dump(),
+            },
+        )
+        self._save(d, st)
+
+    def _start(self, job_id: str, d: Path, st: dict) -> None:
+        """Hand job ``d`` to a worker (the warm one, started anew if it died; else a cold one) and
+        start its monitor thread.  Called with the lock held."""
+        worker: WarmWorker | _ColdWorker
+        if self.settings.warm_worker:
+            if self._warm is None or not self._warm.alive():
+                self._warm = self._spawn_warm()
+            try:
+                self._warm.start(d)
+            except OSError:  # it died since the check above (a broken pipe): one new worker, once
+                self._warm = self._spawn_warm()
+                self._warm.start(d)
+            worker = self._warm
+        else:
+            worker = _ColdWorker(job=d, env=self._env())
+        self._proc = worker.proc
+        self._current = job_id
+        self._cpu, self._cancelled = {}, None
+        t = threading.Thread(
+            target=self._monitor, args=(job_id, d, worker, st), name=f"calibration-{job_id}", daemon=True
+        )
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no job runs (tests, shutdown)."""
@@ -460,24 +495,56 @@ class CalibrationManager:
         return why
 
     def _publish(self, job_id: str, d: Path, st: dict, res: dict) -> None:
+        """The worker's candidate → a registry version, then the gate: live (``succeeded``, or
+        ``failed`` if it cannot go live) or kept aside (``rejected``)."""
+        cand, live = float(res["candidate_holdout_r2"]), float(res["live_holdout_r2"])
+        passed = cand >= live
+        metrics = {k: res[k] for k in RESULT_METRICS}
+        version = self._register(job_id, d, st, metrics=metrics, passed=passed)
+        result = {
+            **metrics,
+            "gate": {
+                "passed": passed,
+                "forced": bool(st["force"]) and not passed,
+                "rule": "candidate holdout R² ≥ live holdout R²",
+            },
+            "seconds": res.get("seconds"),
+        }
+        if not (passed or st["force"]):
+            self._finish(
+                d,
+                st,
+                "rejected",
+                version=version,
+                live=False,
+                result=result,
+                error=f"candidate holdout R² {cand:.4f} < live model's {live:.4f}: kept as version "
+                f"{version}, not activated (force=true, or POST /models/{version}/activate)",
+            )
+            return
+        t_swap = time.perf_counter()
+        try:
+            swap = self._activate(version, f"calibration {job_id}" + (" (forced)" if not passed else ""))
+            st["timings"]["swap_s"] = round(time.perf_counter() - t_swap, 3)
+        except Exception as exc:  # noqa: BLE001 - the candidate stays in the registry, not live
+            self._finish(
+                d,
+                st,
+                "failed",
+                version=version,
+                live=False,
+                result=result,
+                error=f"candidate kept as version {version} but it could not go live: {exc}",
+            )
+            return
+        self._finish(d, st, "succeeded", version=version, live=True, result=result, swap=swap)
+
+    def _register(self, job_id: str, d: Path, st: dict, *, metrics: dict, passed: bool) -> str:
+        """Move the job's candidate (checkpoint + export) into the registry as a new version."""
         t_reg = time.perf_counter()
         staged = self.registry.new_staging(f"cal-{job_id}")
         shutil.move(str(d / "candidate" / "export"), staged / "export")
         shutil.move(str(d / "candidate" / CHECKPOINT), staged / CHECKPOINT)
-        cand, live = float(res["candidate_holdout_r2"]), float(res["live_holdout_r2"])
-        passed = cand >= live
-        metrics = {
-            k: res[k]
-            for k in (
-                "candidate_holdout_r2",
-                "live_holdout_r2",
-                "candidate_val_r2",
-                "best_epoch",
-                "epochs_run",
-                "splits",
-                "n_bins",
-            )
-        }
         version = self.registry.add(
             staged,
             meta={
@@ -490,43 +557,7 @@ class CalibrationManager:
             },
         )
         st["timings"]["registry_s"] = round(time.perf_counter() - t_reg, 3)
-        result = {
-            **metrics,
-            "gate": {
-                "passed": passed,
-                "forced": bool(st["force"]) and not passed,
-                "rule": "candidate holdout R² ≥ live holdout R²",
-            },
-            "seconds": res.get("seconds"),
-        }
-        if passed or st["force"]:
-            t_swap = time.perf_counter()
-            try:
-                swap = self._activate(version, f"calibration {job_id}" + (" (forced)" if not passed else ""))
-                st["timings"]["swap_s"] = round(time.perf_counter() - t_swap, 3)
-            except Exception as exc:  # noqa: BLE001 - the candidate stays in the registry, not live
-                self._finish(
-                    d,
-                    st,
-                    "failed",
-                    version=version,
-                    live=False,
-                    result=result,
-                    error=f"candidate kept as version {version} but it could not go live: {exc}",
-                )
-                return
-            self._finish(d, st, "succeeded", version=version, live=True, result=result, swap=swap)
-        else:
-            self._finish(
-                d,
-                st,
-                "rejected",
-                version=version,
-                live=False,
-                result=result,
-                error=f"candidate holdout R² {cand:.4f} < live model's {live:.4f}: kept as version "
-                f"{version}, not activated (force=true, or POST /models/{version}/activate)",
-            )
+        return version
 
     def _finish(self, d: Path, st: dict, state: str, **kw: Any) -> None:
         st.update(state=state, finished=time.time(), **kw)
@@ -550,8 +581,6 @@ def _read_progress(path: Path) -> list[dict]:
         return []
     out = []
     for line in text.splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line being written right now
             out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            pass
     return out

@@ -52,6 +52,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
+from .settings import CalibrationSettings
+
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -66,15 +68,14 @@ def _write_result(job: Path, obj: dict) -> None:
     os.replace(tmp, job / "result.json")
 
 
-def confine(opt: dict) -> None:
+def confine(opt: CalibrationSettings) -> None:
     """This process's threads, niceness and CPUs as ``opt`` says (before torch is imported)."""
-    threads = int(opt.get("threads", 1))
     for var in THREAD_VARS:
-        os.environ[var] = str(threads)
-    if int(opt.get("nice", 0)) > 0:
-        os.nice(int(opt["nice"]))
-    if opt.get("affinity") and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, set(int(c) for c in opt["affinity"]))
+        os.environ[var] = str(opt.threads)
+    if opt.nice > 0:
+        os.nice(opt.nice)
+    if opt.affinity and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(opt.affinity))
 
 
 def import_heavy(threads: int) -> float:
@@ -92,15 +93,17 @@ def import_heavy(threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def training_plan(opt: dict, *, train_bins: int, batch_size: int, window_len: int) -> tuple[int, int]:
+def training_plan(
+    opt: CalibrationSettings, *, train_bins: int, batch_size: int, window_len: int
+) -> tuple[int, int]:
     """(epochs, steps per epoch) for ``train_bins`` labelled training bins.
 
     An epoch is ``steps_per_epoch`` steps, or — when that is None — one pass over the training bins
     (``ceil(train_bins / (batch_size × window_len))`` steps); there are at most ``epochs`` of them and
     at most ``max_steps`` steps in all, so the training grows with the data up to a cap."""
-    spe = opt.get("steps_per_epoch") or math.ceil(train_bins / (batch_size * window_len))
-    spe = max(1, min(int(spe), int(opt["max_steps"])))
-    return max(1, min(int(opt["epochs"]), int(opt["max_steps"]) // spe)), spe
+    spe = opt.steps_per_epoch or math.ceil(train_bins / (batch_size * window_len))
+    spe = max(1, min(spe, opt.max_steps))
+    return max(1, min(opt.epochs, opt.max_steps // spe)), spe
 
 
 class _Phases:
@@ -132,46 +135,62 @@ def holdout_score(model: Any, session: Any, span: tuple[int, int]) -> dict:
     return score(labels, predict_range(model, session, lo, hi))
 
 
+def time_splits(n_bins: int, opt: CalibrationSettings) -> Any:
+    """The calibration session's :class:`~rpnt_core.data.Splits` in time: train (first
+    ``train_fraction``), validation (next ``val_fraction``), holdout (last ``holdout_fraction``)."""
+    from rpnt_core.data import Splits
+
+    a = int(n_bins * opt.train_fraction)
+    b = a + int(n_bins * opt.val_fraction)
+    c = n_bins - int(n_bins * opt.holdout_fraction)
+    return Splits(train=(0, a), val=(a, b), test=(max(b, c), n_bins))
+
+
+def finetune_options(opt: CalibrationSettings, *, train_bins: int) -> Any:
+    """The :class:`~rpnt_core.train.finetune.FinetuneOptions` of a job with ``train_bins`` training
+    bins: ``opt``'s recipe, on the CPU, its steps sized by :func:`training_plan`."""
+    from rpnt_core.train.finetune import FinetuneOptions
+
+    defaults = FinetuneOptions()
+    window_len = min(defaults.window_len, train_bins)
+    epochs, steps = training_plan(
+        opt, train_bins=train_bins, batch_size=defaults.batch_size, window_len=window_len
+    )
+    return FinetuneOptions(
+        mode=opt.mode,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        patience=opt.patience,
+        lr=opt.lr,
+        seed=opt.seed,
+        device="cpu",
+        progress=False,
+        train_fraction=opt.train_fraction,
+        val_fraction=opt.val_fraction,
+        test_fraction=opt.holdout_fraction,
+        window_len=window_len,
+    )
+
+
 def run_job(job: Path, phase: _Phases) -> dict:
     """The job in ``job`` (see the module docstring); its result, without ``ok``/``timings``."""
     spec = json.loads((job / "job.json").read_text())
-    opt = spec["options"]
+    opt = CalibrationSettings.model_validate(spec["options"])
+    from exporters.onnx_export import export_checkpoint
     from rpnt_core import load_checkpoint
-    from rpnt_core.data import Splits, load_session
-    from rpnt_core.train.finetune import FinetuneOptions, fit_decoder, save_finetuned
+    from rpnt_core.data import load_session
+    from rpnt_core.train.finetune import fit_decoder
 
+    base = Path(spec["base_checkpoint"])
     with phase("loading", "loading_s"):
         session = load_session(job / spec["data"]).with_target(None)
-        n = session.n_bins
-        a = int(n * opt["train_fraction"])
-        b = a + int(n * opt["val_fraction"])
-        c = n - int(n * opt["holdout_fraction"])
-        splits = Splits(train=(0, a), val=(a, b), test=(max(b, c), n))
-        base = Path(spec["base_checkpoint"])
+        splits = time_splits(session.n_bins, opt)
         live = load_checkpoint(base)
-
     with phase("scoring live model", "scoring_live_s"):
         live_holdout = holdout_score(live, session, splits.test)
         del live
-
-    window_len = min(100, a)
-    defaults = FinetuneOptions()
-    epochs, steps = training_plan(opt, train_bins=a, batch_size=defaults.batch_size, window_len=window_len)
-    fo = FinetuneOptions(
-        mode=opt["mode"],
-        epochs=epochs,
-        steps_per_epoch=steps,
-        patience=opt["patience"],
-        lr=opt["lr"],
-        seed=opt["seed"],
-        device="cpu",
-        progress=False,
-        train_fraction=opt["train_fraction"],
-        val_fraction=opt["val_fraction"],
-        test_fraction=opt["holdout_fraction"],
-        window_len=window_len,
-    )
-    with phase("finetuning", "finetuning_s", epochs=epochs, steps_per_epoch=steps):
+    fo = finetune_options(opt, train_bins=splits.train[1])
+    with phase("finetuning", "finetuning_s", epochs=fo.epochs, steps_per_epoch=fo.steps_per_epoch):
         model, fit = fit_decoder(
             session,
             init=base,
@@ -181,53 +200,64 @@ def run_job(job: Path, phase: _Phases) -> dict:
         )
     with phase("scoring candidate", "scoring_candidate_s"):
         cand_holdout = holdout_score(model, session, splits.test)
-
     cand = job / "candidate"
     cand.mkdir(exist_ok=True)
-    ckpt = cand / "checkpoint.safetensors"
-    metrics = {
-        "val_r2": fit["val_r2"],
-        "best_epoch": fit["best_epoch"],
-        "epochs_run": fit["epochs_run"],
-        "test_r2": cand_holdout["r2"],
-        "test_r2_per_dim": cand_holdout["r2_per_dim"],
-        "train_seconds": fit["train_seconds"],
-    }
-    provenance = {k: v for k, v in fit.items() if k not in (*metrics, "history")}
     with phase("saving", "saving_s"):
-        save_finetuned(
-            model, ckpt, session=session, options=fo, splits=splits, metrics=metrics, provenance=provenance
+        ckpt = save_candidate(
+            cand, model, fit=fit, holdout=cand_holdout, session=session, splits=splits, options=fo
         )
-
-    from exporters.onnx_export import export_checkpoint
-
     with phase("exporting", "export_s"):
         exp = export_checkpoint(
             ckpt,
             cand / "export",
             parity_data=job / spec["data"],
             window=False,
-            parity_bins=int(opt["parity_bins"]),
+            parity_bins=opt.parity_bins,
             template=spec.get("base_step_graph"),
         )
     phase.timings.update({f"export.{k}_s": v for k, v in exp.timings.items()})
     return {
         "splits": splits.as_dict(),
-        "n_bins": n,
-        "live_holdout_r2": live_holdout["r2"],
-        "live_holdout_r2_per_dim": live_holdout["r2_per_dim"],
-        "candidate_holdout_r2": cand_holdout["r2"],
-        "candidate_holdout_r2_per_dim": cand_holdout["r2_per_dim"],
+        "n_bins": session.n_bins,
+        **_scores("live", live_holdout),
+        **_scores("candidate", cand_holdout),
         "candidate_val_r2": fit["val_r2"],
         "best_epoch": fit["best_epoch"],
         "epochs_run": fit["epochs_run"],
-        "epochs": epochs,
-        "steps_per_epoch": steps,
+        "epochs": fo.epochs,
+        "steps_per_epoch": fo.steps_per_epoch,
         "train_seconds": fit["train_seconds"],
         "step_graph": exp.step_source,
         "weights_version": exp.contract.weights_sha if exp.contract is not None else None,
         "history": fit["history"],
     }
+
+
+def _scores(who: str, holdout: dict) -> dict:
+    return {f"{who}_holdout_r2": holdout["r2"], f"{who}_holdout_r2_per_dim": holdout["r2_per_dim"]}
+
+
+def save_candidate(
+    cand: Path, model: Any, *, fit: dict, holdout: dict, session: Any, splits: Any, options: Any
+) -> Path:
+    """Save the finetuned ``model`` as ``cand/checkpoint.safetensors`` with its fit's metrics
+    (``holdout``: its holdout score, reported as test) and provenance; the checkpoint's path."""
+    from rpnt_core.train.finetune import save_finetuned
+
+    ckpt = cand / "checkpoint.safetensors"
+    metrics = {
+        "val_r2": fit["val_r2"],
+        "best_epoch": fit["best_epoch"],
+        "epochs_run": fit["epochs_run"],
+        "test_r2": holdout["r2"],
+        "test_r2_per_dim": holdout["r2_per_dim"],
+        "train_seconds": fit["train_seconds"],
+    }
+    provenance = {k: v for k, v in fit.items() if k not in (*metrics, "history")}
+    save_finetuned(
+        model, ckpt, session=session, options=options, splits=splits, metrics=metrics, provenance=provenance
+    )
+    return ckpt
 
 
 def run_one(job: Path, *, started: float, imports_s: float) -> int:
@@ -287,12 +317,12 @@ def _output_to(path: Path) -> Iterator[None]:
             os.close(x)
 
 
-def serve(options: dict) -> int:
+def serve(options: CalibrationSettings) -> int:
     """The warm worker's loop (see the module docstring)."""
     confine(options)
     proto = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol's own descriptor
     os.dup2(2, 1)  # anything printed goes to the log, never into the protocol
-    import_heavy(int(options.get("threads", 1)))
+    import_heavy(options.threads)
     proto.write("ready\n")
     for line in sys.stdin:
         name = line.strip()
@@ -310,21 +340,21 @@ def serve(options: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--serve":
-        return serve(json.loads(argv[1]))
+        return serve(CalibrationSettings.model_validate_json(argv[1]))
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: python -m service.calibration_worker JOB_DIR | --serve OPTIONS_JSON", file=sys.stderr)
         return 2
     started = time.time()
     job = Path(argv[0])
     try:
-        opt = json.loads((job / "job.json").read_text())["options"]
-    except (OSError, ValueError, KeyError) as exc:
+        opt = CalibrationSettings.model_validate(json.loads((job / "job.json").read_text())["options"])
+    except (OSError, ValueError, KeyError) as exc:  # pydantic's ValidationError is a ValueError
         _write_result(job, {"ok": False, "error": f"job.json: {exc}"})
         return 1
     confine(opt)
     _start_record(job)
     _progress(job, phase="loading")
-    imports_s = import_heavy(int(opt.get("threads", 1)))
+    imports_s = import_heavy(opt.threads)
     return run_one(job, started=started, imports_s=imports_s)
 
 

@@ -12,6 +12,10 @@ its first output equals what it would have said had it run all along), and recor
 registry.  The swap itself lands at the next bin boundary — no bin missed or decoded twice; with
 no stream running it lands on the next stream's first bin (``pending`` in the answer).  If loading
 or checking fails, the live decoder and the registry are untouched.
+
+Calibration (:meth:`ControlPlane.calibrate`): the request's data is staged, checked against the live
+model and handed to the calibration worker by :mod:`service.intake`, which raises typed errors
+for the HTTP layer to map onto status codes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .calibration import CalibrationManager
+from .intake import CalibrationRequest, submit_calibration
 from .metrics import BUCKETS_MS, MetricsInput, exposition, new_registry
 from .registry import ModelRegistry
 from .settings import Settings
@@ -77,6 +82,7 @@ class ControlPlane:
         return self._live_version
 
     def ready(self) -> tuple[bool, str]:
+        """(ready, why): ready once the decode loop runs and the engine has warmed up."""
         d = self.daemon
         if not d.running:
             return False, "the decode loop is not running"
@@ -86,6 +92,8 @@ class ControlPlane:
         return True, f"model version {self._live_version} loaded and warmed up ({warm.get('detail')})"
 
     def status(self) -> dict:
+        """What ``GET /status`` answers: the live model, the stream's shape, uptime, counters, latency,
+        adapters, calibration, swaps and start-up record (daemon snapshots only)."""
         st = self.daemon.status()
         snap = self.daemon.snapshot()
         return {
@@ -176,10 +184,19 @@ class ControlPlane:
         log.info("model version %s activated (%s): %s", version, reason, out)
         return out
 
+    def calibrate(self, request: CalibrationRequest) -> dict:
+        """Stage ``request``'s calibration data and start a job on it (:mod:`service.intake`); the
+        202 body.  Raises :class:`~service.intake.UploadTooLarge`,
+        :class:`~service.uploads.CalibrationInputError`, :class:`~service.calibration.CalibrationBusy`
+        or :class:`~service.intake.CalibrationRefused`; the live model is untouched by any of them."""
+        return submit_calibration(self, request)
+
     def recent_calibration_data(self, seconds: float) -> tuple[Any, Any]:
+        """(counts, kinematics) of the last ``seconds`` of decoded bins the rig sent kinematics for."""
         return self.daemon.recent_training_data(seconds)
 
     def export_dir(self) -> Path:
+        """The live version's export directory."""
         return self.registry.export_dir(self._live_version)
 
     def live_contract(self):

@@ -100,6 +100,7 @@ class ServeProcess:
         self.stopped: dict = {}
 
     def _read(self) -> None:
+        assert self.proc.stderr is not None  # stderr=PIPE
         with open(self.log_path, "a") as log:
             for line in self.proc.stderr:
                 log.write(line)
@@ -107,6 +108,7 @@ class ServeProcess:
                 self._lines.put(line)
 
     def wait_ready(self, timeout: float = 120.0) -> dict:
+        """Its ``ready`` event (JSON on stderr); ``RuntimeError`` if it exits or ``timeout`` passes first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -128,6 +130,7 @@ class ServeProcess:
         return {"Authorization": f"Bearer {self.token}"}
 
     def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM (then SIGKILL after ``timeout``); its exit status.  Its ``stopped`` event lands in ``self.stopped``."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -188,32 +191,21 @@ def wait_for_job(serve: "ServeProcess", job_id: str, *, log) -> dict:
 def live_part(
     *, workdir: Path, data, result: dict, replay_s: float, calibrate_after_s: float | None, progress: bool
 ) -> dict:
+    """The live half (steps 1–5 of the module docstring) on ``data`` (the offline half's data:
+    ``target`` session, ``splits``, ``source``) with the offline ``result``'s decoders.
+
+    Returns:
+        ``decoder``, ``offline_test_r2``, ``test_split``, ``export``, ``export_parity``, ``report``
+        (what :func:`live_lines` prints) and ``report_dir``.  Raises ``RuntimeError`` when the
+        service does not start or the replay fails.
+    """
     import numpy as np
 
-    from exporters.onnx_export import export_model
-    from rpnt_core import load_checkpoint
-    from rpnt_core.data.session import conditioning_metadata
-    from streaming.protocol import PredFlag
-    from streaming.replay import run_replay
-    from streaming.report import build_report, write_report
+    from streaming.report import write_report
 
     log = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
-    target, splits = data.target, data.splits
-    rpnt_rows = [r for r in result["rows"] if r.get("checkpoint")]
-    chosen = max(rpnt_rows, key=lambda r: r["val_r2"])  # chosen on validation, never on test
-    log(f"[demo] exporting {chosen['decoder']} (best validation R² {chosen['val_r2']:.4f}) to ONNX …")
-    ckpt = Path(chosen["checkpoint"]).resolve()
-    exp = export_model(
-        load_checkpoint(ckpt),
-        workdir / "export",
-        parity_counts=target.counts,
-        parity_target=target.labels,
-        parity_source=data.source,
-        checkpoint=str(ckpt),
-        metadata=conditioning_metadata(target),
-    )
-    step_rep = exp.reports.get("step", {})
-
+    target = data.target
+    chosen, step_rep = export_best(workdir / "export", data=data, result=result, log=log)
     run_dir = workdir / "live"
     run_dir.mkdir(parents=True, exist_ok=True)
     log("[demo] starting rpnt serve (daemon + HTTP control plane) …")
@@ -227,95 +219,186 @@ def live_part(
     out: dict = {
         "decoder": chosen["decoder"],
         "offline_test_r2": chosen["test_r2"],
-        "test_split": list(splits.test),
+        "test_split": list(data.splits.test),
         "export": str(workdir / "export"),
         "export_parity": {k: step_rep.get(k) for k in ("max_abs_error", "passed") if k in step_rep},
     }
+    T = target.n_bins
+    lo = T - min(T, max(1, int(round(replay_s / target.bin_s))))
+    counts, vel = np.asarray(target.counts[lo:]), np.asarray(target.labels[lo:], dtype=np.float32)
     try:
         serve.wait_ready()
-        T = target.n_bins
-        n = min(T, max(1, int(round(replay_s / target.bin_s))))
-        lo = T - n
-        counts, vel = np.asarray(target.counts[lo:]), np.asarray(target.labels[lo:], dtype=np.float32)
         log(
-            f"[demo] replaying bins {lo}–{T} ({n * target.bin_s:.0f} s) at real-time pace"
+            f"[demo] replaying bins {lo}–{T} ({(T - lo) * target.bin_s:.0f} s) at real-time pace"
             + (f"; POST /calibrate (closed loop) after {calibrate_after_s:g} s" if calibrate_after_s else "")
             + " …"
         )
-        box: dict = {}
-
-        def replay() -> None:
-            try:
-                box["res"] = run_replay(
-                    counts=counts,
-                    bin_ns=round(target.bin_s * 1e9),
-                    ingest=serve.ingest,
-                    publish=serve.publish,
-                    labels={target.target: vel},
-                    realtime=True,
-                    send_kinematics=True,
-                )
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                box["error"] = exc
-
-        th = threading.Thread(target=replay, name="demo-replay")
-        th.start()
-        job = None
-        if calibrate_after_s:
-            # calibrate once the daemon has *decoded* calibrate_after_s of bins (not after that much
-            # wall time: a slow start on a busy machine would leave too few recent bins, a 422)
-            need = int(math.ceil(calibrate_after_s / target.bin_s))
-            while (
-                th.is_alive()
-                and (http_call(serve.url + "/status")[1].get("counters") or {}).get("bins", 0) < need
-            ):
-                th.join(0.2)
-            if th.is_alive():
-                code, job = http_call(
-                    serve.url + "/calibrate",
-                    headers=serve.headers(),
-                    form={"source": "recent", "seconds": str(calibrate_after_s)},
-                )
-                job = job | {"http_status": code}
-                log(f"[demo] POST /calibrate → {code} {job.get('job_id') or job.get('detail')}")
-        th.join()
-        if "error" in box:
-            raise RuntimeError(f"replay failed: {box['error']}")
-        res = box["res"]
-        if job and job.get("job_id"):
-            job = wait_for_job(serve, job["job_id"], log=log)
+        res, job = replay_with_calibration(
+            serve,
+            counts=counts,
+            labels={target.target: vel},
+            bin_s=target.bin_s,
+            calibrate_after_s=calibrate_after_s,
+            log=log,
+        )
         status = http_call(serve.url + "/status")[1]
         (run_dir / "metrics.txt").write_text(http_call(serve.url + "/metrics", raw=True)[1])
         models = http_call(serve.url + "/models")[1]
     finally:
         rc = serve.stop()
-    swapped = np.flatnonzero((res.flags & int(PredFlag.SWAPPED)) != 0)
-    test_lo, test_hi = splits.test
-    test_range = (max(0, test_lo - lo), test_hi - lo) if test_hi > lo else None
+    rep = replay_report(
+        res, data=data, export=workdir / "export", first_bin=lo, counts=counts, velocity=vel, calibration=job
+    )
+    rep.update(models=models, serve_exit=rc, daemon_counters=status.get("counters"))
+    write_report(run_dir / "replay", rep, res, vel)
+    out.update(report=rep, report_dir=str(run_dir / "replay"))
+    return out
+
+
+def export_best(out: Path, *, data, result: dict, log) -> tuple[dict, dict]:
+    """Export the RPNT decoder of ``result`` with the best *validation* R² (never chosen on test)
+    to ``out``, parity-checked on ``data``'s target session; (its results row, the step graph's
+    parity report)."""
+    from exporters.onnx_export import export_model
+    from rpnt_core import load_checkpoint
+    from rpnt_core.data.session import conditioning_metadata
+
+    target = data.target
+    rpnt_rows = [r for r in result["rows"] if r.get("checkpoint")]
+    chosen = max(rpnt_rows, key=lambda r: r["val_r2"])
+    log(f"[demo] exporting {chosen['decoder']} (best validation R² {chosen['val_r2']:.4f}) to ONNX …")
+    ckpt = Path(chosen["checkpoint"]).resolve()
+    exp = export_model(
+        load_checkpoint(ckpt),
+        out,
+        parity_counts=target.counts,
+        parity_target=target.labels,
+        parity_source=data.source,
+        checkpoint=str(ckpt),
+        metadata=conditioning_metadata(target),
+    )
+    return chosen, exp.reports.get("step", {})
+
+
+class BackgroundReplay:
+    """:func:`streaming.replay.run_replay` into a running ``rpnt serve`` on a thread of its own.
+
+    Args:
+        serve: the service (its ``ingest`` / ``publish`` endpoints).
+        counts: (T, N) counts to replay.
+        bin_s: their bin width, in seconds.
+        **options: ``run_replay``'s other keyword arguments (``labels``, ``realtime``,
+            ``send_kinematics``, ``drain_timeout_s`` …).
+    """
+
+    def __init__(self, serve: ServeProcess, *, counts, bin_s: float, **options) -> None:
+        self._box: dict = {}
+        kwargs = dict(counts=counts, bin_ns=round(bin_s * 1e9), ingest=serve.ingest, publish=serve.publish)
+        self.thread = threading.Thread(target=self._run, kwargs={**kwargs, **options}, name="demo-replay")
+        self.thread.start()
+
+    def _run(self, **kwargs) -> None:
+        from streaming.replay import run_replay
+
+        try:
+            self._box["res"] = run_replay(**kwargs)
+        except BaseException as exc:  # noqa: BLE001 - reported by result()
+            self._box["error"] = exc
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def result(self):
+        """Wait for the replay to end; its result.  Raises ``RuntimeError`` if it failed."""
+        self.thread.join()
+        if "error" in self._box:
+            raise RuntimeError(f"replay failed: {self._box['error']}")
+        return self._box["res"]
+
+
+def replay_with_calibration(
+    serve: ServeProcess, *, counts, labels: dict, bin_s: float, calibrate_after_s: float | None, log
+) -> tuple:
+    """Replay ``counts`` into ``serve`` at real-time pace with ``labels`` as the rig's KINEMATICS;
+    once the daemon has decoded ``calibrate_after_s`` seconds of bins, ``POST /calibrate``
+    (``source=recent``) and, after the replay, wait for that job.
+
+    Returns:
+        (the replay's :func:`streaming.replay.run_replay` result, the job's final status — or the
+        refused request's answer with its ``http_status`` — or None without a calibration).
+    """
+    replay = BackgroundReplay(
+        serve, counts=counts, bin_s=bin_s, labels=labels, realtime=True, send_kinematics=True
+    )
+    job = calibrate_when_decoded(serve, replay, seconds=calibrate_after_s, bin_s=bin_s, log=log)
+    res = replay.result()
+    if job and job.get("job_id"):
+        job = wait_for_job(serve, job["job_id"], log=log)
+    return res, job
+
+
+def calibrate_when_decoded(
+    serve: ServeProcess, replay: BackgroundReplay, *, seconds: float | None, bin_s: float, log
+) -> dict | None:
+    """``POST /calibrate`` (``source=recent``, ``seconds``) once the daemon has *decoded* that many
+    seconds of bins (not after that much wall time: a slow start on a busy machine would leave too
+    few recent bins, a 422), unless ``replay`` ends first; its answer with ``http_status``, or None."""
+    if not seconds:
+        return None
+    need = int(math.ceil(seconds / bin_s))
+    while (
+        replay.is_alive()
+        and (http_call(serve.url + "/status")[1].get("counters") or {}).get("bins", 0) < need
+    ):
+        replay.join(0.2)
+    if not replay.is_alive():
+        return None
+    code, job = http_call(
+        serve.url + "/calibrate",
+        headers=serve.headers(),
+        form={"source": "recent", "seconds": str(seconds)},
+    )
+    log(f"[demo] POST /calibrate → {code} {job.get('job_id') or job.get('detail')}")
+    return job | {"http_status": code}
+
+
+def replay_report(
+    res, *, data, export: Path, first_bin: int, counts, velocity, calibration: dict | None
+) -> dict:
+    """The replay's report (:func:`streaming.report.build_report`) in the session's bin numbers
+    (the replay started at ``first_bin``): scores on the test split, the bins a swap landed on, and
+    whether the daemon's output equals ``export`` decoding ``counts`` offline; ``calibration``: the job's
+    final status (or None)."""
+    import numpy as np
+
+    from streaming.protocol import PredFlag
+    from streaming.report import build_report
+
+    target, (test_lo, test_hi) = data.target, data.splits.test
+    lo = first_bin
     rep = build_report(
         res,
-        recorded_velocity=vel,
-        test_range=test_range,
+        recorded_velocity=velocity,
+        test_range=(max(0, test_lo - lo), test_hi - lo) if test_hi > lo else None,
         meta={
             "data": data.source,
             "target": target.target,
-            "bin_range": [lo, T],
-            "model": str(workdir / "export"),
+            "bin_range": [lo, target.n_bins],
+            "model": str(export),
             "daemon_mode": "rpnt serve (child process)",
             "backend": "onnx-cpu",
         },
     )
     if "score_test" in rep:  # bins of the session, not of the replayed range
         rep["score_test"]["bins"] = [lo + b for b in rep["score_test"]["bins"]]
-    rep["calibration"] = job
+    rep["calibration"] = calibration
+    swapped = np.flatnonzero((res.flags & int(PredFlag.SWAPPED)) != 0)
     rep["swap_bins"] = [int(lo + k) for k in swapped]
-    rep["online_equals_offline"] = compare_offline(workdir / "export", counts, res)
-    rep["models"] = models
-    rep["serve_exit"] = rc
-    rep["daemon_counters"] = status.get("counters")
-    write_report(run_dir / "replay", rep, res, vel)
-    out.update(report=rep, report_dir=str(run_dir / "replay"))
-    return out
+    rep["online_equals_offline"] = compare_offline(export, counts, res)
+    return rep
 
 
 def compare_offline(export: Path, counts, res) -> dict:
@@ -343,6 +426,7 @@ def compare_offline(export: Path, counts, res) -> dict:
 
 
 def live_lines(live: dict) -> list[str]:
+    """The live half's summary lines for the terminal, from :func:`live_part`'s answer."""
     from streaming.report import summary_lines
 
     rep = live["report"]

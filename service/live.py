@@ -98,7 +98,9 @@ class PredictionFeed:
             self._readers += 1
             self.endpoint = connect_endpoint(self._bound())
             if self.endpoint is not None and self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="rpnt-live-feed", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, args=(self.endpoint,), name="rpnt-live-feed", daemon=True
+                )
                 self._thread.start()
 
     def close(self) -> None:
@@ -123,14 +125,14 @@ class PredictionFeed:
                 return True
             return False
 
-    def _run(self) -> None:
+    def _run(self, endpoint: str) -> None:
         ctx = zmq.Context(io_threads=1)
         sock = ctx.socket(zmq.SUB)
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, self.capacity * 4)
             sock.setsockopt(zmq.SUBSCRIBE, PREDICTION_TOPIC)
-            sock.connect(self.endpoint)
+            sock.connect(endpoint)
             while not self._retire_if_idle():
                 time.sleep(self._period)
                 self._drain(sock)

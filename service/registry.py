@@ -117,22 +117,27 @@ class ModelRegistry:
         return sorted(ids, key=int)
 
     def meta(self, version: str) -> dict:
+        """The version's ``meta.json`` with its ``version``; :class:`RegistryError` if it is unknown."""
         d = self._dir(version)
         return read_json(d / "meta.json", {}) | {"version": str(version)}
 
     def export_dir(self, version: str) -> Path:
+        """The version's export directory; :class:`RegistryError` if it is unknown."""
         return self._dir(version) / "export"
 
     def checkpoint(self, version: str) -> Path | None:
+        """The version's checkpoint, or None when it has none (an export-only import)."""
         p = self._dir(version) / CHECKPOINT
         return p if p.exists() else None
 
     def active(self) -> str | None:
+        """The active version, or None (a new registry, or one whose active version is gone)."""
         a = read_json(self.root / "active.json", {}) or {}
         v = a.get("version")
         return str(v) if v is not None and (self.versions_dir / str(v)).is_dir() else None
 
     def activation_history(self) -> list[dict]:
+        """The recorded activations (the last 1000: ``version``, ``time``, ``reason``), oldest first."""
         return list((read_json(self.root / "active.json", {}) or {}).get("history", []))
 
     def candidates_for_start(self) -> list[str]:
@@ -149,6 +154,7 @@ class ModelRegistry:
         return seen
 
     def listing(self) -> list[dict]:
+        """Every version's metadata with ``active`` and ``has_checkpoint``, oldest first."""
         act = self.active()
         return [
             self.meta(v) | {"active": v == act, "has_checkpoint": self.checkpoint(v) is not None}
@@ -164,6 +170,8 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ writing
     def new_staging(self, name: str) -> Path:
+        """A new, empty directory under ``staging/`` (``name``-pid-clock): where a version is built or
+        calibration data is staged."""
         d = self.staging_dir / f"{name}-{os.getpid()}-{time.monotonic_ns()}"
         d.mkdir(parents=True)
         return d

@@ -35,14 +35,14 @@ WORKER_PHASES = (
 
 
 def test_training_grows_with_the_labelled_bins_up_to_the_cap():
-    opt = CalibrationSettings(max_steps=24, epochs=12).model_dump()
+    opt = CalibrationSettings(max_steps=24, epochs=12)
     small = training_plan(opt, train_bins=1600, batch_size=16, window_len=100)
     large = training_plan(opt, train_bins=3600, batch_size=16, window_len=100)
     huge = training_plan(opt, train_bins=10**6, batch_size=16, window_len=100)
     assert small == (12, 1)  # one pass per epoch: 1600 bins = one step of 16 × 100; 12 epochs at most
     assert large == (8, 3)  # 3 steps per pass; 24 // 3 epochs
     assert huge[0] * huge[1] <= 24 and huge == (1, 24)  # never past max_steps
-    fixed = CalibrationSettings(steps_per_epoch=5, max_steps=24, epochs=12).model_dump()
+    fixed = CalibrationSettings(steps_per_epoch=5, max_steps=24, epochs=12)
     assert training_plan(fixed, train_bins=3600, batch_size=16, window_len=100) == (4, 5)
 
 
