@@ -12,6 +12,7 @@ Correctness only: timeouts are generous and guard liveness; nothing asserts how 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -363,7 +364,7 @@ def test_health_ready_status_metrics_and_openapi(server, http, tiny):
         )
     )
     assert len(buckets) > 5 and buckets[-1] == (float("inf"), bins)
-    assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))  # cumulative
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))  # cumulative
     assert samples[("rpnt_stage_latency_seconds_sum", daemon)] > 0
     info = [dict(k[1]) for k in samples if k[0] == "rpnt_model_info"]
     assert info == [
@@ -978,7 +979,7 @@ def test_fuzzed_requests_never_get_a_server_error(fuzz_server):
                 def run(case):
                     for headers in (AUTH, {}):
                         r = case.call(headers=headers, timeout=60)
-                        seen.setdefault(op.label, set()).add(r.status_code)
+                        seen.setdefault(case.operation.label, set()).add(r.status_code)
                         if r.status_code >= 500:
                             errors.append(
                                 f"{case.method} {case.formatted_path}: {r.status_code} {r.text[:300]}"
