@@ -286,19 +286,20 @@ def calibration_compact(r: Results) -> list[str]:
         f"decode loop running; {T.load_note(res)}.",
         "",
         *T.calibration_table(res),
+        "",
+        "Where the time goes (the last arm's per-phase medians, server side):",
+        "",
+        *T.calibration_phases(res),
     ]
 
 
 def calibration_detail(r: Results) -> list[str]:
-    res = r("calibration_speed.json")
     return [
         "From `POST /calibrate` (an NPZ upload) to the new model live, while the decode loop runs; "
         "`--baseline-ref` runs the same POSTs on an older commit in the same run. Design and settings: "
         "[calibration.md](calibration.md).",
         "",
         *calibration_compact(r),
-        "",
-        *T.calibration_phases(res),
         "",
     ]
 
