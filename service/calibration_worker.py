@@ -163,6 +163,7 @@ def run_job(job: Path, phase: _Phases) -> dict:
         steps_per_epoch=steps,
         patience=opt["patience"],
         lr=opt["lr"],
+        core_lr_scale=opt.get("core_lr_scale"),
         seed=opt["seed"],
         device="cpu",
         progress=False,

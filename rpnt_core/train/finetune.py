@@ -103,6 +103,7 @@ class FinetuneOptions:
     device: str = "auto"
     progress: bool = True
     config_overrides: tuple[tuple[str, object], ...] = ()
+    core_lr_scale: float | None = None  # a kept head's core lr ÷ lr; None: KEPT_HEAD_CORE_LR_SCALE
 
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
@@ -114,6 +115,8 @@ class FinetuneOptions:
                 raise ValueError(f"{name}: must be ≥ 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.core_lr_scale is not None and not 0 < self.core_lr_scale <= 1:
+            raise ValueError(f"core_lr_scale: must be in (0, 1], got {self.core_lr_scale}")
 
     @classmethod
     def for_labels(
@@ -295,7 +298,8 @@ def fit_decoder(
     if window_len < 4:
         raise ValueError(f"train_fraction: the train split has only {hi - lo} bins")
     steps = options.steps_per_epoch
-    provenance["core_lr_scale"] = KEPT_HEAD_CORE_LR_SCALE if provenance["head"] == "pretrained" else 1.0
+    kept = KEPT_HEAD_CORE_LR_SCALE if options.core_lr_scale is None else float(options.core_lr_scale)
+    provenance["core_lr_scale"] = kept if provenance["head"] == "pretrained" else 1.0
     head_ids = {id(p) for p in model.velocity_head.parameters()}
     if fresh_read_in or init is None:
         head_ids |= {id(p) for p in model.read_in.parameters()}

@@ -252,6 +252,9 @@ def recalibrate(
         "candidate_holdout_r2": res.get("candidate_holdout_r2"),
         "live_holdout_r2": res.get("live_holdout_r2"),
         "swap": st.get("swap") or st.get("activation"),
+        "epochs": res.get("epochs"),
+        "steps_per_epoch": res.get("steps_per_epoch"),
+        "timings": st.get("timings"),
         "error": st.get("error"),
         "seconds": round(time.perf_counter() - t0, 2),
     }
