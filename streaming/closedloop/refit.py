@@ -92,27 +92,3 @@ def intention_session(session):
     labels = refit_labels(decoded=decoded, cursor=cursor, target=target, radius=radius)
     extra = {k: v for k, v in session.extra.items() if k not in TASK_FIELDS}
     return replace(session, velocity=labels, target="velocity", extra=extra)
-
-
-def speed_gain(*, decoded: np.ndarray, labels: np.ndarray, radius_mask: np.ndarray | None = None) -> float:
-    """The factor that makes a decoder fitted on ReFIT labels move at the labels' speed.
-
-    A decoder fitted by least squares shrinks its output toward zero (by about its R²), so a decoder
-    fitted on ReFIT labels moves slower than the speed ReFIT says the user wanted — the decoded
-    speed of the decoder before it — and each round of ReFIT compounds the loss.  The factor is the
-    labels' mean speed over the new decoder's mean decoded speed on the calibration bins (its own
-    output, decoded causally), over the bins that are not holds (``radius_mask`` True = holding;
-    None: all bins); 1 when either is zero.
-
-    Args:
-        decoded: (T, 2) the new decoder's output on the calibration counts.
-        labels: (T, 2) the ReFIT labels it was fitted on.
-        radius_mask: (T,) bool, True where the cursor was on the target.
-
-    Returns:
-        The gain (a float > 0) to multiply the new decoder's output by."""
-    d = np.asarray(decoded, dtype=np.float64)
-    lab = np.asarray(labels, dtype=np.float64)
-    move = np.ones(len(d), bool) if radius_mask is None else ~np.asarray(radius_mask, dtype=bool)
-    sd, sl = np.linalg.norm(d[move], axis=1).mean(), np.linalg.norm(lab[move], axis=1).mean()
-    return float(sl / sd) if sd > 0 and sl > 0 and np.isfinite(sd + sl) else 1.0
