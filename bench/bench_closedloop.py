@@ -1,3 +1,4 @@
+# Over 500 lines: one self-contained benchmark script (its sections, their aggregation and report).
 """Closed-loop benchmark (issue 17): a simulated participant drives a cursor through the live daemon.
 
     python bench/bench_closedloop.py --workdir /tmp/cl                          # every section, seeds 0,1,2
