@@ -365,3 +365,17 @@ def test_cli_refuses_bad_arguments_with_exit_2(capsys):
     assert main(["--seconds", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rpnt closedloop: error: --seconds") and "Traceback" not in err
+
+
+def test_the_closed_loop_never_imports_the_service():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, streaming.closedloop.session, streaming.closedloop.backends, streaming.closedloop.cli, "
+        "streaming.serve_process; print(sorted(m for m in sys.modules if m.split('.')[0] == 'service'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=LIVE
+    )
+    assert out.stdout.strip() == "[]"
