@@ -316,8 +316,7 @@ def adapters_compact(r: Results) -> list[str]:
 
 def closedloop_compact(r: Results) -> list[str]:
     res = r("closedloop.json")
-    meta = res.get("meta", {})
-    return [f"Seed {meta.get('seed', '—')}; {T.load_note(res)}.", "", *T.closedloop_table(res)]
+    return [f"{T.seeds_note(res).capitalize()}; {T.load_note(res)}.", "", *T.closedloop_table(res)]
 
 
 def closedloop_detail(r: Results) -> list[str]:

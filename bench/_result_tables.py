@@ -248,7 +248,12 @@ def load_note(result: dict) -> str:
     m = result.get("machine") or result.get("meta") or {}
     for key in ("load_avg_at_end", "load_after", "load_end", "load_avg_end"):
         if m.get(key):
-            return f"load average {m[key][0]:.1f} on {m.get('cpus', m.get('cores', '?'))} CPUs at the end"
+            cpus = m.get("cpus", m.get("cores"))
+            on = f" on {cpus} CPUs" if cpus else ""
+            if isinstance(m[key][0], list):  # merged runs: one load record per part
+                ones = [x[0] for x in m[key]]
+                return f"load average {min(ones):.1f}–{max(ones):.1f}{on} at the ends of its runs"
+            return f"load average {m[key][0]:.1f}{on} at the end"
     return "load not recorded"
 
 
@@ -362,18 +367,33 @@ def adapters_table(result: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------ closed loop
 
 
+def _by_seed_groups(blocks: Iterable[dict], key: Sequence[str]) -> dict[tuple, list[dict]]:
+    """Blocks grouped by ``key`` fields (one block per seed in each group), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for b in blocks:
+        groups.setdefault(tuple(b.get(k) for k in key), []).append(b)
+    return groups
+
+
+def _seed_stats(blocks: list[dict], field: str, spec: str) -> str:
+    values = [b[field] for b in blocks if b.get(field) is not None]
+    return mean_sd(values, spec) if values else "—"
+
+
 def closedloop_table(result: dict) -> list[str]:
+    """(decoder, block) × trials (summed over seeds), success, time to target, bitrate (mean ± sd
+    over seeds), bins lost (summed)."""
     rows = [
         [
-            b["decoder"],
-            b["name"],
-            str(b.get("n_trials", "—")),
-            fmt(b.get("success_rate"), ".2f"),
-            fmt(b.get("median_time_to_target_s"), ".2f"),
-            fmt(b.get("bitrate_bps"), ".2f"),
-            str(b.get("bins_lost", "—")),
+            decoder,
+            name,
+            str(sum(b.get("n_trials", 0) for b in bs)),
+            _seed_stats(bs, "success_rate", ".2f"),
+            _seed_stats(bs, "median_time_to_target_s", ".2f"),
+            _seed_stats(bs, "bitrate_bps", ".2f"),
+            str(sum(b.get("bins_lost", 0) for b in bs)),
         ]
-        for b in result.get("decoders") or []
+        for (decoder, name), bs in _by_seed_groups(result.get("decoders") or [], ("decoder", "name")).items()
     ]
     header = [
         "decoder",
@@ -388,19 +408,27 @@ def closedloop_table(result: dict) -> list[str]:
 
 
 def closedloop_latency(result: dict) -> list[str]:
+    groups = _by_seed_groups(result.get("latency") or [], ("decoder", "extra_latency_ms"))
     rows = [
         [
-            b["decoder"],
-            fmt(b.get("extra_latency_ms"), "g"),
-            fmt(b.get("success_rate"), ".2f"),
-            fmt(b.get("median_time_to_target_s"), ".2f"),
-            fmt(b.get("bitrate_bps"), ".2f"),
-            str(b.get("n_trials", "—")),
+            decoder,
+            fmt(extra, "g"),
+            _seed_stats(bs, "success_rate", ".2f"),
+            _seed_stats(bs, "median_time_to_target_s", ".2f"),
+            _seed_stats(bs, "bitrate_bps", ".2f"),
+            str(sum(b.get("n_trials", 0) for b in bs)),
         ]
-        for b in result.get("latency") or []
+        for (decoder, extra), bs in groups.items()
     ]
     header = ["decoder", "added latency ms", "success", "median time to target s", "bitrate bits/s", "trials"]
     return table(header, rows) if rows else []
+
+
+def seeds_note(result: dict) -> str:
+    """Which seeds a (possibly merged) result holds."""
+    meta = result.get("meta") or {}
+    seeds = meta.get("seeds") or ([meta["seed"]] if "seed" in meta else [])
+    return ("seeds " + ", ".join(str(x) for x in seeds) + " (mean ± sd)") if seeds else "seeds not recorded"
 
 
 # ------------------------------------------------------------------------------------------ steps

@@ -1,14 +1,17 @@
+# Over 500 lines: one self-contained benchmark script (its sections, their aggregation and report).
 """Closed-loop benchmark (issue 17): a simulated participant drives a cursor through the live daemon.
 
-    python bench/bench_closedloop.py --workdir /tmp/cl                     # every section
-    python bench/bench_closedloop.py --sections decoders,drift --seconds 45
+    python bench/bench_closedloop.py --workdir /tmp/cl                          # every section, seeds 0,1,2
+    python bench/bench_closedloop.py --workdir /tmp/cl --sections decoders --seeds 1 --out /tmp/cl/s1.json
+    python bench/bench_closedloop.py --merge /tmp/cl/s0.json,/tmp/cl/s1.json --out bench/results/closedloop.json
 
 The participant is ``streaming.closedloop`` with its defaults (LNP encoding fitted on the shared
 Nick center-out recording, center-out task: 8 targets at 8, radius 1.5, hold 0.3 s, timeout 6 s;
-controller with a 100 ms visual delay).  Every decoder is fitted on the same seeded 180 s
-observation block, every block runs in real time (20 ms bins) through the real daemon and ZeroMQ
-(RPNT: ``rpnt serve`` in a child process; Wiener/Kalman/GRU: the daemon in a thread, as they have
-no export) under the same seeds.  Sections (each written to the JSON as soon as it ends):
+controller with a 100 ms visual delay).  Per seed, every decoder is fitted on the same seeded 180 s
+observation block, and every block runs in real time (20 ms bins) through the real daemon and
+ZeroMQ (RPNT: ``rpnt serve`` in a child process; Wiener/Kalman/GRU: the daemon in a thread, as they
+have no export) under the same seeds.  A decoder ``rpnt:paper`` is RPNT of the paper preset
+(trained ``--paper-epochs`` × ``--paper-steps``).  Sections (the JSON is rewritten after each block):
 
 - ``decoders``: per decoder, block 1 (fitted on the observation block), then recalibration from
   block 1's ReFIT intention labels (RPNT: ``POST /calibrate source=recent``, the labels streamed as
@@ -16,22 +19,26 @@ no export) under the same seeds.  Sections (each written to the JSON as soon as 
 - ``labels``: from one block, recalibration from ReFIT labels vs the true intended velocity vs the
   decoded velocity (RPNT: NPZ uploads, ``labels=refit`` for the first, ``force`` so that each goes
   live; the base version is re-activated before each), each followed by a block.
+- ``steps``: RPNT recalibrated from one block's ReFIT labels by a fresh service per
+  ``calibration.max_steps`` (``--max-steps``): holdout R², POST-to-live time, success after.
 - ``latency``: extra delay before a prediction moves the cursor, 0/20/50/100/200 ms.
 - ``drift``: ``--stages`` stages (a simulated hour): preferred directions rotated, per-channel rates
   a random walk that reaches, at the last stage, the day-to-day spread measured across the Spike
-  days (limblab_spike_wf_2012; a documented fallback without them), channels lost and gained.  Arm *none*: the first decoder
-  throughout; arm *recal*: in each stage, after ``--stage-s`` seconds, ``POST /calibrate`` from the
-  last ``--stage-s`` seconds of ReFIT labels while the loop runs, then ``--stage-s`` more seconds
-  on the swapped-in model.  Bins lost counted over the whole arm.
+  days (limblab_spike_wf_2012; a documented fallback without them), channels lost and gained.
+  Arm *none*: the first decoder throughout; arms *recal* and *recal-adapt* (``RECAL_ARMS``): in each stage, after ``--stage-s``
+  seconds, ``POST /calibrate`` from the last ``--recal-s`` seconds of ReFIT labels while the loop
+  runs, then ``--stage-s`` more seconds on the swapped-in model.  Bins lost counted over each run.
 
 The host is shared (2 cores, other work running): the JSON records the load average, and loop
-overruns (an iteration that started more than one bin late) per block.  Results:
-``--out`` (default bench/results/closedloop.json), a Markdown table and a PNG beside it.
+overruns (an iteration that started more than one bin late) per block.  Results: ``--out``
+(default bench/results/closedloop.json), a Markdown table (mean ± sd over seeds, and per seed)
+and a PNG beside it; ``--merge`` combines result files of separate runs (e.g. one per seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -53,7 +60,19 @@ FALLBACK_LOG_RATE_SIGMA = 0.4
 TOTAL_ROTATION_DEG = 36.0
 TOTAL_LOST = 0.15
 TOTAL_GAINED = 0.09
+#: drift arms that recalibrate, and the calibration settings (``rpnt serve`` environment) each uses:
+#: ``recal`` the service's defaults; ``recal-adapt`` every weight at the full learning rate
+#: (``calibration.core_lr_scale`` 1) and ten steps per epoch, up to 120 steps
+RECAL_ARMS = {
+    "recal": {},
+    "recal-adapt": {
+        "RPNT_CALIBRATION__CORE_LR_SCALE": "1",
+        "RPNT_CALIBRATION__STEPS_PER_EPOCH": "10",
+        "RPNT_CALIBRATION__MAX_STEPS": "120",
+    },
+}
 
+from streaming.closedloop.metrics import summarise  # noqa: E402
 from streaming.closedloop.session import (  # noqa: E402
     BIN_S,
     ClosedLoopSpec,
@@ -86,7 +105,7 @@ def spike_days_rate_drift(days: int = 5) -> dict:
         s = load_session(f)
         rates.append(np.asarray(s.counts, dtype=np.float64).mean(0) / s.bin_s)
     sig, common = [], []
-    for a, b in zip(rates[:-1], rates[1:]):
+    for a, b in zip(rates[:-1], rates[1:], strict=True):
         lr = np.log((b + 0.5) / (a + 0.5))
         med = float(np.median(lr))
         sig.append(
@@ -134,164 +153,244 @@ def drift_stages(enc, n: int, sigma: float, seed: int) -> list:
 
 
 def _row(name: str, loop, **extra) -> dict:
-    s = block_summary(name, loop)
-    return {**s, **extra}
+    return {**block_summary(name, loop), **extra}
+
+
+def _decoder_spec(entry: str, args, *, seconds: float, seed: int) -> ClosedLoopSpec:
+    """``entry``: a decoder name, or ``rpnt:PRESET`` (RPNT of that preset; ``paper`` trained with
+    ``--paper-epochs`` × ``--paper-steps``)."""
+    dec, _, preset = entry.partition(":")
+    preset = preset or args.preset
+    epochs, steps = (args.paper_epochs, args.paper_steps) if preset == "paper" else (10, 20)
+    return ClosedLoopSpec(
+        decoder=dec, seconds=seconds, seed=seed, preset=preset, rpnt_epochs=epochs, rpnt_steps=steps
+    )
+
+
+def _initial(args, entry: str, spec: ClosedLoopSpec, enc) -> dict:
+    """The decoder fitted on the seed's observation block (RPNT cached per preset and seed)."""
+    wd = args.workdir / f"initial-{entry.replace(':', '-')}-seed{spec.seed}"
+    return fit_initial(spec, enc, workdir=wd, log=log)
 
 
 def section_decoders(args, results: dict, save) -> None:
+    """Per seed and decoder: block 1 (observation fit), ReFIT recalibration, block 2."""
     rows = results.setdefault("decoders", [])
-    for dec in args.decoders:
-        spec = ClosedLoopSpec(decoder=dec, seconds=args.seconds, seed=args.seed, preset=args.preset)
-        enc = make_participant(spec)
-        wd = args.workdir / dec
-        init = fit_initial(
-            spec, enc, workdir=args.workdir / "shared-initial" if dec == "rpnt" else wd, log=log
-        )
-        be = start_backend(spec, init, workdir=wd)
-        try:
-            log(f"[bench] {dec}: block 1")
-            l1 = run_block(be, enc, spec, seconds=args.seconds, seed=args.seed, labels="refit")
-            rows.append(_row("observation-fit", l1, decoder=dec, offline_test_r2=init.get("offline_test_r2")))
-            save()
-            cal = recalibrate(be, l1, "refit", seed=args.seed, log=log)
-            log(f"[bench] {dec}: recalibrated from ReFIT labels: {cal}")
-            l2 = run_block(be, enc, spec, seconds=args.seconds, seed=args.seed + 1, labels="refit")
-            rows.append(_row("refit-recalibrated", l2, decoder=dec, calibration=cal))
-            save()
-            if dec == args.latency_decoder or dec == "rpnt":
-                results.setdefault("_loops", {})[dec] = (l1, l2)
-        finally:
-            be.close()
+    for seed in args.seeds:
+        for entry in args.decoders:
+            spec = _decoder_spec(entry, args, seconds=args.seconds, seed=seed)
+            enc = make_participant(spec)
+            init = _initial(args, entry, spec, enc)
+            be = start_backend(spec, init, workdir=args.workdir / f"{entry}-seed{seed}", env=args.serve_env)
+            tag = {"decoder": entry, "seed": seed, "fit_s": init.get("fit_s")}
+            try:
+                log(f"[bench] seed {seed} {entry}: block 1")
+                l1 = run_block(be, enc, spec, seconds=args.seconds, seed=seed, labels="refit")
+                rows.append(_row("observation-fit", l1, **tag, offline_test_r2=init.get("offline_test_r2")))
+                save()
+                cal = recalibrate(be, l1, "refit", seed=seed, log=log)
+                log(f"[bench] seed {seed} {entry}: recalibrated from ReFIT labels: {cal}")
+                l2 = run_block(be, enc, spec, seconds=args.seconds, seed=seed + 1, labels="refit")
+                rows.append(_row("refit-recalibrated", l2, **tag, calibration=cal))
+                save()
+            finally:
+                be.close()
 
 
 def section_latency(args, results: dict, save) -> None:
+    """Per decoder (``rpnt:paper`` included): blocks with 0–200 ms added before the cursor moves."""
     rows = results.setdefault("latency", [])
-    for dec in args.latency_decoders:
-        spec = ClosedLoopSpec(decoder=dec, seconds=args.latency_s, seed=args.seed, preset=args.preset)
-        enc = make_participant(spec)
-        init = fit_initial(
-            spec,
-            enc,
-            workdir=args.workdir / "shared-initial" if dec == "rpnt" else args.workdir / dec,
-            log=log,
-        )
-        be = start_backend(spec, init, workdir=args.workdir / f"{dec}-latency")
-        try:
-            for ms in args.latencies:
-                log(f"[bench] latency {dec} +{ms:g} ms")
-                lp = run_block(
-                    be,
-                    enc,
-                    spec,
-                    seconds=args.latency_s,
-                    seed=args.seed + 7,
-                    labels=None,
-                    extra_latency_s=ms / 1e3,
-                )
-                rows.append(_row(f"+{ms:g} ms", lp, decoder=dec, extra_latency_ms=ms))
-                save()
-        finally:
-            be.close()
+    for seed in args.seeds:
+        for entry in args.latency_decoders:
+            spec = _decoder_spec(entry, args, seconds=args.latency_s, seed=seed)
+            enc = make_participant(spec)
+            init = _initial(args, entry, spec, enc)
+            be = start_backend(
+                spec, init, workdir=args.workdir / f"{entry}-latency-seed{seed}", env=args.serve_env
+            )
+            try:
+                for ms in args.latencies:
+                    log(f"[bench] latency seed {seed} {entry} +{ms:g} ms")
+                    lp = run_block(
+                        be,
+                        enc,
+                        spec,
+                        seconds=args.latency_s,
+                        seed=seed + 7,
+                        labels=None,
+                        extra_latency_s=ms / 1e3,
+                    )
+                    rows.append(
+                        _row(
+                            f"+{ms:g} ms",
+                            lp,
+                            decoder=entry,
+                            seed=seed,
+                            extra_latency_ms=ms,
+                            fit_s=init.get("fit_s"),
+                            offline_test_r2=init.get("offline_test_r2"),
+                        )
+                    )
+                    save()
+            finally:
+                be.close()
 
 
 def section_labels(args, results: dict, save) -> None:
+    """From one block: recalibration from ReFIT vs true intended vs decoded labels, each forced live."""
     rows = results.setdefault("labels", [])
-    for dec in args.label_decoders:
-        spec = ClosedLoopSpec(decoder=dec, seconds=args.seconds, seed=args.seed, preset=args.preset)
+    for seed in args.seeds:
+        for entry in args.label_decoders:
+            spec = _decoder_spec(entry, args, seconds=args.seconds, seed=seed)
+            enc = make_participant(spec)
+            init = _initial(args, entry, spec, enc)
+            be = start_backend(
+                spec, init, workdir=args.workdir / f"{entry}-labels-seed{seed}", env=args.serve_env
+            )
+            try:
+                base = be.status()["model"]["registry_version"] if spec.decoder == "rpnt" else None
+                l1 = run_block(be, enc, spec, seconds=args.seconds, seed=seed, labels=None)
+                for kind in ("refit", "intended", "decoded"):
+                    if base is not None:
+                        be.request("POST", f"/models/{base}/activate")
+                    else:
+                        be.swap(init["decoder"])
+                    cal = recalibrate(be, l1, kind, upload=True, force=True, seed=seed, log=log)
+                    log(f"[bench] seed {seed} {entry}: calibrated from {kind} labels: {cal}")
+                    l2 = run_block(be, enc, spec, seconds=args.seconds, seed=seed + 1, labels=None)
+                    rows.append(
+                        _row(
+                            f"calibrated from {kind}",
+                            l2,
+                            decoder=entry,
+                            seed=seed,
+                            labels=kind,
+                            calibration=cal,
+                        )
+                    )
+                    save()
+            finally:
+                be.close()
+
+
+def section_steps(args, results: dict, save) -> None:
+    """RPNT recalibration quality and POST-to-live time vs ``calibration.max_steps``: one block of
+    ReFIT labels per seed, uploaded (``labels=refit``, the gate deciding) to a fresh service per
+    ``max_steps``, then a block on whatever is live."""
+    rows = results.setdefault("steps", [])
+    for seed in args.seeds:
+        spec = _decoder_spec("rpnt", args, seconds=args.seconds, seed=seed)
         enc = make_participant(spec)
-        init = fit_initial(
-            spec,
-            enc,
-            workdir=args.workdir / "shared-initial" if dec == "rpnt" else args.workdir / dec,
-            log=log,
-        )
-        be = start_backend(spec, init, workdir=args.workdir / f"{dec}-labels")
+        init = _initial(args, "rpnt", spec, enc)
+        be = start_backend(spec, init, workdir=args.workdir / f"steps-seed{seed}", env=args.serve_env)
         try:
-            base = be.status()["model"]["registry_version"] if dec == "rpnt" else None
-            first = init.get("decoder")
-            l1 = run_block(be, enc, spec, seconds=args.seconds, seed=args.seed, labels=None)
-            for kind in ("refit", "intended", "decoded"):
-                if dec == "rpnt":
-                    be.request("POST", f"/models/{base}/activate")
-                else:
-                    be.swap(first)
-                cal = recalibrate(be, l1, kind, upload=True, force=True, seed=args.seed, log=log)
-                log(f"[bench] {dec}: calibrated from {kind} labels: {cal}")
-                l2 = run_block(be, enc, spec, seconds=args.seconds, seed=args.seed + 1, labels=None)
-                rows.append(_row(f"calibrated from {kind}", l2, decoder=dec, labels=kind, calibration=cal))
-                save()
+            l1 = run_block(be, enc, spec, seconds=args.seconds, seed=seed, labels=None)
         finally:
             be.close()
+        rows.append(_row("block 1 (observation fit)", l1, seed=seed, max_steps=None))
+        for ms in args.max_steps:
+            # epochs unbounded so that max_steps is what binds (data-sized steps per epoch, early stopping)
+            env = {
+                **(args.serve_env or {}),
+                "RPNT_CALIBRATION__MAX_STEPS": str(ms),
+                "RPNT_CALIBRATION__EPOCHS": "1000",
+            }
+            be = start_backend(spec, init, workdir=args.workdir / f"steps-seed{seed}-{ms}", env=env)
+            try:
+                cal = recalibrate(be, l1, "refit", upload=True, seed=seed, log=log)
+                log(f"[bench] seed {seed} max_steps {ms}: {cal}")
+                l2 = run_block(be, enc, spec, seconds=args.seconds, seed=seed + 1, labels=None)
+                rows.append(_row(f"max_steps {ms}", l2, seed=seed, max_steps=ms, calibration=cal))
+                save()
+            finally:
+                be.close()
 
 
 def section_drift(args, results: dict, save) -> None:
+    """Per seed and arm: ``--stages`` drift stages in one long real-time block (see the docstring)."""
     drift = spike_days_rate_drift()
     out = results.setdefault(
         "drift",
         {
             "rate_drift": drift,
-            "arms": {},
+            "runs": [],
             "stages": args.stages,
             "stage_s": args.stage_s,
+            "recal_s": args.recal_s,
             "rotation_total_deg": TOTAL_ROTATION_DEG,
             "lost_total": TOTAL_LOST,
             "gained_total": TOTAL_GAINED,
         },
     )
-    dec = args.drift_decoder
-    spec = ClosedLoopSpec(decoder=dec, seconds=args.stage_s, seed=args.seed, preset=args.preset)
-    enc = make_participant(spec)
-    stages = drift_stages(enc, args.stages, drift["log_rate_sigma"], args.seed + 11)
-    init = fit_initial(
-        spec, enc, workdir=args.workdir / "shared-initial" if dec == "rpnt" else args.workdir / dec, log=log
-    )
-    for arm in args.drift_arms:
-        be = start_backend(spec, init, workdir=args.workdir / f"drift-{arm}")
-        marks: list[dict] = []
-
-        def schedule(loop, arm=arm, marks=marks):
-            for s, e in enumerate(stages):
-                if s:
-                    loop.set_encoding(e)
-                t0 = loop.k
-                marks.append({"stage": s, "start_bin": t0})
-                _wait_bins(loop, t0 + int(args.stage_s / BIN_S))
-                if arm == "recal" and s:
-                    cal = recalibrate(be, loop, "refit", seconds=args.stage_s, seed=args.seed, log=log)
-                    log(f"[bench] drift stage {s}: {cal}")
-                    marks[-1]["calibration"] = cal
-                    marks[-1]["after_bin"] = loop.k
-                    _wait_bins(loop, loop.k + int(args.stage_s / BIN_S))
-                marks[-1]["end_bin"] = loop.k
-            loop.stop()
-
-        try:
-            log(f"[bench] drift arm {arm}: {args.stages} stages")
-            lp = run_block(be, enc, spec, seconds=3600.0, seed=args.seed + 3, labels="refit", during=schedule)
-        finally:
-            be.close()
-        trials = lp.trial_rows()
-        per_stage = []
-        for m in marks:
-            lo = m.get("after_bin", m["start_bin"]) * BIN_S
-            hi = m["end_bin"] * BIN_S
-            from streaming.closedloop.metrics import summarise
-
-            before = (
-                [t for t in trials if m["start_bin"] * BIN_S <= t["start_s"] and t["end_s"] <= lo]
-                if "after_bin" in m
-                else None
-            )
-            win = [t for t in trials if lo <= t["start_s"] and t["end_s"] <= hi]
-            per_stage.append(
+    for seed in args.seeds:
+        spec = _decoder_spec(args.drift_decoder, args, seconds=args.stage_s, seed=seed)
+        enc = make_participant(spec)
+        stages = drift_stages(enc, args.stages, drift["log_rate_sigma"], seed + 11)
+        init = _initial(args, args.drift_decoder, spec, enc)
+        for arm in args.drift_arms:
+            env = {**(args.serve_env or {}), **RECAL_ARMS.get(arm, {})}
+            be = start_backend(spec, init, workdir=args.workdir / f"drift-{arm}-seed{seed}", env=env)
+            marks: list[dict] = []
+            try:
+                log(f"[bench] drift seed {seed} arm {arm}: {args.stages} stages")
+                lp = run_block(
+                    be,
+                    enc,
+                    spec,
+                    seconds=3600.0,
+                    seed=seed + 3,
+                    labels="refit",
+                    during=lambda loop, be=be, arm=arm, marks=marks, stages=stages, seed=seed: (
+                        _drift_schedule(args, loop, be, stages, arm=arm, marks=marks, seed=seed)
+                    ),
+                )
+            finally:
+                be.close()
+            out["runs"].append(
                 {
-                    **m,
-                    "measured": summarise(win),
-                    **({"before_recal": summarise(before)} if before is not None else {}),
+                    "seed": seed,
+                    "arm": arm,
+                    "stages": _stage_metrics(lp.trial_rows(), marks),
+                    "summary": lp.summary(),
+                    "swap_lag": swap_lag(lp),
                 }
             )
-        out["arms"][arm] = {"stages": per_stage, "summary": lp.summary(), "swap_lag": swap_lag(lp)}
-        save()
+            save()
+
+
+def _drift_schedule(args, loop, be, stages: list, *, arm: str, marks: list, seed: int) -> None:
+    """Runs in the bench's thread while the loop runs: drift at each stage start; in arm ``recal``,
+    after ``--stage-s`` seconds, ``POST /calibrate`` from the last ``--recal-s`` seconds of ReFIT
+    labels, then ``--stage-s`` more seconds measured on the swapped-in decoder."""
+    n = int(args.stage_s / BIN_S)
+    for s, e in enumerate(stages):
+        if s:
+            loop.set_encoding(e)
+        marks.append({"stage": s, "start_bin": loop.k})
+        _wait_bins(loop, loop.k + n)
+        if arm in RECAL_ARMS and s:
+            cal = recalibrate(be, loop, "refit", seconds=args.recal_s, seed=seed, log=log)
+            log(f"[bench] drift seed {seed} stage {s}: {cal}")
+            marks[-1]["calibration"] = cal
+            marks[-1]["after_bin"] = loop.k
+            _wait_bins(loop, loop.k + n)
+        marks[-1]["end_bin"] = loop.k
+    loop.stop()
+
+
+def _stage_metrics(trials: list[dict], marks: list[dict]) -> list[dict]:
+    """Per stage: the metrics of the trials in its measured window (after the swap in arm ``recal``),
+    and of those before the recalibration."""
+    out = []
+    for m in marks:
+        lo, hi = m.get("after_bin", m["start_bin"]) * BIN_S, m["end_bin"] * BIN_S
+        row = {**m, "measured": summarise([t for t in trials if lo <= t["start_s"] and t["end_s"] <= hi])}
+        if "after_bin" in m:
+            row["before_recal"] = summarise(
+                [t for t in trials if m["start_bin"] * BIN_S <= t["start_s"] and t["end_s"] <= lo]
+            )
+        out.append(row)
+    return out
 
 
 def swap_lag(loop, half: int = 25) -> list[dict]:
@@ -323,83 +422,223 @@ def _wait_bins(loop, k: int) -> None:
         time.sleep(0.05)
 
 
-def write_markdown(path: Path, res: dict) -> None:
-    def f(x, p=2):
-        return "–" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))
+# ============================================================================ aggregation and report
+def _ms(values: list) -> tuple[float | None, float | None]:
+    """(mean, sd) of the non-None values (sd 0 for one value)."""
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None
+    return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
+
+def _pm(values: list, p: int = 2) -> str:
+    m, s = _ms(values)
+    return "–" if m is None else f"{m:.{p}f} ± {s:.{p}f}"
+
+
+def _f(x, p: int = 2) -> str:
+    return "–" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))
+
+
+def _groups(rows: list[dict], *keys: str) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return out
+
+
+def md_decoders(rows: list[dict]) -> list[str]:
     L = [
-        f"# Closed-loop benchmark ({res['meta']['when']})",
+        "## Decoders side by side (center-out, the same seeds)",
         "",
-        f"Measured under load on a shared 2-core host (load average at start {res['meta']['load_start']}, at end "
-        f"{res['meta'].get('load_end')}); real-time 20 ms bins through the real daemon; seed {res['meta']['seed']}. "
+        "Mean ± sd over seeds (each seed: its own participant noise, observation block and targets).",
+        "",
+        "| decoder | block | seeds | success | median time to target (s) | path eff. | bitrate (bits/s) "
+        "| trials | bins lost |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (dec, name), g in _groups(rows, "decoder", "name").items():
+        L.append(
+            f"| {dec} | {name} | {len(g)} | {_pm([r['success_rate'] for r in g])} | "
+            f"{_pm([r['median_time_to_target_s'] for r in g])} | {_pm([r['median_path_efficiency'] for r in g])} | "
+            f"{_pm([r['bitrate_bps'] for r in g])} | {sum(r['n_trials'] for r in g)} | "
+            f"{sum(r['bins_lost'] for r in g)} |"
+        )
+    L += [
+        "",
+        "Per seed:",
+        "",
+        "| seed | decoder | block | success | trials | time to target (s) | dial-in (s) | bitrate | bins lost "
+        "| loop overruns |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r.get("seed", 0), r["decoder"])):
+        L.append(
+            f"| {r.get('seed', 0)} | {r['decoder']} | {r['name']} | {_f(r['success_rate'])} | {r['n_trials']} | "
+            f"{_f(r['median_time_to_target_s'])} | {_f(r['median_dial_in_s'])} | {_f(r['bitrate_bps'])} | "
+            f"{r['bins_lost']} | {r['loop_overruns']} |"
+        )
+    return L + [""]
+
+
+def md_latency(rows: list[dict]) -> list[str]:
+    L = [
+        "## Injected latency",
+        "",
+        "| decoder | extra latency (ms) | seeds | success | time to target (s) | bitrate (bits/s) | trials "
+        "| bins lost | fit (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (dec, ms), g in _groups(rows, "decoder", "extra_latency_ms").items():
+        L.append(
+            f"| {dec} | {ms:g} | {len(g)} | {_pm([r['success_rate'] for r in g])} | "
+            f"{_pm([r['median_time_to_target_s'] for r in g])} | {_pm([r['bitrate_bps'] for r in g])} | "
+            f"{sum(r['n_trials'] for r in g)} | {sum(r['bins_lost'] for r in g)} | "
+            f"{_pm([r.get('fit_s') for r in g], 0)} |"
+        )
+    return L + [""]
+
+
+def md_labels(rows: list[dict]) -> list[str]:
+    L = [
+        "## Recalibration labels",
+        "",
+        "| decoder | labels | seeds | success | time to target (s) | bitrate |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for (dec, kind), g in _groups(rows, "decoder", "labels").items():
+        L.append(
+            f"| {dec} | {kind} | {len(g)} | {_pm([r['success_rate'] for r in g])} | "
+            f"{_pm([r['median_time_to_target_s'] for r in g])} | {_pm([r['bitrate_bps'] for r in g])} |"
+        )
+    return L + [""]
+
+
+def md_steps(rows: list[dict]) -> list[str]:
+    L = [
+        "## Recalibration budget (`calibration.max_steps`), ReFIT labels of one block uploaded",
+        "",
+        "| max_steps | seeds | success after | candidate holdout R² | live holdout R² | went live "
+        "| POST→live, server (s) | finetuning (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (ms,), g in _groups(rows, "max_steps").items():
+        cal = [r.get("calibration") or {} for r in g]
+        tim = [c.get("timings") or {} for c in cal]
+        L.append(
+            f"| {ms if ms is not None else 'none (block 1)'} | {len(g)} | {_pm([r['success_rate'] for r in g])} | "
+            f"{_pm([c.get('candidate_holdout_r2') for c in cal], 3)} | {_pm([c.get('live_holdout_r2') for c in cal], 3)} "
+            f"| {sum(c.get('state') == 'succeeded' for c in cal) if ms is not None else '–'} | "
+            f"{_pm([t.get('total_s') for t in tim], 1)} | {_pm([t.get('finetuning_s') for t in tim], 1)} |"
+        )
+    return L + [""]
+
+
+def md_drift(d: dict) -> list[str]:
+    src = "Spike days" if d["rate_drift"]["source"] != "fallback" else "fallback"
+    L = [
+        "## Drift and recovery",
+        "",
+        f"Rate drift: a random walk reaching log-rate σ {d['rate_drift']['log_rate_sigma']:.3f} at the last stage "
+        f"({src}); rotation {d['rotation_total_deg']:g}° in all; {d['lost_total']:.0%} of channels lost, "
+        f"{d['gained_total']:.0%} gained in all, in {d['stages']} stages of {d['stage_s']} s; arm recal: "
+        f"`POST /calibrate` from the last {d.get('recal_s', d['stage_s'])} s of ReFIT labels in every stage, "
+        "measured over the next stage_s on the swapped-in model.",
+        "",
+        "| arm | stage | seeds | success (measured window) | ÷ stage 0 | success before recal | jobs live "
+        "| trials |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    runs = d.get("runs", [])
+    for arm in sorted({r["arm"] for r in runs}):
+        ar = [r for r in runs if r["arm"] == arm]
+        for s in range(max(len(r["stages"]) for r in ar)):
+            st = [r["stages"][s] for r in ar if len(r["stages"]) > s]
+            ratio = [
+                (x["measured"]["success_rate"] / r["stages"][0]["measured"]["success_rate"])
+                if x["measured"]["success_rate"] is not None and r["stages"][0]["measured"]["success_rate"]
+                else None
+                for r, x in zip(ar, st, strict=False)
+            ]
+            jobs = [x.get("calibration") for x in st if x.get("calibration")]
+            L.append(
+                f"| {arm} | {s} | {len(st)} | {_pm([x['measured']['success_rate'] for x in st])} | {_pm(ratio)} | "
+                f"{_pm([(x.get('before_recal') or {}).get('success_rate') for x in st])} | "
+                f"{sum(j.get('state') == 'succeeded' for j in jobs) if jobs else '–'} | "
+                f"{sum(x['measured']['n_trials'] for x in st)} |"
+            )
+    lost = sum(r["summary"]["bins_lost"] for r in runs)
+    bins = sum(r["summary"]["bins"] for r in runs)
+    L += ["", f"Bins lost over all runs: {lost} of {bins}.", ""]
+    return L
+
+
+def write_markdown(path: Path, res: dict) -> None:
+    m = res["meta"]
+    L = [
+        f"# Closed-loop benchmark ({m['when']})",
+        "",
+        f"Measured under load on a shared 2-core host (load average at start {m['load_start']}, at end "
+        f"{m.get('load_end')}); real-time 20 ms bins through the real daemon; seeds {m['seeds']}. "
         "Written by bench/bench_closedloop.py.",
         "",
     ]
-    if res.get("decoders"):
-        L += [
-            "## Decoders side by side (center-out, same seed)",
-            "",
-            "| decoder | block | success | median time to target (s) | dial-in (s) | path eff. | bitrate (bits/s) "
-            "| bins lost | loop overruns |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in res["decoders"]:
-            L.append(
-                f"| {r['decoder']} | {r['name']} | {f(r['success_rate'])} | {f(r['median_time_to_target_s'])} | "
-                f"{f(r['median_dial_in_s'])} | {f(r['median_path_efficiency'])} | {f(r['bitrate_bps'])} | "
-                f"{r['bins_lost']} | {r['loop_overruns']} |"
-            )
-        L.append("")
-    if res.get("labels"):
-        L += [
-            "## Recalibration labels",
-            "",
-            "| decoder | labels | success | time to target (s) | bitrate | job |",
-            "|---|---|---:|---:|---:|---|",
-        ]
-        for r in res["labels"]:
-            L.append(
-                f"| {r['decoder']} | {r['labels']} | {f(r['success_rate'])} | {f(r['median_time_to_target_s'])} "
-                f"| {f(r['bitrate_bps'])} | {r['calibration'].get('state')} |"
-            )
-        L.append("")
-    if res.get("latency"):
-        L += [
-            "## Injected latency",
-            "",
-            "| decoder | extra latency (ms) | success | time to target (s) | bitrate | bins lost |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in res["latency"]:
-            L.append(
-                f"| {r['decoder']} | {r['extra_latency_ms']:g} | {f(r['success_rate'])} | "
-                f"{f(r['median_time_to_target_s'])} | {f(r['bitrate_bps'])} | {r['bins_lost']} |"
-            )
-        L.append("")
-    if res.get("drift", {}).get("arms"):
-        d = res["drift"]
-        L += [
-            "## Drift and recovery",
-            "",
-            f"Rate drift: a random walk reaching log-rate σ {d['rate_drift']['log_rate_sigma']:.3f} at the last stage "
-            f"({'Spike days' if d['rate_drift']['source'] != 'fallback' else 'fallback'}); rotation "
-            f"{d.get('rotation_total_deg', TOTAL_ROTATION_DEG):g}° in all; {d.get('lost_total', TOTAL_LOST):.0%} of "
-            f"channels lost, {d.get('gained_total', TOTAL_GAINED):.0%} gained in all, in {d.get('stages')} stages of "
-            f"{d.get('stage_s')} s (drift steps between stages).",
-            "",
-            "| arm | stage | success (measured window) | success before recal | job | bins lost (arm) |",
-            "|---|---:|---:|---:|---|---:|",
-        ]
-        for arm, a in d["arms"].items():
-            for s in a["stages"]:
-                L.append(
-                    f"| {arm} | {s['stage']} | {f(s['measured']['success_rate'])} "
-                    f"({s['measured']['n_trials']} trials) | "
-                    f"{f((s.get('before_recal') or {}).get('success_rate'))} | "
-                    f"{(s.get('calibration') or {}).get('state', '')} | {a['summary']['bins_lost']} |"
-                )
-        L.append("")
+    for key, fn in (
+        ("decoders", md_decoders),
+        ("labels", md_labels),
+        ("steps", md_steps),
+        ("latency", md_latency),
+    ):
+        if res.get(key):
+            L += fn(res[key])
+    if (res.get("drift") or {}).get("runs"):
+        L += md_drift(res["drift"])
     path.write_text("\n".join(L))
+
+
+def _plot_decoders(ax, rows: list[dict]) -> None:
+    g = _groups(rows, "decoder", "name")
+    keys = list(g)
+    means = [_ms([r["success_rate"] for r in g[k]]) for k in keys]
+    ax.bar(range(len(keys)), [m or 0 for m, _ in means], yerr=[s or 0 for _, s in means], color="tab:blue")
+    ax.set_xticks(range(len(keys)), [f"{d}\n{n.split('-')[0]}" for d, n in keys], fontsize=7)
+    for i, k in enumerate(keys):
+        b = _ms([r["bitrate_bps"] for r in g[k]])[0] or 0
+        ax.text(i, (means[i][0] or 0) + 0.03, f"{b:.2f} b/s", ha="center", fontsize=7)
+    ax.axhline(0.9, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("success rate (mean ± sd over seeds)")
+    ax.set_title("decoders (bar label: Fitts bitrate)")
+
+
+def _plot_latency(ax, rows: list[dict]) -> None:
+    for dec, g in _groups(rows, "decoder").items():
+        by = _groups(g, "extra_latency_ms")
+        xs = sorted(k[0] for k in by)
+        ax.plot(xs, [_ms([r["bitrate_bps"] for r in by[(x,)]])[0] or 0 for x in xs], "o-", label=f"{dec[0]}")
+    ax.set_xlabel("extra latency (ms)")
+    ax.set_ylabel("bitrate (bits/s, mean over seeds)")
+    if rows:
+        ax.legend(fontsize=7)
+    ax.set_title("injected latency")
+
+
+def _plot_drift(ax, d: dict) -> None:
+    runs = d.get("runs", [])
+    for arm in sorted({r["arm"] for r in runs}):
+        ar = [r for r in runs if r["arm"] == arm]
+        n = max(len(r["stages"]) for r in ar)
+        ys = [
+            _ms([r["stages"][s]["measured"]["success_rate"] for r in ar if len(r["stages"]) > s])
+            for s in range(n)
+        ]
+        ax.errorbar(range(n), [m or 0 for m, _ in ys], yerr=[s or 0 for _, s in ys], fmt="o-", label=arm)
+    ax.set_xlabel("drift stage")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.05, 1.05)
+    if runs:
+        ax.legend(fontsize=7)
+    ax.set_title("drift: none vs periodic ReFIT recalibration")
 
 
 def plot(path: Path, res: dict) -> None:
@@ -409,118 +648,121 @@ def plot(path: Path, res: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
-    dec = res.get("decoders") or []
-    names = [f"{r['decoder']}\n{r['name'].split('-')[0]}" for r in dec]
-    ax[0].bar(range(len(dec)), [r["success_rate"] or 0 for r in dec], color="tab:blue")
-    ax[0].set_xticks(range(len(dec)), names, fontsize=7)
-    ax[0].set_ylabel("success rate")
-    for i, r in enumerate(dec):
-        ax[0].text(
-            i, (r["success_rate"] or 0) + 0.02, f"{r['bitrate_bps'] or 0:.2f} b/s", ha="center", fontsize=7
-        )
-    ax[0].set_ylim(0, 1.15)
-    ax[0].set_title("decoders (bar label: Fitts bitrate)")
-    for d in sorted({r["decoder"] for r in res.get("latency") or []}):
-        rs = [r for r in res["latency"] if r["decoder"] == d]
-        ax[1].plot(
-            [r["extra_latency_ms"] for r in rs],
-            [r["success_rate"] or 0 for r in rs],
-            "o-",
-            label=f"{d} success",
-        )
-        ax[1].plot(
-            [r["extra_latency_ms"] for r in rs],
-            [r["bitrate_bps"] or 0 for r in rs],
-            "s--",
-            label=f"{d} bitrate (b/s)",
-        )
-    ax[1].set_xlabel("extra latency (ms)")
-    if res.get("latency"):
-        ax[1].legend(fontsize=7)
-    ax[1].set_title("injected latency")
-    for arm, a in (res.get("drift") or {}).get("arms", {}).items():
-        ax[2].plot(
-            [s["stage"] for s in a["stages"]],
-            [s["measured"]["success_rate"] or 0 for s in a["stages"]],
-            "o-",
-            label=f"{arm}",
-        )
-    ax[2].set_xlabel("drift stage")
-    ax[2].set_ylabel("success rate")
-    ax[2].set_ylim(-0.05, 1.05)
-    if (res.get("drift") or {}).get("arms"):
-        ax[2].legend(fontsize=7)
-    ax[2].set_title("drift: no recalibration vs periodic ReFIT recalibration")
+    _plot_decoders(ax[0], res.get("decoders") or [])
+    _plot_latency(ax[1], res.get("latency") or [])
+    _plot_drift(ax[2], res.get("drift") or {})
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def main() -> int:
+# ============================================================================ command line
+SECTIONS = {
+    "decoders": section_decoders,
+    "latency": section_latency,
+    "labels": section_labels,
+    "steps": section_steps,
+    "drift": section_drift,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", type=Path, required=True)
-    p.add_argument("--sections", default="decoders,drift,latency,labels")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--sections", default="decoders,drift,latency,labels,steps")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--decoders", default="wiener,kalman,gru,rpnt")
-    p.add_argument("--latency-decoders", default="kalman,rpnt")
+    p.add_argument("--latency-decoders", default="kalman,rpnt,rpnt:paper")
     p.add_argument("--label-decoders", default="kalman,rpnt")
     p.add_argument("--latencies", default="0,20,50,100,200")
-    p.add_argument("--latency-decoder", default="kalman")
     p.add_argument("--drift-decoder", default="rpnt")
     p.add_argument("--drift-arms", default="none,recal")
+    p.add_argument("--max-steps", default="16,50,150", help="section steps: calibration.max_steps values")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--latency-s", type=float, default=40.0)
     p.add_argument("--stages", type=int, default=4)
     p.add_argument("--stage-s", type=float, default=40.0)
+    p.add_argument("--recal-s", type=float, default=None, help="seconds of labels per drift recalibration")
     p.add_argument("--preset", default="small")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paper-epochs", type=int, default=10)
+    p.add_argument("--paper-steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "closedloop.json")
-    args = p.parse_args()
-    args.decoders = args.decoders.split(",")
-    args.latency_decoders = args.latency_decoders.split(",")
-    args.label_decoders = args.label_decoders.split(",")
-    args.latencies = [float(x) for x in args.latencies.split(",")]
-    args.drift_arms = args.drift_arms.split(",")
+    p.add_argument(
+        "--merge", default=None, help="comma-separated result JSONs to combine into --out (no runs)"
+    )
+    a = p.parse_args(argv)
+    a.seeds = [int(x) for x in a.seeds.split(",")]
+    for name in ("decoders", "latency_decoders", "label_decoders", "drift_arms", "sections"):
+        setattr(a, name, getattr(a, name).split(","))
+    a.latencies = [float(x) for x in a.latencies.split(",")]
+    a.max_steps = [int(x) for x in a.max_steps.split(",")]
+    a.recal_s = a.stage_s if a.recal_s is None else a.recal_s
+    a.serve_env = None
+    return a
+
+
+def merge(paths: list[Path]) -> dict:
+    """The result files' rows in one (list sections concatenated, drift runs concatenated)."""
+    out: dict = {}
+    metas = []
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        metas.append(r.get("meta", {}))
+        for k, v in r.items():
+            if k == "drift":
+                d = out.setdefault("drift", {kk: vv for kk, vv in v.items() if kk != "runs"} | {"runs": []})
+                d["runs"] += v.get("runs", [])
+            elif isinstance(v, list):
+                out.setdefault(k, []).extend(v)
+    out["meta"] = {
+        "when": max(m.get("when", "") for m in metas),
+        "merged_from": [str(p) for p in paths],
+        "seeds": sorted({s for m in metas for s in m.get("seeds", [])}),
+        "load_start": [m.get("load_start") for m in metas],
+        "load_end": [m.get("load_end") for m in metas],
+        "parts": metas,
+    }
+    return out
+
+
+def save_results(out: Path, res: dict) -> None:
+    clean = {k: v for k, v in res.items() if not k.startswith("_")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(clean, indent=1, default=str))
+    write_markdown(out.with_suffix(".md"), clean)
+    with contextlib.suppress(ImportError):
+        plot(out.with_suffix(".png"), clean)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.merge:
+        save_results(args.out, merge([Path(x) for x in args.merge.split(",")]))
+        return 0
+    if args.workdir is None:
+        raise SystemExit("bench_closedloop: --workdir is required (unless --merge)")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    prev = json.loads(args.out.read_text()) if args.out.exists() else {}
-    res = {k: v for k, v in prev.items() if k != "meta"}
-    res["meta"] = {
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "host": platform.node(),
-        "cpus": os.cpu_count(),
-        "load_start": [round(x, 2) for x in os.getloadavg()],
-        "seed": args.seed,
-        "note": "measured under load on a shared 2-core host; real time, so a loaded host shows as "
-        "loop overruns and receive lag",
-        "argv": sys.argv[1:],
+    res: dict = {
+        "meta": {
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "load_start": [round(x, 2) for x in os.getloadavg()],
+            "seeds": args.seeds,
+            "note": "measured under load on a shared 2-core host; real time, so a loaded host shows as "
+            "loop overruns and receive lag",
+            "argv": sys.argv[1:] if argv is None else argv,
+        }
     }
 
     def save() -> None:
         res["meta"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
-        clean = {k: v for k, v in res.items() if not k.startswith("_")}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(clean, indent=1, default=str))
-        write_markdown(args.out.with_suffix(".md"), clean)
-        try:
-            plot(args.out.with_suffix(".png"), clean)
-        except ImportError:
-            pass
+        save_results(args.out, res)
 
-    for name in args.sections.split(","):
+    for name in args.sections:
         log(f"[bench] section {name}")
-        if name in ("decoders", "latency", "labels", "drift"):
-            res.pop(name, None)
-        {
-            "decoders": section_decoders,
-            "latency": section_latency,
-            "labels": section_labels,
-            "drift": section_drift,
-        }[name](args, res, save)
+        SECTIONS[name](args, res, save)
         save()
-    for r in res.get("decoders", []):
-        log(
-            f"{r['decoder']:>7} {r['name']:<20} success {r['success_rate']} time-to-target "
-            f"{r['median_time_to_target_s']} bitrate {r['bitrate_bps']} bins lost {r['bins_lost']}"
-        )
     return 0
 
 

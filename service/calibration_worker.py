@@ -162,6 +162,7 @@ def finetune_options(opt: CalibrationSettings, *, train_bins: int) -> Any:
         steps_per_epoch=steps,
         patience=opt.patience,
         lr=opt.lr,
+        core_lr_scale=opt.core_lr_scale,
         seed=opt.seed,
         device="cpu",
         progress=False,

@@ -181,6 +181,29 @@ def _kalman_for(enc, *, seconds=60.0, seed=0):
     return KalmanFilter.fit(**kw), WienerFilter.fit(**kw)
 
 
+def test_simulated_block_is_replayable_and_applies_latency_in_whole_bins():
+    enc = synthetic_encoding(n_channels=24, seed=1)
+    kalman, _ = _kalman_for(enc)
+
+    def sim(latency_s: float) -> ClosedLoop:
+        cfg = LoopConfig(seconds=4.0, seed=5, labels=None, extra_latency_s=latency_s)
+        return ClosedLoop(
+            ingest="", publish="", encoding=enc, task=TaskConfig(), controller=ControllerConfig(), config=cfg
+        ).simulate(kalman)
+
+    a, b, late = sim(0.0), sim(0.0), sim(0.06)
+    rec = a.record
+    assert a.n_bins == 200 and a.k == 200 and a.bins_lost == 0
+    assert np.array_equal(rec.cursor, b.record.cursor) and np.array_equal(rec.decoded, b.record.decoded)
+    # bin k's prediction moves the cursor within bin k: the cursor is the decoded path (clamped)
+    assert np.allclose(rec.cursor[0], rec.decoded[0] * 0.02)
+    assert np.all(np.isfinite(rec.cursor_at_apply))
+    # 60 ms = 3 bins later: the last 3 predictions never moved the cursor, and the first move is at bin 3
+    applied = np.all(np.isfinite(late.record.cursor_at_apply), axis=1)
+    assert applied.sum() == 197 and not applied[-3:].any()
+    assert np.all(late.record.cursor[:3] == 0) and np.any(late.record.cursor[3] != 0)
+
+
 def test_closed_loop_through_the_threaded_daemon_loses_no_bin_across_a_hot_swap():
     from streaming.closedloop.backends import ThreadBackend
 
@@ -342,3 +365,17 @@ def test_cli_refuses_bad_arguments_with_exit_2(capsys):
     assert main(["--seconds", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rpnt closedloop: error: --seconds") and "Traceback" not in err
+
+
+def test_the_closed_loop_never_imports_the_service():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, streaming.closedloop.session, streaming.closedloop.backends, streaming.closedloop.cli, "
+        "streaming.serve_process; print(sorted(m for m in sys.modules if m.split('.')[0] == 'service'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=LIVE
+    )
+    assert out.stdout.strip() == "[]"

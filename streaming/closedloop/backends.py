@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ..serve_process import ServeProcess
+
 BASELINE_NAMES = ("wiener", "kalman", "gru")
 
 
@@ -152,8 +154,6 @@ class ServeBackend:
 
     def __init__(self, *, export: Path, workdir: Path, env: dict | None = None) -> None:
         import tempfile
-
-        from service.demo import ServeProcess  # the one way this project runs `rpnt serve` as a child
 
         Path(workdir).mkdir(parents=True, exist_ok=True)
         run_dir = Path(

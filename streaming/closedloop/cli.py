@@ -76,21 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+def check_args(a: argparse.Namespace) -> str | None:
+    """Why the parsed arguments cannot run (the message after ``error:``), or None."""
     for name in ("seconds", "observe_s", "radius", "distance", "timeout_s"):
         if not getattr(a, name) > 0:
-            print(f"rpnt closedloop: error: --{name.replace('_', '-')} must be > 0", file=sys.stderr)
-            return 2
+            return f"--{name.replace('_', '-')} must be > 0"
     if a.extra_latency_ms < 0 or a.hold_s < 0 or a.feedback_delay_ms < 0:
-        print(
-            "rpnt closedloop: error: --extra-latency-ms, --hold-s and --feedback-delay-ms must be ≥ 0",
-            file=sys.stderr,
-        )
-        return 2
-    from .session import ClosedLoopSpec, run_closedloop
+        return "--extra-latency-ms, --hold-s and --feedback-delay-ms must be ≥ 0"
+    return None
 
-    spec = ClosedLoopSpec(
+
+def spec_of(a: argparse.Namespace):
+    """The :class:`~streaming.closedloop.session.ClosedLoopSpec` the arguments describe."""
+    from .session import ClosedLoopSpec
+
+    return ClosedLoopSpec(
         decoder=a.decoder,
         seconds=a.seconds,
         observe_s=a.observe_s,
@@ -109,45 +109,66 @@ def main(argv: list[str] | None = None) -> int:
         rpnt_steps=a.rpnt_steps,
         seed=a.seed,
     )
-    log = (
-        (lambda *x: print(*x, file=sys.stderr, flush=True)) if a.json else (lambda *x: print(*x, flush=True))
-    )
-    try:
-        workdir = Path(tempfile.mkdtemp(prefix="rpnt-closedloop-")) if a.out is None else a.out
-        result = run_closedloop(spec, workdir=workdir, log=log)
-    except FileNotFoundError as exc:
-        print(f"rpnt closedloop: error: {exc}", file=sys.stderr)
-        return 2
+
+
+HEADLINE_KEYS = (
+    "success_rate",
+    "median_time_to_target_s",
+    "median_dial_in_s",
+    "median_path_efficiency",
+    "bitrate_bps",
+    "bins_lost",
+    "n_trials",
+    "swaps",
+)
+
+
+def headline(a: argparse.Namespace, result: dict, workdir: Path) -> dict:
+    """The ``--json`` object: the last block's metrics and what ran."""
     last = result["blocks"][-1]
-    headline = {
+    return {
         "decoder": a.decoder,
-        **{
-            k: last[k]
-            for k in (
-                "success_rate",
-                "median_time_to_target_s",
-                "median_dial_in_s",
-                "median_path_efficiency",
-                "bitrate_bps",
-                "bins_lost",
-                "n_trials",
-                "swaps",
-            )
-        },
+        **{k: last[k] for k in HEADLINE_KEYS},
         "block": last["name"],
         "extra_latency_ms": a.extra_latency_ms,
         "seed": a.seed,
         "encoding": result["encoding"]["source"],
         "out": str(workdir),
     }
+
+
+def block_line(b: dict) -> str:
+    """One human line of a block's metrics."""
+    return (
+        f"[closedloop] {b['name']}: success {b['success_rate']:.1%} of {b['n_trials']} trials, median time to "
+        f"target {_f(b['median_time_to_target_s'])} s, dial-in {_f(b['median_dial_in_s'])} s, path efficiency "
+        f"{_f(b['median_path_efficiency'])}, bitrate {_f(b['bitrate_bps'])} bits/s, bins lost {b['bins_lost']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    problem = check_args(a)
+    if problem is not None:
+        print(f"rpnt closedloop: error: {problem}", file=sys.stderr)
+        return 2
+    from .session import run_closedloop
+
+    stream = sys.stderr if a.json else sys.stdout
+
+    def log(*x) -> None:
+        print(*x, file=stream, flush=True)
+
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="rpnt-closedloop-")) if a.out is None else a.out
+        result = run_closedloop(spec_of(a), workdir=workdir, log=log)
+    except FileNotFoundError as exc:
+        print(f"rpnt closedloop: error: {exc}", file=sys.stderr)
+        return 2
     for b in result["blocks"]:
-        log(
-            f"[closedloop] {b['name']}: success {b['success_rate']:.1%} of {b['n_trials']} trials, median time to "
-            f"target {_f(b['median_time_to_target_s'])} s, dial-in {_f(b['median_dial_in_s'])} s, path efficiency "
-            f"{_f(b['median_path_efficiency'])}, bitrate {_f(b['bitrate_bps'])} bits/s, bins lost {b['bins_lost']}"
-        )
+        log(block_line(b))
     if a.json:
-        print(json.dumps(headline))
+        print(json.dumps(headline(a, result, workdir)))
     return 0
 
 

@@ -52,7 +52,7 @@ def plot_blocks(path: Path, blocks: list[dict], *, radius: float, window_s: floa
             end = max(r["end_s"] for r in rows)
             edges = np.arange(0.0, end + window_s, window_s)
             mids, sr, tt = [], [], []
-            for lo, hi in zip(edges[:-1], edges[1:]):
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True):
                 w = [r for r in rows if lo <= r["end_s"] < hi]
                 if not w:
                     continue

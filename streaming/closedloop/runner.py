@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import zmq
@@ -113,6 +115,8 @@ class ClosedLoop:
         self._spike_rng = np.random.default_rng(c.seed + 3)
         self.record = BinRecord(self.n_bins, encoding.n_channels)
         self.k = 0  # bins sent so far (read by other threads)
+        self._cursor = np.zeros(2)  # the cursor now (owned by the loop's thread)
+        self._intent = np.zeros(2)  # the intention for the next bin
         self._stage = 0
         self._new_encoding: EncodingModel | None = None
         self._lock = threading.Lock()
@@ -185,75 +189,133 @@ class ClosedLoop:
 
     def _loop(self, rig: RigClient, sub: PredictionSubscriber, *, epoch: int) -> None:
         """``epoch``: the stream number our RESET starts (a previous stream's late predictions are ignored)."""
-        c, rec, task = self.config, self.record, self.task
-        bin_s, bin_ns, K = c.bin_s, self.bin_ns, self.n_bins
-        pending: list[tuple[float, Prediction]] = []  # (apply at, prediction)
-        cursor = np.zeros(2)
-        task.start(0.0)
-        self.participant.new_trial()
-        self.controller.observe(cursor)
-        intent = self.controller.intent(task.target)
+        c = self.config
+        pending: list[tuple[float, int, np.ndarray]] = []  # (apply at, bin, velocity)
+        self._begin()
         t0 = time.monotonic()
-        for k in range(K):
+        for k in range(self.n_bins):
             if self._stop.is_set():
-                self.n_bins = K = k
-                rec.truncate(k)
+                self._truncate(k)
                 break
-            with self._lock:
-                if self._new_encoding is not None:
-                    self.participant.encoding, self._new_encoding = self._new_encoding, None
-                    self._stage += 1
-            rec.encoding_stage[k] = self._stage
+            counts = self._emit(k)
             # the bin [k, k+1) is "recorded" in real time: send it when its end comes
-            counts = self.participant.counts(intent, bin_s)
-            rec.counts[k], rec.intent[k] = np.minimum(counts, 65535), intent
-            end_wall = t0 + (k + 1) * bin_s
+            end_wall = t0 + (k + 1) * c.bin_s
             lag = time.monotonic() - end_wall
             if lag < 0:
                 time.sleep(-lag)
-            rec.overrun[k] = lag > bin_s
-            ch, ts = Participant.spike_times(counts, start_ns=k * bin_ns, bin_ns=bin_ns, rng=self._spike_rng)
-            rig.send_spikes(ch, ts, clock=(k + 1) * bin_ns)
+            self.record.overrun[k] = lag > c.bin_s
+            ch, ts = Participant.spike_times(
+                counts, start_ns=k * self.bin_ns, bin_ns=self.bin_ns, rng=self._spike_rng
+            )
+            rig.send_spikes(ch, ts, clock=(k + 1) * self.bin_ns)
             self.k = k + 1
-            # collect predictions: wait for this bin's for up to 80 % of a bin, take whatever else came
-            deadline = end_wall + 0.8 * bin_s
-            while True:
-                m = sub.recv(max(0.0, deadline - time.monotonic()))
-                if m is None:
-                    break
-                if not isinstance(m, Prediction):
-                    continue
-                if m.epoch != epoch or not 0 <= m.bin < K or rec.received[m.bin]:
-                    continue
-                now = time.monotonic()
-                rec.received[m.bin], rec.flags[m.bin], rec.generation[m.bin] = True, m.flags, m.generation
-                rec.decoded[m.bin] = m.velocity[:2]
-                rec.recv_lag_s[m.bin] = now - (t0 + (m.bin + 1) * bin_s)
-                pending.append((now + c.extra_latency_s, m))
-                if m.bin >= k:
-                    break
-            # apply what is due, oldest first
+            # wait for this bin's prediction for up to 80 % of a bin, take whatever else came
+            pending += self._collect(sub, k, epoch=epoch, t0=t0, deadline=end_wall + 0.8 * c.bin_s)
             now = time.monotonic()
-            due = [p for p in pending if p[0] <= now]
+            for _, b, v in sorted((p for p in pending if p[0] <= now), key=lambda p: p[0]):
+                self._apply(b, v, rig)  # what is due, oldest first
             pending = [p for p in pending if p[0] > now]
-            for _, m in due:
-                b = m.bin
-                rec.cursor_at_apply[b], rec.target_at_apply[b] = cursor, task.target
-                if c.mode == "closed":
-                    v = np.asarray(m.velocity[:2], dtype=np.float64)
-                    if np.all(np.isfinite(v)):
-                        cursor = task.clamp(cursor + v * bin_s)
-                self._send_label(rig, b)
-            if c.mode == "observe":
-                cursor = task.clamp(cursor + intent * bin_s)
-            rec.target[k] = task.target
-            ended = task.update((k + 1) * bin_s, cursor)
-            rec.cursor[k] = cursor
-            if ended is not None:
-                self.participant.new_trial()
-            self.controller.observe(cursor)
-            intent = self.controller.intent(task.target)
+            self._end_bin(k)
         self._drain(sub, epoch, t0)
+
+    # ---------------------------------------------------------------- one bin, in steps
+    def _begin(self) -> None:
+        """The block's first trial, and the intention for bin 0."""
+        self._cursor = np.zeros(2)
+        self.task.start(0.0)
+        self.participant.new_trial()
+        self.controller.observe(self._cursor)
+        self._intent = self.controller.intent(self.task.target)
+
+    def _truncate(self, k: int) -> None:
+        """The block ends after ``k`` bins (stopped early)."""
+        self.n_bins = k
+        self.record.truncate(k)
+
+    def _emit(self, k: int) -> np.ndarray:
+        """Bin k's counts (N,) from the current intention (a pending drift applies first); recorded."""
+        with self._lock:
+            if self._new_encoding is not None:
+                self.participant.encoding, self._new_encoding = self._new_encoding, None
+                self._stage += 1
+        rec = self.record
+        rec.encoding_stage[k] = self._stage
+        counts = self.participant.counts(self._intent, self.config.bin_s)
+        rec.counts[k], rec.intent[k] = np.minimum(counts, 65535), self._intent
+        return counts
+
+    def _receive(self, m: Any, *, epoch: int, t0: float) -> bool:
+        """Record ``m`` if it is a prediction of this stream not seen before; whether it was."""
+        rec = self.record
+        if not isinstance(m, Prediction) or m.epoch != epoch or not 0 <= m.bin < self.n_bins:
+            return False
+        if rec.received[m.bin]:
+            return False
+        rec.received[m.bin], rec.flags[m.bin], rec.generation[m.bin] = True, m.flags, m.generation
+        rec.decoded[m.bin] = m.velocity[:2]
+        rec.recv_lag_s[m.bin] = time.monotonic() - (t0 + (m.bin + 1) * self.config.bin_s)
+        return True
+
+    def _collect(
+        self, sub: PredictionSubscriber, k: int, *, epoch: int, t0: float, deadline: float
+    ) -> list[tuple[float, int, np.ndarray]]:
+        """Predictions received until bin k's arrives or ``deadline``: (apply at, bin, velocity (2,)) each."""
+        out = []
+        while True:
+            m = sub.recv(max(0.0, deadline - time.monotonic()))
+            if m is None:
+                break
+            if not self._receive(m, epoch=epoch, t0=t0):
+                continue
+            out.append((time.monotonic() + self.config.extra_latency_s, m.bin, self.record.decoded[m.bin]))
+            if m.bin >= k:
+                break
+        return out
+
+    def _apply(self, b: int, velocity: np.ndarray, rig: RigClient | None) -> None:
+        """Bin b's decoded ``velocity`` (2,) moves the cursor (closed mode); its label goes to ``rig``."""
+        rec = self.record
+        rec.cursor_at_apply[b], rec.target_at_apply[b] = self._cursor, self.task.target
+        if self.config.mode == "closed":
+            v = np.asarray(velocity[:2], dtype=np.float64)
+            if np.all(np.isfinite(v)):
+                self._cursor = self.task.clamp(self._cursor + v * self.config.bin_s)
+        if rig is not None:
+            self._send_label(rig, b)
+
+    def _end_bin(self, k: int) -> None:
+        """The task sees the cursor at bin k's end; the participant looks and forms bin k+1's intention."""
+        if self.config.mode == "observe":
+            self._cursor = self.task.clamp(self._cursor + self._intent * self.config.bin_s)
+        self.record.target[k] = self.task.target
+        ended = self.task.update((k + 1) * self.config.bin_s, self._cursor)
+        self.record.cursor[k] = self._cursor
+        if ended is not None:
+            self.participant.new_trial()
+        self.controller.observe(self._cursor)
+        self._intent = self.controller.intent(self.task.target)
+
+    def simulate(self, decoder: Any) -> "ClosedLoop":
+        """The same block in this thread, without sockets or a clock: ``decoder`` (the decoder
+        contract of :mod:`rpnt_core.decoder`) decodes each bin as it is emitted and its prediction
+        moves the cursor in that bin (a daemon that answers within the bin), or ``extra_latency_s``
+        rounded to whole bins later.  For quick comparisons and diagnosis, not a measurement of the
+        live loop: nothing goes through the daemon and no labels are streamed."""
+        delay = int(round(self.config.extra_latency_s / self.config.bin_s))
+        due: deque[tuple[int, int]] = deque()  # (apply at bin, bin)
+        rec = self.record
+        decoder.reset()
+        self._begin()
+        for k in range(self.n_bins):
+            v = np.asarray(decoder.step(self._emit(k)), dtype=np.float64)[:2]
+            rec.received[k], rec.decoded[k], rec.recv_lag_s[k] = True, v, 0.0
+            due.append((k + delay, k))
+            while due and due[0][0] <= k:
+                b = due.popleft()[1]
+                self._apply(b, rec.decoded[b], None)
+            self.k = k + 1
+            self._end_bin(k)
+        return self
 
     def _send_label(self, rig: RigClient, b: int) -> None:
         rec, kind = self.record, self.config.labels
@@ -274,19 +336,11 @@ class ClosedLoop:
             rig.send_kinematics(b, np.asarray(lab, dtype=np.float32)[None, :])
 
     def _drain(self, sub: PredictionSubscriber, epoch: int, t0: float) -> None:
-        rec = self.record
         deadline = time.monotonic() + self.config.drain_s
-        while not rec.received.all() and time.monotonic() < deadline:
+        while not self.record.received.all() and time.monotonic() < deadline:
             m = sub.recv(max(0.0, deadline - time.monotonic()))
-            if (
-                isinstance(m, Prediction)
-                and m.epoch == epoch
-                and 0 <= m.bin < self.n_bins
-                and not rec.received[m.bin]
-            ):
-                rec.received[m.bin], rec.flags[m.bin], rec.generation[m.bin] = True, m.flags, m.generation
-                rec.decoded[m.bin] = m.velocity[:2]
-                rec.recv_lag_s[m.bin] = time.monotonic() - (t0 + (m.bin + 1) * self.config.bin_s)
+            if m is not None:
+                self._receive(m, epoch=epoch, t0=t0)
 
     # ---------------------------------------------------------------- results
     @property

@@ -252,6 +252,9 @@ def recalibrate(
         "candidate_holdout_r2": res.get("candidate_holdout_r2"),
         "live_holdout_r2": res.get("live_holdout_r2"),
         "swap": st.get("swap") or st.get("activation"),
+        "epochs": res.get("epochs"),
+        "steps_per_epoch": res.get("steps_per_epoch"),
+        "timings": st.get("timings"),
         "error": st.get("error"),
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -291,7 +294,7 @@ def run_closedloop(spec: ClosedLoopSpec, *, workdir: Path, log: Callable = print
             loops.append(loop2)
     finally:
         backend.close()
-    rows = [{"block": b["name"], **r} for b, lp in zip(blocks, loops) for r in lp.trial_rows()]
+    rows = [{"block": b["name"], **r} for b, lp in zip(blocks, loops, strict=True) for r in lp.trial_rows()]
     write_trials(workdir / "trials.json", rows)
     plot_blocks(
         workdir / "closedloop.png",
@@ -303,7 +306,7 @@ def run_closedloop(spec: ClosedLoopSpec, *, workdir: Path, log: Callable = print
                 "bin_s": BIN_S,
                 "swaps_s": [s * BIN_S for s in lp.swaps()],
             }
-            for b, lp in zip(blocks, loops)
+            for b, lp in zip(blocks, loops, strict=True)
         ],
         radius=spec.radius,
     )
