@@ -46,12 +46,11 @@ import onnxruntime as ort
 
 from rpnt_core.decoder import Decoder, DecoderInfo  # numpy only (rpnt_core imports lazily)
 
+from .backends import BACKENDS
 from .contract import COUNTS, LOG_RATES, META_BIAS, VELOCITY, ContractError, ModelContract
 from .engine_base import StepEngineBase, engine_info, output_shape
 from .model_files import read_contract, resolve_model_path
 from .ort_sessions import ProviderUnavailableError, open_session, session_options
-
-BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt", "openvino-cpu", "torch")
 
 __all__ = [
     "BACKENDS",

@@ -3,7 +3,7 @@
 :class:`CalibrationManager` is the parent side (no torch here).  ``submit()`` takes a validated
 calibration session (already written as NPZ), hands it to the worker and returns the job id at
 once.  With ``calibration.warm_worker`` (the default) the worker is started ahead of the jobs
-(:class:`WarmWorker`: ``python -m service.calibration_worker --serve``, which renices itself,
+(:class:`~service.calibration_process.WarmWorker`: ``python -m service.calibration_worker --serve``, which renices itself,
 bounds its threads and imports torch and the exporters once, then waits for jobs on its stdin),
 so a job starts without a process start or an import; a worker that dies — a crash, or killed by
 a cancel or the timeout — fails only the job it ran, and a new one is started at once.  Without
@@ -37,20 +37,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
-import select
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from rpnt_core.child_env import ROOT, child_env
+from rpnt_core.child_env import child_env
 
+from .calibration_process import ColdWorker, WarmWorker
 from .calibration_worker import THREAD_VARS
 from .cpu_share import CpuShare, process_cpu_seconds
 from .registry import CHECKPOINT, STEP_FILE, ModelRegistry, read_json, write_json_atomic
@@ -81,101 +79,6 @@ class CalibrationBusy(RuntimeError):
             f"poll GET /calibrate/{job_id} and submit again when it has finished"
         )
         self.job_id = job_id
-
-
-class _ColdWorker:
-    """``python -m service.calibration_worker JOB``: one process for one job."""
-
-    def __init__(self, *, job: Path, env: dict) -> None:
-        with open(job / "worker.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.calibration_worker", str(job)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=str(ROOT),
-                stdin=subprocess.DEVNULL,
-            )
-
-    def wait_job(self, timeout: float) -> int | None:
-        """The job's exit status (the process's), or None while it runs."""
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def reusable(self) -> bool:
-        return False
-
-
-class WarmWorker:
-    """A calibration worker process started before its jobs (``python -m service.calibration_worker
-    --serve OPTIONS``), running them one after another (the protocol: that module's docstring).
-
-    Args:
-        options: the calibration settings it confines itself by (threads, niceness, CPUs).
-        env: its environment.
-        log: where its output goes between jobs (during a job: the job's ``worker.log``).
-    """
-
-    def __init__(self, *, options: CalibrationSettings, env: dict, log: Path) -> None:
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.calibration_worker", "--serve", options.model_dump_json()],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=out,
-                env=env,
-                cwd=str(ROOT),
-            )
-        self._buf = b""
-        self.ready = False  # it has imported what jobs need
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def start(self, job: Path) -> None:
-        """Hand it ``job`` (it runs it once its imports are done)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{job}\n".encode())
-        self.proc.stdin.flush()
-
-    def wait_job(self, timeout: float) -> int | None:
-        """The job's status (``done RC``), the process's exit status if it died, or None while it runs."""
-        fd = self.proc.stdout.fileno()  # type: ignore[union-attr]
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self._buf:
-                line, self._buf = self._buf.split(b"\n", 1)
-                if line == b"ready":
-                    self.ready = True
-                elif line.startswith(b"done "):
-                    return int(line.split()[1])
-            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                return None
-            chunk = os.read(fd, 4096)
-            if not chunk:  # it died (a crash, or killed): its exit status, never 0
-                rc = self.proc.wait()
-                return rc if rc != 0 else 1
-            self._buf += chunk
-
-    def reusable(self) -> bool:
-        return self.alive()
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Let it exit (end of its stdin), killing it if it does not within ``timeout``."""
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 class CalibrationManager:
@@ -370,7 +273,7 @@ class CalibrationManager:
     def _start(self, job_id: str, d: Path, st: dict) -> None:
         """Hand job ``d`` to a worker (the warm one, started anew if it died; else a cold one) and
         start its monitor thread.  Called with the lock held."""
-        worker: WarmWorker | _ColdWorker
+        worker: WarmWorker | ColdWorker
         if self.settings.warm_worker:
             if self._warm is None or not self._warm.alive():
                 self._warm = self._spawn_warm()
@@ -381,7 +284,7 @@ class CalibrationManager:
                 self._warm.start(d)
             worker = self._warm
         else:
-            worker = _ColdWorker(job=d, env=self._env())
+            worker = ColdWorker(job=d, env=self._env())
         self._proc = worker.proc
         self._current = job_id
         self._cpu, self._cancelled = {}, None
@@ -421,7 +324,7 @@ class CalibrationManager:
             warm.close()
 
     # ------------------------------------------------------------------ the monitor thread
-    def _monitor(self, job_id: str, d: Path, worker: WarmWorker | _ColdWorker, st: dict) -> None:
+    def _monitor(self, job_id: str, d: Path, worker: WarmWorker | ColdWorker, st: dict) -> None:
         try:
             rc = self._watch(worker)
             if self._cancelled is not None:
@@ -451,7 +354,7 @@ class CalibrationManager:
                     log.warning("the calibration worker exited during job %s; starting a new one", job_id)
                     self._warm = self._spawn_warm()
 
-    def _watch(self, worker: WarmWorker | _ColdWorker) -> int | None:
+    def _watch(self, worker: WarmWorker | ColdWorker) -> int | None:
         """Wait for the worker's job, keeping ``self._cpu`` current; its status, or None after a timeout
         (the worker killed)."""
         s = self.settings

@@ -22,12 +22,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from exporters.backends import BACKENDS  # the engines a daemon can run
+from exporters.contract import PRECISIONS  # the step graphs of an export directory
+
 from .protocol import DEFAULT_LIMITS, Limits
 
-#: the inference engines a daemon can run (see :func:`streaming.launch.load_decoder`)
-BACKENDS = ("onnx-cpu", "onnx-cuda", "onnx-tensorrt", "openvino-cpu", "torch")
-#: the step graphs of an export directory
-PRECISIONS = ("fp32", "int8", "fp16")
 #: how start and stop are announced on stderr: a summary for people, or JSON event lines
 LOG_FORMATS = ("text", "json")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")

@@ -16,7 +16,7 @@ import make_benchmarks_doc as M  # noqa: E402
 
 STALE = "out of date: run python bench/make_benchmarks_doc.py"
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:e[-+]\d+)?(?![\w.])")
-AGGREGATED = {"transfer", "decoding"}  # cells are means ± sd over seeds of the file's rows
+AGGREGATED = {"transfer", "decoding", "closedloop"}  # cells: means ± sd (sums) over seeds of the file's rows
 
 
 def _readme_blocks() -> dict[str, str]:
