@@ -1,3 +1,4 @@
+# Over 500 lines: one self-contained benchmark script (machine roofs, graph costs, every engine row and its report).
 """Inference-engine benchmark (issues #3, #18): per-bin latency of every way to run RPNT online,
 against the machine's measured floor.
 

@@ -1,3 +1,4 @@
+# Over 500 lines: one self-contained benchmark script (its protocol, decoders, aggregation and report).
 """Cross-day transfer benchmark (issue 16): does pretraining on earlier days bring up a new day's
 decoder from a short block of labels better than the classic decoders?
 
