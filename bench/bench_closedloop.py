@@ -173,17 +173,29 @@ def _initial(args, entry: str, spec: ClosedLoopSpec, enc) -> dict:
     return fit_initial(spec, enc, workdir=wd, log=log)
 
 
+@contextlib.contextmanager
+def _under_test(args, entry: str, *, seconds: float, seed: int, workdir: str):
+    """``(spec, participant, initial fit, backend)`` of ``entry`` for ``seed``; the backend is
+    closed on the way out."""
+    spec = _decoder_spec(entry, args, seconds=seconds, seed=seed)
+    enc = make_participant(spec)
+    init = _initial(args, entry, spec, enc)
+    be = start_backend(spec, init, workdir=args.workdir / workdir, env=args.serve_env)
+    try:
+        yield spec, enc, init, be
+    finally:
+        be.close()
+
+
 def section_decoders(args, results: dict, save) -> None:
     """Per seed and decoder: block 1 (observation fit), ReFIT recalibration, block 2."""
     rows = results.setdefault("decoders", [])
     for seed in args.seeds:
         for entry in args.decoders:
-            spec = _decoder_spec(entry, args, seconds=args.seconds, seed=seed)
-            enc = make_participant(spec)
-            init = _initial(args, entry, spec, enc)
-            be = start_backend(spec, init, workdir=args.workdir / f"{entry}-seed{seed}", env=args.serve_env)
-            tag = {"decoder": entry, "seed": seed, "fit_s": init.get("fit_s")}
-            try:
+            wd = f"{entry}-seed{seed}"
+            with _under_test(args, entry, seconds=args.seconds, seed=seed, workdir=wd) as under:
+                spec, enc, init, be = under
+                tag = {"decoder": entry, "seed": seed, "fit_s": init.get("fit_s")}
                 log(f"[bench] seed {seed} {entry}: block 1")
                 l1 = run_block(be, enc, spec, seconds=args.seconds, seed=seed, labels="refit")
                 rows.append(_row("observation-fit", l1, **tag, offline_test_r2=init.get("offline_test_r2")))
@@ -193,8 +205,6 @@ def section_decoders(args, results: dict, save) -> None:
                 l2 = run_block(be, enc, spec, seconds=args.seconds, seed=seed + 1, labels="refit")
                 rows.append(_row("refit-recalibrated", l2, **tag, calibration=cal))
                 save()
-            finally:
-                be.close()
 
 
 def section_latency(args, results: dict, save) -> None:
@@ -202,13 +212,9 @@ def section_latency(args, results: dict, save) -> None:
     rows = results.setdefault("latency", [])
     for seed in args.seeds:
         for entry in args.latency_decoders:
-            spec = _decoder_spec(entry, args, seconds=args.latency_s, seed=seed)
-            enc = make_participant(spec)
-            init = _initial(args, entry, spec, enc)
-            be = start_backend(
-                spec, init, workdir=args.workdir / f"{entry}-latency-seed{seed}", env=args.serve_env
-            )
-            try:
+            wd = f"{entry}-latency-seed{seed}"
+            with _under_test(args, entry, seconds=args.latency_s, seed=seed, workdir=wd) as under:
+                spec, enc, init, be = under
                 for ms in args.latencies:
                     log(f"[bench] latency seed {seed} {entry} +{ms:g} ms")
                     lp = run_block(
@@ -232,8 +238,6 @@ def section_latency(args, results: dict, save) -> None:
                         )
                     )
                     save()
-            finally:
-                be.close()
 
 
 def section_labels(args, results: dict, save) -> None:
@@ -241,13 +245,9 @@ def section_labels(args, results: dict, save) -> None:
     rows = results.setdefault("labels", [])
     for seed in args.seeds:
         for entry in args.label_decoders:
-            spec = _decoder_spec(entry, args, seconds=args.seconds, seed=seed)
-            enc = make_participant(spec)
-            init = _initial(args, entry, spec, enc)
-            be = start_backend(
-                spec, init, workdir=args.workdir / f"{entry}-labels-seed{seed}", env=args.serve_env
-            )
-            try:
+            wd = f"{entry}-labels-seed{seed}"
+            with _under_test(args, entry, seconds=args.seconds, seed=seed, workdir=wd) as under:
+                spec, enc, init, be = under
                 base = be.status()["model"]["registry_version"] if spec.decoder == "rpnt" else None
                 l1 = run_block(be, enc, spec, seconds=args.seconds, seed=seed, labels=None)
                 for kind in ("refit", "intended", "decoded"):
@@ -269,8 +269,6 @@ def section_labels(args, results: dict, save) -> None:
                         )
                     )
                     save()
-            finally:
-                be.close()
 
 
 def section_steps(args, results: dict, save) -> None:
