@@ -315,8 +315,20 @@ def adapters_compact(r: Results) -> list[str]:
 
 
 def closedloop_compact(r: Results) -> list[str]:
-    res = r("closedloop.json")
-    return [f"{T.seeds_note(res).capitalize()}; {T.load_note(res)}.", "", *T.closedloop_table(res)]
+    res, drift = r("closedloop.json"), r("closedloop-drift.json")
+    d = drift.get("drift") or {}
+    return [
+        f"{T.seeds_note(res).capitalize()}; {T.load_note(res)}.",
+        "",
+        *T.closedloop_table(res),
+        "",
+        f"Drift (`closedloop-drift.json`, {T.seeds_note(drift)}; "
+        f"{T.load_note(drift)}): one {T.fmt(d.get('drift_s'), 'g')} s block, drift from "
+        f"{T.fmt(d.get('pre_s'), 'g')} s on; arm recal recalibrates every {T.fmt(d.get('period_s'), 'g')} s from "
+        f"the last {T.fmt(d.get('recal_s'), 'g')} s of ReFIT labels.",
+        "",
+        *T.closedloop_drift(drift),
+    ]
 
 
 def closedloop_detail(r: Results) -> list[str]:
@@ -410,7 +422,7 @@ SECTIONS = (
         key="closedloop",
         title="Closed loop",
         command="python bench/bench_closedloop.py --workdir DIR",
-        sources=("closedloop.json",),
+        sources=("closedloop.json", "closedloop-drift.json"),
         compact=closedloop_compact,
         detail=closedloop_detail,
         plot="closedloop.png",

@@ -424,6 +424,45 @@ def closedloop_latency(result: dict) -> list[str]:
     return table(header, rows) if rows else []
 
 
+def closedloop_drift(result: dict) -> list[str]:
+    """Per drift arm: success before the drift, after it, after ÷ before and in the last third (mean
+    ± sd over seeds), time to target before / after, recalibrations live / run, bins lost (summed)."""
+    runs = (result.get("drift") or {}).get("runs") or []
+    rows = []
+    for arm in sorted({r["arm"] for r in runs}):
+        ar = [r for r in runs if r["arm"] == arm]
+        cal = [c for r in ar for c in r.get("calibrations", [])]
+
+        def stat(part: str, field: str, ar: list = ar) -> str:
+            return _seed_stats([r[part] for r in ar], field, ".2f")
+
+        rows.append(
+            [
+                arm,
+                str(len(ar)),
+                stat("before", "success_rate"),
+                stat("after", "success_rate"),
+                _seed_stats([{"ratio": r.get("ratio")} for r in ar], "ratio", ".2f"),
+                stat("last_third", "success_rate"),
+                f"{stat('before', 'median_time_to_target_s')} / {stat('after', 'median_time_to_target_s')}",
+                f"{sum(c.get('state') == 'succeeded' for c in cal)} / {len(cal)}" if cal else "—",
+                str(sum(r["summary"]["bins_lost"] for r in ar)),
+            ]
+        )
+    header = [
+        "drift arm",
+        "seeds",
+        "success before drift",
+        "after",
+        "after ÷ before",
+        "last third",
+        "time to target before / after s",
+        "recalibrations live / run",
+        "bins lost",
+    ]
+    return table(header, rows) if rows else []
+
+
 def seeds_note(result: dict) -> str:
     """Which seeds a (possibly merged) result holds."""
     meta = result.get("meta") or {}

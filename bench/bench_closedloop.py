@@ -14,20 +14,25 @@ have no export) under the same seeds.  A decoder ``rpnt:paper`` is RPNT of the p
 (trained ``--paper-epochs`` × ``--paper-steps``).  Sections (the JSON is rewritten after each block):
 
 - ``decoders``: per decoder, block 1 (fitted on the observation block), then recalibration from
-  block 1's ReFIT intention labels (RPNT: ``POST /calibrate source=recent``, the labels streamed as
-  KINEMATICS; baselines: refit + hot swap) and block 2 on the recalibrated decoder.
+  block 1's ReFIT intention labels (RPNT: ``POST /calibrate source=recent labels=refit``, the labels
+  streamed as KINEMATICS; baselines: refit + hot swap; both on the head's scale) and block 2 on the recalibrated decoder.
 - ``labels``: from one block, recalibration from ReFIT labels vs the true intended velocity vs the
   decoded velocity (RPNT: NPZ uploads, ``labels=refit`` for the first, ``force`` so that each goes
   live; the base version is re-activated before each), each followed by a block.
 - ``steps``: RPNT recalibrated from one block's ReFIT labels by a fresh service per
   ``calibration.max_steps`` (``--max-steps``): holdout R², POST-to-live time, success after.
 - ``latency``: extra delay before a prediction moves the cursor, 0/20/50/100/200 ms.
-- ``drift``: ``--stages`` stages (a simulated hour): preferred directions rotated, per-channel rates
-  a random walk that reaches, at the last stage, the day-to-day spread measured across the Spike
-  days (limblab_spike_wf_2012; a documented fallback without them), channels lost and gained.
-  Arm *none*: the first decoder throughout; arms *recal* and *recal-adapt* (``RECAL_ARMS``): in each stage, after ``--stage-s``
-  seconds, ``POST /calibrate`` from the last ``--recal-s`` seconds of ReFIT labels while the loop
-  runs, then ``--stage-s`` more seconds on the swapped-in model.  Bins lost counted over each run.
+- ``drift``: one ``--drift-s`` block (a compressed hour): ``--pre-s`` seconds on the fitted
+  encoding, then every ``--chunk-s`` seconds the encoding takes one step along a drift path
+  (:func:`drift_path`) that reaches, at the end of the block, preferred directions rotated by
+  ``TOTAL_ROTATION_DEG``, per-channel rates a random walk with the day-to-day spread measured
+  across the Spike days (limblab_spike_wf_2012; a documented fallback without them), and
+  ``TOTAL_LOST`` of the channels lost and ``TOTAL_GAINED`` gained.  Arm *none*: the first decoder
+  throughout; arm *recal*: from the end of the pre-drift part, every ``--period-s`` seconds
+  ``POST /calibrate source=recent labels=refit`` from the last ``--recal-s`` seconds of ReFIT labels
+  while the loop runs (the next one waits for the last to finish).  Success per period window,
+  before the drift, and after it (trials starting after the first period of drift) as a fraction
+  of before; bins lost over each run; receive lag around every swap.
 
 The host is shared (2 cores, other work running): the JSON records the load average, and loop
 overruns (an iteration that started more than one bin late) per block.  Results: ``--out``
@@ -56,21 +61,11 @@ sys.path.insert(0, str(REPO))
 SPIKE_DAYS = Path("/work/shared/data/limblab_spike_wf_2012")
 #: day-to-day σ of log per-channel rate used when the Spike days are absent (documented fallback)
 FALLBACK_LOG_RATE_SIGMA = 0.4
-#: drift reached at the last stage, whatever the number of stages (more stages = finer steps)
+#: drift reached at the end of the drift block, whatever the number of steps (more steps = finer)
 TOTAL_ROTATION_DEG = 36.0
 TOTAL_LOST = 0.15
 TOTAL_GAINED = 0.09
-#: drift arms that recalibrate, and the calibration settings (``rpnt serve`` environment) each uses:
-#: ``recal`` the service's defaults; ``recal-adapt`` every weight at the full learning rate
-#: (``calibration.core_lr_scale`` 1) and ten steps per epoch, up to 120 steps
-RECAL_ARMS = {
-    "recal": {},
-    "recal-adapt": {
-        "RPNT_CALIBRATION__CORE_LR_SCALE": "1",
-        "RPNT_CALIBRATION__STEPS_PER_EPOCH": "10",
-        "RPNT_CALIBRATION__MAX_STEPS": "120",
-    },
-}
+DRIFT_ARMS = ("none", "recal")
 
 from streaming.closedloop.metrics import summarise  # noqa: E402
 from streaming.closedloop.session import (  # noqa: E402
@@ -120,25 +115,27 @@ def spike_days_rate_drift(days: int = 5) -> dict:
     }
 
 
-def drift_stages(enc, n: int, sigma: float, seed: int) -> list:
-    """Stage 0 = the fitted encoding; stage s: cumulative rotation, rate random walk, losses, gains.
-    The random walk reaches one day of Spike-day rate drift (``sigma``) at the last stage: per-stage
-    σ = sigma / √(n − 1) (the hour is compressed from a day)."""
+def drift_path(enc, n: int, sigma: float, seed: int) -> list:
+    """``n`` encodings: the fitted one, then ``n − 1`` steps of drift, cumulative.  At step s of
+    S = n − 1: preferred directions rotated by TOTAL_ROTATION_DEG · s/S; per-channel rates a
+    geometric random walk with per-step σ = sigma/√S, so that it reaches ``sigma`` (one day of
+    Spike-day rate drift; the hour is compressed from a day) at the end; round(TOTAL_LOST · s/S · N)
+    channels lost by step s (any live channel), round(TOTAL_GAINED · s/S · N) gained (a lost one
+    replaced by a new tuned unit).  Seeded."""
     rng = np.random.default_rng(seed)
     steps = max(n - 1, 1)
-    sigma = sigma / np.sqrt(steps)
+    step_sigma = sigma / np.sqrt(steps)
     out, scale = [enc], np.ones(enc.n_channels)
     lost = np.zeros(enc.n_channels, bool)
     gained = np.zeros(enc.n_channels, bool)
     for s in range(1, n):
-        scale = scale * np.exp(rng.normal(0.0, sigma, enc.n_channels) - 0.5 * sigma**2)
+        scale = scale * np.exp(rng.normal(0.0, step_sigma, enc.n_channels) - 0.5 * step_sigma**2)
+        n_lost = int(round(TOTAL_LOST * s / steps * enc.n_channels)) - int(lost.sum() + gained.sum())
         alive = np.flatnonzero(~lost & ~gained)
-        lose = rng.choice(alive, int(round(TOTAL_LOST / steps * enc.n_channels)), replace=False)
-        lost[lose] = True
+        lost[rng.choice(alive, max(0, min(n_lost, alive.size)), replace=False)] = True
         dead = np.flatnonzero(lost)
-        gain = rng.choice(
-            dead, min(dead.size, int(round(TOTAL_GAINED / steps * enc.n_channels))), replace=False
-        )
+        n_gain = int(round(TOTAL_GAINED * s / steps * enc.n_channels)) - int(gained.sum())
+        gain = rng.choice(dead, max(0, min(n_gain, dead.size)), replace=False)
         lost[gain], gained[gain] = False, True
         out.append(
             enc.drifted(
@@ -305,41 +302,45 @@ def section_steps(args, results: dict, save) -> None:
 
 
 def section_drift(args, results: dict, save) -> None:
-    """Per seed and arm: ``--stages`` drift stages in one long real-time block (see the docstring)."""
+    """Per seed and arm: one ``--drift-s`` real-time block under drift (see the docstring)."""
     drift = spike_days_rate_drift()
     out = results.setdefault(
         "drift",
         {
             "rate_drift": drift,
             "runs": [],
-            "stages": args.stages,
-            "stage_s": args.stage_s,
+            "drift_s": args.drift_s,
+            "pre_s": args.pre_s,
+            "chunk_s": args.chunk_s,
+            "period_s": args.period_s,
             "recal_s": args.recal_s,
             "rotation_total_deg": TOTAL_ROTATION_DEG,
             "lost_total": TOTAL_LOST,
             "gained_total": TOTAL_GAINED,
         },
     )
+    n_steps = int(round((args.drift_s - args.pre_s) / args.chunk_s))
     for seed in args.seeds:
-        spec = _decoder_spec(args.drift_decoder, args, seconds=args.stage_s, seed=seed)
+        spec = _decoder_spec(args.drift_decoder, args, seconds=args.drift_s, seed=seed)
         enc = make_participant(spec)
-        stages = drift_stages(enc, args.stages, drift["log_rate_sigma"], seed + 11)
+        path = drift_path(enc, n_steps + 1, drift["log_rate_sigma"], seed + 11)
         init = _initial(args, args.drift_decoder, spec, enc)
         for arm in args.drift_arms:
-            env = {**(args.serve_env or {}), **RECAL_ARMS.get(arm, {})}
-            be = start_backend(spec, init, workdir=args.workdir / f"drift-{arm}-seed{seed}", env=env)
-            marks: list[dict] = []
+            be = start_backend(
+                spec, init, workdir=args.workdir / f"drift-{arm}-seed{seed}", env=args.serve_env
+            )
+            jobs: list[dict] = []
             try:
-                log(f"[bench] drift seed {seed} arm {arm}: {args.stages} stages")
+                log(f"[bench] drift seed {seed} arm {arm}: {args.drift_s:g} s, {n_steps} drift steps")
                 lp = run_block(
                     be,
                     enc,
                     spec,
-                    seconds=3600.0,
+                    seconds=args.drift_s,
                     seed=seed + 3,
                     labels="refit",
-                    during=lambda loop, be=be, arm=arm, marks=marks, stages=stages, seed=seed: (
-                        _drift_schedule(args, loop, be, stages, arm=arm, marks=marks, seed=seed)
+                    during=lambda loop, be=be, arm=arm, jobs=jobs, path=path, seed=seed: _drift_schedule(
+                        args, loop, be, path, arm=arm, jobs=jobs, seed=seed
                     ),
                 )
             finally:
@@ -348,7 +349,8 @@ def section_drift(args, results: dict, save) -> None:
                 {
                     "seed": seed,
                     "arm": arm,
-                    "stages": _stage_metrics(lp.trial_rows(), marks),
+                    **drift_metrics(lp.trial_rows(), args),
+                    "calibrations": jobs,
                     "summary": lp.summary(),
                     "swap_lag": swap_lag(lp),
                 }
@@ -356,39 +358,60 @@ def section_drift(args, results: dict, save) -> None:
             save()
 
 
-def _drift_schedule(args, loop, be, stages: list, *, arm: str, marks: list, seed: int) -> None:
-    """Runs in the bench's thread while the loop runs: drift at each stage start; in arm ``recal``,
-    after ``--stage-s`` seconds, ``POST /calibrate`` from the last ``--recal-s`` seconds of ReFIT
-    labels, then ``--stage-s`` more seconds measured on the swapped-in decoder."""
-    n = int(args.stage_s / BIN_S)
-    for s, e in enumerate(stages):
-        if s:
-            loop.set_encoding(e)
-        marks.append({"stage": s, "start_bin": loop.k})
-        _wait_bins(loop, loop.k + n)
-        if arm in RECAL_ARMS and s:
-            cal = recalibrate(be, loop, "refit", seconds=args.recal_s, seed=seed, log=log)
-            log(f"[bench] drift seed {seed} stage {s}: {cal}")
-            marks[-1]["calibration"] = cal
-            marks[-1]["after_bin"] = loop.k
-            _wait_bins(loop, loop.k + n)
-        marks[-1]["end_bin"] = loop.k
-    loop.stop()
+def _drift_schedule(args, loop, be, path: list, *, arm: str, jobs: list, seed: int) -> None:
+    """Runs in the bench's thread while the loop runs: the encoding steps along ``path`` every
+    ``--chunk-s`` after ``--pre-s``; in arm ``recal``, from ``--pre-s`` on, a recalibration from the
+    last ``--recal-s`` seconds of ReFIT labels every ``--period-s`` (in a thread of its own, so that
+    the drift keeps its clock; one at a time: a period that finds the last job running is skipped)."""
+    import threading
+
+    pre, chunk, period = (int(round(x / BIN_S)) for x in (args.pre_s, args.chunk_s, args.period_s))
+    step, next_cal, worker = 0, pre + period, None
+    while not loop.finished.is_set():
+        k = loop.k
+        if k >= pre + (step + 1) * chunk and step + 1 < len(path):
+            step += 1
+            loop.set_encoding(path[step])
+        if arm == "recal" and k >= next_cal:
+            next_cal += period
+            if worker is None or not worker.is_alive():
+
+                def job(at: int = k) -> None:
+                    cal = recalibrate(be, loop, "refit", seconds=args.recal_s, seed=seed, log=log)
+                    jobs.append(
+                        {"at_s": round(at * BIN_S, 2), "swapped_at_s": round(loop.k * BIN_S, 2), **cal}
+                    )
+
+                worker = threading.Thread(target=job, daemon=True)
+                worker.start()
+        time.sleep(0.02)
+    if worker is not None:
+        worker.join(300.0)
 
 
-def _stage_metrics(trials: list[dict], marks: list[dict]) -> list[dict]:
-    """Per stage: the metrics of the trials in its measured window (after the swap in arm ``recal``),
-    and of those before the recalibration."""
-    out = []
-    for m in marks:
-        lo, hi = m.get("after_bin", m["start_bin"]) * BIN_S, m["end_bin"] * BIN_S
-        row = {**m, "measured": summarise([t for t in trials if lo <= t["start_s"] and t["end_s"] <= hi])}
-        if "after_bin" in m:
-            row["before_recal"] = summarise(
-                [t for t in trials if m["start_bin"] * BIN_S <= t["start_s"] and t["end_s"] <= lo]
-            )
-        out.append(row)
-    return out
+def drift_metrics(trials: list[dict], args) -> dict:
+    """Success before the drift (trials within ``--pre-s``), after it (trials starting after the first
+    period of drift) and in the last third of the block, each with its trial count; ``ratio``:
+    after ÷ before; ``windows``: success per ``--period-s`` window (trials that start and end in it)."""
+
+    def within(lo: float, hi: float) -> dict:
+        m = summarise([t for t in trials if lo <= t["start_s"] and t["end_s"] <= hi])
+        keys = ("success_rate", "n_trials", "median_time_to_target_s")
+        return {k: m.get(k) for k in keys}
+
+    before = within(0.0, args.pre_s)
+    after = within(args.pre_s + args.period_s, args.drift_s)
+    last = within(args.drift_s * 2 / 3, args.drift_s)
+    ratio = (
+        after["success_rate"] / before["success_rate"]
+        if before["success_rate"] and after["success_rate"] is not None
+        else None
+    )
+    windows = [
+        {"start_s": float(lo), **within(float(lo), float(lo + args.period_s))}
+        for lo in np.arange(0.0, args.drift_s, args.period_s)
+    ]
+    return {"before": before, "after": after, "last_third": last, "ratio": ratio, "windows": windows}
 
 
 def swap_lag(loop, half: int = 25) -> list[dict]:
@@ -537,37 +560,60 @@ def md_drift(d: dict) -> list[str]:
     L = [
         "## Drift and recovery",
         "",
-        f"Rate drift: a random walk reaching log-rate σ {d['rate_drift']['log_rate_sigma']:.3f} at the last stage "
-        f"({src}); rotation {d['rotation_total_deg']:g}° in all; {d['lost_total']:.0%} of channels lost, "
-        f"{d['gained_total']:.0%} gained in all, in {d['stages']} stages of {d['stage_s']} s; arm recal: "
-        f"`POST /calibrate` from the last {d.get('recal_s', d['stage_s'])} s of ReFIT labels in every stage, "
-        "measured over the next stage_s on the swapped-in model.",
+        f"One {d['drift_s']:g} s real-time block per seed and arm: {d['pre_s']:g} s on the fitted encoding, then a step "
+        f"of drift every {d['chunk_s']:g} s, reaching by the end: rotation {d['rotation_total_deg']:g}°, rates a random "
+        f"walk to log-rate σ {d['rate_drift']['log_rate_sigma']:.3f} ({src}), {d['lost_total']:.0%} of channels lost and "
+        f"{d['gained_total']:.0%} gained.  Arm recal: `POST /calibrate source=recent labels=refit` from the last "
+        f"{d['recal_s']:g} s of ReFIT labels every {d['period_s']:g} s from the start of the drift.  *After*: trials "
+        f"starting after the first {d['period_s']:g} s of drift; *last third*: the most drifted part.",
         "",
-        "| arm | stage | seeds | success (measured window) | ÷ stage 0 | success before recal | jobs live "
-        "| trials |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| arm | seeds | success before drift | success after | after ÷ before | last third | time to target "
+        "before / after (s) | jobs live / run | trials after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     runs = d.get("runs", [])
     for arm in sorted({r["arm"] for r in runs}):
         ar = [r for r in runs if r["arm"] == arm]
-        for s in range(max(len(r["stages"]) for r in ar)):
-            st = [r["stages"][s] for r in ar if len(r["stages"]) > s]
-            ratio = [
-                (x["measured"]["success_rate"] / r["stages"][0]["measured"]["success_rate"])
-                if x["measured"]["success_rate"] is not None and r["stages"][0]["measured"]["success_rate"]
-                else None
-                for r, x in zip(ar, st, strict=False)
-            ]
-            jobs = [x.get("calibration") for x in st if x.get("calibration")]
-            L.append(
-                f"| {arm} | {s} | {len(st)} | {_pm([x['measured']['success_rate'] for x in st])} | {_pm(ratio)} | "
-                f"{_pm([(x.get('before_recal') or {}).get('success_rate') for x in st])} | "
-                f"{sum(j.get('state') == 'succeeded' for j in jobs) if jobs else '–'} | "
-                f"{sum(x['measured']['n_trials'] for x in st)} |"
-            )
+        cal = [c for r in ar for c in r.get("calibrations", [])]
+        live = sum(c.get("state") == "succeeded" for c in cal)
+        L.append(
+            f"| {arm} | {len(ar)} | {_pm([r['before']['success_rate'] for r in ar])} | "
+            f"{_pm([r['after']['success_rate'] for r in ar])} | {_pm([r['ratio'] for r in ar])} | "
+            f"{_pm([r['last_third']['success_rate'] for r in ar])} | "
+            f"{_pm([r['before']['median_time_to_target_s'] for r in ar])} / "
+            f"{_pm([r['after']['median_time_to_target_s'] for r in ar])} | "
+            f"{f'{live} / {len(cal)}' if cal else '–'} | {sum(r['after']['n_trials'] or 0 for r in ar)} |"
+        )
+    L += [
+        "",
+        "Per seed:",
+        "",
+        "| arm | seed | before | after | ratio | last third | windows |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def f2(x: float | None) -> str:
+        return "–" if x is None else f"{x:.2f}"
+
+    for r in runs:
+        w = " ".join(f2(x["success_rate"]) for x in r["windows"])
+        L.append(
+            f"| {r['arm']} | {r['seed']} | {f2(r['before']['success_rate'])} | {f2(r['after']['success_rate'])} | "
+            f"{f2(r['ratio'])} | {f2(r['last_third']['success_rate'])} | {w} |"
+        )
     lost = sum(r["summary"]["bins_lost"] for r in runs)
     bins = sum(r["summary"]["bins"] for r in runs)
-    L += ["", f"Bins lost over all runs: {lost} of {bins}.", ""]
+    lags = [x for r in runs for x in r.get("swap_lag", [])]
+    late = sum(x["around_max_ms"] > BIN_S * 1e3 for x in lags)
+    worst = max((x["around_max_ms"] for x in lags), default=float("nan"))
+    p99 = max((x["block_p99_ms"] for x in lags if x.get("block_p99_ms") is not None), default=float("nan"))
+    L += [
+        "",
+        f"Bins lost over all runs: {lost} of {bins}.  Swaps: {len(lags)}; the largest receive lag within ± 25 bins "
+        f"of a swap: {worst:.1f} ms (the blocks' p99 up to {p99:.1f} ms); swaps with a prediction later than one "
+        f"bin ({BIN_S * 1e3:g} ms) around them: {late}.",
+        "",
+    ]
     return L
 
 
@@ -625,17 +671,21 @@ def _plot_drift(ax, d: dict) -> None:
     runs = d.get("runs", [])
     for arm in sorted({r["arm"] for r in runs}):
         ar = [r for r in runs if r["arm"] == arm]
-        n = max(len(r["stages"]) for r in ar)
-        ys = [
-            _ms([r["stages"][s]["measured"]["success_rate"] for r in ar if len(r["stages"]) > s])
-            for s in range(n)
-        ]
-        ax.errorbar(range(n), [m or 0 for m, _ in ys], yerr=[s or 0 for _, s in ys], fmt="o-", label=arm)
-    ax.set_xlabel("drift stage")
-    ax.set_ylabel("success rate")
-    ax.set_ylim(-0.05, 1.05)
+        xs = [w["start_s"] + d["period_s"] / 2 for w in ar[0]["windows"]]
+        ys = [_ms([r["windows"][i]["success_rate"] for r in ar]) for i in range(len(xs))]
+        ax.errorbar(
+            xs,
+            [m if m is not None else np.nan for m, _ in ys],
+            yerr=[s or 0 for _, s in ys],
+            fmt="o-",
+            label=arm,
+        )
     if runs:
+        ax.axvline(d["pre_s"], color="grey", lw=0.8, ls=":")
         ax.legend(fontsize=7)
+    ax.set_xlabel("time in block (s); drift starts at the dotted line")
+    ax.set_ylabel("success rate per window")
+    ax.set_ylim(-0.05, 1.05)
     ax.set_title("drift: none vs periodic ReFIT recalibration")
 
 
@@ -674,13 +724,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-decoders", default="kalman,rpnt")
     p.add_argument("--latencies", default="0,20,50,100,200")
     p.add_argument("--drift-decoder", default="rpnt")
-    p.add_argument("--drift-arms", default="none,recal")
+    p.add_argument("--drift-arms", default=",".join(DRIFT_ARMS))
     p.add_argument("--max-steps", default="16,50,150", help="section steps: calibration.max_steps values")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--latency-s", type=float, default=40.0)
-    p.add_argument("--stages", type=int, default=4)
-    p.add_argument("--stage-s", type=float, default=40.0)
-    p.add_argument("--recal-s", type=float, default=None, help="seconds of labels per drift recalibration")
+    p.add_argument("--drift-s", type=float, default=400.0, help="section drift: the block's length")
+    p.add_argument("--pre-s", type=float, default=40.0, help="section drift: seconds before the drift starts")
+    p.add_argument("--chunk-s", type=float, default=5.0, help="section drift: seconds per drift step")
+    p.add_argument(
+        "--period-s", type=float, default=20.0, help="section drift: seconds between recalibrations"
+    )
+    p.add_argument(
+        "--recal-s", type=float, default=40.0, help="section drift: seconds of labels per recalibration"
+    )
     p.add_argument("--preset", default="small")
     p.add_argument("--paper-epochs", type=int, default=10)
     p.add_argument("--paper-steps", type=int, default=20)
@@ -694,7 +750,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(a, name, getattr(a, name).split(","))
     a.latencies = [float(x) for x in a.latencies.split(",")]
     a.max_steps = [int(x) for x in a.max_steps.split(",")]
-    a.recal_s = a.stage_s if a.recal_s is None else a.recal_s
     a.serve_env = None
     return a
 

@@ -299,9 +299,11 @@ def calibration_routes(control: ControlPlane, *, auth: list) -> APIRouter:
         labels: Annotated[
             Literal["recorded", "refit"],
             Form(
-                description="with an upload: 'recorded' (the file's target series) or 'refit' (intention "
-                "labels by the ReFIT rule from the file's task streams extra_task_decoded, "
-                "extra_task_cursor, extra_task_target, extra_task_radius)"
+                description="'recorded' (the file's target series, or the rig's KINEMATICS as they are) "
+                "or 'refit' (intention labels: with an upload, by the ReFIT rule from the file's task "
+                "streams extra_task_decoded, extra_task_cursor, extra_task_target, extra_task_radius; "
+                "with source=recent, the rig's KINEMATICS are its ReFIT labels); intention labels are "
+                "put on the live head's scale before training"
             ),
         ] = "recorded",
     ) -> dict:

@@ -67,6 +67,8 @@ RESULT_METRICS = (
     "splits",
     "n_bins",
 )
+# … and those it keeps when the job has them (``label_scale``: intention labels were rescaled)
+OPTIONAL_METRICS = ("label_scale",)
 log = logging.getLogger("rpnt.calibration")
 
 
@@ -266,6 +268,7 @@ class CalibrationManager:
                 "submitted": st["created"],
                 "base_step_graph": str(self.registry.export_dir(st["base_version"]) / STEP_FILE),
                 "options": self.settings.model_dump(),
+                "labels": st["detail"].get("labels", "recorded"),
             },
         )
         self._save(d, st)
@@ -402,7 +405,7 @@ class CalibrationManager:
         ``failed`` if it cannot go live) or kept aside (``rejected``)."""
         cand, live = float(res["candidate_holdout_r2"]), float(res["live_holdout_r2"])
         passed = cand >= live
-        metrics = {k: res[k] for k in RESULT_METRICS}
+        metrics = {k: res[k] for k in RESULT_METRICS} | {k: res[k] for k in OPTIONAL_METRICS if k in res}
         version = self._register(job_id, d, st, metrics=metrics, passed=passed)
         result = {
             **metrics,

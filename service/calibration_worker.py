@@ -15,14 +15,15 @@ A job reads ``JOB_DIR/job.json`` (written by :class:`service.calibration.Calibra
 
     {"data": "data.npz", "base_checkpoint": ".../checkpoint.safetensors", "base_version": "3",
      "base_step_graph": ".../export/rpnt_step.onnx", "submitted": <unix time>,
-     "options": {<CalibrationSettings fields>}}
+     "options": {<CalibrationSettings fields>}, "labels": "recorded" | "refit"}
 
 and does:
 
 1. splits the calibration session in time: train (first ``train_fraction``), validation (next
    ``val_fraction``, early stopping), holdout (last ``holdout_fraction``, the go-live gate: never
    seen by training or early stopping) — every bin used for training, selection and the gate comes
-   from the upload;
+   from the upload; intention labels (``"labels": "refit"``) are put on the live head's scale
+   (:func:`intention_on_head_scale`: ReFIT's kept speed would slow each recalibrated decoder);
 2. scores the live model on the holdout bins (streamed causally, with the receptive field's
    history before them: exactly what streaming from bin 0 gives);
 3. FS-SFT from the live model's checkpoint (:func:`rpnt_core.train.finetune.fit_decoder`): the
@@ -162,7 +163,6 @@ def finetune_options(opt: CalibrationSettings, *, train_bins: int) -> Any:
         steps_per_epoch=steps,
         patience=opt.patience,
         lr=opt.lr,
-        core_lr_scale=opt.core_lr_scale,
         seed=opt.seed,
         device="cpu",
         progress=False,
@@ -187,6 +187,9 @@ def run_job(job: Path, phase: _Phases) -> dict:
         session = load_session(job / spec["data"]).with_target(None)
         splits = time_splits(session.n_bins, opt)
         live = load_checkpoint(base)
+        label_scale = None
+        if spec.get("labels") == "refit":
+            session, label_scale = intention_on_head_scale(session, live, fit_bins=splits.val[1])
     with phase("scoring live model", "scoring_live_s"):
         live_holdout = holdout_score(live, session, splits.test)
         del live
@@ -231,7 +234,25 @@ def run_job(job: Path, phase: _Phases) -> dict:
         "step_graph": exp.step_source,
         "weights_version": exp.contract.weights_sha if exp.contract is not None else None,
         "history": fit["history"],
+        **({"label_scale": round(label_scale, 4)} if label_scale is not None else {}),
     }
+
+
+def intention_on_head_scale(session: Any, live: Any, *, fit_bins: int) -> tuple[Any, float]:
+    """``session`` with its intention (ReFIT) velocity labels on ``live``'s head scale
+    (:func:`streaming.closedloop.refit.on_head_scale`, measured on the first ``fit_bins`` bins), and
+    the factor applied."""
+    from dataclasses import replace
+
+    from streaming.closedloop.refit import on_head_scale
+
+    labels, factor = on_head_scale(
+        session.velocity,
+        mean=live.velocity_mean.numpy(),
+        scale=live.velocity_scale.numpy(),
+        fit_bins=fit_bins,
+    )
+    return replace(session, velocity=labels), factor
 
 
 def _scores(who: str, holdout: dict) -> dict:

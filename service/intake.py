@@ -7,7 +7,11 @@ second job while one runs, then stages the request's data in a registry staging 
   and checked against the live model in a child process (:func:`service.upload_parse.parse_upload`;
   ``labels="refit"``: intention labels from the file's task streams); this process never loads it;
 - ``source="recent"``: the daemon's recent decoded bins with the rig's kinematics
-  (``seconds``, default ``calibration.default_seconds``), checked the same way.
+  (``seconds``, default ``calibration.default_seconds``), checked the same way; ``labels="refit"``
+  says those kinematics are the rig's ReFIT intention labels.
+
+Intention labels (``labels="refit"``, either source) are marked in the job, and the worker puts them
+on the live head's scale before training (:func:`service.calibration_worker.intention_on_head_scale`).
 
 It hands the canonical NPZ to :meth:`service.calibration.CalibrationManager.submit` and answers
 the 202 body.  The staging directory is removed whatever happens.  Errors are typed, for the route
@@ -57,7 +61,9 @@ class CalibrationRequest:
         source: ``"upload"``, ``"recent"``, or None (``"upload"`` with a file, else ``"recent"``).
         seconds: with ``source="recent"``: seconds of history (None: ``calibration.default_seconds``).
         force: go live even if the candidate's holdout R² is below the live model's.
-        labels: with an upload: ``"recorded"`` (the file's target series) or ``"refit"``.
+        labels: ``"recorded"`` (the file's target series, or the rig's kinematics as they are) or
+            ``"refit"`` (with an upload: intention labels from the file's task streams; with
+            ``source="recent"``: the rig's kinematics are ReFIT intention labels).
     """
 
     file: BinaryIO | None = None
@@ -171,10 +177,9 @@ def _stage_recent(control: ControlPlane, request: CalibrationRequest, *, out: Pa
     """The daemon's recent bins with the rig's kinematics, checked and written to ``out``."""
     if request.file is not None:
         raise CalibrationInputError("file: source=recent takes no file")
-    if request.labels != "recorded":
+    if request.labels == "refit" and checks["target"] != "velocity":
         raise CalibrationInputError(
-            "labels: refit applies to uploads; with source=recent the rig "
-            "streams its ReFIT labels as KINEMATICS (rpnt closedloop does)"
+            f"labels: refit labels are velocities, and the live model decodes {checks['target']!r}"
         )
     secs = float(request.seconds or control.settings.calibration.default_seconds)
     counts, kinematics = control.recent_calibration_data(secs)
@@ -184,4 +189,5 @@ def _stage_recent(control: ControlPlane, request: CalibrationRequest, *, out: Pa
     )
     session = check_session(session, **checks)
     save_canonical(session, out)
-    return _Staged(session.n_bins, {"seconds": secs})
+    detail = {"seconds": secs, **({"labels": request.labels} if request.labels != "recorded" else {})}
+    return _Staged(session.n_bins, detail)

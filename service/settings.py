@@ -192,13 +192,6 @@ class CalibrationSettings(_Section):
         "the candidate's ONNX step graph must match its checkpoint on",
     )
     lr: float = Field(1e-3, gt=0, description="learning rate")
-    core_lr_scale: float | None = Field(
-        None,
-        gt=0,
-        le=1,
-        description="the live decoder's core learns at this × lr (its head at lr); default: the "
-        "cross-day transfer recipe's 0.1. 1: everything at lr, to follow a drifted array",
-    )
     train_fraction: float = Field(0.6, gt=0, lt=1, description="first part of the calibration data: training")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="next part: early stopping")
     holdout_fraction: float = Field(

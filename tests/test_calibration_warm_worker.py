@@ -74,9 +74,15 @@ def _wait(cond, what: str):
         time.sleep(0.05)
 
 
-def _run(m: CalibrationManager, base: str, data: Path) -> dict:
+def _run(m: CalibrationManager, base: str, data: Path, detail: dict | None = None) -> dict:
     job = m.submit(
-        data=data, source="upload", force=True, base_version=base, n_bins=400, timings={"input_s": 0.25}
+        data=data,
+        source="upload",
+        force=True,
+        base_version=base,
+        n_bins=400,
+        detail=detail,
+        timings={"input_s": 0.25},
     )
     assert m.wait_idle(LIVE)
     return m.get(job)
@@ -105,12 +111,37 @@ def test_sequential_jobs_run_in_the_same_warm_worker_and_report_their_timings(ma
         assert t["input_s"] == 0.25 and t["total_s"] >= 0.25  # the caller's time is part of the total
         assert t["imports_s"] == 0.0  # the warm worker had imported everything before the job
         assert st["result"]["epochs_run"] == 1
+        assert "label_scale" not in st["result"]  # recorded labels are trained on as they are
     # the second candidate's step graph: its parent's (the first candidate's) with new weights
     assert (m.registry.export_dir(second["version"]) / "rpnt_step.onnx").is_file()
     assert not (m.registry.export_dir(second["version"]) / "rpnt_window.onnx").exists()
 
 
 @linux_only
+def test_intention_labels_are_trained_on_at_the_live_heads_scale(manager):
+    import numpy as np
+
+    from rpnt_core import load_checkpoint
+    from rpnt_core.data import load_session
+    from service.calibration_worker import time_splits
+    from streaming.closedloop.refit import on_head_scale
+
+    m, base, data = manager
+    path = data()
+    session = load_session(path)
+    live = load_checkpoint(m.registry.checkpoint(base))
+    fit_bins = time_splits(session.n_bins, m.settings).val[1]
+    _, want = on_head_scale(
+        session.velocity,
+        mean=live.velocity_mean.numpy(),
+        scale=live.velocity_scale.numpy(),
+        fit_bins=fit_bins,
+    )
+    st = _run(m, base, path, detail={"labels": "refit"})
+    assert st["state"] == "succeeded", st.get("error")
+    assert st["result"]["label_scale"] == pytest.approx(want, rel=1e-3) and not np.isclose(want, 1.0)
+
+
 def test_a_crashed_warm_worker_fails_only_its_job_and_is_replaced(manager):
     m, base, data = manager
     job = m.submit(data=data(), source="upload", force=True, base_version=base, n_bins=400)

@@ -62,10 +62,6 @@ def test_a_finetuned_decoder_keeps_its_head_and_is_the_first_candidate(session, 
     splits = contiguous_splits(session.n_bins, train_fraction=0.3)
     still, fit = fit_decoder(session, init=base, splits=splits, options=replace(opts, lr=1e-12, epochs=1))
     assert fit["best_epoch"] == -1 and fit["core_lr_scale"] == 0.1  # a kept head: the core moves gently
-    opts_all = replace(opts, lr=1e-12, epochs=1, core_lr_scale=1.0)  # calibration.core_lr_scale: all at lr
-    assert fit_decoder(session, init=base, splits=splits, options=opts_all)[1]["core_lr_scale"] == 1.0
-    with pytest.raises(ValueError, match="core_lr_scale"):
-        replace(opts, core_lr_scale=0.0)
     start, _, _ = build_model(session, base, opts)
     assert fit["val_r2"] == pytest.approx(evaluate_model(still, session, splits, split="val")["r2"], abs=1e-6)
     for (k, a), b in zip(still.state_dict().items(), start.state_dict().values(), strict=True):

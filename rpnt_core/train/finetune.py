@@ -139,8 +139,7 @@ def fit_decoder(
     model.to(dev)
     params = _set_train_modes(model, options.mode, options.last_layers, fresh_read_in)
     batches = _Batches(model, session, splits, options, rng=rng, device=dev)
-    kept = KEPT_HEAD_CORE_LR_SCALE if options.core_lr_scale is None else float(options.core_lr_scale)
-    provenance["core_lr_scale"] = kept if provenance["head"] == "pretrained" else 1.0
+    provenance["core_lr_scale"] = KEPT_HEAD_CORE_LR_SCALE if provenance["head"] == "pretrained" else 1.0
     opt, sched = _optimizer(
         model,
         params,

@@ -170,11 +170,6 @@ class FinetuneOptions:
     device: str = option("auto", _DEVICE_HELP)
     progress: bool = option(True, "progress output", flag="--quiet")
     config_overrides: tuple[tuple[str, object], ...] = option((), _OVERRIDES_HELP, flag=False)
-    core_lr_scale: float | None = option(
-        None,
-        "a kept head's core learning rate as a fraction of --lr, in (0, 1] (default: the rule, 0.1)",
-        flag=False,
-    )
 
     def __post_init__(self) -> None:
         _one_of("mode", self.mode, FINETUNE_MODES)
@@ -182,8 +177,6 @@ class FinetuneOptions:
         _at_least_one(self, ("epochs", "batch_size", "window_len", "patience", "last_layers"))
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
-        if self.core_lr_scale is not None and not 0 < self.core_lr_scale <= 1:
-            raise ValueError(f"core_lr_scale: must be in (0, 1], got {self.core_lr_scale}")
 
     @classmethod
     def for_labels(

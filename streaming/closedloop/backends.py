@@ -2,7 +2,7 @@
 
 - :class:`ServeBackend`: ``rpnt serve`` (daemon + HTTP control plane) in a child process, serving an
   RPNT export from its own registry; recalibration goes through ``POST /calibrate`` (``source=recent``
-  with the KINEMATICS the loop streamed, or an NPZ upload with ``labels=refit|recorded``).
+  with the KINEMATICS the loop streamed, or an NPZ upload; ``labels=refit`` for intention labels).
 - :class:`ThreadBackend`: a :class:`~streaming.daemon.Daemon` in a thread of this process, for a
   decoder that has no export (the classic baselines); recalibration refits the baseline and hot
   swaps it with :meth:`~streaming.daemon.Daemon.swap_decoder` (the path ``/calibrate`` ends in).
@@ -108,10 +108,13 @@ def train_rpnt(
 class ThreadBackend:
     """The real daemon in a thread of this process (see the module docstring)."""
 
-    def __init__(self, *, decoder: Any, bin_s: float) -> None:
+    def __init__(self, *, decoder: Any, bin_s: float, head_scale: tuple[np.ndarray, np.ndarray]) -> None:
+        """``head_scale``: (mean, scale) (D,) of the velocity the first decoder was fitted to — what
+        intention labels are put on before a refit (a baseline has no head to carry it)."""
         from streaming.daemon import Daemon
         from streaming.launch import ipc_endpoints
 
+        self.head_scale = head_scale
         ingest, publish, self._dir = ipc_endpoints()
         self.daemon = Daemon(decoder=decoder, bin_s=bin_s, ingest=ingest, publish=publish).start()
         self.ingest, self.publish = self.daemon.endpoints["ingest"], self.daemon.endpoints["publish"]
@@ -208,7 +211,8 @@ class ServeBackend:
         force: bool = False,
     ) -> tuple[int, dict]:
         """``POST /calibrate``: ``source=recent`` for the last ``seconds``, or an NPZ ``upload`` (arrays by
-        NPZ key) with ``labels``.  Returns the answer (202 + job, or the 4xx and its detail)."""
+        NPZ key); ``labels``: ``refit`` for intention labels (the streamed KINEMATICS, or the upload's
+        task streams).  Returns the answer (202 + job, or the 4xx and its detail)."""
         fields: dict = {"force": str(bool(force)).lower()}
         files = None
         if upload is not None:
@@ -219,7 +223,7 @@ class ServeBackend:
             files = {"file": ("calibration.npz", buf.getvalue())}
             fields.update(source="upload", labels=labels)
         else:
-            fields.update(source="recent", seconds=f"{float(seconds):g}")
+            fields.update(source="recent", seconds=f"{float(seconds):g}", labels=labels)
         return self.request("POST", "/calibrate", fields=fields, files=files)
 
     def wait_job(self, job_id: str, *, timeout: float = 1800.0) -> dict:

@@ -8,7 +8,8 @@
    baselines (they have no export) — and the participant runs the task in real time, 20 ms bins,
    over ZeroMQ, streaming ReFIT intention labels back as KINEMATICS.
 3. ``--recalibrate`` (default ``refit``): the decoder is recalibrated from those labels
-   (``POST /calibrate source=recent`` for RPNT, a refit + hot swap for baselines) and a second
+   (``POST /calibrate source=recent labels=refit`` for RPNT, a refit + hot swap for baselines;
+   both put the labels on the first decoder's speed scale, :func:`~.refit.on_head_scale`) and a second
    block runs on the new decoder.
 4. Metrics per block (success rate, time to target, dial-in, path efficiency, Fitts bitrate,
    bins lost); ``--out``: per-trial JSON, summary JSON and a PNG.  ``--json``: the last line is

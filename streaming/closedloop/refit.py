@@ -7,6 +7,13 @@ are needed, so a paralysed participant's decoder can be recalibrated from closed
 
 :func:`refit_labels` is the rule as a pure function; :func:`check_task_streams` refuses streams
 it cannot use with a :class:`TaskStreamError` naming the field (HTTP 422 in ``POST /calibrate``).
+
+Kept speed is the rule's weak point when it is repeated: a least-squares refit predicts less than
+its labels' spread, so labels carrying the decoded speed slow each new decoder further, and a
+decoder that drift has slowed passes its slowness on.  :func:`on_head_scale` (what the calibration
+worker applies to intention labels) takes the labels' directions and relative speeds from the rule
+and their overall speed from the live decoder's head — the spread of the target it was first
+fitted to, which a kept head carries through every recalibration.
 """
 
 from __future__ import annotations
@@ -81,6 +88,25 @@ def refit_labels(
     out = speed[:, None] * unit
     out[hold] = 0.0
     return out.astype(np.float32)
+
+
+def on_head_scale(
+    labels: np.ndarray, *, mean: np.ndarray, scale: np.ndarray, fit_bins: int | None = None
+) -> tuple[np.ndarray, float]:
+    """Intention velocity labels (T, D) times one factor, so that their RMS speed equals that of the
+    target a decoder's head was fitted to — ``sqrt(Σ_d mean_d² + scale_d²)`` for the head's target
+    ``mean`` and ``scale`` (D,) (the per-dimension mean and standard deviation it de-normalises by) —
+    → (labels (T, D) float32, the factor).  Directions, relative speeds and holds (zeros) are kept.
+    The factor is measured on the first ``fit_bins`` bins (all: None; holdout bins after them are
+    rescaled but not read); labels that are all zero are returned as they are, with factor 1."""
+    lab = np.asarray(labels, dtype=np.float64)
+    rms = float(np.sqrt((lab[:fit_bins] ** 2).sum(axis=1).mean()))
+    m, s = np.asarray(mean, dtype=np.float64), np.asarray(scale, dtype=np.float64)
+    target = float(np.sqrt((m**2 + s**2).sum()))
+    if not (rms > 0 and np.isfinite(rms) and target > 0):
+        return lab.astype(np.float32), 1.0
+    c = target / rms
+    return (lab * c).astype(np.float32), c
 
 
 def intention_session(session):

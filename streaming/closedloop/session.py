@@ -20,7 +20,7 @@ import numpy as np
 from .backends import ServeBackend, ThreadBackend, fit_baseline, train_rpnt
 from .controller import ControllerConfig
 from .participant import EncodingModel, default_encoding, synthetic_encoding
-from .refit import refit_labels
+from .refit import on_head_scale, refit_labels
 from .report import plot_blocks, write_trials
 from .runner import ClosedLoop, LoopConfig, simulate_observation
 from .task import TaskConfig
@@ -127,13 +127,14 @@ def fit_initial(spec: ClosedLoopSpec, enc: EncodingModel, *, workdir: Path, log:
         cached.write_text(stamp)
         return {"export": r["export"], **out}
     dec = fit_baseline(spec.decoder, counts, intent, bin_s=BIN_S, seed=spec.seed)
-    return {"decoder": dec, "fit_s": round(time.perf_counter() - t0, 2)}
+    head_scale = (intent.mean(0), intent.std(0) + 1e-6)  # as a fresh RPNT head normalises its target
+    return {"decoder": dec, "head_scale": head_scale, "fit_s": round(time.perf_counter() - t0, 2)}
 
 
 def start_backend(spec: ClosedLoopSpec, initial: dict, *, workdir: Path, env: dict | None = None):
     if spec.decoder == "rpnt":
         return ServeBackend(export=initial["export"], workdir=workdir / "serve", env=env)
-    return ThreadBackend(decoder=initial["decoder"], bin_s=BIN_S)
+    return ThreadBackend(decoder=initial["decoder"], bin_s=BIN_S, head_scale=initial["head_scale"])
 
 
 def run_block(
@@ -205,16 +206,20 @@ def recalibrate(
     """Recalibrate ``backend``'s decoder from ``loop``'s last ``seconds`` (all: None) labelled by ``kind``.
 
     RPNT: ``POST /calibrate`` — ``source=recent`` (the labels the loop streamed as KINEMATICS;
-    ``kind`` must be what it streamed) or, with ``upload``, an NPZ upload (``labels=refit`` with the
+    ``kind`` must be what it streamed; ``refit`` is sent as ``labels=refit``) or, with ``upload``, an NPZ upload (``labels=refit`` with the
     task streams, else the labels as velocity); ``force``: live whatever the gate says (a model
     trained on decoded-velocity labels can never beat the live model at reproducing its own
-    output).  Baselines: refit on (counts, labels) and hot swap.
+    output).  Baselines: refit on (counts, labels) and hot swap; ReFIT labels first on the
+    observation block's speed scale (:func:`~.refit.on_head_scale`), as the service does for RPNT.
     Returns what happened (job state, holdout R², swap bin, seconds)."""
     t0 = time.perf_counter()
     hi = loop.k
     lo = 0 if seconds is None else max(0, hi - int(round(seconds / BIN_S)))
     if isinstance(backend, ThreadBackend):
         counts, lab = labels_of(loop, kind, lo, hi)
+        if kind == "refit":  # as the calibration worker does for RPNT (refit.on_head_scale)
+            mean, scale = backend.head_scale
+            lab, _ = on_head_scale(lab, mean=mean, scale=scale, fit_bins=int(len(lab) * 0.8))
         dec = fit_baseline(backend.name, counts, lab, bin_s=BIN_S, seed=seed)
         out = backend.swap(dec)
         return {
@@ -239,7 +244,9 @@ def recalibrate(
                 force=force,
             )
     else:
-        code, job = backend.calibrate(seconds=(hi - lo) * BIN_S, force=force)
+        code, job = backend.calibrate(
+            seconds=(hi - lo) * BIN_S, force=force, labels="refit" if kind == "refit" else "recorded"
+        )
     if code != 202:
         return {"state": f"http {code}", "detail": job.get("detail"), "labels": kind}
     log(f"[closedloop] POST /calibrate ({kind} labels, {job.get('n_bins')} bins) → job {job['job_id']}")
