@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 SPIKE_DAYS = Path("/work/shared/data/limblab_spike_wf_2012")
 #: day-to-day σ of log per-channel rate used when the Spike days are absent (documented fallback)
 FALLBACK_LOG_RATE_SIGMA = 0.4
@@ -66,6 +67,8 @@ TOTAL_ROTATION_DEG = 36.0
 TOTAL_LOST = 0.15
 TOTAL_GAINED = 0.09
 DRIFT_ARMS = ("none", "recal")
+
+import _result_tables as T  # noqa: E402
 
 from streaming.closedloop.metrics import summarise  # noqa: E402
 from streaming.closedloop.session import (  # noqa: E402
@@ -567,23 +570,9 @@ def md_drift(d: dict) -> list[str]:
         f"{d['recal_s']:g} s of ReFIT labels every {d['period_s']:g} s from the start of the drift.  *After*: trials "
         f"starting after the first {d['period_s']:g} s of drift; *last third*: the most drifted part.",
         "",
-        "| arm | seeds | success before drift | success after | after ÷ before | last third | time to target "
-        "before / after (s) | jobs live / run | trials after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *T.closedloop_drift({"drift": d}),
     ]
     runs = d.get("runs", [])
-    for arm in sorted({r["arm"] for r in runs}):
-        ar = [r for r in runs if r["arm"] == arm]
-        cal = [c for r in ar for c in r.get("calibrations", [])]
-        live = sum(c.get("state") == "succeeded" for c in cal)
-        L.append(
-            f"| {arm} | {len(ar)} | {_pm([r['before']['success_rate'] for r in ar])} | "
-            f"{_pm([r['after']['success_rate'] for r in ar])} | {_pm([r['ratio'] for r in ar])} | "
-            f"{_pm([r['last_third']['success_rate'] for r in ar])} | "
-            f"{_pm([r['before']['median_time_to_target_s'] for r in ar])} / "
-            f"{_pm([r['after']['median_time_to_target_s'] for r in ar])} | "
-            f"{f'{live} / {len(cal)}' if cal else '–'} | {sum(r['after']['n_trials'] or 0 for r in ar)} |"
-        )
     L += [
         "",
         "Per seed:",
@@ -592,14 +581,11 @@ def md_drift(d: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---|",
     ]
 
-    def f2(x: float | None) -> str:
-        return "–" if x is None else f"{x:.2f}"
-
     for r in runs:
-        w = " ".join(f2(x["success_rate"]) for x in r["windows"])
+        w = " ".join(_f(x["success_rate"]) for x in r["windows"])
         L.append(
-            f"| {r['arm']} | {r['seed']} | {f2(r['before']['success_rate'])} | {f2(r['after']['success_rate'])} | "
-            f"{f2(r['ratio'])} | {f2(r['last_third']['success_rate'])} | {w} |"
+            f"| {r['arm']} | {r['seed']} | {_f(r['before']['success_rate'])} | {_f(r['after']['success_rate'])} | "
+            f"{_f(r['ratio'])} | {_f(r['last_third']['success_rate'])} | {w} |"
         )
     lost = sum(r["summary"]["bins_lost"] for r in runs)
     bins = sum(r["summary"]["bins"] for r in runs)

@@ -9,14 +9,13 @@ thread, each prediction moves the cursor in its own bin, and the clock stops whi
 recalibration trains.  It ranks recipes quickly and without load noise; the live figures are
 ``bench_closedloop.py``'s.  Every ``--period-s`` from the start of the drift, a recalibration runs
 the calibration worker's own steps on the last ``--recal-s`` seconds of ReFIT labels
-(:func:`service.calibration_worker.time_splits`, ``finetune_options``, ``fit_decoder`` from the live
-checkpoint, ``holdout_score`` for the gate: live only if the candidate's holdout R² beats the live
-model's), and the candidate is warmed on the last 60 bins before it decodes.  Arms:
+(:func:`service.calibration_worker.job_session`, ``holdout_score`` of the live model and
+``fit_candidate`` from its checkpoint; the service's gate, :func:`service.calibration.passes_gate`),
+and the candidate is warmed on the last 60 bins before it decodes.  Arms:
 
 - ``none``: the first decoder throughout;
-- ``kept-speed``: ReFIT labels as the rule gives them (the decoded speed kept);
-- ``head-scale``: the service's recipe — labels on the live head's scale
-  (:func:`service.calibration_worker.intention_on_head_scale`);
+- ``kept-speed``: ReFIT labels as the rule gives them (the decoded speed kept: a ``recorded`` job);
+- ``head-scale``: the service's recipe for ``labels=refit`` — labels on the live head's scale;
 - ``head-scale-core1``: the same with the kept head's core at 1× the learning rate instead of the
   rule's 0.1× (``rpnt_core.train.finetune.KEPT_HEAD_CORE_LR_SCALE`` set for the run).
 
@@ -43,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_closedloop import drift_metrics, drift_path, spike_days_rate_drift  # noqa: E402
+from bench_closedloop import _f, _pm, drift_metrics, drift_path, spike_days_rate_drift  # noqa: E402
 
 ARMS = ("none", "kept-speed", "head-scale", "head-scale-core1")
 BIN_S = 0.02
@@ -91,42 +90,27 @@ class Recalibrating:
         from rpnt_core import load_checkpoint
         from rpnt_core.data import Session
         from rpnt_core.model.torch_decoder import TorchDecoder
-        from rpnt_core.train.finetune import fit_decoder
-        from service.calibration_worker import (
-            finetune_options,
-            holdout_score,
-            intention_on_head_scale,
-            save_candidate,
-            time_splits,
-        )
+        from service.calibration import passes_gate
+        from service.calibration_worker import fit_candidate, holdout_score, job_session, save_candidate
         from service.settings import CalibrationSettings
-        from streaming.closedloop.refit import refit_labels
+        from streaming.closedloop.session import labels_of
 
-        rec, lo = self.loop.record, max(0, k - int(round(self.args.recal_s / BIN_S)))
-        labels = refit_labels(
-            decoded=rec.decoded[lo:k],
-            cursor=rec.cursor_at_apply[lo:k],
-            target=rec.target_at_apply[lo:k],
-            radius=self.loop.task.config.radius,
-        )
+        counts, labels = labels_of(self.loop, "refit", max(0, k - int(round(self.args.recal_s / BIN_S))), k)
         session = Session(
-            counts=rec.counts[lo:k].astype(np.int32),
+            counts=counts.astype(np.int32),
             bin_s=BIN_S,
-            velocity=labels,
+            velocity=labels.astype(np.float32),
             subject="closedloop-sim",
             session=f"bin{k}",
             source="bench_drift_replay",
         )
         opt = CalibrationSettings()
-        splits = time_splits(session.n_bins, opt)
         live = load_checkpoint(self.live)
-        if self.arm.startswith("head-scale"):
-            session, _ = intention_on_head_scale(session, live, fit_bins=splits.val[1])
+        intention = "refit" if self.arm.startswith("head-scale") else "recorded"
+        session, splits, _ = job_session(session, live, opt, labels=intention)
         live_r2 = holdout_score(live, session, splits.test)["r2"]
-        fo = finetune_options(opt, train_bins=splits.train[1])
-        model, fit = fit_decoder(session, init=self.live, options=fo, splits=splits)
-        cand = holdout_score(model, session, splits.test)
-        live_now = cand["r2"] > live_r2
+        model, fit, fo, cand = fit_candidate(session, splits, base=self.live, opt=opt)
+        live_now = passes_gate(cand["r2"], live_r2)
         self.jobs.append(
             {"at_s": round(k * BIN_S, 2), "live_r2": live_r2, "candidate_r2": cand["r2"], "live": live_now}
         )
@@ -138,7 +122,7 @@ class Recalibrating:
             )
             self.decoder = TorchDecoder(load_checkpoint(self.live))
             for b in range(max(0, k - 60), k + 1):  # warmed on the stream's history, as the daemon does
-                self.decoder.step(rec.counts[b])
+                self.decoder.step(self.loop.record.counts[b])
 
 
 def run(arm: str, seed: int, args, rate_sigma: float) -> dict:
@@ -188,12 +172,6 @@ def write_markdown(path: Path, res: dict) -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def pm(xs: list) -> str:
-        xs = [x for x in xs if x is not None]
-        if not xs:
-            return "—"
-        return f"{np.mean(xs):.2f}" + (f" ± {np.std(xs, ddof=1):.2f}" if len(xs) > 1 else "")
-
     for arm in ARMS:
         ar = [r for r in runs if r["arm"] == arm]
         if not ar:
@@ -201,14 +179,14 @@ def write_markdown(path: Path, res: dict) -> None:
         jobs = [j for r in ar for j in r["recalibrations"]]
         live = f"{sum(j['live'] for j in jobs)} / {len(jobs)}" if jobs else "–"
         L.append(
-            f"| {arm} | {len(ar)} | {pm([r['before']['success_rate'] for r in ar])} | "
-            f"{pm([r['after']['success_rate'] for r in ar])} | {pm([r['ratio'] for r in ar])} | "
-            f"{pm([r['last_third']['success_rate'] for r in ar])} | "
-            f"{pm([r['after']['median_time_to_target_s'] for r in ar])} | "
+            f"| {arm} | {len(ar)} | {_pm([r['before']['success_rate'] for r in ar])} | "
+            f"{_pm([r['after']['success_rate'] for r in ar])} | {_pm([r['ratio'] for r in ar])} | "
+            f"{_pm([r['last_third']['success_rate'] for r in ar])} | "
+            f"{_pm([r['after']['median_time_to_target_s'] for r in ar])} | "
             f"{live} |"
         )
     L += ["", "| arm | seed | after ÷ before | trials after |", "|---|---:|---:|---:|"]
-    L += [f"| {r['arm']} | {r['seed']} | {pm([r['ratio']])} | {r['after']['n_trials']} |" for r in runs]
+    L += [f"| {r['arm']} | {r['seed']} | {_f(r['ratio'])} | {r['after']['n_trials']} |" for r in runs]
     path.write_text("\n".join(L) + "\n")
 
 

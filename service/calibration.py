@@ -72,6 +72,11 @@ OPTIONAL_METRICS = ("label_scale",)
 log = logging.getLogger("rpnt.calibration")
 
 
+def passes_gate(candidate_r2: float, live_r2: float) -> bool:
+    """The go-live rule: the candidate's holdout R² is at least the live model's."""
+    return candidate_r2 >= live_r2
+
+
 class CalibrationBusy(RuntimeError):
     """A calibration job is already running (one at a time, never interleaved)."""
 
@@ -404,7 +409,7 @@ class CalibrationManager:
         """The worker's candidate → a registry version, then the gate: live (``succeeded``, or
         ``failed`` if it cannot go live) or kept aside (``rejected``)."""
         cand, live = float(res["candidate_holdout_r2"]), float(res["live_holdout_r2"])
-        passed = cand >= live
+        passed = passes_gate(cand, live)
         metrics = {k: res[k] for k in RESULT_METRICS} | {k: res[k] for k in OPTIONAL_METRICS if k in res}
         version = self._register(job_id, d, st, metrics=metrics, passed=passed)
         result = {

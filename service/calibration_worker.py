@@ -51,7 +51,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .settings import CalibrationSettings
 
@@ -180,30 +180,27 @@ def run_job(job: Path, phase: _Phases) -> dict:
     from exporters.onnx_export import export_checkpoint
     from rpnt_core import load_checkpoint
     from rpnt_core.data import load_session
-    from rpnt_core.train.finetune import fit_decoder
 
     base = Path(spec["base_checkpoint"])
     with phase("loading", "loading_s"):
-        session = load_session(job / spec["data"]).with_target(None)
-        splits = time_splits(session.n_bins, opt)
         live = load_checkpoint(base)
-        label_scale = None
-        if spec.get("labels") == "refit":
-            session, label_scale = intention_on_head_scale(session, live, fit_bins=splits.val[1])
+        session, splits, label_scale = job_session(
+            load_session(job / spec["data"]).with_target(None),
+            live,
+            opt,
+            labels=spec.get("labels", "recorded"),
+        )
     with phase("scoring live model", "scoring_live_s"):
         live_holdout = holdout_score(live, session, splits.test)
         del live
-    fo = finetune_options(opt, train_bins=splits.train[1])
-    with phase("finetuning", "finetuning_s", epochs=fo.epochs, steps_per_epoch=fo.steps_per_epoch):
-        model, fit = fit_decoder(
-            session,
-            init=base,
-            options=fo,
-            splits=splits,
-            on_epoch=lambda e: _progress(job, phase="finetuning", **e),
-        )
-    with phase("scoring candidate", "scoring_candidate_s"):
-        cand_holdout = holdout_score(model, session, splits.test)
+    model, fit, fo, cand_holdout = fit_candidate(
+        session,
+        splits,
+        base=base,
+        opt=opt,
+        phase=phase,
+        on_epoch=lambda e: _progress(job, phase="finetuning", **e),
+    )
     cand = job / "candidate"
     cand.mkdir(exist_ok=True)
     with phase("saving", "saving_s"):
@@ -236,6 +233,45 @@ def run_job(job: Path, phase: _Phases) -> dict:
         "history": fit["history"],
         **({"label_scale": round(label_scale, 4)} if label_scale is not None else {}),
     }
+
+
+def job_session(
+    session: Any, live: Any, opt: CalibrationSettings, *, labels: str
+) -> tuple[Any, Any, float | None]:
+    """What a job trains and is gated on: ``session`` with its :func:`time_splits` — intention labels
+    (``labels="refit"``) put on ``live``'s head scale first — and the labels' factor (None: recorded
+    labels, trained on as they are)."""
+    splits = time_splits(session.n_bins, opt)
+    if labels != "refit":
+        return session, splits, None
+    session, factor = intention_on_head_scale(session, live, fit_bins=splits.val[1])
+    return session, splits, factor
+
+
+def _untimed(name: str, key: str, **rec: Any) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def fit_candidate(
+    session: Any,
+    splits: Any,
+    *,
+    base: Path,
+    opt: CalibrationSettings,
+    phase: Callable[..., contextlib.AbstractContextManager] = _untimed,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[Any, dict, Any, dict]:
+    """The candidate: FS-SFT from the checkpoint ``base`` on ``splits`` (steps by
+    :func:`finetune_options`), then scored on the holdout → (model, fit, options, holdout score).
+    ``phase`` times the finetuning and scoring phases (a job's :class:`_Phases`; untimed by default)."""
+    from rpnt_core.train.finetune import fit_decoder
+
+    fo = finetune_options(opt, train_bins=splits.train[1])
+    with phase("finetuning", "finetuning_s", epochs=fo.epochs, steps_per_epoch=fo.steps_per_epoch):
+        model, fit = fit_decoder(session, init=base, options=fo, splits=splits, on_epoch=on_epoch)
+    with phase("scoring candidate", "scoring_candidate_s"):
+        holdout = holdout_score(model, session, splits.test)
+    return model, fit, fo, holdout
 
 
 def intention_on_head_scale(session: Any, live: Any, *, fit_bins: int) -> tuple[Any, float]:

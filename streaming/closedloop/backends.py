@@ -28,6 +28,8 @@ import numpy as np
 from ..serve_process import ServeProcess
 
 BASELINE_NAMES = ("wiener", "kalman", "gru")
+#: a baseline's fit: the first part of the data trains, the rest validates
+BASELINE_TRAIN_FRACTION = 0.8
 
 
 def observation_session(counts: np.ndarray, velocity: np.ndarray, *, bin_s: float, name: str = "observation"):
@@ -46,12 +48,13 @@ def observation_session(counts: np.ndarray, velocity: np.ndarray, *, bin_s: floa
 
 
 def fit_baseline(name: str, counts: np.ndarray, velocity: np.ndarray, *, bin_s: float, seed: int = 0) -> Any:
-    """A classic decoder fitted on (counts, velocity): first 80 % train, last 20 % validation."""
+    """A classic decoder fitted on (counts, velocity): the first ``BASELINE_TRAIN_FRACTION`` trains,
+    the rest validates."""
     from rpnt_core.evaluate.baselines import BASELINES
 
     if name not in BASELINES:
         raise ValueError(f"decoder: expected one of {sorted(BASELINES)} or rpnt, got {name!r}")
-    a = int(len(counts) * 0.8)
+    a = int(len(counts) * BASELINE_TRAIN_FRACTION)
     return BASELINES[name].fit(
         train_counts=counts[:a],
         train_velocity=velocity[:a],

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backends import ServeBackend, ThreadBackend, fit_baseline, train_rpnt
+from .backends import BASELINE_TRAIN_FRACTION, ServeBackend, ThreadBackend, fit_baseline, train_rpnt
 from .controller import ControllerConfig
 from .participant import EncodingModel, default_encoding, synthetic_encoding
 from .refit import on_head_scale, refit_labels
@@ -206,8 +206,8 @@ def recalibrate(
     """Recalibrate ``backend``'s decoder from ``loop``'s last ``seconds`` (all: None) labelled by ``kind``.
 
     RPNT: ``POST /calibrate`` — ``source=recent`` (the labels the loop streamed as KINEMATICS;
-    ``kind`` must be what it streamed; ``refit`` is sent as ``labels=refit``) or, with ``upload``, an NPZ upload (``labels=refit`` with the
-    task streams, else the labels as velocity); ``force``: live whatever the gate says (a model
+    ``kind`` must be what it streamed; ``refit`` is sent as ``labels=refit``) or, with ``upload``,
+    an NPZ upload (``labels=refit`` with the task streams, else the labels as velocity); ``force``: live whatever the gate says (a model
     trained on decoded-velocity labels can never beat the live model at reproducing its own
     output).  Baselines: refit on (counts, labels) and hot swap; ReFIT labels first on the
     observation block's speed scale (:func:`~.refit.on_head_scale`), as the service does for RPNT.
@@ -219,7 +219,9 @@ def recalibrate(
         counts, lab = labels_of(loop, kind, lo, hi)
         if kind == "refit":  # as the calibration worker does for RPNT (refit.on_head_scale)
             mean, scale = backend.head_scale
-            lab, _ = on_head_scale(lab, mean=mean, scale=scale, fit_bins=int(len(lab) * 0.8))
+            lab, _ = on_head_scale(
+                lab, mean=mean, scale=scale, fit_bins=int(len(lab) * BASELINE_TRAIN_FRACTION)
+            )
         dec = fit_baseline(backend.name, counts, lab, bin_s=BIN_S, seed=seed)
         out = backend.swap(dec)
         return {
